@@ -1,0 +1,7 @@
+//! channeld's host: loads channel plugins and supervises their accounts.
+pub mod clock;
+pub mod ffi;
+pub mod host;
+pub mod load;
+pub mod plugin;
+pub mod status;

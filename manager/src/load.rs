@@ -1,0 +1,177 @@
+//! Loading a plugin library through abi_stable, with its version and layout checks, and naming
+//! each way a file can fail in one line. This module is the only place that opens libraries;
+//! files are loaded by path with `lib_header_from_path(..).init_root_module()` rather than
+//! `RootModule::load_from_file`, which caches one module per interface type and would hand back
+//! the first plugin for every later file (abi_stable issue #92). Libraries are never unloaded.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
+use channeld_plugin_abi::abi::PluginMod_Ref;
+
+/// Why a file did not load. Every variant names the file; [`LoadError::detail`] has the full
+/// diagnostic (e.g. abi_stable's layout dump) for debug logs.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `dlopen` refused the file.
+    #[error("{}: not a loadable shared library: {reason}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The loader's message.
+        reason: String,
+    },
+    /// A shared library, but without channeld's root module.
+    #[error("{}: not a channeld plugin: the library exports no channeld root module", path.display())]
+    NotAPlugin {
+        /// The file.
+        path: PathBuf,
+        /// The loader's message.
+        detail: String,
+    },
+    /// Built with an incompatible abi_stable.
+    #[error("{}: incompatible abi_stable runtime: {reason}", path.display())]
+    AbiHeader {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Built against a plugin-abi major this host does not load.
+    #[error("{}: built for plugin-abi {plugin}, this host loads plugin-abi {host}", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The plugin's plugin-abi version.
+        plugin: String,
+        /// The host's plugin-abi version requirement.
+        host: String,
+    },
+    /// The root module's layout differs from the host's.
+    #[error("{}: ABI layout mismatch: {summary} (the full layout report is logged at debug level)", path.display())]
+    Layout {
+        /// The file.
+        path: PathBuf,
+        /// The mismatch in one line.
+        summary: String,
+        /// abi_stable's full report.
+        detail: String,
+    },
+    /// The plugin's constructor panicked or failed.
+    #[error("{}: the plugin's constructor failed: {reason}", path.display())]
+    Constructor {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The plugin's metadata is unusable.
+    #[error("{}: bad plugin metadata: {reason}", path.display())]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl LoadError {
+    /// A short class name for the error (for logs and the plugins listing).
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Open { .. } => "not-a-library",
+            Self::NotAPlugin { .. } => "not-a-plugin",
+            Self::AbiHeader { .. } => "abi-header",
+            Self::Version { .. } => "version-mismatch",
+            Self::Layout { .. } => "layout-mismatch",
+            Self::Constructor { .. } => "constructor-failed",
+            Self::Metadata { .. } => "bad-metadata",
+        }
+    }
+
+    /// The full diagnostic, where there is more than the one line.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::NotAPlugin { detail, .. } | Self::Layout { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+/// The plugin-abi version this host was built with.
+pub fn host_abi_version() -> &'static str {
+    PluginMod_Ref::VERSION_STRINGS.version.as_str()
+}
+
+/// Opens `path` and returns its checked root module. The file is mapped for the rest of the
+/// process's life.
+pub fn load_root_module(path: &Path) -> Result<PluginMod_Ref, LoadError> {
+    let header = lib_header_from_path(path).map_err(|e| classify(path, e))?;
+    header
+        .init_root_module::<PluginMod_Ref>()
+        .map_err(|e| classify(path, e))
+}
+
+fn classify(path: &Path, error: LibraryError) -> LoadError {
+    let path = path.to_owned();
+    match error {
+        LibraryError::OpenError { err, .. } => LoadError::Open {
+            path,
+            reason: err.to_string(),
+        },
+        LibraryError::GetSymbolError { err, .. } => LoadError::NotAPlugin {
+            path,
+            detail: err.to_string(),
+        },
+        LibraryError::InvalidAbiHeader(header) => LoadError::AbiHeader {
+            path,
+            reason: format!("{header:?}"),
+        },
+        LibraryError::InvalidCAbi { expected, found } => LoadError::AbiHeader {
+            path,
+            reason: format!("C ABI check failed: expected {expected}, found {found}"),
+        },
+        LibraryError::ParseVersionError(e) => LoadError::Metadata {
+            path,
+            reason: format!("unparsable version: {e}"),
+        },
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => LoadError::Version {
+            path,
+            plugin: actual_version.to_string(),
+            host: format!("{}.x (>= {})", expected_version.major, expected_version),
+        },
+        LibraryError::AbiInstability(report) => {
+            let detail = report.to_string();
+            LoadError::Layout {
+                path,
+                summary: layout_summary(&detail),
+                detail,
+            }
+        }
+        LibraryError::RootModule { err, .. } => LoadError::Constructor {
+            path,
+            reason: err.to_string(),
+        },
+        other => LoadError::Metadata {
+            path,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// The first line of abi_stable's layout report that names a mismatch, trimmed to one line.
+fn layout_summary(report: &str) -> String {
+    report
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("Error:") || line.contains("mismatch"))
+        .or_else(|| report.lines().map(str::trim).find(|l| !l.is_empty()))
+        .unwrap_or("layout differs")
+        .chars()
+        .take(200)
+        .collect()
+}

@@ -1,0 +1,109 @@
+//! The host-side view of a channel plugin. The supervisor drives plugins only through
+//! [`Plugin`]: the loaded-library adapter ([`crate::ffi::FfiPlugin`]) implements it, and so can
+//! in-process test doubles, so no FFI type reaches the supervisor.
+
+use std::{future::Future, pin::Pin};
+
+use serde_json::Value;
+
+use crate::host::AccountLink;
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginInfo {
+    /// The channel id: the registry key.
+    pub channel_id: String,
+    /// A human name.
+    pub display_name: String,
+    /// The plugin's own version.
+    pub plugin_version: String,
+    /// The plugin-abi version it was built against.
+    pub abi_version: String,
+    /// The rustc that built it.
+    pub rustc_version: String,
+}
+
+/// A call into a plugin failed (it returned an error, or panicked and the fence caught it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("channel {channel}: {entry} failed: {message}")]
+pub struct PluginCallError {
+    /// The channel id.
+    pub channel: String,
+    /// The entry point.
+    pub entry: &'static str,
+    /// The plugin's message (for a panic: "plugin panicked in …: <message>").
+    pub message: String,
+}
+
+/// Yes, or no with the plugin's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Yes.
+    Yes,
+    /// No, with the plugin's reason if it gave one.
+    No(Option<String>),
+}
+
+/// An account task that has started.
+pub struct RunningTask {
+    /// The plugin's id for the task.
+    pub id: u64,
+    /// Completes when the task ends: `Ok` for a clean exit, `Err` with its message otherwise.
+    /// Dropping it cancels the task inside the plugin.
+    pub done: BoxFuture<Result<(), String>>,
+}
+
+/// A message for a plugin to send.
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    /// The account to send from.
+    pub account: String,
+    /// Where.
+    pub conversation: String,
+    /// What.
+    pub text: String,
+    /// The message it replies to.
+    pub reply_to: Option<String>,
+}
+
+/// A channel plugin as the host uses it. Synchronous entries may block (a plugin can hang): the
+/// supervisor calls them off its state owner, with timeouts.
+pub trait Plugin: Send + Sync + 'static {
+    /// The plugin's metadata.
+    fn info(&self) -> &PluginInfo;
+    /// Hands the plugin its channel's config table (secrets resolved).
+    fn configure(&self, channel_config: &Value) -> Result<(), PluginCallError>;
+    /// The account ids the config lists, as the plugin gives them (not yet normalised).
+    fn list_account_ids(&self) -> Result<Vec<String>, PluginCallError>;
+    /// The plugin's default account, if it names one.
+    fn default_account_id(&self) -> Result<Option<String>, PluginCallError>;
+    /// The account's resolved config.
+    fn resolve_account(&self, account: &str) -> Result<Value, PluginCallError>;
+    /// Whether the account is enabled.
+    fn is_enabled(&self, account: &str) -> Result<Check, PluginCallError>;
+    /// Whether the account is configured.
+    fn is_configured(&self, account: &str) -> Result<Check, PluginCallError>;
+    /// The plugin's description of the account.
+    fn describe_account(&self, account: &str) -> Result<Option<Value>, PluginCallError>;
+    /// Starts the account's task; `link` is the host-services handle for this generation.
+    fn start_account(
+        &self,
+        account: &str,
+        link: AccountLink,
+    ) -> Result<RunningTask, PluginCallError>;
+    /// Fires the task's cooperative abort signal.
+    fn abort_task(&self, task: u64) -> bool;
+    /// Cancels the task at its next await point.
+    fn cancel_task(&self, task: u64) -> bool;
+    /// The plugin's stop hook.
+    fn stop_account(&self, account: &str) -> Result<(), PluginCallError>;
+    /// Clears the account's credentials; whether anything was cleared.
+    fn logout(&self, account: &str) -> Result<bool, PluginCallError>;
+    /// Sends a message.
+    fn send(&self, message: Outbound) -> BoxFuture<Result<String, PluginCallError>>;
+    /// Stops the plugin's runtime.
+    fn shutdown(&self) -> Result<(), PluginCallError>;
+}

@@ -1,0 +1,292 @@
+//! The status board: every account's live snapshot, and the sink for host-service calls. It owns
+//! each account's current task generation, so calls from a task the host has given up on are
+//! dropped and counted instead of corrupting the replacement's status.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use channeld_plugin_abi::abi::{EventKind, InboundMessage};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::{
+    clock::Clock,
+    host::{AccountKey, HostSink},
+};
+
+/// One account's snapshot, as users see it (`GET /status`, `channeld status --json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountSnapshot {
+    /// The normalised account id.
+    pub account_id: String,
+    /// Enabled in the config.
+    pub enabled: bool,
+    /// Has what it needs to start.
+    pub configured: bool,
+    /// A task is running (or stuck: see `lastError`).
+    pub running: bool,
+    /// The plugin's connection report, once it made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    /// An automatic restart is scheduled.
+    pub restart_pending: bool,
+    /// Restart attempts in the current crash loop.
+    pub reconnect_attempts: u32,
+    /// Last start, ms since the epoch.
+    pub last_start_at: Option<i64>,
+    /// Last stop.
+    pub last_stop_at: Option<i64>,
+    /// Why the account is not running, or what its last run ended with.
+    pub last_error: Option<String>,
+    /// Last time the plugin reported connected.
+    pub last_connected_at: Option<i64>,
+    /// Last traffic of any kind.
+    pub last_event_at: Option<i64>,
+    /// Last inbound traffic.
+    pub last_inbound_at: Option<i64>,
+    /// Last outbound traffic.
+    pub last_outbound_at: Option<i64>,
+    /// The plugin's mode (e.g. `webhook`, `socket`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Runs are active.
+    pub busy: bool,
+    /// How many.
+    pub active_runs: u32,
+    /// Last change of `activeRuns`.
+    pub last_run_activity_at: Option<i64>,
+    /// Inbound messages delivered by this account since the host started.
+    pub inbound_messages: u64,
+    /// The plugin has reported event liveness at least once.
+    pub reports_events: bool,
+    /// The plugin's own fields.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Keys of the snapshot that only the host sets; a plugin's status patch may not contain them.
+pub const HOST_OWNED_KEYS: &[&str] = &[
+    "accountId",
+    "enabled",
+    "configured",
+    "running",
+    "restartPending",
+    "reconnectAttempts",
+    "lastStartAt",
+    "lastStopAt",
+    "lastError",
+    "inboundMessages",
+    "reportsEvents",
+];
+
+struct Entry {
+    generation: u64,
+    snapshot: AccountSnapshot,
+}
+
+/// Every account's status. Cheap to share (`Arc`); its lock is held only for field updates.
+pub struct StatusBoard {
+    entries: Mutex<HashMap<AccountKey, Entry>>,
+    clock: Arc<dyn Clock>,
+    next_generation: AtomicU64,
+    stale_calls: AtomicU64,
+}
+
+impl StatusBoard {
+    /// An empty board.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            clock,
+            next_generation: AtomicU64::new(1),
+            stale_calls: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountKey, Entry>> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a new task generation for `key`: handles of earlier generations become stale.
+    pub fn begin_generation(&self, key: &AccountKey) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
+        entry.generation = generation;
+        generation
+    }
+
+    /// Makes every handle of `key` stale (the host gave up on its task).
+    pub fn retire_generation(&self, key: &AccountKey) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        if let Some(entry) = self.lock().get_mut(key) {
+            entry.generation = generation;
+        }
+    }
+
+    /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
+    pub fn update(
+        &self,
+        key: &AccountKey,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) -> AccountSnapshot {
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
+        f(&mut entry.snapshot);
+        entry.snapshot.clone()
+    }
+
+    /// `key`'s snapshot.
+    pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
+        self.lock().get(key).map(|e| e.snapshot.clone())
+    }
+
+    /// Every snapshot, sorted by key.
+    pub fn all(&self) -> Vec<(AccountKey, AccountSnapshot)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.snapshot.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Host-service calls dropped because they came from a stale generation.
+    pub fn stale_calls(&self) -> u64 {
+        self.stale_calls.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on `key`'s snapshot if `generation` is current; counts the call otherwise.
+    fn if_current<T>(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        stale: T,
+        f: impl FnOnce(&mut AccountSnapshot, i64) -> T,
+    ) -> T {
+        let now = self.clock.wall_ms();
+        let mut entries = self.lock();
+        match entries.get_mut(key) {
+            Some(entry) if entry.generation == generation => f(&mut entry.snapshot, now),
+            _ => {
+                drop(entries);
+                self.stale_calls.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(account = %key, generation, "dropped a call from a stale task");
+                stale
+            }
+        }
+    }
+}
+
+fn new_entry(key: &AccountKey) -> Entry {
+    Entry {
+        generation: 0,
+        snapshot: AccountSnapshot {
+            account_id: key.account.clone(),
+            enabled: true,
+            configured: true,
+            ..AccountSnapshot::default()
+        },
+    }
+}
+
+fn stale_error(key: &AccountKey) -> String {
+    format!("{key}: this task has been replaced; the call was dropped")
+}
+
+fn mark_event(snapshot: &mut AccountSnapshot, kind: EventKind, now: i64) {
+    snapshot.reports_events = true;
+    snapshot.last_event_at = Some(now);
+    match kind {
+        EventKind::Inbound => snapshot.last_inbound_at = Some(now),
+        EventKind::Outbound => snapshot.last_outbound_at = Some(now),
+        EventKind::Other => {}
+    }
+}
+
+impl HostSink for StatusBoard {
+    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
+        self.lock()
+            .get(key)
+            .is_some_and(|e| e.generation == generation)
+    }
+
+    fn status_json(&self, key: &AccountKey) -> Value {
+        self.get(key)
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn patch_status(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        patch: Map<String, Value>,
+    ) -> Result<(), String> {
+        if let Some(owned) = patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
+            return Err(format!("{key}: status key {owned:?} is owned by the host"));
+        }
+        self.if_current(key, generation, Err(stale_error(key)), |snapshot, _| {
+            let mut merged = match serde_json::to_value(&*snapshot) {
+                Ok(Value::Object(map)) => map,
+                _ => return Err("status could not be serialised".to_owned()),
+            };
+            merged.extend(patch);
+            *snapshot = serde_json::from_value(Value::Object(merged))
+                .map_err(|e| format!("{key}: bad status patch: {e}"))?;
+            Ok(())
+        })
+    }
+
+    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+        self.if_current(key, generation, (), |snapshot, now| {
+            snapshot.connected = Some(connected);
+            if connected {
+                snapshot.last_connected_at = Some(now);
+            }
+        });
+    }
+
+    fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
+        self.if_current(key, generation, (), |snapshot, now| {
+            mark_event(snapshot, kind, now)
+        });
+    }
+
+    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+        self.if_current(key, generation, (), |snapshot, now| {
+            snapshot.active_runs = active_runs;
+            snapshot.busy = active_runs > 0;
+            snapshot.last_run_activity_at = Some(now);
+        });
+    }
+
+    fn deliver(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        message: InboundMessage,
+    ) -> Result<(), String> {
+        self.if_current(key, generation, Err(stale_error(key)), |snapshot, now| {
+            snapshot.inbound_messages += 1;
+            mark_event(snapshot, EventKind::Inbound, now);
+            Ok(())
+        })?;
+        tracing::debug!(
+            account = %key,
+            conversation = message.conversation.as_str(),
+            sender = message.sender.as_str(),
+            bytes = message.text.len(),
+            "inbound message"
+        );
+        Ok(())
+    }
+}

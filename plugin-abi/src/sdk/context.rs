@@ -1,0 +1,166 @@
+//! What an account's task receives: its account, its abort signal, and the host's services.
+
+use std::sync::Arc;
+
+use abi_stable::std_types::{RResult, RString};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::{Account, PluginError};
+use crate::abi::{EventKind, HostHandle, InboundMessage};
+
+/// A message to hand to the host: build it with [`Inbound::new`] and the setters.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    /// The room, chat, topic or thread.
+    pub conversation: String,
+    /// Who sent it.
+    pub sender: String,
+    /// The text.
+    pub text: String,
+    /// The channel's own id for the message.
+    pub id: String,
+    /// Send time in milliseconds since the Unix epoch (0: the host stamps arrival time).
+    pub time_ms: i64,
+    /// Further fields.
+    pub extra: Option<Value>,
+}
+
+impl Inbound {
+    /// A message with the three fields every channel has.
+    pub fn new(
+        conversation: impl Into<String>,
+        sender: impl Into<String>,
+        text: impl Into<String>,
+    ) -> Self {
+        Self {
+            conversation: conversation.into(),
+            sender: sender.into(),
+            text: text.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the channel's message id.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the send time.
+    pub fn with_time_ms(mut self, time_ms: i64) -> Self {
+        self.time_ms = time_ms;
+        self
+    }
+
+    /// Sets further fields.
+    pub fn with_extra(mut self, extra: Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+}
+
+/// The host's services for one account task. Cheap to clone; safe to move into spawned tasks.
+#[derive(Clone)]
+pub struct Host {
+    handle: HostHandle,
+}
+
+impl Host {
+    pub(crate) fn new(handle: HostHandle) -> Self {
+        Self { handle }
+    }
+
+    /// Reports whether the connection to the remote side is up.
+    pub fn set_connected(&self, connected: bool) {
+        self.handle.set_connected(connected);
+    }
+
+    /// Reports traffic for event liveness (`lastEventAt`).
+    pub fn record_event(&self, kind: EventKind) {
+        self.handle.record_event(kind);
+    }
+
+    /// Reports how many runs are active (0 = idle).
+    pub fn set_busy(&self, active_runs: u32) {
+        self.handle.set_busy(active_runs);
+    }
+
+    /// Hands an inbound message to the host.
+    pub fn deliver(&self, message: Inbound) -> Result<(), PluginError> {
+        let message = InboundMessage {
+            channel: RString::new(),
+            account: RString::new(),
+            conversation: message.conversation.into(),
+            sender: message.sender.into(),
+            text: message.text.into(),
+            id: message.id.into(),
+            time_ms: message.time_ms,
+            extra: message
+                .extra
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+                .into(),
+        };
+        into_result(self.handle.deliver(message))
+    }
+
+    /// The account's current status snapshot.
+    pub fn status(&self) -> Value {
+        serde_json::from_str(self.handle.status().as_str()).unwrap_or(Value::Null)
+    }
+
+    /// Merges plugin-owned fields into the account's status.
+    pub fn patch_status(&self, patch: &Value) -> Result<(), PluginError> {
+        into_result(self.handle.patch_status(patch.to_string().as_str().into()))
+    }
+
+    /// False once the host has given up on this task (see [`HostServices`](crate::abi::HostServices)).
+    pub fn is_current(&self) -> bool {
+        self.handle.is_current()
+    }
+}
+
+fn into_result(result: RResult<(), RString>) -> Result<(), PluginError> {
+    result
+        .into_result()
+        .map_err(|e| PluginError::new(e.into_string()))
+}
+
+/// Everything an account's task gets from [`ChannelPlugin::start`](super::ChannelPlugin::start).
+pub struct AccountContext {
+    pub(crate) account: Arc<Account>,
+    pub(crate) host: Host,
+    pub(crate) abort: CancellationToken,
+}
+
+impl AccountContext {
+    /// The account being started.
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+
+    /// The host's services for this account.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Completes when the host asks the task to stop. A task should return soon after: if it
+    /// does not, the host cancels it at its next await point once the stop timeout has passed.
+    ///
+    /// # Cancellation safety
+    /// Cancel-safe: dropping the future loses nothing.
+    pub async fn aborted(&self) {
+        self.abort.cancelled().await;
+    }
+
+    /// Whether the host has asked the task to stop.
+    pub fn is_aborted(&self) -> bool {
+        self.abort.is_cancelled()
+    }
+
+    /// A clone of the abort signal, for tasks the plugin spawns itself.
+    pub fn abort_signal(&self) -> CancellationToken {
+        self.abort.clone()
+    }
+}

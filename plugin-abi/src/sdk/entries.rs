@@ -1,0 +1,396 @@
+//! The `extern "C"` entry points behind the root module. There is one plugin per library, so the
+//! SDK keeps it in a process-wide static of its own copy (each cdylib has its own statics); every
+//! entry runs inside the panic fence.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock, RwLock},
+};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    std_types::{ROption, RResult, RStr, RString, RVec},
+};
+use async_ffi::{FfiFuture, FutureExt};
+use tokio::task::{AbortHandle, JoinError, JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{
+    Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
+    fence::{fenced, fenced_or, panic_message},
+    log, runtime, tasks,
+};
+use crate::abi::{
+    HostHandle, InitSettings, OutboundMessage, PluginMetadata, PluginMod, PluginMod_Ref, RVerdict,
+    StartedTask, TaskId,
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, PluginError>> + Send + 'static>>;
+
+/// [`ChannelPlugin`] with its type erased, so the entry points need not be generic.
+trait ErasedPlugin: Send + Sync + 'static {
+    fn channel_id(&self) -> &'static str;
+    fn display_name(&self) -> &'static str;
+    fn list_account_ids(&self, channel: &ChannelConfig) -> Result<Vec<String>, PluginError>;
+    fn default_account_id(&self, channel: &ChannelConfig) -> Option<String>;
+    fn resolve_account(&self, channel: &ChannelConfig, id: &str) -> Result<Account, PluginError>;
+    fn is_enabled(&self, account: &Account) -> Verdict;
+    fn is_configured(&self, account: &Account) -> Verdict;
+    fn describe_account(&self, account: &Account) -> Option<serde_json::Value>;
+    fn start(&'static self, ctx: AccountContext) -> BoxFuture<()>;
+    fn stop(&'static self, account: Account) -> BoxFuture<()>;
+    fn logout(&'static self, account: Account) -> BoxFuture<bool>;
+    fn send(&'static self, message: Outbound) -> BoxFuture<String>;
+}
+
+impl<P: ChannelPlugin> ErasedPlugin for P {
+    fn channel_id(&self) -> &'static str {
+        P::CHANNEL_ID
+    }
+    fn display_name(&self) -> &'static str {
+        P::DISPLAY_NAME
+    }
+    fn list_account_ids(&self, channel: &ChannelConfig) -> Result<Vec<String>, PluginError> {
+        ChannelPlugin::list_account_ids(self, channel)
+    }
+    fn default_account_id(&self, channel: &ChannelConfig) -> Option<String> {
+        ChannelPlugin::default_account_id(self, channel)
+    }
+    fn resolve_account(&self, channel: &ChannelConfig, id: &str) -> Result<Account, PluginError> {
+        ChannelPlugin::resolve_account(self, channel, id)
+    }
+    fn is_enabled(&self, account: &Account) -> Verdict {
+        ChannelPlugin::is_enabled(self, account)
+    }
+    fn is_configured(&self, account: &Account) -> Verdict {
+        ChannelPlugin::is_configured(self, account)
+    }
+    fn describe_account(&self, account: &Account) -> Option<serde_json::Value> {
+        ChannelPlugin::describe_account(self, account)
+    }
+    fn start(&'static self, ctx: AccountContext) -> BoxFuture<()> {
+        Box::pin(ChannelPlugin::start(self, ctx))
+    }
+    fn stop(&'static self, account: Account) -> BoxFuture<()> {
+        Box::pin(ChannelPlugin::stop(self, account))
+    }
+    fn logout(&'static self, account: Account) -> BoxFuture<bool> {
+        Box::pin(ChannelPlugin::logout(self, account))
+    }
+    fn send(&'static self, message: Outbound) -> BoxFuture<String> {
+        Box::pin(ChannelPlugin::send(self, message))
+    }
+}
+
+struct Loaded {
+    plugin: &'static dyn ErasedPlugin,
+    plugin_version: &'static str,
+    root: PluginMod_Ref,
+}
+
+static LOADED: OnceLock<Loaded> = OnceLock::new();
+static CONFIG: RwLock<Option<Arc<ChannelConfig>>> = RwLock::new(None);
+
+/// Builds the plugin (once) and the root module. Called by the loader `export_plugin!` emits; a
+/// panic in `constructor` is caught by abi_stable's loader and reported to the host as a failed
+/// load.
+pub fn root_module<P: ChannelPlugin>(
+    constructor: fn() -> P,
+    plugin_version: &'static str,
+) -> PluginMod_Ref {
+    LOADED
+        .get_or_init(|| {
+            let plugin: &'static P = Box::leak(Box::new(constructor()));
+            Loaded {
+                plugin,
+                plugin_version,
+                root: module().leak_into_prefix(),
+            }
+        })
+        .root
+}
+
+pub use abi_stable::library::__call_root_module_loader as call_root_module_loader;
+
+fn module() -> PluginMod {
+    PluginMod {
+        metadata,
+        init,
+        configure,
+        list_account_ids,
+        default_account_id,
+        resolve_account,
+        is_enabled,
+        is_configured,
+        describe_account,
+        start_account,
+        abort_task,
+        cancel_task,
+        stop_account,
+        logout,
+        send,
+        shutdown,
+    }
+}
+
+fn loaded() -> &'static Loaded {
+    // The root module, and so every entry, only exists once `LOADED` is set.
+    LOADED
+        .get()
+        .expect("entry point called before the root module was built")
+}
+
+fn plugin() -> &'static dyn ErasedPlugin {
+    loaded().plugin
+}
+
+fn config() -> Arc<ChannelConfig> {
+    let guard = CONFIG.read().unwrap_or_else(|p| p.into_inner());
+    guard.clone().unwrap_or_else(|| {
+        Arc::new(ChannelConfig::from_json(plugin().channel_id(), "").unwrap_or_default())
+    })
+}
+
+fn resolve(account: RStr<'_>) -> Result<Account, String> {
+    plugin()
+        .resolve_account(&config(), account.as_str())
+        .map_err(|e| e.to_string())
+}
+
+fn rt() -> Result<tokio::runtime::Handle, String> {
+    // Thread names show up in `top -H` and /proc/<pid>/task/*/comm (15 bytes kept).
+    let mut name = format!("chd-{}", plugin().channel_id());
+    name.truncate(15);
+    runtime::handle(&name)
+}
+
+fn to_rverdict(verdict: Verdict) -> RVerdict {
+    match verdict {
+        Verdict::Yes => RVerdict {
+            ok: true,
+            reason: ROption::RNone,
+        },
+        Verdict::No(reason) => RVerdict {
+            ok: false,
+            reason: reason.map(RString::from).into(),
+        },
+    }
+}
+
+extern "C" fn metadata() -> PluginMetadata {
+    let empty = PluginMetadata {
+        channel_id: RString::new(),
+        display_name: RString::new(),
+        plugin_version: RString::new(),
+        abi_version: RString::new(),
+        rustc_version: RString::new(),
+        extra: RString::new(),
+    };
+    fenced_or(empty, || {
+        let loaded = loaded();
+        PluginMetadata {
+            channel_id: loaded.plugin.channel_id().into(),
+            display_name: loaded.plugin.display_name().into(),
+            plugin_version: loaded.plugin_version.into(),
+            abi_version: env!("CARGO_PKG_VERSION").into(),
+            rustc_version: env!("CHANNELD_RUSTC_VERSION").into(),
+            extra: RString::new(),
+        }
+    })
+}
+
+extern "C" fn init(settings: InitSettings, host: HostHandle) -> RResult<(), RString> {
+    fenced("init", || {
+        runtime::set_worker_threads(settings.worker_threads);
+        log::install(host, settings.max_log_level);
+        Ok(())
+    })
+}
+
+extern "C" fn configure(channel_config: RStr<'_>) -> RResult<(), RString> {
+    fenced("configure", || {
+        let parsed = ChannelConfig::from_json(plugin().channel_id(), channel_config.as_str())
+            .map_err(|e| e.to_string())?;
+        *CONFIG.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(parsed));
+        Ok(())
+    })
+}
+
+extern "C" fn list_account_ids() -> RResult<RVec<RString>, RString> {
+    fenced("list_account_ids", || {
+        plugin()
+            .list_account_ids(&config())
+            .map(|ids| ids.into_iter().map(RString::from).collect())
+            .map_err(|e| e.to_string())
+    })
+}
+
+extern "C" fn default_account_id() -> RResult<ROption<RString>, RString> {
+    fenced("default_account_id", || {
+        Ok(plugin()
+            .default_account_id(&config())
+            .map(RString::from)
+            .into())
+    })
+}
+
+extern "C" fn resolve_account(account: RStr<'_>) -> RResult<RString, RString> {
+    fenced("resolve_account", || {
+        Ok(resolve(account)?.config.to_string().into())
+    })
+}
+
+extern "C" fn is_enabled(account: RStr<'_>) -> RResult<RVerdict, RString> {
+    fenced("is_enabled", || {
+        Ok(to_rverdict(plugin().is_enabled(&resolve(account)?)))
+    })
+}
+
+extern "C" fn is_configured(account: RStr<'_>) -> RResult<RVerdict, RString> {
+    fenced("is_configured", || {
+        Ok(to_rverdict(plugin().is_configured(&resolve(account)?)))
+    })
+}
+
+extern "C" fn describe_account(account: RStr<'_>) -> RResult<ROption<RString>, RString> {
+    fenced("describe_account", || {
+        let described = plugin().describe_account(&resolve(account)?);
+        Ok(described.map(|v| RString::from(v.to_string())).into())
+    })
+}
+
+/// Aborts the plugin-side task when the host drops the future that waits for it.
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits for a plugin-side task from the host's runtime. Only SDK code runs in this future's
+/// `poll` (ARCHITECTURE.md fact 9): the author's future runs on the plugin's runtime.
+fn await_task<T, U: 'static>(
+    join: JoinHandle<Result<T, PluginError>>,
+    what: &'static str,
+    map: fn(T) -> U,
+) -> FfiFuture<RResult<U, RString>>
+where
+    T: Send + 'static,
+    U: Send,
+{
+    let guard = AbortOnDrop(join.abort_handle());
+    async move {
+        let _guard = guard;
+        match join.await {
+            Ok(Ok(value)) => RResult::ROk(map(value)),
+            Ok(Err(e)) => RResult::RErr(e.to_string().into()),
+            Err(e) => RResult::RErr(join_error(e, what).into()),
+        }
+    }
+    .into_ffi()
+}
+
+fn join_error(error: JoinError, what: &str) -> String {
+    if error.is_panic() {
+        format!(
+            "plugin panicked in {what}: {}",
+            panic_message(&*error.into_panic())
+        )
+    } else {
+        "cancelled".to_owned()
+    }
+}
+
+extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<StartedTask, RString> {
+    fenced("start_account", || {
+        let account = resolve(account)?;
+        let handle = rt()?;
+        let abort = CancellationToken::new();
+        let id = tasks::next_id();
+        let span = tracing::info_span!(
+            "channeld_account",
+            channel = %account.channel,
+            account = %account.id
+        );
+        let ctx = AccountContext {
+            account: Arc::new(account),
+            host: Host::new(host),
+            abort: abort.clone(),
+        };
+        let task = plugin().start(ctx);
+        let join = tasks::register(id, abort, || {
+            let join = handle.spawn(async move {
+                let _unregister = tasks::Unregister(id);
+                task.instrument(span).await
+            });
+            (join.abort_handle(), join)
+        });
+        Ok(StartedTask {
+            id,
+            done: await_task(join, "the account task", |()| ()),
+        })
+    })
+}
+
+extern "C" fn abort_task(task: TaskId) -> bool {
+    fenced_or(false, || tasks::abort(task))
+}
+
+extern "C" fn cancel_task(task: TaskId) -> bool {
+    fenced_or(false, || tasks::cancel(task))
+}
+
+/// Runs a hook's future to completion on the plugin's runtime, from the host's calling thread.
+fn block_on_hook<T: Send + 'static>(future: BoxFuture<T>, what: &'static str) -> Result<T, String> {
+    let handle = rt()?;
+    let join = handle.spawn(future);
+    match handle.block_on(join) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(e) => Err(join_error(e, what)),
+    }
+}
+
+extern "C" fn stop_account(account: RStr<'_>) -> RResult<(), RString> {
+    fenced("stop_account", || {
+        block_on_hook(plugin().stop(resolve(account)?), "stop_account")
+    })
+}
+
+extern "C" fn logout(account: RStr<'_>) -> RResult<bool, RString> {
+    fenced("logout", || {
+        block_on_hook(plugin().logout(resolve(account)?), "logout")
+    })
+}
+
+extern "C" fn send(message: OutboundMessage) -> FfiFuture<RResult<RString, RString>> {
+    let started = fenced("send", || {
+        let extra = if message.extra.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(message.extra.as_str()).map_err(|e| e.to_string())?)
+        };
+        let outbound = Outbound {
+            account: message.account.into_string(),
+            conversation: message.conversation.into_string(),
+            text: message.text.into_string(),
+            reply_to: Some(message.reply_to.into_string()).filter(|s| !s.is_empty()),
+            extra,
+        };
+        let handle = rt()?;
+        Ok(handle.spawn(plugin().send(outbound)))
+    });
+    match started {
+        RResult::ROk(join) => await_task(join, "send", RString::from),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
+}
+
+extern "C" fn shutdown() -> RResult<(), RString> {
+    fenced("shutdown", || {
+        runtime::shutdown();
+        Ok(())
+    })
+}

@@ -1,0 +1,174 @@
+//! The SDK layer: the one trait a plugin author implements ([`ChannelPlugin`]) and the one macro
+//! that exports it ([`export_plugin!`](crate::export_plugin)). Plugin authors never write an
+//! `extern "C"` fn: the SDK's entry points fence every call against panics, run the author's async
+//! code on a runtime the SDK owns, and forward `tracing` events to the host.
+
+mod config;
+mod context;
+mod entries;
+mod error;
+mod fence;
+mod log;
+mod runtime;
+mod tasks;
+
+use std::future::Future;
+
+use serde_json::Value;
+
+pub use config::{Account, ChannelConfig};
+pub use context::{AccountContext, Host, Inbound};
+pub use error::PluginError;
+pub use log::ACCOUNT_SPAN;
+pub use runtime::DEFAULT_WORKER_THREADS;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use super::entries::{call_root_module_loader, root_module};
+    pub use abi_stable::library::{CheckTypeLayout, LibHeader, RootModuleResult};
+}
+
+/// A yes/no answer with an optional reason, for [`ChannelPlugin::is_enabled`] and
+/// [`ChannelPlugin::is_configured`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Yes.
+    Yes,
+    /// No; the reason shows as the account's `lastError` (the host supplies "disabled" or
+    /// "not configured" when it is `None`).
+    No(Option<String>),
+}
+
+impl Verdict {
+    /// No, with a reason.
+    pub fn no(reason: impl Into<String>) -> Self {
+        Self::No(Some(reason.into()))
+    }
+}
+
+/// A message the host asks the plugin to send.
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    /// The account to send from.
+    pub account: String,
+    /// Where to send it.
+    pub conversation: String,
+    /// The text.
+    pub text: String,
+    /// The message this replies to, if any.
+    pub reply_to: Option<String>,
+    /// Further fields.
+    pub extra: Option<Value>,
+}
+
+/// A channel plugin. Implement this and pass the type to [`export_plugin!`](crate::export_plugin).
+///
+/// Only [`start`](Self::start) is required; every other hook has the behaviour the host expects
+/// by default. Synchronous hooks run on a host thread; async ones run on the plugin's own tokio
+/// runtime, so timers, sockets and HTTP clients work inside them. A panic in any hook reaches the
+/// host as an error carrying the panic message, never as a crash.
+pub trait ChannelPlugin: Send + Sync + Sized + 'static {
+    /// The channel id (`irc`, `webhook`, …): what the config's `[channels.<id>]` names.
+    const CHANNEL_ID: &'static str;
+    /// A human name for status tables.
+    const DISPLAY_NAME: &'static str = Self::CHANNEL_ID;
+
+    /// The accounts the config lists. Default: the keys of the channel's `accounts` table.
+    fn list_account_ids(&self, channel: &ChannelConfig) -> Result<Vec<String>, PluginError> {
+        Ok(channel.account_keys())
+    }
+
+    /// The channel's default account. Default: none (the host takes the first listed).
+    fn default_account_id(&self, _channel: &ChannelConfig) -> Option<String> {
+        None
+    }
+
+    /// The account's config. Default: its table under `accounts` (empty if absent).
+    fn resolve_account(
+        &self,
+        channel: &ChannelConfig,
+        account_id: &str,
+    ) -> Result<Account, PluginError> {
+        Ok(channel.account(account_id))
+    }
+
+    /// Whether the account is enabled. Default: unless its table says `enabled = false`.
+    fn is_enabled(&self, account: &Account) -> Verdict {
+        if account.enabled() {
+            Verdict::Yes
+        } else {
+            Verdict::No(None)
+        }
+    }
+
+    /// Whether the account has what it needs to start. Default: yes.
+    fn is_configured(&self, _account: &Account) -> Verdict {
+        Verdict::Yes
+    }
+
+    /// A description for status displays (a `configured` boolean in it is honoured). Default: none.
+    fn describe_account(&self, _account: &Account) -> Option<Value> {
+        None
+    }
+
+    /// Runs the account until it ends: return `Ok(())` for a clean exit (the host still counts an
+    /// unrequested exit as a crash and restarts it), `Err` for a failure. Watch
+    /// [`AccountContext::aborted`] and return soon after it fires.
+    fn start(&self, ctx: AccountContext) -> impl Future<Output = Result<(), PluginError>> + Send;
+
+    /// Called after the abort signal when the host stops an account. Default: nothing.
+    fn stop(&self, _account: Account) -> impl Future<Output = Result<(), PluginError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// Clears the account's stored credentials; returns whether anything was cleared.
+    /// Default: nothing to clear.
+    fn logout(&self, _account: Account) -> impl Future<Output = Result<bool, PluginError>> + Send {
+        async { Ok(false) }
+    }
+
+    /// Sends a message; returns the channel's id for it. Default: unsupported.
+    fn send(&self, _message: Outbound) -> impl Future<Output = Result<String, PluginError>> + Send {
+        async {
+            Err(PluginError::new(format!(
+                "channel {} does not support sending",
+                Self::CHANNEL_ID
+            )))
+        }
+    }
+}
+
+/// Exports a [`ChannelPlugin`] as channeld's root module. Use it once, in a `cdylib` crate.
+///
+/// `export_plugin!(MyPlugin)` builds the plugin with `Default`; `export_plugin!(MyPlugin, MyPlugin::new)`
+/// with a constructor. The constructor runs when the host loads the library; if it panics, the
+/// host reports the load as failed and keeps running.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        $crate::export_plugin!($plugin, <$plugin as ::core::default::Default>::default);
+    };
+    ($plugin:ty, $constructor:expr) => {
+        #[doc(hidden)]
+        fn __channeld_plugin_root_module() -> $crate::abi::PluginMod_Ref {
+            $crate::sdk::__private::root_module::<$plugin>($constructor, env!("CARGO_PKG_VERSION"))
+        }
+
+        /// The header abi_stable's loader looks up; the name is abi_stable's fixed symbol.
+        #[doc(hidden)]
+        #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
+        pub static __CHANNELD_PLUGIN_LIB_HEADER: $crate::sdk::__private::LibHeader = {
+            extern "C" fn __loader() -> $crate::sdk::__private::RootModuleResult {
+                $crate::sdk::__private::call_root_module_loader(__channeld_plugin_root_module)
+            }
+            // SAFETY: `__loader` returns the `PluginMod_Ref` built by the SDK, which is the
+            // module type named here, so the layout abi_stable records matches what it returns.
+            unsafe {
+                $crate::sdk::__private::LibHeader::from_constructor::<$crate::abi::PluginMod_Ref>(
+                    __loader,
+                    $crate::sdk::__private::CheckTypeLayout::Yes,
+                )
+            }
+        };
+    };
+}
