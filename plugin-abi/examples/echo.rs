@@ -66,7 +66,11 @@ async fn serve(
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
-        host.deliver(Inbound::new("tcp", peer.clone(), line.clone()))?;
+        // A refused delivery (the host has replaced this task, say) loses one message, not
+        // the connection.
+        if let Err(e) = host.deliver(Inbound::new("tcp", peer.clone(), line.clone())) {
+            tracing::warn!(error = %e, "message not delivered");
+        }
         tokio::time::sleep(delay).await;
         write.write_all(format!("{line}\n").as_bytes()).await?;
     }

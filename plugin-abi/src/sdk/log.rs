@@ -39,6 +39,16 @@ pub(crate) fn install(host: HostHandle, max_level: LogLevel) {
         let subscriber = tracing_subscriber::registry().with(Forward);
         // Fails only if the plugin author installed a global subscriber of their own; theirs wins.
         let _ = tracing::subscriber::set_global_default(subscriber);
+        // The plugin has its own copy of std and so its own panic hook. Panics in plugin code are
+        // caught by the SDK and returned as errors; their location goes to the host's log (at
+        // debug) instead of the host's stderr.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            tracing::debug!(%location, "plugin code panicked: {}", super::fence::panic_message(info.payload()));
+        }));
     }
 }
 

@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests: building plugin files, loading them, temporary dirs.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use channeld_plugin_abi::abi::LogLevel;
+use manager::{
+    clock::SystemClock, ffi::FfiPlugin, host::HostSink, load::load_root_module, status::StatusBoard,
+};
+
+/// The workspace root (the parent of `manager/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("manager/ has a parent")
+        .to_owned()
+}
+
+/// The cargo target directory this test binary was built into.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs `cargo build` with `args` in the workspace and panics with cargo's output (and what to do)
+/// if it fails. Plugin files are built on demand so `cargo test -p manager` works alone; a test
+/// that needs one never skips.
+pub fn cargo(args: &[&str], toolchain: Option<&str>, target: &Path) {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if let Some(tc) = toolchain {
+        // `cargo +nightly` goes through rustup's proxy, not the cargo running the tests.
+        cmd = Command::new("cargo");
+        cmd.arg(format!("+{tc}"));
+        cmd.env_remove("RUSTC")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN");
+    }
+    let out = cmd
+        .args(args)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(workspace_root())
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        out.status.success(),
+        "building test plugins failed: cargo {} (toolchain {:?})\n{}\nfix the build above, or run \
+         `cargo build --workspace --examples` first",
+        args.join(" "),
+        toolchain,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The path of a workspace plugin's cdylib, building it first (once per test process).
+pub fn plugin_file(package: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(package.to_owned())
+        .or_insert_with(|| {
+            cargo(&["build", "-p", package], None, &target_dir());
+            let file = format!("lib{}.so", package.replace('-', "_"));
+            target_dir().join("debug").join(file)
+        })
+        .clone()
+}
+
+/// The path of the SDK's runnable `echo` example, built as a cdylib.
+pub fn echo_example_file() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            cargo(
+                &["build", "-p", "channeld-plugin-abi", "--example", "echo"],
+                None,
+                &target_dir(),
+            );
+            target_dir().join("debug/examples/libecho.so")
+        })
+        .clone()
+}
+
+/// Copies `file` into `dir` under `name`: dlopen keys libraries by file, so each copy is a
+/// separate library with its own statics (a separate plugin instance).
+pub fn copy_plugin(file: &Path, dir: &Path, name: &str) -> PathBuf {
+    let dest = dir.join(name);
+    std::fs::copy(file, &dest).expect("copy plugin file");
+    dest
+}
+
+/// A loaded, initialised plugin and the status board its host services write to.
+pub struct Loaded {
+    pub plugin: FfiPlugin,
+    pub board: Arc<StatusBoard>,
+}
+
+/// Loads `path` through the real loader and adapter, and calls `init`.
+pub fn load(path: &Path) -> Loaded {
+    let module = load_root_module(path).unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
+    let plugin = FfiPlugin::new(module, path).expect("metadata");
+    let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    let sink: Arc<dyn HostSink> = board.clone();
+    plugin.init(2, LogLevel::Debug, sink).expect("init");
+    Loaded { plugin, board }
+}
+
+/// Names of this process's threads (from /proc/self/task/*/comm).
+pub fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
