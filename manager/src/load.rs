@@ -117,7 +117,7 @@ fn classify(path: &Path, error: LibraryError) -> LoadError {
     match error {
         LibraryError::OpenError { err, .. } => LoadError::Open {
             path,
-            reason: err.to_string(),
+            reason: one_line(&err.to_string()),
         },
         LibraryError::GetSymbolError { err, .. } => LoadError::NotAPlugin {
             path,
@@ -154,13 +154,18 @@ fn classify(path: &Path, error: LibraryError) -> LoadError {
         }
         LibraryError::RootModule { err, .. } => LoadError::Constructor {
             path,
-            reason: err.to_string(),
+            reason: one_line(&err.to_string()),
         },
         other => LoadError::Metadata {
             path,
-            reason: other.to_string(),
+            reason: one_line(&other.to_string()),
         },
     }
+}
+
+/// Errors are shown one per line: fold whatever the loader said onto one.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The first line of abi_stable's layout report that names a mismatch, trimmed to one line.

@@ -10,7 +10,7 @@ use std::{
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
-    std_types::{ROption, RResult, RStr, RString, RVec},
+    std_types::{RBoxError, ROption, RResult, RStr, RString, RVec},
 };
 use async_ffi::{FfiFuture, FutureExt};
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
@@ -94,22 +94,32 @@ static LOADED: OnceLock<Loaded> = OnceLock::new();
 static CONFIG: RwLock<Option<Arc<ChannelConfig>>> = RwLock::new(None);
 
 /// Builds the plugin (once) and the root module. Called by the loader `export_plugin!` emits; a
-/// panic in `constructor` is caught by abi_stable's loader and reported to the host as a failed
-/// load.
+/// panic in `constructor` is caught here and returned to the host as a failed load carrying the
+/// panic message and location.
 pub fn root_module<P: ChannelPlugin>(
     constructor: fn() -> P,
     plugin_version: &'static str,
-) -> PluginMod_Ref {
-    LOADED
-        .get_or_init(|| {
-            let plugin: &'static P = Box::leak(Box::new(constructor()));
-            Loaded {
-                plugin,
-                plugin_version,
-                root: module().leak_into_prefix(),
-            }
+) -> Result<PluginMod_Ref, RBoxError> {
+    if let Some(loaded) = LOADED.get() {
+        return Ok(loaded.root);
+    }
+    log::install_panic_hook();
+    let plugin = std::panic::catch_unwind(constructor).map_err(|payload| {
+        let location = log::take_panic_location();
+        RBoxError::from_fmt(&format_args!(
+            "the plugin's constructor panicked{}: {}",
+            location.map(|l| format!(" at {l}")).unwrap_or_default(),
+            panic_message(&*payload)
+        ))
+    })?;
+    let plugin: &'static P = Box::leak(Box::new(plugin));
+    Ok(LOADED
+        .get_or_init(|| Loaded {
+            plugin,
+            plugin_version,
+            root: module().leak_into_prefix(),
         })
-        .root
+        .root)
 }
 
 pub use abi_stable::library::__call_root_module_loader as call_root_module_loader;

@@ -39,17 +39,35 @@ pub(crate) fn install(host: HostHandle, max_level: LogLevel) {
         let subscriber = tracing_subscriber::registry().with(Forward);
         // Fails only if the plugin author installed a global subscriber of their own; theirs wins.
         let _ = tracing::subscriber::set_global_default(subscriber);
-        // The plugin has its own copy of std and so its own panic hook. Panics in plugin code are
-        // caught by the SDK and returned as errors; their location goes to the host's log (at
-        // debug) instead of the host's stderr.
+    }
+}
+
+thread_local! {
+    static LAST_PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs the plugin's panic hook (once). The plugin has its own copy of std and so its own
+/// panic hook. Panics in plugin code are caught by the SDK and returned as errors carrying their
+/// message; the hook keeps the location for that error and sends it to the host's log at debug
+/// level (once `init` has connected the log), instead of printing on the host's stderr.
+pub(crate) fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
             let location = info
                 .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
                 .unwrap_or_default();
-            tracing::debug!(%location, "plugin code panicked: {}", super::fence::panic_message(info.payload()));
+            let message = super::fence::panic_message(info.payload());
+            tracing::debug!(%location, "plugin code panicked: {message}");
+            LAST_PANIC_LOCATION.with(|l| *l.borrow_mut() = Some(location));
         }));
-    }
+    });
+}
+
+/// The location of the last panic on this thread, if the hook saw one.
+pub(crate) fn take_panic_location() -> Option<String> {
+    LAST_PANIC_LOCATION.with(|l| l.borrow_mut().take())
 }
 
 fn to_level(level: &Level) -> LogLevel {

@@ -26,6 +26,7 @@ pub use runtime::DEFAULT_WORKER_THREADS;
 pub mod __private {
     pub use super::entries::{call_root_module_loader, root_module};
     pub use abi_stable::library::{CheckTypeLayout, LibHeader, RootModuleResult};
+    pub use abi_stable::std_types::RBoxError;
 }
 
 /// A yes/no answer with an optional reason, for [`ChannelPlugin::is_enabled`] and
@@ -150,7 +151,8 @@ macro_rules! export_plugin {
     };
     ($plugin:ty, $constructor:expr) => {
         #[doc(hidden)]
-        fn __channeld_plugin_root_module() -> $crate::abi::PluginMod_Ref {
+        fn __channeld_plugin_root_module()
+        -> ::core::result::Result<$crate::abi::PluginMod_Ref, $crate::sdk::__private::RBoxError> {
             $crate::sdk::__private::root_module::<$plugin>($constructor, env!("CARGO_PKG_VERSION"))
         }
 
@@ -161,7 +163,7 @@ macro_rules! export_plugin {
             extern "C" fn __loader() -> $crate::sdk::__private::RootModuleResult {
                 $crate::sdk::__private::call_root_module_loader(__channeld_plugin_root_module)
             }
-            // SAFETY: `__loader` returns the `PluginMod_Ref` built by the SDK, which is the
+            // SAFETY: `__loader` returns the `PluginMod_Ref` built by the SDK (or an error), which is the
             // module type named here, so the layout abi_stable records matches what it returns.
             unsafe {
                 $crate::sdk::__private::LibHeader::from_constructor::<$crate::abi::PluginMod_Ref>(

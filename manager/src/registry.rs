@@ -1,0 +1,273 @@
+//! The registry: channel id → loaded plugin. Loading a directory runs each plugin file through
+//! discover → stage → load, refuses a second file claiming a loaded channel id, and reports one
+//! error per bad file while every good file still loads.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use channeld_plugin_abi::abi::LogLevel;
+
+use crate::{
+    clock::Clock,
+    discover::{self, DirError},
+    ffi::FfiPlugin,
+    host::HostSink,
+    load::{LoadError, load_root_module},
+    plugin::{Plugin, PluginCallError, PluginInfo},
+    stage::{StageError, Staged, StagingDir},
+};
+
+/// Why one plugin file was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginFileError {
+    /// Refused or broken before loading.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The loader refused it.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Another file already provides this channel.
+    #[error("{}: duplicate channel id {channel:?}: already loaded from {}", path.display(), existing.display())]
+    Duplicate {
+        /// The refused file.
+        path: PathBuf,
+        /// The channel id.
+        channel: String,
+        /// The file that provides it.
+        existing: PathBuf,
+    },
+    /// `init` failed.
+    #[error("{}: {source}", path.display())]
+    Init {
+        /// The file.
+        path: PathBuf,
+        /// The plugin's error.
+        source: PluginCallError,
+    },
+}
+
+impl PluginFileError {
+    /// A short class name for logs and listings.
+    pub fn class(&self) -> &'static str {
+        use crate::discover::FileCheckError as F;
+        match self {
+            Self::Stage(StageError::Check(F::DanglingSymlink { .. })) => "dangling-symlink",
+            Self::Stage(StageError::Check(F::WritableByOthers { .. })) => "writable-by-others",
+            Self::Stage(StageError::Check(F::ForeignOwner { .. })) => "foreign-owner",
+            Self::Stage(StageError::Check(F::Unreadable { .. })) => "unreadable",
+            Self::Stage(StageError::Empty { .. }) => "empty",
+            Self::Stage(StageError::NotElf { .. }) => "not-a-library",
+            Self::Stage(StageError::Truncated { .. }) => "truncated",
+            Self::Stage(StageError::Io { .. }) => "io",
+            Self::Load(e) => e.class(),
+            Self::Duplicate { .. } => "duplicate-channel",
+            Self::Init { .. } => "init-failed",
+        }
+    }
+
+    /// The full diagnostic, for debug logs.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::Load(e) => e.detail(),
+            _ => None,
+        }
+    }
+}
+
+/// A loaded plugin and where it came from.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// Its metadata.
+    pub info: PluginInfo,
+    /// The staged copy it was loaded from (with the source path and content hash).
+    pub staged: Staged,
+    /// When it was loaded, ms since the epoch.
+    pub loaded_at_ms: i64,
+    /// The plugin.
+    pub plugin: Arc<dyn Plugin>,
+}
+
+/// What loading a directory did.
+#[derive(Debug, Default)]
+pub struct DirReport {
+    /// Channels loaded by this pass.
+    pub loaded: Vec<String>,
+    /// Files already loaded with the same content.
+    pub unchanged: usize,
+    /// Files refused, one error each.
+    pub failed: Vec<PluginFileError>,
+}
+
+/// How plugins are loaded: where copies are staged, what `init` is given.
+pub struct Loader {
+    staging: StagingDir,
+    sink: Arc<dyn HostSink>,
+    clock: Arc<dyn Clock>,
+    /// Worker threads of each plugin's runtime.
+    pub worker_threads: u32,
+    /// The most verbose plugin log level recorded.
+    pub max_log_level: LogLevel,
+}
+
+impl Loader {
+    /// A loader staging into `staging`.
+    pub fn new(staging: StagingDir, sink: Arc<dyn HostSink>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            staging,
+            sink,
+            clock,
+            worker_threads: 0,
+            max_log_level: LogLevel::Info,
+        }
+    }
+
+    /// Stages and loads one file. `claimed` says which file already provides a channel id, so a
+    /// duplicate is refused before the plugin is initialised.
+    pub fn load_file(
+        &self,
+        path: &Path,
+        claimed: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Result<LoadedPlugin, PluginFileError> {
+        let staged = self.staging.stage(path)?;
+        let module = load_root_module(&staged.copy).map_err(|e| rename(e, path))?;
+        let plugin = FfiPlugin::new(module, path)?;
+        let channel = plugin.info().channel_id.clone();
+        if let Some(existing) = claimed(&channel) {
+            return Err(PluginFileError::Duplicate {
+                path: path.to_owned(),
+                channel,
+                existing,
+            });
+        }
+        plugin
+            .init(self.worker_threads, self.max_log_level, self.sink.clone())
+            .map_err(|source| PluginFileError::Init {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(LoadedPlugin {
+            info: plugin.info().clone(),
+            staged,
+            loaded_at_ms: self.clock.wall_ms(),
+            plugin: Arc::new(plugin),
+        })
+    }
+}
+
+/// Errors name the file the user put in the directory, not the private staged copy.
+fn rename(error: LoadError, source: &Path) -> LoadError {
+    let source = source.to_owned();
+    match error {
+        LoadError::Open { reason, .. } => LoadError::Open {
+            path: source,
+            reason,
+        },
+        LoadError::NotAPlugin { detail, .. } => LoadError::NotAPlugin {
+            path: source,
+            detail,
+        },
+        LoadError::AbiHeader { reason, .. } => LoadError::AbiHeader {
+            path: source,
+            reason,
+        },
+        LoadError::Version { plugin, host, .. } => LoadError::Version {
+            path: source,
+            plugin,
+            host,
+        },
+        LoadError::Layout {
+            summary, detail, ..
+        } => LoadError::Layout {
+            path: source,
+            summary,
+            detail,
+        },
+        LoadError::Constructor { reason, .. } => LoadError::Constructor {
+            path: source,
+            reason,
+        },
+        LoadError::Metadata { reason, .. } => LoadError::Metadata {
+            path: source,
+            reason,
+        },
+    }
+}
+
+/// Loaded plugins by channel id.
+#[derive(Default)]
+pub struct Registry {
+    plugins: BTreeMap<String, LoadedPlugin>,
+}
+
+impl Registry {
+    /// The plugin providing `channel`.
+    pub fn get(&self, channel: &str) -> Option<&LoadedPlugin> {
+        self.plugins.get(channel)
+    }
+
+    /// Every loaded plugin, by channel id.
+    pub fn iter(&self) -> impl Iterator<Item = &LoadedPlugin> {
+        self.plugins.values()
+    }
+
+    /// How many channels are loaded.
+    pub fn len(&self) -> usize {
+        self.plugins.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.plugins.is_empty()
+    }
+
+    /// The file that provides `channel`.
+    pub fn file_of(&self, channel: &str) -> Option<PathBuf> {
+        self.plugins.get(channel).map(|p| p.staged.source.clone())
+    }
+
+    /// Adds a loaded plugin (the caller checked for duplicates through `load_file`).
+    pub fn insert(&mut self, plugin: LoadedPlugin) {
+        self.plugins.insert(plugin.info.channel_id.clone(), plugin);
+    }
+
+    /// Loads every plugin file of `dir` not loaded yet. Each bad file is logged as one warning
+    /// line (its path, class and why; the full detail at debug) and reported; the rest load.
+    pub fn load_dir(&mut self, loader: &Loader, dir: &Path) -> Result<DirReport, DirError> {
+        let mut report = DirReport::default();
+        for path in discover::plugin_paths(dir)? {
+            let already = self.plugins.values().any(|p| p.staged.source == path);
+            if already {
+                report.unchanged += 1;
+                continue;
+            }
+            match loader.load_file(&path, |channel| self.file_of(channel)) {
+                Ok(plugin) => {
+                    tracing::info!(
+                        file = %path.display(),
+                        channel = %plugin.info.channel_id,
+                        version = %plugin.info.plugin_version,
+                        "plugin loaded"
+                    );
+                    report.loaded.push(plugin.info.channel_id.clone());
+                    self.insert(plugin);
+                }
+                Err(error) => {
+                    log_refused(&error);
+                    report.failed.push(error);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// One warning line per refused file; the long detail only at debug.
+pub fn log_refused(error: &PluginFileError) {
+    tracing::warn!(class = error.class(), "plugin file refused: {error}");
+    if let Some(detail) = error.detail() {
+        tracing::debug!(class = error.class(), "full report: {detail}");
+    }
+}
