@@ -1,8 +1,9 @@
-//! The command line: `channeld VERB`, parsed with clap.
+//! The command line: `channeld VERB`, parsed with clap. Exit codes for every verb: 0 done,
+//! 1 the operation failed, 2 usage, 3 the daemon is unreachable.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// The version line: channeld's version and the plugin ABI it loads.
 pub const LONG_VERSION: &str = concat!(
@@ -10,12 +11,13 @@ pub const LONG_VERSION: &str = concat!(
     " (loads plugins built against channeld-plugin-abi 1.x, >= 1.0.0)"
 );
 
-/// channeld: a host for chat-channel plugins. It loads every plugin file in a plugins directory
-/// through a checked stable ABI and supervises each configured account.
+/// channeld: a host for chat-channel plugins. Point it at a plugins directory and a TOML config;
+/// it loads every plugin file through a checked stable ABI and keeps each configured account
+/// running under one restart supervisor.
 #[derive(Debug, Parser)]
 #[command(name = "channeld", version = LONG_VERSION, about, long_about = None)]
 pub struct Cli {
-    /// Log format on stderr.
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     /// What to do.
@@ -32,17 +34,99 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the config is.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// The config file. Without it, ./channeld.toml if it exists, else built-in defaults.
+    #[arg(long, short, value_name = "FILE", env = "CHANNELD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `CHANNEL` or `CHANNEL:ACCOUNT`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The channel id.
+    pub channel: String,
+    /// The account, if one was named.
+    pub account: Option<String>,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (channel, account) = match s.split_once(':') {
+            Some((c, a)) => (c, Some(a)),
+            None => (s, None),
+        };
+        if channel.is_empty() || account.is_some_and(str::is_empty) {
+            return Err(format!("expected CHANNEL or CHANNEL:ACCOUNT, got {s:?}"));
+        }
+        Ok(Self {
+            channel: channel.to_owned(),
+            account: account.map(str::to_owned),
+        })
+    }
+}
+
 /// The verbs.
+// The flattened `config` fields take their help from `ConfigArgs`; a doc comment there would
+// replace it.
+#[allow(missing_docs)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check the plugins directory (and config) without starting anything. Exit 0 when every
-    /// plugin file loads, 1 otherwise, with one line per bad file.
-    Check {
-        /// The plugins directory.
+    /// Run the daemon: load the plugins directory, start every enabled and configured account,
+    /// serve the API; SIGINT/SIGTERM stop every account and exit 0.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Use this plugins directory instead of the config's.
         #[arg(long, value_name = "DIR")]
-        plugins_dir: PathBuf,
+        plugins_dir: Option<PathBuf>,
+    },
+    /// Validate the config and the plugins directory without starting anything. Exit 0 when
+    /// everything loads, 1 otherwise, with one line per problem.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Use this plugins directory instead of the config's.
+        #[arg(long, value_name = "DIR")]
+        plugins_dir: Option<PathBuf>,
         /// Where private copies of plugin files are staged (default: a temporary directory).
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Show how every account is doing (or one channel's, or one account's).
+    Status {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// `CHANNEL` or `CHANNEL:ACCOUNT`.
+        target: Option<Target>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start an account (or every account of a channel); clears its manual stop and restart
+    /// counter. Returns once the start has taken effect.
+    Start(OpArgs),
+    /// Stop an account (or a channel); it stays stopped until started. Returns once stopped.
+    Stop(OpArgs),
+    /// Stop, then start.
+    Restart(OpArgs),
+    /// Stop an account and clear its stored credentials.
+    Logout(OpArgs),
+    /// Reset an account's restart counter.
+    Reset(OpArgs),
+}
+
+/// Arguments of the account operations.
+#[allow(missing_docs)]
+#[derive(Debug, Clone, Args)]
+pub struct OpArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// `CHANNEL` or `CHANNEL:ACCOUNT`.
+    pub target: Target,
+    /// Print the API's JSON answer.
+    #[arg(long)]
+    pub json: bool,
 }

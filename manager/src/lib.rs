@@ -1,6 +1,10 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
+pub mod api;
 pub mod cli;
 pub mod clock;
+pub mod client;
+pub mod config;
+pub mod daemon;
 pub mod discover;
 pub mod ffi;
 pub mod host;
@@ -9,3 +13,5 @@ pub mod plugin;
 pub mod registry;
 pub mod stage;
 pub mod status;
+pub mod status_table;
+pub mod supervise;

@@ -1,15 +1,20 @@
 //! The `channeld` binary: parses the command line and runs the verb. `anyhow` lives only here.
 
-use std::{io::IsTerminal as _, process::ExitCode, sync::Arc};
+use std::{io::IsTerminal as _, path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use manager::{
-    cli::{Cli, Command, LogFormat},
-    clock::SystemClock,
+    cli::{Cli, Command, ConfigArgs, LogFormat, OpArgs},
+    client::Client,
+    clock::{Clock, SystemClock},
+    config::Config,
+    daemon,
     registry::{Loader, Registry},
     stage::StagingDir,
     status::StatusBoard,
+    status_table,
+    supervise::{Supervisor, policy::RandomJitter},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -32,49 +37,179 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("channeld: {error:#}");
-            ExitCode::from(1)
+            let code = error
+                .downcast_ref::<manager::client::ClientError>()
+                .map_or(1, |e| e.exit_code());
+            ExitCode::from(code)
         }
     }
 }
 
+/// The config the flags name: `--config`, else ./channeld.toml if present, else the defaults.
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    load_with(args, Config::load)
+}
+
+/// The same, for the verbs that only talk to the daemon (channel secrets stay unresolved).
+fn load_client_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    load_with(args, Config::load_for_client)
+}
+
+fn load_with(
+    args: &ConfigArgs,
+    load: fn(&Path) -> Result<Config, manager::config::ConfigError>,
+) -> anyhow::Result<Config> {
+    match &args.config {
+        Some(path) => Ok(load(path)?),
+        None if Path::new("channeld.toml").exists() => Ok(load(Path::new("channeld.toml"))?),
+        None => Ok(Config::defaults(Path::new("."))),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Run { config, plugins_dir } => {
+            let mut config = load_config(&config)?;
+            if let Some(dir) = plugins_dir {
+                config.host.plugins_dir = dir;
+            }
+            runtime()?.block_on(daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check {
+            config,
             plugins_dir,
             state_dir,
         } => {
-            let temp;
-            let state_dir = match state_dir {
-                Some(dir) => dir,
-                None => {
-                    temp = tempfile::tempdir().context("creating a temporary state directory")?;
-                    temp.path().to_owned()
-                }
+            let mut config = load_config(&config)?;
+            if let Some(dir) = plugins_dir {
+                config.host.plugins_dir = dir;
+            }
+            runtime()?.block_on(check(config, state_dir))
+        }
+        Command::Status {
+            config,
+            target,
+            json,
+        } => {
+            let config = load_client_config(&config)?;
+            let client = Client::from_config(&config)?;
+            let path = match &target {
+                None => "/v1/status".to_owned(),
+                Some(t) => match &t.account {
+                    None => format!("/v1/status/{}", t.channel),
+                    Some(a) => format!("/v1/status/{}/{a}", t.channel),
+                },
             };
-            let staging = StagingDir::open(&state_dir.join("staging"))
-                .with_context(|| format!("staging directory in {}", state_dir.display()))?;
-            let clock = Arc::new(SystemClock);
-            let board = Arc::new(StatusBoard::new(clock.clone()));
-            let loader = Loader::new(staging, board, clock);
-            let mut registry = Registry::default();
-            let report = registry.load_dir(&loader, &plugins_dir)?;
-            for plugin in registry.iter() {
-                println!(
-                    "ok      {}  {} {}  ({})",
-                    plugin.staged.source.display(),
-                    plugin.info.channel_id,
-                    plugin.info.plugin_version,
-                    plugin.info.display_name
-                );
-            }
-            for error in &report.failed {
-                println!("refused {error}");
-            }
-            Ok(if report.failed.is_empty() {
-                ExitCode::SUCCESS
+            let status = client.get(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                ExitCode::from(1)
-            })
+                print!("{}", status_table::render(&status, SystemClock.wall_ms()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Start(args) => op(args, "start"),
+        Command::Stop(args) => op(args, "stop"),
+        Command::Restart(args) => op(args, "restart"),
+        Command::Logout(args) => op(args, "logout"),
+        Command::Reset(args) => op(args, "reset"),
+    }
+}
+
+/// An account operation through the API; exit 1 if any account's outcome is a failure.
+fn op(args: OpArgs, verb: &str) -> anyhow::Result<ExitCode> {
+    let config = load_client_config(&args.config)?;
+    let client = Client::from_config(&config)?;
+    let path = match &args.target.account {
+        Some(account) => format!("/v1/accounts/{}/{account}/{verb}", args.target.channel),
+        None => format!("/v1/accounts/{}/{verb}", args.target.channel),
+    };
+    let answer = client.post(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    }
+    let mut failed = false;
+    for (key, result) in answer["results"].as_object().into_iter().flatten() {
+        let outcome = result["outcome"].as_str().unwrap_or("?");
+        let reason = result["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default();
+        let bad = matches!(
+            outcome,
+            "failed" | "timed-out" | "refused" | "disabled" | "not-configured" | "stuck"
+        );
+        failed |= bad;
+        if !args.json {
+            println!("{key}: {outcome}{reason}");
         }
     }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
+    let temp;
+    let state_dir = match state_dir {
+        Some(dir) => dir,
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary state directory")?;
+            temp.path().to_owned()
+        }
+    };
+    let staging = StagingDir::open(&state_dir.join("staging"))
+        .with_context(|| format!("staging directory in {}", state_dir.display()))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let board = Arc::new(StatusBoard::new(clock.clone()));
+    let loader = Loader::new(staging, board.clone(), clock.clone());
+    let mut registry = Registry::default();
+    let report = registry.load_dir(&loader, &config.host.plugins_dir)?;
+    let supervisor = Supervisor::new(
+        config.supervisor.clone(),
+        config.host.plugin_call_timeout,
+        board,
+        clock,
+        Arc::new(RandomJitter),
+    );
+    let mut problems = report.failed.len();
+    for plugin in registry.iter() {
+        let channel = &plugin.info.channel_id;
+        match supervisor
+            .add_channel(plugin.plugin.clone(), config.channel(channel))
+            .await
+        {
+            Ok(ch) => println!(
+                "ok      {}  {channel} {}  ({} account{})",
+                plugin.staged.source.display(),
+                plugin.info.plugin_version,
+                ch.accounts.len(),
+                if ch.accounts.len() == 1 { "" } else { "s" }
+            ),
+            Err(e) => {
+                problems += 1;
+                println!("refused {}: {e}", plugin.staged.source.display());
+            }
+        }
+    }
+    for error in &report.failed {
+        println!("refused {error}");
+    }
+    for channel in config.channels.keys() {
+        if registry.get(channel).is_none() {
+            problems += 1;
+            println!("missing [channels.{channel}]: no plugin provides this channel");
+        }
+    }
+    for plugin in registry.iter() {
+        let _ = plugin.plugin.shutdown();
+    }
+    Ok(if problems == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

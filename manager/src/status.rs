@@ -148,6 +148,14 @@ impl StatusBoard {
         self.lock().get(key).map(|e| e.snapshot.clone())
     }
 
+    /// Every snapshot, by key (for building the supervisor's snapshot).
+    pub fn snapshot_map(&self) -> HashMap<AccountKey, AccountSnapshot> {
+        self.lock()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.snapshot.clone()))
+            .collect()
+    }
+
     /// Every snapshot, sorted by key.
     pub fn all(&self) -> Vec<(AccountKey, AccountSnapshot)> {
         let mut all: Vec<_> = self

@@ -1,0 +1,231 @@
+//! The HTTP API on loopback: every request carries the bearer token; JSON in and out. Each user
+//! operation has its endpoint here and its verb in the CLI.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/status` | every channel's accounts |
+//! | GET | `/v1/status/{channel}` | one channel's accounts |
+//! | GET | `/v1/status/{channel}/{account}` | one account |
+//! | POST | `/v1/accounts/{channel}/{op}` | `start`, `stop`, `restart` every account of a channel |
+//! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
+//!
+//! Errors are `{"error": "…"}` with 401 (no or wrong token), 404 (unknown channel, account or
+//! path, named), 400 (bad operation), 500 (the operation failed).
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Secret,
+    host::AccountKey,
+    supervise::{Supervisor, SupervisorError},
+};
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The supervisor.
+    pub supervisor: Supervisor,
+    /// The bearer token.
+    pub token: Secret,
+    /// Extra read-only views added by later subsystems (e.g. the plugins listing).
+    pub views: Arc<BTreeMap<&'static str, Arc<dyn Fn() -> Value + Send + Sync>>>,
+}
+
+/// An API error with its status code.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        let status = match e {
+            SupervisorError::UnknownChannel(_) | SupervisorError::UnknownAccount(_) => {
+                StatusCode::NOT_FOUND
+            }
+            SupervisorError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            SupervisorError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// Compares without an early exit, so response time does not leak how much of a guess matched.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            let mut response = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (see the api-token file in the state directory)"
+                    .into(),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
+            response
+        }
+    }
+}
+
+/// The router (exposed for tests).
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status_all))
+        .route("/v1/status/{channel}", get(status_channel))
+        .route("/v1/status/{channel}/{account}", get(status_account))
+        .route("/v1/accounts/{channel}/{op}", post(channel_op))
+        .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
+        .route("/v1/views/{name}", get(view))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+/// Serves the API until `stop` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
+/// Binds the API's address with a clear error.
+pub async fn bind(address: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("cannot listen on {address} for the API: {e} (set [host] api_address)"))
+}
+
+async fn status_all(State(state): State<ApiState>) -> Json<Value> {
+    Json(json!({ "channels": state.supervisor.snapshot() }))
+}
+
+async fn status_channel(
+    State(state): State<ApiState>,
+    Path(channel): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mut all = state.supervisor.snapshot();
+    let accounts = all
+        .remove(&channel)
+        .ok_or(SupervisorError::UnknownChannel(channel.clone()))?;
+    Ok(Json(json!({ "channels": { channel: accounts } })))
+}
+
+async fn status_account(
+    State(state): State<ApiState>,
+    Path((channel, account)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let mut all = state.supervisor.snapshot();
+    let mut accounts = all
+        .remove(&channel)
+        .ok_or(SupervisorError::UnknownChannel(channel.clone()))?;
+    let id = channeld_plugin_abi::normalize_account_id(&account);
+    let snapshot = accounts
+        .remove(&id)
+        .ok_or_else(|| SupervisorError::UnknownAccount(AccountKey::new(&channel, &account)))?;
+    Ok(Json(json!({ "channels": { channel: { id: snapshot } } })))
+}
+
+async fn channel_op(
+    State(state): State<ApiState>,
+    Path((channel, op)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    run_op(&state.supervisor, &channel, None, &op).await
+}
+
+async fn account_op(
+    State(state): State<ApiState>,
+    Path((channel, account, op)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    run_op(&state.supervisor, &channel, Some(&account), &op).await
+}
+
+async fn view(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let view = state
+        .views
+        .get(name.as_str())
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {name:?}")))?;
+    Ok(Json(view()))
+}
+
+fn keyed<T: serde::Serialize>(results: Vec<(AccountKey, T)>) -> Value {
+    let map: BTreeMap<String, T> = results
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    json!({ "results": map })
+}
+
+/// Runs a user operation and answers once it has taken effect.
+pub async fn run_op(
+    supervisor: &Supervisor,
+    channel: &str,
+    account: Option<&str>,
+    op: &str,
+) -> Result<Json<Value>, ApiError> {
+    let value = match (op, account) {
+        ("start", _) => keyed(supervisor.start(channel, account).await?),
+        ("stop", _) => keyed(supervisor.stop(channel, account).await?),
+        ("restart", _) => keyed(supervisor.restart(channel, account).await?),
+        ("logout", Some(account)) => {
+            let cleared = supervisor.logout(channel, account).await?;
+            json!({ "results": { AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account)).to_string(): { "outcome": "logged-out", "cleared": cleared } } })
+        }
+        ("reset", Some(account)) => {
+            let (ch, key) = (supervisor.channel(channel)?, channeld_plugin_abi::normalize_account_id(account));
+            if !ch.accounts.contains(&key) {
+                return Err(SupervisorError::UnknownAccount(AccountKey::new(channel, account)).into());
+            }
+            let key = AccountKey::new(channel, key);
+            supervisor.reset_restart_attempts(&key);
+            json!({ "results": { key.to_string(): { "outcome": "reset" } } })
+        }
+        ("logout" | "reset", None) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{op} needs an account: /v1/accounts/{channel}/ACCOUNT/{op}"),
+            ));
+        }
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown operation {op:?}: expected start, stop, restart, logout or reset"),
+            ));
+        }
+    };
+    Ok(Json(value))
+}

@@ -1,0 +1,675 @@
+//! The config file: TOML with host-owned sections (`[host]`, `[supervisor]`, `[health]`) and one
+//! `[channels.<id>]` table per channel, whose `accounts.<account>` tables belong to the plugin
+//! except for the host-owned `enabled` and `health_monitor` keys.
+//!
+//! An empty file is a valid config. Relative paths are relative to the config file. An unknown key
+//! or a bad value in a host-owned section is an error naming the file, the line and what was
+//! expected. Any value in a channel table may be a secret reference, `{ env = "NAME" }` or
+//! `{ file = "path" }`: the plugin receives the resolved value, and the host never prints it.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use channeld_plugin_abi::normalize_account_id;
+use serde::Deserialize;
+use serde_json::Value as Json;
+use toml::Value as Toml;
+
+/// The config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read the config file: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A syntax error, an unknown key or a bad value.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+/// A secret value. It prints as `[redacted]` everywhere; only [`Secret::expose`] reveals it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A value given literally or by reference.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SecretSource {
+    Literal(String),
+    Env { env: String },
+    File { file: PathBuf },
+}
+
+/// `[host]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHost {
+    plugins_dir: PathBuf,
+    state_dir: PathBuf,
+    api_address: SocketAddr,
+    api_token: Option<SecretSource>,
+    plugin_worker_threads: u32,
+    #[serde(with = "humantime_serde")]
+    plugin_call_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    settle: Duration,
+    #[serde(with = "humantime_serde")]
+    rescan_interval: Duration,
+    watch: bool,
+}
+
+impl Default for RawHost {
+    fn default() -> Self {
+        Self {
+            plugins_dir: "plugins".into(),
+            state_dir: "state".into(),
+            api_address: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            api_token: None,
+            plugin_worker_threads: 2,
+            plugin_call_timeout: Duration::from_secs(10),
+            settle: Duration::from_millis(500),
+            rescan_interval: Duration::from_secs(30),
+            watch: true,
+        }
+    }
+}
+
+/// The host's settings, with paths resolved against the config file's directory.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Where plugin files are found.
+    pub plugins_dir: PathBuf,
+    /// Where staged copies, the API token file and other state live.
+    pub state_dir: PathBuf,
+    /// The HTTP API's address (loopback by default).
+    pub api_address: SocketAddr,
+    /// The API's bearer token; `None`: generated at start into `<state_dir>/api-token`.
+    pub api_token: Option<Secret>,
+    /// Worker threads of each plugin's own runtime.
+    pub plugin_worker_threads: u32,
+    /// How long a synchronous plugin call (config, stop, logout) may take.
+    pub plugin_call_timeout: Duration,
+    /// Quiet period before a plugin file written in place is loaded.
+    pub settle: Duration,
+    /// How often the plugins directory is rescanned (0: never).
+    pub rescan_interval: Duration,
+    /// Whether to watch the plugins directory for changes.
+    pub watch: bool,
+}
+
+/// `[supervisor]`: the restart policy. Defaults are BEHAVIOUR.md's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorConfig {
+    /// First restart delay.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Growth of the delay per attempt.
+    pub backoff_factor: f64,
+    /// Largest delay.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Random extra delay, as a fraction of the delay (0.1 = up to +10 %).
+    pub jitter: f64,
+    /// Restarts before giving up.
+    pub max_restarts: u32,
+    /// A run this long resets the restart counter.
+    #[serde(with = "humantime_serde")]
+    pub stable_run: Duration,
+    /// How long a stop waits for the task before cancelling it.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// How long a start may take before start-all counts it as timed out.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// Accounts of one channel booting at once.
+    pub startup_accounts_per_channel: usize,
+    /// Channels booting at once.
+    pub startup_channels: usize,
+    /// Interval of the aggregated restart log line.
+    #[serde(with = "humantime_serde")]
+    pub restart_log_interval: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_secs(5),
+            backoff_factor: 2.0,
+            max_backoff: Duration::from_secs(300),
+            jitter: 0.1,
+            max_restarts: 10,
+            stable_run: Duration::from_secs(300),
+            stop_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(30),
+            startup_accounts_per_channel: 4,
+            startup_channels: 4,
+            restart_log_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[health]`: the health monitor. Defaults are BEHAVIOUR.md's.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between checks (0 disables the monitor).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// No check before this long after start.
+    #[serde(with = "humantime_serde")]
+    pub startup_grace: Duration,
+    /// A run younger than this is healthy whatever it reports.
+    #[serde(with = "humantime_serde")]
+    pub connect_grace: Duration,
+    /// No event for this long: a stale socket.
+    #[serde(with = "humantime_serde")]
+    pub stale_event_threshold: Duration,
+    /// Busy without run activity for this long: stuck.
+    #[serde(with = "humantime_serde")]
+    pub busy_stuck_threshold: Duration,
+    /// A restarted account is left alone for this many intervals.
+    pub cooldown_cycles: u32,
+    /// Monitor restarts per account per rolling hour.
+    pub max_restarts_per_hour: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(300),
+            startup_grace: Duration::from_secs(60),
+            connect_grace: Duration::from_secs(120),
+            stale_event_threshold: Duration::from_secs(30 * 60),
+            busy_stuck_threshold: Duration::from_secs(25 * 60),
+            cooldown_cycles: 2,
+            max_restarts_per_hour: 10,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    host: RawHost,
+    #[serde(default)]
+    supervisor: SupervisorConfig,
+    #[serde(default)]
+    health: HealthConfig,
+    #[serde(default)]
+    channels: BTreeMap<String, toml::Table>,
+}
+
+/// One channel's table, secrets resolved, as the plugin will receive it.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelSection {
+    /// The whole `[channels.<id>]` table as JSON.
+    pub table: Json,
+}
+
+impl ChannelSection {
+    /// `health_monitor.enabled` for an account: its own table (matched exactly, then
+    /// case-insensitively, then by normalised id; an empty id matches nothing), else the
+    /// channel's, else `None`.
+    pub fn health_monitor_enabled(&self, account: &str) -> Option<bool> {
+        let flag = |table: &Json| {
+            table
+                .get("health_monitor")
+                .and_then(|h| h.get("enabled"))
+                .and_then(Json::as_bool)
+        };
+        let accounts = self.table.get("accounts").and_then(Json::as_object);
+        let own = accounts.and_then(|accounts| {
+            if account.is_empty() {
+                return None;
+            }
+            accounts
+                .get(account)
+                .or_else(|| {
+                    accounts
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(account))
+                        .map(|(_, v)| v)
+                })
+                .or_else(|| {
+                    let wanted = normalize_account_id(account);
+                    accounts
+                        .iter()
+                        .find(|(k, _)| normalize_account_id(k) == wanted)
+                        .map(|(_, v)| v)
+                })
+        });
+        own.and_then(flag).or_else(|| flag(&self.table))
+    }
+}
+
+/// The whole config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`None`: built-in defaults).
+    pub file: Option<PathBuf>,
+    /// `[host]`.
+    pub host: HostConfig,
+    /// `[supervisor]`.
+    pub supervisor: SupervisorConfig,
+    /// `[health]`.
+    pub health: HealthConfig,
+    /// `[channels.<id>]`.
+    pub channels: BTreeMap<String, ChannelSection>,
+}
+
+impl Config {
+    /// The defaults, relative to `base`.
+    pub fn defaults(base: &Path) -> Self {
+        Self::from_raw(RawConfig::default(), base, None).expect("the defaults are valid")
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Reads `path` for a client of the daemon (the CLI's verbs): the host settings are resolved
+    /// and checked as usual, but channel tables are not (their secrets belong to the daemon's
+    /// environment, not the operator's shell).
+    pub fn load_for_client(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse_with(&text, path, false)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, true)
+    }
+
+    fn parse_with(text: &str, path: &Path, channels_too: bool) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        let mut raw = raw;
+        if !channels_too {
+            raw.channels.clear();
+        }
+        Self::from_raw(raw, base, Some((path, text)))
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        base: &Path,
+        source: Option<(&Path, &str)>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key_path: &[&str], message: String| {
+            let (path, text) = source.unwrap_or((Path::new("<defaults>"), ""));
+            let (line, column) = span_of(text, key_path)
+                .map(|start| line_column(text, start))
+                .unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let host = raw.host;
+        let api_token = host
+            .api_token
+            .map(|s| resolve_secret(&s, base).map(Secret::new))
+            .transpose()
+            .map_err(|m| invalid(&["host", "api_token"], m))?;
+        let check_fraction = |key: &'static str, value: f64, min: f64| {
+            if value.is_finite() && value >= min {
+                Ok(())
+            } else {
+                Err(invalid(
+                    &["supervisor", key],
+                    format!("{key} must be a number >= {min}, got {value}"),
+                ))
+            }
+        };
+        check_fraction("backoff_factor", raw.supervisor.backoff_factor, 1.0)?;
+        check_fraction("jitter", raw.supervisor.jitter, 0.0)?;
+        for (key, value) in [
+            (
+                "startup_accounts_per_channel",
+                raw.supervisor.startup_accounts_per_channel,
+            ),
+            ("startup_channels", raw.supervisor.startup_channels),
+        ] {
+            if value == 0 {
+                return Err(invalid(
+                    &["supervisor", key],
+                    format!("{key} must be at least 1"),
+                ));
+            }
+        }
+
+        let mut channels = BTreeMap::new();
+        for (id, table) in raw.channels {
+            let mut value = Toml::Table(table);
+            let mut at = vec!["channels".to_owned(), id.clone()];
+            resolve_secrets(&mut value, base, &mut at).map_err(|(path, message)| {
+                let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                invalid(&path, message)
+            })?;
+            check_account_ids(&value)
+                .map_err(|(key, message)| invalid(&["channels", &id, "accounts", &key], message))?;
+            let table = serde_json::to_value(&value).unwrap_or(Json::Null);
+            channels.insert(id, ChannelSection { table });
+        }
+
+        Ok(Self {
+            file: source.map(|(p, _)| p.to_owned()),
+            host: HostConfig {
+                plugins_dir: base.join(host.plugins_dir),
+                state_dir: base.join(host.state_dir),
+                api_address: host.api_address,
+                api_token,
+                plugin_worker_threads: host.plugin_worker_threads,
+                plugin_call_timeout: host.plugin_call_timeout,
+                settle: host.settle,
+                rescan_interval: host.rescan_interval,
+                watch: host.watch,
+            },
+            supervisor: raw.supervisor,
+            health: raw.health,
+            channels,
+        })
+    }
+
+    /// The channel's table (an empty table for a channel the config does not mention).
+    pub fn channel(&self, id: &str) -> ChannelSection {
+        self.channels
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| ChannelSection {
+                table: Json::Object(Default::default()),
+            })
+    }
+}
+
+fn resolve_secret(source: &SecretSource, base: &Path) -> Result<String, String> {
+    match source {
+        SecretSource::Literal(value) => Ok(value.clone()),
+        SecretSource::Env { env } => std::env::var(env)
+            .map_err(|_| format!("environment variable {env} is not set (it holds a secret)")),
+        SecretSource::File { file } => {
+            let path = base.join(file);
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+                .map_err(|e| format!("secret file {}: {e}", path.display()))
+        }
+    }
+}
+
+/// Replaces every `{ env = "…" }` / `{ file = "…" }` table below `value` with what it names.
+fn resolve_secrets(
+    value: &mut Toml,
+    base: &Path,
+    at: &mut Vec<String>,
+) -> Result<(), (Vec<String>, String)> {
+    let Toml::Table(table) = value else {
+        if let Toml::Array(items) = value {
+            for item in items {
+                resolve_secrets(item, base, at)?;
+            }
+        }
+        return Ok(());
+    };
+    let reference = match (table.len(), table.get("env"), table.get("file")) {
+        (1, Some(Toml::String(env)), _) => Some(SecretSource::Env { env: env.clone() }),
+        (1, _, Some(Toml::String(file))) => Some(SecretSource::File { file: file.into() }),
+        _ => None,
+    };
+    if let Some(reference) = reference {
+        let resolved = resolve_secret(&reference, base).map_err(|m| (at.clone(), m))?;
+        *value = Toml::String(resolved);
+        return Ok(());
+    }
+    for (key, child) in table.iter_mut() {
+        at.push(key.clone());
+        resolve_secrets(child, base, at)?;
+        at.pop();
+    }
+    Ok(())
+}
+
+/// Two account keys that normalise to the same id are an error naming both.
+fn check_account_ids(channel: &Toml) -> Result<(), (String, String)> {
+    let Some(accounts) = channel.get("accounts").and_then(Toml::as_table) else {
+        return Ok(());
+    };
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for key in accounts.keys() {
+        let id = normalize_account_id(key);
+        if let Some(first) = seen.insert(id.clone(), key) {
+            return Err((
+                key.clone(),
+                format!("accounts {first:?} and {key:?} both normalise to the account id {id:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The byte offset where the value at `path` starts (or its deepest existing ancestor's key).
+fn span_of(text: &str, path: &[&str]) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut found = None;
+    for segment in path {
+        let (key, value) = table
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == *segment)?;
+        found = Some(key.span().start);
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => table = inner,
+            _ => return found,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/channeld/channeld.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults_relative_to_the_file() {
+        let config = parse("").unwrap();
+        assert_eq!(config.host.plugins_dir, Path::new("/etc/channeld/plugins"));
+        assert_eq!(config.host.state_dir, Path::new("/etc/channeld/state"));
+        assert_eq!(config.supervisor, SupervisorConfig::default());
+        assert_eq!(config.supervisor.initial_backoff, Duration::from_secs(5));
+        assert!(config.channels.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_host_key_names_file_line_and_what_is_expected() {
+        let err = parse("[host]\nplugins_dir = \"p\"\nplugin_dir = \"x\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("/etc/channeld/channeld.toml:3:1: "),
+            "{text}"
+        );
+        assert!(text.contains("unknown field `plugin_dir`"), "{text}");
+        assert!(
+            text.contains("plugins_dir"),
+            "lists what is expected: {text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_line() {
+        let err = parse("[supervisor]\n\ninitial_backoff = \"soon\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("/etc/channeld/channeld.toml:3:"), "{text}");
+        assert!(
+            text.contains("initial_backoff") || text.contains("soon") || text.contains("unit"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_bad_jitter_names_its_line() {
+        let err = parse("[supervisor]\njitter = -1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/etc/channeld/channeld.toml:2:1: jitter must be"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn colliding_account_ids_name_both() {
+        let err = parse("[channels.irc.accounts.Libera]\n[channels.irc.accounts.libera]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"Libera\" and \"libera\""), "{err}");
+        assert!(err.contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn secrets_resolve_from_env_and_file_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token.txt"), "from-file\n").unwrap();
+        // SAFETY: this is the only test that touches this variable, and it is read in this thread.
+        unsafe { std::env::set_var("CHANNELD_TEST_SECRET_1", "from-env") };
+        let config = Config::parse(
+            "[host]\napi_token = { file = \"token.txt\" }\n\
+             [channels.webhook.accounts.main]\nsecret = { env = \"CHANNELD_TEST_SECRET_1\" }\n",
+            &dir.path().join("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.host.api_token.as_ref().unwrap().expose(),
+            "from-file"
+        );
+        assert_eq!(
+            config.channel("webhook").table["accounts"]["main"]["secret"],
+            "from-env"
+        );
+        assert_eq!(format!("{:?}", config.host.api_token), "Some([redacted])");
+        assert!(!format!("{:?}", config.host).contains("from-file"));
+    }
+
+    #[test]
+    fn a_missing_secret_names_its_line_and_variable() {
+        let err =
+            parse("[channels.w.accounts.a]\nx = 1\nsecret = { env = \"CHANNELD_NOPE_UNSET\" }\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains(":3:"), "{err}");
+        assert!(err.contains("CHANNELD_NOPE_UNSET is not set"), "{err}");
+    }
+
+    #[test]
+    fn health_monitor_lookup_precedence() {
+        let config = parse(
+            "[channels.c]\nhealth_monitor.enabled = false\n\
+             [channels.c.accounts.Exact]\nhealth_monitor.enabled = true\n\
+             [channels.c.accounts.\"Mixed Case\"]\nhealth_monitor.enabled = true\n\
+             [channels.c.accounts.plain]\n",
+        )
+        .unwrap();
+        let c = config.channel("c");
+        assert_eq!(c.health_monitor_enabled("Exact"), Some(true));
+        assert_eq!(
+            c.health_monitor_enabled("exact"),
+            Some(true),
+            "case-insensitive"
+        );
+        assert_eq!(
+            c.health_monitor_enabled("mixed-case"),
+            Some(true),
+            "normalised"
+        );
+        assert_eq!(
+            c.health_monitor_enabled("plain"),
+            Some(false),
+            "the channel's"
+        );
+        assert_eq!(
+            c.health_monitor_enabled(""),
+            Some(false),
+            "empty matches no account"
+        );
+        assert_eq!(config.channel("other").health_monitor_enabled("x"), None);
+    }
+}

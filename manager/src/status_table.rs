@@ -1,0 +1,98 @@
+//! The human table `channeld status` prints.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// The state word for one snapshot.
+pub fn state_of(snapshot: &Value) -> &'static str {
+    let flag = |k: &str| snapshot[k].as_bool().unwrap_or(false);
+    let error = snapshot["lastError"].as_str().unwrap_or("");
+    if !flag("enabled") {
+        "disabled"
+    } else if !flag("configured") {
+        "not-configured"
+    } else if error.starts_with("stuck") && flag("running") {
+        "stuck"
+    } else if flag("running") {
+        "running"
+    } else if flag("restartPending") {
+        "restarting"
+    } else if error.contains("giving up") {
+        "gave-up"
+    } else if error == "logged out" {
+        "logged-out"
+    } else {
+        "stopped"
+    }
+}
+
+fn ago(now_ms: i64, at: Option<i64>) -> String {
+    let Some(at) = at else { return "-".into() };
+    let secs = ((now_ms - at) / 1000).max(0);
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86_399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+/// Renders `{"channels": {channel: {account: snapshot}}}` as a table.
+pub fn render(status: &Value, now_ms: i64) -> String {
+    let mut rows = vec![[
+        "CHANNEL".to_owned(),
+        "ACCOUNT".into(),
+        "STATE".into(),
+        "CONNECTED".into(),
+        "RESTARTS".into(),
+        "MESSAGES".into(),
+        "SINCE".into(),
+        "LAST ERROR".into(),
+    ]];
+    if let Some(channels) = status["channels"].as_object() {
+        for (channel, accounts) in channels {
+            for (account, s) in accounts.as_object().into_iter().flatten() {
+                let since = if s["running"].as_bool() == Some(true) {
+                    s["lastStartAt"].as_i64()
+                } else {
+                    s["lastStopAt"].as_i64()
+                };
+                rows.push([
+                    channel.clone(),
+                    account.clone(),
+                    state_of(s).into(),
+                    match s["connected"].as_bool() {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no".into(),
+                        None => "-".into(),
+                    },
+                    s["reconnectAttempts"].as_u64().unwrap_or(0).to_string(),
+                    s["inboundMessages"].as_u64().unwrap_or(0).to_string(),
+                    ago(now_ms, since),
+                    s["lastError"].as_str().unwrap_or("-").to_owned(),
+                ]);
+            }
+        }
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i == 7 {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if rows.len() == 1 {
+        out.push_str("(no accounts)\n");
+    }
+    out
+}

@@ -1,0 +1,632 @@
+//! The restart supervisor: every configured account of every channel runs as a long-lived task,
+//! restarted with exponential backoff and jitter when it ends, given up on after the maximum, and
+//! stopped for good when a user says so (a manual stop always wins).
+//!
+//! Shape: one lifecycle task per account (boot → run → backoff → boot …, see [`lifecycle`]) and one
+//! lock over all accounts' bookkeeping ([`State`]), never held across a plugin call or an await.
+//! Plugin calls run on the blocking pool with time bounds ([`calls`]). Each lifecycle has its own
+//! cancellation token; lifecycles are tracked so shutdown is close, cancel, wait.
+//!
+//! The rules are BEHAVIOUR.md's "Start", "Stop" and "Other operations", plus fixes for the
+//! reference's known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
+//! crash), 4 (restart lost when an abort races the backoff) and 5 (duplicate tasks).
+
+pub mod calls;
+mod lifecycle;
+pub mod policy;
+mod restart_log;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use channeld_plugin_abi::{DEFAULT_ACCOUNT_ID, normalize_account_id};
+use serde::Serialize;
+use futures_util::future::join_all;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use self::{calls::bounded, policy::Jitter, restart_log::RestartLog};
+use crate::{
+    clock::Clock,
+    config::{ChannelSection, SupervisorConfig},
+    host::AccountKey,
+    plugin::Plugin,
+    status::{AccountSnapshot, StatusBoard},
+};
+
+/// What a start did, per account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", content = "reason", rename_all = "kebab-case")]
+pub enum StartOutcome {
+    /// The task is running.
+    Started,
+    /// It was running already; nothing changed.
+    AlreadyRunning,
+    /// Disabled in the config (with the reason shown).
+    Disabled(String),
+    /// Not configured (with the reason shown).
+    NotConfigured(String),
+    /// The plugin's start (or a config hook) failed; an automatic restart is scheduled.
+    Failed(String),
+    /// The start did not hand over its task within the start timeout.
+    TimedOut(String),
+    /// Refused: a previous task is stuck (with the reason).
+    Refused(String),
+    /// A stop arrived while it was booting: the plugin's start was not called.
+    Stopped,
+}
+
+/// What a stop did, per account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", content = "reason", rename_all = "kebab-case")]
+pub enum StopOutcome {
+    /// Not running (any more).
+    Stopped,
+    /// The task ignored its abort and was cancelled on the plugin's runtime after the timeout.
+    Cancelled,
+    /// The task would not end (it blocks its thread); it is reported as stuck.
+    Stuck(String),
+}
+
+/// A request the supervisor refuses as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    /// No plugin provides the channel.
+    #[error("unknown channel {0:?}")]
+    UnknownChannel(String),
+    /// The channel's config does not list the account.
+    #[error("unknown account {0}")]
+    UnknownAccount(AccountKey),
+    /// A plugin call failed.
+    #[error("{0}")]
+    Plugin(String),
+    /// The supervisor is shutting down.
+    #[error("channeld is shutting down")]
+    ShuttingDown,
+}
+
+/// Per channel: how many starts were attempted, and how they went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ChannelStartSummary {
+    /// Accounts whose start was attempted.
+    pub attempted: usize,
+    /// Running afterwards (including already running).
+    pub started: usize,
+    /// Failed (including disabled, not configured, refused).
+    pub failed: usize,
+    /// Did not hand over their task within the start timeout.
+    pub timed_out: usize,
+    /// A channel-level failure (e.g. listing its accounts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The phase of a lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Booting,
+    Running,
+    Backoff,
+    Stopping,
+}
+
+/// The boot outcomes a lifecycle publishes, numbered so a joining start waits for the next one.
+#[derive(Debug, Clone, Default)]
+struct BootEvent {
+    seq: u64,
+    outcome: Option<StartOutcome>,
+}
+
+/// A running lifecycle, as the state sees it.
+struct LifecycleHandle {
+    id: u64,
+    token: CancellationToken,
+    wake: Arc<Notify>,
+    phase: Phase,
+    events: watch::Receiver<BootEvent>,
+    ended: watch::Receiver<bool>,
+}
+
+/// Bookkeeping for one account.
+#[derive(Default)]
+struct AccountEntry {
+    manual_stop: bool,
+    attempts: u32,
+    lifecycle: Option<LifecycleHandle>,
+    /// Why the last task could not be ended; a start is refused while it is set.
+    stuck: Option<String>,
+    /// Whether the last stop had to cancel the task.
+    last_stop_cancelled: bool,
+}
+
+/// A channel the supervisor runs.
+pub struct Channel {
+    /// The channel id.
+    pub id: String,
+    /// The plugin providing it.
+    pub plugin: Arc<dyn Plugin>,
+    /// Its config table.
+    pub section: ChannelSection,
+    /// Its accounts (normalised ids), as the plugin listed them at registration.
+    pub accounts: Vec<String>,
+    /// The plugin's default account, if it named one.
+    pub default_account: Option<String>,
+    boot_permits: Semaphore,
+}
+
+#[derive(Default)]
+struct State {
+    channels: BTreeMap<String, Arc<Channel>>,
+    accounts: HashMap<AccountKey, AccountEntry>,
+    next_lifecycle: u64,
+}
+
+struct Inner {
+    policy: SupervisorConfig,
+    call_timeout: Duration,
+    jitter: Arc<dyn Jitter>,
+    clock: Arc<dyn Clock>,
+    board: Arc<StatusBoard>,
+    state: Mutex<State>,
+    tracker: TaskTracker,
+    closing: CancellationToken,
+    restart_log: RestartLog,
+}
+
+/// The supervisor. Cheap to clone: every clone drives the same state.
+#[derive(Clone)]
+pub struct Supervisor {
+    inner: Arc<Inner>,
+}
+
+/// How long to wait for a task to end after it was cancelled on the plugin's runtime.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
+impl Supervisor {
+    /// A supervisor with `policy`, writing statuses to `board`.
+    pub fn new(
+        policy: SupervisorConfig,
+        call_timeout: Duration,
+        board: Arc<StatusBoard>,
+        clock: Arc<dyn Clock>,
+        jitter: Arc<dyn Jitter>,
+    ) -> Self {
+        let restart_log = RestartLog::new(policy.restart_log_interval);
+        Self {
+            inner: Arc::new(Inner {
+                policy,
+                call_timeout,
+                jitter,
+                clock,
+                board,
+                state: Mutex::new(State::default()),
+                tracker: TaskTracker::new(),
+                closing: CancellationToken::new(),
+                restart_log,
+            }),
+        }
+    }
+
+    /// The status board.
+    pub fn board(&self) -> &Arc<StatusBoard> {
+        &self.inner.board
+    }
+
+    /// The restart policy.
+    pub fn policy(&self) -> &SupervisorConfig {
+        &self.inner.policy
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.lock()
+    }
+
+    /// Registers a channel: hands the plugin its config and lists its accounts. Two listed ids
+    /// that normalise to the same account are an error naming both.
+    pub async fn add_channel(
+        &self,
+        plugin: Arc<dyn Plugin>,
+        section: ChannelSection,
+    ) -> Result<Arc<Channel>, SupervisorError> {
+        let id = plugin.info().channel_id.clone();
+        let table = section.table.clone();
+        let call_plugin = plugin.clone();
+        let listed = bounded(self.inner.call_timeout, move || {
+            call_plugin.configure(&table)?;
+            Ok::<_, crate::plugin::PluginCallError>((
+                call_plugin.list_account_ids()?,
+                call_plugin.default_account_id()?,
+            ))
+        })
+        .await
+        .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure: {e}")))?
+        .map_err(|e| SupervisorError::Plugin(e.to_string()))?;
+        let (raw_ids, default_account) = listed;
+        let mut accounts: Vec<String> = Vec::with_capacity(raw_ids.len());
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for raw in raw_ids {
+            let normalised = normalize_account_id(&raw);
+            if let Some(first) = seen.insert(normalised.clone(), raw.clone()) {
+                return Err(SupervisorError::Plugin(format!(
+                    "channel {id}: accounts {first:?} and {raw:?} both normalise to {normalised:?}"
+                )));
+            }
+            accounts.push(normalised);
+        }
+        let channel = Arc::new(Channel {
+            id: id.clone(),
+            plugin,
+            section,
+            accounts,
+            default_account: default_account.map(|a| normalize_account_id(&a)),
+            boot_permits: Semaphore::new(self.inner.policy.startup_accounts_per_channel),
+        });
+        self.lock().channels.insert(id, channel.clone());
+        Ok(channel)
+    }
+
+    /// The channel with this id.
+    pub fn channel(&self, id: &str) -> Result<Arc<Channel>, SupervisorError> {
+        self.lock()
+            .channels
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SupervisorError::UnknownChannel(id.to_owned()))
+    }
+
+    /// Every channel, by id.
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.lock().channels.values().cloned().collect()
+    }
+
+    /// The accounts an operation on `channel` (and maybe one account) applies to.
+    fn targets(
+        &self,
+        channel: &str,
+        account: Option<&str>,
+    ) -> Result<(Arc<Channel>, Vec<String>), SupervisorError> {
+        let ch = self.channel(channel)?;
+        let ids = match account {
+            None => ch.accounts.clone(),
+            Some(raw) => {
+                let id = normalize_account_id(raw);
+                if !ch.accounts.contains(&id) {
+                    return Err(SupervisorError::UnknownAccount(AccountKey::new(channel, raw)));
+                }
+                vec![id]
+            }
+        };
+        Ok((ch, ids))
+    }
+
+    /// Starts one account, or every account of a channel, as a user: clears the manual-stop mark
+    /// and the restart counter. Returns once each start has taken effect.
+    pub async fn start(
+        &self,
+        channel: &str,
+        account: Option<&str>,
+    ) -> Result<Vec<(AccountKey, StartOutcome)>, SupervisorError> {
+        if self.inner.closing.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        let (ch, ids) = self.targets(channel, account)?;
+        let starts = ids.into_iter().map(|id| {
+            let this = self.clone();
+            let ch = ch.clone();
+            async move {
+                let key = AccountKey::new(ch.id.clone(), id);
+                let outcome = this.start_account(&ch, &key, true).await;
+                (key, outcome)
+            }
+        });
+        Ok(join_all(starts).await)
+    }
+
+    /// Starts every account of every channel; one channel's failure does not stop the others.
+    pub async fn start_all(&self) -> BTreeMap<String, ChannelStartSummary> {
+        let channels = self.channels();
+        let limit = Arc::new(Semaphore::new(self.inner.policy.startup_channels));
+        let runs = channels.into_iter().map(|ch| {
+            let this = self.clone();
+            let limit = limit.clone();
+            async move {
+                let _permit = limit.acquire().await;
+                let mut summary = ChannelStartSummary::default();
+                match this.start(&ch.id, None).await {
+                    Ok(outcomes) => {
+                        for (_, outcome) in outcomes {
+                            summary.attempted += 1;
+                            match outcome {
+                                StartOutcome::Started | StartOutcome::AlreadyRunning => {
+                                    summary.started += 1
+                                }
+                                StartOutcome::TimedOut(_) => summary.timed_out += 1,
+                                _ => summary.failed += 1,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(channel = %ch.id, "start-all: {e}");
+                        summary.error = Some(e.to_string());
+                    }
+                }
+                (ch.id.clone(), summary)
+            }
+        });
+        join_all(runs).await.into_iter().collect()
+    }
+
+    async fn start_account(
+        &self,
+        ch: &Arc<Channel>,
+        key: &AccountKey,
+        user: bool,
+    ) -> StartOutcome {
+        loop {
+            let (mut events, seen, ended) = {
+                let mut state = self.lock();
+                let next_id = state.next_lifecycle + 1;
+                let entry = state.accounts.entry(key.clone()).or_default();
+                if user {
+                    entry.manual_stop = false;
+                    entry.attempts = 0;
+                }
+                if let Some(reason) = &entry.stuck {
+                    return StartOutcome::Refused(reason.clone());
+                }
+                match &entry.lifecycle {
+                    Some(lc) if lc.phase == Phase::Stopping => (lc.events.clone(), 0, Some(lc.ended.clone())),
+                    Some(lc) if lc.phase == Phase::Running => return StartOutcome::AlreadyRunning,
+                    Some(lc) => {
+                        if lc.phase == Phase::Backoff {
+                            // A user start does not wait out the backoff.
+                            lc.wake.notify_one();
+                        }
+                        // Join the boot in flight (or the one the wake-up starts).
+                        let seen = lc.events.borrow().seq;
+                        (lc.events.clone(), seen, None)
+                    }
+                    None => {
+                        // The slot is reserved here, before any await.
+                        let handle = self.spawn_lifecycle(next_id, ch.clone(), key.clone());
+                        let events = handle.events.clone();
+                        entry.lifecycle = Some(handle);
+                        state.next_lifecycle = next_id;
+                        (events, 0, None)
+                    }
+                }
+            };
+            if let Some(mut ended) = ended {
+                // A stop is in progress: the stop finishes first, then this start runs.
+                let _ = ended.wait_for(|done| *done).await;
+                continue;
+            }
+            let outcome = events
+                .wait_for(|event| event.seq > seen && event.outcome.is_some())
+                .await
+                .ok()
+                .and_then(|event| event.outcome.clone());
+            return outcome.unwrap_or(StartOutcome::Stopped);
+        }
+    }
+
+    fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: AccountKey) -> LifecycleHandle {
+        let token = self.inner.closing.child_token();
+        let wake = Arc::new(Notify::new());
+        let (events_tx, events) = watch::channel(BootEvent::default());
+        let (ended_tx, ended) = watch::channel(false);
+        let run = lifecycle::Lifecycle {
+            inner: self.inner.clone(),
+            id,
+            channel: ch,
+            key,
+            token: token.clone(),
+            wake: wake.clone(),
+            events: events_tx,
+            ended: ended_tx,
+        };
+        self.inner.tracker.spawn(run.run());
+        LifecycleHandle {
+            id,
+            token,
+            wake,
+            phase: Phase::Booting,
+            events,
+            ended,
+        }
+    }
+
+    /// Stops one account, or every account of a channel, as a user: marks them manually stopped
+    /// (no automatic restart), and returns once each task has ended or been reported stuck.
+    pub async fn stop(
+        &self,
+        channel: &str,
+        account: Option<&str>,
+    ) -> Result<Vec<(AccountKey, StopOutcome)>, SupervisorError> {
+        let (ch, ids) = self.targets(channel, account)?;
+        let stops = ids.into_iter().map(|id| {
+            let this = self.clone();
+            let key = AccountKey::new(ch.id.clone(), id);
+            async move {
+                let outcome = this.stop_account(&key).await;
+                (key, outcome)
+            }
+        });
+        Ok(join_all(stops).await)
+    }
+
+    async fn stop_account(&self, key: &AccountKey) -> StopOutcome {
+        let ended = {
+            let mut state = self.lock();
+            let entry = state.accounts.entry(key.clone()).or_default();
+            entry.manual_stop = true;
+            match &mut entry.lifecycle {
+                Some(lc) => {
+                    lc.token.cancel();
+                    lc.ended.clone()
+                }
+                None => {
+                    if let Some(reason) = &entry.stuck {
+                        return StopOutcome::Stuck(reason.clone());
+                    }
+                    drop(state);
+                    let now = self.inner.clock.wall_ms();
+                    self.inner.board.update(key, |s| {
+                        s.running = false;
+                        s.restart_pending = false;
+                        s.last_stop_at = Some(now);
+                    });
+                    return StopOutcome::Stopped;
+                }
+            }
+        };
+        let mut ended = ended;
+        let _ = ended.wait_for(|done| *done).await;
+        let state = self.lock();
+        let entry = state.accounts.get(key);
+        match entry {
+            Some(e) if e.stuck.is_some() => StopOutcome::Stuck(e.stuck.clone().unwrap_or_default()),
+            Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
+            _ => StopOutcome::Stopped,
+        }
+    }
+
+    /// Stops, then starts, as a user.
+    pub async fn restart(
+        &self,
+        channel: &str,
+        account: Option<&str>,
+    ) -> Result<Vec<(AccountKey, StartOutcome)>, SupervisorError> {
+        self.targets(channel, account)?;
+        self.stop(channel, account).await?;
+        self.start(channel, account).await
+    }
+
+    /// Stops the account, asks the plugin to clear its credentials, and marks it logged out. It
+    /// stays stopped until a user starts it.
+    pub async fn logout(&self, channel: &str, account: &str) -> Result<bool, SupervisorError> {
+        let (ch, ids) = self.targets(channel, Some(account))?;
+        let id = ids.into_iter().next().unwrap_or_default();
+        self.stop(channel, Some(&id)).await?;
+        let plugin = ch.plugin.clone();
+        let call_id = id.clone();
+        let cleared = bounded(self.inner.call_timeout, move || plugin.logout(&call_id))
+            .await
+            .map_err(|e| SupervisorError::Plugin(format!("channel {channel}: logout {e}")))?
+            .map_err(|e| SupervisorError::Plugin(e.to_string()))?;
+        self.mark_logged_out(channel, cleared, Some(&id))?;
+        Ok(cleared)
+    }
+
+    /// Marks an account logged out (default: the channel's default account, else its first,
+    /// else `default`): not running, no restart pending, `lastError = "logged out"` if `cleared`,
+    /// and `connected = false` if it had a value.
+    pub fn mark_logged_out(
+        &self,
+        channel: &str,
+        cleared: bool,
+        account: Option<&str>,
+    ) -> Result<(), SupervisorError> {
+        let ch = self.channel(channel)?;
+        let id = account
+            .map(normalize_account_id)
+            .unwrap_or_else(|| default_account_of(&ch));
+        let key = AccountKey::new(channel, id);
+        self.inner.board.update(&key, |s| {
+            s.running = false;
+            s.restart_pending = false;
+            if cleared {
+                s.last_error = Some("logged out".into());
+            }
+            if s.connected.is_some() {
+                s.connected = Some(false);
+            }
+        });
+        Ok(())
+    }
+
+    /// Whether the account was stopped by a user.
+    pub fn is_manually_stopped(&self, key: &AccountKey) -> bool {
+        self.lock()
+            .accounts
+            .get(key)
+            .is_some_and(|e| e.manual_stop)
+    }
+
+    /// Clears the account's restart counter.
+    pub fn reset_restart_attempts(&self, key: &AccountKey) {
+        if let Some(entry) = self.lock().accounts.get_mut(key) {
+            entry.attempts = 0;
+        }
+        self.inner.board.update(key, |s| s.reconnect_attempts = 0);
+    }
+
+    /// The account's restart counter.
+    pub fn restart_attempts(&self, key: &AccountKey) -> u32 {
+        self.lock().accounts.get(key).map_or(0, |e| e.attempts)
+    }
+
+    /// Whether the health monitor may act on the account: its `health_monitor.enabled`, else the
+    /// channel's, else true; false if the channel is unknown (fail closed).
+    pub fn is_health_monitor_enabled(&self, channel: &str, account: &str) -> bool {
+        match self.channel(channel) {
+            Ok(ch) => ch.section.health_monitor_enabled(account).unwrap_or(true),
+            Err(_) => false,
+        }
+    }
+
+    /// Every listed account of every channel (plus each channel's default account), from the
+    /// status board: no plugin is called.
+    pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, AccountSnapshot>> {
+        let channels = self.channels();
+        let mut all = self.inner.board.snapshot_map();
+        let mut out = BTreeMap::new();
+        for ch in channels {
+            let mut accounts = BTreeMap::new();
+            let default = default_account_of(&ch);
+            for id in ch.accounts.iter().chain(std::iter::once(&default)) {
+                if accounts.contains_key(id) {
+                    continue;
+                }
+                let key = AccountKey::new(ch.id.clone(), id.clone());
+                let snapshot = all.remove(&key).unwrap_or_else(|| AccountSnapshot {
+                    account_id: id.clone(),
+                    enabled: true,
+                    configured: true,
+                    ..AccountSnapshot::default()
+                });
+                accounts.insert(id.clone(), snapshot);
+            }
+            out.insert(ch.id.clone(), accounts);
+        }
+        out
+    }
+
+    /// Stops every account and waits for every lifecycle: close, cancel, wait.
+    pub async fn shutdown(&self) {
+        self.inner.tracker.close();
+        let channels = self.channels();
+        let stops = channels.iter().map(|ch| self.stop(&ch.id, None));
+        join_all(stops).await;
+        self.inner.closing.cancel();
+        self.inner.tracker.wait().await;
+        self.inner.restart_log.flush();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn default_account_of(ch: &Channel) -> String {
+    ch.default_account
+        .clone()
+        .or_else(|| ch.accounts.first().cloned())
+        .unwrap_or_else(|| DEFAULT_ACCOUNT_ID.to_owned())
+}
