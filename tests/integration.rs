@@ -7,3 +7,17 @@ mod util;
 /// The ABI adapter against real plugin cdylibs: every entry, panics, async I/O, cancellation,
 /// stale handles, log forwarding, shutdown.
 mod abi_adapter;
+
+/// The loader: discovery, staging, permission checks and one clear line per bad plugin file.
+mod loader;
+
+/// A plugin built by `cargo +nightly` (another rustc) in this stable-built host: loads, runs an
+/// account, fences a panic. Fails, saying how to install it, without the nightly toolchain.
+mod abi_nightly;
+
+/// Interface versions with look-alike plugin-abi crates: a 1.0 plugin in a 1.1 host (appended
+/// entry absent), a 2.0 plugin refused in one line.
+mod abi_versions;
+
+/// The `webhook` channel plugin over real HTTP: delivery, refusals, config reasons, graceful stop.
+mod webhook_plugin;

@@ -32,6 +32,9 @@ use crate::{
     supervise::{Supervisor, SupervisorError},
 };
 
+/// A read-only JSON view another subsystem adds to the API (`GET /v1/views/{name}`).
+pub type View = Arc<dyn Fn() -> Value + Send + Sync>;
+
 /// What the API serves from.
 #[derive(Clone)]
 pub struct ApiState {
@@ -40,7 +43,7 @@ pub struct ApiState {
     /// The bearer token.
     pub token: Secret,
     /// Extra read-only views added by later subsystems (e.g. the plugins listing).
-    pub views: Arc<BTreeMap<&'static str, Arc<dyn Fn() -> Value + Send + Sync>>>,
+    pub views: Arc<BTreeMap<&'static str, View>>,
 }
 
 /// An API error with its status code.
@@ -87,9 +90,10 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
                     .into(),
             )
             .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
             response
         }
     }
@@ -122,9 +126,9 @@ pub async fn serve(
 
 /// Binds the API's address with a clear error.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|e| format!("cannot listen on {address} for the API: {e} (set [host] api_address)"))
+    TcpListener::bind(address).await.map_err(|e| {
+        format!("cannot listen on {address} for the API: {e} (set [host] api_address)")
+    })
 }
 
 async fn status_all(State(state): State<ApiState>) -> Json<Value> {
@@ -206,9 +210,14 @@ pub async fn run_op(
             json!({ "results": { AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account)).to_string(): { "outcome": "logged-out", "cleared": cleared } } })
         }
         ("reset", Some(account)) => {
-            let (ch, key) = (supervisor.channel(channel)?, channeld_plugin_abi::normalize_account_id(account));
+            let (ch, key) = (
+                supervisor.channel(channel)?,
+                channeld_plugin_abi::normalize_account_id(account),
+            );
             if !ch.accounts.contains(&key) {
-                return Err(SupervisorError::UnknownAccount(AccountKey::new(channel, account)).into());
+                return Err(
+                    SupervisorError::UnknownAccount(AccountKey::new(channel, account)).into(),
+                );
             }
             let key = AccountKey::new(channel, key);
             supervisor.reset_restart_attempts(&key);

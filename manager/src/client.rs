@@ -5,13 +5,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{config::Config, daemon::TOKEN_FILE};
+use crate::{
+    config::Config,
+    daemon::{ADDRESS_FILE, TOKEN_FILE},
+};
 
 /// Why a CLI request did not succeed; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The daemon is not there (exit 3).
-    #[error("cannot reach channeld at {address}: {reason}. Is `channeld run` running with this config?")]
+    #[error(
+        "cannot reach channeld at {address}: {reason}. Is `channeld run` running with this config?"
+    )]
     Unreachable {
         /// Where it was looked for.
         address: String,
@@ -22,7 +27,9 @@ pub enum ClientError {
     #[error("{0}")]
     Failed(String),
     /// The token could not be found (exit 3).
-    #[error("no API token: {0}. Set [host] api_token, or start `channeld run` with this config first")]
+    #[error(
+        "no API token: {0}. Set [host] api_token, or start `channeld run` with this config first"
+    )]
     NoToken(String),
 }
 
@@ -60,14 +67,29 @@ impl Client {
             .http_status_as_error(false)
             .build()
             .into();
+        // Port 0 means "any": the daemon wrote the address it got into the state directory.
+        let address = if config.host.api_address.port() == 0 {
+            let path = config.host.state_dir.join(ADDRESS_FILE);
+            std::fs::read_to_string(&path)
+                .map(|a| a.trim().to_owned())
+                .map_err(|e| ClientError::Unreachable {
+                    address: path.display().to_string(),
+                    reason: e.to_string(),
+                })?
+        } else {
+            config.host.api_address.to_string()
+        };
         Ok(Self {
-            base: format!("http://{}", config.host.api_address),
+            base: format!("http://{address}"),
             token,
             agent,
         })
     }
 
-    fn answer(&self, result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Value, ClientError> {
+    fn answer(
+        &self,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value, ClientError> {
         let mut response = result.map_err(|e| ClientError::Unreachable {
             address: self.base.clone(),
             reason: e.to_string(),
@@ -80,8 +102,14 @@ impl Client {
         if status.is_success() {
             Ok(body)
         } else {
-            let message = body["error"].as_str().unwrap_or("request failed").to_owned();
-            Err(ClientError::Failed(format!("{message} (HTTP {})", status.as_u16())))
+            let message = body["error"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_owned();
+            Err(ClientError::Failed(format!(
+                "{message} (HTTP {})",
+                status.as_u16()
+            )))
         }
     }
 

@@ -48,12 +48,29 @@ pub enum DaemonError {
 /// The name of the generated API token file in the state directory.
 pub const TOKEN_FILE: &str = "api-token";
 
+/// The file in the state directory that holds the API's bound address (useful with port 0).
+pub const ADDRESS_FILE: &str = "api-address";
+
+/// Threads of plugin runtimes still alive in this process (the SDK names them `chd-<channel>`).
+pub fn plugin_runtime_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with("chd-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// The API token: the config's, or a fresh random one written (mode 0600) to the state directory.
 pub fn api_token(config: &Config) -> Result<Secret, DaemonError> {
     if let Some(token) = &config.host.api_token {
         return Ok(token.clone());
     }
-    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     let path = config.host.state_dir.join(TOKEN_FILE);
     let state_err = |e: std::io::Error| DaemonError::StateDir {
         path: config.host.state_dir.clone(),
@@ -144,7 +161,11 @@ impl Daemon {
         let plugins: Vec<_> = daemon.registry().iter().cloned().collect();
         for plugin in plugins {
             let section = daemon.config.channel(&plugin.info.channel_id);
-            if let Err(e) = daemon.supervisor.add_channel(plugin.plugin.clone(), section).await {
+            if let Err(e) = daemon
+                .supervisor
+                .add_channel(plugin.plugin.clone(), section)
+                .await
+            {
                 tracing::error!(channel = %plugin.info.channel_id, "channel not started: {e}");
             }
         }
@@ -185,28 +206,41 @@ fn max_log_level() -> LogLevel {
 
 /// Runs the daemon until a signal, then shuts down in order.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| DaemonError::Api(e.to_string()))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Api(e.to_string()))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| DaemonError::Api(e.to_string()))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| DaemonError::Api(e.to_string()))?;
     prepare_state_dir(&config.host.state_dir)?;
     let token = api_token(&config)?;
     let listener = api::bind(config.host.api_address)
         .await
         .map_err(DaemonError::Api)?;
     let api_address = listener.local_addr().ok();
+    if let Some(address) = api_address {
+        let path = config.host.state_dir.join(ADDRESS_FILE);
+        fs::write(&path, address.to_string()).map_err(|e| DaemonError::StateDir {
+            path: config.host.state_dir.clone(),
+            reason: format!("writing {}: {e}", path.display()),
+        })?;
+    }
     let daemon = Arc::new(Daemon::load(config).await?);
     let registry = daemon.registry.clone();
-    let mut views: std::collections::BTreeMap<&'static str, Arc<dyn Fn() -> serde_json::Value + Send + Sync>> =
-        Default::default();
+    let mut views: std::collections::BTreeMap<&'static str, api::View> = Default::default();
     views.insert(
         "plugins",
         Arc::new(move || {
             let registry = registry.lock().unwrap_or_else(|p| p.into_inner());
-            json!(registry.iter().map(|p| json!({
-                "channel": p.info.channel_id,
-                "version": p.info.plugin_version,
-                "file": p.staged.source,
-                "hash": p.staged.hash,
-            })).collect::<Vec<_>>())
+            json!(
+                registry
+                    .iter()
+                    .map(|p| json!({
+                        "channel": p.info.channel_id,
+                        "version": p.info.plugin_version,
+                        "file": p.staged.source,
+                        "hash": p.staged.hash,
+                    }))
+                    .collect::<Vec<_>>()
+            )
         }),
     );
     let stop_api = CancellationToken::new();
@@ -257,6 +291,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     stop_api.cancel();
     daemon.shutdown().await;
     let _ = api_task.await;
-    tracing::info!("stopped");
+    tracing::info!(
+        plugin_threads = plugin_runtime_threads(),
+        "stopped: every account stopped and every plugin runtime shut down"
+    );
     Ok(())
 }

@@ -108,74 +108,84 @@ impl AccountLink {
         self.generation
     }
 
-    fn with_key<T>(&self, none: T, f: impl FnOnce(&AccountKey) -> T) -> T {
+    /// Runs `f` for this handle's account; `none()` (built only when needed, as `deliver` is the
+    /// hot path) when the handle has no account or the host code panicked.
+    fn with_key<T>(&self, none: impl Fn() -> T, f: impl FnOnce(&AccountKey) -> T) -> T {
         match &self.key {
-            Some(key) => never_panic(none, || f(key)),
-            None => none,
+            Some(key) => never_panic(&none, || f(key)),
+            None => none(),
         }
     }
 
     /// Records a plugin's log event in the host's subscriber.
     pub fn log(&self, record: LogRecord) {
-        never_panic((), || {
-            emit_plugin_log(&self.channel, self.key.as_ref(), &record)
-        });
+        never_panic(
+            || (),
+            || emit_plugin_log(&self.channel, self.key.as_ref(), &record),
+        );
     }
 
     /// See [`HostSink::status_json`].
     pub fn status(&self) -> Value {
-        self.with_key(Value::Null, |key| self.sink.status_json(key))
+        self.with_key(|| Value::Null, |key| self.sink.status_json(key))
     }
 
     /// See [`HostSink::patch_status`]; the patch must be a JSON object.
     pub fn patch_status(&self, patch: &str) -> Result<(), String> {
-        self.with_key(Err("this handle belongs to no account".into()), |key| {
-            match serde_json::from_str::<Value>(patch) {
+        self.with_key(
+            || Err("this handle belongs to no account".into()),
+            |key| match serde_json::from_str::<Value>(patch) {
                 Ok(Value::Object(map)) => self.sink.patch_status(key, self.generation, map),
                 Ok(_) => Err("a status patch must be a JSON object".into()),
                 Err(e) => Err(format!("a status patch must be JSON: {e}")),
-            }
-        })
+            },
+        )
     }
 
     /// See [`HostSink::set_connected`].
     pub fn set_connected(&self, connected: bool) {
-        self.with_key((), |key| {
-            self.sink.set_connected(key, self.generation, connected)
-        });
+        self.with_key(
+            || (),
+            |key| self.sink.set_connected(key, self.generation, connected),
+        );
     }
 
     /// See [`HostSink::record_event`].
     pub fn record_event(&self, kind: EventKind) {
-        self.with_key((), |key| self.sink.record_event(key, self.generation, kind));
+        self.with_key(
+            || (),
+            |key| self.sink.record_event(key, self.generation, kind),
+        );
     }
 
     /// See [`HostSink::set_busy`].
     pub fn set_busy(&self, active_runs: u32) {
-        self.with_key((), |key| {
-            self.sink.set_busy(key, self.generation, active_runs)
-        });
+        self.with_key(
+            || (),
+            |key| self.sink.set_busy(key, self.generation, active_runs),
+        );
     }
 
     /// See [`HostSink::deliver`].
     pub fn deliver(&self, message: InboundMessage) -> Result<(), String> {
-        self.with_key(Err("this handle belongs to no account".into()), |key| {
-            self.sink.deliver(key, self.generation, message)
-        })
+        self.with_key(
+            || Err("this handle belongs to no account".into()),
+            |key| self.sink.deliver(key, self.generation, message),
+        )
     }
 
     /// Whether this handle's task is still the account's current one.
     pub fn is_current(&self) -> bool {
-        self.with_key(false, |key| self.sink.is_current(key, self.generation))
+        self.with_key(|| false, |key| self.sink.is_current(key, self.generation))
     }
 }
 
 /// Runs host code that a plugin called. A panic here would unwind into the plugin and across the
 /// boundary (which aborts), so it is caught, logged, and replaced by `fallback`.
-fn never_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+fn never_panic<T>(fallback: impl FnOnce() -> T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
         tracing::error!("host service panicked while serving a plugin; call ignored");
-        fallback
+        fallback()
     })
 }
 

@@ -1,8 +1,8 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
 pub mod cli;
-pub mod clock;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod discover;

@@ -168,15 +168,46 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The first line of abi_stable's layout report that names a mismatch, trimmed to one line.
+/// The first mismatch abi_stable's layout report names, on one line: its `Error:` line and the
+/// first line of its `Expected:` and `Found:` blocks (e.g. "unexpected field: expected
+/// field_name:channel_id, found field_name:display_name").
 fn layout_summary(report: &str) -> String {
-    report
-        .lines()
-        .map(str::trim)
-        .find(|line| line.starts_with("Error:") || line.contains("mismatch"))
-        .or_else(|| report.lines().map(str::trim).find(|l| !l.is_empty()))
-        .unwrap_or("layout differs")
-        .chars()
-        .take(200)
-        .collect()
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let Some(at) = lines.iter().position(|l| l.starts_with("Error:")) else {
+        return lines.iter().find(|l| !l.is_empty()).map_or_else(
+            || "layout differs".to_owned(),
+            |l| l.chars().take(200).collect(),
+        );
+    };
+    let error = lines[at].trim_start_matches("Error:").trim();
+    let after = |label: &str| {
+        lines[at..]
+            .iter()
+            .position(|l| *l == label)
+            .and_then(|i| lines.get(at + i + 1))
+            .copied()
+    };
+    let mut summary = error.to_owned();
+    if let (Some(expected), Some(found)) = (after("Expected:"), after("Found:")) {
+        summary = format!("{summary}: expected {expected}, found {found}");
+    }
+    summary.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_summary;
+
+    #[test]
+    fn the_layout_summary_names_the_first_mismatch() {
+        let report = "Compared <this>:\n  --- Type Layout ---\n  many lines\n\
+                      Error:unexpected field\nExpected:\n    field_name:channel_id\n    type:RString\n\
+                      Found:\n    field_name:display_name\n    type:RString\n\
+                      Error:unexpected field\nExpected:\n    field_name:display_name\n";
+        assert_eq!(
+            layout_summary(report),
+            "unexpected field: expected field_name:channel_id, found field_name:display_name"
+        );
+        assert_eq!(layout_summary("odd\nreport"), "odd");
+    }
 }

@@ -75,7 +75,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config, plugins_dir } => {
+        Command::Run {
+            config,
+            plugins_dir,
+        } => {
             let mut config = load_config(&config)?;
             if let Some(dir) = plugins_dir {
                 config.host.plugins_dir = dir;
@@ -139,7 +142,10 @@ fn op(args: OpArgs, verb: &str) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for (key, result) in answer["results"].as_object().into_iter().flatten() {
         let outcome = result["outcome"].as_str().unwrap_or("?");
-        let reason = result["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default();
+        let reason = result["reason"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
         let bad = matches!(
             outcome,
             "failed" | "timed-out" | "refused" | "disabled" | "not-configured" | "stuck"
@@ -149,7 +155,11 @@ fn op(args: OpArgs, verb: &str) -> anyhow::Result<ExitCode> {
             println!("{key}: {outcome}{reason}");
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow::Result<ExitCode> {

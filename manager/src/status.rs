@@ -172,12 +172,13 @@ impl StatusBoard {
         self.stale_calls.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on `key`'s snapshot if `generation` is current; counts the call otherwise.
+    /// Runs `f` on `key`'s snapshot if `generation` is current; counts the call otherwise and
+    /// returns `stale()` (built only then: this is the hot path of every message).
     fn if_current<T>(
         &self,
         key: &AccountKey,
         generation: u64,
-        stale: T,
+        stale: impl FnOnce() -> T,
         f: impl FnOnce(&mut AccountSnapshot, i64) -> T,
     ) -> T {
         let now = self.clock.wall_ms();
@@ -188,7 +189,7 @@ impl StatusBoard {
                 drop(entries);
                 self.stale_calls.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(account = %key, generation, "dropped a call from a stale task");
-                stale
+                stale()
             }
         }
     }
@@ -210,8 +211,9 @@ fn stale_error(key: &AccountKey) -> String {
     format!("{key}: this task has been replaced; the call was dropped")
 }
 
+/// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
+/// (`reportsEvents`): a delivered message is traffic too, but a quiet chat is not a dead socket.
 fn mark_event(snapshot: &mut AccountSnapshot, kind: EventKind, now: i64) {
-    snapshot.reports_events = true;
     snapshot.last_event_at = Some(now);
     match kind {
         EventKind::Inbound => snapshot.last_inbound_at = Some(now),
@@ -242,39 +244,60 @@ impl HostSink for StatusBoard {
         if let Some(owned) = patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
             return Err(format!("{key}: status key {owned:?} is owned by the host"));
         }
-        self.if_current(key, generation, Err(stale_error(key)), |snapshot, _| {
-            let mut merged = match serde_json::to_value(&*snapshot) {
-                Ok(Value::Object(map)) => map,
-                _ => return Err("status could not be serialised".to_owned()),
-            };
-            merged.extend(patch);
-            *snapshot = serde_json::from_value(Value::Object(merged))
-                .map_err(|e| format!("{key}: bad status patch: {e}"))?;
-            Ok(())
-        })
+        self.if_current(
+            key,
+            generation,
+            || Err(stale_error(key)),
+            |snapshot, _| {
+                let mut merged = match serde_json::to_value(&*snapshot) {
+                    Ok(Value::Object(map)) => map,
+                    _ => return Err("status could not be serialised".to_owned()),
+                };
+                merged.extend(patch);
+                *snapshot = serde_json::from_value(Value::Object(merged))
+                    .map_err(|e| format!("{key}: bad status patch: {e}"))?;
+                Ok(())
+            },
+        )
     }
 
     fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
-        self.if_current(key, generation, (), |snapshot, now| {
-            snapshot.connected = Some(connected);
-            if connected {
-                snapshot.last_connected_at = Some(now);
-            }
-        });
+        self.if_current(
+            key,
+            generation,
+            || (),
+            |snapshot, now| {
+                snapshot.connected = Some(connected);
+                if connected {
+                    snapshot.last_connected_at = Some(now);
+                }
+            },
+        );
     }
 
     fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
-        self.if_current(key, generation, (), |snapshot, now| {
-            mark_event(snapshot, kind, now)
-        });
+        self.if_current(
+            key,
+            generation,
+            || (),
+            |snapshot, now| {
+                snapshot.reports_events = true;
+                mark_event(snapshot, kind, now)
+            },
+        );
     }
 
     fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
-        self.if_current(key, generation, (), |snapshot, now| {
-            snapshot.active_runs = active_runs;
-            snapshot.busy = active_runs > 0;
-            snapshot.last_run_activity_at = Some(now);
-        });
+        self.if_current(
+            key,
+            generation,
+            || (),
+            |snapshot, now| {
+                snapshot.active_runs = active_runs;
+                snapshot.busy = active_runs > 0;
+                snapshot.last_run_activity_at = Some(now);
+            },
+        );
     }
 
     fn deliver(
@@ -283,11 +306,16 @@ impl HostSink for StatusBoard {
         generation: u64,
         message: InboundMessage,
     ) -> Result<(), String> {
-        self.if_current(key, generation, Err(stale_error(key)), |snapshot, now| {
-            snapshot.inbound_messages += 1;
-            mark_event(snapshot, EventKind::Inbound, now);
-            Ok(())
-        })?;
+        self.if_current(
+            key,
+            generation,
+            || Err(stale_error(key)),
+            |snapshot, now| {
+                snapshot.inbound_messages += 1;
+                mark_event(snapshot, EventKind::Inbound, now);
+                Ok(())
+            },
+        )?;
         tracing::debug!(
             account = %key,
             conversation = message.conversation.as_str(),

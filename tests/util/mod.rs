@@ -120,3 +120,30 @@ pub fn thread_names() -> Vec<String> {
         .map(|s| s.trim().to_owned())
         .collect()
 }
+
+/// A file built from one of the look-alike interface workspaces under
+/// `tests/fixtures/abi-lookalike/` (other versions or layouts of `channeld-plugin-abi`, which
+/// cannot be workspace members: ARCHITECTURE.md, test notes). Built once per test process into
+/// `target/lookalike`; `file` is its name under `debug/`.
+pub fn lookalike_file(workspace: &str, package: &str, file: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(format!("{workspace}/{package}"))
+        .or_insert_with(|| {
+            let manifest = workspace_root()
+                .join("tests/fixtures/abi-lookalike")
+                .join(workspace)
+                .join("Cargo.toml");
+            let target = target_dir().join("lookalike");
+            let manifest = manifest.to_str().expect("UTF-8 path");
+            cargo(
+                &["build", "--manifest-path", manifest, "-p", package],
+                None,
+                &target,
+            );
+            target.join("debug").join(file)
+        })
+        .clone()
+}

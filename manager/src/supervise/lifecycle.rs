@@ -159,7 +159,12 @@ impl Lifecycle {
 
     /// Runs a started task until it ends or a user stops it.
     async fn run_task(&self, mut task: RunningTask) -> RunEnd {
-        let attempts = self.inner.lock().accounts.get(&self.key).map_or(0, |e| e.attempts);
+        let attempts = self
+            .inner
+            .lock()
+            .accounts
+            .get(&self.key)
+            .map_or(0, |e| e.attempts);
         let now = self.inner.clock.wall_ms();
         self.inner.board.update(&self.key, |s| {
             s.enabled = true;
@@ -289,7 +294,9 @@ impl Lifecycle {
             entry.attempts += 1;
             entry.attempts
         };
-        let error = result.err().unwrap_or_else(|| "channel exited without an error".into());
+        let error = result
+            .err()
+            .unwrap_or_else(|| "channel exited without an error".into());
         let now = self.inner.clock.now();
         if attempt > policy.max_restarts {
             let message = format!("giving up after {} restart attempts", policy.max_restarts);

@@ -23,8 +23,8 @@ use std::{
 };
 
 use channeld_plugin_abi::{DEFAULT_ACCOUNT_ID, normalize_account_id};
-use serde::Serialize;
 use futures_util::future::join_all;
+use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -294,7 +294,9 @@ impl Supervisor {
             Some(raw) => {
                 let id = normalize_account_id(raw);
                 if !ch.accounts.contains(&id) {
-                    return Err(SupervisorError::UnknownAccount(AccountKey::new(channel, raw)));
+                    return Err(SupervisorError::UnknownAccount(AccountKey::new(
+                        channel, raw,
+                    )));
                 }
                 vec![id]
             }
@@ -359,12 +361,7 @@ impl Supervisor {
         join_all(runs).await.into_iter().collect()
     }
 
-    async fn start_account(
-        &self,
-        ch: &Arc<Channel>,
-        key: &AccountKey,
-        user: bool,
-    ) -> StartOutcome {
+    async fn start_account(&self, ch: &Arc<Channel>, key: &AccountKey, user: bool) -> StartOutcome {
         loop {
             let (mut events, seen, ended) = {
                 let mut state = self.lock();
@@ -378,7 +375,9 @@ impl Supervisor {
                     return StartOutcome::Refused(reason.clone());
                 }
                 match &entry.lifecycle {
-                    Some(lc) if lc.phase == Phase::Stopping => (lc.events.clone(), 0, Some(lc.ended.clone())),
+                    Some(lc) if lc.phase == Phase::Stopping => {
+                        (lc.events.clone(), 0, Some(lc.ended.clone()))
+                    }
                     Some(lc) if lc.phase == Phase::Running => return StartOutcome::AlreadyRunning,
                     Some(lc) => {
                         if lc.phase == Phase::Backoff {
@@ -550,10 +549,7 @@ impl Supervisor {
 
     /// Whether the account was stopped by a user.
     pub fn is_manually_stopped(&self, key: &AccountKey) -> bool {
-        self.lock()
-            .accounts
-            .get(key)
-            .is_some_and(|e| e.manual_stop)
+        self.lock().accounts.get(key).is_some_and(|e| e.manual_stop)
     }
 
     /// Clears the account's restart counter.

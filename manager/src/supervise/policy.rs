@@ -57,9 +57,18 @@ mod tests {
     #[test]
     fn jitter_adds_at_most_ten_percent_and_never_passes_the_cap() {
         let policy = SupervisorConfig::default();
-        assert_eq!(backoff_delay(&policy, 1, 0.999_999), Duration::from_millis(5500));
+        assert_eq!(
+            backoff_delay(&policy, 1, 0.999_999),
+            Duration::from_millis(5500)
+        );
         assert_eq!(backoff_delay(&policy, 1, 0.5), Duration::from_millis(5250));
-        assert_eq!(backoff_delay(&policy, 6, 0.999_999), Duration::from_millis(176_000));
-        assert_eq!(backoff_delay(&policy, 7, 0.999_999), Duration::from_secs(300));
+        assert_eq!(
+            backoff_delay(&policy, 6, 0.999_999),
+            Duration::from_millis(176_000)
+        );
+        assert_eq!(
+            backoff_delay(&policy, 7, 0.999_999),
+            Duration::from_secs(300)
+        );
     }
 }

@@ -282,14 +282,14 @@ impl Drop for AbortOnDrop {
 
 /// Waits for a plugin-side task from the host's runtime. Only SDK code runs in this future's
 /// `poll` (ARCHITECTURE.md fact 9): the author's future runs on the plugin's runtime.
-fn await_task<T, U: 'static>(
+fn await_task<T, U>(
     join: JoinHandle<Result<T, PluginError>>,
     what: &'static str,
     map: fn(T) -> U,
 ) -> FfiFuture<RResult<U, RString>>
 where
     T: Send + 'static,
-    U: Send,
+    U: Send + 'static,
 {
     let guard = AbortOnDrop(join.abort_handle());
     async move {
