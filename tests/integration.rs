@@ -21,3 +21,7 @@ mod abi_versions;
 
 /// The `webhook` channel plugin over real HTTP: delivery, refusals, config reasons, graceful stop.
 mod webhook_plugin;
+
+/// `channeld run` end to end with the webhook plugin: status, API auth, config errors, secrets,
+/// SIGTERM, CLI exit codes.
+mod daemon;

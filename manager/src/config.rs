@@ -24,12 +24,12 @@ use toml::Value as Toml;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: cannot read the config file: {source}", path.display())]
+    #[error("{}: cannot read the config file: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`, so error chains print it once).
+        error: std::io::Error,
     },
     /// A syntax error, an unknown key or a bad value.
     #[error("{}:{line}:{column}: {message}", path.display())]
@@ -309,9 +309,9 @@ impl Config {
 
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
@@ -320,9 +320,9 @@ impl Config {
     /// and checked as usual, but channel tables are not (their secrets belong to the daemon's
     /// environment, not the operator's shell).
     pub fn load_for_client(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse_with(&text, path, false)
     }

@@ -291,6 +291,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     stop_api.cancel();
     daemon.shutdown().await;
     let _ = api_task.await;
+    // The address is no longer ours: a client must not reach whoever binds the port next.
+    let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
     tracing::info!(
         plugin_threads = plugin_runtime_threads(),
         "stopped: every account stopped and every plugin runtime shut down"

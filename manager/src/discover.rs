@@ -19,12 +19,12 @@ pub const PLUGIN_SUFFIX: &str = if cfg!(target_os = "macos") {
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
     /// It cannot be listed.
-    #[error("plugins directory {}: cannot be read: {source}", path.display())]
+    #[error("plugins directory {}: cannot be read: {error}", path.display())]
     Unreadable {
         /// The directory.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`, so error chains print it once).
+        error: std::io::Error,
     },
     /// Others than its owner can write to it, so anyone could plant code the host would run.
     #[error(
@@ -86,14 +86,14 @@ pub fn host_uid() -> u32 {
 /// Checks the directory itself: it must be a directory, readable, and not writable by group or
 /// others (only its parent's trust is not checked: `/tmp` is 1777, and that is fine).
 pub fn check_dir(dir: &Path) -> Result<(), DirError> {
-    let meta = fs::metadata(dir).map_err(|source| DirError::Unreadable {
+    let meta = fs::metadata(dir).map_err(|error| DirError::Unreadable {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     if !meta.is_dir() {
         return Err(DirError::Unreadable {
             path: dir.to_owned(),
-            source: std::io::Error::other("not a directory"),
+            error: std::io::Error::other("not a directory"),
         });
     }
     let mode = meta.permissions().mode() & 0o7777;
@@ -110,9 +110,9 @@ pub fn check_dir(dir: &Path) -> Result<(), DirError> {
 /// entries are skipped without being opened.
 pub fn plugin_paths(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
     check_dir(dir)?;
-    let entries = fs::read_dir(dir).map_err(|source| DirError::Unreadable {
+    let entries = fs::read_dir(dir).map_err(|error| DirError::Unreadable {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)

@@ -40,12 +40,12 @@ pub enum PluginFileError {
         existing: PathBuf,
     },
     /// `init` failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Init {
         /// The file.
         path: PathBuf,
         /// The plugin's error.
-        source: PluginCallError,
+        error: PluginCallError,
     },
 }
 
@@ -144,9 +144,9 @@ impl Loader {
         }
         plugin
             .init(self.worker_threads, self.max_log_level, self.sink.clone())
-            .map_err(|source| PluginFileError::Init {
+            .map_err(|error| PluginFileError::Init {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
         Ok(LoadedPlugin {
             info: plugin.info().clone(),

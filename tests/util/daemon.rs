@@ -1,0 +1,259 @@
+//! A real `channeld run` process in a temporary directory: its own plugins directory, state
+//! directory and config (API on a free port), its stderr collected line by line so tests can wait
+//! for log events instead of sleeping.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long a test waits for something the daemon should do promptly before failing.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The collected stderr and whether the stream has ended.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    log: Arc<(Mutex<Log>, Condvar)>,
+}
+
+/// The `channeld` binary under test.
+pub fn channeld() -> &'static str {
+    env!("CARGO_BIN_EXE_channeld")
+}
+
+impl Daemon {
+    /// Writes `plugins` (file name → source file) into a private plugins directory, the config
+    /// (`[host]` gets `api_address = 127.0.0.1:0` plus `host_extra` lines; `body` follows), and
+    /// starts `channeld run`, waiting until its API listens.
+    pub fn start(
+        plugins: &[(&str, PathBuf)],
+        host_extra: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        let plugins_dir = dir.path().join("plugins");
+        fs::create_dir(&plugins_dir).unwrap();
+        fs::set_permissions(&plugins_dir, fs::Permissions::from_mode(0o700)).unwrap();
+        for (name, source) in plugins {
+            fs::copy(source, plugins_dir.join(name)).unwrap();
+        }
+        let config = dir.path().join("channeld.toml");
+        fs::write(
+            &config,
+            format!("[host]\napi_address = \"127.0.0.1:0\"\n{host_extra}\n\n{body}\n"),
+        )
+        .unwrap();
+        let mut daemon = Self {
+            dir,
+            config,
+            child: None,
+            log: Default::default(),
+        };
+        daemon.spawn(env);
+        daemon.wait_for_log("API listening");
+        daemon
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) {
+        let mut cmd = Command::new(channeld());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start channeld");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*log;
+                lock.lock().unwrap().lines.push(line);
+                cv.notify_all();
+            }
+            let (lock, cv) = &*log;
+            lock.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        self.child = Some(child);
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.0.lock().unwrap().lines.join("\n")
+    }
+
+    /// Waits (up to [`PATIENCE`]) until a log line contains `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_count(needle, 1)
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns the last.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        let (lock, cv) = &*self.log;
+        let deadline = Instant::now() + PATIENCE;
+        let mut log = lock.lock().unwrap();
+        loop {
+            let found: Vec<&String> = log.lines.iter().filter(|l| l.contains(needle)).collect();
+            if found.len() >= count {
+                return found[count - 1].clone();
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline && !log.closed,
+                "channeld never logged {needle:?} ({count}x); log:\n{}",
+                log.lines.join("\n")
+            );
+            log = cv.wait_timeout(log, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Runs `channeld ARGS --config <this daemon's config>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(channeld())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run channeld CLI")
+    }
+
+    /// `channeld status [target] --json`, parsed; panics on failure.
+    pub fn status(&self, target: Option<&str>) -> Value {
+        let mut args = vec!["status", "--json"];
+        args.extend(target);
+        let out = self.cli(&args);
+        assert!(
+            out.status.success(),
+            "status failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// One account's snapshot.
+    pub fn account(&self, channel: &str, account: &str) -> Value {
+        self.status(Some(&format!("{channel}:{account}")))["channels"][channel][account].clone()
+    }
+
+    /// Polls the account's snapshot until `ready` holds (the daemon has no event for every
+    /// state change a test waits for; the bound turns a regression into a failure, not a hang).
+    pub fn wait_for_account(
+        &self,
+        channel: &str,
+        account: &str,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let snapshot = self.account(channel, account);
+            if ready(&snapshot) {
+                return snapshot;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{channel}:{account} never reached the expected state: {snapshot}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The API's address and token, from the state directory.
+    pub fn api(&self) -> (String, String) {
+        let state = self.dir.path().join("state");
+        (
+            fs::read_to_string(state.join("api-address")).unwrap(),
+            fs::read_to_string(state.join("api-token")).unwrap(),
+        )
+    }
+
+    /// The names of the daemon's threads.
+    pub fn thread_names(&self) -> Vec<String> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        fs::read_dir(tasks)
+            .map(|d| {
+                d.filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                    .map(|s| s.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit (up to [`PATIENCE`]).
+    pub fn terminate(&mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "channeld did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Let the reader thread drain the pipe.
+        let (lock, cv) = &*self.log;
+        let mut log = lock.lock().unwrap();
+        while !log.closed {
+            log = cv.wait_timeout(log, Duration::from_secs(5)).unwrap().0;
+        }
+        (status, log.lines.join("\n"))
+    }
+
+    /// The plugins directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    /// The config file's directory.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
