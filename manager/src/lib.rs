@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod ffi;
+pub mod health;
 pub mod host;
 pub mod load;
 pub mod plugin;
