@@ -25,3 +25,6 @@ mod webhook_plugin;
 /// `channeld run` end to end with the webhook plugin: status, API auth, config errors, secrets,
 /// SIGTERM, CLI exit codes.
 mod daemon;
+
+/// The restart supervisor end to end, driven by the CLI, with the fixture plugin's misbehaviours.
+mod supervisor;

@@ -16,3 +16,4 @@ pub mod stage;
 pub mod status;
 pub mod status_table;
 pub mod supervise;
+pub mod watch;
