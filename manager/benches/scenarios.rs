@@ -5,8 +5,10 @@
 //! Plugins are release builds of the workspace's plugin crates (stripped by the release profile),
 //! found in `$CHANNELD_BENCH_PLUGIN_DIR` (default `<target>/release`), copied into a temporary
 //! directory and loaded through the real loader ([`manager::load::load_root_module`] and
-//! [`FfiPlugin`]). Counters prove the work was done: the status board's `inboundMessages` for the
-//! account and the fixture's own `starts`/`ends`.
+//! [`FfiPlugin`]; the `load` scenario goes through [`Loader::load_file`], staging included).
+//! Counters prove the work was done: the status board's `inboundMessages` for the account and the
+//! fixture's own `starts`/`ends`; for `load`, every copy's distinct staged file mapped in the
+//! process.
 //!
 //! Sizes can be lowered for profiling (e.g. under callgrind) with `CHANNELD_BENCH_MESSAGES`,
 //! `CHANNELD_BENCH_CALLS` and `CHANNELD_BENCH_ROUNDS`.
@@ -15,9 +17,11 @@
 //! line (a `Serialize` struct whose first field is `scenario`) and list it in [`SCENARIOS`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    fs,
     hint::black_box,
     io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -25,18 +29,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use abi_stable::std_types::RString;
+use abi_stable::{library::lib_header_from_path, std_types::RString};
 use anyhow::{Context as _, ensure};
 use channeld_plugin_abi::{
-    abi::{InboundMessage, LogLevel},
+    abi::{InboundMessage, LogLevel, PluginMod_Ref},
     sdk::Inbound,
 };
+use goblin::elf::{Elf, program_header::PT_LOAD};
 use manager::{
-    clock::SystemClock,
+    clock::{Clock, SystemClock},
+    discover::{self, PLUGIN_SUFFIX},
     ffi::FfiPlugin,
     host::{AccountKey, AccountLink, HostSink},
     load::load_root_module,
     plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
+    registry::{LoadedPlugin, Loader},
+    stage::StagingDir,
     status::StatusBoard,
 };
 use serde::Serialize;
@@ -47,7 +55,7 @@ use tokio_util::sync::CancellationToken;
 type Scenario = fn(&Bench) -> anyhow::Result<String>;
 
 /// Every scenario, in the order a bare `scripts/bench` runs them.
-const SCENARIOS: &[(&str, Scenario)] = &[("ffi", ffi)];
+const SCENARIOS: &[(&str, Scenario)] = &[("ffi", ffi), ("load", load)];
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -138,17 +146,27 @@ impl Bench {
         })
     }
 
-    /// Copies the release build of `package` into the private directory, loads it through the
-    /// real loader and calls its `init` with `sink` as the plugin-wide host handle.
-    fn load(&self, package: &str, sink: Arc<dyn HostSink>) -> anyhow::Result<FfiPlugin> {
-        let file = format!("lib{}.so", package.replace('-', "_"));
-        let built = self.plugin_dir.join(&file);
+    /// The release build of `package`.
+    fn built(&self, package: &str) -> anyhow::Result<PathBuf> {
+        let file = format!("lib{}{PLUGIN_SUFFIX}", package.replace('-', "_"));
+        let built = self.plugin_dir.join(file);
         ensure!(
             built.is_file(),
             "{} is missing: build it with `cargo build --release -p {package}` (scripts/bench does)",
             built.display()
         );
-        let copy = self.staging.path().join(&file);
+        Ok(built)
+    }
+
+    /// Copies the release build of `package` into the private directory, loads it through the
+    /// real loader and calls its `init` with `sink` as the plugin-wide host handle.
+    fn load(&self, package: &str, sink: Arc<dyn HostSink>) -> anyhow::Result<FfiPlugin> {
+        let built = self.built(package)?;
+        let copy = self.staging.path().join(
+            built
+                .file_name()
+                .context("a plugin build has a file name")?,
+        );
         std::fs::copy(&built, &copy)
             .with_context(|| format!("cannot copy {} to {}", built.display(), copy.display()))?;
         let module = load_root_module(&copy)?;
@@ -278,6 +296,364 @@ fn ffi(bench: &Bench) -> anyhow::Result<String> {
         text_bytes: TEXT_BYTES,
         calls: bench.calls,
         rounds: bench.rounds,
+    })?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// load: a plugins directory of distinct files through the real loader, staging included.
+// ---------------------------------------------------------------------------------------------
+
+/// The `load` scenario's line. Times are milliseconds, to a thousandth.
+#[derive(Serialize)]
+struct LoadReport {
+    scenario: &'static str,
+    /// Distinct plugin files in the directory.
+    plugins: usize,
+    /// `total_ms / plugins` (goal: ≤ 1 ms).
+    plugin_load_ms: f64,
+    /// Listing the directory (with its permission check) and loading every file in turn, as the
+    /// daemon does at start: `discover::plugin_paths` + `Loader::load_file` per file.
+    total_ms: f64,
+    /// The listing alone.
+    discover_ms: f64,
+    /// Per file `Loader::load_file`: median, slowest, and the first file (the only one that
+    /// pays the process's first-load costs).
+    p50_ms: f64,
+    max_ms: f64,
+    first_ms: f64,
+    /// Where the time goes, per file (mean), from a second pass over other distinct copies in
+    /// another fresh state directory, with `load_file`'s steps called one by one:
+    /// `StagingDir::stage` (permission checks, read, ELF checks, blake3, private copy),
+    stage_ms: f64,
+    /// of which, from the same calls repeated on that pass's files after it (see
+    /// [`time_stage_parts`]): permission checks and read,
+    stage_read_ms: f64,
+    /// the ELF checks (goblin parses the whole file's tables),
+    stage_elf_check_ms: f64,
+    /// blake3 of the content,
+    stage_hash_ms: f64,
+    /// writing the private copy,
+    stage_write_ms: f64,
+    /// and the rename and length check;
+    stage_rename_ms: f64,
+    /// `load_root_module` on the staged copy: `dlopen_ms + abi_checks_ms`,
+    dlopen_and_checks_ms: f64,
+    /// of which `lib_header_from_path` (dlopen with its relocations, the header symbol and
+    /// abi_stable's header check)
+    dlopen_ms: f64,
+    /// and `init_root_module` (version and layout checks, the plugin's root-module constructor);
+    abi_checks_ms: f64,
+    /// `FfiPlugin::new` (metadata) and `init` (the plugin's log forwarding and panic hook),
+    metadata_and_init_ms: f64,
+    /// and the second pass's own per-plugin total.
+    breakdown_plugin_ms: f64,
+    /// Bytes per plugin file.
+    plugin_bytes: u64,
+    /// Threads the process gained over both passes (must be 0: `init` does not build a plugin's
+    /// runtime, the first start does); null where `/proc/self/task` cannot be read.
+    threads_started: Option<i64>,
+}
+
+/// Plugins in the `load` scenario's directory.
+const LOAD_PLUGINS: usize = 20;
+const FIXTURE: &str = "channeld-plugin-fixture";
+
+/// Milliseconds, to a thousandth.
+fn ms(elapsed: Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Writes `count` copies of `built` into a new private (0700) directory `dir`, each 0644 with a
+/// few distinct bytes appended after the ELF's last table (which loading ignores), so every copy
+/// has its own content hash: the staging directory keys copies by hash, and two files with the
+/// same content would become one staged file and one `dlopen` handle. The copies are synced so
+/// the passes time loading, not the write-back of the setup.
+fn distinct_copies(
+    built: &Path,
+    dir: &Path,
+    pass: &str,
+    count: usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let bytes = fs::read(built).with_context(|| format!("cannot read {}", built.display()))?;
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    let mut copies = Vec::with_capacity(count);
+    for i in 0..count {
+        let path = dir.join(format!("bench-{pass}-{i:02}{PLUGIN_SUFFIX}"));
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        file.write_all(&bytes)?;
+        write!(file, "\0channeld-bench {pass} {i}\0")?;
+        file.set_permissions(fs::Permissions::from_mode(0o644))?;
+        file.sync_all()?;
+        copies.push(path);
+    }
+    fs::File::open(dir)?.sync_all()?;
+    Ok(copies)
+}
+
+/// Threads of this process, where `/proc` says.
+fn thread_count() -> Option<i64> {
+    Some(fs::read_dir("/proc/self/task").ok()?.count() as i64)
+}
+
+/// Checks that every staged copy is its own file and is mapped in this process: distinct hashes,
+/// distinct staged paths, and each staged file name in `/proc/self/maps` (skipped where that
+/// cannot be read). All copies report the same `PluginInfo` (they are one plugin), so the
+/// mappings are what proves `dlopen` gave each file its own library.
+fn ensure_distinct(hashes: &[String], copies: &[PathBuf]) -> anyhow::Result<()> {
+    let unique_hashes: HashSet<&String> = hashes.iter().collect();
+    ensure!(
+        unique_hashes.len() == hashes.len(),
+        "only {} distinct content hashes among {} copies",
+        unique_hashes.len(),
+        hashes.len()
+    );
+    let unique_copies: HashSet<&PathBuf> = copies.iter().collect();
+    ensure!(
+        unique_copies.len() == copies.len(),
+        "only {} distinct staged copies among {}",
+        unique_copies.len(),
+        copies.len()
+    );
+    match fs::read_to_string("/proc/self/maps") {
+        Ok(maps) => {
+            for copy in copies {
+                let name = copy.file_name().context("a staged copy has a file name")?;
+                let name = name.to_string_lossy();
+                ensure!(
+                    maps.lines().any(|line| line.ends_with(&*name)),
+                    "the staged copy {} is not mapped in the process",
+                    copy.display()
+                );
+            }
+        }
+        Err(e) => eprintln!("bench: load: cannot read /proc/self/maps ({e}); mappings not checked"),
+    }
+    Ok(())
+}
+
+/// `Loader::load_file`'s steps one by one, timed: stage, dlopen (`lib_header_from_path`),
+/// abi_stable's checks (`init_root_module`: version, layout, the plugin's root-module
+/// constructor; these two are `load_root_module` without its error naming), metadata and init.
+fn load_in_steps(
+    staging: &StagingDir,
+    loader: &Loader,
+    sink: &Arc<dyn HostSink>,
+    path: &Path,
+) -> anyhow::Result<([Duration; 4], String, PathBuf)> {
+    let t0 = Instant::now();
+    let staged = staging.stage(path)?;
+    let t1 = Instant::now();
+    let header = lib_header_from_path(&staged.copy).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t2 = Instant::now();
+    let module = header
+        .init_root_module::<PluginMod_Ref>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t3 = Instant::now();
+    let plugin = FfiPlugin::new(module, path)?;
+    plugin.init(loader.worker_threads, loader.max_log_level, sink.clone())?;
+    let t4 = Instant::now();
+    ensure!(
+        plugin.info().channel_id == "fixture",
+        "{} loaded as {:?}",
+        path.display(),
+        plugin.info().channel_id
+    );
+    Ok((
+        [t1 - t0, t2 - t1, t3 - t2, t4 - t3],
+        staged.hash,
+        staged.copy,
+    ))
+}
+
+/// `StagingDir::stage`'s parts timed by [`time_stage_parts`].
+const STAGE_PARTS: usize = 5;
+
+/// Repeats what `StagingDir::stage` does to each of `files`, part by part (the same calls:
+/// `discover::check_file`, `fs::read`, the ELF checks with goblin, blake3, writing a new 0500
+/// file, rename and re-reading the length), under scratch names in `dir` (the staging
+/// directory, so the same file system), and returns each part's mean.
+fn time_stage_parts(dir: &Path, files: &[PathBuf]) -> anyhow::Result<[Duration; STAGE_PARTS]> {
+    let mut sums = [Duration::ZERO; STAGE_PARTS];
+    for (i, source) in files.iter().enumerate() {
+        let tmp = dir.join(format!(".bench-{i}.tmp"));
+        let staged = dir.join(format!(".bench-{i}{PLUGIN_SUFFIX}"));
+        let t0 = Instant::now();
+        discover::check_file(source)?;
+        let bytes = fs::read(source)?;
+        let t1 = Instant::now();
+        let header = Elf::parse_header(&bytes)?;
+        ensure!(header.e_type == goblin::elf::header::ET_DYN, "not ET_DYN");
+        let elf = Elf::parse(&bytes)?;
+        let len = bytes.len() as u64;
+        ensure!(
+            elf.program_headers
+                .iter()
+                .filter(|p| p.p_type == PT_LOAD)
+                .all(|p| p.p_offset.saturating_add(p.p_filesz) <= len),
+            "a PT_LOAD segment lies past the end"
+        );
+        let t2 = Instant::now();
+        let hash = black_box(blake3::hash(&bytes).to_hex().to_string());
+        let t3 = Instant::now();
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o500)
+            .open(&tmp)?;
+        file.write_all(&bytes)?;
+        drop(file);
+        let t4 = Instant::now();
+        fs::rename(&tmp, &staged)?;
+        ensure!(fs::metadata(&staged)?.len() == len, "short scratch copy");
+        let t5 = Instant::now();
+        black_box(hash);
+        let parts = [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4];
+        for (sum, part) in sums.iter_mut().zip(parts) {
+            *sum += part;
+        }
+        fs::remove_file(&staged)?;
+    }
+    Ok(sums.map(|sum| sum / files.len().max(1) as u32))
+}
+
+/// A daemon's start over a plugins directory of [`LOAD_PLUGINS`] distinct stripped release
+/// copies of the fixture, as `Registry::load_dir` does it: list the directory, stage every file
+/// (permission checks, read, blake3, private copy, ELF checks) on all cores, then load each staged
+/// copy in turn (dlopen, abi_stable's checks, metadata, `init`), into a fresh state directory.
+/// The per-file figures (`p50`, `max`, `first`) are the load step alone. The registry is left out: it would refuse the
+/// copies' shared channel id, so every file is loaded with a `claimed` that claims nothing and
+/// every result must be `Ok`. A second pass over other copies, into another fresh state
+/// directory, times the same steps one by one to show where the time goes.
+fn load(bench: &Bench) -> anyhow::Result<String> {
+    let built = bench.built(FIXTURE)?;
+    let plugin_bytes = fs::metadata(&built)?.len();
+    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let board = Arc::new(StatusBoard::new(clock.clone()));
+    let sink: Arc<dyn HostSink> = board;
+    let threads_before = thread_count();
+
+    // The timed pass, as the daemon loads its directory.
+    let plugins_dir = scratch.path().join("plugins");
+    distinct_copies(&built, &plugins_dir, "load", LOAD_PLUGINS)?;
+    let staging = StagingDir::open(&scratch.path().join("state/staging"))?;
+    let loader = Loader::new(staging, sink.clone(), clock.clone());
+    let start = Instant::now();
+    let paths = discover::plugin_paths(&plugins_dir)?;
+    let discover_time = start.elapsed();
+    // As `Registry::load_dir` does: stage every file in parallel, then load them one by one.
+    let staged = loader.stage_all(&paths);
+    let staged_time = start.elapsed();
+    let mut loaded: Vec<LoadedPlugin> = Vec::with_capacity(paths.len());
+    let mut each = Vec::with_capacity(paths.len());
+    for (path, staged) in paths.iter().zip(staged) {
+        let t = Instant::now();
+        let plugin = staged
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(loader.load_staged(s, |_| None)?))
+            .with_context(|| format!("{} did not load", path.display()))?;
+        each.push(t.elapsed());
+        loaded.push(plugin);
+    }
+    let total = start.elapsed();
+    eprintln!(
+        "load: staged {} files in parallel in {:.3} ms",
+        paths.len(),
+        staged_time.as_secs_f64() * 1e3
+    );
+    ensure!(
+        loaded.len() == LOAD_PLUGINS,
+        "discovered {} plugin files, wrote {LOAD_PLUGINS}",
+        loaded.len()
+    );
+    for plugin in &loaded {
+        ensure!(
+            plugin.info.channel_id == "fixture",
+            "{} loaded as {:?}",
+            plugin.staged.source.display(),
+            plugin.info.channel_id
+        );
+    }
+    let hashes: Vec<String> = loaded.iter().map(|p| p.staged.hash.clone()).collect();
+    let copies: Vec<PathBuf> = loaded.iter().map(|p| p.staged.copy.clone()).collect();
+    ensure_distinct(&hashes, &copies)?;
+    let first = each[0];
+    each.sort();
+
+    // The breakdown pass: other copies (other hashes, so nothing is reused), another state dir.
+    let steps_dir = scratch.path().join("plugins-steps");
+    let step_paths = distinct_copies(&built, &steps_dir, "steps", LOAD_PLUGINS)?;
+    let step_staging = StagingDir::open(&scratch.path().join("state-steps/staging"))?;
+    let step_loader = Loader::new(step_staging.clone(), sink.clone(), clock);
+    let (mut steps, mut step_hashes, mut step_copies) = ([Duration::ZERO; 4], vec![], vec![]);
+    for path in &step_paths {
+        let (times, hash, copy) = load_in_steps(&step_staging, &step_loader, &sink, path)?;
+        for (sum, t) in steps.iter_mut().zip(times) {
+            *sum += t;
+        }
+        step_hashes.push(hash);
+        step_copies.push(copy);
+    }
+    step_hashes.extend(hashes);
+    step_copies.extend(copies);
+    ensure_distinct(&step_hashes, &step_copies)?;
+    let parts = time_stage_parts(step_staging.path(), &step_paths)?;
+
+    let threads_started = threads_before
+        .zip(thread_count())
+        .map(|(before, after)| after - before);
+    ensure!(
+        threads_started.is_none_or(|n| n == 0),
+        "loading started {} threads: a plugin's `init` built its runtime",
+        threads_started.unwrap_or_default()
+    );
+    let n = LOAD_PLUGINS as u32;
+    let per = steps.map(|t| t / n);
+    eprintln!(
+        "bench: load: {LOAD_PLUGINS} plugins in {:.3} ms ({:.3} ms each); steps per plugin: \
+         stage {:.3} (read {:.3}, elf {:.3}, hash {:.3}, write {:.3}, rename {:.3}), \
+         dlopen {:.3}, abi checks {:.3}, metadata+init {:.3} ms",
+        ms(total),
+        ms(total / n),
+        ms(per[0]),
+        ms(parts[0]),
+        ms(parts[1]),
+        ms(parts[2]),
+        ms(parts[3]),
+        ms(parts[4]),
+        ms(per[1]),
+        ms(per[2]),
+        ms(per[3]),
+    );
+    Ok(serde_json::to_string(&LoadReport {
+        scenario: "load",
+        plugins: LOAD_PLUGINS,
+        plugin_load_ms: ms(total / n),
+        total_ms: ms(total),
+        discover_ms: ms(discover_time),
+        p50_ms: ms(each[each.len() / 2]),
+        max_ms: ms(each[each.len() - 1]),
+        first_ms: ms(first),
+        stage_ms: ms(per[0]),
+        stage_read_ms: ms(parts[0]),
+        stage_elf_check_ms: ms(parts[1]),
+        stage_hash_ms: ms(parts[2]),
+        stage_write_ms: ms(parts[3]),
+        stage_rename_ms: ms(parts[4]),
+        dlopen_and_checks_ms: ms(per[1] + per[2]),
+        dlopen_ms: ms(per[1]),
+        abi_checks_ms: ms(per[2]),
+        metadata_and_init_ms: ms(per[3]),
+        breakdown_plugin_ms: ms(steps.iter().sum::<Duration>() / n),
+        plugin_bytes,
+        threads_started,
     })?)
 }
 

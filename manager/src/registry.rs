@@ -17,7 +17,7 @@ use crate::{
     host::HostSink,
     load::{LoadError, load_root_module},
     plugin::{Plugin, PluginCallError, PluginInfo},
-    stage::{StageError, Staged, StagingDir},
+    stage::{self, StageError, Staged, StagingDir},
 };
 
 /// Why one plugin file was not loaded.
@@ -132,6 +132,24 @@ impl Loader {
         claimed: impl Fn(&str) -> Option<PathBuf>,
     ) -> Result<LoadedPlugin, PluginFileError> {
         let staged = self.staging.stage(path)?;
+        self.load_staged(staged, claimed)
+    }
+
+    /// Stages several files in parallel (see [`stage::stage_all`]).
+    pub fn stage_all(&self, paths: &[PathBuf]) -> Vec<Result<Staged, StageError>> {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        stage::stage_all(&self.staging, paths, workers)
+    }
+
+    /// Loads a staged copy (opening it, checking version and layout, reading metadata), refuses a
+    /// duplicate channel id, and calls `init`.
+    pub fn load_staged(
+        &self,
+        staged: Staged,
+        claimed: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Result<LoadedPlugin, PluginFileError> {
+        let path = staged.source.clone();
+        let path = path.as_path();
         let module = load_root_module(&staged.copy).map_err(|e| rename(e, path))?;
         let plugin = FfiPlugin::new(module, path)?;
         let channel = plugin.info().channel_id.clone();
@@ -237,16 +255,23 @@ impl Registry {
     /// line (its path, class and why; the full detail at debug) and reported; the rest load.
     pub fn load_dir(&mut self, loader: &Loader, dir: &Path) -> Result<DirReport, DirError> {
         let mut report = DirReport::default();
+        let mut fresh = Vec::new();
         for path in discover::plugin_paths(dir)? {
-            let already = self.plugins.values().any(|p| p.staged.source == path);
-            if already {
+            if self.plugins.values().any(|p| p.staged.source == path) {
                 report.unchanged += 1;
-                continue;
+            } else {
+                fresh.push(path);
             }
-            match loader.load_file(&path, |channel| self.file_of(channel)) {
+        }
+        let staged = loader.stage_all(&fresh);
+        for staged in staged {
+            let loaded = staged
+                .map_err(PluginFileError::from)
+                .and_then(|s| loader.load_staged(s, |channel| self.file_of(channel)));
+            match loaded {
                 Ok(plugin) => {
                     tracing::info!(
-                        file = %path.display(),
+                        file = %plugin.staged.source.display(),
                         channel = %plugin.info.channel_id,
                         version = %plugin.info.plugin_version,
                         "plugin loaded"

@@ -12,6 +12,7 @@ use std::{
 
 use channeld_plugin_abi::abi::{EventKind, InboundMessage};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use serde_json::{Map, Value};
 
 use crate::{
@@ -65,6 +66,12 @@ pub struct AccountSnapshot {
     pub inbound_messages: u64,
     /// The plugin has reported event liveness at least once.
     pub reports_events: bool,
+    /// The health monitor's last verdict on the account (`ok`, `disconnected`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_verdict: Option<String>,
+    /// When the health monitor last restarted the account, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_restart_at: Option<i64>,
     /// The plugin's own fields.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -83,11 +90,26 @@ pub const HOST_OWNED_KEYS: &[&str] = &[
     "lastError",
     "inboundMessages",
     "reportsEvents",
+    "healthVerdict",
+    "healthRestartAt",
 ];
+
+/// Monotonic times of an account's run, for the health monitor (tokio's clock, so tests can pause
+/// it; the snapshot's wall-clock fields are for display only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Liveness {
+    /// When the current run started.
+    pub started_at: Option<Instant>,
+    /// Last traffic.
+    pub last_event_at: Option<Instant>,
+    /// Last change of the active runs.
+    pub last_run_activity_at: Option<Instant>,
+}
 
 struct Entry {
     generation: u64,
     snapshot: AccountSnapshot,
+    liveness: Liveness,
 }
 
 /// Every account's status. Cheap to share (`Arc`); its lock is held only for field updates.
@@ -143,6 +165,26 @@ impl StatusBoard {
         entry.snapshot.clone()
     }
 
+    /// Marks the start of a run: stamps `lastStartAt` and the monotonic start the health monitor
+    /// measures from.
+    pub fn mark_started(&self, key: &AccountKey) {
+        let (now, wall) = (self.clock.now(), self.clock.wall_ms());
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
+        entry.liveness.started_at = Some(now);
+        entry.snapshot.last_start_at = Some(wall);
+    }
+
+    /// `key`'s monotonic run times.
+    pub fn liveness(&self, key: &AccountKey) -> Liveness {
+        self.lock().get(key).map(|e| e.liveness).unwrap_or_default()
+    }
+
+    /// `key`'s snapshot and run times together (one lock).
+    pub fn get_with_liveness(&self, key: &AccountKey) -> Option<(AccountSnapshot, Liveness)> {
+        self.lock().get(key).map(|e| (e.snapshot.clone(), e.liveness))
+    }
+
     /// `key`'s snapshot.
     pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
         self.lock().get(key).map(|e| e.snapshot.clone())
@@ -179,12 +221,17 @@ impl StatusBoard {
         key: &AccountKey,
         generation: u64,
         stale: impl FnOnce() -> T,
-        f: impl FnOnce(&mut AccountSnapshot, i64) -> T,
+        f: impl FnOnce(&mut AccountSnapshot, &mut Liveness, Stamp) -> T,
     ) -> T {
-        let now = self.clock.wall_ms();
+        let now = Stamp {
+            wall: self.clock.wall_ms(),
+            mono: self.clock.now(),
+        };
         let mut entries = self.lock();
         match entries.get_mut(key) {
-            Some(entry) if entry.generation == generation => f(&mut entry.snapshot, now),
+            Some(entry) if entry.generation == generation => {
+                f(&mut entry.snapshot, &mut entry.liveness, now)
+            }
             _ => {
                 drop(entries);
                 self.stale_calls.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +245,7 @@ impl StatusBoard {
 fn new_entry(key: &AccountKey) -> Entry {
     Entry {
         generation: 0,
+        liveness: Liveness::default(),
         snapshot: AccountSnapshot {
             account_id: key.account.clone(),
             enabled: true,
@@ -213,11 +261,19 @@ fn stale_error(key: &AccountKey) -> String {
 
 /// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
 /// (`reportsEvents`): a delivered message is traffic too, but a quiet chat is not a dead socket.
-fn mark_event(snapshot: &mut AccountSnapshot, kind: EventKind, now: i64) {
-    snapshot.last_event_at = Some(now);
+/// The time of a host-service call, in both clocks.
+#[derive(Clone, Copy)]
+struct Stamp {
+    wall: i64,
+    mono: Instant,
+}
+
+fn mark_event(snapshot: &mut AccountSnapshot, liveness: &mut Liveness, kind: EventKind, now: Stamp) {
+    snapshot.last_event_at = Some(now.wall);
+    liveness.last_event_at = Some(now.mono);
     match kind {
-        EventKind::Inbound => snapshot.last_inbound_at = Some(now),
-        EventKind::Outbound => snapshot.last_outbound_at = Some(now),
+        EventKind::Inbound => snapshot.last_inbound_at = Some(now.wall),
+        EventKind::Outbound => snapshot.last_outbound_at = Some(now.wall),
         EventKind::Other => {}
     }
 }
@@ -248,7 +304,7 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, _| {
+            |snapshot, _, _| {
                 let mut merged = match serde_json::to_value(&*snapshot) {
                     Ok(Value::Object(map)) => map,
                     _ => return Err("status could not be serialised".to_owned()),
@@ -266,10 +322,10 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, now| {
+            |snapshot, _, now| {
                 snapshot.connected = Some(connected);
                 if connected {
-                    snapshot.last_connected_at = Some(now);
+                    snapshot.last_connected_at = Some(now.wall);
                 }
             },
         );
@@ -280,9 +336,9 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, now| {
+            |snapshot, liveness, now| {
                 snapshot.reports_events = true;
-                mark_event(snapshot, kind, now)
+                mark_event(snapshot, liveness, kind, now)
             },
         );
     }
@@ -292,10 +348,11 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, now| {
+            |snapshot, liveness, now| {
                 snapshot.active_runs = active_runs;
                 snapshot.busy = active_runs > 0;
-                snapshot.last_run_activity_at = Some(now);
+                snapshot.last_run_activity_at = Some(now.wall);
+                liveness.last_run_activity_at = Some(now.mono);
             },
         );
     }
@@ -310,9 +367,9 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, now| {
+            |snapshot, liveness, now| {
                 snapshot.inbound_messages += 1;
-                mark_event(snapshot, EventKind::Inbound, now);
+                mark_event(snapshot, liveness, EventKind::Inbound, now);
                 Ok(())
             },
         )?;
