@@ -65,7 +65,7 @@ fn api_get(daemon: &Daemon, path: &str, token: Option<&str>) -> (u16, Value) {
 #[test]
 fn a_posted_message_is_counted_and_the_webhook_refuses_bad_requests() {
     let secret = "s3cret-value-1";
-    let mut daemon = webhook_daemon(secret);
+    let daemon = webhook_daemon(secret);
     let snapshot = daemon.wait_for_account("webhook", "main", running);
     assert_eq!(snapshot["mode"], "webhook");
     assert_eq!(snapshot["connected"], true);
@@ -102,7 +102,7 @@ fn a_posted_message_is_counted_and_the_webhook_refuses_bad_requests() {
 
 #[test]
 fn the_api_answers_401_without_the_token_and_404_naming_unknown_names() {
-    let mut daemon = webhook_daemon("s3cret-value-2");
+    let daemon = webhook_daemon("s3cret-value-2");
     daemon.wait_for_account("webhook", "main", running);
     let (_, token) = daemon.api();
     let before = daemon.status(None);

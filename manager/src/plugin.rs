@@ -34,7 +34,7 @@ pub struct PluginCallError {
     pub channel: String,
     /// The entry point.
     pub entry: &'static str,
-    /// The plugin's message (for a panic: "plugin panicked in …: <message>").
+    /// The plugin's message (for a panic: "plugin panicked in …: " and the panic message).
     pub message: String,
 }
 

@@ -1,17 +1,21 @@
 //! One account's lifecycle task: boot → run → (crash) backoff → boot …, until a user stops it, it
 //! is given up on, or it is disabled / not configured. It is the only code that starts or ends
-//! the account's plugin task, which is how "at most one task per account, ever" holds.
+//! the account's plugin task, which is how "at most one task per account, ever" holds: a boot
+//! never abandons the plugin's start call (its result may be a task), and a task is only replaced
+//! once it has ended, been cancelled and seen to end, or been reported stuck (which refuses starts
+//! until it ends).
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
     sync::{Notify, watch},
+    task::JoinHandle,
     time::{Instant, sleep, timeout},
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BootEvent, CANCEL_GRACE, Channel, Inner, Phase, StartOutcome, calls::bounded,
+    BootEvent, CANCEL_GRACE, Channel, Inner, Phase, StartOutcome, calls::spawn_call,
     policy::backoff_delay,
 };
 use crate::{
@@ -19,11 +23,18 @@ use crate::{
     plugin::{Check, RunningTask},
 };
 
-pub(super) struct Lifecycle {
+/// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
+/// job the lifecycle had to leave (a stuck start, a stuck task).
+#[derive(Clone)]
+pub(super) struct AccountCtx {
     pub(super) inner: Arc<Inner>,
-    pub(super) id: u64,
     pub(super) channel: Arc<Channel>,
     pub(super) key: AccountKey,
+}
+
+pub(super) struct Lifecycle {
+    pub(super) ctx: AccountCtx,
+    pub(super) id: u64,
     pub(super) token: CancellationToken,
     pub(super) wake: Arc<Notify>,
     pub(super) events: watch::Sender<BootEvent>,
@@ -35,8 +46,12 @@ enum Boot {
     Started(RunningTask),
     Disabled(String),
     NotConfigured(String),
-    Failed { error: String, timed_out: bool },
+    Failed(String),
+    /// A stop arrived before the plugin's start was called (or instead of it).
     Stopped,
+    /// A stop arrived while the plugin's start was running, and the start did not return within
+    /// the stop timeout: the account is reported stuck and a detached watcher owns the call.
+    Stuck,
 }
 
 /// How a run ended.
@@ -47,18 +62,25 @@ enum RunEnd {
     Stopped,
 }
 
+type BootCall = JoinHandle<Result<Boot, String>>;
+
 impl Lifecycle {
     pub(super) async fn run(self) {
+        let ctx = &self.ctx;
         loop {
             self.set_phase(Phase::Booting);
             let (result, ran_for) = match self.boot().await {
                 Boot::Stopped => {
                     self.publish(StartOutcome::Stopped);
-                    self.record_stopped();
+                    ctx.record_stopped();
+                    break;
+                }
+                Boot::Stuck => {
+                    self.publish(StartOutcome::Stopped);
                     break;
                 }
                 Boot::Disabled(reason) => {
-                    self.inner.board.update(&self.key, |s| {
+                    ctx.inner.board.update(&ctx.key, |s| {
                         s.enabled = false;
                         s.running = false;
                         s.restart_pending = false;
@@ -68,7 +90,7 @@ impl Lifecycle {
                     break;
                 }
                 Boot::NotConfigured(reason) => {
-                    self.inner.board.update(&self.key, |s| {
+                    ctx.inner.board.update(&ctx.key, |s| {
                         s.enabled = true;
                         s.configured = false;
                         s.running = false;
@@ -78,18 +100,22 @@ impl Lifecycle {
                     self.publish(StartOutcome::NotConfigured(reason));
                     break;
                 }
-                Boot::Failed { error, timed_out } => {
-                    tracing::warn!(account = %self.key, "start failed: {error}");
-                    self.inner.board.update(&self.key, |s| {
+                Boot::Failed(error) => {
+                    tracing::warn!(account = %ctx.key, "start failed: {error}");
+                    ctx.inner.board.retire_generation(&ctx.key);
+                    ctx.inner.board.update(&ctx.key, |s| {
                         s.running = false;
                         s.last_error = Some(error.clone());
                     });
-                    self.publish(if timed_out {
-                        StartOutcome::TimedOut(error.clone())
-                    } else {
-                        StartOutcome::Failed(error.clone())
-                    });
+                    self.publish(StartOutcome::Failed(error.clone()));
                     (Err(error), Duration::ZERO)
+                }
+                Boot::Started(task) if self.token.is_cancelled() => {
+                    // The start returned its task after a stop arrived: the stop wins, and the
+                    // task gets the whole stop sequence (it never counts as running).
+                    ctx.stop_task(task).await;
+                    self.publish(StartOutcome::Stopped);
+                    break;
                 }
                 Boot::Started(task) => match self.run_task(task).await {
                     RunEnd::Stopped => break,
@@ -98,7 +124,7 @@ impl Lifecycle {
             };
             if self.token.is_cancelled() {
                 // A stop raced with the end of the task: the stop wins, and says so.
-                self.record_stopped();
+                ctx.record_stopped();
                 break;
             }
             if !self.schedule_restart(result, ran_for).await {
@@ -108,23 +134,32 @@ impl Lifecycle {
         self.finish();
     }
 
-    /// Reserves a boot slot of the channel, then asks the plugin (off the async workers, bounded
-    /// by the start timeout) whether the account is enabled and configured, and starts it — unless
-    /// a stop arrived meanwhile, in which case the plugin's start is never called.
+    /// Reserves a boot slot of the channel, then asks the plugin (off the async workers) whether
+    /// the account is enabled and configured, and starts it — unless a stop arrived meanwhile, in
+    /// which case the plugin's start is never called.
+    ///
+    /// The call is never abandoned: whoever waits for a start gives up after the start timeout
+    /// (see `Supervisor::start_account`), but the lifecycle keeps the call, because a start that
+    /// returns late still hands over a task, and a second boot beside it would start a second
+    /// one. A stop bounds the wait by the stop timeout (then [`Boot::Stuck`]).
     async fn boot(&self) -> Boot {
-        let _permit = self.channel.boot_permits.acquire().await;
+        let ctx = &self.ctx;
+        let _permit = tokio::select! {
+            biased;
+            () = self.token.cancelled() => return Boot::Stopped,
+            permit = ctx.channel.boot_permits.acquire() => permit,
+        };
         if self.token.is_cancelled() {
             return Boot::Stopped;
         }
-        let board = &self.inner.board;
-        let generation = board.begin_generation(&self.key);
+        let board = &ctx.inner.board;
+        let generation = board.begin_generation(&ctx.key);
         let sink: Arc<dyn HostSink> = board.clone();
-        let link = AccountLink::for_account(self.key.clone(), generation, sink);
-        let plugin = self.channel.plugin.clone();
-        let account = self.key.account.clone();
+        let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
+        let plugin = ctx.channel.plugin.clone();
+        let account = ctx.key.account.clone();
         let token = self.token.clone();
-        let limit = self.inner.policy.start_timeout;
-        let call = bounded(limit, move || -> Result<Boot, String> {
+        let mut call: BootCall = spawn_call(move || -> Result<Boot, String> {
             if let Check::No(reason) = plugin.is_enabled(&account).map_err(|e| e.to_string())? {
                 return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
             }
@@ -141,32 +176,38 @@ impl Lifecycle {
                 .map(Boot::Started)
                 .map_err(|e| e.to_string())
         });
-        match call.await {
-            Ok(Ok(boot)) => boot,
-            Ok(Err(error)) => Boot::Failed {
-                error,
-                timed_out: false,
-            },
-            Err(e) => {
-                board.retire_generation(&self.key);
-                Boot::Failed {
-                    error: format!("start {e}"),
-                    timed_out: true,
+        let joined = tokio::select! {
+            biased;
+            joined = &mut call => joined,
+            () = self.token.cancelled() => {
+                let limit = ctx.inner.policy.stop_timeout;
+                match timeout(limit, &mut call).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        ctx.detach_stuck_start(call);
+                        return Boot::Stuck;
+                    }
                 }
             }
+        };
+        match joined {
+            Ok(Ok(boot)) => boot,
+            Ok(Err(error)) => Boot::Failed(error),
+            Err(e) => Boot::Failed(format!("start failed: {e}")),
         }
     }
 
     /// Runs a started task until it ends or a user stops it.
     async fn run_task(&self, mut task: RunningTask) -> RunEnd {
-        let attempts = self
+        let ctx = &self.ctx;
+        let attempts = ctx
             .inner
             .lock()
             .accounts
-            .get(&self.key)
+            .get(&ctx.key)
             .map_or(0, |e| e.attempts);
-        let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
+        let now = ctx.inner.clock.wall_ms();
+        ctx.inner.board.update(&ctx.key, |s| {
             s.enabled = true;
             s.configured = true;
             s.running = true;
@@ -177,35 +218,138 @@ impl Lifecycle {
         });
         self.set_phase(Phase::Running);
         self.publish(StartOutcome::Started);
-        let started = self.inner.clock.now();
+        let started = ctx.inner.clock.now();
         tokio::select! {
+            // A stop that coincides with the end of the task still runs the stop sequence.
+            biased;
+            () = self.token.cancelled() => {
+                ctx.stop_task(task).await;
+                RunEnd::Stopped
+            }
             result = &mut task.done => {
-                let ran_for = self.inner.clock.now().duration_since(started);
-                self.inner.board.retire_generation(&self.key);
-                let now = self.inner.clock.wall_ms();
+                let ran_for = ctx.inner.clock.now().duration_since(started);
+                ctx.inner.board.retire_generation(&ctx.key);
+                let now = ctx.inner.clock.wall_ms();
                 let error = match &result {
                     Ok(()) => "channel exited without an error".to_owned(),
                     Err(e) => e.clone(),
                 };
-                self.inner.board.update(&self.key, |s| {
+                ctx.inner.board.update(&ctx.key, |s| {
                     s.running = false;
                     s.last_stop_at = Some(now);
                     s.last_error = Some(error.clone());
                 });
                 RunEnd::Exited(result, ran_for)
             }
+        }
+    }
+
+    /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
+    /// Returns whether to boot again. Every way out records why.
+    async fn schedule_restart(&self, result: Result<(), String>, ran_for: Duration) -> bool {
+        let ctx = &self.ctx;
+        let policy = &ctx.inner.policy;
+        let attempt = {
+            let mut state = ctx.inner.lock();
+            let entry = state.accounts.entry(ctx.key.clone()).or_default();
+            if ran_for >= policy.stable_run {
+                entry.attempts = 0;
+            }
+            entry.attempts += 1;
+            entry.attempts
+        };
+        let error = result
+            .err()
+            .unwrap_or_else(|| "channel exited without an error".into());
+        let now = ctx.inner.clock.now();
+        if attempt > policy.max_restarts {
+            let message = format!("giving up after {} restart attempts", policy.max_restarts);
+            tracing::debug!(account = %ctx.key, "{error}; {message}");
+            ctx.inner.restart_log.record(&ctx.key.channel, true, now);
+            ctx.inner.board.update(&ctx.key, |s| {
+                s.restart_pending = false;
+                s.reconnect_attempts = attempt;
+                s.last_error = Some(format!("{error}; {message}"));
+            });
+            return false;
+        }
+        let delay = backoff_delay(policy, attempt, ctx.inner.jitter.next());
+        tracing::debug!(
+            account = %ctx.key,
+            attempt,
+            max = policy.max_restarts,
+            delay_ms = delay.as_millis() as u64,
+            "task ended ({error}); restarting after backoff"
+        );
+        ctx.inner.restart_log.record(&ctx.key.channel, false, now);
+        ctx.inner.board.update(&ctx.key, |s| {
+            s.restart_pending = true;
+            s.reconnect_attempts = attempt;
+        });
+        self.set_phase(Phase::Backoff);
+        let deadline = Instant::now() + delay;
+        tokio::select! {
+            // Biased: a stop wins over everything, and a user's wake-up is consumed even when the
+            // sleep ends at the same moment (an unconsumed one would stay stored in the `Notify`
+            // and cut the next backoff short).
+            biased;
             () = self.token.cancelled() => {
-                self.stop_task(task).await;
-                RunEnd::Stopped
+                ctx.record_stopped();
+                false
+            }
+            () = self.wake.notified() => true,
+            () = sleep(deadline.saturating_duration_since(Instant::now())) => true,
+        }
+    }
+
+    /// Sets the phase the state shows; `Stopping` (set by a stop) is final.
+    fn set_phase(&self, phase: Phase) {
+        let mut state = self.ctx.inner.lock();
+        if let Some(lc) = state
+            .accounts
+            .get_mut(&self.ctx.key)
+            .and_then(|e| e.lifecycle.as_mut())
+            .filter(|lc| lc.id == self.id && lc.phase != Phase::Stopping)
+        {
+            lc.phase = phase;
+        }
+    }
+
+    fn publish(&self, outcome: StartOutcome) {
+        self.events.send_modify(|event| {
+            event.seq += 1;
+            event.outcome = Some(outcome);
+        });
+    }
+
+    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end.
+    fn finish(&self) {
+        {
+            let mut state = self.ctx.inner.lock();
+            if let Some(entry) = state.accounts.get_mut(&self.ctx.key)
+                && entry.lifecycle.as_ref().is_some_and(|lc| lc.id == self.id)
+            {
+                entry.lifecycle = None;
             }
         }
+        let _ = self.ended.send(true);
+    }
+}
+
+impl AccountCtx {
+    fn record_stopped(&self) {
+        let now = self.inner.clock.wall_ms();
+        self.inner.board.update(&self.key, |s| {
+            s.running = false;
+            s.restart_pending = false;
+            s.last_stop_at = Some(now);
+        });
     }
 
     /// The stop sequence: fire the abort, call the plugin's stop hook (bounded), wait for the task
     /// up to the stop timeout, then cancel it on the plugin's runtime; a task that still does not
     /// end is reported stuck, and its slot frees itself when it finally ends.
     async fn stop_task(&self, mut task: RunningTask) {
-        self.set_phase(Phase::Stopping);
         let plugin = self.channel.plugin.clone();
         let stop_timeout = self.inner.policy.stop_timeout;
         plugin.abort_task(task.id);
@@ -214,7 +358,9 @@ impl Lifecycle {
         let key = self.key.clone();
         // The hook runs beside the wait: a hook that hangs cannot delay the stop past its bound.
         tokio::spawn(async move {
-            match bounded(stop_timeout, move || hook_plugin.stop_account(&account)).await {
+            let hook =
+                super::calls::bounded(stop_timeout, move || hook_plugin.stop_account(&account));
+            match hook.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(account = %key, "stop hook: {e}"),
                 Err(e) => tracing::warn!(account = %key, "stop hook {e}"),
@@ -260,118 +406,64 @@ impl Lifecycle {
             s.last_error = Some(reason.clone());
         });
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-            entry.stuck = Some(reason);
+            entry.stuck = Some(reason.clone());
             entry.last_stop_cancelled = true;
         }
-        let inner = self.inner.clone();
-        let key = self.key.clone();
+        let ctx = self.clone();
         // Not tracked: shutdown must not wait on a thread that may never return.
         tokio::spawn(async move {
             let _ = task.done.await;
-            if let Some(entry) = inner.lock().accounts.get_mut(&key) {
-                entry.stuck = None;
-            }
-            let now = inner.clock.wall_ms();
-            inner.board.update(&key, |s| {
-                s.running = false;
-                s.last_stop_at = Some(now);
-                s.last_error = Some("the stuck task has ended".into());
-            });
-            tracing::info!(account = %key, "the stuck task has ended; the account can start again");
+            ctx.clear_stuck(&reason, "the stuck task has ended");
         });
     }
 
-    /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
-    /// Returns whether to boot again. Every way out records why.
-    async fn schedule_restart(&self, result: Result<(), String>, ran_for: Duration) -> bool {
-        let policy = &self.inner.policy;
-        let attempt = {
-            let mut state = self.inner.lock();
-            let entry = state.accounts.entry(self.key.clone()).or_default();
-            if ran_for >= policy.stable_run {
-                entry.attempts = 0;
-            }
-            entry.attempts += 1;
-            entry.attempts
-        };
-        let error = result
-            .err()
-            .unwrap_or_else(|| "channel exited without an error".into());
-        let now = self.inner.clock.now();
-        if attempt > policy.max_restarts {
-            let message = format!("giving up after {} restart attempts", policy.max_restarts);
-            tracing::debug!(account = %self.key, "{error}; {message}");
-            self.inner.restart_log.record(&self.key.channel, true, now);
-            self.inner.board.update(&self.key, |s| {
-                s.restart_pending = false;
-                s.reconnect_attempts = attempt;
-                s.last_error = Some(format!("{error}; {message}"));
-            });
-            return false;
-        }
-        let delay = backoff_delay(policy, attempt, self.inner.jitter.next());
-        tracing::debug!(
-            account = %self.key,
-            attempt,
-            max = policy.max_restarts,
-            delay_ms = delay.as_millis() as u64,
-            "task ended ({error}); restarting after backoff"
+    /// A stop arrived while the plugin's start was running, and the start has not returned within
+    /// the stop timeout. The account is reported stuck (starts are refused, so no second start
+    /// runs beside this one); a detached watcher waits for the call, stops the task it may still
+    /// hand over, and then frees the account.
+    fn detach_stuck_start(&self, call: BootCall) {
+        let reason = format!(
+            "stuck: the plugin's start did not return within {} of the stop (it blocks its \
+             thread); starts are refused until it returns",
+            humantime::format_duration(self.inner.policy.stop_timeout)
         );
-        self.inner.restart_log.record(&self.key.channel, false, now);
-        self.inner.board.update(&self.key, |s| {
-            s.restart_pending = true;
-            s.reconnect_attempts = attempt;
-        });
-        self.set_phase(Phase::Backoff);
-        let deadline = Instant::now() + delay;
-        tokio::select! {
-            () = sleep(deadline.saturating_duration_since(Instant::now())) => true,
-            () = self.wake.notified() => true,
-            () = self.token.cancelled() => {
-                self.record_stopped();
-                false
-            }
-        }
-    }
-
-    fn record_stopped(&self) {
+        tracing::error!(account = %self.key, "{reason}");
         let now = self.inner.clock.wall_ms();
         self.inner.board.update(&self.key, |s| {
             s.running = false;
             s.restart_pending = false;
             s.last_stop_at = Some(now);
+            s.last_error = Some(reason.clone());
         });
-    }
-
-    fn set_phase(&self, phase: Phase) {
-        let mut state = self.inner.lock();
-        if let Some(lc) = state
-            .accounts
-            .get_mut(&self.key)
-            .and_then(|e| e.lifecycle.as_mut())
-            .filter(|lc| lc.id == self.id)
-        {
-            lc.phase = phase;
+        if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+            entry.stuck = Some(reason.clone());
         }
-    }
-
-    fn publish(&self, outcome: StartOutcome) {
-        self.events.send_modify(|event| {
-            event.seq += 1;
-            event.outcome = Some(outcome);
+        let ctx = self.clone();
+        // Not tracked, like a stuck task's watcher.
+        tokio::spawn(async move {
+            match call.await {
+                Ok(Ok(Boot::Started(task))) => ctx.stop_task(task).await,
+                _ => ctx.inner.board.retire_generation(&ctx.key),
+            }
+            ctx.clear_stuck(&reason, "the stuck start has returned");
         });
     }
 
-    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end.
-    fn finish(&self) {
+    /// Frees an account marked stuck for `reason` (unless something else is stuck now).
+    fn clear_stuck(&self, reason: &str, message: &str) {
         {
             let mut state = self.inner.lock();
-            if let Some(entry) = state.accounts.get_mut(&self.key)
-                && entry.lifecycle.as_ref().is_some_and(|lc| lc.id == self.id)
-            {
-                entry.lifecycle = None;
+            match state.accounts.get_mut(&self.key) {
+                Some(entry) if entry.stuck.as_deref() == Some(reason) => entry.stuck = None,
+                _ => return,
             }
         }
-        let _ = self.ended.send(true);
+        let now = self.inner.clock.wall_ms();
+        self.inner.board.update(&self.key, |s| {
+            s.running = false;
+            s.last_stop_at = Some(now);
+            s.last_error = Some(message.into());
+        });
+        tracing::info!(account = %self.key, "{message}; the account can start again");
     }
 }

@@ -2,10 +2,12 @@
 //! restarted with exponential backoff and jitter when it ends, given up on after the maximum, and
 //! stopped for good when a user says so (a manual stop always wins).
 //!
-//! Shape: one lifecycle task per account (boot → run → backoff → boot …, see [`lifecycle`]) and one
-//! lock over all accounts' bookkeeping ([`State`]), never held across a plugin call or an await.
+//! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`) and one
+//! lock over all accounts' bookkeeping (`State`), never held across a plugin call or an await.
 //! Plugin calls run on the blocking pool with time bounds ([`calls`]). Each lifecycle has its own
 //! cancellation token; lifecycles are tracked so shutdown is close, cancel, wait.
+//!
+//! The `tests` module checks every rule with a paused clock against an in-process plugin double.
 //!
 //! The rules are BEHAVIOUR.md's "Start", "Stop" and "Other operations", plus fixes for the
 //! reference's known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
@@ -15,6 +17,8 @@ pub mod calls;
 mod lifecycle;
 pub mod policy;
 mod restart_log;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,7 +37,7 @@ use crate::{
     clock::Clock,
     config::{ChannelSection, SupervisorConfig},
     host::AccountKey,
-    plugin::Plugin,
+    plugin::{Check, Plugin},
     status::{AccountSnapshot, StatusBoard},
 };
 
@@ -51,7 +55,8 @@ pub enum StartOutcome {
     NotConfigured(String),
     /// The plugin's start (or a config hook) failed; an automatic restart is scheduled.
     Failed(String),
-    /// The start did not hand over its task within the start timeout.
+    /// The start did not hand over its task within the start timeout (the boot goes on: a task
+    /// the plugin hands over later runs as the account's task).
     TimedOut(String),
     /// Refused: a previous task is stuck (with the reason).
     Refused(String),
@@ -67,7 +72,8 @@ pub enum StopOutcome {
     Stopped,
     /// The task ignored its abort and was cancelled on the plugin's runtime after the timeout.
     Cancelled,
-    /// The task would not end (it blocks its thread); it is reported as stuck.
+    /// The task would not end (it blocks its thread), or the plugin's start it was booting with
+    /// did not return; it is reported as stuck and starts are refused until it ends.
     Stuck(String),
 }
 
@@ -160,8 +166,18 @@ pub struct Channel {
 #[derive(Default)]
 struct State {
     channels: BTreeMap<String, Arc<Channel>>,
+    /// Channels whose registration failed, with why (start-all reports them).
+    failed_channels: BTreeMap<String, String>,
     accounts: HashMap<AccountKey, AccountEntry>,
     next_lifecycle: u64,
+}
+
+/// What registration learns about an account for the snapshot (BEHAVIOUR.md, "Snapshot":
+/// `enabled` recomputed, `configured` from the plugin's description when it gives one).
+struct Seed {
+    enabled: Option<Check>,
+    configured: Option<bool>,
+    unconfigured_reason: Option<String>,
 }
 
 struct Inner {
@@ -225,8 +241,31 @@ impl Supervisor {
     }
 
     /// Registers a channel: hands the plugin its config and lists its accounts. Two listed ids
-    /// that normalise to the same account are an error naming both.
+    /// that normalise to the same account are an error naming both. Each account's `enabled`
+    /// (and `configured`, when the plugin's description gives it) goes to the status board, so
+    /// the snapshot shows a disabled or unconfigured account with its reason before any start.
+    /// A failure is remembered for start-all's summary.
     pub async fn add_channel(
+        &self,
+        plugin: Arc<dyn Plugin>,
+        section: ChannelSection,
+    ) -> Result<Arc<Channel>, SupervisorError> {
+        let id = plugin.info().channel_id.clone();
+        match self.register(plugin, section).await {
+            Ok(channel) => {
+                let mut state = self.lock();
+                state.failed_channels.remove(&id);
+                state.channels.insert(id, channel.clone());
+                Ok(channel)
+            }
+            Err(e) => {
+                self.lock().failed_channels.insert(id, e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn register(
         &self,
         plugin: Arc<dyn Plugin>,
         section: ChannelSection,
@@ -256,16 +295,31 @@ impl Supervisor {
             }
             accounts.push(normalised);
         }
-        let channel = Arc::new(Channel {
+        // The snapshot's view of each account; a plugin too slow for it only loses that.
+        let call_plugin = plugin.clone();
+        let ids = accounts.clone();
+        let seeds = bounded(self.inner.call_timeout, move || {
+            ids.iter()
+                .map(|account| seed(&*call_plugin, account))
+                .collect::<Vec<_>>()
+        });
+        match seeds.await {
+            Ok(seeds) => {
+                for (account, seed) in accounts.iter().zip(seeds) {
+                    let key = AccountKey::new(id.clone(), account.clone());
+                    self.inner.board.update(&key, |s| seed.apply(s));
+                }
+            }
+            Err(e) => tracing::warn!(channel = %id, "reading accounts for the snapshot {e}"),
+        }
+        Ok(Arc::new(Channel {
             id: id.clone(),
             plugin,
             section,
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boot_permits: Semaphore::new(self.inner.policy.startup_accounts_per_channel),
-        });
-        self.lock().channels.insert(id, channel.clone());
-        Ok(channel)
+        }))
     }
 
     /// The channel with this id.
@@ -328,8 +382,13 @@ impl Supervisor {
     }
 
     /// Starts every account of every channel; one channel's failure does not stop the others.
+    /// The summary has every channel, including those whose registration failed (with why).
     pub async fn start_all(&self) -> BTreeMap<String, ChannelStartSummary> {
-        let channels = self.channels();
+        let (channels, failed) = {
+            let state = self.lock();
+            let channels: Vec<_> = state.channels.values().cloned().collect();
+            (channels, state.failed_channels.clone())
+        };
         let limit = Arc::new(Semaphore::new(self.inner.policy.startup_channels));
         let runs = channels.into_iter().map(|ch| {
             let this = self.clone();
@@ -358,21 +417,32 @@ impl Supervisor {
                 (ch.id.clone(), summary)
             }
         });
-        join_all(runs).await.into_iter().collect()
+        let mut summaries: BTreeMap<_, _> = join_all(runs).await.into_iter().collect();
+        for (id, error) in failed {
+            summaries.entry(id).or_insert_with(|| ChannelStartSummary {
+                error: Some(error),
+                ..ChannelStartSummary::default()
+            });
+        }
+        summaries
     }
 
+    /// One account's start. It returns once the start has taken effect, or after the start
+    /// timeout with [`StartOutcome::TimedOut`] (the boot itself goes on: see `Lifecycle::boot`).
     async fn start_account(&self, ch: &Arc<Channel>, key: &AccountKey, user: bool) -> StartOutcome {
+        let deadline = tokio::time::Instant::now() + self.inner.policy.start_timeout;
         loop {
             let (mut events, seen, ended) = {
                 let mut state = self.lock();
                 let next_id = state.next_lifecycle + 1;
                 let entry = state.accounts.entry(key.clone()).or_default();
+                if let Some(reason) = &entry.stuck {
+                    // Refused: nothing changes, not even the manual-stop mark.
+                    return StartOutcome::Refused(reason.clone());
+                }
                 if user {
                     entry.manual_stop = false;
                     entry.attempts = 0;
-                }
-                if let Some(reason) = &entry.stuck {
-                    return StartOutcome::Refused(reason.clone());
                 }
                 match &entry.lifecycle {
                     Some(lc) if lc.phase == Phase::Stopping => {
@@ -398,17 +468,36 @@ impl Supervisor {
                     }
                 }
             };
-            if let Some(mut ended) = ended {
+            let waited = match ended {
                 // A stop is in progress: the stop finishes first, then this start runs.
-                let _ = ended.wait_for(|done| *done).await;
-                continue;
-            }
-            let outcome = events
-                .wait_for(|event| event.seq > seen && event.outcome.is_some())
+                Some(mut ended) => tokio::time::timeout_at(deadline, ended.wait_for(|done| *done))
+                    .await
+                    .map(|_| None),
+                None => tokio::time::timeout_at(
+                    deadline,
+                    events.wait_for(|event| event.seq > seen && event.outcome.is_some()),
+                )
                 .await
-                .ok()
-                .and_then(|event| event.outcome.clone());
-            return outcome.unwrap_or(StartOutcome::Stopped);
+                .map(|event| {
+                    // The lifecycle ended without publishing (a stop during the backoff): stopped.
+                    Some(
+                        event
+                            .ok()
+                            .and_then(|event| event.outcome.clone())
+                            .unwrap_or(StartOutcome::Stopped),
+                    )
+                }),
+            };
+            match waited {
+                Ok(Some(outcome)) => return outcome,
+                Ok(None) => continue,
+                Err(_) => {
+                    return StartOutcome::TimedOut(format!(
+                        "the start did not hand over its task within {}",
+                        humantime::format_duration(self.inner.policy.start_timeout)
+                    ));
+                }
+            }
         }
     }
 
@@ -418,10 +507,12 @@ impl Supervisor {
         let (events_tx, events) = watch::channel(BootEvent::default());
         let (ended_tx, ended) = watch::channel(false);
         let run = lifecycle::Lifecycle {
-            inner: self.inner.clone(),
+            ctx: lifecycle::AccountCtx {
+                inner: self.inner.clone(),
+                channel: ch,
+                key,
+            },
             id,
-            channel: ch,
-            key,
             token: token.clone(),
             wake: wake.clone(),
             events: events_tx,
@@ -462,8 +553,11 @@ impl Supervisor {
             let mut state = self.lock();
             let entry = state.accounts.entry(key.clone()).or_default();
             entry.manual_stop = true;
+            entry.last_stop_cancelled = false;
             match &mut entry.lifecycle {
                 Some(lc) => {
+                    // From here on a start waits for this stop to finish, then starts anew.
+                    lc.phase = Phase::Stopping;
                     lc.token.cancel();
                     lc.ended.clone()
                 }
@@ -625,4 +719,51 @@ fn default_account_of(ch: &Channel) -> String {
         .clone()
         .or_else(|| ch.accounts.first().cloned())
         .unwrap_or_else(|| DEFAULT_ACCOUNT_ID.to_owned())
+}
+
+/// Asks the plugin what the snapshot needs to know about one account before any start; a failed
+/// call leaves its field unknown.
+fn seed(plugin: &dyn Plugin, account: &str) -> Seed {
+    let enabled = plugin.is_enabled(account).ok();
+    let configured = plugin
+        .describe_account(account)
+        .ok()
+        .flatten()
+        .and_then(|d| d.get("configured").and_then(serde_json::Value::as_bool));
+    let unconfigured_reason = match configured {
+        Some(false) => match plugin.is_configured(account) {
+            Ok(Check::No(reason)) => reason,
+            _ => None,
+        },
+        _ => None,
+    };
+    Seed {
+        enabled,
+        configured,
+        unconfigured_reason,
+    }
+}
+
+impl Seed {
+    /// Writes what was learnt; a reason goes to `lastError` only when the account is not running
+    /// and has no error yet (as the reference's snapshot does).
+    fn apply(self, s: &mut AccountSnapshot) {
+        if let Some(check) = &self.enabled {
+            s.enabled = *check == Check::Yes;
+        }
+        if let Some(configured) = self.configured {
+            s.configured = configured;
+        }
+        if s.running || s.last_error.is_some() {
+            return;
+        }
+        if let Some(Check::No(reason)) = self.enabled {
+            s.last_error = Some(reason.unwrap_or_else(|| "disabled".into()));
+        } else if self.configured == Some(false) {
+            s.last_error = Some(
+                self.unconfigured_reason
+                    .unwrap_or_else(|| "not configured".into()),
+            );
+        }
+    }
 }
