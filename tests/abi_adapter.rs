@@ -353,7 +353,14 @@ async fn echo_example_serves_tcp_drops_stale_calls_and_shuts_down_its_threads() 
     let account = link(&loaded, "main");
     let key = account.key().unwrap().clone();
     let task = loaded.plugin.start_account("main", account).unwrap();
-    assert_eq!(threads(), 2, "the runtime has the 2 workers init asked for");
+    // A worker names itself once it runs, so the count is awaited, not read at once.
+    timeout(PROMPT, async {
+        while threads() != 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the runtime has the 2 workers init asked for");
 
     // The plugin reports its address through a status patch once it listens.
     let addr = timeout(PROMPT, async {
