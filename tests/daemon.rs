@@ -186,7 +186,7 @@ fn a_secret_from_the_environment_is_used_and_never_shown() {
 
     let status = serde_json::to_string(&daemon.status(None)).unwrap();
     let (_, token) = daemon.api();
-    let (_, plugins) = api_get(&daemon, "/v1/views/plugins", Some(&token));
+    let (_, plugins) = api_get(&daemon, "/v1/plugins", Some(&token));
     let (code, log) = daemon.terminate();
     assert!(code.success());
     for (place, text) in [

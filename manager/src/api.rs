@@ -8,6 +8,8 @@
 //! | GET | `/v1/status/{channel}/{account}` | one account |
 //! | POST | `/v1/accounts/{channel}/{op}` | `start`, `stop`, `restart` every account of a channel |
 //! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
+//! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped |
+//! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
 //!
 //! Errors are `{"error": "…"}` with 401 (no or wrong token), 404 (unknown channel, account or
 //! path, named), 400 (bad operation), 500 (the operation failed).
@@ -29,11 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Secret,
     host::AccountKey,
+    reload::HotPlugins,
     supervise::{Supervisor, SupervisorError},
 };
-
-/// A read-only JSON view another subsystem adds to the API (`GET /v1/views/{name}`).
-pub type View = Arc<dyn Fn() -> Value + Send + Sync>;
 
 /// What the API serves from.
 #[derive(Clone)]
@@ -42,8 +42,8 @@ pub struct ApiState {
     pub supervisor: Supervisor,
     /// The bearer token.
     pub token: Secret,
-    /// Extra read-only views added by later subsystems (e.g. the plugins listing).
-    pub views: Arc<BTreeMap<&'static str, View>>,
+    /// Hot plugins (listing, rescan); `None` where the daemon has none (tests).
+    pub hot: Option<Arc<HotPlugins>>,
 }
 
 /// An API error with its status code.
@@ -107,7 +107,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/status/{channel}/{account}", get(status_account))
         .route("/v1/accounts/{channel}/{op}", post(channel_op))
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
-        .route("/v1/views/{name}", get(view))
+        .route("/v1/plugins", get(plugins))
+        .route("/v1/rescan", post(rescan))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -175,15 +176,26 @@ async fn account_op(
     run_op(&state.supervisor, &channel, Some(&account), &op).await
 }
 
-async fn view(
-    State(state): State<ApiState>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let view = state
-        .views
-        .get(name.as_str())
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {name:?}")))?;
-    Ok(Json(view()))
+fn hot(state: &ApiState) -> Result<&Arc<HotPlugins>, ApiError> {
+    state.hot.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "no plugins directory is managed".into(),
+        )
+    })
+}
+
+async fn plugins(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "plugins": hot(&state)?.listing() })))
+}
+
+async fn rescan(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let changes = hot(&state)?.rescan().await;
+    let changes: Vec<Value> = changes
+        .into_iter()
+        .map(|(file, change)| json!({ "file": file, "change": change }))
+        .collect();
+    Ok(Json(json!({ "changes": changes })))
 }
 
 fn keyed<T: serde::Serialize>(results: Vec<(AccountKey, T)>) -> Value {

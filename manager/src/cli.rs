@@ -116,6 +116,23 @@ pub enum Command {
     Logout(OpArgs),
     /// Reset an account's restart counter.
     Reset(OpArgs),
+    /// List the plugin files: channel, version, file, content hash, load time, load errors, and
+    /// how many versions of each channel are mapped.
+    Plugins {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rescan the plugins directory now (for file systems where change events get lost).
+    Rescan {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Arguments of the account operations.

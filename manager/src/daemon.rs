@@ -12,7 +12,6 @@ use std::{
 };
 
 use channeld_plugin_abi::abi::LogLevel;
-use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
@@ -20,10 +19,14 @@ use crate::{
     api::{self, ApiState},
     clock::{Clock, SystemClock},
     config::{Config, Secret},
+    health::HealthMonitor,
+    registry::PluginFileError,
     registry::{Loader, Registry},
+    reload::HotPlugins,
     stage::StagingDir,
     status::StatusBoard,
     supervise::{Supervisor, calls::bounded, policy::RandomJitter},
+    watch::{self, WatchConfig},
 };
 
 /// The daemon could not start (or run).
@@ -111,6 +114,8 @@ pub struct Daemon {
     pub registry: Arc<Mutex<Registry>>,
     /// How plugins are loaded.
     pub loader: Arc<Loader>,
+    /// The plugin files the first load refused.
+    pub load_errors: Vec<PluginFileError>,
 }
 
 impl Daemon {
@@ -146,7 +151,7 @@ impl Daemon {
             }
         }
         tracing::info!(
-            loaded = report.loaded.len(),
+            loaded = registry.len(),
             refused = report.failed.len(),
             dir = %config.host.plugins_dir.display(),
             "plugins directory loaded"
@@ -157,6 +162,7 @@ impl Daemon {
             supervisor,
             registry: Arc::new(Mutex::new(registry)),
             loader: Arc::new(loader),
+            load_errors: report.failed,
         };
         let plugins: Vec<_> = daemon.registry().iter().cloned().collect();
         for plugin in plugins {
@@ -204,6 +210,33 @@ fn max_log_level() -> LogLevel {
     }
 }
 
+/// Feeds the reconciler every plugin path the watcher reports.
+fn watch_plugins(config: &Config, hot: Arc<HotPlugins>, stop: CancellationToken) {
+    let (changes, mut paths) = tokio::sync::mpsc::unbounded_channel();
+    let watching = watch::spawn(
+        WatchConfig {
+            dir: config.host.plugins_dir.clone(),
+            settle: config.host.settle,
+            rescan_interval: config.host.rescan_interval,
+            use_events: config.host.watch,
+        },
+        changes,
+        stop,
+    );
+    tracing::info!(
+        dir = %config.host.plugins_dir.display(),
+        events = watching,
+        rescan = %humantime::format_duration(config.host.rescan_interval),
+        "watching the plugins directory"
+    );
+    tokio::spawn(async move {
+        while let Some(path) = paths.recv().await {
+            let change = hot.reconcile(&path).await;
+            tracing::debug!(file = %path.display(), ?change, "plugins directory change");
+        }
+    });
+}
+
 /// Runs the daemon until a signal, then shuts down in order.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut terminate =
@@ -224,32 +257,30 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })?;
     }
     let daemon = Arc::new(Daemon::load(config).await?);
-    let registry = daemon.registry.clone();
-    let mut views: std::collections::BTreeMap<&'static str, api::View> = Default::default();
-    views.insert(
-        "plugins",
-        Arc::new(move || {
-            let registry = registry.lock().unwrap_or_else(|p| p.into_inner());
-            json!(
-                registry
-                    .iter()
-                    .map(|p| json!({
-                        "channel": p.info.channel_id,
-                        "version": p.info.plugin_version,
-                        "file": p.staged.source,
-                        "hash": p.staged.hash,
-                    }))
-                    .collect::<Vec<_>>()
-            )
-        }),
+    let background = CancellationToken::new();
+    let hot = HotPlugins::new(
+        Arc::new(daemon.config.clone()),
+        daemon.registry.clone(),
+        daemon.loader.clone(),
+        daemon.supervisor.clone(),
     );
+    for error in &daemon.load_errors {
+        hot.note_error(error);
+    }
+    watch_plugins(&daemon.config, hot.clone(), background.clone());
+    let monitor = HealthMonitor::new(
+        daemon.config.health.clone(),
+        Arc::new(daemon.supervisor.clone()),
+        tokio::time::Instant::now(),
+    );
+    tokio::spawn(monitor.run(background.clone()));
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
         ApiState {
             supervisor: daemon.supervisor.clone(),
             token,
-            views: Arc::new(views),
+            hot: Some(hot),
         },
         stop_api.clone(),
     ));
@@ -288,6 +319,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         std::process::exit(130);
     });
     starter.abort();
+    background.cancel();
     stop_api.cancel();
     daemon.shutdown().await;
     let _ = api_task.await;

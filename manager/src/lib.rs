@@ -12,6 +12,7 @@ pub mod host;
 pub mod load;
 pub mod plugin;
 pub mod registry;
+pub mod reload;
 pub mod stage;
 pub mod status;
 pub mod status_table;

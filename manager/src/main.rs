@@ -119,6 +119,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plugins { config, json } => {
+            let config = load_client_config(&config)?;
+            let listing = Client::from_config(&config)?.get("/v1/plugins")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", status_table::render_plugins(&listing));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rescan { config, json } => {
+            let config = load_client_config(&config)?;
+            let answer = Client::from_config(&config)?.post("/v1/rescan")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            }
+            let mut failed = false;
+            for change in answer["changes"].as_array().into_iter().flatten() {
+                let outcome = change["change"]["outcome"].as_str().unwrap_or("?");
+                failed |= outcome == "failed";
+                if !json && outcome != "unchanged" {
+                    let detail = change["change"]["error"]
+                        .as_str()
+                        .or(change["change"]["channel"].as_str())
+                        .unwrap_or("");
+                    println!(
+                        "{}: {outcome} {detail}",
+                        change["file"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),

@@ -246,7 +246,12 @@ impl Registry {
         self.plugins.get(channel).map(|p| p.staged.source.clone())
     }
 
-    /// Adds a loaded plugin (the caller checked for duplicates through `load_file`).
+    /// Forgets `channel`'s plugin (its library stays mapped).
+    pub fn remove(&mut self, channel: &str) -> Option<LoadedPlugin> {
+        self.plugins.remove(channel)
+    }
+
+    /// Adds (or replaces) a loaded plugin (the caller checked for duplicates through `load_file`).
     pub fn insert(&mut self, plugin: LoadedPlugin) {
         self.plugins.insert(plugin.info.channel_id.clone(), plugin);
     }

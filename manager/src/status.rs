@@ -12,8 +12,8 @@ use std::{
 
 use channeld_plugin_abi::abi::{EventKind, InboundMessage};
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
 use crate::{
     clock::Clock,
@@ -182,7 +182,9 @@ impl StatusBoard {
 
     /// `key`'s snapshot and run times together (one lock).
     pub fn get_with_liveness(&self, key: &AccountKey) -> Option<(AccountSnapshot, Liveness)> {
-        self.lock().get(key).map(|e| (e.snapshot.clone(), e.liveness))
+        self.lock()
+            .get(key)
+            .map(|e| (e.snapshot.clone(), e.liveness))
     }
 
     /// `key`'s snapshot.
@@ -268,7 +270,12 @@ struct Stamp {
     mono: Instant,
 }
 
-fn mark_event(snapshot: &mut AccountSnapshot, liveness: &mut Liveness, kind: EventKind, now: Stamp) {
+fn mark_event(
+    snapshot: &mut AccountSnapshot,
+    liveness: &mut Liveness,
+    kind: EventKind,
+    now: Stamp,
+) {
     snapshot.last_event_at = Some(now.wall);
     liveness.last_event_at = Some(now.mono);
     match kind {

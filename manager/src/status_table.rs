@@ -38,6 +38,63 @@ fn ago(now_ms: i64, at: Option<i64>) -> String {
     }
 }
 
+fn columns(rows: &[Vec<String>]) -> String {
+    let count = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..count)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == count {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Renders `{"plugins": [listing, …]}` as a table.
+pub fn render_plugins(listing: &Value) -> String {
+    let mut rows = vec![
+        [
+            "CHANNEL",
+            "STATE",
+            "VERSION",
+            "MAPPED",
+            "HASH",
+            "FILE",
+            "LOAD ERROR",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for p in listing["plugins"].as_array().into_iter().flatten() {
+        let text = |k: &str| p[k].as_str().unwrap_or("-").to_owned();
+        let mut hash = text("hash");
+        hash.truncate(12);
+        rows.push(vec![
+            text("channel"),
+            text("state"),
+            text("version"),
+            p["versionsMapped"].as_u64().unwrap_or(0).to_string(),
+            hash,
+            text("file"),
+            text("loadError"),
+        ]);
+    }
+    let mut out = columns(&rows);
+    if rows.len() == 1 {
+        out.push_str("(no plugin files)\n");
+    }
+    out
+}
+
 /// Renders `{"channels": {channel: {account: snapshot}}}` as a table.
 pub fn render(status: &Value, now_ms: i64) -> String {
     let mut rows = vec![[
@@ -48,6 +105,8 @@ pub fn render(status: &Value, now_ms: i64) -> String {
         "RESTARTS".into(),
         "MESSAGES".into(),
         "SINCE".into(),
+        "HEALTH".into(),
+        "MONITOR RESTART".into(),
         "LAST ERROR".into(),
     ]];
     if let Some(channels) = status["channels"].as_object() {
@@ -70,27 +129,15 @@ pub fn render(status: &Value, now_ms: i64) -> String {
                     s["reconnectAttempts"].as_u64().unwrap_or(0).to_string(),
                     s["inboundMessages"].as_u64().unwrap_or(0).to_string(),
                     ago(now_ms, since),
+                    s["healthVerdict"].as_str().unwrap_or("-").to_owned(),
+                    ago(now_ms, s["healthRestartAt"].as_i64()),
                     s["lastError"].as_str().unwrap_or("-").to_owned(),
                 ]);
             }
         }
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i == 7 {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    let mut out = columns(&rows);
     if rows.len() == 1 {
         out.push_str("(no accounts)\n");
     }

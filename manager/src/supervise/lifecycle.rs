@@ -206,13 +206,13 @@ impl Lifecycle {
             .accounts
             .get(&ctx.key)
             .map_or(0, |e| e.attempts);
-        let now = ctx.inner.clock.wall_ms();
+        // Stamps lastStartAt and the monotonic start the health monitor measures from.
+        ctx.inner.board.mark_started(&ctx.key);
         ctx.inner.board.update(&ctx.key, |s| {
             s.enabled = true;
             s.configured = true;
             s.running = true;
             s.restart_pending = false;
-            s.last_start_at = Some(now);
             s.last_error = None;
             s.reconnect_attempts = attempts;
         });

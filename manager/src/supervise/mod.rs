@@ -14,7 +14,9 @@
 //! crash), 4 (restart lost when an abort races the backoff) and 5 (duplicate tasks).
 
 pub mod calls;
+mod hot;
 mod lifecycle;
+mod monitor;
 pub mod policy;
 mod restart_log;
 #[cfg(test)]
@@ -110,6 +112,20 @@ pub struct ChannelStartSummary {
     pub error: Option<String>,
 }
 
+/// Who starts an account, which decides what the start resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartMode {
+    /// A user: clears the manual-stop mark and the restart counter.
+    User,
+    /// The health monitor or a plugin replacement bringing back an account the host stopped
+    /// itself: clears the manual-stop mark its own stop set, and resets the counter only when
+    /// asked (a gave-up account gets one start, not a fresh budget).
+    Revive {
+        /// Whether to reset the restart counter.
+        reset_counter: bool,
+    },
+}
+
 /// The phase of a lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -169,6 +185,8 @@ struct State {
     /// Channels whose registration failed, with why (start-all reports them).
     failed_channels: BTreeMap<String, String>,
     accounts: HashMap<AccountKey, AccountEntry>,
+    /// Channels whose plugin file was removed, with their accounts (shown in the snapshot).
+    removed: BTreeMap<String, Vec<String>>,
     next_lifecycle: u64,
 }
 
@@ -255,6 +273,7 @@ impl Supervisor {
             Ok(channel) => {
                 let mut state = self.lock();
                 state.failed_channels.remove(&id);
+                state.removed.remove(&id);
                 state.channels.insert(id, channel.clone());
                 Ok(channel)
             }
@@ -374,7 +393,7 @@ impl Supervisor {
             let ch = ch.clone();
             async move {
                 let key = AccountKey::new(ch.id.clone(), id);
-                let outcome = this.start_account(&ch, &key, true).await;
+                let outcome = this.start_account(&ch, &key, StartMode::User).await;
                 (key, outcome)
             }
         });
@@ -429,7 +448,12 @@ impl Supervisor {
 
     /// One account's start. It returns once the start has taken effect, or after the start
     /// timeout with [`StartOutcome::TimedOut`] (the boot itself goes on: see `Lifecycle::boot`).
-    async fn start_account(&self, ch: &Arc<Channel>, key: &AccountKey, user: bool) -> StartOutcome {
+    async fn start_account(
+        &self,
+        ch: &Arc<Channel>,
+        key: &AccountKey,
+        mode: StartMode,
+    ) -> StartOutcome {
         let deadline = tokio::time::Instant::now() + self.inner.policy.start_timeout;
         loop {
             let (mut events, seen, ended) = {
@@ -440,9 +464,17 @@ impl Supervisor {
                     // Refused: nothing changes, not even the manual-stop mark.
                     return StartOutcome::Refused(reason.clone());
                 }
-                if user {
-                    entry.manual_stop = false;
-                    entry.attempts = 0;
+                match mode {
+                    StartMode::User => {
+                        entry.manual_stop = false;
+                        entry.attempts = 0;
+                    }
+                    StartMode::Revive { reset_counter } => {
+                        entry.manual_stop = false;
+                        if reset_counter {
+                            entry.attempts = 0;
+                        }
+                    }
                 }
                 match &entry.lifecycle {
                     Some(lc) if lc.phase == Phase::Stopping => {
@@ -691,6 +723,17 @@ impl Supervisor {
                 accounts.insert(id.clone(), snapshot);
             }
             out.insert(ch.id.clone(), accounts);
+        }
+        let removed = self.lock().removed.clone();
+        for (channel, ids) in removed {
+            let accounts = ids
+                .into_iter()
+                .filter_map(|id| {
+                    let key = AccountKey::new(channel.clone(), id.clone());
+                    all.remove(&key).map(|s| (id, s))
+                })
+                .collect();
+            out.entry(channel).or_insert(accounts);
         }
         out
     }
