@@ -28,3 +28,6 @@ mod daemon;
 
 /// The restart supervisor end to end, driven by the CLI, with the fixture plugin's misbehaviours.
 mod supervisor;
+
+/// Hot plugins: add, replace, remove, slow and truncated files, bad files, rescans.
+mod hot;

@@ -135,6 +135,11 @@ impl Loader {
         self.load_staged(staged, claimed)
     }
 
+    /// Records that a loaded version was shut down (see [`StagingDir::retire`]).
+    pub fn retire(&self, staged: &Staged) {
+        self.staging.retire(&staged.hash);
+    }
+
     /// Stages several files in parallel (see [`stage::stage_all`]).
     pub fn stage_all(&self, paths: &[PathBuf]) -> Vec<Result<Staged, StageError>> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -310,6 +310,7 @@ impl HotPlugins {
     /// Shuts an old version's runtime down once its accounts are gone. Its library stays mapped
     /// (unloading a library whose threads or TLS destructors may still run crashes).
     async fn retire(&self, old: LoadedPlugin) {
+        self.loader.retire(&old.staged);
         let plugin = old.plugin.clone();
         let channel = old.info.channel_id.clone();
         match bounded(Duration::from_secs(10), move || plugin.shutdown()).await {

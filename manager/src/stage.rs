@@ -6,10 +6,12 @@
 //! then hands the copy to the loader.
 
 use std::{
+    collections::HashMap,
     fs,
     io::Write,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use goblin::elf::{Elf, program_header::PT_LOAD};
@@ -76,6 +78,11 @@ pub struct Staged {
 #[derive(Debug, Clone)]
 pub struct StagingDir {
     dir: PathBuf,
+    /// How many times each content hash's library was retired (shut down). Libraries are never
+    /// unloaded and `dlopen` of a file it has mapped returns the mapped instance, so content that
+    /// comes back after its library was shut down (a removed file put back, a rollback) is staged
+    /// under a fresh name: a new file, a new inode, a fresh instance.
+    retired: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl StagingDir {
@@ -94,7 +101,15 @@ impl StagingDir {
         }
         Ok(Self {
             dir: dir.to_owned(),
+            retired: Arc::default(),
         })
+    }
+
+    /// Records that the library staged from `hash` was shut down: the next staging of the same
+    /// content gets a fresh copy.
+    pub fn retire(&self, hash: &str) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        *retired.entry(hash.to_owned()).or_default() += 1;
     }
 
     /// The directory.
@@ -128,7 +143,19 @@ impl StagingDir {
         // never lands in the staging directory.
         check_elf(source, &bytes)?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
-        let copy = self.dir.join(format!("{hash}{}", discover::PLUGIN_SUFFIX));
+        let incarnation = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .copied()
+            .unwrap_or(0);
+        let name = if incarnation == 0 {
+            hash.clone()
+        } else {
+            format!("{hash}-{incarnation}")
+        };
+        let copy = self.dir.join(format!("{name}{}", discover::PLUGIN_SUFFIX));
         if !copy.exists() {
             // Write under a temporary name and rename, so the staged name only ever holds a
             // complete file.

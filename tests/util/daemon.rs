@@ -177,7 +177,14 @@ impl Daemon {
     ) -> Value {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let snapshot = self.account(channel, account);
+            // An account whose channel is not there yet reads as `null`.
+            let out = self.cli(&["status", "--json", &format!("{channel}:{account}")]);
+            let snapshot = if out.status.success() {
+                let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+                status["channels"][channel][account].clone()
+            } else {
+                Value::Null
+            };
             if ready(&snapshot) {
                 return snapshot;
             }
