@@ -31,3 +31,6 @@ mod supervisor;
 
 /// Hot plugins: add, replace, remove, slow and truncated files, bad files, rescans.
 mod hot;
+
+/// The health monitor with the real daemon: a disconnected account restarted, with its reason.
+mod health;

@@ -17,6 +17,8 @@
 mod backoff;
 /// The reference's failures 1, 3, 4 and 5, one regression test (or two) each.
 mod failures;
+/// The health monitor over the real supervisor: failure 2, the 2-hour bound, revival.
+mod health;
 /// Logout, mark logged out, the health-monitor gate, the snapshot.
 mod operations;
 /// Rule 7: start-all's summary, and the startup fan-out limits.
