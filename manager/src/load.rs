@@ -106,10 +106,31 @@ pub fn host_abi_version() -> &'static str {
 /// Opens `path` and returns its checked root module. The file is mapped for the rest of the
 /// process's life.
 pub fn load_root_module(path: &Path) -> Result<PluginMod_Ref, LoadError> {
-    let header = lib_header_from_path(path).map_err(|e| classify(path, e))?;
+    load_root_module_named(path, path)
+}
+
+/// Opens `path` (a staged copy) and returns its checked root module; errors name `shown` (the
+/// file the user put in the plugins directory).
+pub fn load_root_module_named(path: &Path, shown: &Path) -> Result<PluginMod_Ref, LoadError> {
+    let header = lib_header_from_path(path).map_err(|e| classify(shown, e))?;
     header
         .init_root_module::<PluginMod_Ref>()
-        .map_err(|e| classify(path, e))
+        .map_err(|e| classify(shown, e))
+}
+
+impl LoadError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Open { path, .. }
+            | Self::NotAPlugin { path, .. }
+            | Self::AbiHeader { path, .. }
+            | Self::Version { path, .. }
+            | Self::Layout { path, .. }
+            | Self::Constructor { path, .. }
+            | Self::Metadata { path, .. } => path,
+        }
+    }
 }
 
 fn classify(path: &Path, error: LibraryError) -> LoadError {

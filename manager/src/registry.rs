@@ -15,7 +15,7 @@ use crate::{
     discover::{self, DirError},
     ffi::FfiPlugin,
     host::HostSink,
-    load::{LoadError, load_root_module},
+    load::{LoadError, load_root_module_named},
     plugin::{Plugin, PluginCallError, PluginInfo},
     stage::{self, StageError, Staged, StagingDir},
 };
@@ -65,6 +65,28 @@ impl PluginFileError {
             Self::Load(e) => e.class(),
             Self::Duplicate { .. } => "duplicate-channel",
             Self::Init { .. } => "init-failed",
+        }
+    }
+
+    /// The plugin file the error is about.
+    pub fn path(&self) -> &Path {
+        use crate::discover::FileCheckError as F;
+        match self {
+            Self::Stage(StageError::Check(
+                F::DanglingSymlink { path }
+                | F::WritableByOthers { path, .. }
+                | F::ForeignOwner { path, .. }
+                | F::Unreadable { path, .. },
+            ))
+            | Self::Stage(
+                StageError::Empty { path }
+                | StageError::NotElf { path, .. }
+                | StageError::Truncated { path, .. }
+                | StageError::Io { path, .. },
+            )
+            | Self::Duplicate { path, .. }
+            | Self::Init { path, .. } => path,
+            Self::Load(e) => e.path(),
         }
     }
 
@@ -155,7 +177,7 @@ impl Loader {
     ) -> Result<LoadedPlugin, PluginFileError> {
         let path = staged.source.clone();
         let path = path.as_path();
-        let module = load_root_module(&staged.copy).map_err(|e| rename(e, path))?;
+        let module = load_root_module_named(&staged.copy, path)?;
         let plugin = FfiPlugin::new(module, path)?;
         let channel = plugin.info().channel_id.clone();
         if let Some(existing) = claimed(&channel) {
@@ -177,45 +199,6 @@ impl Loader {
             loaded_at_ms: self.clock.wall_ms(),
             plugin: Arc::new(plugin),
         })
-    }
-}
-
-/// Errors name the file the user put in the directory, not the private staged copy.
-fn rename(error: LoadError, source: &Path) -> LoadError {
-    let source = source.to_owned();
-    match error {
-        LoadError::Open { reason, .. } => LoadError::Open {
-            path: source,
-            reason,
-        },
-        LoadError::NotAPlugin { detail, .. } => LoadError::NotAPlugin {
-            path: source,
-            detail,
-        },
-        LoadError::AbiHeader { reason, .. } => LoadError::AbiHeader {
-            path: source,
-            reason,
-        },
-        LoadError::Version { plugin, host, .. } => LoadError::Version {
-            path: source,
-            plugin,
-            host,
-        },
-        LoadError::Layout {
-            summary, detail, ..
-        } => LoadError::Layout {
-            path: source,
-            summary,
-            detail,
-        },
-        LoadError::Constructor { reason, .. } => LoadError::Constructor {
-            path: source,
-            reason,
-        },
-        LoadError::Metadata { reason, .. } => LoadError::Metadata {
-            path: source,
-            reason,
-        },
     }
 }
 

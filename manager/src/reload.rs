@@ -140,9 +140,9 @@ impl HotPlugins {
 
     /// Records a load error at startup (the initial directory load happens before this exists).
     pub fn note_error(&self, error: &PluginFileError) {
-        if let Some(path) = error_path(error) {
-            self.listing_state().errors.insert(path, error.to_string());
-        }
+        self.listing_state()
+            .errors
+            .insert(error.path().to_owned(), error.to_string());
     }
 
     /// Brings what runs in line with `path` as it is now.
@@ -384,35 +384,4 @@ impl HotPlugins {
         }
         out
     }
-}
-
-fn error_path(error: &PluginFileError) -> Option<PathBuf> {
-    // Every error's message starts with its file; the variants carry it too.
-    use crate::{discover::FileCheckError as F, load::LoadError as L, stage::StageError as S};
-    Some(match error {
-        PluginFileError::Stage(S::Check(
-            F::DanglingSymlink { path }
-            | F::WritableByOthers { path, .. }
-            | F::ForeignOwner { path, .. }
-            | F::Unreadable { path, .. },
-        ))
-        | PluginFileError::Stage(
-            S::Empty { path }
-            | S::NotElf { path, .. }
-            | S::Truncated { path, .. }
-            | S::Io { path, .. },
-        ) => path.clone(),
-        PluginFileError::Load(
-            L::Open { path, .. }
-            | L::NotAPlugin { path, .. }
-            | L::AbiHeader { path, .. }
-            | L::Version { path, .. }
-            | L::Layout { path, .. }
-            | L::Constructor { path, .. }
-            | L::Metadata { path, .. },
-        ) => path.clone(),
-        PluginFileError::Duplicate { path, .. } | PluginFileError::Init { path, .. } => {
-            path.clone()
-        }
-    })
 }
