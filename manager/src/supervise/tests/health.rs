@@ -104,8 +104,14 @@ async fn reviving_a_gave_up_account_gives_it_one_start_not_a_fresh_budget() {
     assert_eq!(plugin.start_times("a"), secs(&[0, 6, 17, 600, 2400]));
     sleep(Duration::from_secs(2)).await;
     let s = snap(&sup, "c", "a");
-    assert!(!s.restart_pending && !s.running, "back to gave-up at once: {s:?}");
-    assert_eq!(s.reconnect_attempts, 5, "the counter was never reset: 3, then 4, then 5");
+    assert!(
+        !s.restart_pending && !s.running,
+        "back to gave-up at once: {s:?}"
+    );
+    assert_eq!(
+        s.reconnect_attempts, 5,
+        "the counter was never reset: 3, then 4, then 5"
+    );
     assert!(s.health_restart_at.is_some());
     assert_eq!(s.health_verdict.as_deref(), Some("gave-up"));
 }
