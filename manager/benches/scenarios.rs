@@ -10,14 +10,22 @@
 //! fixture's own `starts`/`ends`; for `load`, every copy's distinct staged file mapped in the
 //! process.
 //!
+//! `S1` and `S2` run 10,000 accounts of the fixture channel under the real [`Supervisor`] on a
+//! two-worker runtime; the fixture's process-wide `processStarts`/`processEnds` (read through its
+//! `describe_account`) prove how many tasks ran.
+//!
 //! Sizes can be lowered for profiling (e.g. under callgrind) with `CHANNELD_BENCH_MESSAGES`,
-//! `CHANNELD_BENCH_CALLS` and `CHANNELD_BENCH_ROUNDS`.
+//! `CHANNELD_BENCH_CALLS`, `CHANNELD_BENCH_ROUNDS` and `CHANNELD_BENCH_ACCOUNTS`.
 //!
 //! To add a scenario: write `fn name(bench: &Bench) -> anyhow::Result<String>` returning the JSON
 //! line (a `Serialize` struct whose first field is `scenario`) and list it in [`SCENARIOS`].
 
+/// `hot_add`: a plugin renamed into a running daemon's directory, until its account runs.
+#[path = "scenarios/hot_add.rs"]
+mod hot_add;
+
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs,
     hint::black_box,
     io::Write as _,
@@ -25,7 +33,10 @@ use std::{
     panic::{AssertUnwindSafe, catch_unwind},
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -38,6 +49,7 @@ use channeld_plugin_abi::{
 use goblin::elf::{Elf, program_header::PT_LOAD};
 use manager::{
     clock::{Clock, SystemClock},
+    config::{ChannelSection, SupervisorConfig},
     discover::{self, PLUGIN_SUFFIX},
     ffi::FfiPlugin,
     host::{AccountKey, AccountLink, HostSink},
@@ -45,7 +57,8 @@ use manager::{
     plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
     registry::{LoadedPlugin, Loader},
     stage::StagingDir,
-    status::StatusBoard,
+    status::{AccountSnapshot, StatusBoard},
+    supervise::{ChannelStartSummary, StopOutcome, Supervisor, policy::RandomJitter},
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -55,7 +68,13 @@ use tokio_util::sync::CancellationToken;
 type Scenario = fn(&Bench) -> anyhow::Result<String>;
 
 /// Every scenario, in the order a bare `scripts/bench` runs them.
-const SCENARIOS: &[(&str, Scenario)] = &[("ffi", ffi), ("load", load)];
+const SCENARIOS: &[(&str, Scenario)] = &[
+    ("ffi", ffi),
+    ("load", load),
+    ("S1", s1),
+    ("S2", s2),
+    ("hot_add", hot_add::hot_add),
+];
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -117,6 +136,7 @@ struct Bench {
     messages: u64,
     calls: u64,
     rounds: usize,
+    accounts: u64,
 }
 
 fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
@@ -143,6 +163,7 @@ impl Bench {
             messages: env_number("CHANNELD_BENCH_MESSAGES", 1_000_000)?,
             calls: env_number("CHANNELD_BENCH_CALLS", 5_000_000)?,
             rounds: env_number("CHANNELD_BENCH_ROUNDS", 7)?.max(1) as usize,
+            accounts: env_number("CHANNELD_BENCH_ACCOUNTS", 10_000)?.max(1),
         })
     }
 
@@ -860,4 +881,502 @@ impl Plugin for NativeTasks {
     fn shutdown(&self) -> Result<(), PluginCallError> {
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// S1 and S2: 10,000 accounts of one channel under the real supervisor.
+// ---------------------------------------------------------------------------------------------
+
+/// Workers of the host's runtime (the machine has 2 cores) and of the plugin's (the config's
+/// default `plugin_worker_threads`).
+const HOST_WORKERS: usize = 2;
+const PLUGIN_WORKERS: u32 = 2;
+/// The config's default `plugin_call_timeout`.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a fleet scenario waits for the plugin's counters before it calls the run a failure.
+const FLEET_LIMIT: Duration = Duration::from_secs(120);
+/// The pause between two reads of the plugin's counters: short against the goals (tens of ms),
+/// long enough that the polling thread does not take a core from the work it measures.
+const POLL: Duration = Duration::from_micros(50);
+/// The same while a crash storm runs for seconds: each read of the counters is a few µs of the
+/// bench's own CPU, which at [`POLL`] took ~6 % of the machine from the storm.
+const STORM_POLL: Duration = Duration::from_millis(1);
+/// `Supervisor::snapshot` calls per S1 run; the figure is their median.
+const SNAPSHOT_CALLS: usize = 5;
+/// The fleet's channel id (the fixture's).
+const FLEET_CHANNEL: &str = "fixture";
+
+/// One fleet scenario's world: a distinct stripped copy of the fixture staged and loaded through
+/// [`Loader::load_file`], a [`Supervisor`] on a two-worker multi-thread runtime writing to a
+/// [`StatusBoard`] that is also the plugin's host sink (as in the daemon), and one channel of
+/// `accounts` accounts `a0`…`a{n-1}`, each with the same table, registered with `add_channel`.
+struct Fleet {
+    runtime: tokio::runtime::Runtime,
+    supervisor: Supervisor,
+    plugin: Arc<dyn Plugin>,
+    ids: Vec<String>,
+    _scratch: tempfile::TempDir,
+}
+
+/// Makes each fleet's library copy distinct, so its process-wide counters start at zero.
+static FLEETS: AtomicUsize = AtomicUsize::new(0);
+
+impl Fleet {
+    fn new(bench: &Bench, account: Value, policy: SupervisorConfig) -> anyhow::Result<Self> {
+        let built = bench.built(FIXTURE)?;
+        let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let pass = format!("fleet{}", FLEETS.fetch_add(1, Ordering::Relaxed));
+        let copy = distinct_copies(&built, &scratch.path().join("plugins"), &pass, 1)?;
+        let staging = StagingDir::open(&scratch.path().join("state/staging"))?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let board = Arc::new(StatusBoard::new(clock.clone()));
+        let mut loader = Loader::new(staging, board.clone(), clock.clone());
+        loader.worker_threads = PLUGIN_WORKERS;
+        loader.max_log_level = LogLevel::Warn;
+        let plugin = loader.load_file(&copy[0], |_| None)?.plugin;
+        ensure!(
+            plugin.info().channel_id == FLEET_CHANNEL,
+            "the fixture loaded as {:?}",
+            plugin.info().channel_id
+        );
+        // Named so the CPU meter can tell the workers (the runtime starts them first) from the
+        // blocking pool's threads.
+        let spawned = AtomicUsize::new(0);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(HOST_WORKERS)
+            .thread_name_fn(move || {
+                let i = spawned.fetch_add(1, Ordering::Relaxed);
+                let kind = if i < HOST_WORKERS { "w" } else { "b" };
+                format!("host-{kind}{i}")
+            })
+            .enable_all()
+            .build()?;
+        let supervisor =
+            Supervisor::new(policy, CALL_TIMEOUT, board, clock, Arc::new(RandomJitter));
+        let ids: Vec<String> = (0..bench.accounts).map(|i| format!("a{i}")).collect();
+        let accounts: serde_json::Map<String, Value> =
+            ids.iter().map(|id| (id.clone(), account.clone())).collect();
+        let section = ChannelSection {
+            table: json!({ "accounts": accounts }),
+        };
+        let channel = runtime.block_on(supervisor.add_channel(plugin.clone(), section))?;
+        ensure!(
+            channel.accounts.len() == ids.len(),
+            "the supervisor registered {} of {} accounts",
+            channel.accounts.len(),
+            ids.len()
+        );
+        Ok(Self {
+            runtime,
+            supervisor,
+            plugin,
+            ids,
+            _scratch: scratch,
+        })
+    }
+
+    /// Runs `op` as a task on the runtime's workers (as the daemon spawns start-all) and waits.
+    fn on_runtime<T, F>(&self, op: impl FnOnce(Supervisor) -> F) -> anyhow::Result<T>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let task = self.runtime.spawn(op(self.supervisor.clone()));
+        Ok(self.runtime.block_on(task)?)
+    }
+
+    /// The plugin's own process-wide counts: (tasks started, tasks ended).
+    fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        let described = self
+            .plugin
+            .describe_account(&self.ids[0])?
+            .context("the fixture describes no account")?;
+        let count = |field: &str| {
+            described
+                .get(field)
+                .and_then(Value::as_u64)
+                .with_context(|| format!("the fixture's description has no {field:?}"))
+        };
+        Ok((count("processStarts")?, count("processEnds")?))
+    }
+
+    /// Reads the plugin's counts every `poll` until `done` holds (at most [`FLEET_LIMIT`]).
+    fn wait_counts(
+        &self,
+        poll: Duration,
+        done: impl Fn(u64, u64) -> bool,
+    ) -> anyhow::Result<(u64, u64)> {
+        let limit = Instant::now() + FLEET_LIMIT;
+        loop {
+            let (starts, ends) = self.counts()?;
+            if done(starts, ends) {
+                return Ok((starts, ends));
+            }
+            ensure!(
+                Instant::now() < limit,
+                "the plugin counts {starts} starts and {ends} ends after {FLEET_LIMIT:?}"
+            );
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// The fleet's accounts in `Supervisor::snapshot`, checked to be exactly `ids`.
+    fn snapshot_accounts<'a>(
+        &self,
+        snapshot: &'a BTreeMap<String, BTreeMap<String, AccountSnapshot>>,
+    ) -> anyhow::Result<&'a BTreeMap<String, AccountSnapshot>> {
+        let accounts = snapshot
+            .get(FLEET_CHANNEL)
+            .context("the snapshot has no fixture channel")?;
+        ensure!(
+            accounts.len() == self.ids.len(),
+            "the snapshot has {} of {} accounts",
+            accounts.len(),
+            self.ids.len()
+        );
+        Ok(accounts)
+    }
+
+    /// Stops everything: every account, the plugin's runtime, the host's runtime.
+    fn close(self) -> anyhow::Result<()> {
+        self.on_runtime(|s| async move { s.shutdown().await })?;
+        self.plugin.shutdown()?;
+        self.runtime.shutdown_timeout(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+/// CPU time of every thread of the process at one moment, by thread id (with its name), read
+/// through each thread's CPU-time clock (`/proc/.../schedstat` is not enabled on every kernel).
+struct CpuMeter {
+    threads: HashMap<i32, (String, Duration)>,
+    /// The whole process's user and system time (`getrusage`), which also counts threads that
+    /// have exited in between.
+    user: Duration,
+    system: Duration,
+    /// Voluntary and involuntary context switches of the whole process.
+    switches: (i64, i64),
+}
+
+impl CpuMeter {
+    fn read() -> Self {
+        // SAFETY: an all-zero `rusage` is a valid value of the plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid, writable rusage.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        let mut meter = Self {
+            threads: HashMap::new(),
+            user: time(usage.ru_utime),
+            system: time(usage.ru_stime),
+            switches: (usage.ru_nvcsw, usage.ru_nivcsw),
+        };
+        let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+            return meter;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            // The kernel's per-thread CPU clock id (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)).
+            let clock = (!tid << 3) | 6;
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid, writable timespec; an id of a thread that has exited makes
+            // the call fail (checked), nothing else.
+            if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+                let cpu = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+                meter.threads.insert(tid, (comm.trim().to_owned(), cpu));
+            }
+        }
+        meter
+    }
+
+    /// CPU time spent since `before`, by kind of thread: the host runtime's workers, its
+    /// blocking pool, the plugin's runtime, the bench's own thread, anything else.
+    fn since(&self, before: &Self) -> String {
+        let main = std::process::id() as i32;
+        let mut groups: BTreeMap<&str, (Duration, usize)> = BTreeMap::new();
+        for (tid, (comm, cpu)) in &self.threads {
+            let spent = cpu.saturating_sub(before.threads.get(tid).map_or(Duration::ZERO, |t| t.1));
+            let group = match comm.as_str() {
+                _ if *tid == main => "bench",
+                c if c.starts_with("host-w") => "host-workers",
+                c if c.starts_with("host-b") => "host-blocking",
+                c if c.starts_with("chd-") => "plugin",
+                _ => "other",
+            };
+            let entry = groups.entry(group).or_default();
+            entry.0 += spent;
+            entry.1 += 1;
+        }
+        let total: Duration = groups.values().map(|g| g.0).sum();
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|(group, (cpu, n))| format!("{group} {:.1} ({n})", ms(*cpu)))
+            .collect();
+        format!(
+            "cpu {:.1} ms (user {:.1}, system {:.1}; context switches {} voluntary, {} \
+             involuntary): {}",
+            ms(total),
+            ms(self.user.saturating_sub(before.user)),
+            ms(self.system.saturating_sub(before.system)),
+            self.switches.0 - before.switches.0,
+            self.switches.1 - before.switches.1,
+            parts.join(", ")
+        )
+    }
+}
+
+/// The process's resident memory (`VmRSS` of `/proc/self/status`), in bytes.
+fn rss_bytes() -> anyhow::Result<u64> {
+    let status =
+        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .context("/proc/self/status has no VmRSS line")?;
+    Ok(kib * 1024)
+}
+
+fn channel_summary(
+    summaries: &BTreeMap<String, ChannelStartSummary>,
+) -> anyhow::Result<&ChannelStartSummary> {
+    summaries
+        .get(FLEET_CHANNEL)
+        .context("start-all's summary has no fixture channel")
+}
+
+/// The `S1` scenario's line. Times are milliseconds, to a thousandth.
+#[derive(Serialize)]
+struct S1Report {
+    scenario: &'static str,
+    accounts: u64,
+    /// Tasks running by the plugin's own count (`processStarts − processEnds`) once all started.
+    running: u64,
+    /// `Supervisor::start_all` (spawned on the runtime, as the daemon does) until the plugin
+    /// counts every task running (goal: ≤ 25 ms).
+    start_all_ms: f64,
+    /// `Supervisor::snapshot` with every account running: the median of [`SNAPSHOT_CALLS`]
+    /// (goal: ≤ 1 ms).
+    snapshot_ms: f64,
+    /// `Supervisor::stop(channel, None)` until the plugin counts every task ended (goal: ≤ 25 ms).
+    stop_all_ms: f64,
+    /// (RSS with every account running − RSS before start-all) / accounts (goal: ≤ 2 KiB).
+    bytes_per_account: u64,
+}
+
+/// 10,000 accounts whose tasks run until aborted (the fixture's default mode): start-all until
+/// the plugin counts them all running, the in-memory snapshot of all accounts, stop-all until the
+/// plugin counts them all ended, and the resident memory each running account costs.
+fn s1(bench: &Bench) -> anyhow::Result<String> {
+    let fleet = Fleet::new(bench, json!({}), SupervisorConfig::default())?;
+    let n = bench.accounts;
+    let rss_before = rss_bytes()?;
+
+    let cpu = CpuMeter::read();
+    let start = Instant::now();
+    let summaries = fleet.on_runtime(|s| async move { s.start_all().await })?;
+    let returned = start.elapsed();
+    let (starts, ends) = fleet.wait_counts(POLL, |starts, ends| starts - ends >= n)?;
+    let start_all = start.elapsed();
+    let start_cpu = CpuMeter::read().since(&cpu);
+    let rss_running = rss_bytes()?;
+    let running = starts - ends;
+    ensure!(
+        running == n && ends == 0,
+        "{starts} starts and {ends} ends for {n} accounts"
+    );
+    let summary = channel_summary(&summaries)?;
+    ensure!(
+        summary.attempted as u64 == n && summary.started as u64 == n,
+        "start-all's summary: {summary:?}"
+    );
+
+    let mut snapshot_times = Vec::with_capacity(SNAPSHOT_CALLS);
+    let mut snapshot = BTreeMap::new();
+    for _ in 0..SNAPSHOT_CALLS {
+        let t = Instant::now();
+        let fresh = fleet.supervisor.snapshot();
+        snapshot_times.push(t.elapsed());
+        // The previous one is dropped outside the timed call.
+        snapshot = fresh;
+    }
+    let accounts = fleet.snapshot_accounts(&snapshot)?;
+    let not_running = accounts.values().filter(|a| !a.running).count();
+    ensure!(
+        not_running == 0,
+        "{not_running} accounts are not running in the snapshot"
+    );
+    drop(snapshot);
+    let snapshot_median = {
+        let mut sorted = snapshot_times.clone();
+        sorted.sort();
+        sorted[sorted.len() / 2]
+    };
+
+    let cpu = CpuMeter::read();
+    let start = Instant::now();
+    let outcomes = fleet.on_runtime(|s| async move { s.stop(FLEET_CHANNEL, None).await })??;
+    let stop_returned = start.elapsed();
+    let (starts_after, ends_after) = fleet.wait_counts(POLL, |_, ends| ends >= n)?;
+    let stop_all = start.elapsed();
+    let stop_cpu = CpuMeter::read().since(&cpu);
+    ensure!(
+        starts_after == n && ends_after == n,
+        "after stop-all: {starts_after} starts, {ends_after} ends for {n} accounts"
+    );
+    let not_stopped = outcomes
+        .iter()
+        .filter(|(_, o)| *o != StopOutcome::Stopped)
+        .count();
+    ensure!(
+        outcomes.len() as u64 == n && not_stopped == 0,
+        "stop-all: {} outcomes, {not_stopped} not plainly stopped",
+        outcomes.len()
+    );
+    eprintln!(
+        "bench: S1: start_all returned after {:.3} ms, all running after {:.3} ms; snapshots \
+         {:?} ms; stop returned after {:.3} ms, all ended after {:.3} ms; RSS {} -> {} KiB\n\
+         bench: S1: start-all {start_cpu}\nbench: S1: stop-all {stop_cpu}",
+        ms(returned),
+        ms(start_all),
+        snapshot_times.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
+        ms(stop_returned),
+        ms(stop_all),
+        rss_before / 1024,
+        rss_running / 1024,
+    );
+    fleet.close()?;
+    Ok(serde_json::to_string(&S1Report {
+        scenario: "S1",
+        accounts: n,
+        running,
+        start_all_ms: ms(start_all),
+        snapshot_ms: ms(snapshot_median),
+        stop_all_ms: ms(stop_all),
+        bytes_per_account: rss_running.saturating_sub(rss_before) / n,
+    })?)
+}
+
+/// The `S2` scenario's line.
+#[derive(Serialize)]
+struct S2Report {
+    scenario: &'static str,
+    accounts: u64,
+    /// Tasks started, by the plugin's own count (every account: 1 + `max_restarts`).
+    starts: u64,
+    /// Start-all until every account has been given up on (goal: ≤ 0.5 s; the backoff alone,
+    /// 1+2+4+8+16+32+60+60+60+60 ms plus up to 10 % jitter, is ≈ 0.3 s).
+    gave_up_all_ms: f64,
+}
+
+/// The crash storm: 10,000 accounts whose tasks end the moment they start (the fixture's
+/// `return` mode), with a 1 ms initial backoff doubling up to 60 ms, 10 % jitter and 10 restarts,
+/// timed from start-all until every account has been given up on. The end is found without
+/// taking locks the storm needs while it runs: first the plugin's counters (every start and end
+/// counted), then each account's status on the board, resuming at the first account not yet
+/// given up; a full `Supervisor::snapshot` then confirms every account, outside the timing.
+fn s2(bench: &Bench) -> anyhow::Result<String> {
+    let policy = SupervisorConfig {
+        initial_backoff: Duration::from_millis(1),
+        backoff_factor: 2.0,
+        max_backoff: Duration::from_millis(60),
+        jitter: 0.1,
+        max_restarts: 10,
+        ..SupervisorConfig::default()
+    };
+    let expected_starts = bench.accounts * u64::from(policy.max_restarts + 1);
+    let fleet = Fleet::new(bench, json!({ "mode": "return" }), policy)?;
+    let keys: Vec<AccountKey> = fleet
+        .ids
+        .iter()
+        .map(|id| AccountKey::new(FLEET_CHANNEL, id.clone()))
+        .collect();
+    let gave_up = |s: &AccountSnapshot| {
+        !s.restart_pending
+            && !s.running
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("giving up"))
+    };
+
+    let cpu = CpuMeter::read();
+    let start = Instant::now();
+    let summaries = fleet.on_runtime(|s| async move { s.start_all().await })?;
+    let returned = start.elapsed();
+    let (starts, ends) = fleet.wait_counts(STORM_POLL, |starts, ends| {
+        starts >= expected_starts && ends >= starts
+    })?;
+    let counted = start.elapsed();
+    let board = fleet.supervisor.board().clone();
+    let mut next = 0;
+    let limit = Instant::now() + FLEET_LIMIT;
+    while next < keys.len() {
+        while next < keys.len() && board.get(&keys[next]).as_ref().is_some_and(gave_up) {
+            next += 1;
+        }
+        if next < keys.len() {
+            ensure!(
+                Instant::now() < limit,
+                "{} has not been given up on after {FLEET_LIMIT:?}: {:?}",
+                keys[next],
+                board.get(&keys[next])
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+    let gave_up_all = start.elapsed();
+    let storm_cpu = CpuMeter::read().since(&cpu);
+
+    ensure!(
+        starts == expected_starts && ends == expected_starts,
+        "the plugin counts {starts} starts and {ends} ends, not {expected_starts}"
+    );
+    let snapshot = fleet.supervisor.snapshot();
+    let accounts = fleet.snapshot_accounts(&snapshot)?;
+    let not_given_up: Vec<_> = accounts.iter().filter(|(_, s)| !gave_up(s)).collect();
+    ensure!(
+        not_given_up.is_empty(),
+        "{} accounts not given up on, e.g. {:?}",
+        not_given_up.len(),
+        not_given_up.first()
+    );
+    // Nothing may restart after giving up.
+    let (starts_later, _) = fleet.counts()?;
+    ensure!(
+        starts_later == expected_starts,
+        "{starts_later} starts after every account was given up on"
+    );
+    let summary = channel_summary(&summaries)?;
+    let first_starts = summary.started;
+    eprintln!(
+        "bench: S2: start_all returned after {:.3} ms ({first_starts} started), the plugin \
+         counted {starts} starts and ends after {:.3} ms, all given up after {:.3} ms; \
+         {storm_cpu}",
+        ms(returned),
+        ms(counted),
+        ms(gave_up_all),
+    );
+    fleet.close()?;
+    Ok(serde_json::to_string(&S2Report {
+        scenario: "S2",
+        accounts: bench.accounts,
+        starts,
+        gave_up_all_ms: ms(gave_up_all),
+    })?)
 }

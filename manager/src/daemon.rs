@@ -211,7 +211,7 @@ fn max_log_level() -> LogLevel {
 }
 
 /// Feeds the reconciler every plugin path the watcher reports.
-fn watch_plugins(config: &Config, hot: Arc<HotPlugins>, stop: CancellationToken) {
+pub fn watch_plugins(config: &Config, hot: Arc<HotPlugins>, stop: CancellationToken) {
     let (changes, mut paths) = tokio::sync::mpsc::unbounded_channel();
     let watching = watch::spawn(
         WatchConfig {

@@ -356,8 +356,12 @@ impl AccountCtx {
         let hook_plugin = plugin.clone();
         let account = self.key.account.clone();
         let key = self.key.clone();
-        // The hook runs beside the wait: a hook that hangs cannot delay the stop past its bound.
-        tokio::spawn(async move {
+        // The hook runs beside the wait, and the stop waits for it only until the stop's own
+        // deadline: a hook that hangs cannot delay the stop past its bound, and one that returns
+        // in time has finished before the account counts as stopped (and before a retired
+        // version's runtime is shut down under it).
+        let deadline = tokio::time::Instant::now() + stop_timeout;
+        let hook = tokio::spawn(async move {
             let hook =
                 super::calls::bounded(stop_timeout, move || hook_plugin.stop_account(&account));
             match hook.await {
@@ -377,6 +381,7 @@ impl AccountCtx {
         };
         self.inner.board.retire_generation(&self.key);
         if ended {
+            let _ = tokio::time::timeout_at(deadline, hook).await;
             let now = self.inner.clock.wall_ms();
             self.inner.board.update(&self.key, |s| {
                 s.running = false;
