@@ -154,15 +154,27 @@ impl StatusBoard {
     }
 
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
-    pub fn update(
-        &self,
-        key: &AccountKey,
-        f: impl FnOnce(&mut AccountSnapshot),
-    ) -> AccountSnapshot {
+    pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
         let mut entries = self.lock();
-        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
-        f(&mut entry.snapshot);
-        entry.snapshot.clone()
+        // Look up before `entry`: the common case (the account exists) allocates no key.
+        match entries.get_mut(key) {
+            Some(entry) => f(&mut entry.snapshot),
+            None => f(&mut entries
+                .entry(key.clone())
+                .or_insert_with(|| new_entry(key))
+                .snapshot),
+        }
+    }
+
+    /// The snapshots of `keys`, read under one lock (`None` for an account never written).
+    pub fn get_many<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k AccountKey>,
+    ) -> Vec<Option<AccountSnapshot>> {
+        let entries = self.lock();
+        keys.into_iter()
+            .map(|k| entries.get(k).map(|e| e.snapshot.clone()))
+            .collect()
     }
 
     /// Marks the start of a run: stamps `lastStartAt` and the monotonic start the health monitor
@@ -190,14 +202,6 @@ impl StatusBoard {
     /// `key`'s snapshot.
     pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
         self.lock().get(key).map(|e| e.snapshot.clone())
-    }
-
-    /// Every snapshot, by key (for building the supervisor's snapshot).
-    pub fn snapshot_map(&self) -> HashMap<AccountKey, AccountSnapshot> {
-        self.lock()
-            .iter()
-            .map(|(k, e)| (k.clone(), e.snapshot.clone()))
-            .collect()
     }
 
     /// Every snapshot, sorted by key.
@@ -263,6 +267,32 @@ fn stale_error(key: &AccountKey) -> String {
 
 /// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
 /// (`reportsEvents`): a delivered message is traffic too, but a quiet chat is not a dead socket.
+/// Merges a plugin's status patch into the snapshot, key by key (no JSON round trip of the whole
+/// snapshot under the board's lock): the plugin-settable typed fields are checked and set; every
+/// other key is the plugin's own. Host-owned keys were refused before.
+fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Result<(), String> {
+    fn typed<T: serde::de::DeserializeOwned>(key: &str, value: Value) -> Result<T, String> {
+        serde_json::from_value(value).map_err(|e| format!("bad status patch for {key:?}: {e}"))
+    }
+    for (key, value) in patch {
+        match key.as_str() {
+            "connected" => snapshot.connected = typed(&key, value)?,
+            "lastConnectedAt" => snapshot.last_connected_at = typed(&key, value)?,
+            "lastEventAt" => snapshot.last_event_at = typed(&key, value)?,
+            "lastInboundAt" => snapshot.last_inbound_at = typed(&key, value)?,
+            "lastOutboundAt" => snapshot.last_outbound_at = typed(&key, value)?,
+            "mode" => snapshot.mode = typed(&key, value)?,
+            "busy" => snapshot.busy = typed(&key, value)?,
+            "activeRuns" => snapshot.active_runs = typed(&key, value)?,
+            "lastRunActivityAt" => snapshot.last_run_activity_at = typed(&key, value)?,
+            _ => {
+                snapshot.extra.insert(key, value);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The time of a host-service call, in both clocks.
 #[derive(Clone, Copy)]
 struct Stamp {
@@ -311,16 +341,7 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, _, _| {
-                let mut merged = match serde_json::to_value(&*snapshot) {
-                    Ok(Value::Object(map)) => map,
-                    _ => return Err("status could not be serialised".to_owned()),
-                };
-                merged.extend(patch);
-                *snapshot = serde_json::from_value(Value::Object(merged))
-                    .map_err(|e| format!("{key}: bad status patch: {e}"))?;
-                Ok(())
-            },
+            |snapshot, _, _| apply_patch(snapshot, patch).map_err(|e| format!("{key}: {e}")),
         )
     }
 

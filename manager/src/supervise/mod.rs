@@ -704,34 +704,43 @@ impl Supervisor {
     /// status board: no plugin is called.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, AccountSnapshot>> {
         let channels = self.channels();
-        let mut all = self.inner.board.snapshot_map();
+        let removed = self.lock().removed.clone();
         let mut out = BTreeMap::new();
         for ch in channels {
-            let mut accounts = BTreeMap::new();
             let default = default_account_of(&ch);
-            for id in ch.accounts.iter().chain(std::iter::once(&default)) {
-                if accounts.contains_key(id) {
-                    continue;
-                }
-                let key = AccountKey::new(ch.id.clone(), id.clone());
-                let snapshot = all.remove(&key).unwrap_or_else(|| AccountSnapshot {
-                    account_id: id.clone(),
-                    enabled: true,
-                    configured: true,
-                    ..AccountSnapshot::default()
-                });
-                accounts.insert(id.clone(), snapshot);
+            let mut ids: Vec<&String> = ch.accounts.iter().collect();
+            if !ch.accounts.contains(&default) {
+                ids.push(&default);
             }
-            out.insert(ch.id.clone(), accounts);
-        }
-        let removed = self.lock().removed.clone();
-        for (channel, ids) in removed {
+            let keys: Vec<AccountKey> = ids
+                .iter()
+                .map(|id| AccountKey::new(ch.id.clone(), (*id).clone()))
+                .collect();
+            let found = self.inner.board.get_many(&keys);
             let accounts = ids
                 .into_iter()
-                .filter_map(|id| {
-                    let key = AccountKey::new(channel.clone(), id.clone());
-                    all.remove(&key).map(|s| (id, s))
+                .zip(found)
+                .map(|(id, snapshot)| {
+                    let snapshot = snapshot.unwrap_or_else(|| AccountSnapshot {
+                        account_id: id.clone(),
+                        enabled: true,
+                        configured: true,
+                        ..AccountSnapshot::default()
+                    });
+                    (id.clone(), snapshot)
                 })
+                .collect();
+            out.insert(ch.id.clone(), accounts);
+        }
+        for (channel, ids) in removed {
+            let keys: Vec<AccountKey> = ids
+                .iter()
+                .map(|id| AccountKey::new(channel.clone(), id.clone()))
+                .collect();
+            let accounts = ids
+                .into_iter()
+                .zip(self.inner.board.get_many(&keys))
+                .filter_map(|(id, s)| s.map(|s| (id, s)))
                 .collect();
             out.entry(channel).or_insert(accounts);
         }
