@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use abi_stable::{library::lib_header_from_path, std_types::RString};
+use abi_stable::library::lib_header_from_path;
 use anyhow::{Context as _, ensure};
 use channeld_plugin_abi::{
     abi::{InboundMessage, LogLevel, PluginMod_Ref},
@@ -741,25 +741,12 @@ impl NativeHost for AccountLink {
 }
 
 /// What the fixture's `flood` mode does, in-process: the same `Inbound`, converted to an
-/// `InboundMessage` exactly as the SDK's `Host::deliver` does it.
+/// `InboundMessage` by the same conversion the SDK's `Host::deliver` uses.
 fn native_flood(host: &dyn NativeHost, messages: u64, text_bytes: usize) -> Result<(), String> {
     let text = "x".repeat(text_bytes);
     for _ in 0..messages {
         let message = Inbound::new("bench-room", "bench-sender", text.as_str());
-        let message = InboundMessage {
-            channel: RString::new(),
-            account: RString::new(),
-            conversation: message.conversation.into(),
-            sender: message.sender.into(),
-            text: message.text.into(),
-            id: message.id.into(),
-            time_ms: message.time_ms,
-            extra: message
-                .extra
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-                .into(),
-        };
+        let message = InboundMessage::from(message);
         host.deliver(message)?;
     }
     Ok(())

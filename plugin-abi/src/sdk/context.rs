@@ -60,6 +60,27 @@ impl Inbound {
     }
 }
 
+/// The ABI form of a message; the host fills channel and account from the handle.
+impl From<Inbound> for InboundMessage {
+    fn from(message: Inbound) -> Self {
+        // `String` → `RString` reuses the buffer: no copy of the text.
+        Self {
+            channel: RString::new(),
+            account: RString::new(),
+            conversation: message.conversation.into(),
+            sender: message.sender.into(),
+            text: message.text.into(),
+            id: message.id.into(),
+            time_ms: message.time_ms,
+            extra: message
+                .extra
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+                .into(),
+        }
+    }
+}
+
 /// The host's services for one account task. Cheap to clone; safe to move into spawned tasks.
 #[derive(Clone)]
 pub struct Host {
@@ -88,21 +109,7 @@ impl Host {
 
     /// Hands an inbound message to the host.
     pub fn deliver(&self, message: Inbound) -> Result<(), PluginError> {
-        let message = InboundMessage {
-            channel: RString::new(),
-            account: RString::new(),
-            conversation: message.conversation.into(),
-            sender: message.sender.into(),
-            text: message.text.into(),
-            id: message.id.into(),
-            time_ms: message.time_ms,
-            extra: message
-                .extra
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-                .into(),
-        };
-        into_result(self.handle.deliver(message))
+        into_result(self.handle.deliver(message.into()))
     }
 
     /// The account's current status snapshot.
