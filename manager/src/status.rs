@@ -187,11 +187,6 @@ impl StatusBoard {
         entry.snapshot.last_start_at = Some(wall);
     }
 
-    /// `key`'s monotonic run times.
-    pub fn liveness(&self, key: &AccountKey) -> Liveness {
-        self.lock().get(key).map(|e| e.liveness).unwrap_or_default()
-    }
-
     /// `key`'s snapshot and run times together (one lock).
     pub fn get_with_liveness(&self, key: &AccountKey) -> Option<(AccountSnapshot, Liveness)> {
         self.lock()
@@ -202,17 +197,6 @@ impl StatusBoard {
     /// `key`'s snapshot.
     pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
         self.lock().get(key).map(|e| e.snapshot.clone())
-    }
-
-    /// Every snapshot, sorted by key.
-    pub fn all(&self) -> Vec<(AccountKey, AccountSnapshot)> {
-        let mut all: Vec<_> = self
-            .lock()
-            .iter()
-            .map(|(k, e)| (k.clone(), e.snapshot.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
     }
 
     /// Host-service calls dropped because they came from a stale generation.
