@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use manager::{
+use channeld::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, Outbound, Plugin},
 };
@@ -39,7 +39,7 @@ fn link(loaded: &Loaded, account: &str) -> AccountLink {
     AccountLink::for_account(key, generation, sink)
 }
 
-fn status(loaded: &Loaded, account: &str) -> manager::status::AccountSnapshot {
+fn status(loaded: &Loaded, account: &str) -> channeld::status::AccountSnapshot {
     let key = AccountKey::new(loaded.plugin.info().channel_id.clone(), account);
     loaded.board.get(&key).expect("account has a status")
 }

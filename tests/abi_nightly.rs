@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use manager::{
+use channeld::{
     ffi::FfiPlugin,
     host::{AccountKey, AccountLink, HostSink},
     load::{host_abi_version, load_root_module},

@@ -11,7 +11,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use manager::load::{LoadError, host_abi_version, load_root_module};
+use channeld::load::{LoadError, host_abi_version, load_root_module};
 use serde_json::{Value, json};
 
 use crate::util;

@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use manager::{
+use channeld::{
     clock::SystemClock,
     registry::{Loader, PluginFileError, Registry},
     stage::{StageError, StagingDir},

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use manager::{
+use channeld::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, Plugin, RunningTask},
     status::AccountSnapshot,

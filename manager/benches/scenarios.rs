@@ -4,7 +4,7 @@
 //!
 //! Plugins are release builds of the workspace's plugin crates (stripped by the release profile),
 //! found in `$CHANNELD_BENCH_PLUGIN_DIR` (default `<target>/release`), copied into a temporary
-//! directory and loaded through the real loader ([`manager::load::load_root_module`] and
+//! directory and loaded through the real loader ([`channeld::load::load_root_module`] and
 //! [`FfiPlugin`]; the `load` scenario goes through [`Loader::load_file`], staging included).
 //! Counters prove the work was done: the status board's `inboundMessages` for the account and the
 //! fixture's own `starts`/`ends`; for `load`, every copy's distinct staged file mapped in the
@@ -42,12 +42,7 @@ use std::{
 
 use abi_stable::library::lib_header_from_path;
 use anyhow::{Context as _, ensure};
-use channeld_plugin_abi::{
-    abi::{InboundMessage, LogLevel, PluginMod_Ref},
-    sdk::Inbound,
-};
-use goblin::elf::{Elf, program_header::PT_LOAD};
-use manager::{
+use channeld::{
     clock::{Clock, SystemClock},
     config::{ChannelSection, SupervisorConfig},
     discover::{self, PLUGIN_SUFFIX},
@@ -60,6 +55,11 @@ use manager::{
     status::{AccountSnapshot, StatusBoard},
     supervise::{ChannelStartSummary, StopOutcome, Supervisor, policy::RandomJitter},
 };
+use channeld_plugin_abi::{
+    abi::{InboundMessage, LogLevel, PluginMod_Ref},
+    sdk::Inbound,
+};
+use goblin::elf::{Elf, program_header::PT_LOAD};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

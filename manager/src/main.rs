@@ -3,8 +3,7 @@
 use std::{io::IsTerminal as _, path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
-use clap::Parser as _;
-use manager::{
+use channeld::{
     cli::{Cli, Command, ConfigArgs, LogFormat, OpArgs},
     client::Client,
     clock::{Clock, SystemClock},
@@ -16,6 +15,7 @@ use manager::{
     status_table,
     supervise::{Supervisor, policy::RandomJitter},
 };
+use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("channeld: {error:#}");
             let code = error
-                .downcast_ref::<manager::client::ClientError>()
+                .downcast_ref::<channeld::client::ClientError>()
                 .map_or(1, |e| e.exit_code());
             ExitCode::from(code)
         }
@@ -57,7 +57,7 @@ fn load_client_config(args: &ConfigArgs) -> anyhow::Result<Config> {
 
 fn load_with(
     args: &ConfigArgs,
-    load: fn(&Path) -> Result<Config, manager::config::ConfigError>,
+    load: fn(&Path) -> Result<Config, channeld::config::ConfigError>,
 ) -> anyhow::Result<Config> {
     match &args.config {
         Some(path) => Ok(load(path)?),

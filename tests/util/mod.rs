@@ -11,10 +11,10 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
 };
 
-use channeld_plugin_abi::abi::LogLevel;
-use manager::{
+use channeld::{
     clock::SystemClock, ffi::FfiPlugin, host::HostSink, load::load_root_module, status::StatusBoard,
 };
+use channeld_plugin_abi::abi::LogLevel;
 
 /// The workspace root (the parent of `manager/`).
 pub fn workspace_root() -> PathBuf {
@@ -32,7 +32,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Runs `cargo build` with `args` in the workspace and panics with cargo's output (and what to do)
-/// if it fails. Plugin files are built on demand so `cargo test -p manager` works alone; a test
+/// if it fails. Plugin files are built on demand so `cargo test -p channeld` works alone; a test
 /// that needs one never skips.
 pub fn cargo(args: &[&str], toolchain: Option<&str>, target: &Path) {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -7,7 +7,7 @@
 use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, ensure};
-use manager::{
+use channeld::{
     config::Config,
     daemon::{Daemon, watch_plugins},
     host::AccountKey,
