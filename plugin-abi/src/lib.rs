@@ -50,4 +50,8 @@ pub mod abi;
 mod normalize;
 pub mod sdk;
 
+/// The `serde_json` this SDK's API uses ([`Value`](serde_json::Value) in config and status), so a
+/// plugin needs no version of its own to match.
+pub use serde_json;
+
 pub use normalize::{DEFAULT_ACCOUNT_ID, MAX_ACCOUNT_ID_LEN, normalize_account_id};

@@ -7,6 +7,7 @@ use abi_stable::{
     sabi_trait,
     std_types::{RArc, RResult, RStr, RString},
 };
+use async_ffi::{FfiFuture, FutureExt};
 
 use super::types::{EventKind, InboundMessage, LogRecord};
 
@@ -47,6 +48,22 @@ pub trait HostServices: Clone + Send + Sync + 'static {
     /// False once the host has given up on the task this handle was given to.
     #[sabi(last_prefix_field)]
     fn is_current(&self) -> bool;
+
+    // ---- added in 1.1 (each has a default body, so the vtable field is optional and a handle
+    // from a 1.0 host falls back to the default) ----
+
+    /// 1.1: hands an inbound message to the host without blocking a thread. The future completes
+    /// once the host has made the message durable, with its sequence number, or with a one-line
+    /// reason it was refused. Counts as inbound traffic.
+    fn deliver_async(&self, message: InboundMessage) -> FfiFuture<RResult<u64, RString>> {
+        let _ = message;
+        async { RResult::RErr(RString::from("this host has no deliver_async (plugin-abi 1.0)")) }
+            .into_ffi()
+    }
+
+    /// 1.1: the SDK calls this when the plugin's runtime polls the account's task for the first
+    /// time; until then a 1.1 host does not report the account as running.
+    fn task_polled(&self) {}
 }
 
 /// The owned, cloneable host-services handle a plugin receives.

@@ -5,13 +5,15 @@ use abi_stable::{
     library::RootModule,
     package_version_strings,
     sabi_types::VersionStrings,
-    std_types::{ROption, RResult, RStr, RString, RVec},
+    std_types::{ROption, RResult, RSlice, RStr, RString, RVec},
 };
 use async_ffi::FfiFuture;
 
 use super::{
     host::HostHandle,
-    types::{InitSettings, OutboundMessage, PluginMetadata, RVerdict, StartedTask, TaskId},
+    types::{
+        AccountStart, InitSettings, OutboundMessage, PluginMetadata, RVerdict, StartedTask, TaskId,
+    },
 };
 
 /// Every entry point of a channel plugin.
@@ -21,7 +23,10 @@ use super::{
 /// unwind ever crosses the boundary. Entries that take an account id use the channel config the
 /// host last passed to [`configure`](Self::configure).
 ///
-/// Fields up to `shutdown` exist in every 1.x plugin; later minor versions append after it.
+/// Fields up to `shutdown` exist in every 1.x plugin (1.0); the fields after it were added in
+/// 1.1, each `#[sabi(missing_field(option))]`: their accessors return `None` for a module that
+/// lacks them. A 1.1 host reaches a 1.0 plugin through the frozen [`v1_0`](super::v1_0) layout,
+/// so in practice a module seen through this type has every 1.1 entry.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix))]
@@ -63,6 +68,28 @@ pub struct PluginMod {
     /// Stops the plugin's runtime and its threads. Nothing else is called afterwards.
     #[sabi(last_prefix_field)]
     pub shutdown: extern "C" fn() -> RResult<(), RString>,
+
+    // ---- added in 1.1 ----
+    /// 1.1: the stop hook, without a host thread: the future completes when the plugin's stop
+    /// hook (run on the plugin's runtime) has finished. Dropping it cancels the hook.
+    #[sabi(missing_field(option))]
+    pub stop_account_async:
+        extern "C" fn(account: RStr<'_>) -> FfiFuture<RResult<(), RString>>,
+    /// 1.1: the logout hook, without a host thread; yields whether anything was cleared.
+    /// Dropping the future cancels the hook.
+    #[sabi(missing_field(option))]
+    pub logout_async: extern "C" fn(account: RStr<'_>) -> FfiFuture<RResult<bool, RString>>,
+    /// 1.1: checks a channel table (the same JSON `configure` takes) without applying it; the
+    /// error is the plugin's own one-line message. The host calls it before `configure`.
+    #[sabi(missing_field(option))]
+    pub validate_channel: extern "C" fn(channel_config: RStr<'_>) -> RResult<(), RString>,
+    /// 1.1: starts several accounts in one call, one result per input, in order. The host never
+    /// passes more accounts than its startup fan-out per channel (`startup_accounts_per_channel`).
+    #[sabi(missing_field(option))]
+    pub start_accounts: extern "C" fn(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>>,
+    /// 1.1: fires the abort signal of several tasks; returns how many were still known.
+    #[sabi(missing_field(option))]
+    pub abort_tasks: extern "C" fn(tasks: RSlice<'_, TaskId>) -> u32,
 }
 
 impl RootModule for PluginMod_Ref {

@@ -154,3 +154,13 @@ pub struct StartedTask {
     /// Completes when the task ends.
     pub done: TaskDone,
 }
+
+/// 1.1: one account of a [`start_accounts`](super::PluginMod::start_accounts) batch.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AccountStart {
+    /// The (normalised) account id.
+    pub account: RString,
+    /// The host-services handle for this account's task.
+    pub host: super::HostHandle,
+}

@@ -1,13 +1,33 @@
 //! What an account's task receives: its account, its abort signal, and the host's services.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use abi_stable::std_types::{RResult, RString};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Account, PluginError};
+use super::{Account, PluginError, log::AccountScope};
 use crate::abi::{EventKind, HostHandle, InboundMessage};
+
+/// The signal the host fires when it wants an account's task (and everything it spawned) to
+/// stop. Cheap to clone; the SDK's own type, so the SDK can change how it is built.
+#[derive(Clone, Debug, Default)]
+pub struct AbortSignal(pub(crate) CancellationToken);
+
+impl AbortSignal {
+    /// Completes when the host asks the task to stop.
+    ///
+    /// # Cancellation safety
+    /// Cancel-safe: dropping the future loses nothing.
+    pub async fn aborted(&self) {
+        self.0.cancelled().await;
+    }
+
+    /// Whether the host has asked the task to stop.
+    pub fn is_aborted(&self) -> bool {
+        self.0.is_cancelled()
+    }
+}
 
 /// A message to hand to the host: build it with [`Inbound::new`] and the setters.
 #[derive(Debug, Clone, Default)]
@@ -107,9 +127,29 @@ impl Host {
         self.handle.set_busy(active_runs);
     }
 
-    /// Hands an inbound message to the host.
+    /// Hands an inbound message to the host, blocking this thread until the host has accepted
+    /// it. Blocking a runtime worker while the host makes the message durable caps a plugin's
+    /// throughput and starves its other accounts: use [`deliver_async`](Self::deliver_async).
+    #[deprecated(
+        since = "1.1.0",
+        note = "blocks a runtime thread; use `ctx.deliver(message).await` or `Host::deliver_async`"
+    )]
     pub fn deliver(&self, message: Inbound) -> Result<(), PluginError> {
         into_result(self.handle.deliver(message.into()))
+    }
+
+    /// Hands an inbound message to the host; completes once the host has made it durable, with
+    /// its sequence number.
+    ///
+    /// # Cancellation safety
+    /// Not cancel-safe: once the first poll has handed the message over, dropping the future
+    /// does not take it back; the host may still store it. Await it to know.
+    pub async fn deliver_async(&self, message: Inbound) -> Result<u64, PluginError> {
+        self.handle
+            .deliver_async(message.into())
+            .await
+            .into_result()
+            .map_err(|e| PluginError::new(e.into_string()))
     }
 
     /// The account's current status snapshot.
@@ -138,7 +178,10 @@ fn into_result(result: RResult<(), RString>) -> Result<(), PluginError> {
 pub struct AccountContext {
     pub(crate) account: Arc<Account>,
     pub(crate) host: Host,
-    pub(crate) abort: CancellationToken,
+    pub(crate) abort: AbortSignal,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) scope: AccountScope,
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 impl AccountContext {
@@ -158,16 +201,57 @@ impl AccountContext {
     /// # Cancellation safety
     /// Cancel-safe: dropping the future loses nothing.
     pub async fn aborted(&self) {
-        self.abort.cancelled().await;
+        self.abort.aborted().await;
     }
 
     /// Whether the host has asked the task to stop.
     pub fn is_aborted(&self) -> bool {
-        self.abort.is_cancelled()
+        self.abort.is_aborted()
     }
 
-    /// A clone of the abort signal, for tasks the plugin spawns itself.
-    pub fn abort_signal(&self) -> CancellationToken {
+    /// The abort signal, for code that outlives a borrow of the context.
+    pub fn abort(&self) -> AbortSignal {
         self.abort.clone()
+    }
+
+    /// A clone of the abort signal as tokio-util's type.
+    #[deprecated(
+        since = "1.1.0",
+        note = "use `AccountContext::abort` (the SDK's own `AbortSignal`), or `AccountContext::spawn`"
+    )]
+    pub fn abort_signal(&self) -> CancellationToken {
+        self.abort.0.clone()
+    }
+
+    /// Hands an inbound message to the host; completes once the host has made it durable, with
+    /// its sequence number. Waits without holding a thread (see [`Host::deliver_async`]).
+    ///
+    /// # Cancellation safety
+    /// Not cancel-safe: see [`Host::deliver_async`].
+    pub async fn deliver(&self, message: Inbound) -> Result<u64, PluginError> {
+        self.host.deliver_async(message).await
+    }
+
+    /// Spawns `future` on the plugin's runtime, tied to this account: its log events carry the
+    /// account's channel and id, it is dropped at its next await point once the abort fires, the
+    /// account's task counts as ended only when it has ended too (so a stop waits for it, within
+    /// the host's stop timeout), and an error it returns is logged with the account.
+    pub fn spawn<F>(&self, future: F)
+    where
+        F: Future<Output = Result<(), PluginError>> + Send + 'static,
+    {
+        let abort = self.abort.clone();
+        let task = async move {
+            tokio::select! {
+                () = abort.aborted() => {}
+                result = future => {
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "a task spawned by the account failed");
+                    }
+                }
+            }
+        };
+        self.runtime
+            .spawn(self.tracker.track_future(super::log::in_scope(self.scope.clone(), task)));
     }
 }

@@ -10,21 +10,22 @@ use std::{
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
-    std_types::{RBoxError, ROption, RResult, RStr, RString, RVec},
+    std_types::{RBoxError, ROption, RResult, RSlice, RStr, RString, RVec},
 };
 use async_ffi::{FfiFuture, FutureExt};
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
+    context::AbortSignal,
     fence::{fenced, fenced_or, panic_message},
     log, runtime, tasks,
 };
 use crate::abi::{
-    HostHandle, InitSettings, OutboundMessage, PluginMetadata, PluginMod, PluginMod_Ref, RVerdict,
-    StartedTask, TaskId,
+    AccountStart, HOST_ABI_VERSION_KEY, HostHandle, InitSettings, OutboundMessage, PluginMetadata,
+    PluginMod, PluginMod_Ref, RVerdict, StartedTask, TaskId,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, PluginError>> + Send + 'static>>;
@@ -39,6 +40,7 @@ trait ErasedPlugin: Send + Sync + 'static {
     fn is_enabled(&self, account: &Account) -> Verdict;
     fn is_configured(&self, account: &Account) -> Verdict;
     fn describe_account(&self, account: &Account) -> Option<serde_json::Value>;
+    fn validate(&self, channel: &ChannelConfig) -> Result<(), PluginError>;
     fn start(&'static self, ctx: AccountContext) -> BoxFuture<()>;
     fn stop(&'static self, account: Account) -> BoxFuture<()>;
     fn logout(&'static self, account: Account) -> BoxFuture<bool>;
@@ -69,6 +71,9 @@ impl<P: ChannelPlugin> ErasedPlugin for P {
     }
     fn describe_account(&self, account: &Account) -> Option<serde_json::Value> {
         ChannelPlugin::describe_account(self, account)
+    }
+    fn validate(&self, channel: &ChannelConfig) -> Result<(), PluginError> {
+        ChannelPlugin::validate(self, channel)
     }
     fn start(&'static self, ctx: AccountContext) -> BoxFuture<()> {
         Box::pin(ChannelPlugin::start(self, ctx))
@@ -112,6 +117,8 @@ pub fn root_module<P: ChannelPlugin>(
             panic_message(&*payload)
         ))
     })?;
+    // A hook the constructor set is kept, and called after the SDK's.
+    log::chain_panic_hook();
     let plugin: &'static P = Box::leak(Box::new(plugin));
     Ok(LOADED
         .get_or_init(|| Loaded {
@@ -142,6 +149,11 @@ fn module() -> PluginMod {
         logout,
         send,
         shutdown,
+        stop_account_async,
+        logout_async,
+        validate_channel,
+        start_accounts,
+        abort_tasks,
     }
 }
 
@@ -211,11 +223,38 @@ extern "C" fn metadata() -> PluginMetadata {
     })
 }
 
+/// Why `init` refuses a host that does not state its plugin-abi version (a 1.0 host): the
+/// plugin needs entries such a host does not have.
+fn check_host_version(extra: &str) -> Result<(), String> {
+    let stated = serde_json::from_str::<serde_json::Value>(extra)
+        .ok()
+        .and_then(|v| v.get(HOST_ABI_VERSION_KEY)?.as_str().map(str::to_owned));
+    match stated {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "this plugin is built with channeld-plugin-abi {} and needs a channeld host of \
+             plugin-abi 1.1 or later; this host states no version (plugin-abi 1.0): upgrade \
+             channeld or rebuild the plugin against channeld-plugin-abi 1.0",
+            env!("CARGO_PKG_VERSION")
+        )),
+    }
+}
+
 extern "C" fn init(settings: InitSettings, host: HostHandle) -> RResult<(), RString> {
     fenced("init", || {
+        check_host_version(settings.extra.as_str())?;
+        log::chain_panic_hook();
         runtime::set_worker_threads(settings.worker_threads);
         log::install(host, settings.max_log_level);
         Ok(())
+    })
+}
+
+extern "C" fn validate_channel(channel_config: RStr<'_>) -> RResult<(), RString> {
+    fenced("validate_channel", || {
+        let parsed = ChannelConfig::from_json(plugin().channel_id(), channel_config.as_str())
+            .map_err(|e| e.to_string())?;
+        plugin().validate(&parsed).map_err(|e| e.to_string())
     })
 }
 
@@ -314,34 +353,67 @@ fn join_error(error: JoinError, what: &str) -> String {
     }
 }
 
+/// Starts one account's task: the author's future runs on the plugin's runtime inside the
+/// account's log scope; the host is told when the runtime first polls it (`task_polled`), and the
+/// task counts as ended only once the tasks it spawned with [`AccountContext::spawn`] have ended.
+fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
+    let account = resolve(account.into())?;
+    let handle = rt()?;
+    let abort = CancellationToken::new();
+    let id = tasks::next_id();
+    let span = tracing::info_span!(
+        "channeld_account",
+        channel = %account.channel,
+        account = %account.id
+    );
+    let scope = log::AccountScope::new(&account.channel, &account.id);
+    let tracker = TaskTracker::new();
+    let polled = host.clone();
+    let ctx = AccountContext {
+        account: Arc::new(account),
+        host: Host::new(host),
+        abort: AbortSignal(abort.clone()),
+        tracker: tracker.clone(),
+        scope: scope.clone(),
+        runtime: handle.clone(),
+    };
+    let task = plugin().start(ctx);
+    let children_abort = abort.clone();
+    let join = tasks::register(id, abort, || {
+        let join = handle.spawn(log::in_scope(scope, async move {
+            let _unregister = tasks::Unregister(id);
+            // The runtime is polling the task: only now is the account running.
+            polled.task_polled();
+            drop(polled);
+            let result = task.instrument(span).await;
+            // Tasks the account spawned end with it, and it ends once they have.
+            children_abort.cancel();
+            tracker.close();
+            tracker.wait().await;
+            result
+        }));
+        (join.abort_handle(), join)
+    });
+    Ok(StartedTask {
+        id,
+        done: await_task(join, "the account task", |()| ()),
+    })
+}
+
 extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<StartedTask, RString> {
-    fenced("start_account", || {
-        let account = resolve(account)?;
-        let handle = rt()?;
-        let abort = CancellationToken::new();
-        let id = tasks::next_id();
-        let span = tracing::info_span!(
-            "channeld_account",
-            channel = %account.channel,
-            account = %account.id
-        );
-        let ctx = AccountContext {
-            account: Arc::new(account),
-            host: Host::new(host),
-            abort: abort.clone(),
-        };
-        let task = plugin().start(ctx);
-        let join = tasks::register(id, abort, || {
-            let join = handle.spawn(async move {
-                let _unregister = tasks::Unregister(id);
-                task.instrument(span).await
-            });
-            (join.abort_handle(), join)
-        });
-        Ok(StartedTask {
-            id,
-            done: await_task(join, "the account task", |()| ()),
-        })
+    fenced("start_account", || start_one(account.as_str(), host))
+}
+
+extern "C" fn start_accounts(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>> {
+    batch
+        .into_iter()
+        .map(|item| fenced("start_accounts", || start_one(item.account.as_str(), item.host)))
+        .collect()
+}
+
+extern "C" fn abort_tasks(ids: RSlice<'_, TaskId>) -> u32 {
+    fenced_or(0, || {
+        ids.iter().filter(|id| tasks::abort(**id)).count() as u32
     })
 }
 
@@ -373,6 +445,31 @@ extern "C" fn logout(account: RStr<'_>) -> RResult<bool, RString> {
     fenced("logout", || {
         block_on_hook(plugin().logout(resolve(account)?), "logout")
     })
+}
+
+/// Spawns a hook on the plugin's runtime and hands the host a future that waits for it.
+fn spawn_hook<T: Send + 'static, U: Send + 'static>(
+    what: &'static str,
+    hook: impl FnOnce() -> Result<BoxFuture<T>, String>,
+    map: fn(T) -> U,
+) -> FfiFuture<RResult<U, RString>> {
+    let started = fenced(what, || Ok(rt()?.spawn(hook()?)));
+    match started {
+        RResult::ROk(join) => await_task(join, what, map),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
+}
+
+extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {
+    spawn_hook(
+        "stop_account",
+        || Ok(plugin().stop(resolve(account)?)),
+        |()| (),
+    )
+}
+
+extern "C" fn logout_async(account: RStr<'_>) -> FfiFuture<RResult<bool, RString>> {
+    spawn_hook("logout", || Ok(plugin().logout(resolve(account)?)), |b| b)
 }
 
 extern "C" fn send(message: OutboundMessage) -> FfiFuture<RResult<RString, RString>> {

@@ -2,15 +2,30 @@
 //! global dispatcher (ARCHITECTURE.md fact 7), which knows nothing of the host's subscriber; the
 //! SDK installs this layer inside the plugin at `init`.
 //!
-//! Each account task runs inside a span named [`ACCOUNT_SPAN`] carrying `channel` and `account`;
-//! events inside it (and inside tasks the author spawns with `.in_current_span()`) reach the host
-//! tagged with that account.
+//! Each account task, and every task spawned with
+//! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (a
+//! tokio task-local holding its channel and account, taken from the host link when the task
+//! starts), so its events reach the host tagged with that account. Events outside a scope are
+//! tagged from the enclosing span named [`ACCOUNT_SPAN`], if any (1.0 behaviour, kept for tasks
+//! spawned with plain `tokio::spawn(fut.in_current_span())`).
+//!
+//! # The global `tracing` subscriber
+//! At `init` the SDK installs, as the plugin's global default, a subscriber whose only layer
+//! forwards events to the host. If the plugin author installed a global subscriber before that
+//! (in the plugin's constructor), the author's stays and the SDK forwards nothing: the author
+//! then decides where the plugin's events go.
+//!
+//! # The panic hook
+//! The SDK's panic hook keeps the panic's location for the error the host shows, and logs it at
+//! debug level instead of printing on the host's stderr. A hook the author installed in the
+//! constructor is kept and called after the SDK's; a hook installed later replaces the SDK's.
 
 use std::{
     fmt::Write as _,
+    future::Future,
     sync::{
-        OnceLock,
-        atomic::{AtomicU8, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
 };
 
@@ -46,6 +61,32 @@ thread_local! {
     static LAST_PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
+type Hook = Box<dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync + 'static>;
+
+/// The address of the hook the SDK installed last, to tell it from a hook set by someone else.
+static SDK_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+fn hook_address(hook: &Hook) -> usize {
+    std::ptr::from_ref(&**hook).cast::<()>() as usize
+}
+
+/// Installs `hook` as the process's panic hook and remembers it as the SDK's.
+fn set_sdk_hook(hook: Hook) {
+    SDK_HOOK.store(hook_address(&hook), Ordering::Relaxed);
+    std::panic::set_hook(hook);
+}
+
+/// What the SDK's hook does before any author hook: keep the location, log at debug level.
+fn record_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let message = super::fence::panic_message(info.payload());
+    tracing::debug!(%location, "plugin code panicked: {message}");
+    LAST_PANIC_LOCATION.with(|l| *l.borrow_mut() = Some(location));
+}
+
 /// Installs the plugin's panic hook (once). The plugin has its own copy of std and so its own
 /// panic hook. Panics in plugin code are caught by the SDK and returned as errors carrying their
 /// message; the hook keeps the location for that error and sends it to the host's log at debug
@@ -53,16 +94,45 @@ thread_local! {
 pub(crate) fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            let location = info
-                .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
-                .unwrap_or_default();
-            let message = super::fence::panic_message(info.payload());
-            tracing::debug!(%location, "plugin code panicked: {message}");
-            LAST_PANIC_LOCATION.with(|l| *l.borrow_mut() = Some(location));
-        }));
+        // Whatever was installed before the plugin's library was loaded is std's default hook
+        // (which prints to stderr): the SDK replaces it.
+        drop(std::panic::take_hook());
+        set_sdk_hook(Box::new(|info| record_panic(info)));
     });
+}
+
+/// Keeps a hook the author installed since the SDK's own (in the constructor, say): the SDK's
+/// hook is put back in front of it, and the author's runs after it.
+pub(crate) fn chain_panic_hook() {
+    let current: Hook = std::panic::take_hook();
+    if hook_address(&current) == SDK_HOOK.load(Ordering::Relaxed) {
+        std::panic::set_hook(current);
+        return;
+    }
+    let author = Arc::new(current);
+    set_sdk_hook(Box::new(move |info| {
+        record_panic(info);
+        author(info);
+    }));
+}
+
+/// The channel and account a task belongs to, for tagging its log events.
+#[derive(Clone, Debug)]
+pub(crate) struct AccountScope(Arc<(String, String)>);
+
+impl AccountScope {
+    pub(crate) fn new(channel: &str, account: &str) -> Self {
+        Self(Arc::new((channel.to_owned(), account.to_owned())))
+    }
+}
+
+tokio::task_local! {
+    static SCOPE: AccountScope;
+}
+
+/// Runs `future` in `scope`: its events are tagged with the scope's account.
+pub(crate) fn in_scope<F: Future>(scope: AccountScope, future: F) -> impl Future<Output = F::Output> {
+    SCOPE.scope(scope, future)
 }
 
 /// The location of the last panic on this thread, if the hook saw one.
@@ -118,13 +188,15 @@ where
         let Some(host) = HOST.get() else { return };
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let (channel, account) = ctx
-            .event_scope(event)
-            .and_then(|scope| {
-                scope.into_iter().find_map(|span| {
-                    span.extensions()
-                        .get::<AccountTag>()
-                        .map(|t| (t.channel.clone(), t.account.clone()))
+        let scoped = SCOPE.try_with(|s| (s.0.0.clone(), s.0.1.clone())).ok();
+        let (channel, account) = scoped
+            .or_else(|| {
+                ctx.event_scope(event).and_then(|scope| {
+                    scope.into_iter().find_map(|span| {
+                        span.extensions()
+                            .get::<AccountTag>()
+                            .map(|t| (t.channel.clone(), t.account.clone()))
+                    })
                 })
             })
             .unwrap_or_default();

@@ -12,13 +12,24 @@ mod log;
 mod runtime;
 mod tasks;
 
+/// Everything a plugin usually needs, in one import: `use channeld_plugin_abi::sdk::prelude::*;`.
+pub mod prelude {
+    pub use super::{
+        AbortSignal, Account, AccountContext, ChannelConfig, ChannelPlugin, EventKind, Host,
+        Inbound, Outbound, PluginError, PluginResult, ResultExt, Verdict,
+    };
+    pub use crate::export_plugin;
+    pub use serde_json::{Value, json};
+}
+
 use std::future::Future;
 
 use serde_json::Value;
 
+pub use crate::abi::EventKind;
 pub use config::{Account, ChannelConfig};
-pub use context::{AccountContext, Host, Inbound};
-pub use error::PluginError;
+pub use context::{AbortSignal, AccountContext, Host, Inbound};
+pub use error::{PluginError, PluginResult, ResultExt};
 pub use log::ACCOUNT_SPAN;
 pub use runtime::DEFAULT_WORKER_THREADS;
 
@@ -75,8 +86,14 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     const DISPLAY_NAME: &'static str = Self::CHANNEL_ID;
 
     /// The accounts the config lists. Default: the keys of the channel's `accounts` table.
-    fn list_account_ids(&self, channel: &ChannelConfig) -> Result<Vec<String>, PluginError> {
+    fn list_account_ids(&self, channel: &ChannelConfig) -> PluginResult<Vec<String>> {
         Ok(channel.account_keys())
+    }
+
+    /// Checks the channel's table before the host applies it; an `Err` is shown to the user as
+    /// the reason the channel's config was refused. Default: every table is fine. (Added in 1.1.)
+    fn validate(&self, _channel: &ChannelConfig) -> PluginResult {
+        Ok(())
     }
 
     /// The channel's default account. Default: none (the host takes the first listed).
@@ -85,11 +102,7 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     }
 
     /// The account's config. Default: its table under `accounts` (empty if absent).
-    fn resolve_account(
-        &self,
-        channel: &ChannelConfig,
-        account_id: &str,
-    ) -> Result<Account, PluginError> {
+    fn resolve_account(&self, channel: &ChannelConfig, account_id: &str) -> PluginResult<Account> {
         Ok(channel.account(account_id))
     }
 
@@ -115,21 +128,23 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     /// Runs the account until it ends: return `Ok(())` for a clean exit (the host still counts an
     /// unrequested exit as a crash and restarts it), `Err` for a failure. Watch
     /// [`AccountContext::aborted`] and return soon after it fires.
-    fn start(&self, ctx: AccountContext) -> impl Future<Output = Result<(), PluginError>> + Send;
+    fn start(&self, ctx: AccountContext) -> impl Future<Output = PluginResult> + Send;
 
-    /// Called after the abort signal when the host stops an account. Default: nothing.
-    fn stop(&self, _account: Account) -> impl Future<Output = Result<(), PluginError>> + Send {
+    /// Called after the abort signal when the host stops an account. Default: nothing. It runs
+    /// on the plugin's runtime and holds no host thread; the host waits for it at most its stop
+    /// timeout, then drops it.
+    fn stop(&self, _account: Account) -> impl Future<Output = PluginResult> + Send {
         async { Ok(()) }
     }
 
     /// Clears the account's stored credentials; returns whether anything was cleared.
-    /// Default: nothing to clear.
-    fn logout(&self, _account: Account) -> impl Future<Output = Result<bool, PluginError>> + Send {
+    /// Default: nothing to clear. Runs on the plugin's runtime, like [`stop`](Self::stop).
+    fn logout(&self, _account: Account) -> impl Future<Output = PluginResult<bool>> + Send {
         async { Ok(false) }
     }
 
     /// Sends a message; returns the channel's id for it. Default: unsupported.
-    fn send(&self, _message: Outbound) -> impl Future<Output = Result<String, PluginError>> + Send {
+    fn send(&self, _message: Outbound) -> impl Future<Output = PluginResult<String>> + Send {
         async {
             Err(PluginError::new(format!(
                 "channel {} does not support sending",
@@ -144,12 +159,24 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
 /// `export_plugin!(MyPlugin)` builds the plugin with `Default`; `export_plugin!(MyPlugin, MyPlugin::new)`
 /// with a constructor. The constructor runs when the host loads the library; if it panics, the
 /// host reports the load as failed and keeps running.
+///
+/// The plugin must be built with `panic = "unwind"` (the default): the SDK turns every panic into
+/// an error the host shows, which needs unwinding; under `panic = "abort"` the first panic in a
+/// plugin would kill channeld with every other plugin, so the macro refuses to compile there.
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
         $crate::export_plugin!($plugin, <$plugin as ::core::default::Default>::default);
     };
     ($plugin:ty, $constructor:expr) => {
+        #[cfg(panic = "abort")]
+        ::core::compile_error!(
+            "channeld plugins must be built with panic = \"unwind\": under panic = \"abort\" \
+             the first panic in the plugin would abort channeld and every other plugin, instead \
+             of becoming an error the host reports. Remove `panic = \"abort\"` from the \
+             [profile.*] sections of Cargo.toml."
+        );
+
         #[doc(hidden)]
         fn __channeld_plugin_root_module()
         -> ::core::result::Result<$crate::abi::PluginMod_Ref, $crate::sdk::__private::RBoxError> {
