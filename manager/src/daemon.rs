@@ -128,7 +128,10 @@ impl Daemon {
             reason: e.to_string(),
         })?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let board = Arc::new(StatusBoard::new(clock.clone()));
+        // Where plugins' inbound messages go (both deliver and deliver_async).
+        let messages: Arc<dyn crate::inbound::MessageSink> =
+            Arc::new(crate::inbound::CountingSink::default());
+        let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), messages));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();

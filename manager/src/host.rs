@@ -2,17 +2,29 @@
 //! generation-tagged handle each account task receives.
 //!
 //! [`AccountLink`] is the host-side handle; the FFI adapter wraps it in abi_stable's trait object
-//! and in-process doubles use it directly. Every call goes to a [`HostSink`] (the status board),
-//! which drops and counts calls from a stale generation.
+//! (the 1.1 one, or the frozen 1.0 one for a 1.0 plugin) and in-process doubles use it directly.
+//! Every call goes to a [`HostSink`] (the status board), which drops and counts calls from a stale
+//! generation; inbound messages go on from there to the daemon's
+//! [`MessageSink`](crate::inbound::MessageSink).
 
 use std::{
     fmt,
+    future::Future,
     panic::{AssertUnwindSafe, catch_unwind},
     sync::Arc,
+    task::{Context, Poll, Wake, Waker},
 };
 
-use channeld_plugin_abi::abi::{EventKind, HostServices, InboundMessage, LogLevel, LogRecord};
+use abi_stable::std_types::{RResult, RStr, RString};
+use async_ffi::{FfiFuture, FutureExt as _};
+use channeld_plugin_abi::abi::{
+    EventKind, HostServices, InboundMessage, LogLevel, LogRecord, v1_0,
+};
+use futures_util::FutureExt as _;
 use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::plugin::BoxFuture;
 
 /// `channel:account`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -59,13 +71,16 @@ pub trait HostSink: Send + Sync + 'static {
     fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind);
     /// Active runs.
     fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32);
-    /// An inbound message.
+    /// An inbound message: a call from a stale generation is refused at once (and counted);
+    /// otherwise the message is counted as the account's inbound traffic and handed to the
+    /// message sink. The future completes when the sink has accepted it (made it durable), with
+    /// its sequence number. It needs no runtime to be polled.
     fn deliver(
         &self,
         key: &AccountKey,
         generation: u64,
         message: InboundMessage,
-    ) -> Result<(), String>;
+    ) -> BoxFuture<Result<u64, String>>;
 }
 
 /// The host-services handle for one account task (or, with no account, for a whole plugin).
@@ -75,6 +90,7 @@ pub struct AccountLink {
     key: Option<AccountKey>,
     generation: u64,
     sink: Arc<dyn HostSink>,
+    polled: Option<Arc<watch::Sender<bool>>>,
 }
 
 impl AccountLink {
@@ -85,7 +101,15 @@ impl AccountLink {
             key: Some(key),
             generation,
             sink,
+            polled: None,
         }
+    }
+
+    /// This handle, telling `polled` when the plugin reports that its runtime polled the task
+    /// (the 1.1 `task_polled` service): the supervisor waits for it before showing `running`.
+    pub fn with_polled_signal(mut self, polled: watch::Sender<bool>) -> Self {
+        self.polled = Some(Arc::new(polled));
+        self
     }
 
     /// The plugin-wide handle given at `init` (log only; account calls are refused).
@@ -95,6 +119,7 @@ impl AccountLink {
             key: None,
             generation: 0,
             sink,
+            polled: None,
         }
     }
 
@@ -166,17 +191,69 @@ impl AccountLink {
         );
     }
 
-    /// See [`HostSink::deliver`].
-    pub fn deliver(&self, message: InboundMessage) -> Result<(), String> {
-        self.with_key(
-            || Err("this handle belongs to no account".into()),
+    /// See [`HostSink::deliver`]: the future completes once the message sink has accepted the
+    /// message, with its sequence number.
+    ///
+    /// # Cancellation safety
+    /// Not cancel-safe: dropping the future after the message was handed over does not take it
+    /// back from the sink.
+    pub fn deliver_async(&self, message: InboundMessage) -> BoxFuture<Result<u64, String>> {
+        let accepted = self.with_key(
+            || Box::pin(std::future::ready(Err("this handle belongs to no account".into())))
+                as BoxFuture<Result<u64, String>>,
             |key| self.sink.deliver(key, self.generation, message),
-        )
+        );
+        // A panic in the sink's future must not unwind into the plugin that polls it.
+        Box::pin(AssertUnwindSafe(accepted).catch_unwind().map(|result| {
+            result.unwrap_or_else(|_| {
+                tracing::error!("the message sink panicked while accepting a message");
+                Err("the host failed to accept the message".into())
+            })
+        }))
+    }
+
+    /// The 1.0 synchronous deliver: blocks the calling thread (a plugin's thread, never one of
+    /// the host's runtime) until the message sink has accepted the message.
+    pub fn deliver(&self, message: InboundMessage) -> Result<(), String> {
+        block_on(self.deliver_async(message)).map(|_seq| ())
+    }
+
+    /// The plugin's runtime has polled this handle's task for the first time.
+    pub fn task_polled(&self) {
+        if let Some(polled) = &self.polled {
+            polled.send_replace(true);
+        }
     }
 
     /// Whether this handle's task is still the account's current one.
     pub fn is_current(&self) -> bool {
         self.with_key(|| false, |key| self.sink.is_current(key, self.generation))
+    }
+}
+
+/// Wakes the thread that [`block_on`] parked.
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Polls `future` to completion on the calling thread, parking it in between. Only for a plugin's
+/// synchronous calls: it must never run on a thread of the host's runtime.
+fn block_on<T>(future: impl Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+            return value;
+        }
+        std::thread::park();
     }
 }
 
@@ -226,18 +303,15 @@ fn emit_plugin_log(channel: &str, key: Option<&AccountKey>, record: &LogRecord) 
     }
 }
 
-/// The FFI face of [`AccountLink`]: abi_stable's trait object calls these.
+/// The FFI face of [`AccountLink`] for 1.1 plugins: abi_stable's trait object calls these.
 impl HostServices for AccountLink {
     fn log(&self, record: LogRecord) {
         AccountLink::log(self, record);
     }
-    fn status(&self) -> abi_stable::std_types::RString {
+    fn status(&self) -> RString {
         AccountLink::status(self).to_string().into()
     }
-    fn patch_status(
-        &self,
-        patch: abi_stable::std_types::RStr<'_>,
-    ) -> abi_stable::std_types::RResult<(), abi_stable::std_types::RString> {
+    fn patch_status(&self, patch: RStr<'_>) -> RResult<(), RString> {
         AccountLink::patch_status(self, patch.as_str())
             .map_err(Into::into)
             .into()
@@ -251,13 +325,49 @@ impl HostServices for AccountLink {
     fn set_busy(&self, active_runs: u32) {
         AccountLink::set_busy(self, active_runs);
     }
-    fn deliver(
-        &self,
-        message: InboundMessage,
-    ) -> abi_stable::std_types::RResult<(), abi_stable::std_types::RString> {
-        AccountLink::deliver(self, message)
+    fn deliver(&self, message: InboundMessage) -> RResult<(), RString> {
+        AccountLink::deliver(self, message).map_err(Into::into).into()
+    }
+    fn is_current(&self) -> bool {
+        AccountLink::is_current(self)
+    }
+    fn deliver_async(&self, message: InboundMessage) -> FfiFuture<RResult<u64, RString>> {
+        let accepted = never_panic(
+            || Box::pin(std::future::ready(Err("the host failed to accept the message".into())))
+                as BoxFuture<Result<u64, String>>,
+            || AccountLink::deliver_async(self, message),
+        );
+        async move { accepted.await.map_err(RString::from).into() }.into_ffi()
+    }
+    fn task_polled(&self) {
+        never_panic(|| (), || AccountLink::task_polled(self));
+    }
+}
+
+/// The FFI face of [`AccountLink`] for 1.0 plugins (the frozen 1.0 vtable).
+impl v1_0::HostServices for AccountLink {
+    fn log(&self, record: LogRecord) {
+        AccountLink::log(self, record);
+    }
+    fn status(&self) -> RString {
+        AccountLink::status(self).to_string().into()
+    }
+    fn patch_status(&self, patch: RStr<'_>) -> RResult<(), RString> {
+        AccountLink::patch_status(self, patch.as_str())
             .map_err(Into::into)
             .into()
+    }
+    fn set_connected(&self, connected: bool) {
+        AccountLink::set_connected(self, connected);
+    }
+    fn record_event(&self, kind: EventKind) {
+        AccountLink::record_event(self, kind);
+    }
+    fn set_busy(&self, active_runs: u32) {
+        AccountLink::set_busy(self, active_runs);
+    }
+    fn deliver(&self, message: InboundMessage) -> RResult<(), RString> {
+        AccountLink::deliver(self, message).map_err(Into::into).into()
     }
     fn is_current(&self) -> bool {
         AccountLink::is_current(self)

@@ -3,11 +3,31 @@
 //! files are loaded by path with `lib_header_from_path(..).init_root_module()` rather than
 //! `RootModule::load_from_file`, which caches one module per interface type and would hand back
 //! the first plugin for every later file (abi_stable issue #92). Libraries are never unloaded.
+//!
+//! # Versions
+//! abi_stable refuses another major, and accepts a newer minor; it also refuses a plugin whose
+//! root module has fewer fields than the host's. So the loader:
+//! * refuses a plugin of a newer minor than the host's itself, naming both versions (the host
+//!   could not see the entries it adds);
+//! * checks the plugin against the current (1.1) layout, and a 1.0 plugin against the frozen 1.0
+//!   layouts the ABI crate keeps ([`v1_0`]), so every 1.0 plugin still loads.
 
 use std::path::{Path, PathBuf};
 
-use abi_stable::library::{LibraryError, RootModule, lib_header_from_path};
-use channeld_plugin_abi::abi::PluginMod_Ref;
+use abi_stable::{
+    library::{LibraryError, RootModule, lib_header_from_path},
+    sabi_types::VersionNumber,
+};
+use channeld_plugin_abi::abi::{PluginMod_Ref, v1_0};
+
+/// A checked root module, seen through the layout it was checked against.
+#[derive(Clone, Copy)]
+pub enum PluginModule {
+    /// A plugin built against plugin-abi 1.1 (every entry).
+    V1_1(PluginMod_Ref),
+    /// A plugin built against plugin-abi 1.0, through the frozen 1.0 layout.
+    V1_0(v1_0::PluginMod_Ref),
+}
 
 /// Why a file did not load. Every variant names the file; [`LoadError::detail`] has the full
 /// diagnostic (e.g. abi_stable's layout dump) for debug logs.
@@ -105,17 +125,50 @@ pub fn host_abi_version() -> &'static str {
 
 /// Opens `path` and returns its checked root module. The file is mapped for the rest of the
 /// process's life.
-pub fn load_root_module(path: &Path) -> Result<PluginMod_Ref, LoadError> {
+pub fn load_root_module(path: &Path) -> Result<PluginModule, LoadError> {
     load_root_module_named(path, path)
 }
 
 /// Opens `path` (a staged copy) and returns its checked root module; errors name `shown` (the
 /// file the user put in the plugins directory).
-pub fn load_root_module_named(path: &Path, shown: &Path) -> Result<PluginMod_Ref, LoadError> {
+pub fn load_root_module_named(path: &Path, shown: &Path) -> Result<PluginModule, LoadError> {
     let header = lib_header_from_path(path).map_err(|e| classify(shown, e))?;
-    header
-        .init_root_module::<PluginMod_Ref>()
-        .map_err(|e| classify(shown, e))
+    let plugin = VersionNumber::new(header.version_strings()).map_err(|e| LoadError::Metadata {
+        path: shown.to_owned(),
+        reason: format!("unparsable plugin-abi version: {e}"),
+    })?;
+    let host = host_version();
+    if plugin.major == host.major && plugin.minor > host.minor {
+        return Err(LoadError::Version {
+            path: shown.to_owned(),
+            plugin: plugin.to_string(),
+            host: format!("{}.x up to {host}", host.major),
+        });
+    }
+    match header.init_root_module::<PluginMod_Ref>() {
+        Ok(module) => Ok(PluginModule::V1_1(module)),
+        Err(latest) if plugin.major == 1 && plugin.minor == 0 => {
+            tracing::debug!(
+                file = %shown.display(),
+                "a plugin-abi 1.0 plugin; checking it against the frozen 1.0 layout ({})",
+                layout_summary(&latest.to_string())
+            );
+            header
+                .init_root_module::<v1_0::PluginMod_Ref>()
+                .map(PluginModule::V1_0)
+                .map_err(|e| classify(shown, e))
+        }
+        Err(latest) => Err(classify(shown, latest)),
+    }
+}
+
+fn host_version() -> VersionNumber {
+    // The host's own version strings are the crate's package version: always parsable.
+    VersionNumber::new(PluginMod_Ref::VERSION_STRINGS).unwrap_or(VersionNumber {
+        major: 1,
+        minor: 1,
+        patch: 0,
+    })
 }
 
 impl LoadError {

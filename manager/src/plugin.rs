@@ -106,4 +106,44 @@ pub trait Plugin: Send + Sync + 'static {
     fn send(&self, message: Outbound) -> BoxFuture<Result<String, PluginCallError>>;
     /// Stops the plugin's runtime.
     fn shutdown(&self) -> Result<(), PluginCallError>;
+
+    /// The stop hook as a future that holds no host thread (ABI 1.1); `None` when the plugin has
+    /// only the blocking [`stop_account`](Self::stop_account). Dropping it cancels the hook.
+    fn stop_account_async(
+        &self,
+        _account: &str,
+    ) -> Option<BoxFuture<Result<(), PluginCallError>>> {
+        None
+    }
+    /// The logout hook as a future (ABI 1.1); `None` when the plugin has only the blocking one.
+    fn logout_async(&self, _account: &str) -> Option<BoxFuture<Result<bool, PluginCallError>>> {
+        None
+    }
+    /// Checks a channel table before [`configure`](Self::configure) (ABI 1.1); a plugin without
+    /// the entry accepts every table.
+    fn validate_channel(&self, _channel_config: &Value) -> Result<(), PluginCallError> {
+        Ok(())
+    }
+    /// Starts several accounts in one call, one result per account in order (ABI 1.1 batch;
+    /// account by account for a plugin without it). Callers pass at most the channel's startup
+    /// fan-out at once.
+    fn start_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<RunningTask, PluginCallError>> {
+        batch
+            .into_iter()
+            .map(|(account, link)| self.start_account(&account, link))
+            .collect()
+    }
+    /// Fires the abort signal of several tasks; how many were still known.
+    fn abort_tasks(&self, tasks: &[u64]) -> usize {
+        tasks.iter().filter(|task| self.abort_task(**task)).count()
+    }
+    /// Whether the plugin reports the first poll of each account task through its host link
+    /// (ABI 1.1): then an account counts as running only from that report, not from the moment
+    /// its start returned.
+    fn reports_task_polled(&self) -> bool {
+        false
+    }
 }

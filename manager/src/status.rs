@@ -18,6 +18,8 @@ use tokio::time::Instant;
 use crate::{
     clock::Clock,
     host::{AccountKey, HostSink},
+    inbound::{CountingSink, MessageSink},
+    plugin::BoxFuture,
 };
 
 /// One account's snapshot, as users see it (`GET /status`, `channeld status --json`).
@@ -118,16 +120,23 @@ pub struct StatusBoard {
     clock: Arc<dyn Clock>,
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
+    messages: Arc<dyn MessageSink>,
 }
 
 impl StatusBoard {
-    /// An empty board.
+    /// An empty board whose inbound messages go to a [`CountingSink`].
     pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self::with_message_sink(clock, Arc::new(CountingSink::default()))
+    }
+
+    /// An empty board whose inbound messages go to `messages`.
+    pub fn with_message_sink(clock: Arc<dyn Clock>, messages: Arc<dyn MessageSink>) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),
             clock,
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
+            messages,
         }
     }
 
@@ -374,8 +383,8 @@ impl HostSink for StatusBoard {
         key: &AccountKey,
         generation: u64,
         message: InboundMessage,
-    ) -> Result<(), String> {
-        self.if_current(
+    ) -> BoxFuture<Result<u64, String>> {
+        let current = self.if_current(
             key,
             generation,
             || Err(stale_error(key)),
@@ -384,7 +393,10 @@ impl HostSink for StatusBoard {
                 mark_event(snapshot, liveness, EventKind::Inbound, now);
                 Ok(())
             },
-        )?;
+        );
+        if let Err(stale) = current {
+            return Box::pin(std::future::ready(Err(stale)));
+        }
         tracing::debug!(
             account = %key,
             conversation = message.conversation.as_str(),
@@ -392,6 +404,6 @@ impl HostSink for StatusBoard {
             bytes = message.text.len(),
             "inbound message"
         );
-        Ok(())
+        self.messages.accept(key, message)
     }
 }

@@ -8,10 +8,7 @@
 //! ```
 use std::time::Duration;
 
-use channeld_plugin_abi::{
-    export_plugin,
-    sdk::{AccountContext, ChannelPlugin, Inbound, PluginError},
-};
+use channeld_plugin_abi::sdk::prelude::*;
 use serde::Deserialize;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -34,12 +31,12 @@ impl ChannelPlugin for Echo {
     const CHANNEL_ID: &'static str = "echo";
     const DISPLAY_NAME: &'static str = "Echo (TCP lines)";
 
-    async fn start(&self, ctx: AccountContext) -> Result<(), PluginError> {
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings: Settings = ctx.account().parse()?;
         let listener = TcpListener::bind(&settings.listen).await?;
         let addr = listener.local_addr()?;
         ctx.host()
-            .patch_status(&serde_json::json!({ "listen_addr": addr.to_string() }))?;
+            .patch_status(&json!({ "listen_addr": addr.to_string() }))?;
         ctx.host().set_connected(true);
         tracing::info!(%addr, "echo account listening");
         let delay = Duration::from_millis(settings.reply_delay_ms);
@@ -48,8 +45,8 @@ impl ChannelPlugin for Echo {
                 () = ctx.aborted() => return Ok(()),
                 accepted = listener.accept() => {
                     let (stream, peer) = accepted?;
-                    let host = ctx.host().clone();
-                    tokio::spawn(serve(stream, peer.to_string(), host, delay));
+                    // Tied to the account: it ends with the abort, and a stop waits for it.
+                    ctx.spawn(serve(stream, peer.to_string(), ctx.host().clone(), delay));
                 }
             }
         }
@@ -60,15 +57,16 @@ impl ChannelPlugin for Echo {
 async fn serve(
     stream: TcpStream,
     peer: String,
-    host: channeld_plugin_abi::sdk::Host,
+    host: Host,
     delay: Duration,
-) -> Result<(), PluginError> {
+) -> PluginResult {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         // A refused delivery (the host has replaced this task, say) loses one message, not
         // the connection.
-        if let Err(e) = host.deliver(Inbound::new("tcp", peer.clone(), line.clone())) {
+        let message = Inbound::new("tcp", peer.clone(), line.clone());
+        if let Err(e) = host.deliver_async(message).await {
             tracing::warn!(error = %e, "message not delivered");
         }
         tokio::time::sleep(delay).await;

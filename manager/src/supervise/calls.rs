@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use tokio::{sync::Semaphore, task::JoinHandle};
 
 /// Why a bounded call produced no value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +23,12 @@ pub enum CallError {
     /// The blocking task itself failed (host-side panic).
     #[error("failed: {0}")]
     Failed(String),
+    /// The plugin already has its limit of blocking calls in flight (earlier ones hang), and
+    /// none returned within the time bound.
+    #[error(
+        "not called: {0} earlier blocking calls of this plugin are still running (they hang)"
+    )]
+    Saturated(usize),
 }
 
 /// Runs `f` on the blocking pool and waits at most `limit` for it.
@@ -42,4 +48,31 @@ pub async fn bounded<T: Send + 'static>(
 /// the call (its result may be something to own, such as a started task) and bounds its own wait.
 pub fn spawn_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     tokio::task::spawn_blocking(f)
+}
+
+/// Like [`bounded`], under a plugin's limit of blocking calls in flight: the call waits for one of
+/// `permits` (within the same time bound), and keeps it until it returns, however long the caller
+/// waited. So a plugin whose calls hang pins at most as many threads as there are permits.
+pub async fn bounded_with_permit<T: Send + 'static>(
+    permits: &std::sync::Arc<Semaphore>,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CallError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_closed)) => return Err(CallError::Failed("the plugin's call limit is closed".into())),
+        Err(_) => {
+            return Err(CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN));
+        }
+    };
+    let call = spawn_call(move || {
+        let _permit = permit;
+        f()
+    });
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(CallError::Failed(e.to_string())),
+        Err(_) => Err(CallError::TimedOut(limit)),
+    }
 }

@@ -41,9 +41,13 @@ pub(super) struct Lifecycle {
     pub(super) ended: watch::Sender<bool>,
 }
 
+/// Tells a lifecycle when the plugin's runtime first polled the task (`None`: the plugin does not
+/// report it, a 1.0 plugin, and "running" means "start returned").
+type Polled = Option<watch::Receiver<bool>>;
+
 /// What one boot produced.
 enum Boot {
-    Started(RunningTask),
+    Started(RunningTask, Polled),
     Disabled(String),
     NotConfigured(String),
     Failed(String),
@@ -110,14 +114,14 @@ impl Lifecycle {
                     self.publish(StartOutcome::Failed(error.clone()));
                     (Err(error), Duration::ZERO)
                 }
-                Boot::Started(task) if self.token.is_cancelled() => {
+                Boot::Started(task, _) if self.token.is_cancelled() => {
                     // The start returned its task after a stop arrived: the stop wins, and the
                     // task gets the whole stop sequence (it never counts as running).
                     ctx.stop_task(task).await;
                     self.publish(StartOutcome::Stopped);
                     break;
                 }
-                Boot::Started(task) => match self.run_task(task).await {
+                Boot::Started(task, polled) => match self.run_task(task, polled).await {
                     RunEnd::Stopped => break,
                     RunEnd::Exited(result, ran_for) => (result, ran_for),
                 },
@@ -152,11 +156,20 @@ impl Lifecycle {
         if self.token.is_cancelled() {
             return Boot::Stopped;
         }
+        if ctx.channel.disabled.contains(&ctx.key.account) {
+            // The host's own `enabled = false`: the plugin is not asked.
+            return Boot::Disabled("disabled".into());
+        }
         let board = &ctx.inner.board;
         let generation = board.begin_generation(&ctx.key);
         let sink: Arc<dyn HostSink> = board.clone();
-        let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
+        let mut link = AccountLink::for_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
+        let polled = plugin.reports_task_polled().then(|| {
+            let (tx, rx) = watch::channel(false);
+            link = link.clone().with_polled_signal(tx);
+            rx
+        });
         let account = ctx.key.account.clone();
         let token = self.token.clone();
         let mut call: BootCall = spawn_call(move || -> Result<Boot, String> {
@@ -173,7 +186,7 @@ impl Lifecycle {
             }
             plugin
                 .start_account(&account, link)
-                .map(Boot::Started)
+                .map(|task| Boot::Started(task, polled))
                 .map_err(|e| e.to_string())
         });
         let joined = tokio::select! {
@@ -197,9 +210,23 @@ impl Lifecycle {
         }
     }
 
-    /// Runs a started task until it ends or a user stops it.
-    async fn run_task(&self, mut task: RunningTask) -> RunEnd {
+    /// Runs a started task until it ends or a user stops it. With a plugin that reports the first
+    /// poll of its tasks, the account counts as running only from that report: a task the
+    /// plugin's runtime never polls (its workers are all blocked) is never shown running.
+    async fn run_task(&self, mut task: RunningTask, polled: Polled) -> RunEnd {
         let ctx = &self.ctx;
+        if let Some(mut polled) = polled {
+            tokio::select! {
+                biased;
+                () = self.token.cancelled() => {
+                    ctx.stop_task(task).await;
+                    return RunEnd::Stopped;
+                }
+                // Also ends when the plugin dropped the link (the task ended, polled or not):
+                // the end is then seen below.
+                _ = async { polled.wait_for(|polled| *polled).await.is_ok() } => {}
+            }
+        }
         let attempts = ctx
             .inner
             .lock()
@@ -356,15 +383,28 @@ impl AccountCtx {
         let hook_plugin = plugin.clone();
         let account = self.key.account.clone();
         let key = self.key.clone();
+        let permits = self.channel.blocking_permits.clone();
         // The hook runs beside the wait, and the stop waits for it only until the stop's own
         // deadline: a hook that hangs cannot delay the stop past its bound, and one that returns
         // in time has finished before the account counts as stopped (and before a retired
         // version's runtime is shut down under it).
         let deadline = tokio::time::Instant::now() + stop_timeout;
+        // A 1.1 plugin's hook is a future on its own runtime (dropped, and so cancelled, at the
+        // deadline); a 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
+        // calls in flight.
         let hook = tokio::spawn(async move {
-            let hook =
-                super::calls::bounded(stop_timeout, move || hook_plugin.stop_account(&account));
-            match hook.await {
+            let result = match hook_plugin.stop_account_async(&account) {
+                Some(hook) => timeout(stop_timeout, hook)
+                    .await
+                    .map_err(|_| super::calls::CallError::TimedOut(stop_timeout)),
+                None => {
+                    super::calls::bounded_with_permit(&permits, stop_timeout, move || {
+                        hook_plugin.stop_account(&account)
+                    })
+                    .await
+                }
+            };
+            match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(account = %key, "stop hook: {e}"),
                 Err(e) => tracing::warn!(account = %key, "stop hook {e}"),
@@ -447,7 +487,7 @@ impl AccountCtx {
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {
             match call.await {
-                Ok(Ok(Boot::Started(task))) => ctx.stop_task(task).await,
+                Ok(Ok(Boot::Started(task, _))) => ctx.stop_task(task).await,
                 _ => ctx.inner.board.retire_generation(&ctx.key),
             }
             ctx.clear_stuck(&reason, "the stuck start has returned");

@@ -177,7 +177,15 @@ pub struct Channel {
     /// The plugin's default account, if it named one.
     pub default_account: Option<String>,
     boot_permits: Semaphore,
+    /// Accounts the config switches off (the host's `enabled` key).
+    disabled: crate::reserved::Disabled,
+    /// Bounds the plugin's blocking calls in flight (a 1.0 plugin's stop and logout hooks run
+    /// on a host thread): a plugin whose hooks hang pins at most this many threads.
+    blocking_permits: Arc<Semaphore>,
 }
+
+/// The most blocking calls (1.0 stop and logout hooks) one plugin may have in flight.
+pub const BLOCKING_CALLS_PER_PLUGIN: usize = 8;
 
 #[derive(Default)]
 struct State {
@@ -290,9 +298,12 @@ impl Supervisor {
         section: ChannelSection,
     ) -> Result<Arc<Channel>, SupervisorError> {
         let id = plugin.info().channel_id.clone();
-        let table = section.table.clone();
+        // The plugin never sees the host's keys (`enabled`, `health_monitor`, …).
+        let table = crate::reserved::strip(&section.table);
+        let disabled = crate::reserved::Disabled::from_table(&section.table);
         let call_plugin = plugin.clone();
         let listed = bounded(self.inner.call_timeout, move || {
+            call_plugin.validate_channel(&table)?;
             call_plugin.configure(&table)?;
             Ok::<_, crate::plugin::PluginCallError>((
                 call_plugin.list_account_ids()?,
@@ -317,9 +328,10 @@ impl Supervisor {
         // The snapshot's view of each account; a plugin too slow for it only loses that.
         let call_plugin = plugin.clone();
         let ids = accounts.clone();
+        let seed_disabled = disabled.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
             ids.iter()
-                .map(|account| seed(&*call_plugin, account))
+                .map(|account| seed(&*call_plugin, account, seed_disabled.contains(account)))
                 .collect::<Vec<_>>()
         });
         match seeds.await {
@@ -338,6 +350,8 @@ impl Supervisor {
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boot_permits: Semaphore::new(self.inner.policy.startup_accounts_per_channel),
+            disabled,
+            blocking_permits: Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN)),
         }))
     }
 
@@ -636,12 +650,29 @@ impl Supervisor {
         let (ch, ids) = self.targets(channel, Some(account))?;
         let id = ids.into_iter().next().unwrap_or_default();
         self.stop(channel, Some(&id)).await?;
-        let plugin = ch.plugin.clone();
-        let call_id = id.clone();
-        let cleared = bounded(self.inner.call_timeout, move || plugin.logout(&call_id))
-            .await
-            .map_err(|e| SupervisorError::Plugin(format!("channel {channel}: logout {e}")))?
-            .map_err(|e| SupervisorError::Plugin(e.to_string()))?;
+        let cleared = match ch.plugin.logout_async(&id) {
+            // 1.1: the hook runs on the plugin's runtime; no host thread waits for it.
+            Some(hook) => tokio::time::timeout(self.inner.call_timeout, hook)
+                .await
+                .map_err(|_| {
+                    SupervisorError::Plugin(format!(
+                        "channel {channel}: logout {}",
+                        calls::CallError::TimedOut(self.inner.call_timeout)
+                    ))
+                })?,
+            None => {
+                let plugin = ch.plugin.clone();
+                let call_id = id.clone();
+                calls::bounded_with_permit(
+                    &ch.blocking_permits,
+                    self.inner.call_timeout,
+                    move || plugin.logout(&call_id),
+                )
+                .await
+                .map_err(|e| SupervisorError::Plugin(format!("channel {channel}: logout {e}")))?
+            }
+        }
+        .map_err(|e| SupervisorError::Plugin(e.to_string()))?;
         self.mark_logged_out(channel, cleared, Some(&id))?;
         Ok(cleared)
     }
@@ -775,8 +806,12 @@ fn default_account_of(ch: &Channel) -> String {
 
 /// Asks the plugin what the snapshot needs to know about one account before any start; a failed
 /// call leaves its field unknown.
-fn seed(plugin: &dyn Plugin, account: &str) -> Seed {
-    let enabled = plugin.is_enabled(account).ok();
+fn seed(plugin: &dyn Plugin, account: &str, disabled_by_config: bool) -> Seed {
+    let enabled = if disabled_by_config {
+        Some(Check::No(None))
+    } else {
+        plugin.is_enabled(account).ok()
+    };
     let configured = plugin
         .describe_account(account)
         .ok()

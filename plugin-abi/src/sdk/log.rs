@@ -97,7 +97,13 @@ pub(crate) fn install_panic_hook() {
         // Whatever was installed before the plugin's library was loaded is std's default hook
         // (which prints to stderr): the SDK replaces it.
         drop(std::panic::take_hook());
-        set_sdk_hook(Box::new(|info| record_panic(info)));
+        // The hook captures a byte so that it is not zero-sized: a zero-sized hook's box has
+        // no address of its own to recognise it by.
+        let marker = 0u8;
+        set_sdk_hook(Box::new(move |info| {
+            let _ = marker;
+            record_panic(info);
+        }));
     });
 }
 
