@@ -93,7 +93,7 @@ fn bad_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     .unwrap();
     fs::copy(
         util::lookalike_file(
-            "abi-1.0-skewed",
+            "abi-1.1-skewed",
             "channeld-plugin-skewed",
             "libchanneld_plugin_skewed.so",
         ),

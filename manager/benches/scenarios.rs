@@ -476,7 +476,7 @@ fn load_in_steps(
         .init_root_module::<PluginMod_Ref>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t3 = Instant::now();
-    let plugin = FfiPlugin::new(module, path)?;
+    let plugin = FfiPlugin::new(channeld::load::PluginModule::V1_1(module), path)?;
     plugin.init(loader.worker_threads, loader.max_log_level, sink.clone())?;
     let t4 = Instant::now();
     ensure!(

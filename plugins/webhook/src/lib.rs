@@ -185,8 +185,9 @@ impl ChannelPlugin for Webhook {
         // On abort the server stops accepting, closes idle keep-alive connections and lets
         // requests in flight finish, but only for DRAIN_TIMEOUT: a caller that never finishes
         // its upload must not keep the account from stopping.
-        let abort = ctx.abort_signal();
-        let server = axum::serve(listener, app).with_graceful_shutdown(abort.cancelled_owned());
+        let abort = ctx.abort();
+        let server = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { abort.aborted().await });
         tokio::select! {
             served = server.into_future() => served.map_err(|e| {
                 PluginError::new(format!("webhook server on {addr} failed: {e}"))
@@ -245,8 +246,13 @@ async fn accept(State(shared): State<Arc<Shared>>, request: Request) -> Response
     if let Some(time_ms) = message.time_ms {
         inbound = inbound.with_time_ms(time_ms);
     }
-    match shared.host.deliver(inbound) {
-        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "accepted": true }))).into_response(),
+    // Answered once the host has made the message durable, with its sequence number.
+    match shared.host.deliver_async(inbound).await {
+        Ok(seq) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "accepted": true, "seq": seq })),
+        )
+            .into_response(),
         // The host refuses when it has replaced this task, say: the caller should retry, and
         // will reach the replacement.
         Err(e) => {
