@@ -1,28 +1,28 @@
 //! Interface versions across real builds, with look-alike `channeld-plugin-abi` crates under
 //! `tests/fixtures/abi-lookalike/` (they carry the real package name, because abi_stable compares
 //! it; so they are workspaces of their own, built into `target/lookalike`):
-//! * a plugin built against 1.0 (the real `fixture`) still loads, and works, in a host built
-//!   against a 1.1 whose root module has one entry appended after `shutdown`, and that entry reads
-//!   as absent. abi_stable 0.11.3 refuses a root module with fewer fields than the host's, so that
-//!   host checks a 1.0 plugin against the frozen 1.0 root module it keeps (see
-//!   `abi-1.1/host/src/main.rs`); the test pins both the refusal and the fallback;
+//! * a plugin built against the frozen 1.0 crate loads in this 1.1 host through the frozen 1.0
+//!   layouts (abi_stable 0.11.3 refuses it against the 1.1 root module: "too many fields");
+//! * a 1.1 plugin refuses a host built against 1.0 (no host-version key) in one line;
+//! * a plugin built against a newer minor (1.2), which abi_stable would accept, is refused by this
+//!   host with one line naming both versions;
 //! * a plugin built against a 2.0 is refused by this (1.x) host with one line naming the file and
 //!   both versions.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use channeld::load::{LoadError, host_abi_version, load_root_module};
-use serde_json::{Value, json};
+use abi_stable::library::{RootModule, lib_header_from_path};
+use channeld::{
+    ffi::FfiPlugin,
+    load::{LoadError, PluginModule, host_abi_version, load_root_module},
+    plugin::Plugin,
+};
+use channeld_plugin_abi::abi::PluginMod_Ref;
 
 use crate::util;
 
-/// The host built against the plugin-abi 1.1 look-alike (once per test process).
-fn abi11_host() -> PathBuf {
-    util::lookalike_file("abi-1.1", "channeld-abi11-host", "abi11-host")
-}
-
 /// The plugin built against the plugin-abi 2.0 look-alike (once per test process).
-pub fn abi2_plugin() -> PathBuf {
+pub fn abi2_plugin() -> std::path::PathBuf {
     util::lookalike_file(
         "abi-2.0",
         "channeld-plugin-abi2",
@@ -31,42 +31,70 @@ pub fn abi2_plugin() -> PathBuf {
 }
 
 #[test]
-fn a_1_0_plugin_loads_and_works_in_a_1_1_host_without_the_appended_entry() {
-    let plugin = util::plugin_file("channeld-plugin-fixture");
-    let out = Command::new(abi11_host())
-        .arg(&plugin)
-        .output()
-        .expect("run the 1.1 host");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the 1.1 host should load {}: {}\n{}",
-        plugin.display(),
-        stdout.trim(),
-        String::from_utf8_lossy(&out.stderr)
+fn a_1_0_plugin_loads_through_the_frozen_1_0_layouts() {
+    let file = util::lookalike_file(
+        "abi-1.0",
+        "channeld-plugin-fixture10",
+        "libchanneld_plugin_fixture10.so",
     );
-    let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "one JSON line expected: {stdout}");
-    let report: Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = util::copy_plugin(&file, dir.path(), "fixture10-versions.so");
+    // The plain 1.1 check refuses it: why the host keeps the 1.0 layouts. If abi_stable starts
+    // accepting it, this fails and the fallback can go.
+    let refusal = lib_header_from_path(&copy)
+        .and_then(|h| h.init_root_module::<PluginMod_Ref>())
+        .err()
+        .expect("abi_stable refuses a 1.0 root module against the 1.1 layout")
+        .to_string();
+    assert!(refusal.contains("too many fields"), "{refusal}");
 
-    assert_eq!(report["loaded"], true, "{report}");
-    assert_eq!(report["host_abi_version"], "1.1.0", "{report}");
-    assert_eq!(report["plugin_abi_version"], host_abi_version(), "{report}");
-    // Calls through the 1.1 view of the 1.0 module work.
-    assert_eq!(report["channel_id"], "fixture", "{report}");
-    assert_eq!(report["account_ids"], json!(["a", "b"]), "{report}");
-    // The entry appended in 1.1 is `None` for a 1.0 plugin.
-    assert_eq!(report["appended_entry_present"], false, "{report}");
-    // abi_stable 0.11.3 refuses a root module with fewer fields than the host's type, so the 1.1
-    // host cannot take a 1.0 plugin with a plain `init_root_module::<PluginMod_Ref>()`: it checks
-    // the plugin against the frozen 1.0 root module instead. If abi_stable starts accepting it,
-    // this fails and the fallback can go.
-    assert_eq!(report["loaded_via"], "1.0 layout", "{report}");
-    let refusal = report["latest_layout_error"].as_str().unwrap_or_default();
-    assert!(
-        refusal.contains("too many fields") && refusal.contains("17") && refusal.contains("16"),
-        "{report}"
+    let module = load_root_module(&copy).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(module, PluginModule::V1_0(_)));
+    let plugin = FfiPlugin::new(module, &copy).unwrap();
+    assert_eq!(plugin.info().abi_version, "1.0.0");
+    assert_eq!(plugin.info().channel_id, "fixture");
+    assert_eq!(PluginMod_Ref::VERSION_STRINGS.version.as_str(), host_abi_version());
+}
+
+#[test]
+fn a_1_1_plugin_refuses_a_1_0_host_with_one_line() {
+    let host = util::lookalike_file("abi-1.0", "channeld-abi10-host", "abi10-host");
+    let plugin = util::plugin_file("channeld-plugin-fixture");
+    let out = Command::new(host).arg(&plugin).output().expect("run the 1.0 host");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the 1.0 host took a 1.1 plugin: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stdout:?}");
+    let line = lines[0];
+    // abi_stable accepted the newer minor; the plugin's own check refused the host.
+    assert!(line.starts_with("init failed: "), "{line}");
+    assert!(line.contains("channeld-plugin-abi 1.1.0"), "{line}");
+    assert!(line.contains("plugin-abi 1.1 or later"), "{line}");
+    assert!(line.contains("plugin-abi 1.0"), "{line}");
+}
+
+#[test]
+fn a_plugin_of_a_newer_minor_is_refused_with_one_line() {
+    let file = util::lookalike_file(
+        "abi-1.2",
+        "channeld-plugin-abi12",
+        "libchanneld_plugin_abi12.so",
     );
+    let error = match load_root_module(&file) {
+        Ok(_) => panic!("a plugin built against plugin-abi 1.2.0 loaded in a 1.1 host"),
+        Err(e) => e,
+    };
+    let line = error.to_string();
+    let LoadError::Version { path, plugin, host } = &error else {
+        panic!("expected a version mismatch, got: {line}");
+    };
+    assert_eq!(path, &file);
+    assert_eq!(plugin, "1.2.0");
+    assert!(host.contains(host_abi_version()), "{host}");
+    assert_eq!(error.class(), "version-mismatch");
+    assert!(!line.contains('\n'), "one line expected: {line:?}");
+    assert!(line.contains(&file.display().to_string()), "{line}");
+    assert!(line.contains("1.2.0") && line.contains("1.1.0"), "{line}");
 }
 
 #[test]

@@ -15,9 +15,14 @@ mod loader;
 /// account, fences a panic. Fails, saying how to install it, without the nightly toolchain.
 mod abi_nightly;
 
-/// Interface versions with look-alike plugin-abi crates: a 1.0 plugin in a 1.1 host (appended
-/// entry absent), a 2.0 plugin refused in one line.
+/// Interface versions with look-alike plugin-abi crates: a 1.0 plugin through the frozen 1.0
+/// layouts, a 1.1 plugin refusing a 1.0 host, a newer minor and another major refused in one line.
 mod abi_versions;
+
+/// ABI 1.1 under the real supervisor: a frozen-1.0 plugin's 100 accounts replaced by a 1.1 build,
+/// deliver_async and the message sink, task_polled and `running`, reserved keys, validate,
+/// batches, the 1.0-era source built against 1.1.
+mod abi11;
 
 /// The `webhook` channel plugin over real HTTP: delivery, refusals, config reasons, graceful stop.
 mod webhook_plugin;
