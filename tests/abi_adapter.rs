@@ -54,7 +54,7 @@ async fn every_entry_point_works() {
     assert_eq!(info.channel_id, "fixture");
     assert_eq!(info.display_name, "Test fixture");
     assert_eq!(info.plugin_version, "0.1.0");
-    assert_eq!(info.abi_version, "1.0.0");
+    assert_eq!(info.abi_version, "1.1.0");
     assert!(info.rustc_version.starts_with("rustc "), "{info:?}");
 
     plugin
@@ -107,6 +107,11 @@ async fn every_entry_point_works() {
     assert!(!plugin.cancel_task(task.id));
     plugin.stop_account("main").unwrap();
     assert!(plugin.logout("main").unwrap());
+    // The 1.1 hooks: futures that run on the plugin's runtime, no host thread held.
+    let stop = plugin.stop_account_async("main").expect("a 1.1 plugin has it");
+    timeout(PROMPT, stop).await.unwrap().unwrap();
+    let logout = plugin.logout_async("main").expect("a 1.1 plugin has it");
+    assert!(timeout(PROMPT, logout).await.unwrap().unwrap());
     let sent = plugin
         .send(Outbound {
             account: "main".into(),
@@ -156,6 +161,13 @@ async fn a_panic_in_each_entry_point_is_an_error_and_everything_keeps_working() 
         ),
         ("stop", p.stop_account("a")),
         ("logout", p.logout("a").map(|_| ())),
+        // The 1.1 async hooks: the panic happens on the plugin's runtime, and the future the
+        // host awaits carries it as an error.
+        ("stop", p.stop_account_async("a").expect("1.1").await),
+        (
+            "logout",
+            p.logout_async("a").expect("1.1").await.map(|_| ()),
+        ),
     ];
     for (hook, result) in account_entries {
         let error = result.expect_err(hook);

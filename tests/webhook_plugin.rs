@@ -341,7 +341,7 @@ async fn an_aborted_account_closes_idle_connections_and_ends_cleanly() {
     raw_post(&mut kept_alive, &body, body.len()).await;
     let mut answer = Vec::new();
     timeout(PROMPT, async {
-        while !String::from_utf8_lossy(&answer).contains(r#"{"accepted":true}"#) {
+        while !String::from_utf8_lossy(&answer).contains(r#"{"accepted":true,"seq":1}"#) {
             let mut chunk = [0; 1024];
             let n = kept_alive.read(&mut chunk).await.unwrap();
             assert_ne!(n, 0, "closed early: {}", String::from_utf8_lossy(&answer));
