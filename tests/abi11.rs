@@ -120,7 +120,10 @@ async fn a_frozen_1_0_plugin_runs_100_accounts_and_is_replaced_by_a_1_1_build() 
     let dir = tempfile::tempdir().unwrap();
     let board = board();
     let old = load(&fixture_1_0(), &dir, "fixture-1.0.so", 2, &board);
-    assert!(old.is_abi_1_0(), "a 1.0 plugin is driven through the 1.0 layout");
+    assert!(
+        old.is_abi_1_0(),
+        "a 1.0 plugin is driven through the 1.0 layout"
+    );
     assert_eq!(old.info().abi_version, "1.0.0");
     assert!(!old.reports_task_polled());
 
@@ -188,7 +191,10 @@ async fn a_frozen_1_0_plugin_runs_100_accounts_and_is_replaced_by_a_1_1_build() 
     }
     // The old version's tasks all ended; the new version runs them.
     let described = old.describe_account("a050").unwrap().unwrap();
-    assert_eq!((&described["starts"], &described["ends"]), (&json!(1), &json!(1)));
+    assert_eq!(
+        (&described["starts"], &described["ends"]),
+        (&json!(1), &json!(1))
+    );
     let described = new.describe_account("a050").unwrap().unwrap();
     assert_eq!(described["running"], 1, "{described}");
     assert!(status(&board, "a050").running);
@@ -205,7 +211,11 @@ struct GateSink {
 }
 
 impl MessageSink for GateSink {
-    fn accept(&self, _key: &AccountKey, _message: InboundMessage) -> BoxFuture<Result<u64, String>> {
+    fn accept(
+        &self,
+        _key: &AccountKey,
+        _message: InboundMessage,
+    ) -> BoxFuture<Result<u64, String>> {
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap().push(tx);
         Box::pin(async move { rx.await.map_err(|_| "the gate was dropped".to_owned()) })
@@ -251,7 +261,10 @@ async fn deliver_async_completes_only_after_the_host_sink_accepted_the_message()
     })
     .await;
     plugin.abort_task(task.id);
-    tokio::time::timeout(PATIENCE, task.done).await.unwrap().unwrap();
+    tokio::time::timeout(PATIENCE, task.done)
+        .await
+        .unwrap()
+        .unwrap();
     plugin.shutdown().unwrap();
 }
 
@@ -271,7 +284,9 @@ async fn an_account_whose_task_the_starved_runtime_never_polls_is_never_running(
         "blocker": { "mode": "block_thread", "block_ms": 3000 },
         "starved": {},
     } });
-    sup.add_channel(plugin.clone(), section(table)).await.unwrap();
+    sup.add_channel(plugin.clone(), section(table))
+        .await
+        .unwrap();
     let started = sup.start("fixture", Some("blocker")).await.unwrap();
     assert_eq!(started[0].1, StartOutcome::Started);
 
@@ -282,7 +297,11 @@ async fn an_account_whose_task_the_starved_runtime_never_polls_is_never_running(
         "{:?}",
         started[0].1
     );
-    assert!(!status(&board, "starved").running, "{:?}", status(&board, "starved"));
+    assert!(
+        !status(&board, "starved").running,
+        "{:?}",
+        status(&board, "starved")
+    );
     // Once the worker is free the runtime polls it, and only then is it running.
     eventually("the starved account running once polled", || {
         let s = status(&board, "starved");
@@ -314,10 +333,7 @@ async fn reserved_keys_are_stripped_before_a_strict_plugin_sees_them_and_validat
         .await
         .unwrap_or_else(|e| panic!("the host's keys reached the plugin: {e}"));
     let started = sup.start("fixture", None).await.unwrap();
-    let outcomes: BTreeMap<_, _> = started
-        .into_iter()
-        .map(|(k, o)| (k.account, o))
-        .collect();
+    let outcomes: BTreeMap<_, _> = started.into_iter().map(|(k, o)| (k.account, o)).collect();
     assert_eq!(outcomes["a"], StartOutcome::Started);
     // `enabled` is the host's: it decides without the plugin seeing the key.
     assert_eq!(outcomes["off"], StartOutcome::Disabled("disabled".into()));
@@ -327,7 +343,10 @@ async fn reserved_keys_are_stripped_before_a_strict_plugin_sees_them_and_validat
     // does not apply it.
     let sup = supervisor(&board, quick_policy());
     let error = sup
-        .add_channel(plugin.clone(), section(json!({ "invalid": "no server named" })))
+        .add_channel(
+            plugin.clone(),
+            section(json!({ "invalid": "no server named" })),
+        )
         .await
         .err()
         .expect("an invalid table is refused");
@@ -344,10 +363,14 @@ async fn reserved_keys_are_stripped_before_a_strict_plugin_sees_them_and_validat
 async fn batch_start_and_abort_work_with_1_1_and_fall_back_for_1_0() {
     let dir = tempfile::tempdir().unwrap();
     let board = board();
-    for (file, name) in [(fixture_1_1(), "batch-1.1.so"), (fixture_1_0(), "batch-1.0.so")] {
+    for (file, name) in [
+        (fixture_1_1(), "batch-1.1.so"),
+        (fixture_1_0(), "batch-1.0.so"),
+    ] {
         let plugin = load(&file, &dir, name, 2, &board);
         let ids = ["b1", "b2", "b3", "b4"];
-        let accounts: serde_json::Map<_, _> = ids.iter().map(|a| (a.to_string(), json!({}))).collect();
+        let accounts: serde_json::Map<_, _> =
+            ids.iter().map(|a| (a.to_string(), json!({}))).collect();
         plugin.configure(&json!({ "accounts": accounts })).unwrap();
         let sink: Arc<dyn HostSink> = board.clone();
         let batch = ids
@@ -355,7 +378,10 @@ async fn batch_start_and_abort_work_with_1_1_and_fall_back_for_1_0() {
             .map(|id| {
                 let key = AccountKey::new("fixture", *id);
                 let generation = board.begin_generation(&key);
-                (id.to_string(), AccountLink::for_account(key, generation, sink.clone()))
+                (
+                    id.to_string(),
+                    AccountLink::for_account(key, generation, sink.clone()),
+                )
             })
             .collect();
         let tasks: Vec<_> = plugin
@@ -371,7 +397,10 @@ async fn batch_start_and_abort_work_with_1_1_and_fall_back_for_1_0() {
             assert_eq!(ended.expect("ends after its abort"), Ok(()), "{name}");
         }
         let described = plugin.describe_account("b3").unwrap().unwrap();
-        assert_eq!((&described["starts"], &described["ends"]), (&json!(1), &json!(1)));
+        assert_eq!(
+            (&described["starts"], &described["ends"]),
+            (&json!(1), &json!(1))
+        );
         plugin.shutdown().unwrap();
     }
 }
@@ -391,7 +420,10 @@ async fn the_1_0_era_fixture_source_builds_unchanged_against_1_1_and_runs() {
     let sink: Arc<dyn HostSink> = board.clone();
     let link = AccountLink::for_account(key.clone(), board.begin_generation(&key), sink);
     let task = plugin.start_account("e", link).unwrap();
-    assert_eq!(tokio::time::timeout(PATIENCE, task.done).await.unwrap(), Ok(()));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, task.done).await.unwrap(),
+        Ok(())
+    );
     assert_eq!(status(&board, "e").connected, Some(true));
     plugin.shutdown().unwrap();
 }

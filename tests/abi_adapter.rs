@@ -108,7 +108,9 @@ async fn every_entry_point_works() {
     plugin.stop_account("main").unwrap();
     assert!(plugin.logout("main").unwrap());
     // The 1.1 hooks: futures that run on the plugin's runtime, no host thread held.
-    let stop = plugin.stop_account_async("main").expect("a 1.1 plugin has it");
+    let stop = plugin
+        .stop_account_async("main")
+        .expect("a 1.1 plugin has it");
     timeout(PROMPT, stop).await.unwrap().unwrap();
     let logout = plugin.logout_async("main").expect("a 1.1 plugin has it");
     assert!(timeout(PROMPT, logout).await.unwrap().unwrap());

@@ -53,16 +53,25 @@ fn a_1_0_plugin_loads_through_the_frozen_1_0_layouts() {
     let plugin = FfiPlugin::new(module, &copy).unwrap();
     assert_eq!(plugin.info().abi_version, "1.0.0");
     assert_eq!(plugin.info().channel_id, "fixture");
-    assert_eq!(PluginMod_Ref::VERSION_STRINGS.version.as_str(), host_abi_version());
+    assert_eq!(
+        PluginMod_Ref::VERSION_STRINGS.version.as_str(),
+        host_abi_version()
+    );
 }
 
 #[test]
 fn a_1_1_plugin_refuses_a_1_0_host_with_one_line() {
     let host = util::lookalike_file("abi-1.0", "channeld-abi10-host", "abi10-host");
     let plugin = util::plugin_file("channeld-plugin-fixture");
-    let out = Command::new(host).arg(&plugin).output().expect("run the 1.0 host");
+    let out = Command::new(host)
+        .arg(&plugin)
+        .output()
+        .expect("run the 1.0 host");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "the 1.0 host took a 1.1 plugin: {stdout}");
+    assert!(
+        !out.status.success(),
+        "the 1.0 host took a 1.1 plugin: {stdout}"
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "one line expected: {stdout:?}");
     let line = lines[0];

@@ -249,10 +249,7 @@ impl Plugin for FfiPlugin {
         self.call("shutdown", (entry!(self.shutdown))())
     }
 
-    fn stop_account_async(
-        &self,
-        account: &str,
-    ) -> Option<BoxFuture<Result<(), PluginCallError>>> {
+    fn stop_account_async(&self, account: &str) -> Option<BoxFuture<Result<(), PluginCallError>>> {
         let PluginModule::V1_1(m) = &self.module else {
             return None;
         };

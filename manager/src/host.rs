@@ -199,8 +199,11 @@ impl AccountLink {
     /// back from the sink.
     pub fn deliver_async(&self, message: InboundMessage) -> BoxFuture<Result<u64, String>> {
         let accepted = self.with_key(
-            || Box::pin(std::future::ready(Err("this handle belongs to no account".into())))
-                as BoxFuture<Result<u64, String>>,
+            || {
+                Box::pin(std::future::ready(Err(
+                    "this handle belongs to no account".into()
+                ))) as BoxFuture<Result<u64, String>>
+            },
             |key| self.sink.deliver(key, self.generation, message),
         );
         // A panic in the sink's future must not unwind into the plugin that polls it.
@@ -326,15 +329,20 @@ impl HostServices for AccountLink {
         AccountLink::set_busy(self, active_runs);
     }
     fn deliver(&self, message: InboundMessage) -> RResult<(), RString> {
-        AccountLink::deliver(self, message).map_err(Into::into).into()
+        AccountLink::deliver(self, message)
+            .map_err(Into::into)
+            .into()
     }
     fn is_current(&self) -> bool {
         AccountLink::is_current(self)
     }
     fn deliver_async(&self, message: InboundMessage) -> FfiFuture<RResult<u64, RString>> {
         let accepted = never_panic(
-            || Box::pin(std::future::ready(Err("the host failed to accept the message".into())))
-                as BoxFuture<Result<u64, String>>,
+            || {
+                Box::pin(std::future::ready(Err(
+                    "the host failed to accept the message".into(),
+                ))) as BoxFuture<Result<u64, String>>
+            },
             || AccountLink::deliver_async(self, message),
         );
         async move { accepted.await.map_err(RString::from).into() }.into_ffi()
@@ -367,7 +375,9 @@ impl v1_0::HostServices for AccountLink {
         AccountLink::set_busy(self, active_runs);
     }
     fn deliver(&self, message: InboundMessage) -> RResult<(), RString> {
-        AccountLink::deliver(self, message).map_err(Into::into).into()
+        AccountLink::deliver(self, message)
+            .map_err(Into::into)
+            .into()
     }
     fn is_current(&self) -> bool {
         AccountLink::is_current(self)

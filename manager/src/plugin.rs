@@ -109,10 +109,7 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// The stop hook as a future that holds no host thread (ABI 1.1); `None` when the plugin has
     /// only the blocking [`stop_account`](Self::stop_account). Dropping it cancels the hook.
-    fn stop_account_async(
-        &self,
-        _account: &str,
-    ) -> Option<BoxFuture<Result<(), PluginCallError>>> {
+    fn stop_account_async(&self, _account: &str) -> Option<BoxFuture<Result<(), PluginCallError>>> {
         None
     }
     /// The logout hook as a future (ABI 1.1); `None` when the plugin has only the blocking one.

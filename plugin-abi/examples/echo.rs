@@ -54,12 +54,7 @@ impl ChannelPlugin for Echo {
 }
 
 /// Echoes one connection's lines.
-async fn serve(
-    stream: TcpStream,
-    peer: String,
-    host: Host,
-    delay: Duration,
-) -> PluginResult {
+async fn serve(stream: TcpStream, peer: String, host: Host, delay: Duration) -> PluginResult {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {

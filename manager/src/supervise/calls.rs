@@ -25,9 +25,7 @@ pub enum CallError {
     Failed(String),
     /// The plugin already has its limit of blocking calls in flight (earlier ones hang), and
     /// none returned within the time bound.
-    #[error(
-        "not called: {0} earlier blocking calls of this plugin are still running (they hang)"
-    )]
+    #[error("not called: {0} earlier blocking calls of this plugin are still running (they hang)")]
     Saturated(usize),
 }
 
@@ -61,7 +59,11 @@ pub async fn bounded_with_permit<T: Send + 'static>(
     let deadline = tokio::time::Instant::now() + limit;
     let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => permit,
-        Ok(Err(_closed)) => return Err(CallError::Failed("the plugin's call limit is closed".into())),
+        Ok(Err(_closed)) => {
+            return Err(CallError::Failed(
+                "the plugin's call limit is closed".into(),
+            ));
+        }
         Err(_) => {
             return Err(CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN));
         }

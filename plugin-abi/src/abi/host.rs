@@ -57,8 +57,12 @@ pub trait HostServices: Clone + Send + Sync + 'static {
     /// reason it was refused. Counts as inbound traffic.
     fn deliver_async(&self, message: InboundMessage) -> FfiFuture<RResult<u64, RString>> {
         let _ = message;
-        async { RResult::RErr(RString::from("this host has no deliver_async (plugin-abi 1.0)")) }
-            .into_ffi()
+        async {
+            RResult::RErr(RString::from(
+                "this host has no deliver_async (plugin-abi 1.0)",
+            ))
+        }
+        .into_ffi()
     }
 
     /// 1.1: the SDK calls this when the plugin's runtime polls the account's task for the first

@@ -73,8 +73,7 @@ pub struct PluginMod {
     /// 1.1: the stop hook, without a host thread: the future completes when the plugin's stop
     /// hook (run on the plugin's runtime) has finished. Dropping it cancels the hook.
     #[sabi(missing_field(option))]
-    pub stop_account_async:
-        extern "C" fn(account: RStr<'_>) -> FfiFuture<RResult<(), RString>>,
+    pub stop_account_async: extern "C" fn(account: RStr<'_>) -> FfiFuture<RResult<(), RString>>,
     /// 1.1: the logout hook, without a host thread; yields whether anything was cleared.
     /// Dropping the future cancels the hook.
     #[sabi(missing_field(option))]
@@ -86,7 +85,8 @@ pub struct PluginMod {
     /// 1.1: starts several accounts in one call, one result per input, in order. The host never
     /// passes more accounts than its startup fan-out per channel (`startup_accounts_per_channel`).
     #[sabi(missing_field(option))]
-    pub start_accounts: extern "C" fn(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>>,
+    pub start_accounts:
+        extern "C" fn(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>>,
     /// 1.1: fires the abort signal of several tasks; returns how many were still known.
     #[sabi(missing_field(option))]
     pub abort_tasks: extern "C" fn(tasks: RSlice<'_, TaskId>) -> u32,

@@ -251,7 +251,9 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime
-            .spawn(self.tracker.track_future(super::log::in_scope(self.scope.clone(), task)));
+        self.runtime.spawn(
+            self.tracker
+                .track_future(super::log::in_scope(self.scope.clone(), task)),
+        );
     }
 }

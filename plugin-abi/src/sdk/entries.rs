@@ -407,7 +407,11 @@ extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<Star
 extern "C" fn start_accounts(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>> {
     batch
         .into_iter()
-        .map(|item| fenced("start_accounts", || start_one(item.account.as_str(), item.host)))
+        .map(|item| {
+            fenced("start_accounts", || {
+                start_one(item.account.as_str(), item.host)
+            })
+        })
         .collect()
 }
 

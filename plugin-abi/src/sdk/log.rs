@@ -137,7 +137,10 @@ tokio::task_local! {
 }
 
 /// Runs `future` in `scope`: its events are tagged with the scope's account.
-pub(crate) fn in_scope<F: Future>(scope: AccountScope, future: F) -> impl Future<Output = F::Output> {
+pub(crate) fn in_scope<F: Future>(
+    scope: AccountScope,
+    future: F,
+) -> impl Future<Output = F::Output> {
     SCOPE.scope(scope, future)
 }
 

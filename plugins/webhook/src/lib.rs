@@ -186,8 +186,8 @@ impl ChannelPlugin for Webhook {
         // requests in flight finish, but only for DRAIN_TIMEOUT: a caller that never finishes
         // its upload must not keep the account from stopping.
         let abort = ctx.abort();
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { abort.aborted().await });
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(async move { abort.aborted().await });
         tokio::select! {
             served = server.into_future() => served.map_err(|e| {
                 PluginError::new(format!("webhook server on {addr} failed: {e}"))
