@@ -24,6 +24,9 @@ mod abi_versions;
 /// batches, the 1.0-era source built against 1.1.
 mod abi11;
 
+/// The SDK's documented example built as a fresh crate with exactly the documented dependencies.
+mod sdk_example;
+
 /// The `webhook` channel plugin over real HTTP: delivery, refusals, config reasons, graceful stop.
 mod webhook_plugin;
 
