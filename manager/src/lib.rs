@@ -14,6 +14,7 @@ pub mod plugin;
 pub mod registry;
 pub mod reload;
 pub mod stage;
+pub mod state_lock;
 pub mod status;
 pub mod status_table;
 pub mod supervise;

@@ -1,0 +1,66 @@
+//! The daemon and the CLI as an operator meets them: the state-directory lock, signals, exit
+//! codes, percent-encoded targets, the audit trail, checked settings, and the project's own docs.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::util::daemon::{Daemon, PATIENCE, channeld};
+
+fn idle_daemon() -> Daemon {
+    Daemon::start(&[], "", "", &[])
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_second_run_with_the_same_state_dir_refuses_and_leaves_the_first_reachable() {
+    let first = idle_daemon();
+    let (_, token_before) = first.api();
+    let mut second = Command::new(channeld())
+        .args(["run", "--config"])
+        .arg(&first.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second daemon kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = second.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", first.pid())),
+        "names the first daemon's pid: {text}"
+    );
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    let (_, token_after) = first.api();
+    assert_eq!(token_before, token_after, "the first daemon's token is untouched");
+    let status = first.cli(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+}
+
+#[test]
+fn sighup_leaves_the_daemon_running() {
+    let mut daemon = idle_daemon();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
+    daemon.wait_for_log("SIGHUP ignored");
+    let status = daemon.cli(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let (code, log) = daemon.terminate();
+    assert_eq!(code.code(), Some(0), "{log}");
+}
