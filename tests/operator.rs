@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::util::daemon::{Daemon, PATIENCE, channeld};
+use crate::util::{
+    self,
+    daemon::{Daemon, PATIENCE, channeld},
+};
 
 fn idle_daemon() -> Daemon {
     Daemon::start(&[], "", "", &[])
@@ -63,4 +66,59 @@ fn sighup_leaves_the_daemon_running() {
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let (code, log) = daemon.terminate();
     assert_eq!(code.code(), Some(0), "{log}");
+}
+
+fn fixture_daemon(extra: &str) -> Daemon {
+    Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!("[health]\ninterval = \"0s\"\n[channels.fixture.accounts.main]\n{extra}"),
+        &[],
+    )
+}
+
+#[test]
+fn targets_are_percent_encoded_and_usage_errors_exit_2() {
+    let daemon = fixture_daemon("");
+    daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
+
+    let spaced = daemon.cli(&["status", "fixture:Main Account"]);
+    assert_eq!(spaced.status.code(), Some(1), "{}", stderr(&spaced));
+    assert!(
+        stderr(&spaced).contains("unknown account fixture:main-account"),
+        "{}",
+        stderr(&spaced)
+    );
+    let hashed = daemon.cli(&["status", "fix#ture"]);
+    assert_eq!(hashed.status.code(), Some(1), "{}", stderr(&hashed));
+    assert!(
+        stderr(&hashed).contains("unknown channel \"fix#ture\""),
+        "the whole name reaches the daemon: {}",
+        stderr(&hashed)
+    );
+    let stop = daemon.cli(&["stop", "fixture:Main Account"]);
+    assert_eq!(stop.status.code(), Some(1), "{}", stderr(&stop));
+
+    for verb in ["reset", "logout"] {
+        let usage = daemon.cli(&[verb, "fixture"]);
+        assert_eq!(usage.status.code(), Some(2), "{verb}: {}", stderr(&usage));
+        assert!(stderr(&usage).contains("needs an account"), "{}", stderr(&usage));
+    }
+    let reset = daemon.cli(&["reset", "fixture:main"]);
+    assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
+    assert_eq!(
+        String::from_utf8_lossy(&reset.stdout).trim(),
+        "fixture:main: reset"
+    );
+}
+
+#[test]
+fn help_has_an_exit_status_section() {
+    let out = Command::new(channeld()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    let section = help.split("EXIT STATUS:").nth(1).expect(&help);
+    for code in ["0 ", "1 ", "2 ", "3 "] {
+        assert!(section.contains(&format!("  {code}")), "{help}");
+    }
 }

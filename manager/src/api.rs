@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    api_types::{OpResult, Outcome},
     config::Secret,
     host::AccountKey,
     reload::HotPlugins,
@@ -51,7 +52,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(crate::api_types::ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -219,7 +220,13 @@ pub async fn run_op(
         ("restart", _) => keyed(supervisor.restart(channel, account).await?),
         ("logout", Some(account)) => {
             let cleared = supervisor.logout(channel, account).await?;
-            json!({ "results": { AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account)).to_string(): { "outcome": "logged-out", "cleared": cleared } } })
+            let key = AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account));
+            let result = OpResult {
+                outcome: Outcome::LoggedOut,
+                reason: None,
+                cleared: Some(cleared),
+            };
+            keyed(vec![(key, result)])
         }
         ("reset", Some(account)) => {
             let (ch, key) = (
@@ -233,7 +240,12 @@ pub async fn run_op(
             }
             let key = AccountKey::new(channel, key);
             supervisor.reset_restart_attempts(&key);
-            json!({ "results": { key.to_string(): { "outcome": "reset" } } })
+            let result = OpResult {
+                outcome: Outcome::Reset,
+                reason: None,
+                cleared: None,
+            };
+            keyed(vec![(key, result)])
         }
         ("logout" | "reset", None) => {
             return Err(ApiError(

@@ -1,5 +1,6 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
+pub mod api_types;
 pub mod cli;
 pub mod client;
 pub mod clock;
