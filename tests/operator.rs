@@ -122,3 +122,57 @@ fn help_has_an_exit_status_section() {
         assert!(section.contains(&format!("  {code}")), "{help}");
     }
 }
+
+#[test]
+fn a_plugins_log_fields_arrive_as_json_fields_tagged_by_the_host() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "[health]\ninterval = \"0s\"\n[channels.fixture.accounts.main]\nlog = true\n",
+        &[("CHANNELD_LOG_FORMAT", "json")],
+    );
+    let line = daemon.wait_for_log("fixture account started");
+    let line: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    let fields = &line["fields"];
+    assert_eq!(fields["starts"], 1, "{line}");
+    assert_eq!(fields["flavour"], "salty", "{line}");
+    assert_eq!(fields["channel"], "fixture", "{line}");
+    assert_eq!(fields["account"], "main", "{line}");
+}
+
+#[test]
+fn an_operation_through_the_api_leaves_an_audit_line() {
+    let daemon = fixture_daemon("");
+    daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
+    let stop = daemon.cli(&["stop", "fixture:main"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", stderr(&stop));
+    let line = daemon.wait_for_log("user operation");
+    for part in [
+        "INFO",
+        "channeld::audit",
+        "peer=127.0.0.1:",
+        "operation=stop",
+        "target=fixture:main",
+        "result=200",
+    ] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
+    let refused = daemon.cli(&["reset", "fixture:ghost"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let line = daemon.wait_for_log_count("user operation", 2);
+    assert!(
+        line.contains("operation=reset") && line.contains("result=404"),
+        "{line}"
+    );
+}
+
+#[test]
+fn an_invalid_rust_log_is_an_error() {
+    let out = Command::new(channeld())
+        .args(["status"])
+        .env("RUST_LOG", "debug,channeld=loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("invalid RUST_LOG"), "{}", stderr(&out));
+}

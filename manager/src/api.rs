@@ -112,6 +112,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rescan", post(rescan))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Outside the token check: refused attempts are on the audit trail too.
+        .layer(middleware::from_fn(crate::audit::record))
         .with_state(state)
 }
 
@@ -121,7 +123,8 @@ pub async fn serve(
     state: ApiState,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }

@@ -1,6 +1,7 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
 pub mod api_types;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -11,6 +12,7 @@ pub mod ffi;
 pub mod health;
 pub mod host;
 pub mod load;
+pub mod logging;
 pub mod plugin;
 pub mod registry;
 pub mod reload;

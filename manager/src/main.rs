@@ -1,6 +1,6 @@
 //! The `channeld` binary: parses the command line and runs the verb. `anyhow` lives only here.
 
-use std::{io::IsTerminal as _, path::Path, process::ExitCode, sync::Arc};
+use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use channeld::{
@@ -17,23 +17,13 @@ use channeld::{
     supervise::{Supervisor, policy::RandomJitter},
 };
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if let Err(error) = channeld::logging::init(cli.log_format == LogFormat::Json) {
+        eprintln!("channeld: {error}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
