@@ -51,7 +51,10 @@ fn a_second_run_with_the_same_state_dir_refuses_and_leaves_the_first_reachable()
     );
     assert_eq!(text.lines().count(), 1, "one line: {text}");
     let (_, token_after) = first.api();
-    assert_eq!(token_before, token_after, "the first daemon's token is untouched");
+    assert_eq!(
+        token_before, token_after,
+        "the first daemon's token is untouched"
+    );
     let status = first.cli(&["status"]);
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
 }
@@ -102,7 +105,11 @@ fn targets_are_percent_encoded_and_usage_errors_exit_2() {
     for verb in ["reset", "logout"] {
         let usage = daemon.cli(&[verb, "fixture"]);
         assert_eq!(usage.status.code(), Some(2), "{verb}: {}", stderr(&usage));
-        assert!(stderr(&usage).contains("needs an account"), "{}", stderr(&usage));
+        assert!(
+            stderr(&usage).contains("needs an account"),
+            "{}",
+            stderr(&usage)
+        );
     }
     let reset = daemon.cli(&["reset", "fixture:main"]);
     assert_eq!(reset.status.code(), Some(0), "{}", stderr(&reset));
@@ -174,5 +181,48 @@ fn an_invalid_rust_log_is_an_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("invalid RUST_LOG"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid RUST_LOG"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The value of a default or of the example, durations compared as durations ("300s" = "5m").
+fn same_setting(a: &toml::Value, b: &toml::Value) -> bool {
+    let duration = |v: &toml::Value| v.as_str().and_then(|s| humantime::parse_duration(s).ok());
+    match (duration(a), duration(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+#[test]
+fn the_example_config_lists_every_host_owned_key_with_its_default() {
+    let path = util::workspace_root().join("scripts/example-channeld.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let example: toml::Table = toml::from_str(&text).unwrap();
+    let mut missing = Vec::new();
+    for (section, defaults) in channeld::config::host_owned_defaults() {
+        for (key, default) in defaults.as_table().unwrap() {
+            match example.get(&section).and_then(|s| s.get(key)) {
+                Some(value) if same_setting(value, default) => {}
+                Some(value) => missing.push(format!(
+                    "[{section}] {key} = {value} in the example, but the default is {default}"
+                )),
+                None => missing.push(format!("[{section}] {key} (default {default}) is missing")),
+            }
+        }
+    }
+    assert!(
+        text.contains("# api_token = "),
+        "the example shows api_token (no default) in a comment"
+    );
+    assert!(
+        missing.is_empty(),
+        "{}:\n{}",
+        path.display(),
+        missing.join("\n")
+    );
+    channeld::config::Config::load_for_client(&path).expect("the example loads");
 }

@@ -156,10 +156,7 @@ mod tests {
 
     #[test]
     fn segments_are_encoded_and_accounts_normalised() {
-        assert_eq!(
-            status_path(Some("web#hook"), None),
-            "/v1/status/web%23hook"
-        );
+        assert_eq!(status_path(Some("web#hook"), None), "/v1/status/web%23hook");
         assert_eq!(
             status_path(Some("a/b"), Some("Main Account")),
             "/v1/status/a%2Fb/main-account"

@@ -134,7 +134,10 @@ impl Client {
                 reason: error.to_string(),
             }
         } else {
-            ClientError::Failed(format!("request to channeld at {} failed: {error}", self.base))
+            ClientError::Failed(format!(
+                "request to channeld at {} failed: {error}",
+                self.base
+            ))
         }
     }
 

@@ -11,6 +11,7 @@ pub mod discover;
 pub mod ffi;
 pub mod health;
 pub mod host;
+pub mod limits;
 pub mod load;
 pub mod logging;
 pub mod plugin;
