@@ -69,9 +69,11 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
-/// Compares without an early exit, so response time does not leak how much of a guess matched.
+/// Compares in constant time (`subtle`), so response time does not leak how much of a guess
+/// matched (a wrong length only reveals the token's length).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    bool::from(a.ct_eq(b))
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {

@@ -47,21 +47,32 @@ pub enum ConfigError {
     },
 }
 
-/// A secret value. It prints as `[redacted]` everywhere; only [`Secret::expose`] reveals it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret value (`secrecy`: zeroed when dropped). It prints as `[redacted]` everywhere; only
+/// [`Secret::expose`] reveals it, and equality is checked in constant time.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     /// Wraps a value.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(value.into().into())
     }
 
     /// The value, for the one place that must use it.
     pub fn expose(&self) -> &str {
-        &self.0
+        use secrecy::ExposeSecret as _;
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.expose().as_bytes().ct_eq(other.expose().as_bytes()))
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -249,11 +260,25 @@ struct RawConfig {
     channels: BTreeMap<String, toml::Table>,
 }
 
-/// One channel's table, secrets resolved, as the plugin will receive it.
-#[derive(Debug, Clone, Default)]
+/// One channel's table, secrets resolved, as the plugin will receive it. Its `Debug` shows the
+/// keys only: any value may be a resolved secret.
+#[derive(Clone, Default)]
 pub struct ChannelSection {
     /// The whole `[channels.<id>]` table as JSON.
     pub table: Json,
+}
+
+impl fmt::Debug for ChannelSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&String> = self
+            .table
+            .as_object()
+            .map(|table| table.keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("ChannelSection")
+            .field("keys", &keys)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChannelSection {
@@ -705,6 +730,10 @@ mod tests {
         );
         assert_eq!(format!("{:?}", config.host.api_token), "Some([redacted])");
         assert!(!format!("{:?}", config.host).contains("from-file"));
+        assert!(
+            !format!("{config:?}").contains("from-env"),
+            "a resolved channel secret never shows in Debug"
+        );
     }
 
     #[test]
