@@ -226,3 +226,77 @@ fn the_example_config_lists_every_host_owned_key_with_its_default() {
     );
     channeld::config::Config::load_for_client(&path).expect("the example loads");
 }
+
+/// Files outside the project that its files must not send readers to (built here so that this
+/// file does not name them itself).
+fn outside_references() -> Vec<String> {
+    vec![
+        format!("{}.md", "ARCHITECTURE"),
+        format!("{}.md", "BEHAVIOUR"),
+        format!("..{}shared", '/'),
+    ]
+}
+
+fn project_files(dir: &std::path::Path, into: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Build output, the VCS, and scripts/run's scratch directory are not the project's files.
+        if name.starts_with("target") || name == ".git" || name == ".run" {
+            continue;
+        }
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            project_files(&entry.path(), into);
+        } else if kind.is_file() {
+            into.push(entry.path());
+        }
+    }
+}
+
+#[test]
+fn no_file_in_the_project_names_files_outside_it() {
+    let root = util::workspace_root();
+    let mut files = Vec::new();
+    project_files(&root, &mut files);
+    assert!(files.len() > 20, "found the project's files");
+    let needles = outside_references();
+    let mut offenders = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in &needles {
+            if let Some(line) = text.lines().position(|l| l.contains(needle.as_str())) {
+                offenders.push(format!(
+                    "{}:{}: names {needle}",
+                    file.strip_prefix(&root).unwrap().display(),
+                    line + 1
+                ));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "say it in the project's own words (docs/) instead:\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
+fn the_docs_index_is_linked_from_the_readme_and_links_every_page() {
+    let root = util::workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("(docs/README.md)"),
+        "README links the docs index"
+    );
+    let index = std::fs::read_to_string(root.join("docs/README.md")).unwrap();
+    for page in ["behaviour.md", "status.md"] {
+        assert!(root.join("docs").join(page).exists(), "docs/{page}");
+        assert!(
+            index.contains(&format!("({page})")),
+            "the index links {page}"
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! Staging: the host never `dlopen`s a file inside the plugins directory (a half-written file
 //! there kills the process with SIGBUS, and glibc hands back the old library when a path is
-//! reopened after its file changed: ARCHITECTURE.md fact 5). It reads the file once, hashes what
+//! reopened after its file changed). It reads the file once, hashes what
 //! it read, writes that into a private staging directory under the content hash, checks on the
 //! private copy that the ELF headers and every `PT_LOAD` segment lie inside the file, and only
 //! then hands the copy to the loader.
