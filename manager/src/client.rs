@@ -110,35 +110,8 @@ impl Client {
         }
     }
 
-    /// Connect errors and timeouts mean the daemon is not there (exit 3); anything else is a
-    /// failed request (exit 1).
     fn request_error(&self, error: ureq::Error) -> ClientError {
-        use std::io::ErrorKind as K;
-        let unreachable = match &error {
-            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => {
-                true
-            }
-            ureq::Error::Io(e) => matches!(
-                e.kind(),
-                K::ConnectionRefused
-                    | K::AddrNotAvailable
-                    | K::HostUnreachable
-                    | K::NetworkUnreachable
-                    | K::TimedOut
-            ),
-            _ => false,
-        };
-        if unreachable {
-            ClientError::Unreachable {
-                address: self.base.clone(),
-                reason: error.to_string(),
-            }
-        } else {
-            ClientError::Failed(format!(
-                "request to channeld at {} failed: {error}",
-                self.base
-            ))
-        }
+        classify(&self.base, error)
     }
 
     /// `GET path`.
@@ -159,5 +132,48 @@ impl Client {
             .header("Authorization", format!("Bearer {}", self.token))
             .send_empty();
         self.answer(result)
+    }
+}
+
+/// Connect errors and timeouts mean the daemon is not there (exit 3); anything else is a failed
+/// request (exit 1).
+fn classify(address: &str, error: ureq::Error) -> ClientError {
+    use std::io::ErrorKind as K;
+    let unreachable = match &error {
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(e) => matches!(
+            e.kind(),
+            K::ConnectionRefused
+                | K::AddrNotAvailable
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::TimedOut
+        ),
+        _ => false,
+    };
+    if unreachable {
+        ClientError::Unreachable {
+            address: address.to_owned(),
+            reason: error.to_string(),
+        }
+    } else {
+        ClientError::Failed(format!("request to channeld at {address} failed: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connect_errors_and_timeouts_are_unreachable() {
+        let code = |e| classify("http://127.0.0.1:1", e).exit_code();
+        let io = |kind| ureq::Error::Io(std::io::Error::from(kind));
+        assert_eq!(code(ureq::Error::ConnectionFailed), 3);
+        assert_eq!(code(io(std::io::ErrorKind::ConnectionRefused)), 3);
+        assert_eq!(code(io(std::io::ErrorKind::TimedOut)), 3);
+        assert_eq!(code(ureq::Error::BadUri("http://x/a b".into())), 1);
+        assert_eq!(code(ureq::Error::BodyExceedsLimit(10)), 1);
+        assert_eq!(code(io(std::io::ErrorKind::ConnectionReset)), 1);
     }
 }
