@@ -57,6 +57,21 @@ fn a_second_run_with_the_same_state_dir_refuses_and_leaves_the_first_reachable()
     );
     let status = first.cli(&["status"]);
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+
+    // `check` stages into the state directory it is given: not into a running daemon's.
+    let check = Command::new(channeld())
+        .args(["check", "--config"])
+        .arg(&first.config)
+        .arg("--state-dir")
+        .arg(first.root().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains(&format!("pid {}", first.pid())),
+        "{}",
+        stderr(&check)
+    );
 }
 
 #[test]

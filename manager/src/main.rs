@@ -206,6 +206,9 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
             temp.path().to_owned()
         }
     };
+    // Staging wipes its directory: never under a running daemon's feet.
+    daemon::prepare_state_dir(&state_dir)?;
+    let _lock = channeld::state_lock::StateLock::acquire(&state_dir)?;
     let staging = StagingDir::open(&state_dir.join("staging"))
         .with_context(|| format!("staging directory in {}", state_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
