@@ -42,3 +42,7 @@ mod hot;
 
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.
 mod health;
+
+/// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
+/// audit trail, checked settings, the project's own docs.
+mod operator;

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    api_types::{OpResult, Outcome},
     config::Secret,
     host::AccountKey,
     reload::HotPlugins,
@@ -51,7 +52,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(crate::api_types::ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -68,9 +69,11 @@ impl From<SupervisorError> for ApiError {
     }
 }
 
-/// Compares without an early exit, so response time does not leak how much of a guess matched.
+/// Compares in constant time (`subtle`), so response time does not leak how much of a guess
+/// matched (a wrong length only reveals the token's length).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq as _;
+    bool::from(a.ct_eq(b))
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
@@ -111,6 +114,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rescan", post(rescan))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        // Outside the token check: refused attempts are on the audit trail too.
+        .layer(middleware::from_fn(crate::audit::record))
         .with_state(state)
 }
 
@@ -120,7 +125,8 @@ pub async fn serve(
     state: ApiState,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }
@@ -219,7 +225,13 @@ pub async fn run_op(
         ("restart", _) => keyed(supervisor.restart(channel, account).await?),
         ("logout", Some(account)) => {
             let cleared = supervisor.logout(channel, account).await?;
-            json!({ "results": { AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account)).to_string(): { "outcome": "logged-out", "cleared": cleared } } })
+            let key = AccountKey::new(channel, channeld_plugin_abi::normalize_account_id(account));
+            let result = OpResult {
+                outcome: Outcome::LoggedOut,
+                reason: None,
+                cleared: Some(cleared),
+            };
+            keyed(vec![(key, result)])
         }
         ("reset", Some(account)) => {
             let (ch, key) = (
@@ -233,7 +245,12 @@ pub async fn run_op(
             }
             let key = AccountKey::new(channel, key);
             supervisor.reset_restart_attempts(&key);
-            json!({ "results": { key.to_string(): { "outcome": "reset" } } })
+            let result = OpResult {
+                outcome: Outcome::Reset,
+                reason: None,
+                cleared: None,
+            };
+            keyed(vec![(key, result)])
         }
         ("logout" | "reset", None) => {
             return Err(ApiError(

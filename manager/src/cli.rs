@@ -1,5 +1,5 @@
-//! The command line: `channeld VERB`, parsed with clap. Exit codes for every verb: 0 done,
-//! 1 the operation failed, 2 usage, 3 the daemon is unreachable.
+//! The command line: `channeld VERB`, parsed with clap. Exit codes for every verb ([`EXIT_STATUS`],
+//! also shown by `--help`): 0 done, 1 the operation failed, 2 usage, 3 the daemon is unreachable.
 
 use std::path::PathBuf;
 
@@ -11,14 +11,23 @@ pub const LONG_VERSION: &str = concat!(
     " (loads plugins built against channeld-plugin-abi 1.x, >= 1.0.0)"
 );
 
+/// The EXIT STATUS section of `--help`.
+pub const EXIT_STATUS: &str = "\
+EXIT STATUS:
+  0  done
+  1  the operation failed, or the daemon refused it (unknown channel or account, bad config)
+  2  usage: a bad or missing argument, or an invalid RUST_LOG
+  3  the daemon cannot be reached: nothing listens at its address, or the request timed out";
+
 /// channeld: a host for chat-channel plugins. Point it at a plugins directory and a TOML config;
 /// it loads every plugin file through a checked stable ABI and keeps each configured account
 /// running under one restart supervisor.
 #[derive(Debug, Parser)]
-#[command(name = "channeld", version = LONG_VERSION, about, long_about = None)]
+#[command(name = "channeld", version = LONG_VERSION, about, long_about = None, after_help = EXIT_STATUS)]
 pub struct Cli {
-    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug; an invalid RUST_LOG is a
+    /// usage error).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true, env = "CHANNELD_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]

@@ -1,11 +1,11 @@
 //! The CLI's side of the API: finds the daemon's address and token from the same config, sends
-//! one request, and maps failures to the CLI's exit codes.
+//! one request, reads the answer as its [`crate::api_types`] type, and maps failures to the CLI's
+//! exit codes: 3 only when the daemon cannot be reached (connect error, timeout), 1 otherwise.
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::{
+    api_types::ErrorBody,
     config::Config,
     daemon::{ADDRESS_FILE, TOKEN_FILE},
 };
@@ -86,26 +86,23 @@ impl Client {
         })
     }
 
-    fn answer(
+    fn answer<T: serde::de::DeserializeOwned>(
         &self,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<Value, ClientError> {
-        let mut response = result.map_err(|e| ClientError::Unreachable {
-            address: self.base.clone(),
-            reason: e.to_string(),
-        })?;
+    ) -> Result<T, ClientError> {
+        let mut response = result.map_err(|e| self.request_error(e))?;
         let status = response.status();
-        let body: Value = response
-            .body_mut()
-            .read_json()
-            .unwrap_or_else(|e| serde_json::json!({ "error": format!("unreadable answer: {e}") }));
         if status.is_success() {
-            Ok(body)
+            response
+                .body_mut()
+                .read_json()
+                .map_err(|e| ClientError::Failed(format!("unreadable answer from channeld: {e}")))
         } else {
-            let message = body["error"]
-                .as_str()
-                .unwrap_or("request failed")
-                .to_owned();
+            let message = response
+                .body_mut()
+                .read_json::<ErrorBody>()
+                .map(|b| b.error)
+                .unwrap_or_else(|_| "request failed".to_owned());
             Err(ClientError::Failed(format!(
                 "{message} (HTTP {})",
                 status.as_u16()
@@ -113,8 +110,12 @@ impl Client {
         }
     }
 
+    fn request_error(&self, error: ureq::Error) -> ClientError {
+        classify(&self.base, error)
+    }
+
     /// `GET path`.
-    pub fn get(&self, path: &str) -> Result<Value, ClientError> {
+    pub fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let result = self
             .agent
             .get(format!("{}{path}", self.base))
@@ -124,12 +125,55 @@ impl Client {
     }
 
     /// `POST path` with no body.
-    pub fn post(&self, path: &str) -> Result<Value, ClientError> {
+    pub fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let result = self
             .agent
             .post(format!("{}{path}", self.base))
             .header("Authorization", format!("Bearer {}", self.token))
             .send_empty();
         self.answer(result)
+    }
+}
+
+/// Connect errors and timeouts mean the daemon is not there (exit 3); anything else is a failed
+/// request (exit 1).
+fn classify(address: &str, error: ureq::Error) -> ClientError {
+    use std::io::ErrorKind as K;
+    let unreachable = match &error {
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(e) => matches!(
+            e.kind(),
+            K::ConnectionRefused
+                | K::AddrNotAvailable
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::TimedOut
+        ),
+        _ => false,
+    };
+    if unreachable {
+        ClientError::Unreachable {
+            address: address.to_owned(),
+            reason: error.to_string(),
+        }
+    } else {
+        ClientError::Failed(format!("request to channeld at {address} failed: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connect_errors_and_timeouts_are_unreachable() {
+        let code = |e| classify("http://127.0.0.1:1", e).exit_code();
+        let io = |kind| ureq::Error::Io(std::io::Error::from(kind));
+        assert_eq!(code(ureq::Error::ConnectionFailed), 3);
+        assert_eq!(code(io(std::io::ErrorKind::ConnectionRefused)), 3);
+        assert_eq!(code(io(std::io::ErrorKind::TimedOut)), 3);
+        assert_eq!(code(ureq::Error::BadUri("http://x/a b".into())), 1);
+        assert_eq!(code(ureq::Error::BodyExceedsLimit(10)), 1);
+        assert_eq!(code(io(std::io::ErrorKind::ConnectionReset)), 1);
     }
 }

@@ -16,9 +16,11 @@ use std::{
 };
 
 use channeld_plugin_abi::normalize_account_id;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use toml::Value as Toml;
+
+use crate::limits;
 
 /// The config could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -45,21 +47,32 @@ pub enum ConfigError {
     },
 }
 
-/// A secret value. It prints as `[redacted]` everywhere; only [`Secret::expose`] reveals it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret value (`secrecy`: zeroed when dropped). It prints as `[redacted]` everywhere; only
+/// [`Secret::expose`] reveals it, and equality is checked in constant time.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     /// Wraps a value.
     pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
+        Self(value.into().into())
     }
 
     /// The value, for the one place that must use it.
     pub fn expose(&self) -> &str {
-        &self.0
+        use secrecy::ExposeSecret as _;
+        self.0.expose_secret()
     }
 }
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.expose().as_bytes().ct_eq(other.expose().as_bytes()))
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,7 +87,7 @@ impl fmt::Display for Secret {
 }
 
 /// A value given literally or by reference.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 enum SecretSource {
     Literal(String),
@@ -83,12 +96,13 @@ enum SecretSource {
 }
 
 /// `[host]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawHost {
     plugins_dir: PathBuf,
     state_dir: PathBuf,
     api_address: SocketAddr,
+    allow_remote: bool,
     api_token: Option<SecretSource>,
     plugin_worker_threads: u32,
     #[serde(with = "humantime_serde")]
@@ -106,6 +120,7 @@ impl Default for RawHost {
             plugins_dir: "plugins".into(),
             state_dir: "state".into(),
             api_address: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            allow_remote: false,
             api_token: None,
             plugin_worker_threads: 2,
             plugin_call_timeout: Duration::from_secs(10),
@@ -123,8 +138,10 @@ pub struct HostConfig {
     pub plugins_dir: PathBuf,
     /// Where staged copies, the API token file and other state live.
     pub state_dir: PathBuf,
-    /// The HTTP API's address (loopback by default).
+    /// The HTTP API's address (loopback unless `allow_remote`).
     pub api_address: SocketAddr,
+    /// Whether `api_address` may be a non-loopback address.
+    pub allow_remote: bool,
     /// The API's bearer token; `None`: generated at start into `<state_dir>/api-token`.
     pub api_token: Option<Secret>,
     /// Worker threads of each plugin's own runtime.
@@ -139,8 +156,8 @@ pub struct HostConfig {
     pub watch: bool,
 }
 
-/// `[supervisor]`: the restart policy. Defaults are BEHAVIOUR.md's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[supervisor]`: the restart policy (docs/behaviour.md). Ranges: [`crate::limits`].
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisorConfig {
     /// First restart delay.
@@ -191,8 +208,8 @@ impl Default for SupervisorConfig {
     }
 }
 
-/// `[health]`: the health monitor. Defaults are BEHAVIOUR.md's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[health]`: the health monitor (docs/behaviour.md). Ranges: [`crate::limits`].
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Time between checks (0 disables the monitor).
@@ -230,7 +247,7 @@ impl Default for HealthConfig {
     }
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
@@ -243,11 +260,25 @@ struct RawConfig {
     channels: BTreeMap<String, toml::Table>,
 }
 
-/// One channel's table, secrets resolved, as the plugin will receive it.
-#[derive(Debug, Clone, Default)]
+/// One channel's table, secrets resolved, as the plugin will receive it. Its `Debug` shows the
+/// keys only: any value may be a resolved secret.
+#[derive(Clone, Default)]
 pub struct ChannelSection {
     /// The whole `[channels.<id>]` table as JSON.
     pub table: Json,
+}
+
+impl fmt::Debug for ChannelSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys: Vec<&String> = self
+            .table
+            .as_object()
+            .map(|table| table.keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("ChannelSection")
+            .field("keys", &keys)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ChannelSection {
@@ -333,7 +364,7 @@ impl Config {
     }
 
     fn parse_with(text: &str, path: &Path, channels_too: bool) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let syntax = |e: toml::de::Error| {
             let (line, column) = e
                 .span()
                 .map(|span| line_column(text, span.start))
@@ -344,7 +375,11 @@ impl Config {
                 column,
                 message: e.message().trim().to_owned(),
             }
-        })?;
+        };
+        // Parsed once: the spanned document both feeds serde and locates later errors.
+        let document = toml::de::DeTable::parse(text).map_err(syntax)?;
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(document.clone()))
+            .map_err(syntax)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let base = if base.as_os_str().is_empty() {
             Path::new(".")
@@ -355,17 +390,20 @@ impl Config {
         if !channels_too {
             raw.channels.clear();
         }
-        Self::from_raw(raw, base, Some((path, text)))
+        Self::from_raw(raw, base, Some((path, text, document.get_ref())))
     }
 
     fn from_raw(
         raw: RawConfig,
         base: &Path,
-        source: Option<(&Path, &str)>,
+        source: Option<(&Path, &str, &toml::de::DeTable<'_>)>,
     ) -> Result<Self, ConfigError> {
         let invalid = |key_path: &[&str], message: String| {
-            let (path, text) = source.unwrap_or((Path::new("<defaults>"), ""));
-            let (line, column) = span_of(text, key_path)
+            let (path, text, start) = match source {
+                Some((path, text, document)) => (path, text, span_of(document, key_path)),
+                None => (Path::new("<defaults>"), "", None),
+            };
+            let (line, column) = start
                 .map(|start| line_column(text, start))
                 .unwrap_or((1, 1));
             ConfigError::Invalid {
@@ -378,34 +416,22 @@ impl Config {
         let host = raw.host;
         let api_token = host
             .api_token
-            .map(|s| resolve_secret(&s, base).map(Secret::new))
+            .as_ref()
+            .map(|s| resolve_secret(s, base).map(Secret::new))
             .transpose()
             .map_err(|m| invalid(&["host", "api_token"], m))?;
-        let check_fraction = |key: &'static str, value: f64, min: f64| {
-            if value.is_finite() && value >= min {
-                Ok(())
-            } else {
-                Err(invalid(
-                    &["supervisor", key],
-                    format!("{key} must be a number >= {min}, got {value}"),
-                ))
-            }
-        };
-        check_fraction("backoff_factor", raw.supervisor.backoff_factor, 1.0)?;
-        check_fraction("jitter", raw.supervisor.jitter, 0.0)?;
-        for (key, value) in [
-            (
-                "startup_accounts_per_channel",
-                raw.supervisor.startup_accounts_per_channel,
-            ),
-            ("startup_channels", raw.supervisor.startup_channels),
-        ] {
-            if value == 0 {
-                return Err(invalid(
-                    &["supervisor", key],
-                    format!("{key} must be at least 1"),
-                ));
-            }
+        for (section, key, value) in settings(&host, &raw.supervisor, &raw.health) {
+            limits::check(section, key, value).map_err(|m| invalid(&[section, key], m))?;
+        }
+        if !host.api_address.ip().is_loopback() && !host.allow_remote {
+            return Err(invalid(
+                &["host", "api_address"],
+                format!(
+                    "api_address {} is not a loopback address; the API would be reachable from \
+                     other machines. Set [host] allow_remote = true to allow it",
+                    host.api_address
+                ),
+            ));
         }
 
         let mut channels = BTreeMap::new();
@@ -423,11 +449,12 @@ impl Config {
         }
 
         Ok(Self {
-            file: source.map(|(p, _)| p.to_owned()),
+            file: source.map(|(p, _, _)| p.to_owned()),
             host: HostConfig {
                 plugins_dir: base.join(host.plugins_dir),
                 state_dir: base.join(host.state_dir),
                 api_address: host.api_address,
+                allow_remote: host.allow_remote,
                 api_token,
                 plugin_worker_threads: host.plugin_worker_threads,
                 plugin_call_timeout: host.plugin_call_timeout,
@@ -523,10 +550,10 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The byte offset where the value at `path` starts (or its deepest existing ancestor's key).
-fn span_of(text: &str, path: &[&str]) -> Option<usize> {
-    let root = toml::de::DeTable::parse(text).ok()?;
-    let mut table = root.get_ref();
+/// The byte offset where the value at `path` starts (or its deepest existing ancestor's key), from
+/// the spans of the parsed document.
+fn span_of(document: &toml::de::DeTable<'_>, path: &[&str]) -> Option<usize> {
+    let mut table = document;
     let mut found = None;
     for segment in path {
         let (key, value) = table
@@ -539,6 +566,82 @@ fn span_of(text: &str, path: &[&str]) -> Option<usize> {
         }
     }
     found
+}
+
+/// Every range-checked setting's value (the ranges are [`limits::RANGES`]).
+fn settings(
+    host: &RawHost,
+    supervisor: &SupervisorConfig,
+    health: &HealthConfig,
+) -> Vec<(&'static str, &'static str, limits::Value)> {
+    use limits::Value::{Count, Duration as D, Fraction};
+    let s = supervisor;
+    let h = health;
+    vec![
+        (
+            "host",
+            "plugin_worker_threads",
+            Count(host.plugin_worker_threads.into()),
+        ),
+        ("host", "plugin_call_timeout", D(host.plugin_call_timeout)),
+        ("host", "settle", D(host.settle)),
+        ("host", "rescan_interval", D(host.rescan_interval)),
+        ("supervisor", "initial_backoff", D(s.initial_backoff)),
+        ("supervisor", "backoff_factor", Fraction(s.backoff_factor)),
+        ("supervisor", "max_backoff", D(s.max_backoff)),
+        ("supervisor", "jitter", Fraction(s.jitter)),
+        ("supervisor", "max_restarts", Count(s.max_restarts.into())),
+        ("supervisor", "stable_run", D(s.stable_run)),
+        ("supervisor", "stop_timeout", D(s.stop_timeout)),
+        ("supervisor", "start_timeout", D(s.start_timeout)),
+        (
+            "supervisor",
+            "startup_accounts_per_channel",
+            Count(s.startup_accounts_per_channel as u64),
+        ),
+        (
+            "supervisor",
+            "startup_channels",
+            Count(s.startup_channels as u64),
+        ),
+        (
+            "supervisor",
+            "restart_log_interval",
+            D(s.restart_log_interval),
+        ),
+        ("health", "interval", D(h.interval)),
+        ("health", "startup_grace", D(h.startup_grace)),
+        ("health", "connect_grace", D(h.connect_grace)),
+        (
+            "health",
+            "stale_event_threshold",
+            D(h.stale_event_threshold),
+        ),
+        ("health", "busy_stuck_threshold", D(h.busy_stuck_threshold)),
+        ("health", "cooldown_cycles", Count(h.cooldown_cycles.into())),
+        (
+            "health",
+            "max_restarts_per_hour",
+            Count(h.max_restarts_per_hour.into()),
+        ),
+    ]
+}
+
+/// Every host-owned key of `[host]`, `[supervisor]` and `[health]` with its default, as TOML
+/// (`api_token`, which has no default, is absent).
+pub fn host_owned_defaults() -> toml::Table {
+    let mut table = toml::Table::try_from(RawConfig::default()).expect("the defaults serialise");
+    table.remove("channels");
+    table
+}
+
+/// The checked keys, `section.key`, for tests that hold them against [`limits::RANGES`].
+pub fn range_checked_keys() -> Vec<String> {
+    let raw = RawConfig::default();
+    settings(&raw.host, &raw.supervisor, &raw.health)
+        .into_iter()
+        .map(|(section, key, _)| format!("{section}.{key}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -591,7 +694,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("/etc/channeld/channeld.toml:2:1: jitter must be"),
+            err.starts_with("/etc/channeld/channeld.toml:2:1: jitter = -1.0 is out of range"),
             "{err}"
         );
     }
@@ -627,6 +730,10 @@ mod tests {
         );
         assert_eq!(format!("{:?}", config.host.api_token), "Some([redacted])");
         assert!(!format!("{:?}", config.host).contains("from-file"));
+        assert!(
+            !format!("{config:?}").contains("from-env"),
+            "a resolved channel secret never shows in Debug"
+        );
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum DaemonError {
     /// The API could not start.
     #[error("{0}")]
     Api(String),
+    /// Another daemon holds the state directory.
+    #[error(transparent)]
+    Locked(#[from] crate::state_lock::LockError),
 }
 
 /// The name of the generated API token file in the state directory.
@@ -246,11 +249,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Api(e.to_string()))?;
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Api(e.to_string()))?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Api(e.to_string()))?;
     prepare_state_dir(&config.host.state_dir)?;
-    let token = api_token(&config)?;
+    // Before anything else in the state directory: a second daemon must not touch the first's
+    // token or address files.
+    let _state_lock = crate::state_lock::StateLock::acquire(&config.host.state_dir)?;
     let listener = api::bind(config.host.api_address)
         .await
         .map_err(DaemonError::Api)?;
+    // Only once the bind succeeded: a daemon that cannot serve leaves the files as they were.
+    let token = api_token(&config)?;
     let api_address = listener.local_addr().ok();
     if let Some(address) = api_address {
         let path = config.host.state_dir.join(ADDRESS_FILE);
@@ -308,9 +316,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         })
     };
 
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: stopping every account"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: stopping every account"),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break tracing::info!("SIGTERM: stopping every account"),
+            _ = interrupt.recv() => break tracing::info!("SIGINT: stopping every account"),
+            // Never fatal: until config reload exists, a hangup is noted and ignored.
+            _ = hangup.recv() => tracing::info!("SIGHUP ignored: config reload is not supported yet; restart channeld to apply config changes"),
+        }
     }
     // A second signal means "now".
     tokio::spawn(async move {

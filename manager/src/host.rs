@@ -269,17 +269,13 @@ fn never_panic<T>(fallback: impl FnOnce() -> T, f: impl FnOnce() -> T) -> T {
     })
 }
 
-/// Re-emits a plugin's event in the host's subscriber, tagged with its channel and account.
+/// Re-emits a plugin's event in the host's subscriber, tagged with the channel and account of the
+/// link it came through: a plugin cannot tag its lines as another channel's. Only a plugin-wide
+/// link (no account) takes the account the record names, within the link's channel.
 fn emit_plugin_log(channel: &str, key: Option<&AccountKey>, record: &LogRecord) {
-    let account = if record.account.is_empty() {
-        key.map(|k| k.account.as_str()).unwrap_or("")
-    } else {
-        record.account.as_str()
-    };
-    let channel = if record.channel.is_empty() {
-        channel
-    } else {
-        record.channel.as_str()
+    let account = match key {
+        Some(key) => key.account.as_str(),
+        None => record.account.as_str(),
     };
     let target = record.target.as_str();
     let fields = record.fields.as_str();
@@ -287,7 +283,7 @@ fn emit_plugin_log(channel: &str, key: Option<&AccountKey>, record: &LogRecord) 
     macro_rules! emit {
         ($level:expr) => {
             tracing::event!(
-                target: "channeld::plugin",
+                target: crate::logging::PLUGIN_LOG_TARGET,
                 $level,
                 channel,
                 account,

@@ -1,5 +1,7 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
+pub mod api_types;
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -10,12 +12,15 @@ pub mod ffi;
 pub mod health;
 pub mod host;
 pub mod inbound;
+pub mod limits;
 pub mod load;
+pub mod logging;
 pub mod plugin;
 pub mod registry;
 pub mod reload;
 pub mod reserved;
 pub mod stage;
+pub mod state_lock;
 pub mod status;
 pub mod status_table;
 pub mod supervise;

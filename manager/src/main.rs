@@ -1,9 +1,10 @@
 //! The `channeld` binary: parses the command line and runs the verb. `anyhow` lives only here.
 
-use std::{io::IsTerminal as _, path::Path, process::ExitCode, sync::Arc};
+use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use channeld::{
+    api_types::{self, OpAnswer, RescanAnswer},
     cli::{Cli, Command, ConfigArgs, LogFormat, OpArgs},
     client::Client,
     clock::{Clock, SystemClock},
@@ -16,23 +17,13 @@ use channeld::{
     supervise::{Supervisor, policy::RandomJitter},
 };
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if let Err(error) = channeld::logging::init(cli.log_format == LogFormat::Json) {
+        eprintln!("channeld: {error}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
@@ -104,14 +95,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let config = load_client_config(&config)?;
             let client = Client::from_config(&config)?;
-            let path = match &target {
-                None => "/v1/status".to_owned(),
-                Some(t) => match &t.account {
-                    None => format!("/v1/status/{}", t.channel),
-                    Some(a) => format!("/v1/status/{}/{a}", t.channel),
-                },
-            };
-            let status = client.get(&path)?;
+            let path = api_types::status_path(
+                target.as_ref().map(|t| t.channel.as_str()),
+                target.as_ref().and_then(|t| t.account.as_deref()),
+            );
+            let status: serde_json::Value = client.get(&path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -121,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plugins { config, json } => {
             let config = load_client_config(&config)?;
-            let listing = Client::from_config(&config)?.get("/v1/plugins")?;
+            let listing: serde_json::Value = Client::from_config(&config)?.get("/v1/plugins")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
@@ -131,23 +119,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Rescan { config, json } => {
             let config = load_client_config(&config)?;
-            let answer = Client::from_config(&config)?.post("/v1/rescan")?;
+            let raw: serde_json::Value = Client::from_config(&config)?.post("/v1/rescan")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                println!("{}", serde_json::to_string_pretty(&raw)?);
             }
+            let answer: RescanAnswer =
+                serde_json::from_value(raw).context("reading channeld's rescan answer")?;
             let mut failed = false;
-            for change in answer["changes"].as_array().into_iter().flatten() {
-                let outcome = change["change"]["outcome"].as_str().unwrap_or("?");
+            for entry in &answer.changes {
+                let outcome = entry.change.outcome.as_str();
                 failed |= outcome == "failed";
                 if !json && outcome != "unchanged" {
-                    let detail = change["change"]["error"]
-                        .as_str()
-                        .or(change["change"]["channel"].as_str())
+                    let detail = entry
+                        .change
+                        .error
+                        .as_deref()
+                        .or(entry.change.channel.as_deref())
                         .unwrap_or("");
-                    println!(
-                        "{}: {outcome} {detail}",
-                        change["file"].as_str().unwrap_or("?")
-                    );
+                    println!("{}: {outcome} {detail}", entry.file);
                 }
             }
             Ok(if failed {
@@ -166,29 +155,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// An account operation through the API; exit 1 if any account's outcome is a failure.
 fn op(args: OpArgs, verb: &str) -> anyhow::Result<ExitCode> {
+    if args.target.account.is_none() && matches!(verb, "logout" | "reset") {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                format!(
+                    "`{verb}` needs an account: channeld {verb} {}:ACCOUNT",
+                    args.target.channel
+                ),
+            )
+            .exit();
+    }
     let config = load_client_config(&args.config)?;
     let client = Client::from_config(&config)?;
-    let path = match &args.target.account {
-        Some(account) => format!("/v1/accounts/{}/{account}/{verb}", args.target.channel),
-        None => format!("/v1/accounts/{}/{verb}", args.target.channel),
-    };
-    let answer = client.post(&path)?;
+    let path = api_types::op_path(&args.target.channel, args.target.account.as_deref(), verb);
+    let raw: serde_json::Value = client.post(&path)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        println!("{}", serde_json::to_string_pretty(&raw)?);
     }
+    let answer: OpAnswer =
+        serde_json::from_value(raw).context("reading channeld's answer to the operation")?;
     let mut failed = false;
-    for (key, result) in answer["results"].as_object().into_iter().flatten() {
-        let outcome = result["outcome"].as_str().unwrap_or("?");
-        let reason = result["reason"]
-            .as_str()
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default();
-        let bad = matches!(
-            outcome,
-            "failed" | "timed-out" | "refused" | "disabled" | "not-configured" | "stuck"
-        );
-        failed |= bad;
+    for (key, result) in &answer.results {
+        failed |= result.outcome.is_failure();
         if !args.json {
+            let outcome = serde_json::to_value(result.outcome)?;
+            let outcome = outcome.as_str().unwrap_or("?");
+            let reason = result
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
             println!("{key}: {outcome}{reason}");
         }
     }
@@ -208,6 +206,9 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
             temp.path().to_owned()
         }
     };
+    // Staging wipes its directory: never under a running daemon's feet.
+    daemon::prepare_state_dir(&state_dir)?;
+    let _lock = channeld::state_lock::StateLock::acquire(&state_dir)?;
     let staging = StagingDir::open(&state_dir.join("staging"))
         .with_context(|| format!("staging directory in {}", state_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

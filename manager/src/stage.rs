@@ -1,6 +1,6 @@
 //! Staging: the host never `dlopen`s a file inside the plugins directory (a half-written file
 //! there kills the process with SIGBUS, and glibc hands back the old library when a path is
-//! reopened after its file changed: ARCHITECTURE.md fact 5). It reads the file once, hashes what
+//! reopened after its file changed). It reads the file once, hashes what
 //! it read, writes that into a private staging directory under the content hash, checks on the
 //! private copy that the ELF headers and every `PT_LOAD` segment lie inside the file, and only
 //! then hands the copy to the loader.
@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     fs,
     io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -157,22 +157,20 @@ impl StagingDir {
         };
         let copy = self.dir.join(format!("{name}{}", discover::PLUGIN_SUFFIX));
         if !copy.exists() {
-            // Write under a temporary name and rename, so the staged name only ever holds a
-            // complete file.
-            let tmp = self.dir.join(format!(".{hash}.tmp"));
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o500)
-                .open(&tmp)
+            // Written under a temporary name and persisted (renamed) over the staged name, so
+            // that name only ever holds a complete file; a failed write leaves no temporary
+            // file behind.
+            let mut file = tempfile::Builder::new()
+                .prefix(&format!(".{hash}."))
+                .suffix(".tmp")
+                .permissions(fs::Permissions::from_mode(0o500))
+                .tempfile_in(&self.dir)
                 .map_err(io)?;
             file.write_all(&bytes).map_err(io)?;
             // No fsync: the copy only has to be complete for this process's dlopen, which the
             // page cache guarantees, and every start wipes the staging directory anyway. (The
             // fsync was half of a plugin's load time: `scripts/bench load`.)
-            drop(file);
-            fs::rename(&tmp, &copy).map_err(io)?;
+            file.persist(&copy).map_err(|e| io(e.error))?;
         }
         // The check that matters is on what will be mapped: re-read the private copy's length.
         let staged_len = fs::metadata(&copy).map_err(io)?.len();
@@ -249,14 +247,21 @@ fn check_elf(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
             reason: format!("ELF type {} is not a shared object", header.e_type),
         });
     }
-    let table_end = |off: u64, num: u16, size: u16| off + u64::from(num) * u64::from(size);
-    let ph_end = table_end(header.e_phoff, header.e_phnum, header.e_phentsize);
-    if ph_end > len {
-        return Err(truncated(format!("program headers end at byte {ph_end}")));
+    // Checked: offsets come from the file, and a wrapped sum would pass the bound.
+    let table_end = |off: u64, num: u16, size: u16| {
+        u64::from(num)
+            .checked_mul(u64::from(size))
+            .and_then(|bytes| off.checked_add(bytes))
+    };
+    match table_end(header.e_phoff, header.e_phnum, header.e_phentsize) {
+        Some(end) if end <= len => {}
+        Some(end) => return Err(truncated(format!("program headers end at byte {end}"))),
+        None => return Err(truncated("program headers end past 2^64 bytes".into())),
     }
-    let sh_end = table_end(header.e_shoff, header.e_shnum, header.e_shentsize);
-    if sh_end > len {
-        return Err(truncated(format!("section headers end at byte {sh_end}")));
+    match table_end(header.e_shoff, header.e_shnum, header.e_shentsize) {
+        Some(end) if end <= len => {}
+        Some(end) => return Err(truncated(format!("section headers end at byte {end}"))),
+        None => return Err(truncated("section headers end past 2^64 bytes".into())),
     }
     let elf = Elf::parse(bytes).map_err(|e| truncated(format!("ELF tables: {e}")))?;
     for segment in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
@@ -304,5 +309,22 @@ mod tests {
     fn text_is_not_elf() {
         let err = check_elf(Path::new("x.so"), b"hello, I am text").unwrap_err();
         assert!(matches!(err, StageError::NotElf { .. }), "{err}");
+    }
+
+    #[test]
+    fn header_tables_past_the_end_of_the_address_space_are_refused_not_overflowed() {
+        let mut bytes = own_library();
+        // e_phoff (ELF64: 8 bytes at 0x20) near u64::MAX: offset + count * size wraps.
+        bytes[0x20..0x28].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        let err = check_elf(Path::new("wrap.so"), &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("program headers end past 2^64 bytes"), "{err}");
+        let mut bytes = own_library();
+        bytes[0x28..0x30].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        let err = check_elf(Path::new("wrap.so"), &bytes)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("section headers end past 2^64 bytes"), "{err}");
     }
 }

@@ -125,8 +125,9 @@ pub fn thread_names() -> Vec<String> {
 
 /// A file built from one of the look-alike interface workspaces under
 /// `tests/fixtures/abi-lookalike/` (other versions or layouts of `channeld-plugin-abi`, which
-/// cannot be workspace members: ARCHITECTURE.md, test notes). Built once per test process into
-/// `target/lookalike`; `file` is its name under `debug/`.
+/// cannot be workspace members, and not cargo features of `plugin-abi` either, since features
+/// unify across the build). Built once per test process into `target/lookalike`; `file` is its
+/// name under `debug/`.
 pub fn lookalike_file(workspace: &str, package: &str, file: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);

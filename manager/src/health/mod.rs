@@ -1,6 +1,6 @@
 //! The health monitor: every interval it judges each account and restarts the unhealthy ones,
-//! within a cooldown and an hourly cap, without ever fighting the supervisor (BEHAVIOUR.md,
-//! "Health monitor").
+//! within a cooldown and an hourly cap, without ever fighting the supervisor (docs/behaviour.md,
+//! "The health monitor").
 //!
 //! It never touches an account whose automatic restart is scheduled (`restartPending`), nor
 //! one a user stopped, nor one whose monitor is disabled; it never resets a live crash-loop
@@ -88,7 +88,7 @@ pub enum Verdict {
     Unhealthy(&'static str),
 }
 
-/// Judges one account at `now`, in BEHAVIOUR.md's order.
+/// Judges one account at `now`, in the order docs/behaviour.md gives.
 pub fn judge(view: &AccountView, policy: &HealthConfig, now: Instant) -> Verdict {
     if !view.enabled || !view.configured {
         return Verdict::Healthy("unmanaged");

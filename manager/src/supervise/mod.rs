@@ -9,8 +9,8 @@
 //!
 //! The `tests` module checks every rule with a paused clock against an in-process plugin double.
 //!
-//! The rules are BEHAVIOUR.md's "Start", "Stop" and "Other operations", plus fixes for the
-//! reference's known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
+//! The rules are those of docs/behaviour.md (starting, stopping, backoff, giving up), including
+//! the fixes for the known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
 //! crash), 4 (restart lost when an abort races the backoff) and 5 (duplicate tasks).
 
 pub mod calls;
@@ -198,7 +198,7 @@ struct State {
     next_lifecycle: u64,
 }
 
-/// What registration learns about an account for the snapshot (BEHAVIOUR.md, "Snapshot":
+/// What registration learns about an account for the snapshot (docs/status.md:
 /// `enabled` recomputed, `configured` from the plugin's description when it gives one).
 struct Seed {
     enabled: Option<Check>,

@@ -320,7 +320,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Waits for a plugin-side task from the host's runtime. Only SDK code runs in this future's
-/// `poll` (ARCHITECTURE.md fact 9): the author's future runs on the plugin's runtime.
+/// `poll` (a panic inside an `FfiFuture`'s `poll` reaches the host with its message lost, and one
+/// in its `drop` aborts): the author's future runs on the plugin's runtime.
 fn await_task<T, U>(
     join: JoinHandle<Result<T, PluginError>>,
     what: &'static str,

@@ -1,5 +1,6 @@
 //! The panic fence every exported entry point runs inside: a panic that reached the boundary
-//! would kill the host (ARCHITECTURE.md fact 1), so it is caught here and turned into an error.
+//! would kill the host (unwinding across the `extern "C"` boundary aborts the process), so it is
+//! caught here and turned into an error.
 
 use std::{
     any::Any,

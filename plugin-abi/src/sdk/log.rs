@@ -1,5 +1,5 @@
 //! Forwards the plugin's `tracing` events to the host. A plugin has its own copy of `tracing`'s
-//! global dispatcher (ARCHITECTURE.md fact 7), which knows nothing of the host's subscriber; the
+//! global dispatcher (statics are per dylib), which knows nothing of the host's subscriber; the
 //! SDK installs this layer inside the plugin at `init`.
 //!
 //! Each account task, and every task spawned with

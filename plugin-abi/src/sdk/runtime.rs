@@ -1,6 +1,7 @@
 //! The plugin's own tokio runtime. A plugin cannot use the host's runtime (each dylib has its own
-//! copy of tokio's thread-locals, ARCHITECTURE.md fact 2), so the SDK builds one lazily, runs the
-//! author's futures on it, and drops it at `shutdown` so no plugin thread outlives the plugin.
+//! copy of tokio's thread-locals, so the host's runtime is invisible inside it), so the SDK builds
+//! one lazily, runs the author's futures on it, and drops it at `shutdown` so no plugin thread
+//! outlives the plugin.
 
 use std::sync::{
     Mutex,

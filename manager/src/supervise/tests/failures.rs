@@ -1,4 +1,4 @@
-//! Regression tests for the reference's known failures (BEHAVIOUR.md, last section). Each test
+//! Regression tests for the known failures channeld avoids (docs/behaviour.md, last section). Each test
 //! names the failure it guards and says which code it guards; each was seen to fail with that
 //! code reverted.
 

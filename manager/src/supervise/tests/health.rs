@@ -1,4 +1,4 @@
-//! The health monitor over the real supervisor (BEHAVIOUR.md "Health monitor"): failure 2, the
+//! The health monitor over the real supervisor (docs/behaviour.md, "The health monitor"): failure 2, the
 //! 2-hour crash bound, and the one-start revival of a gave-up account. The monitor itself is
 //! tested against a fake in `crate::health::tests`.
 

@@ -1,5 +1,5 @@
-//! The supervisor's rules (BEHAVIOUR.md "Start", "Stop", "Other operations" and the reference's
-//! failures 1, 3, 4, 5) tested with a paused clock against an in-process plugin double.
+//! The supervisor's rules (docs/behaviour.md: starting, stopping, backoff, giving up, and the
+//! failures 1, 3, 4, 5 it avoids) tested with a paused clock against an in-process plugin double.
 //!
 //! How the tests keep time: every test runs on a current-thread runtime with a paused clock.
 //! Tokio advances the paused clock only when every task is idle *and* no blocking call is
