@@ -1,5 +1,6 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -12,7 +13,6 @@ pub mod host;
 pub mod load;
 pub mod plugin;
 pub mod registry;
-pub mod reload;
 pub mod stage;
 pub mod status;
 pub mod status_table;
