@@ -610,6 +610,7 @@ impl Catalog {
         );
         let section = self.config.channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
+        tracing::info!(channel = %channel, from = %from, to = %to, "replacing plugin");
         match self
             .supervisor
             .replace_channel(new.plugin.clone(), section)
