@@ -505,6 +505,31 @@ mod tests {
         assert_eq!(classify(lost), [Raw::Rescan]);
     }
 
+    /// The cause of a flaky periodic-rescan test: the baseline was read by the watcher's task
+    /// when it first ran, so a file that arrived before that (a loaded machine, a quick test)
+    /// was taken for part of the baseline and never reported. The baseline is read before
+    /// `spawn` returns.
+    #[tokio::test(start_paused = true)]
+    async fn a_file_added_before_the_watchers_task_first_runs_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = fs::canonicalize(dir.path()).unwrap();
+        let queue = ChangeQueue::new();
+        let stop = CancellationToken::new();
+        let config = WatchConfig {
+            dir: dir.clone(),
+            settle: Duration::from_millis(100),
+            rescan_interval: Duration::from_millis(100),
+            use_events: false,
+        };
+        let watching = spawn(config, queue.clone(), stop.clone());
+        // On this current-thread runtime the watcher's task has not run yet.
+        fs::write(dir.join("x.so"), b"content").unwrap();
+        let reported = tokio::time::timeout(Duration::from_secs(10), queue.pop()).await;
+        assert_eq!(reported, Ok(Some(dir.join("x.so"))));
+        stop.cancel();
+        watching.task.await.unwrap();
+    }
+
     #[tokio::test]
     async fn the_change_queue_holds_each_path_once_and_ends_when_closed() {
         let queue = ChangeQueue::new();
