@@ -422,7 +422,10 @@ fn hot_replace_works_with_a_relative_config() {
     assert_eq!(listing.len(), 1, "one file, one name: {listing:?}");
     assert!(listing[0]["loadError"].is_null(), "{listing:?}");
     let file = listing[0]["file"].as_str().unwrap();
-    assert!(Path::new(file).is_absolute() && !file.contains("/./"), "{file}");
+    assert!(
+        Path::new(file).is_absolute() && !file.contains("/./"),
+        "{file}"
+    );
     daemon.wait_for_log("plugin replaced");
     daemon.wait_for_account("fixture", "a", |s| {
         s["running"] == true && s["fixtureStarts"] == 1
@@ -434,7 +437,8 @@ fn hot_replace_works_with_a_relative_config() {
 fn a_rescan_whose_client_disconnects_mid_replace_still_completes() {
     use std::io::Write as _;
     let locks = tempfile::tempdir().unwrap();
-    let mut config = "[health]\ninterval = \"0s\"\n[supervisor]\nstop_timeout = \"2s\"\n".to_owned();
+    let mut config =
+        "[health]\ninterval = \"0s\"\n[supervisor]\nstop_timeout = \"2s\"\n".to_owned();
     for a in ["a", "b"] {
         // A stop hook that hangs makes each stop take the whole stop timeout: the replace is
         // slow enough to disconnect in its middle.
@@ -536,7 +540,10 @@ fn a_constructor_that_blocks_at_startup_times_out_while_the_api_serves() {
     let locks = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::start_with(
         &[
-            ("blocks.so", util::plugin_file("channeld-broken-ctor-blocks")),
+            (
+                "blocks.so",
+                util::plugin_file("channeld-broken-ctor-blocks"),
+            ),
             ("fixture.so", fixture()),
         ],
         "load_timeout = \"2s\"",

@@ -178,7 +178,7 @@ enum Loaded {
     /// The same content as the version serving it.
     Same,
     /// New content, loaded or refused.
-    New(Result<LoadedPlugin, PluginFileError>),
+    New(Box<Result<LoadedPlugin, PluginFileError>>),
 }
 
 impl Catalog {
@@ -220,10 +220,7 @@ impl Catalog {
 
     /// The version serving `channel`.
     pub fn plugin(&self, channel: &str) -> Option<LoadedPlugin> {
-        self.state()
-            .current
-            .get(channel)
-            .map(|c| c.loaded.clone())
+        self.state().current.get(channel).map(|c| c.loaded.clone())
     }
 
     /// Every version serving a channel, by channel id.
@@ -442,11 +439,8 @@ impl Catalog {
                 .values()
                 .find(|c| c.loaded.staged.source == path)
                 .map(|c| (c.loaded.clone(), c.seen));
-            let refused_as_is = seen.is_some()
-                && state
-                    .refused
-                    .get(path)
-                    .is_some_and(|r| r.seen == seen);
+            let refused_as_is =
+                seen.is_some() && state.refused.get(path).is_some_and(|r| r.seen == seen);
             (current, refused_as_is)
         };
         let present = std::fs::symlink_metadata(path).is_ok();
@@ -478,7 +472,12 @@ impl Catalog {
             .current
             .values()
             .filter(|c| c.loaded.staged.source != path)
-            .map(|c| (c.loaded.info.channel_id.clone(), c.loaded.staged.source.clone()))
+            .map(|c| {
+                (
+                    c.loaded.info.channel_id.clone(),
+                    c.loaded.staged.source.clone(),
+                )
+            })
             .collect();
         let loaded = self
             .on_load_thread(move || {
@@ -488,10 +487,10 @@ impl Catalog {
                 };
                 match staged {
                     Ok(staged) if Some(&staged.hash) == current_hash.as_ref() => Loaded::Same,
-                    Ok(staged) => {
-                        Loaded::New(loader.load_staged(staged, |c| claimed.get(c).cloned()))
-                    }
-                    Err(e) => Loaded::New(Err(e.into())),
+                    Ok(staged) => Loaded::New(Box::new(
+                        loader.load_staged(staged, |c| claimed.get(c).cloned()),
+                    )),
+                    Err(e) => Loaded::New(Box::new(Err(e.into()))),
                 }
             })
             .await;
@@ -506,11 +505,13 @@ impl Catalog {
                 }
                 return Change::Unchanged;
             }
-            Ok(Loaded::New(Ok(new))) => new,
-            Ok(Loaded::New(Err(error))) => {
-                log_refused(&error);
-                return self.refuse(path, None, error.class(), error.to_string(), seen);
-            }
+            Ok(Loaded::New(loaded)) => match *loaded {
+                Ok(new) => new,
+                Err(error) => {
+                    log_refused(&error);
+                    return self.refuse(path, None, error.class(), error.to_string(), seen);
+                }
+            },
             Err(why) => {
                 let error = format!("{}: {why}", path.display());
                 tracing::warn!(class = "timed-out", "plugin file refused: {error}");
@@ -601,7 +602,12 @@ impl Catalog {
         Change::Added { channel, version }
     }
 
-    async fn replace(&self, old: LoadedPlugin, new: LoadedPlugin, seen: Option<Signature>) -> Change {
+    async fn replace(
+        &self,
+        old: LoadedPlugin,
+        new: LoadedPlugin,
+        seen: Option<Signature>,
+    ) -> Change {
         let channel = new.info.channel_id.clone();
         let path = new.staged.source.clone();
         let (from, to) = (
@@ -620,13 +626,9 @@ impl Catalog {
                 {
                     let mut state = self.state();
                     state.refused.remove(&path);
-                    state.current.insert(
-                        channel.clone(),
-                        Current {
-                            loaded: new,
-                            seen,
-                        },
-                    );
+                    state
+                        .current
+                        .insert(channel.clone(), Current { loaded: new, seen });
                 }
                 tracing::info!(
                     channel = %channel,

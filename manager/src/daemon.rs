@@ -176,7 +176,10 @@ impl Daemon {
         self.catalog.shutdown_plugins().await;
         self.tasks.close();
         let limit = self.config.host.plugin_shutdown_timeout;
-        if tokio::time::timeout(limit, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("API operations still running at exit");
         }
     }

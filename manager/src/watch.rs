@@ -239,9 +239,7 @@ pub fn spawn(config: WatchConfig, changes: Arc<ChangeQueue>, stop: CancellationT
     }
     let known = scan(&config.dir);
     let raw = watcher.as_ref().map(|_| raw_rx);
-    let task = tokio::spawn(run(
-        config, watcher, raw, overflow, known, changes, stop,
-    ));
+    let task = tokio::spawn(run(config, watcher, raw, overflow, known, changes, stop));
     Watching { events, task }
 }
 

@@ -15,8 +15,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BootEvent, Channel, Inner, Phase, StartOutcome, calls::spawn_call,
-    policy::backoff_delay,
+    BootEvent, Channel, Inner, Phase, StartOutcome, calls::spawn_call, policy::backoff_delay,
 };
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
