@@ -660,6 +660,7 @@ impl Catalog {
         {
             let mut state = self.state();
             state.current.remove(&channel);
+            state.refused.remove(&old.staged.source);
             state.removed.insert(
                 channel.clone(),
                 (old.staged.source.clone(), old.info.plugin_version.clone()),
