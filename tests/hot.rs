@@ -306,3 +306,269 @@ fn a_periodic_rescan_stands_in_for_a_watcher_that_is_off() {
     install(&daemon, &fixture(), "fixture.so");
     daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
 }
+
+/// The catalog's reconcile count, from `channeld plugins --json`.
+fn reconciles(daemon: &Daemon) -> u64 {
+    let out = daemon.cli(&["plugins", "--json"]);
+    assert!(out.status.success());
+    let listing: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(listing["lastReconcileAt"].is_i64() || listing["reconciles"] == 0);
+    listing["reconciles"].as_u64().unwrap()
+}
+
+#[test]
+fn one_install_is_one_reconcile_and_the_hosts_own_reads_never_count() {
+    let locks = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &[],
+        "settle = \"200ms\"\nrescan_interval = \"500ms\"",
+        &accounts_config(locks.path(), &["a"]),
+        &[],
+    );
+    assert_eq!(reconciles(&daemon), 0);
+    install(&daemon, &fixture(), "fixture.so");
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    // Long enough for ten settle periods and ten rescans: a watcher fed by the host's own reads
+    // of the file (staging opens it) would reconcile it again and again.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(reconciles(&daemon), 1, "{}", daemon.log());
+}
+
+#[test]
+fn a_refused_file_left_in_place_is_logged_once() {
+    let locks = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &[],
+        "settle = \"100ms\"\nrescan_interval = \"200ms\"",
+        &accounts_config(locks.path(), &["a"]),
+        &[],
+    );
+    let tmp = daemon.plugins_dir().join(".junk.tmp");
+    fs::write(&tmp, b"not a library").unwrap();
+    fs::rename(&tmp, daemon.plugins_dir().join("junk.so")).unwrap();
+    daemon.wait_for_log("plugin file refused");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // A rescan a user asks for does not report it again either: nothing changed.
+    let out = daemon.cli(&["rescan", "--json"]);
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let junk = answer["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["file"].as_str().unwrap().ends_with("junk.so"))
+        .unwrap();
+    assert_eq!(junk["change"]["outcome"], "unchanged", "{answer}");
+    let log = daemon.log();
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("plugin file refused") && l.contains("junk.so"))
+        .count();
+    assert_eq!(refused, 1, "{log}");
+    let listing = plugins(&daemon);
+    assert_eq!(listing.len(), 1, "still listed as failed: {listing:?}");
+    assert_eq!(listing[0]["state"], "failed");
+}
+
+/// The process's CPU time (user + system), from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> std::time::Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) start at state (field 3);
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    std::time::Duration::from_millis(ticks * 1000 / per_second)
+}
+
+#[test]
+fn without_a_watcher_an_idle_daemon_does_not_spin() {
+    let locks = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &[("fixture.so", fixture())],
+        "watch = false\nrescan_interval = \"1s\"",
+        &accounts_config(locks.path(), &["a"]),
+        &[],
+    );
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    let before = cpu_time(daemon.pid());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let used = cpu_time(daemon.pid()) - before;
+    assert!(
+        used < std::time::Duration::from_millis(100),
+        "{used:?} of CPU in 3 s idle"
+    );
+}
+
+#[test]
+fn hot_replace_works_with_a_relative_config() {
+    let locks = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with(
+        &[("fixture.so", fixture())],
+        "settle = \"200ms\"",
+        &accounts_config(locks.path(), &["a"]),
+        &[],
+        util::daemon::Start {
+            relative_config: true,
+            ..Default::default()
+        },
+    );
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    install(&daemon, &fixture_v2(), "fixture.so");
+    let listing = wait_for_plugin(&daemon, |l| {
+        l.first().is_some_and(|p| p["version"] == "0.2.0")
+    });
+    assert_eq!(listing.len(), 1, "one file, one name: {listing:?}");
+    assert!(listing[0]["loadError"].is_null(), "{listing:?}");
+    let file = listing[0]["file"].as_str().unwrap();
+    assert!(
+        Path::new(file).is_absolute() && !file.contains("/./"),
+        "{file}"
+    );
+    daemon.wait_for_log("plugin replaced");
+    daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && s["fixtureStarts"] == 1
+    });
+    no_violations(locks.path());
+}
+
+#[test]
+fn a_rescan_whose_client_disconnects_mid_replace_still_completes() {
+    use std::io::Write as _;
+    let locks = tempfile::tempdir().unwrap();
+    let mut config =
+        "[health]\ninterval = \"0s\"\n[supervisor]\nstop_timeout = \"2s\"\n".to_owned();
+    for a in ["a", "b"] {
+        // A stop hook that hangs makes each stop take the whole stop timeout: the replace is
+        // slow enough to disconnect in its middle.
+        config.push_str(&format!(
+            "[channels.fixture.accounts.{a}]\nlock_dir = \"{}\"\nhang_in_stop = true\n",
+            locks.path().display()
+        ));
+    }
+    let daemon = Daemon::start(
+        &[("fixture.so", fixture())],
+        "watch = false\nrescan_interval = \"0s\"",
+        &config,
+        &[],
+    );
+    for a in ["a", "b"] {
+        daemon.wait_for_account("fixture", a, |s| s["running"] == true);
+    }
+    install(&daemon, &fixture_v2(), "fixture.so");
+    let (address, token) = daemon.api();
+    let mut client = std::net::TcpStream::connect(address.trim()).unwrap();
+    write!(
+        client,
+        "POST /v1/rescan HTTP/1.1\r\nHost: channeld\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    daemon.wait_for_log("replacing plugin");
+    // The client goes away (Ctrl-C) while the old version's accounts are being stopped.
+    drop(client);
+    daemon.wait_for_log("plugin replaced");
+    for a in ["a", "b"] {
+        let s = daemon.wait_for_account("fixture", a, |s| {
+            s["running"] == true && s["fixtureStarts"] == 1
+        });
+        assert_ne!(s["lastError"], "stopped", "{s}");
+    }
+    let listing = plugins(&daemon);
+    assert_eq!(listing[0]["version"], "0.2.0", "{listing:?}");
+    no_violations(locks.path());
+}
+
+#[test]
+fn a_replace_whose_new_version_fails_configure_keeps_the_old_one_serving() {
+    let locks = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[channels.fixture]\nrefuse_version = \"0.2.0\"\n{}",
+        accounts_config(locks.path(), &["a"])
+    );
+    let daemon = Daemon::start(
+        &[("fixture.so", fixture())],
+        "watch = false\nrescan_interval = \"0s\"",
+        &config,
+        &[],
+    );
+    let before = daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    let hash = plugins(&daemon)[0]["hash"].clone();
+    install(&daemon, &fixture_v2(), "fixture.so");
+    let out = daemon.cli(&["rescan", "--json"]);
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let change = &answer["changes"][0]["change"];
+    assert_eq!(change["outcome"], "failed", "{answer}");
+    assert!(
+        change["error"]
+            .as_str()
+            .unwrap()
+            .contains("refuses this config"),
+        "{answer}"
+    );
+    let listing = plugins(&daemon);
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    let p = &listing[0];
+    assert_eq!(p["state"], "loaded");
+    assert_eq!(p["version"], "0.1.0", "the old version keeps serving");
+    assert_eq!(p["hash"], hash);
+    assert!(
+        p["loadError"]
+            .as_str()
+            .unwrap()
+            .contains("0.1.0 keeps serving"),
+        "{p}"
+    );
+    let after = daemon.account("fixture", "a");
+    assert_eq!(after["running"], true);
+    assert_eq!(after["lastStartAt"], before["lastStartAt"], "untouched");
+    assert_eq!(
+        daemon
+            .thread_names()
+            .iter()
+            .filter(|n| *n == "chd-fixture")
+            .count(),
+        2,
+        "the refused version's runtime is shut down"
+    );
+}
+
+#[test]
+fn a_constructor_that_blocks_at_startup_times_out_while_the_api_serves() {
+    let locks = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start_with(
+        &[
+            (
+                "blocks.so",
+                util::plugin_file("channeld-broken-ctor-blocks"),
+            ),
+            ("fixture.so", fixture()),
+        ],
+        "load_timeout = \"2s\"",
+        &accounts_config(locks.path(), &["a"]),
+        &[],
+        util::daemon::Start {
+            wait_loaded: false,
+            ..Default::default()
+        },
+    );
+    assert!(daemon.cli(&["status"]).status.success(), "the API serves");
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    let listing = plugins(&daemon);
+    let blocks = listing
+        .iter()
+        .find(|p| p["file"].as_str().unwrap().ends_with("blocks.so"))
+        .unwrap();
+    assert_eq!(blocks["state"], "failed");
+    assert!(
+        blocks["loadError"]
+            .as_str()
+            .unwrap()
+            .contains("did not return within 2s"),
+        "{blocks}"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}

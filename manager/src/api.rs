@@ -8,8 +8,11 @@
 //! | GET | `/v1/status/{channel}/{account}` | one account |
 //! | POST | `/v1/accounts/{channel}/{op}` | `start`, `stop`, `restart` every account of a channel |
 //! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
-//! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped |
+//! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped; the reconcile count and last time |
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
+//!
+//! Every operation runs as a task the daemon tracks; the handler only awaits it, so a caller who
+//! disconnects changes nothing about the outcome.
 //!
 //! Errors are `{"error": "…"}` with 401 (no or wrong token), 404 (unknown channel, account or
 //! path, named), 400 (bad operation), 500 (the operation failed).
@@ -26,13 +29,13 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api_types::{OpResult, Outcome},
+    catalog::Catalog,
     config::Secret,
     host::AccountKey,
-    reload::HotPlugins,
     supervise::{Supervisor, SupervisorError},
 };
 
@@ -43,8 +46,28 @@ pub struct ApiState {
     pub supervisor: Supervisor,
     /// The bearer token.
     pub token: Secret,
-    /// Hot plugins (listing, rescan); `None` where the daemon has none (tests).
-    pub hot: Option<Arc<HotPlugins>>,
+    /// The plugin catalog (listing, rescan); `None` where the daemon has none (tests).
+    pub hot: Option<Arc<Catalog>>,
+    /// The daemon's tracker for operations started by API callers.
+    pub tasks: TaskTracker,
+}
+
+/// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
+/// caller disconnected) leaves the operation to complete.
+///
+/// # Cancellation safety
+///
+/// Cancel-safe in the sense that matters: the operation goes on; only its answer is lost.
+pub async fn tracked<T: Send + 'static>(
+    tasks: &TaskTracker,
+    operation: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tasks.spawn(operation).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the operation failed: {e}"),
+        )
+    })
 }
 
 /// An API error with its status code.
@@ -172,17 +195,25 @@ async fn channel_op(
     State(state): State<ApiState>,
     Path((channel, op)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    run_op(&state.supervisor, &channel, None, &op).await
+    let supervisor = state.supervisor.clone();
+    tracked(&state.tasks, async move {
+        run_op(&supervisor, &channel, None, &op).await
+    })
+    .await?
 }
 
 async fn account_op(
     State(state): State<ApiState>,
     Path((channel, account, op)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    run_op(&state.supervisor, &channel, Some(&account), &op).await
+    let supervisor = state.supervisor.clone();
+    tracked(&state.tasks, async move {
+        run_op(&supervisor, &channel, Some(&account), &op).await
+    })
+    .await?
 }
 
-fn hot(state: &ApiState) -> Result<&Arc<HotPlugins>, ApiError> {
+fn hot(state: &ApiState) -> Result<&Arc<Catalog>, ApiError> {
     state.hot.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -192,11 +223,12 @@ fn hot(state: &ApiState) -> Result<&Arc<HotPlugins>, ApiError> {
 }
 
 async fn plugins(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "plugins": hot(&state)?.listing() })))
+    Ok(Json(json!(hot(&state)?.listing())))
 }
 
 async fn rescan(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let changes = hot(&state)?.rescan().await;
+    let catalog = hot(&state)?.clone();
+    let changes = tracked(&state.tasks, async move { catalog.rescan().await }).await?;
     let changes: Vec<Value> = changes
         .into_iter()
         .map(|(file, change)| json!({ "file": file, "change": change }))

@@ -112,6 +112,10 @@ struct RawHost {
     #[serde(with = "humantime_serde")]
     rescan_interval: Duration,
     watch: bool,
+    #[serde(with = "humantime_serde")]
+    load_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    plugin_shutdown_timeout: Duration,
 }
 
 impl Default for RawHost {
@@ -127,6 +131,8 @@ impl Default for RawHost {
             settle: Duration::from_millis(500),
             rescan_interval: Duration::from_secs(30),
             watch: true,
+            load_timeout: Duration::from_secs(60),
+            plugin_shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -154,6 +160,10 @@ pub struct HostConfig {
     pub rescan_interval: Duration,
     /// Whether to watch the plugins directory for changes.
     pub watch: bool,
+    /// How long loading one plugin file (staging, opening, its constructor, `init`) may take.
+    pub load_timeout: Duration,
+    /// How long a plugin's runtime may take to shut down (a retired version, or at exit).
+    pub plugin_shutdown_timeout: Duration,
 }
 
 /// `[supervisor]`: the restart policy (docs/behaviour.md). Ranges: [`crate::limits`].
@@ -181,6 +191,10 @@ pub struct SupervisorConfig {
     /// How long a start may take before start-all counts it as timed out.
     #[serde(with = "humantime_serde")]
     pub start_timeout: Duration,
+    /// How long a stop waits for a task it cancelled on the plugin's runtime before calling it
+    /// stuck.
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Duration,
     /// Accounts of one channel booting at once.
     pub startup_accounts_per_channel: usize,
     /// Channels booting at once.
@@ -201,6 +215,7 @@ impl Default for SupervisorConfig {
             stable_run: Duration::from_secs(300),
             stop_timeout: Duration::from_secs(5),
             start_timeout: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(1),
             startup_accounts_per_channel: 4,
             startup_channels: 4,
             restart_log_interval: Duration::from_secs(60),
@@ -386,6 +401,9 @@ impl Config {
         } else {
             base
         };
+        // One name per file: paths enter canonical (a relative `--config` included).
+        let canonical = std::fs::canonicalize(base);
+        let base = canonical.as_deref().unwrap_or(base);
         let mut raw = raw;
         if !channels_too {
             raw.channels.clear();
@@ -461,6 +479,8 @@ impl Config {
                 settle: host.settle,
                 rescan_interval: host.rescan_interval,
                 watch: host.watch,
+                load_timeout: host.load_timeout,
+                plugin_shutdown_timeout: host.plugin_shutdown_timeout,
             },
             supervisor: raw.supervisor,
             health: raw.health,

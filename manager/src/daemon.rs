@@ -7,26 +7,24 @@ use std::{
     io::Write as _,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::Arc,
 };
 
 use channeld_plugin_abi::abi::LogLevel;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{self, ApiState},
+    catalog::Catalog,
     clock::{Clock, SystemClock},
     config::{Config, Secret},
     health::HealthMonitor,
-    registry::PluginFileError,
-    registry::{Loader, Registry},
-    reload::HotPlugins,
+    registry::Loader,
     stage::StagingDir,
     status::StatusBoard,
-    supervise::{Supervisor, calls::bounded, policy::RandomJitter},
-    watch::{self, WatchConfig},
+    supervise::{Supervisor, policy::RandomJitter},
+    watch::{self, ChangeQueue, WatchConfig},
 };
 
 /// The daemon could not start (or run).
@@ -113,17 +111,18 @@ pub struct Daemon {
     pub board: Arc<StatusBoard>,
     /// The supervisor.
     pub supervisor: Supervisor,
-    /// Loaded plugins.
-    pub registry: Arc<Mutex<Registry>>,
-    /// How plugins are loaded.
-    pub loader: Arc<Loader>,
-    /// The plugin files the first load refused.
-    pub load_errors: Vec<PluginFileError>,
+    /// The plugin catalog: files, versions, which version serves each channel, load errors.
+    pub catalog: Arc<Catalog>,
+    /// Paths the watcher reported, waiting for the catalog.
+    pub changes: Arc<ChangeQueue>,
+    /// Tasks the daemon runs on behalf of API callers and the reconciler loop.
+    pub tasks: TaskTracker,
 }
 
 impl Daemon {
-    /// Builds the pieces and loads the plugins directory (bad files are reported, not fatal).
-    pub async fn load(config: Config) -> Result<Self, DaemonError> {
+    /// Builds the pieces (nothing is loaded yet: see [`Daemon::load`] and
+    /// [`Catalog::load_initial`]).
+    pub fn new(config: Config) -> Result<Self, DaemonError> {
         prepare_state_dir(&config.host.state_dir)?;
         let staging_path = config.host.state_dir.join("staging");
         let staging = StagingDir::open(&staging_path).map_err(|e| DaemonError::StateDir {
@@ -142,66 +141,84 @@ impl Daemon {
             config.supervisor.clone(),
             config.host.plugin_call_timeout,
             board.clone(),
-            clock,
+            clock.clone(),
             Arc::new(RandomJitter),
         );
-        let mut registry = Registry::default();
-        let report = registry.load_dir(&loader, &config.host.plugins_dir)?;
-        for channel in config.channels.keys() {
-            if registry.get(channel).is_none() {
-                tracing::warn!(
-                    channel = %channel,
-                    "the config has [channels.{channel}] but no plugin in {} provides it",
-                    config.host.plugins_dir.display()
-                );
-            }
-        }
-        tracing::info!(
-            loaded = registry.len(),
-            refused = report.failed.len(),
-            dir = %config.host.plugins_dir.display(),
-            "plugins directory loaded"
-        );
-        let daemon = Self {
+        let catalog = Catalog::open(
+            Arc::new(config.clone()),
+            Arc::new(loader),
+            supervisor.clone(),
+            clock,
+        )?;
+        Ok(Self {
             config,
             board,
             supervisor,
-            registry: Arc::new(Mutex::new(registry)),
-            loader: Arc::new(loader),
-            load_errors: report.failed,
-        };
-        let plugins: Vec<_> = daemon.registry().iter().cloned().collect();
-        for plugin in plugins {
-            let section = daemon.config.channel(&plugin.info.channel_id);
-            if let Err(e) = daemon
-                .supervisor
-                .add_channel(plugin.plugin.clone(), section)
-                .await
-            {
-                tracing::error!(channel = %plugin.info.channel_id, "channel not started: {e}");
-            }
-        }
+            catalog,
+            changes: ChangeQueue::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Builds the pieces and loads the plugins directory through the catalog (bad files are
+    /// reported, not fatal).
+    pub async fn load(config: Config) -> Result<Self, DaemonError> {
+        let daemon = Self::new(config)?;
+        daemon.catalog.load_initial().await?;
         Ok(daemon)
     }
 
-    /// The registry, locked.
-    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    /// Shutdown in order: the reconciler first (no new step; the step in flight completes),
+    /// then every account, then every plugin's runtime (bounded per plugin), then the API's
+    /// operations still running.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel-safe: a dropped future leaves the shutdown half done.
+    pub async fn shutdown(&self) {
+        self.changes.close();
+        self.catalog.close().await;
+        self.supervisor.shutdown().await;
+        self.catalog.shutdown_plugins().await;
+        self.tasks.close();
+        let limit = self.config.host.plugin_shutdown_timeout;
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("API operations still running at exit");
+        }
     }
 
-    /// Stops every account, then shuts every plugin's runtime down (bounded per plugin).
-    pub async fn shutdown(&self) {
-        self.supervisor.shutdown().await;
-        let plugins: Vec<_> = self.registry().iter().cloned().collect();
-        for plugin in plugins {
-            let channel = plugin.info.channel_id.clone();
-            let call = plugin.plugin.clone();
-            match bounded(Duration::from_secs(10), move || call.shutdown()).await {
-                Ok(Ok(())) => tracing::debug!(channel = %channel, "plugin runtime shut down"),
-                Ok(Err(e)) => tracing::warn!(channel = %channel, "plugin shutdown: {e}"),
-                Err(e) => tracing::warn!(channel = %channel, "plugin shutdown {e}"),
+    /// Watches the plugins directory and feeds the catalog every path the watcher reports, one
+    /// step at a time (the loop is a daemon task; [`Daemon::shutdown`] ends it). The watcher
+    /// reads its baseline before this returns, so call it before the initial load.
+    pub fn watch_plugins(&self, stop: CancellationToken) -> bool {
+        let config = &self.config;
+        let watching = watch::spawn(
+            WatchConfig {
+                dir: self.catalog.dir().to_owned(),
+                settle: config.host.settle,
+                rescan_interval: config.host.rescan_interval,
+                use_events: config.host.watch,
+            },
+            self.changes.clone(),
+            stop,
+        );
+        tracing::info!(
+            dir = %self.catalog.dir().display(),
+            events = watching.events,
+            rescan = %humantime::format_duration(config.host.rescan_interval),
+            "watching the plugins directory"
+        );
+        let (catalog, changes) = (self.catalog.clone(), self.changes.clone());
+        self.tasks.spawn(async move {
+            while let Some(path) = changes.pop().await {
+                let change = catalog.reconcile(&path).await;
+                tracing::debug!(file = %path.display(), ?change, "plugins directory change");
             }
-        }
+        });
+        watching.events
     }
 }
 
@@ -214,33 +231,6 @@ fn max_log_level() -> LogLevel {
         LevelFilter::DEBUG => LogLevel::Debug,
         _ => LogLevel::Trace,
     }
-}
-
-/// Feeds the reconciler every plugin path the watcher reports.
-pub fn watch_plugins(config: &Config, hot: Arc<HotPlugins>, stop: CancellationToken) {
-    let (changes, mut paths) = tokio::sync::mpsc::unbounded_channel();
-    let watching = watch::spawn(
-        WatchConfig {
-            dir: config.host.plugins_dir.clone(),
-            settle: config.host.settle,
-            rescan_interval: config.host.rescan_interval,
-            use_events: config.host.watch,
-        },
-        changes,
-        stop,
-    );
-    tracing::info!(
-        dir = %config.host.plugins_dir.display(),
-        events = watching,
-        rescan = %humantime::format_duration(config.host.rescan_interval),
-        "watching the plugins directory"
-    );
-    tokio::spawn(async move {
-        while let Some(path) = paths.recv().await {
-            let change = hot.reconcile(&path).await;
-            tracing::debug!(file = %path.display(), ?change, "plugins directory change");
-        }
-    });
 }
 
 /// Runs the daemon until a signal, then shuts down in order.
@@ -267,18 +257,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             reason: format!("writing {}: {e}", path.display()),
         })?;
     }
-    let daemon = Arc::new(Daemon::load(config).await?);
+    let daemon = Arc::new(Daemon::new(config)?);
     let background = CancellationToken::new();
-    let hot = HotPlugins::new(
-        Arc::new(daemon.config.clone()),
-        daemon.registry.clone(),
-        daemon.loader.clone(),
-        daemon.supervisor.clone(),
-    );
-    for error in &daemon.load_errors {
-        hot.note_error(error);
-    }
-    watch_plugins(&daemon.config, hot.clone(), background.clone());
+    // The watcher's baseline comes before the initial load: a file added meanwhile is seen.
+    daemon.watch_plugins(background.clone());
     let monitor = HealthMonitor::new(
         daemon.config.health.clone(),
         Arc::new(daemon.supervisor.clone()),
@@ -291,7 +273,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ApiState {
             supervisor: daemon.supervisor.clone(),
             token,
-            hot: Some(hot),
+            hot: Some(daemon.catalog.clone()),
+            tasks: daemon.tasks.clone(),
         },
         stop_api.clone(),
     ));
@@ -299,9 +282,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::info!(%address, "API listening");
     }
 
+    // The API serves while the plugins load: a plugin that blocks its constructor is reported
+    // as timed out after the load timeout, and the rest start.
     let starter = {
         let daemon = daemon.clone();
         tokio::spawn(async move {
+            if let Err(e) = daemon.catalog.load_initial().await {
+                tracing::error!("plugins directory: {e}");
+            }
             let summary = daemon.supervisor.start_all().await;
             for (channel, s) in &summary {
                 tracing::info!(

@@ -2,6 +2,7 @@
 pub mod api;
 pub mod api_types;
 pub mod audit;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -17,7 +18,6 @@ pub mod load;
 pub mod logging;
 pub mod plugin;
 pub mod registry;
-pub mod reload;
 pub mod reserved;
 pub mod stage;
 pub mod state_lock;

@@ -1,6 +1,8 @@
-//! The registry: channel id → loaded plugin. Loading a directory runs each plugin file through
-//! discover → stage → load, refuses a second file claiming a loaded channel id, and reports one
-//! error per bad file while every good file still loads.
+//! Loading plugin files: the [`Loader`] (discover → stage → load → `init`, one error per bad file)
+//! and its errors. The running daemon keeps what it loaded in the catalog
+//! ([`crate::catalog::Catalog`]); the [`Registry`] here is the one-shot directory load of
+//! `channeld check`: it refuses a second file claiming a loaded channel id and reports one error
+//! per bad file while every good file still loads.
 
 use std::{
     collections::BTreeMap,
@@ -155,6 +157,11 @@ impl Loader {
     ) -> Result<LoadedPlugin, PluginFileError> {
         let staged = self.staging.stage(path)?;
         self.load_staged(staged, claimed)
+    }
+
+    /// Stages one file (see [`StagingDir::stage`]).
+    pub fn stage(&self, path: &Path) -> Result<Staged, StageError> {
+        self.staging.stage(path)
     }
 
     /// Records that a loaded version was shut down (see [`StagingDir::retire`]).

@@ -30,6 +30,25 @@ pub struct Daemon {
     pub config: PathBuf,
     child: Option<Child>,
     log: Arc<(Mutex<Log>, Condvar)>,
+    relative: bool,
+}
+
+/// How [`Daemon::start_with`] starts the daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    /// Run (and call the CLI) from the config's directory with `--config channeld.toml`.
+    pub relative_config: bool,
+    /// Wait until the initial load of the plugins directory is done (not only the API).
+    pub wait_loaded: bool,
+}
+
+impl Default for Start {
+    fn default() -> Self {
+        Self {
+            relative_config: false,
+            wait_loaded: true,
+        }
+    }
 }
 
 /// The `channeld` binary under test.
@@ -40,12 +59,23 @@ pub fn channeld() -> &'static str {
 impl Daemon {
     /// Writes `plugins` (file name → source file) into a private plugins directory, the config
     /// (`[host]` gets `api_address = 127.0.0.1:0` plus `host_extra` lines; `body` follows), and
-    /// starts `channeld run`, waiting until its API listens.
+    /// starts `channeld run`, waiting until its API listens and the plugins directory is loaded.
     pub fn start(
         plugins: &[(&str, PathBuf)],
         host_extra: &str,
         body: &str,
         env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_with(plugins, host_extra, body, env, Start::default())
+    }
+
+    /// [`Daemon::start`] with options.
+    pub fn start_with(
+        plugins: &[(&str, PathBuf)],
+        host_extra: &str,
+        body: &str,
+        env: &[(&str, &str)],
+        how: Start,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
@@ -66,17 +96,31 @@ impl Daemon {
             config,
             child: None,
             log: Default::default(),
+            relative: how.relative_config,
         };
         daemon.spawn(env);
         daemon.wait_for_log("API listening");
+        if how.wait_loaded {
+            daemon.wait_for_log("plugins directory loaded");
+        }
         daemon
+    }
+
+    /// `--config` as this daemon is given it (relative to its directory, or absolute).
+    fn config_arg(&self) -> PathBuf {
+        if self.relative {
+            PathBuf::from("channeld.toml")
+        } else {
+            self.config.clone()
+        }
     }
 
     fn spawn(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new(channeld());
         cmd.arg("run")
             .arg("--config")
-            .arg(&self.config)
+            .arg(self.config_arg())
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -138,12 +182,13 @@ impl Daemon {
         }
     }
 
-    /// Runs `channeld ARGS --config <this daemon's config>`.
+    /// Runs `channeld ARGS --config <this daemon's config>` (from the config's directory).
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(channeld())
             .args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(self.config_arg())
+            .current_dir(self.dir.path())
             .output()
             .expect("run channeld CLI")
     }

@@ -1,18 +1,13 @@
 //! `hot_add`: a stripped release plugin renamed into a running daemon's plugins directory, timed
 //! until its account runs — the watcher's event, staging, loading, registering and the account's
-//! start, all through the daemon's own code (`daemon::watch_plugins` → `HotPlugins::reconcile`).
+//! start, all through the daemon's own code (`Daemon::watch_plugins` → `Catalog::reconcile`).
 //! Each run first removes the previous file (waiting until its channel is gone), then renames a
 //! copy with content of its own (a distinct hash) into the directory.
 
-use std::{fs, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Instant};
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Instant};
 
 use anyhow::{Context as _, ensure};
-use channeld::{
-    config::Config,
-    daemon::{Daemon, watch_plugins},
-    host::AccountKey,
-    reload::HotPlugins,
-};
+use channeld::{config::Config, daemon::Daemon, host::AccountKey};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -56,15 +51,10 @@ pub(super) fn hot_add(bench: &Bench) -> anyhow::Result<String> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let daemon = Daemon::load(config.clone()).await?;
-        let hot = HotPlugins::new(
-            Arc::new(config.clone()),
-            daemon.registry.clone(),
-            daemon.loader.clone(),
-            daemon.supervisor.clone(),
-        );
+        let daemon = Daemon::new(config.clone())?;
         let stop = CancellationToken::new();
-        watch_plugins(&config, hot, stop.clone());
+        daemon.watch_plugins(stop.clone());
+        daemon.catalog.load_initial().await?;
         let key = AccountKey::new("fixture", "a");
         let running = |want: bool| {
             let board = daemon.board.clone();

@@ -15,8 +15,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BootEvent, CANCEL_GRACE, Channel, Inner, Phase, StartOutcome, calls::spawn_call,
-    policy::backoff_delay,
+    BootEvent, Channel, Inner, Phase, StartOutcome, calls::spawn_call, policy::backoff_delay,
 };
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
@@ -416,7 +415,9 @@ impl AccountCtx {
             Err(_) => {
                 cancelled = true;
                 plugin.cancel_task(task.id);
-                timeout(CANCEL_GRACE, &mut task.done).await.is_ok()
+                timeout(self.inner.policy.cancel_grace, &mut task.done)
+                    .await
+                    .is_ok()
             }
         };
         self.inner.board.retire_generation(&self.key);

@@ -224,9 +224,6 @@ pub struct Supervisor {
     inner: Arc<Inner>,
 }
 
-/// How long to wait for a task to end after it was cancelled on the plugin's runtime.
-pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
-
 impl Supervisor {
     /// A supervisor with `policy`, writing statuses to `board`.
     pub fn new(
