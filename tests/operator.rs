@@ -315,3 +315,44 @@ fn the_docs_index_is_linked_from_the_readme_and_links_every_page() {
         );
     }
 }
+
+#[test]
+fn a_daemon_that_cannot_bind_leaves_the_token_and_address_files_alone() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::create_dir(dir.path().join("plugins")).unwrap();
+    std::fs::write(state.join("api-token"), "earlier-token").unwrap();
+    std::fs::write(state.join("api-address"), "127.0.0.1:9").unwrap();
+    let config = dir.path().join("channeld.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[host]\napi_address = \"{}\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(channeld())
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot listen on"),
+        "{}",
+        stderr(&out)
+    );
+    for (file, before) in [
+        ("api-token", "earlier-token"),
+        ("api-address", "127.0.0.1:9"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(state.join(file)).unwrap(),
+            before,
+            "{file}"
+        );
+    }
+}
