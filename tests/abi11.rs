@@ -436,9 +436,8 @@ async fn a_task_spawned_with_ctx_spawn_ends_with_the_abort_before_the_account_co
     plugin
         .configure(&json!({ "accounts": { "s": { "mode": "spawn" } } }))
         .unwrap();
-    let children = |plugin: &FfiPlugin| {
-        plugin.describe_account("s").unwrap().unwrap()["children"].clone()
-    };
+    let children =
+        |plugin: &FfiPlugin| plugin.describe_account("s").unwrap().unwrap()["children"].clone();
     let key = AccountKey::new("fixture", "s");
     let sink: Arc<dyn HostSink> = board.clone();
     let link = AccountLink::for_account(key.clone(), board.begin_generation(&key), sink);
@@ -449,7 +448,10 @@ async fn a_task_spawned_with_ctx_spawn_ends_with_the_abort_before_the_account_co
     })
     .await;
     assert!(plugin.abort_task(task.id));
-    assert_eq!(tokio::time::timeout(PATIENCE, task.done).await.unwrap(), Ok(()));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, task.done).await.unwrap(),
+        Ok(())
+    );
     // The account's task ended only once its child had: none is left behind.
     assert_eq!(children(&plugin), json!(0));
     plugin.shutdown().unwrap();

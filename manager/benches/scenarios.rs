@@ -735,7 +735,10 @@ fn time_ffi_flood(
     key: &AccountKey,
     messages: u64,
 ) -> anyhow::Result<(Duration, u64)> {
-    let (before, ends_before) = (inbound_messages(board, key), fixture_ends(plugin, &key.account)?);
+    let (before, ends_before) = (
+        inbound_messages(board, key),
+        fixture_ends(plugin, &key.account)?,
+    );
     let link = AccountLink::for_account(key.clone(), board.begin_generation(key), board.clone());
     let start = Instant::now();
     let RunningTask { done, .. } = plugin.start_account(&key.account, link)?;

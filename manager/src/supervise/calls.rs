@@ -104,12 +104,18 @@ mod tests {
         }
         // The hung calls still hold their permits: the next one is refused without a thread.
         let refused = bounded_with_permit(&permits, limit, || ()).await;
-        assert_eq!(refused, Err(CallError::Saturated(BLOCKING_CALLS_PER_PLUGIN)));
+        assert_eq!(
+            refused,
+            Err(CallError::Saturated(BLOCKING_CALLS_PER_PLUGIN))
+        );
         // One returns: its permit frees, and a call runs again.
         release.send(()).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while permits.available_permits() == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "no permit came back");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no permit came back"
+            );
             tokio::task::yield_now().await;
         }
         assert_eq!(bounded_with_permit(&permits, limit, || 7).await, Ok(7));

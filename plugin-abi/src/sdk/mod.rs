@@ -177,7 +177,10 @@ const fn same_str(a: &str, b: &str) -> bool {
 }
 
 const _: () = assert!(
-    same_str(ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME),
+    same_str(
+        ROOT_MODULE_SYMBOL,
+        abi_stable::library::ROOT_MODULE_LOADER_NAME
+    ),
     "abi_stable's root-module symbol changed: update export_plugin! (see `Bumping abi_stable`)"
 );
 
