@@ -427,3 +427,32 @@ async fn the_1_0_era_fixture_source_builds_unchanged_against_1_1_and_runs() {
     assert_eq!(status(&board, "e").connected, Some(true));
     plugin.shutdown().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_spawned_with_ctx_spawn_ends_with_the_abort_before_the_account_counts_as_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let board = board();
+    let plugin = load(&fixture_1_1(), &dir, "fixture-spawn.so", 2, &board);
+    plugin
+        .configure(&json!({ "accounts": { "s": { "mode": "spawn" } } }))
+        .unwrap();
+    let children =
+        |plugin: &FfiPlugin| plugin.describe_account("s").unwrap().unwrap()["children"].clone();
+    let key = AccountKey::new("fixture", "s");
+    let sink: Arc<dyn HostSink> = board.clone();
+    let link = AccountLink::for_account(key.clone(), board.begin_generation(&key), sink);
+    let task = plugin.start_account("s", link).unwrap();
+    eventually("the child running", || {
+        let n = children(&plugin);
+        (n == json!(1), n)
+    })
+    .await;
+    assert!(plugin.abort_task(task.id));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, task.done).await.unwrap(),
+        Ok(())
+    );
+    // The account's task ended only once its child had: none is left behind.
+    assert_eq!(children(&plugin), json!(0));
+    plugin.shutdown().unwrap();
+}

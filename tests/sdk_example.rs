@@ -27,16 +27,16 @@ fn documented_manifest(lib_rs: &str) -> String {
         .collect()
 }
 
-#[test]
-fn the_documented_example_builds_as_a_fresh_crate_with_the_documented_dependencies() {
+/// Writes the fresh crate (the documented manifest plus the test's `[patch]`, the example as its
+/// `src/lib.rs`, the workspace's lock file) under `dir`; returns its directory and manifest.
+fn fresh_crate(dir: &Path) -> (std::path::PathBuf, String) {
     let root = util::workspace_root();
     let lib_rs = fs::read_to_string(root.join("plugin-abi/src/lib.rs")).unwrap();
     let documented = documented_manifest(&lib_rs);
     assert!(documented.contains("[dependencies]"), "{documented}");
     assert!(documented.contains("channeld-plugin-abi"), "{documented}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let krate = dir.path().join("echo-plugin");
+    let krate = dir.join("echo-plugin");
     fs::create_dir_all(krate.join("src")).unwrap();
     let abi = root.join("plugin-abi");
     let manifest = format!(
@@ -52,13 +52,24 @@ fn the_documented_example_builds_as_a_fresh_crate_with_the_documented_dependenci
         krate.join("src/lib.rs"),
     )
     .unwrap();
+    (krate, manifest)
+}
 
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--offline", "--quiet"])
+fn cargo(krate: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(env.iter().copied())
         .env("CARGO_TARGET_DIR", util::target_dir())
-        .current_dir(&krate)
+        .current_dir(krate)
         .output()
-        .expect("run cargo");
+        .expect("run cargo")
+}
+
+#[test]
+fn the_documented_example_builds_as_a_fresh_crate_with_the_documented_dependencies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (krate, manifest) = fresh_crate(dir.path());
+    let out = cargo(&krate, &["build", "--offline", "--quiet"], &[]);
     assert!(
         out.status.success(),
         "the documented example does not build with the documented dependencies:\n{manifest}\n{}",
@@ -69,4 +80,23 @@ fn the_documented_example_builds_as_a_fresh_crate_with_the_documented_dependenci
     let copy = util::copy_plugin(&file, dir.path(), "echo-fresh.so");
     let plugin = FfiPlugin::new(load_root_module(&copy).unwrap(), Path::new(&copy)).unwrap();
     assert_eq!(plugin.info().channel_id, "echo");
+}
+
+#[test]
+fn export_plugin_refuses_to_compile_under_panic_abort_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (krate, _) = fresh_crate(dir.path());
+    // `check` is enough: the refusal is a compile error in the plugin crate itself.
+    let out = cargo(
+        &krate,
+        &["check", "--offline", "--quiet"],
+        &[("CARGO_PROFILE_DEV_PANIC", "abort")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "built under panic = \"abort\"");
+    assert!(
+        stderr.contains("channeld plugins must be built with panic = \"unwind\"")
+            && stderr.contains("would abort channeld"),
+        "{stderr}"
+    );
 }

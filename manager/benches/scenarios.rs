@@ -224,14 +224,20 @@ struct FfiReport {
     call_ns: f64,
     /// The same work through an in-process [`Plugin`] ([`NativeTasks`]).
     native_call_ns: f64,
-    /// Plugin→host: one inbound message, built inside the plugin and delivered through the ABI.
+    /// Plugin→host: one inbound message, built inside the plugin and delivered through the ABI
+    /// with the blocking 1.0 `deliver`.
     inbound_msg_ns: f64,
+    /// The same with the 1.1 `deliver_async`, awaited by the plugin's task: the whole round trip
+    /// (the host's sink, here the counting one, accepts at once; the `FfiFuture` completes).
+    deliver_async_msg_ns: f64,
     /// The same message built in-process and delivered through a native `&dyn` ([`NativeHost`]).
     native_msg_ns: f64,
     /// `call_ns / native_call_ns`.
     call_ratio: f64,
     /// `inbound_msg_ns / native_msg_ns` (goal: ≤ 1.5).
     msg_ratio: f64,
+    /// `deliver_async_msg_ns / native_msg_ns`.
+    async_msg_ratio: f64,
     /// Messages per round.
     messages: u64,
     /// Bytes of text per message.
@@ -244,6 +250,7 @@ struct FfiReport {
 
 const TEXT_BYTES: u64 = 100;
 const FLOOD_ACCOUNT: &str = "flood";
+const FLOOD_ASYNC_ACCOUNT: &str = "flood-async";
 
 /// Compares, each through a Rust trait object so both sides pay one dynamic dispatch:
 ///
@@ -251,44 +258,57 @@ const FLOOD_ACCOUNT: &str = "flood";
 ///   field access, an `extern "C"` call, the SDK's panic fence (`catch_unwind`), and a lookup in
 ///   the SDK's task registry (`Mutex<Option<HashMap<u64, _>>>`) — against [`NativeTasks`], which
 ///   does that same fence and lookup in-process;
-/// * plugin→host message: the fixture's `flood` mode (on the plugin's runtime thread: build an
+/// * plugin→host message: the fixture's `flood_sync` mode (on the plugin's runtime thread: build an
 ///   `Inbound` with owned room, sender and a 100-byte text, `Host::deliver` converts it to an
 ///   `InboundMessage` and calls the host through abi_stable's `HostServices` trait object, which
 ///   lands in `AccountLink::deliver` → `StatusBoard::deliver`: clock, lock, counters) against
 ///   [`native_flood`], which builds the same `Inbound`, converts it the same way and calls
 ///   `AccountLink::deliver` through a native `&dyn NativeHost`. The FFI figure is timed from
 ///   `start_account` until the task's `done` future completes on the host, so it also contains
-///   the task's start and end (a few µs over a million messages).
+///   the task's start and end (a few µs over a million messages);
+/// * the same message through the 1.1 `deliver_async` (the fixture's `flood` mode awaits each
+///   `FfiFuture`), which also goes through the daemon's message sink (here the counting one).
 fn ffi(bench: &Bench) -> anyhow::Result<String> {
     let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
     let sink: Arc<dyn HostSink> = board.clone();
     let plugin = bench.load("channeld-plugin-fixture", sink.clone())?;
     plugin.configure(&json!({
-        "accounts": { FLOOD_ACCOUNT: {
-            "mode": "flood",
-            "messages": bench.messages,
-            "text_bytes": TEXT_BYTES,
-        }}
+        "accounts": {
+            FLOOD_ACCOUNT: {
+                "mode": "flood_sync",
+                "messages": bench.messages,
+                "text_bytes": TEXT_BYTES,
+            },
+            FLOOD_ASYNC_ACCOUNT: {
+                "mode": "flood",
+                "messages": bench.messages,
+                "text_bytes": TEXT_BYTES,
+            },
+        }
     }))?;
     let native = NativeTasks::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let key = AccountKey::new(plugin.info().channel_id.clone(), FLOOD_ACCOUNT);
+    let async_key = AccountKey::new(plugin.info().channel_id.clone(), FLOOD_ASYNC_ACCOUNT);
 
     let (mut call, mut native_call, mut msg, mut native_msg) = (vec![], vec![], vec![], vec![]);
+    let mut async_msg = vec![];
     for round in 0..=bench.rounds {
         let c = time_calls(&plugin, bench.calls);
         let nc = time_calls(&native, bench.calls);
         let m = time_ffi_flood(&runtime, &plugin, &board, &key, bench.messages)?;
         let nm = time_native_flood(&board, &key, bench.messages, TEXT_BYTES as usize)?;
-        let figures = [c, nc, m, nm].map(|(elapsed, ops)| per_op(elapsed, ops));
+        let am = time_ffi_flood(&runtime, &plugin, &board, &async_key, bench.messages)?;
+        let figures = [c, nc, m, nm, am].map(|(elapsed, ops)| per_op(elapsed, ops));
         eprintln!(
-            "bench: ffi round {round}{}: call {} / native {} ns, msg {} / native {} ns",
+            "bench: ffi round {round}{}: call {} / native {} ns, msg {} / async {} / native {} ns",
             if round == 0 { " (warm-up)" } else { "" },
             figures[0],
             figures[1],
             figures[2],
+            figures[4],
             figures[3],
         );
         if round > 0 {
@@ -296,8 +316,10 @@ fn ffi(bench: &Bench) -> anyhow::Result<String> {
             native_call.push(figures[1]);
             msg.push(figures[2]);
             native_msg.push(figures[3]);
+            async_msg.push(figures[4]);
         }
     }
+    let async_msg = fastest(&async_msg);
     let (call, native_call, msg, native_msg) = (
         fastest(&call),
         fastest(&native_call),
@@ -313,6 +335,8 @@ fn ffi(bench: &Bench) -> anyhow::Result<String> {
         native_msg_ns: native_msg,
         call_ratio: ratio(call, native_call),
         msg_ratio: ratio(msg, native_msg),
+        deliver_async_msg_ns: async_msg,
+        async_msg_ratio: ratio(async_msg, native_msg),
         messages: bench.messages,
         text_bytes: TEXT_BYTES,
         calls: bench.calls,
@@ -695,8 +719,8 @@ fn inbound_messages(board: &StatusBoard, key: &AccountKey) -> u64 {
 }
 
 /// The fixture's own count of ended tasks for the flood account.
-fn fixture_ends(plugin: &FfiPlugin) -> anyhow::Result<u64> {
-    let described = plugin.describe_account(FLOOD_ACCOUNT)?;
+fn fixture_ends(plugin: &FfiPlugin, account: &str) -> anyhow::Result<u64> {
+    let described = plugin.describe_account(account)?;
     described
         .as_ref()
         .and_then(|d| d.get("ends"))
@@ -711,7 +735,10 @@ fn time_ffi_flood(
     key: &AccountKey,
     messages: u64,
 ) -> anyhow::Result<(Duration, u64)> {
-    let (before, ends_before) = (inbound_messages(board, key), fixture_ends(plugin)?);
+    let (before, ends_before) = (
+        inbound_messages(board, key),
+        fixture_ends(plugin, &key.account)?,
+    );
     let link = AccountLink::for_account(key.clone(), board.begin_generation(key), board.clone());
     let start = Instant::now();
     let RunningTask { done, .. } = plugin.start_account(&key.account, link)?;
@@ -724,7 +751,7 @@ fn time_ffi_flood(
         delivered == messages,
         "the plugin delivered {delivered} of {messages} messages"
     );
-    let ends = fixture_ends(plugin)? - ends_before;
+    let ends = fixture_ends(plugin, &key.account)? - ends_before;
     ensure!(ends == 1, "the fixture counted {ends} ended tasks, not 1");
     Ok((elapsed, messages))
 }

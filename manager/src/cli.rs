@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// The version line: channeld's version and the plugin ABI it loads.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (loads plugins built against channeld-plugin-abi 1.x, >= 1.0.0)"
+    " (loads plugins built against channeld-plugin-abi 1.0 to 1.1)"
 );
 
 /// The EXIT STATUS section of `--help`.

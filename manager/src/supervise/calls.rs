@@ -78,3 +78,47 @@ pub async fn bounded_with_permit<T: Send + 'static>(
         Err(_) => Err(CallError::TimedOut(limit)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, mpsc};
+
+    use super::*;
+    use crate::supervise::BLOCKING_CALLS_PER_PLUGIN;
+
+    /// A plugin whose blocking calls hang pins at most its limit of threads: once that many hang,
+    /// the next call is not made, and says why; a call that returns frees its permit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hanging_blocking_calls_pin_at_most_the_plugin_limit() {
+        let permits = Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN));
+        let limit = Duration::from_millis(100);
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        for _ in 0..BLOCKING_CALLS_PER_PLUGIN {
+            let gate = gate.clone();
+            let hung = bounded_with_permit(&permits, limit, move || {
+                let _ = gate.lock().unwrap().recv();
+            })
+            .await;
+            assert_eq!(hung, Err(CallError::TimedOut(limit)));
+        }
+        // The hung calls still hold their permits: the next one is refused without a thread.
+        let refused = bounded_with_permit(&permits, limit, || ()).await;
+        assert_eq!(
+            refused,
+            Err(CallError::Saturated(BLOCKING_CALLS_PER_PLUGIN))
+        );
+        // One returns: its permit frees, and a call runs again.
+        release.send(()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while permits.available_permits() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no permit came back"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(bounded_with_permit(&permits, limit, || 7).await, Ok(7));
+        drop(release);
+    }
+}

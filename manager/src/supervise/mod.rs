@@ -263,7 +263,9 @@ impl Supervisor {
         self.inner.lock()
     }
 
-    /// Registers a channel: hands the plugin its config and lists its accounts. Two listed ids
+    /// Registers a channel: strips the host's reserved keys from its table (the host reads them
+    /// itself, see [`crate::reserved`]), lets the plugin validate the rest (ABI 1.1), hands it
+    /// over, and lists its accounts. Two listed ids
     /// that normalise to the same account are an error naming both. Each account's `enabled`
     /// (and `configured`, when the plugin's description gives it) goes to the status board, so
     /// the snapshot shows a disabled or unconfigured account with its reason before any start.

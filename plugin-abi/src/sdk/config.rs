@@ -99,7 +99,9 @@ impl Account {
         format!("{}:{}", self.channel, self.id)
     }
 
-    /// False only when the table says `enabled = false`.
+    /// False only when the table says `enabled = false`. A channeld of plugin-abi 1.1 or later
+    /// owns that key: it decides itself and removes the key before the plugin sees the table, so
+    /// there this is always true for the accounts the plugin is asked about.
     pub fn enabled(&self) -> bool {
         self.config.get("enabled").and_then(Value::as_bool) != Some(false)
     }

@@ -8,7 +8,8 @@ use std::fmt;
 ///   chain.
 /// * For errors that are not a `std::error::Error` (a `String`, a `&str`, an `anyhow::Error`),
 ///   use [`PluginError::msg`], or [`ResultExt::context`] on the `Result`, which works for any
-///   error that implements `Display`: `parse(x).context("reading the token")?`.
+///   error that implements `Display` (an `anyhow::Error` keeps its causes):
+///   `parse(x).context("reading the token")?`.
 ///
 /// Why it does not implement `std::error::Error` itself, and why there is no `From<String>`: the
 /// blanket `impl<E: std::error::Error> From<E> for PluginError` is what makes `?` work on every
@@ -30,10 +31,12 @@ impl PluginError {
         }
     }
 
-    /// An error from anything that displays: `.map_err(PluginError::msg)`.
+    /// An error from anything that displays: `.map_err(PluginError::msg)`. It is formatted with
+    /// `{:#}`, which is plain `{}` for most types and, for an `anyhow::Error`, keeps its chain of
+    /// causes ("outer: inner").
     pub fn msg(message: impl fmt::Display) -> Self {
         Self {
-            message: message.to_string(),
+            message: format!("{message:#}"),
         }
     }
 
@@ -83,7 +86,7 @@ pub trait ResultExt<T> {
 
 impl<T, E: fmt::Display> ResultExt<T> for Result<T, E> {
     fn context(self, context: impl fmt::Display) -> PluginResult<T> {
-        self.map_err(|e| PluginError::msg(format!("{context}: {e}")))
+        self.map_err(|e| PluginError::msg(format!("{context}: {e:#}")))
     }
 }
 

@@ -98,10 +98,10 @@ pub(crate) fn install_panic_hook() {
         // (which prints to stderr): the SDK replaces it.
         drop(std::panic::take_hook());
         // The hook captures a byte so that it is not zero-sized: a zero-sized hook's box has
-        // no address of its own to recognise it by.
+        // no address of its own to recognise it by (`black_box` makes sure it is captured).
         let marker = 0u8;
         set_sdk_hook(Box::new(move |info| {
-            let _ = marker;
+            std::hint::black_box(&marker);
             record_panic(info);
         }));
     });
@@ -266,5 +266,35 @@ impl Visit for Fields {
             self.map
                 .insert(field.name().to_owned(), format!("{value:?}").into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// An author's hook set after the SDK's (in the constructor, say) is kept and runs after the
+    /// SDK's, which still records the panic's location.
+    #[test]
+    fn an_author_panic_hook_is_chained_not_replaced() {
+        static AUTHOR_RAN: AtomicBool = AtomicBool::new(false);
+        install_panic_hook();
+        std::panic::set_hook(Box::new(|_| AUTHOR_RAN.store(true, Ordering::Relaxed)));
+        chain_panic_hook();
+        // Chaining twice does not wrap the SDK's hook in itself.
+        chain_panic_hook();
+        let caught = std::panic::catch_unwind(|| panic!("author test panic"));
+        let location = take_panic_location();
+        // std's hook back, so a failed assertion below prints its message.
+        drop(std::panic::take_hook());
+        assert!(caught.is_err());
+        assert!(
+            AUTHOR_RAN.load(Ordering::Relaxed),
+            "the author's hook was dropped"
+        );
+        let location = location.expect("the SDK's hook recorded the location");
+        assert!(location.contains("log.rs"), "{location}");
     }
 }

@@ -154,6 +154,36 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     }
 }
 
+/// The symbol [`export_plugin!`](crate::export_plugin) exports the library header under, as a
+/// literal (`export_name` takes no constant). abi_stable's own `#[export_root_module]` emits the
+/// same header under the same name, but its expansion names `::abi_stable` and so would make
+/// every plugin depend on abi_stable directly; the SDK writes it itself and checks here, at
+/// compile time, that the name is the one the pinned abi_stable looks up.
+const ROOT_MODULE_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
+
+const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+const _: () = assert!(
+    same_str(
+        ROOT_MODULE_SYMBOL,
+        abi_stable::library::ROOT_MODULE_LOADER_NAME
+    ),
+    "abi_stable's root-module symbol changed: update export_plugin! (see `Bumping abi_stable`)"
+);
+
 /// Exports a [`ChannelPlugin`] as channeld's root module. Use it once, in a `cdylib` crate.
 ///
 /// `export_plugin!(MyPlugin)` builds the plugin with `Default`; `export_plugin!(MyPlugin, MyPlugin::new)`
@@ -183,7 +213,8 @@ macro_rules! export_plugin {
             $crate::sdk::__private::root_module::<$plugin>($constructor, env!("CARGO_PKG_VERSION"))
         }
 
-        /// The header abi_stable's loader looks up; the name is abi_stable's fixed symbol.
+        /// The header abi_stable's loader looks up; the name is abi_stable's fixed symbol (the
+        /// SDK checks at compile time that it is the pinned abi_stable's).
         #[doc(hidden)]
         #[unsafe(export_name = "_1as_0lib_1header_0root_bmodule_bloader")]
         pub static __CHANNELD_PLUGIN_LIB_HEADER: $crate::sdk::__private::LibHeader = {
