@@ -37,7 +37,7 @@ use crate::{
     registry::{LoadedPlugin, Loader, PluginFileError, log_refused},
     stage::{StageError, Staged},
     supervise::{Supervisor, calls::bounded},
-    watch::{Signature, signature},
+    watch::{ChangeQueue, Signature, signature},
 };
 
 /// What one reconcile step did.
@@ -374,6 +374,24 @@ impl Catalog {
         })
         .await
         .unwrap_or(Change::Unchanged)
+    }
+
+    /// Follows `changes` (the watcher's queue): one step per path, in a task the catalog tracks,
+    /// until the queue is closed. [`Catalog::close`] waits for the step in flight.
+    pub fn follow(self: &Arc<Self>, changes: Arc<ChangeQueue>) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            while let Some(path) = changes.pop().await {
+                if me.closed.is_cancelled() {
+                    break;
+                }
+                let change = {
+                    let _turn = me.turn.lock().await;
+                    me.step(&path, None, true).await
+                };
+                tracing::debug!(file = %path.display(), ?change, "plugins directory change");
+            }
+        });
     }
 
     /// Reconciles every plugin path of the directory, every loaded plugin's file and every
