@@ -1,6 +1,9 @@
 //! Hot plugins with the real `channeld`: add, replace and remove plugin files while it runs; files
 //! written slowly in place or truncated; a bad file added beside running ones; a rescan finding a
-//! file whose event was missed.
+//! file whose event was missed. And the catalog's regressions: one install is one reconcile (the
+//! host's own reads never count), a refused file is logged once, no spinning without a watcher,
+//! a relative `--config`, a rescan whose client disconnects mid-replace, a replace the new
+//! version's configure refuses, a constructor that blocks at startup.
 
 use std::{fs, path::Path};
 

@@ -37,7 +37,9 @@ mod daemon;
 /// The restart supervisor end to end, driven by the CLI, with the fixture plugin's misbehaviours.
 mod supervisor;
 
-/// Hot plugins: add, replace, remove, slow and truncated files, bad files, rescans.
+/// Hot plugins: add, replace, remove, slow and truncated files, bad files, rescans; the catalog's
+/// regressions (reconcile count, refusals logged once, CPU without a watcher, relative config,
+/// disconnected rescans, refused replacements, blocking constructors).
 mod hot;
 
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.

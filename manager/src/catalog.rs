@@ -37,7 +37,7 @@ use crate::{
     registry::{LoadedPlugin, Loader, PluginFileError, log_refused},
     stage::{StageError, Staged},
     supervise::{Supervisor, calls::bounded},
-    watch::{Signature, signature},
+    watch::{ChangeQueue, Signature, signature},
 };
 
 /// What one reconcile step did.
@@ -171,6 +171,25 @@ pub struct Catalog {
     state: Mutex<State>,
     tasks: TaskTracker,
     closed: CancellationToken,
+    /// The idle loader thread's job queue.
+    loader_thread: Mutex<Option<std::sync::mpsc::Sender<LoadJob>>>,
+}
+
+/// Work for the loader thread.
+type LoadJob = Box<dyn FnOnce() + Send>;
+
+/// A thread that runs loader jobs until its queue is dropped.
+fn spawn_loader_thread() -> Result<std::sync::mpsc::Sender<LoadJob>, String> {
+    let (tx, rx) = std::sync::mpsc::channel::<LoadJob>();
+    std::thread::Builder::new()
+        .name("channeld-load".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .map_err(|e| format!("cannot start a loader thread: {e}"))?;
+    Ok(tx)
 }
 
 /// What loading a file on the loader thread produced.
@@ -206,6 +225,7 @@ impl Catalog {
             state: Mutex::default(),
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
+            loader_thread: Mutex::new(None),
         }))
     }
 
@@ -299,21 +319,38 @@ impl Catalog {
             .ok()
     }
 
-    /// Runs `f` on a thread of its own, waiting at most the load timeout. A thread that never
-    /// returns (a plugin constructor blocking for good) is left behind, holding no lock and no
-    /// runtime thread.
+    /// Runs `f` on the loader thread (outside tokio's pools), waiting at most the load timeout.
+    /// A thread that never returns (a plugin constructor blocking for good) is left behind,
+    /// holding no lock and no runtime thread, and the next load gets a new one.
     async fn on_load_thread<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("channeld-load".into())
-            .spawn(move || {
-                let _ = tx.send(f());
-            })
-            .map_err(|e| format!("cannot start a loader thread: {e}"))?;
-        match tokio::time::timeout(self.settings.load_timeout, rx).await {
+        let job: LoadJob = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        // The warm loader thread if there is one (steps are serialised, so it is idle), else a
+        // new one.
+        let worker = self
+            .loader_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let worker = match worker {
+            Some(worker) => worker,
+            None => spawn_loader_thread()?,
+        };
+        worker
+            .send(job)
+            .map_err(|_| "the loader thread is gone".to_owned())?;
+        let result = tokio::time::timeout(self.settings.load_timeout, rx).await;
+        if let Ok(Ok(_)) = &result {
+            // It finished its job: keep it for the next one. One that timed out is left to
+            // its job (it ends if that ever returns), and the next load gets a new thread.
+            *self.loader_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
+        }
+        match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err("the loader thread panicked".into()),
             Err(_) => Err(format!(
@@ -337,6 +374,24 @@ impl Catalog {
         })
         .await
         .unwrap_or(Change::Unchanged)
+    }
+
+    /// Follows `changes` (the watcher's queue): one step per path, in a task the catalog tracks,
+    /// until the queue is closed. [`Catalog::close`] waits for the step in flight.
+    pub fn follow(self: &Arc<Self>, changes: Arc<ChangeQueue>) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            while let Some(path) = changes.pop().await {
+                if me.closed.is_cancelled() {
+                    break;
+                }
+                let change = {
+                    let _turn = me.turn.lock().await;
+                    me.step(&path, None, true).await
+                };
+                tracing::debug!(file = %path.display(), ?change, "plugins directory change");
+            }
+        });
     }
 
     /// Reconciles every plugin path of the directory, every loaded plugin's file and every

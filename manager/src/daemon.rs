@@ -115,7 +115,7 @@ pub struct Daemon {
     pub catalog: Arc<Catalog>,
     /// Paths the watcher reported, waiting for the catalog.
     pub changes: Arc<ChangeQueue>,
-    /// Tasks the daemon runs on behalf of API callers and the reconciler loop.
+    /// Tasks the daemon runs on behalf of API callers.
     pub tasks: TaskTracker,
 }
 
@@ -191,7 +191,7 @@ impl Daemon {
     }
 
     /// Watches the plugins directory and feeds the catalog every path the watcher reports, one
-    /// step at a time (the loop is a daemon task; [`Daemon::shutdown`] ends it). The watcher
+    /// step at a time ([`Daemon::shutdown`] ends it). The watcher
     /// reads its baseline before this returns, so call it before the initial load.
     pub fn watch_plugins(&self, stop: CancellationToken) -> bool {
         let config = &self.config;
@@ -211,13 +211,7 @@ impl Daemon {
             rescan = %humantime::format_duration(config.host.rescan_interval),
             "watching the plugins directory"
         );
-        let (catalog, changes) = (self.catalog.clone(), self.changes.clone());
-        self.tasks.spawn(async move {
-            while let Some(path) = changes.pop().await {
-                let change = catalog.reconcile(&path).await;
-                tracing::debug!(file = %path.display(), ?change, "plugins directory change");
-            }
-        });
+        self.catalog.follow(self.changes.clone());
         watching.events
     }
 }

@@ -314,8 +314,12 @@ async fn run(
                 Some(Raw::Complete(path)) => {
                     let path = in_dir(&config.dir, &path);
                     settling.remove(&path);
-                    remember(&mut known, &path);
-                    changes.push(path);
+                    let now_seen = signature(&path);
+                    // inotify reports one rename twice (moved-to, then the pair): once is enough.
+                    if now_seen.is_none() || known.get(&path) != now_seen.as_ref() {
+                        remember(&mut known, &path);
+                        changes.push(path);
+                    }
                 }
                 Some(Raw::Gone(path)) => {
                     let path = in_dir(&config.dir, &path);
