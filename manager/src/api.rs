@@ -10,16 +10,22 @@
 //! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
 //! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped |
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
+//! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
+//! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
 //!
-//! Errors are `{"error": "…"}` with 401 (no or wrong token), 404 (unknown channel, account or
-//! path, named), 400 (bad operation), 500 (the operation failed).
+//! Errors are `{"error": "…"}` with 401 (no or wrong token), 403 (the read-only token on a
+//! control endpoint), 404 (unknown channel, account or path, named), 400 (bad operation or
+//! parameter), 500 (the operation failed).
+//!
+//! `[api] read_token` is a second bearer token that may only read: every `GET` endpoint, no
+//! `POST`.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Path, Request, State},
-    http::{StatusCode, header},
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -30,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Secret,
+    events::EventHub,
     host::AccountKey,
     reload::HotPlugins,
     supervise::{Supervisor, SupervisorError},
@@ -44,6 +51,10 @@ pub struct ApiState {
     pub token: Secret,
     /// Hot plugins (listing, rescan); `None` where the daemon has none (tests).
     pub hot: Option<Arc<HotPlugins>>,
+    /// The read-only bearer token (`[api] read_token`).
+    pub read_token: Option<Secret>,
+    /// The event stream and the journal; `None` where the daemon has none (tests).
+    pub events: Option<Arc<EventHub>>,
 }
 
 /// An API error with its status code.
@@ -83,6 +94,26 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => {
             next.run(request).await
         }
+        Some(token)
+            if state
+                .read_token
+                .as_ref()
+                .is_some_and(|read| same(token.as_bytes(), read.expose().as_bytes())) =>
+        {
+            if request.method() == Method::GET {
+                next.run(request).await
+            } else {
+                ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the read-only token cannot {} {}: use [host] api_token",
+                        request.method(),
+                        request.uri().path()
+                    ),
+                )
+                .into_response()
+            }
+        }
         _ => {
             let mut response = ApiError(
                 StatusCode::UNAUTHORIZED,
@@ -109,6 +140,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
         .route("/v1/plugins", get(plugins))
         .route("/v1/rescan", post(rescan))
+        .route("/v1/events", get(events))
+        .route("/v1/journal", get(journal))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -196,6 +229,21 @@ async fn rescan(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .map(|(file, change)| json!({ "file": file, "change": change }))
         .collect();
     Ok(Json(json!({ "changes": changes })))
+}
+
+async fn events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    crate::events::respond(state.events, &headers, &params)
+}
+
+async fn journal(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let hub = state
+        .events
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this daemon has no journal".into()))?;
+    Ok(Json(json!({ "journal": hub.journal().stats() })))
 }
 
 fn keyed<T: serde::Serialize>(results: Vec<(AccountKey, T)>) -> Value {

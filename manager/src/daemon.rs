@@ -19,7 +19,9 @@ use crate::{
     api::{self, ApiState},
     clock::{Clock, SystemClock},
     config::{Config, Secret},
+    events::EventHub,
     health::HealthMonitor,
+    journal::{Journal, JournalError},
     registry::PluginFileError,
     registry::{Loader, Registry},
     reload::HotPlugins,
@@ -46,6 +48,9 @@ pub enum DaemonError {
     /// The API could not start.
     #[error("{0}")]
     Api(String),
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// The name of the generated API token file in the state directory.
@@ -116,6 +121,8 @@ pub struct Daemon {
     pub loader: Arc<Loader>,
     /// The plugin files the first load refused.
     pub load_errors: Vec<PluginFileError>,
+    /// The journal every delivered message goes to.
+    pub journal: Arc<Journal>,
 }
 
 impl Daemon {
@@ -127,8 +134,10 @@ impl Daemon {
             path: staging_path,
             reason: e.to_string(),
         })?;
+        let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let board = Arc::new(StatusBoard::new(clock.clone()));
+        board.set_message_sink(journal.clone());
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();
@@ -163,6 +172,7 @@ impl Daemon {
             registry: Arc::new(Mutex::new(registry)),
             loader: Arc::new(loader),
             load_errors: report.failed,
+            journal,
         };
         let plugins: Vec<_> = daemon.registry().iter().cloned().collect();
         for plugin in plugins {
@@ -274,6 +284,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::time::Instant::now(),
     );
     tokio::spawn(monitor.run(background.clone()));
+    let events = EventHub::new(daemon.journal.clone());
+    tokio::spawn(crate::events::state::watch(
+        daemon.supervisor.clone(),
+        events.states().clone(),
+        background.clone(),
+    ));
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -281,6 +297,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             supervisor: daemon.supervisor.clone(),
             token,
             hot: Some(hot),
+            read_token: daemon.config.api.read_token.clone(),
+            events: Some(events.clone()),
         },
         stop_api.clone(),
     ));
@@ -321,8 +339,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     starter.abort();
     background.cancel();
     stop_api.cancel();
+    // Event streams never end by themselves: end them so the API can finish.
+    events.close();
     daemon.shutdown().await;
     let _ = api_task.await;
+    // Every account is stopped: commit what is queued and close the journal.
+    let journal = daemon.journal.clone();
+    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
     tracing::info!(

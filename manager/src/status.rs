@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::{
     clock::Clock,
     host::{AccountKey, HostSink},
+    inbound::MessageSink,
 };
 
 /// One account's snapshot, as users see it (`GET /status`, `channeld status --json`).
@@ -118,6 +119,7 @@ pub struct StatusBoard {
     clock: Arc<dyn Clock>,
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
+    messages: OnceLock<Arc<dyn MessageSink>>,
 }
 
 impl StatusBoard {
@@ -128,7 +130,14 @@ impl StatusBoard {
             clock,
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
+            messages: OnceLock::new(),
         }
+    }
+
+    /// Sends every delivered message to `sink` (the journal) from now on; without one, messages
+    /// are only counted. Set once; a second call is ignored.
+    pub fn set_message_sink(&self, sink: Arc<dyn MessageSink>) {
+        let _ = self.messages.set(sink);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountKey, Entry>> {
@@ -299,6 +308,22 @@ fn mark_event(
     }
 }
 
+impl StatusBoard {
+    /// Counts an inbound message that goes nowhere (no message sink set).
+    fn count_inbound(&self, key: &AccountKey, generation: u64) -> Result<(), String> {
+        self.if_current(
+            key,
+            generation,
+            || Err(stale_error(key)),
+            |snapshot, liveness, now| {
+                snapshot.inbound_messages += 1;
+                mark_event(snapshot, liveness, EventKind::Inbound, now);
+                Ok(())
+            },
+        )
+    }
+}
+
 impl HostSink for StatusBoard {
     fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
         self.lock()
@@ -375,23 +400,22 @@ impl HostSink for StatusBoard {
         generation: u64,
         message: InboundMessage,
     ) -> Result<(), String> {
-        self.if_current(
-            key,
-            generation,
-            || Err(stale_error(key)),
-            |snapshot, liveness, now| {
-                snapshot.inbound_messages += 1;
-                mark_event(snapshot, liveness, EventKind::Inbound, now);
-                Ok(())
-            },
-        )?;
-        tracing::debug!(
-            account = %key,
-            conversation = message.conversation.as_str(),
-            sender = message.sender.as_str(),
-            bytes = message.text.len(),
-            "inbound message"
-        );
+        let Some(sink) = self.messages.get() else {
+            return self.count_inbound(key, generation);
+        };
+        if !self.is_current(key, generation) {
+            self.stale_calls.fetch_add(1, Ordering::Relaxed);
+            return Err(stale_error(key));
+        }
+        // A 1.0 plugin's synchronous deliver: wait on this (the plugin's) thread until the
+        // message is durable. The slow path; ABI 1.1's deliver_async awaits the same sink.
+        let seq = crate::journal::wait::block_on(sink.accept(key, message))?;
+        tracing::trace!(account = %key, seq, "inbound message journaled");
+        // Counted even if the task was replaced meanwhile: the message is in the journal.
+        self.update(key, |snapshot| snapshot.inbound_messages += 1);
+        self.if_current(key, generation, || (), |snapshot, liveness, now| {
+            mark_event(snapshot, liveness, EventKind::Inbound, now)
+        });
         Ok(())
     }
 }
