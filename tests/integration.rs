@@ -34,3 +34,7 @@ mod hot;
 
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.
 mod health;
+
+/// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
+/// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
+mod journal;

@@ -129,12 +129,18 @@ impl Daemon {
     /// Builds the pieces and loads the plugins directory (bad files are reported, not fatal).
     pub async fn load(config: Config) -> Result<Self, DaemonError> {
         prepare_state_dir(&config.host.state_dir)?;
+        let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
+        Self::load_with(config, journal).await
+    }
+
+    /// [`Daemon::load`] with the journal already open.
+    pub async fn load_with(config: Config, journal: Arc<Journal>) -> Result<Self, DaemonError> {
+        prepare_state_dir(&config.host.state_dir)?;
         let staging_path = config.host.state_dir.join("staging");
         let staging = StagingDir::open(&staging_path).map_err(|e| DaemonError::StateDir {
             path: staging_path,
             reason: e.to_string(),
         })?;
-        let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let board = Arc::new(StatusBoard::new(clock.clone()));
         board.set_message_sink(journal.clone());
@@ -254,6 +260,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| DaemonError::Api(e.to_string()))?;
     prepare_state_dir(&config.host.state_dir)?;
+    // First: a journal held by another daemon must stop this one before it touches the token and
+    // address files that daemon's clients read.
+    let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
     let token = api_token(&config)?;
     let listener = api::bind(config.host.api_address)
         .await
@@ -266,7 +275,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             reason: format!("writing {}: {e}", path.display()),
         })?;
     }
-    let daemon = Arc::new(Daemon::load(config).await?);
+    let daemon = Arc::new(Daemon::load_with(config, journal).await?);
     let background = CancellationToken::new();
     let hot = HotPlugins::new(
         Arc::new(daemon.config.clone()),

@@ -25,7 +25,11 @@ pub struct CountingSink {
 }
 
 impl MessageSink for CountingSink {
-    fn accept(&self, _key: &AccountKey, _message: InboundMessage) -> BoxFuture<Result<u64, String>> {
+    fn accept(
+        &self,
+        _key: &AccountKey,
+        _message: InboundMessage,
+    ) -> BoxFuture<Result<u64, String>> {
         let seq = self.last.fetch_add(1, Ordering::Relaxed) + 1;
         Box::pin(std::future::ready(Ok(seq)))
     }

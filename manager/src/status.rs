@@ -413,9 +413,12 @@ impl HostSink for StatusBoard {
         tracing::trace!(account = %key, seq, "inbound message journaled");
         // Counted even if the task was replaced meanwhile: the message is in the journal.
         self.update(key, |snapshot| snapshot.inbound_messages += 1);
-        self.if_current(key, generation, || (), |snapshot, liveness, now| {
-            mark_event(snapshot, liveness, EventKind::Inbound, now)
-        });
+        self.if_current(
+            key,
+            generation,
+            || (),
+            |snapshot, liveness, now| mark_event(snapshot, liveness, EventKind::Inbound, now),
+        );
         Ok(())
     }
 }

@@ -109,8 +109,13 @@ pub struct Request {
 }
 
 fn bad(name: &str, reason: impl Into<String>) -> EventsError {
+    let kind = if name == "Last-Event-ID" {
+        "header"
+    } else {
+        "parameter"
+    };
     EventsError::BadParameter {
-        name: name.to_owned(),
+        name: format!("{kind} {name}"),
         reason: reason.into(),
     }
 }

@@ -40,11 +40,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
-use crate::{
-    host::AccountKey,
-    inbound::MessageSink,
-    plugin::BoxFuture,
-};
+use crate::{host::AccountKey, inbound::MessageSink, plugin::BoxFuture};
 pub use settings::{JournalConfig, SyncMode};
 
 /// The database's file name in the state directory.
@@ -437,7 +433,10 @@ impl Journal {
         let refused = self.check(&record).err().or_else(|| {
             let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             match queue.as_ref() {
-                Some(queue) => queue.send(Append { record, done }).err().map(|_| Refusal::Closed),
+                Some(queue) => queue
+                    .send(Append { record, done })
+                    .err()
+                    .map(|_| Refusal::Closed),
                 None => Some(Refusal::Closed),
             }
         });
@@ -502,12 +501,7 @@ impl Journal {
     }
 
     fn reader(&self) -> Result<Connection, JournalError> {
-        if let Some(conn) = self
-            .readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-        {
+        if let Some(conn) = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(conn);
         }
         let path = &self.shared.path;

@@ -53,7 +53,10 @@ impl JournalConfig {
             return Err(("max_size", "max_size must be more than 0 bytes".into()));
         }
         if self.max_message_bytes == 0 {
-            return Err(("max_message_bytes", "max_message_bytes must be at least 1".into()));
+            return Err((
+                "max_message_bytes",
+                "max_message_bytes must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -146,10 +146,7 @@ impl Writer {
 
     /// Commits `batch`; the first sequence number used.
     fn write(&mut self, batch: &[Append]) -> Result<u64, Refusal> {
-        let incoming: u64 = batch
-            .iter()
-            .map(|r| r.record.bytes() + ROW_OVERHEAD)
-            .sum();
+        let incoming: u64 = batch.iter().map(|r| r.record.bytes() + ROW_OVERHEAD).sum();
         self.make_room(incoming)?;
         let first = self.last + 1;
         let last = self.last + batch.len() as u64;
@@ -193,9 +190,7 @@ impl Writer {
     }
 
     fn used_bytes(&self) -> rusqlite::Result<u64> {
-        let pages: i64 = self
-            .conn
-            .query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
         let free: i64 = self
             .conn
             .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
@@ -239,7 +234,8 @@ impl Writer {
             let Some(through) = through else {
                 return Ok(());
             };
-            self.prune_through(through as u64, "size").map_err(refusal)?;
+            self.prune_through(through as u64, "size")
+                .map_err(refusal)?;
         }
     }
 
@@ -257,9 +253,12 @@ impl Writer {
         self.shared
             .pruned_through
             .fetch_max(through, Ordering::Relaxed);
-        let _ = self.shared.messages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
-            Some(m.saturating_sub(deleted as u64))
-        });
+        let _ = self
+            .shared
+            .messages
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(m.saturating_sub(deleted as u64))
+            });
         tracing::debug!(deleted, through, why, "journal pruned");
         Ok(())
     }
@@ -284,9 +283,9 @@ impl Writer {
             // oldest, one chunk at a time, and stop at the first message young enough to keep
             // (clocks can step back).
             let (through, scanned, young) = {
-                let mut statement = self
-                    .conn
-                    .prepare_cached("SELECT seq, received_ms FROM messages ORDER BY seq LIMIT ?1")?;
+                let mut statement = self.conn.prepare_cached(
+                    "SELECT seq, received_ms FROM messages ORDER BY seq LIMIT ?1",
+                )?;
                 let mut rows = statement.query([PRUNE_CHUNK as i64])?;
                 let (mut through, mut scanned, mut young) = (None, 0u64, false);
                 while let Some(row) = rows.next()? {
