@@ -122,7 +122,12 @@ fn read_events(
     for line in reader.lines() {
         let line = line.map_err(|e| Stop::Input(e.to_string()))?;
         if line.is_empty() {
-            dispatch(std::mem::take(&mut event), cursor, json, out)?;
+            // An event without data (such as the blank line after a keep-alive comment) is not
+            // dispatched.
+            let event = std::mem::take(&mut event);
+            if !event.data.is_empty() {
+                dispatch(event, cursor, json, out)?;
+            }
             continue;
         }
         let (field, value) = line.split_once(':').unwrap_or((line.as_str(), ""));
@@ -169,11 +174,7 @@ fn dispatch(
             }
             out.flush().map_err(|_| Stop::Output)?;
         }
-        Some("ready") => {
-            if cursor.is_none() {
-                *cursor = data["after"].as_u64();
-            }
-        }
+        Some("ready") if cursor.is_none() => *cursor = data["after"].as_u64(),
         Some("pruned") => {
             eprintln!(
                 "channeld: messages {} to {} were pruned (retention) before they could be read",

@@ -22,6 +22,9 @@ pub mod settings;
 pub mod wait;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -247,6 +250,7 @@ pub struct Batch {
 #[derive(Debug, Default)]
 struct Counters {
     appended: AtomicU64,
+    commits: AtomicU64,
     refused_too_large: AtomicU64,
     refused_full: AtomicU64,
     refused_other: AtomicU64,
@@ -523,6 +527,7 @@ impl Journal {
             "usedBytes": s.used_bytes.load(Ordering::Relaxed),
             "maxSize": s.settings.max_size.as_u64(),
             "appended": c.appended.load(Ordering::Relaxed),
+            "commits": c.commits.load(Ordering::Relaxed),
             "refusedTooLarge": c.refused_too_large.load(Ordering::Relaxed),
             "refusedFull": c.refused_full.load(Ordering::Relaxed),
             "refusedOther": c.refused_other.load(Ordering::Relaxed),

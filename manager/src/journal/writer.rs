@@ -121,6 +121,7 @@ impl Writer {
         let result = self.write(batch);
         match result {
             Ok(first) => {
+                self.shared.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.shared
                     .counters
                     .appended
