@@ -1,7 +1,7 @@
 //! Account state events for the event stream: live only, without an id, never journaled.
 //!
 //! The state is derived from the status board's fields (`running`, `restartPending`,
-//! `connected`), sampled every [`INTERVAL`] while at least one stream listens: [`derive`] is the
+//! `connected`), sampled every [`INTERVAL`] while at least one stream listens: [`derive()`] is the
 //! one place that decides what an account's state is, so it can switch to an explicit state
 //! field without touching the streams.
 

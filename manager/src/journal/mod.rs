@@ -2,7 +2,7 @@
 //! database (`<state_dir>/journal.db`, WAL mode) before the delivery is acknowledged, numbered
 //! with a sequence number that is strictly increasing and never reused.
 //!
-//! * Writes go through one dedicated writer thread ([`writer`]): it takes every delivery waiting
+//! * Writes go through one dedicated writer thread: it takes every delivery waiting
 //!   in its queue and commits them in one transaction (group commit), so one disk sync
 //!   acknowledges many deliveries. Deliveries made one after another through one handle are
 //!   queued, and so numbered, in call order.
