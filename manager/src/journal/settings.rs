@@ -61,3 +61,61 @@ impl JournalConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/channeld/channeld.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_defaults_and_every_key() {
+        assert_eq!(parse("").unwrap().journal, JournalConfig::default());
+        let config = parse(
+            "[journal]\nsync = \"normal\"\nretain = \"36h\"\nmax_size = \"512MiB\"\n\
+             max_message_bytes = 1000\n[api]\nread_token = \"r\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.journal.sync, SyncMode::Normal);
+        assert_eq!(config.journal.retain, Duration::from_secs(36 * 3600));
+        assert_eq!(config.journal.max_size, bytesize::ByteSize::mib(512));
+        assert_eq!(config.journal.max_message_bytes, 1000);
+        assert_eq!(config.api.read_token.unwrap().expose(), "r");
+    }
+
+    #[test]
+    fn bad_values_name_the_file_line_and_key() {
+        for (text, line, needle) in [
+            ("[journal]\nsync = \"fast\"\n", 2, "fast"),
+            ("[journal]\n\nmax_size = \"lots\"\n", 3, ""),
+            (
+                "[journal]\nretain = \"0s\"\n",
+                2,
+                "retain must be longer than 0s",
+            ),
+            (
+                "[journal]\nmax_message_bytes = 0\n",
+                2,
+                "max_message_bytes must be",
+            ),
+            ("[journal]\nsynch = \"full\"\n", 2, "unknown field `synch`"),
+            (
+                "[api]\nread_token = { env = \"CHANNELD_NOPE_UNSET_2\" }\n",
+                2,
+                "is not set",
+            ),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(
+                err.starts_with(&format!("/etc/channeld/channeld.toml:{line}:")),
+                "{text:?}: {err}"
+            );
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}
