@@ -181,11 +181,6 @@ fn dispatch(
                 data["from"], data["to"]
             );
         }
-        Some("state") if json => {
-            let line = serde_json::json!({ "event": "state", "state": data });
-            writeln!(out, "{line}").map_err(|_| Stop::Output)?;
-            out.flush().map_err(|_| Stop::Output)?;
-        }
         _ => {}
     }
     if let Some(id) = event.id.and_then(|id| id.parse().ok()) {
