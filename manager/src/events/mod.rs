@@ -304,3 +304,56 @@ async fn recv_state(states: &mut Option<broadcast::Receiver<StateChange>>) -> Op
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn last_event_id_wins_over_since_and_the_account_is_normalised() {
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", "42".parse().unwrap());
+        let request = parse_request(
+            &headers,
+            &params(&[
+                ("since", "7"),
+                ("channel", "irc"),
+                ("account", "Libera Chat"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(request.after, Some(42));
+        assert_eq!(request.filter.channel.as_deref(), Some("irc"));
+        assert_eq!(
+            request.filter.account,
+            Some(channeld_plugin_abi::normalize_account_id("Libera Chat"))
+        );
+        assert_eq!(
+            parse_request(&HeaderMap::new(), &[]).unwrap(),
+            Request::default()
+        );
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let err = |pairs: &[(&str, &str)]| {
+            parse_request(&HeaderMap::new(), &params(pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[("since", "x")]).starts_with("parameter since: "));
+        assert!(err(&[("channel", "a"), ("channel", "b")]).contains("more than once"));
+        assert!(err(&[("acount", "a")]).starts_with("parameter acount: unknown parameter"));
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", "soon".parse().unwrap());
+        let err = parse_request(&headers, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("header Last-Event-ID: "), "{err}");
+    }
+}
