@@ -48,3 +48,6 @@ mod health;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+/// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
+/// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
+mod journal;

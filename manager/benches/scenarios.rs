@@ -24,6 +24,10 @@
 #[path = "scenarios/hot_add.rs"]
 mod hot_add;
 
+/// `msgs`: the journal's durable ingest, the event stream's latency, memory with a consumer behind.
+#[path = "scenarios/msgs.rs"]
+mod msgs;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
@@ -74,6 +78,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("S1", s1),
     ("S2", s2),
     ("hot_add", hot_add::hot_add),
+    ("msgs", msgs::msgs),
 ];
 
 fn main() -> ExitCode {

@@ -10,19 +10,25 @@
 //! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
 //! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped; the reconcile count and last time |
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
+//! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
+//! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
 //!
 //! Every operation runs as a task the daemon tracks; the handler only awaits it, so a caller who
 //! disconnects changes nothing about the outcome.
 //!
-//! Errors are `{"error": "…"}` with 401 (no or wrong token), 404 (unknown channel, account or
-//! path, named), 400 (bad operation), 500 (the operation failed).
+//! Errors are `{"error": "…"}` with 401 (no or wrong token), 403 (the read-only token on a
+//! control endpoint), 404 (unknown channel, account or path, named), 400 (bad operation or
+//! parameter), 500 (the operation failed).
+//!
+//! `[api] read_token` is a second bearer token that may only read: every `GET` endpoint, no
+//! `POST`.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Path, Request, State},
-    http::{StatusCode, header},
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -35,6 +41,7 @@ use crate::{
     api_types::{OpResult, Outcome},
     catalog::Catalog,
     config::Secret,
+    events::EventHub,
     host::AccountKey,
     supervise::{Supervisor, SupervisorError},
 };
@@ -50,6 +57,10 @@ pub struct ApiState {
     pub hot: Option<Arc<Catalog>>,
     /// The daemon's tracker for operations started by API callers.
     pub tasks: TaskTracker,
+    /// The read-only bearer token (`[api] read_token`).
+    pub read_token: Option<Secret>,
+    /// The event stream and the journal; `None` where the daemon has none (tests).
+    pub events: Option<Arc<EventHub>>,
 }
 
 /// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
@@ -109,6 +120,26 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => {
             next.run(request).await
         }
+        Some(token)
+            if state
+                .read_token
+                .as_ref()
+                .is_some_and(|read| same(token.as_bytes(), read.expose().as_bytes())) =>
+        {
+            if request.method() == Method::GET {
+                next.run(request).await
+            } else {
+                ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the read-only token cannot {} {}: use [host] api_token",
+                        request.method(),
+                        request.uri().path()
+                    ),
+                )
+                .into_response()
+            }
+        }
         _ => {
             let mut response = ApiError(
                 StatusCode::UNAUTHORIZED,
@@ -135,6 +166,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
         .route("/v1/plugins", get(plugins))
         .route("/v1/rescan", post(rescan))
+        .route("/v1/events", get(events))
+        .route("/v1/journal", get(journal))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Outside the token check: refused attempts are on the audit trail too.
@@ -234,6 +267,21 @@ async fn rescan(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         .map(|(file, change)| json!({ "file": file, "change": change }))
         .collect();
     Ok(Json(json!({ "changes": changes })))
+}
+
+async fn events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    crate::events::respond(state.events, &headers, &params)
+}
+
+async fn journal(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let hub = state
+        .events
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "this daemon has no journal".into()))?;
+    Ok(Json(json!({ "journal": hub.journal().stats() })))
 }
 
 fn keyed<T: serde::Serialize>(results: Vec<(AccountKey, T)>) -> Value {

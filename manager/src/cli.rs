@@ -134,6 +134,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow inbound messages like `tail -f` (every channel, one channel, or one account), and
+    /// keep following across a daemon restart from the last message printed.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// `CHANNEL` or `CHANNEL:ACCOUNT`.
+        target: Option<Target>,
+        /// Start after this sequence number (0: everything the journal still has); default: new
+        /// messages only.
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Print each message as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the journal's figures: last sequence number, pruned range, size, refused messages.
+    Journal {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan the plugins directory now (for file systems where change events get lost).
     Rescan {
         #[command(flatten)]

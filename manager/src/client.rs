@@ -124,6 +124,29 @@ impl Client {
         self.answer(result)
     }
 
+    /// `GET path` as a stream (Server-Sent Events): the body, to be read as it arrives, with no
+    /// overall timeout.
+    pub fn stream(&self, path: &str) -> Result<ureq::Body, ClientError> {
+        let result = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Accept", "text/event-stream")
+            .config()
+            .timeout_global(None)
+            .build()
+            .call();
+        let response = result.map_err(|e| ClientError::Unreachable {
+            address: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        if response.status().is_success() {
+            return Ok(response.into_body());
+        }
+        self.answer(Ok(response))
+            .and_then(|_| Err(ClientError::Failed("unexpected answer".into())))
+    }
+
     /// `POST path` with no body.
     pub fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let result = self

@@ -262,6 +262,20 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    read_token: Option<SecretSource>,
+}
+
+/// `[api]`: access to the HTTP API beyond `[host] api_token`.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// A read-only bearer token: it may read (status, events) but not control accounts.
+    pub read_token: Option<Secret>,
+}
+
 #[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -271,6 +285,10 @@ struct RawConfig {
     supervisor: SupervisorConfig,
     #[serde(default)]
     health: HealthConfig,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    journal: crate::journal::JournalConfig,
     #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
@@ -343,6 +361,10 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// `[health]`.
     pub health: HealthConfig,
+    /// `[api]`.
+    pub api: ApiConfig,
+    /// `[journal]`.
+    pub journal: crate::journal::JournalConfig,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -451,6 +473,15 @@ impl Config {
                 ),
             ));
         }
+        let read_token = raw
+            .api
+            .read_token
+            .map(|s| resolve_secret(&s, base).map(Secret::new))
+            .transpose()
+            .map_err(|m| invalid(&["api", "read_token"], m))?;
+        raw.journal
+            .validate()
+            .map_err(|(key, m)| invalid(&["journal", key], m))?;
 
         let mut channels = BTreeMap::new();
         for (id, table) in raw.channels {
@@ -484,6 +515,8 @@ impl Config {
             },
             supervisor: raw.supervisor,
             health: raw.health,
+            api: ApiConfig { read_token },
+            journal: raw.journal,
             channels,
         })
     }

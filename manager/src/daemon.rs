@@ -19,7 +19,9 @@ use crate::{
     catalog::Catalog,
     clock::{Clock, SystemClock},
     config::{Config, Secret},
+    events::EventHub,
     health::HealthMonitor,
+    journal::{Journal, JournalError},
     registry::Loader,
     stage::StagingDir,
     status::StatusBoard,
@@ -47,6 +49,9 @@ pub enum DaemonError {
     /// Another daemon holds the state directory.
     #[error(transparent)]
     Locked(#[from] crate::state_lock::LockError),
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// The name of the generated API token file in the state directory.
@@ -117,6 +122,8 @@ pub struct Daemon {
     pub changes: Arc<ChangeQueue>,
     /// Tasks the daemon runs on behalf of API callers.
     pub tasks: TaskTracker,
+    /// The journal every delivered message goes to.
+    pub journal: Arc<Journal>,
 }
 
 impl Daemon {
@@ -124,16 +131,24 @@ impl Daemon {
     /// [`Catalog::load_initial`]).
     pub fn new(config: Config) -> Result<Self, DaemonError> {
         prepare_state_dir(&config.host.state_dir)?;
+        let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
+        Self::with_journal(config, journal)
+    }
+
+    /// [`Daemon::new`] with the journal already open.
+    pub fn with_journal(config: Config, journal: Arc<Journal>) -> Result<Self, DaemonError> {
+        prepare_state_dir(&config.host.state_dir)?;
         let staging_path = config.host.state_dir.join("staging");
         let staging = StagingDir::open(&staging_path).map_err(|e| DaemonError::StateDir {
             path: staging_path,
             reason: e.to_string(),
         })?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        // Where plugins' inbound messages go (both deliver and deliver_async).
-        let messages: Arc<dyn crate::inbound::MessageSink> =
-            Arc::new(crate::inbound::CountingSink::default());
-        let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), messages));
+        // Where plugins' inbound messages go (both deliver and deliver_async): the journal.
+        let board = Arc::new(StatusBoard::with_message_sink(
+            clock.clone(),
+            journal.clone(),
+        ));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();
@@ -157,6 +172,7 @@ impl Daemon {
             catalog,
             changes: ChangeQueue::new(),
             tasks: TaskTracker::new(),
+            journal,
         })
     }
 
@@ -238,6 +254,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Before anything else in the state directory: a second daemon must not touch the first's
     // token or address files.
     let _state_lock = crate::state_lock::StateLock::acquire(&config.host.state_dir)?;
+    // Then the journal: a corrupt or newer one stops this daemon before it touches the token
+    // and address files.
+    let journal = Journal::open(&config.host.state_dir, config.journal.clone())?;
     let listener = api::bind(config.host.api_address)
         .await
         .map_err(DaemonError::Api)?;
@@ -251,7 +270,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             reason: format!("writing {}: {e}", path.display()),
         })?;
     }
-    let daemon = Arc::new(Daemon::new(config)?);
+    let daemon = Arc::new(Daemon::with_journal(config, journal)?);
     let background = CancellationToken::new();
     // The watcher's baseline comes before the initial load: a file added meanwhile is seen.
     daemon.watch_plugins(background.clone());
@@ -261,6 +280,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::time::Instant::now(),
     );
     tokio::spawn(monitor.run(background.clone()));
+    let events = EventHub::new(daemon.journal.clone());
+    tokio::spawn(crate::events::state::watch(
+        daemon.supervisor.clone(),
+        events.states().clone(),
+        background.clone(),
+    ));
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -269,6 +294,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             token,
             hot: Some(daemon.catalog.clone()),
             tasks: daemon.tasks.clone(),
+            read_token: daemon.config.api.read_token.clone(),
+            events: Some(events.clone()),
         },
         stop_api.clone(),
     ));
@@ -318,8 +345,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     starter.abort();
     background.cancel();
     stop_api.cancel();
+    // Event streams never end by themselves: end them so the API can finish.
+    events.close();
     daemon.shutdown().await;
     let _ = api_task.await;
+    // Every account is stopped: commit what is queued and close the journal.
+    let journal = daemon.journal.clone();
+    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
     tracing::info!(

@@ -145,6 +145,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Tail {
+            config,
+            target,
+            since,
+            json,
+        } => {
+            let config = load_client_config(&config)?;
+            channeld::tail::follow(
+                &config,
+                target.as_ref(),
+                since,
+                json,
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Journal { config, json } => {
+            let config = load_client_config(&config)?;
+            let answer = Client::from_config(&config)?.get("/v1/journal")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                for (key, value) in answer["journal"].as_object().into_iter().flatten() {
+                    println!("{key}: {value}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),

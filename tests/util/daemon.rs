@@ -77,6 +77,19 @@ impl Daemon {
         env: &[(&str, &str)],
         how: Start,
     ) -> Self {
+        let mut daemon = Self::prepare(plugins, host_extra, body);
+        daemon.relative = how.relative_config;
+        daemon.spawn(env);
+        daemon.wait_for_log("API listening");
+        if how.wait_loaded {
+            daemon.wait_for_log("plugins directory loaded");
+        }
+        daemon
+    }
+
+    /// Like [`Daemon::start`], but without starting it: for tests that prepare the state
+    /// directory first, then call [`Daemon::start_again`] or [`Daemon::run_to_exit`].
+    pub fn prepare(plugins: &[(&str, PathBuf)], host_extra: &str, body: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
         let plugins_dir = dir.path().join("plugins");
@@ -91,19 +104,58 @@ impl Daemon {
             format!("[host]\napi_address = \"127.0.0.1:0\"\n{host_extra}\n\n{body}\n"),
         )
         .unwrap();
-        let mut daemon = Self {
+        Self {
             dir,
             config,
             child: None,
             log: Default::default(),
-            relative: how.relative_config,
-        };
-        daemon.spawn(env);
-        daemon.wait_for_log("API listening");
-        if how.wait_loaded {
-            daemon.wait_for_log("plugins directory loaded");
+            relative: false,
         }
-        daemon
+    }
+
+    /// Starts `channeld run` again on this directory (after [`Daemon::prepare`],
+    /// [`Daemon::terminate`] or [`Daemon::kill`]) and waits until its API listens.
+    pub fn start_again(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.log = Default::default();
+        self.spawn(env);
+        self.wait_for_log("API listening");
+        self.wait_for_log("plugins directory loaded");
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Runs `channeld run` on this directory, expecting it to exit by itself (up to
+    /// [`PATIENCE`]); its exit status and stderr.
+    pub fn run_to_exit(&self) -> (ExitStatus, String) {
+        let mut child = Command::new(channeld())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start channeld");
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("channeld run did not exit by itself");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
     }
 
     /// `--config` as this daemon is given it (relative to its directory, or absolute).

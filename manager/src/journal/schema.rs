@@ -1,0 +1,121 @@
+//! The journal's schema and its migrations. The version is SQLite's `PRAGMA user_version`;
+//! migration `n` takes a database from version `n` to `n + 1`, in one transaction with the version
+//! bump. A database whose version is newer than [`CURRENT`] was written by a newer channeld and
+//! is refused: this one cannot know what the newer columns mean.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+/// The schema version this build writes.
+pub const CURRENT: u32 = 1;
+
+/// Migration `i` takes version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the messages and the counters that survive pruning.
+    "CREATE TABLE messages (
+        seq          INTEGER PRIMARY KEY,
+        channel      TEXT NOT NULL,
+        account      TEXT NOT NULL,
+        conversation TEXT NOT NULL,
+        sender       TEXT NOT NULL,
+        text         TEXT NOT NULL,
+        message_id   TEXT,
+        sent_ms      INTEGER NOT NULL,
+        received_ms  INTEGER NOT NULL,
+        extra        TEXT
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('high_water', 0), ('pruned_through', 0);",
+];
+
+/// The meta key of the highest sequence number ever committed.
+pub const HIGH_WATER: &str = "high_water";
+/// The meta key of the highest sequence number ever pruned.
+pub const PRUNED_THROUGH: &str = "pruned_through";
+
+/// What [`migrate`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrated {
+    /// The database was empty (version 0): it is new.
+    Created,
+    /// It had an older version, now [`CURRENT`].
+    Upgraded(u32),
+    /// Already current.
+    Current,
+}
+
+/// Why the schema could not be brought to [`CURRENT`].
+#[derive(Debug)]
+pub enum SchemaError {
+    /// The database is newer than this build.
+    Newer(u32),
+    /// SQLite said no.
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for SchemaError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
+/// The database's schema version.
+pub fn version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+}
+
+/// Runs the migrations from the database's version up to [`CURRENT`].
+pub fn migrate(conn: &mut Connection) -> Result<Migrated, SchemaError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found = version(&tx)?;
+    if found > CURRENT {
+        return Err(SchemaError::Newer(found));
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", from as u32 + 1)?;
+    }
+    tx.commit()?;
+    Ok(match found {
+        0 => Migrated::Created,
+        CURRENT => Migrated::Current,
+        older => Migrated::Upgraded(older),
+    })
+}
+
+/// A meta counter.
+pub fn meta(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|v| v as u64)
+}
+
+/// Sets a meta counter.
+pub fn set_meta(conn: &Connection, key: &str, value: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1")?
+        .execute(rusqlite::params![key, value as i64])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_database_is_created_at_the_current_version_and_stays_there() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), Migrated::Created);
+        assert_eq!(version(&conn).unwrap(), CURRENT);
+        assert_eq!(migrate(&mut conn).unwrap(), Migrated::Current);
+        assert_eq!(meta(&conn, HIGH_WATER).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_untouched() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", CURRENT + 1)
+            .unwrap();
+        assert!(matches!(migrate(&mut conn), Err(SchemaError::Newer(v)) if v == CURRENT + 1));
+        assert_eq!(version(&conn).unwrap(), CURRENT + 1);
+    }
+}
