@@ -136,14 +136,11 @@ impl Client {
             .timeout_global(None)
             .build()
             .call();
-        let response = result.map_err(|e| ClientError::Unreachable {
-            address: self.base.clone(),
-            reason: e.to_string(),
-        })?;
+        let response = result.map_err(|e| self.request_error(e))?;
         if response.status().is_success() {
             return Ok(response.into_body());
         }
-        self.answer(Ok(response))
+        self.answer::<serde_json::Value>(Ok(response))
             .and_then(|_| Err(ClientError::Failed("unexpected answer".into())))
     }
 

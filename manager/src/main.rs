@@ -163,7 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Journal { config, json } => {
             let config = load_client_config(&config)?;
-            let answer = Client::from_config(&config)?.get("/v1/journal")?;
+            let answer = Client::from_config(&config)?.get::<serde_json::Value>("/v1/journal")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
