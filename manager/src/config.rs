@@ -460,7 +460,7 @@ impl Config {
             .map(|s| resolve_secret(s, base).map(Secret::new))
             .transpose()
             .map_err(|m| invalid(&["host", "api_token"], m))?;
-        for (section, key, value) in settings(&host, &raw.supervisor, &raw.health) {
+        for (section, key, value) in settings(&host, &raw.supervisor, &raw.health, &raw.journal) {
             limits::check(section, key, value).map_err(|m| invalid(&[section, key], m))?;
         }
         if !host.api_address.ip().is_loopback() && !host.allow_remote {
@@ -479,9 +479,6 @@ impl Config {
             .map(|s| resolve_secret(&s, base).map(Secret::new))
             .transpose()
             .map_err(|m| invalid(&["api", "read_token"], m))?;
-        raw.journal
-            .validate()
-            .map_err(|(key, m)| invalid(&["journal", key], m))?;
 
         let mut channels = BTreeMap::new();
         for (id, table) in raw.channels {
@@ -626,6 +623,7 @@ fn settings(
     host: &RawHost,
     supervisor: &SupervisorConfig,
     health: &HealthConfig,
+    journal: &crate::journal::JournalConfig,
 ) -> Vec<(&'static str, &'static str, limits::Value)> {
     use limits::Value::{Count, Duration as D, Fraction};
     let s = supervisor;
@@ -638,6 +636,12 @@ fn settings(
         ),
         ("host", "plugin_call_timeout", D(host.plugin_call_timeout)),
         ("host", "settle", D(host.settle)),
+        ("host", "load_timeout", D(host.load_timeout)),
+        (
+            "host",
+            "plugin_shutdown_timeout",
+            D(host.plugin_shutdown_timeout),
+        ),
         ("host", "rescan_interval", D(host.rescan_interval)),
         ("supervisor", "initial_backoff", D(s.initial_backoff)),
         ("supervisor", "backoff_factor", Fraction(s.backoff_factor)),
@@ -647,6 +651,7 @@ fn settings(
         ("supervisor", "stable_run", D(s.stable_run)),
         ("supervisor", "stop_timeout", D(s.stop_timeout)),
         ("supervisor", "start_timeout", D(s.start_timeout)),
+        ("supervisor", "cancel_grace", D(s.cancel_grace)),
         (
             "supervisor",
             "startup_accounts_per_channel",
@@ -677,6 +682,13 @@ fn settings(
             "max_restarts_per_hour",
             Count(h.max_restarts_per_hour.into()),
         ),
+        ("journal", "retain", D(journal.retain)),
+        ("journal", "max_size", Count(journal.max_size.as_u64())),
+        (
+            "journal",
+            "max_message_bytes",
+            Count(journal.max_message_bytes),
+        ),
     ]
 }
 
@@ -691,7 +703,7 @@ pub fn host_owned_defaults() -> toml::Table {
 /// The checked keys, `section.key`, for tests that hold them against [`limits::RANGES`].
 pub fn range_checked_keys() -> Vec<String> {
     let raw = RawConfig::default();
-    settings(&raw.host, &raw.supervisor, &raw.health)
+    settings(&raw.host, &raw.supervisor, &raw.health, &raw.journal)
         .into_iter()
         .map(|(section, key, _)| format!("{section}.{key}"))
         .collect()

@@ -22,7 +22,7 @@ pub enum Value {
 /// One setting's allowed range (inclusive).
 #[derive(Debug, Clone, Copy)]
 pub struct Range {
-    /// `host`, `supervisor` or `health`.
+    /// `host`, `supervisor`, `health` or `journal`.
     pub section: &'static str,
     /// The key.
     pub key: &'static str,
@@ -50,6 +50,8 @@ const MINUTE: u64 = 60;
 const HOUR: u64 = 60 * MINUTE;
 const DAY: u64 = 24 * HOUR;
 const WEEK: u64 = 7 * DAY;
+/// A year as humantime counts it (365.25 days), so the bound prints as "10years".
+const YEAR: u64 = 31_557_600;
 
 macro_rules! range {
     ($section:literal, $key:literal, $min:expr, $max:expr) => {
@@ -77,6 +79,8 @@ pub const RANGES: &[Range] = &[
     range!("host", "plugin_worker_threads", count(1), count(64)),
     range!("host", "plugin_call_timeout", ms(10), secs(10 * MINUTE)),
     range!("host", "settle", ms(10), secs(MINUTE)),
+    range!("host", "load_timeout", ms(10), secs(HOUR)),
+    range!("host", "plugin_shutdown_timeout", ms(10), secs(10 * MINUTE)),
     range!(
         "host",
         "rescan_interval",
@@ -102,6 +106,7 @@ pub const RANGES: &[Range] = &[
     range!("supervisor", "stable_run", ms(10), secs(WEEK)),
     range!("supervisor", "stop_timeout", ms(10), secs(10 * MINUTE)),
     range!("supervisor", "start_timeout", ms(10), secs(HOUR)),
+    range!("supervisor", "cancel_grace", ms(1), secs(10 * MINUTE)),
     range!(
         "supervisor",
         "startup_accounts_per_channel",
@@ -123,6 +128,9 @@ pub const RANGES: &[Range] = &[
     range!("health", "busy_stuck_threshold", ms(10), secs(WEEK)),
     range!("health", "cooldown_cycles", count(0), count(1_000)),
     range!("health", "max_restarts_per_hour", count(0), count(100_000)),
+    range!("journal", "retain", ms(100), secs(10 * YEAR)),
+    range!("journal", "max_size", count(4096), count(1 << 50)),
+    range!("journal", "max_message_bytes", count(1), count(64 << 20)),
 ];
 
 /// The range of `section.key`, if it has one.

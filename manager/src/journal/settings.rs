@@ -43,25 +43,6 @@ impl Default for JournalConfig {
     }
 }
 
-impl JournalConfig {
-    /// Checks the values: the key that is wrong and why.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.retain.is_zero() {
-            return Err(("retain", "retain must be longer than 0s".into()));
-        }
-        if self.max_size.as_u64() == 0 {
-            return Err(("max_size", "max_size must be more than 0 bytes".into()));
-        }
-        if self.max_message_bytes == 0 {
-            return Err((
-                "max_message_bytes",
-                "max_message_bytes must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -96,12 +77,12 @@ mod tests {
             (
                 "[journal]\nretain = \"0s\"\n",
                 2,
-                "retain must be longer than 0s",
+                "retain = \"0s\" is out of range",
             ),
             (
                 "[journal]\nmax_message_bytes = 0\n",
                 2,
-                "max_message_bytes must be",
+                "max_message_bytes = 0 is out of range",
             ),
             ("[journal]\nsynch = \"full\"\n", 2, "unknown field `synch`"),
             (
