@@ -9,10 +9,8 @@
 
 use std::{
     fmt,
-    future::Future,
     panic::{AssertUnwindSafe, catch_unwind},
     sync::Arc,
-    task::{Context, Poll, Wake, Waker},
 };
 
 use abi_stable::std_types::{RResult, RStr, RString};
@@ -216,9 +214,11 @@ impl AccountLink {
     }
 
     /// The 1.0 synchronous deliver: blocks the calling thread (a plugin's thread, never one of
-    /// the host's runtime) until the message sink has accepted the message.
+    /// the host's runtime) until the message sink has accepted the message. The sink's future
+    /// needs no runtime (see [`MessageSink`](crate::inbound::MessageSink)), so parking the thread
+    /// between polls is enough.
     pub fn deliver(&self, message: InboundMessage) -> Result<(), String> {
-        block_on(self.deliver_async(message)).map(|_seq| ())
+        futures_executor::block_on(self.deliver_async(message)).map(|_seq| ())
     }
 
     /// The plugin's runtime has polled this handle's task for the first time.
@@ -231,32 +231,6 @@ impl AccountLink {
     /// Whether this handle's task is still the account's current one.
     pub fn is_current(&self) -> bool {
         self.with_key(|| false, |key| self.sink.is_current(key, self.generation))
-    }
-}
-
-/// Wakes the thread that [`block_on`] parked.
-struct ThreadWaker(std::thread::Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-/// Polls `future` to completion on the calling thread, parking it in between. Only for a plugin's
-/// synchronous calls: it must never run on a thread of the host's runtime.
-fn block_on<T>(future: impl Future<Output = T>) -> T {
-    let mut future = std::pin::pin!(future);
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(value) = future.as_mut().poll(&mut cx) {
-            return value;
-        }
-        std::thread::park();
     }
 }
 

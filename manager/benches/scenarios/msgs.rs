@@ -24,7 +24,7 @@ use channeld::{
     events::EventHub,
     host::AccountKey,
     inbound::MessageSink,
-    journal::{Journal, JournalConfig, SyncMode, wait::block_on},
+    journal::{Journal, JournalConfig, SyncMode},
 };
 use channeld_plugin_abi::abi::InboundMessage;
 use serde::Serialize;
@@ -161,7 +161,8 @@ pub(super) fn msgs(_bench: &super::Bench) -> anyhow::Result<String> {
     let started = Instant::now();
     let mut sequential_count = 0u64;
     while started.elapsed() < Duration::from_secs(3) && sequential_count < total {
-        block_on(journal.accept(&one[0], message(sequential_count))).map_err(anyhow::Error::msg)?;
+        futures_executor::block_on(journal.accept(&one[0], message(sequential_count)))
+            .map_err(anyhow::Error::msg)?;
         sequential_count += 1;
     }
     let sequential = sequential_count as f64 / started.elapsed().as_secs_f64();
@@ -218,7 +219,8 @@ pub(super) fn msgs(_bench: &super::Bench) -> anyhow::Result<String> {
     let mut sent = vec![None; samples as usize + 1];
     for i in 1..=samples {
         let start = Instant::now();
-        let seq = block_on(journal.accept(&key, message(i))).map_err(anyhow::Error::msg)?;
+        let seq = futures_executor::block_on(journal.accept(&key, message(i)))
+            .map_err(anyhow::Error::msg)?;
         if let Some(slot) = sent.get_mut(seq as usize) {
             *slot = Some(start);
         }

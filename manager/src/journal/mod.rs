@@ -19,7 +19,6 @@
 
 pub mod schema;
 pub mod settings;
-pub mod wait;
 mod writer;
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::*;
-use crate::journal::wait::block_on;
+use futures_executor::block_on;
 
 fn settings() -> JournalConfig {
     JournalConfig {
