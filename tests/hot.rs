@@ -89,7 +89,11 @@ fn a_plugin_renamed_into_the_directory_comes_up_and_is_listed() {
     );
     assert!(plugins(&daemon).is_empty());
     install(&daemon, &fixture(), "fixture.so");
-    let a = daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    // `running` is the host's (the task was handed over); the counter is the task's own first
+    // status patch, which may come a moment later.
+    let a = daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && !s["fixtureStarts"].is_null()
+    });
     assert_eq!(a["fixtureStarts"], 1);
     let listing = plugins(&daemon);
     assert_eq!(listing.len(), 1, "{listing:?}");
