@@ -177,11 +177,11 @@ fn a_removed_plugin_stops_its_accounts_and_shows_as_removed() {
     );
     daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
     fs::remove_file(daemon.plugins_dir().join("fixture.so")).unwrap();
-    let a = daemon.wait_for_account("fixture", "a", |s| s["running"] == false);
-    assert_eq!(
-        a["lastError"],
-        "the plugin providing this channel was removed"
-    );
+    // The stop shows first (running = false), the reason once the channel is gone.
+    let a = daemon.wait_for_account("fixture", "a", |s| {
+        s["lastError"] == "the plugin providing this channel was removed"
+    });
+    assert_eq!(a["running"], false);
     let listing = wait_for_plugin(&daemon, |l| l.iter().any(|p| p["state"] == "removed"));
     assert_eq!(listing[0]["channel"], "fixture");
     // Putting it back brings the channel back.
