@@ -579,3 +579,47 @@ fn a_constructor_that_blocks_at_startup_times_out_while_the_api_serves() {
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn shutdown_waits_for_the_replace_in_flight_before_stopping_accounts() {
+    use std::io::Write as _;
+    let locks = tempfile::tempdir().unwrap();
+    let mut config =
+        "[health]\ninterval = \"0s\"\n[supervisor]\nstop_timeout = \"1s\"\n".to_owned();
+    config.push_str(&format!(
+        "[channels.fixture.accounts.a]\nlock_dir = \"{}\"\nhang_in_stop = true\n",
+        locks.path().display()
+    ));
+    let mut daemon = Daemon::start(
+        &[("fixture.so", fixture())],
+        "watch = false\nrescan_interval = \"0s\"",
+        &config,
+        &[],
+    );
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    install(&daemon, &fixture_v2(), "fixture.so");
+    let (address, token) = daemon.api();
+    let mut client = std::net::TcpStream::connect(address.trim()).unwrap();
+    write!(
+        client,
+        "POST /v1/rescan HTTP/1.1\r\nHost: channeld\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    daemon.wait_for_log("replacing plugin");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+    };
+    assert!(
+        at("SIGTERM") < at("plugin replaced")
+            && at("plugin replaced") < at("stopped: every account"),
+        "the replace completes, then the accounts stop:\n{log}"
+    );
+    assert!(log.contains("plugin_threads=0"), "{log}");
+    no_violations(locks.path());
+    drop(client);
+}
