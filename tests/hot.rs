@@ -619,6 +619,11 @@ fn shutdown_waits_for_the_replace_in_flight_before_stopping_accounts() {
             && at("plugin replaced") < at("stopped: every account"),
         "the replace completes, then the accounts stop:\n{log}"
     );
+    let replaced = log.lines().find(|l| l.contains("plugin replaced")).unwrap();
+    assert!(
+        replaced.contains("started=1"),
+        "the account started on the new version before shutdown stopped it: {replaced}"
+    );
     assert!(log.contains("plugin_threads=0"), "{log}");
     no_violations(locks.path());
     drop(client);
