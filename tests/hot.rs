@@ -89,7 +89,11 @@ fn a_plugin_renamed_into_the_directory_comes_up_and_is_listed() {
     );
     assert!(plugins(&daemon).is_empty());
     install(&daemon, &fixture(), "fixture.so");
-    let a = daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    // `running` is the host's (the task was handed over); the counter is the task's own first
+    // status patch, which may come a moment later.
+    let a = daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && !s["fixtureStarts"].is_null()
+    });
     assert_eq!(a["fixtureStarts"], 1);
     let listing = plugins(&daemon);
     assert_eq!(listing.len(), 1, "{listing:?}");
@@ -173,11 +177,11 @@ fn a_removed_plugin_stops_its_accounts_and_shows_as_removed() {
     );
     daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
     fs::remove_file(daemon.plugins_dir().join("fixture.so")).unwrap();
-    let a = daemon.wait_for_account("fixture", "a", |s| s["running"] == false);
-    assert_eq!(
-        a["lastError"],
-        "the plugin providing this channel was removed"
-    );
+    // The stop shows first (running = false), the reason once the channel is gone.
+    let a = daemon.wait_for_account("fixture", "a", |s| {
+        s["lastError"] == "the plugin providing this channel was removed"
+    });
+    assert_eq!(a["running"], false);
     let listing = wait_for_plugin(&daemon, |l| l.iter().any(|p| p["state"] == "removed"));
     assert_eq!(listing[0]["channel"], "fixture");
     // Putting it back brings the channel back.
@@ -574,4 +578,53 @@ fn a_constructor_that_blocks_at_startup_times_out_while_the_api_serves() {
     );
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
+}
+
+#[test]
+fn shutdown_waits_for_the_replace_in_flight_before_stopping_accounts() {
+    use std::io::Write as _;
+    let locks = tempfile::tempdir().unwrap();
+    let mut config =
+        "[health]\ninterval = \"0s\"\n[supervisor]\nstop_timeout = \"1s\"\n".to_owned();
+    config.push_str(&format!(
+        "[channels.fixture.accounts.a]\nlock_dir = \"{}\"\nhang_in_stop = true\n",
+        locks.path().display()
+    ));
+    let mut daemon = Daemon::start(
+        &[("fixture.so", fixture())],
+        "watch = false\nrescan_interval = \"0s\"",
+        &config,
+        &[],
+    );
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    install(&daemon, &fixture_v2(), "fixture.so");
+    let (address, token) = daemon.api();
+    let mut client = std::net::TcpStream::connect(address.trim()).unwrap();
+    write!(
+        client,
+        "POST /v1/rescan HTTP/1.1\r\nHost: channeld\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    daemon.wait_for_log("replacing plugin");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+    };
+    assert!(
+        at("SIGTERM") < at("plugin replaced")
+            && at("plugin replaced") < at("stopped: every account"),
+        "the replace completes, then the accounts stop:\n{log}"
+    );
+    let replaced = log.lines().find(|l| l.contains("plugin replaced")).unwrap();
+    assert!(
+        replaced.contains("started=1"),
+        "the account started on the new version before shutdown stopped it: {replaced}"
+    );
+    assert!(log.contains("plugin_threads=0"), "{log}");
+    no_violations(locks.path());
+    drop(client);
 }

@@ -36,7 +36,7 @@ use crate::{
     discover::{self, DirError},
     registry::{LoadedPlugin, Loader, PluginFileError, log_refused},
     stage::{StageError, Staged},
-    supervise::{Supervisor, calls::bounded},
+    supervise::{StartOutcome, Supervisor, calls::bounded},
     watch::{ChangeQueue, Signature, signature},
 };
 
@@ -690,6 +690,10 @@ impl Catalog {
                     from = %from,
                     to = %to,
                     accounts = restarted.len(),
+                    started = restarted
+                        .iter()
+                        .filter(|(_, o)| matches!(o, StartOutcome::Started))
+                        .count(),
                     "plugin replaced"
                 );
                 self.retire(old).await;

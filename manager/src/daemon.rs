@@ -274,12 +274,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let background = CancellationToken::new();
     // The watcher's baseline comes before the initial load: a file added meanwhile is seen.
     daemon.watch_plugins(background.clone());
-    let monitor = HealthMonitor::new(
-        daemon.config.health.clone(),
-        Arc::new(daemon.supervisor.clone()),
-        tokio::time::Instant::now(),
-    );
-    tokio::spawn(monitor.run(background.clone()));
     let events = EventHub::new(daemon.journal.clone());
     tokio::spawn(crate::events::state::watch(
         daemon.supervisor.clone(),
@@ -307,6 +301,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // as timed out after the load timeout, and the rest start.
     let starter = {
         let daemon = daemon.clone();
+        let background = background.clone();
         tokio::spawn(async move {
             if let Err(e) = daemon.catalog.load_initial().await {
                 tracing::error!("plugins directory: {e}");
@@ -322,6 +317,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     "channel started"
                 );
             }
+            // The health monitor looks at accounts once they had their first start (its startup
+            // grace counts from here), never at ones still waiting for their plugin to load.
+            let monitor = HealthMonitor::new(
+                daemon.config.health.clone(),
+                Arc::new(daemon.supervisor.clone()),
+                tokio::time::Instant::now(),
+            );
+            tokio::spawn(monitor.run(background));
         })
     };
 

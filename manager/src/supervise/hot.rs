@@ -16,6 +16,12 @@ impl Supervisor {
     /// Moves a running channel to `plugin`, a new version of it: registers the new version (an
     /// error leaves the old one running), routes new starts to it, stops every account the old
     /// version runs, then starts on the new version every account a user had not stopped.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel-safe: dropped after the registration, it leaves the old version's accounts
+    /// stopped and none started on the new one. The catalog runs it inside a tracked task, so
+    /// no caller can drop it.
     pub async fn replace_channel(
         &self,
         plugin: Arc<dyn Plugin>,
@@ -72,6 +78,11 @@ impl Supervisor {
 
     /// Removes a channel whose plugin file is gone: stops its accounts and keeps them in the
     /// snapshot under the channel, marked removed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Not cancel-safe: dropped midway, some accounts may be stopped and the channel still
+    /// registered. The catalog runs it inside a tracked task.
     pub async fn remove_channel(&self, id: &str) -> Result<(), SupervisorError> {
         let ch = self.channel(id)?;
         let keys: Vec<AccountKey> = ch
