@@ -437,7 +437,8 @@ pub struct Record {
     pub status: Map<String, Value>,
     /// Every `set_connected` call, in order.
     pub connectivity: Vec<bool>,
-    /// Every `record_event` call, in order.
+    /// Every `record_event` call, in order (a delivery counts as inbound traffic for channeld
+    /// without one; it is not listed here).
     pub events: Vec<EventKind>,
     /// Every `set_busy` call, in order.
     pub busy: Vec<u32>,
@@ -482,7 +483,6 @@ impl Recorder {
         let mut seq = 0;
         self.update(|r| {
             r.delivered.push(inbound);
-            r.events.push(EventKind::Inbound);
             seq = r.delivered.len() as u64;
         });
         Ok(seq)
