@@ -54,3 +54,6 @@ mod operator;
 
 /// The SDK's public API against its checked-in snapshot (nightly rustdoc JSON).
 mod sdk_api;
+
+/// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
+mod template;
