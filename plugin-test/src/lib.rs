@@ -706,3 +706,9 @@ impl<P: ChannelPlugin> Drop for RunningAccount<P> {
 
 #[cfg(test)]
 mod tests;
+
+/// channeld's guide for plugin authors (`docs/writing-a-plugin.md`), included so that its Rust
+/// blocks are compiled and run as doc tests of this crate and cannot drift from the SDK.
+#[doc = include_str!("../../docs/writing-a-plugin.md")]
+#[cfg(doctest)]
+pub struct WritingAPluginGuide;
