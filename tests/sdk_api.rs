@@ -312,7 +312,11 @@ fn generics(generics: &Value) -> String {
             let kind = &p["kind"];
             if let Some(t) = kind.get("type") {
                 let b = bounds(&t["bounds"]);
-                if b.is_empty() { name } else { format!("{name}: {b}") }
+                if b.is_empty() {
+                    name
+                } else {
+                    format!("{name}: {b}")
+                }
             } else if let Some(c) = kind.get("const") {
                 format!("const {name}: {}", ty(&c["type"]))
             } else {
@@ -500,7 +504,9 @@ fn listing(doc: &Value) -> String {
         lines: BTreeSet::new(),
     };
     for id in root["inner"]["module"]["items"].as_array().unwrap() {
-        let Some(item) = lister.item(id) else { continue };
+        let Some(item) = lister.item(id) else {
+            continue;
+        };
         match item["name"].as_str() {
             Some("sdk") => lister.named("sdk", item),
             Some("export_plugin") => lister.named("export_plugin", item),

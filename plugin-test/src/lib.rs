@@ -73,8 +73,8 @@ use async_ffi::{FfiFuture, FutureExt as _};
 use channeld_plugin_abi::{
     abi::{EventKind, HostServices, HostServices_TO, InboundMessage, LogRecord},
     sdk::{
-        Account, ChannelConfig, ChannelPlugin, Inbound, Outbound, PluginError, PluginResult,
-        Verdict, __private::harness,
+        __private::harness, Account, ChannelConfig, ChannelPlugin, Inbound, Outbound, PluginError,
+        PluginResult, Verdict,
     },
 };
 use serde_json::{Map, Value};
@@ -170,7 +170,10 @@ pub enum HarnessError {
 }
 
 fn reason_suffix(reason: &Option<String>) -> String {
-    reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+    reason
+        .as_ref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default()
 }
 
 /// A plugin under test, with its channel's config.
@@ -189,10 +192,12 @@ impl<P: ChannelPlugin> Harness<P> {
     /// The plugin with `toml` as its channel's table (`[channels.<id>]` without the header:
     /// `[accounts.main]` and so on).
     pub fn new(plugin: P, toml: &str) -> Result<Self, HarnessError> {
-        let table: toml::Table = toml.parse().map_err(|e: toml::de::Error| HarnessError::Toml {
-            channel: P::CHANNEL_ID.to_owned(),
-            reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
-        })?;
+        let table: toml::Table = toml
+            .parse()
+            .map_err(|e: toml::de::Error| HarnessError::Toml {
+                channel: P::CHANNEL_ID.to_owned(),
+                reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
+            })?;
         let json = serde_json::to_value(table).map_err(|e| HarnessError::Toml {
             channel: P::CHANNEL_ID.to_owned(),
             reason: e.to_string(),
@@ -200,10 +205,12 @@ impl<P: ChannelPlugin> Harness<P> {
         let disabled = disabled_accounts(&json);
         let mut stripped = json;
         strip_reserved(&mut stripped);
-        let config = ChannelConfig::from_json(P::CHANNEL_ID, &stripped.to_string())
-            .map_err(|e| HarnessError::Toml {
-                channel: P::CHANNEL_ID.to_owned(),
-                reason: e.message().to_owned(),
+        let config =
+            ChannelConfig::from_json(P::CHANNEL_ID, &stripped.to_string()).map_err(|e| {
+                HarnessError::Toml {
+                    channel: P::CHANNEL_ID.to_owned(),
+                    reason: e.message().to_owned(),
+                }
             })?;
         let logs = logs::Capture::default();
         let guard = tracing::dispatcher::set_default(&logs.dispatch());
@@ -257,9 +264,9 @@ impl<P: ChannelPlugin> Harness<P> {
                 reason: Some("disabled".to_owned()),
             });
         }
-        if let Verdict::No(reason) = self.sync_hook(account, "is_enabled", |p, _| {
-            Ok(p.is_enabled(&resolved))
-        })? {
+        if let Verdict::No(reason) =
+            self.sync_hook(account, "is_enabled", |p, _| Ok(p.is_enabled(&resolved)))?
+        {
             return Err(HarnessError::Disabled {
                 channel,
                 account: account.to_owned(),
@@ -318,7 +325,12 @@ impl<P: ChannelPlugin> Harness<P> {
     pub async fn logout(&self, account: &str) -> Result<bool, HarnessError> {
         let resolved = self.resolve(account)?;
         let plugin = self.plugin.clone();
-        run_hook::<P, _>(account, "logout", async move { plugin.logout(resolved).await }).await
+        run_hook::<P, _>(
+            account,
+            "logout",
+            async move { plugin.logout(resolved).await },
+        )
+        .await
     }
 
     /// Every `tracing` event the plugin emitted since the harness was created.
@@ -465,11 +477,19 @@ impl Recorder {
     }
 
     fn snapshot(&self) -> Record {
-        self.record.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn deliver(&self, message: InboundMessage) -> Result<u64, String> {
-        if let Some(reason) = self.refusal.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(reason) = self
+            .refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             return Err(reason);
         }
         let inbound = Inbound {
@@ -528,7 +548,11 @@ impl HostServices for Link {
     }
 
     fn deliver(&self, message: InboundMessage) -> RResult<(), RString> {
-        self.0.deliver(message).map(|_| ()).map_err(RString::from).into()
+        self.0
+            .deliver(message)
+            .map(|_| ())
+            .map_err(RString::from)
+            .into()
     }
 
     fn is_current(&self) -> bool {
@@ -568,8 +592,11 @@ impl<P: ChannelPlugin> RunningAccount<P> {
     /// Makes the host refuse every later delivery with `reason` (`None`: accept again), as
     /// channeld does when it cannot store a message.
     pub fn refuse_deliveries(&self, reason: Option<&str>) {
-        *self.recorder.refusal.lock().unwrap_or_else(|p| p.into_inner()) =
-            reason.map(str::to_owned);
+        *self
+            .recorder
+            .refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = reason.map(str::to_owned);
     }
 
     /// Waits until `condition` holds for the record, at most `deadline` (of the runtime's clock:
@@ -663,7 +690,9 @@ impl<P: ChannelPlugin> RunningAccount<P> {
         what: &'static str,
     ) -> Result<PluginResult, HarnessError> {
         let Some(join) = self.join.as_mut() else {
-            return Ok(Err(PluginError::new("the account's task was already joined")));
+            return Ok(Err(PluginError::new(
+                "the account's task was already joined",
+            )));
         };
         let joined = match tokio::time::timeout(deadline, join).await {
             Ok(joined) => joined,

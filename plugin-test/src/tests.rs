@@ -21,7 +21,11 @@ impl ChannelPlugin for Ticker {
     }
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
-        let every = ctx.account().get("every_secs").and_then(Value::as_u64).unwrap_or(1);
+        let every = ctx
+            .account()
+            .get("every_secs")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
         ctx.host().set_connected(true);
         ctx.host().patch_status(&json!({ "mode": "ticker" }))?;
         let host = ctx.host().clone();
@@ -34,7 +38,8 @@ impl ChannelPlugin for Ticker {
         tracing::info!(every, "ticker started");
         // An hour on a paused clock passes at once.
         tokio::time::sleep(Duration::from_secs(3600)).await;
-        ctx.deliver(Inbound::new("clock", "ticker", "an hour")).await?;
+        ctx.deliver(Inbound::new("clock", "ticker", "an hour"))
+            .await?;
         ctx.aborted().await;
         Ok(())
     }
@@ -64,11 +69,18 @@ async fn a_plugin_runs_on_the_paused_clock_and_its_reports_are_recorded() {
     assert_eq!(record.connected(), Some(true));
     assert_eq!(record.status["mode"], "ticker");
     // 60 ticks of the spawned task in the hour, on the paused clock.
-    let ticks = record.events.iter().filter(|k| **k == EventKind::Other).count();
+    let ticks = record
+        .events
+        .iter()
+        .filter(|k| **k == EventKind::Other)
+        .count();
     assert!((59..=61).contains(&ticks), "{ticks} ticks");
     assert_eq!(account.send("room", "hello").await.unwrap(), "room:5");
     let refused = account.send("room", "").await.unwrap_err().to_string();
-    assert!(refused.contains("ticker:main: send failed: empty message"), "{refused}");
+    assert!(
+        refused.contains("ticker:main: send failed: empty message"),
+        "{refused}"
+    );
     assert_eq!(account.spawned_running(), 1);
     account.abort_within(secs(1)).await.unwrap().unwrap();
     assert_eq!(account.spawned_running(), 0);
@@ -85,7 +97,10 @@ async fn refusals_name_the_account_and_the_reason() {
     assert_eq!(not, "ticker:a: not configured: missing `every_secs`");
     let off = harness.start("b").err().unwrap().to_string();
     assert_eq!(off, "ticker:b: not enabled: disabled");
-    let bad = Harness::new(Ticker, "accounts = 3 = 4").err().unwrap().to_string();
+    let bad = Harness::new(Ticker, "accounts = 3 = 4")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(bad.starts_with("channel ticker: the test's TOML:"), "{bad}");
 }
 
@@ -123,5 +138,9 @@ async fn a_panic_in_start_is_an_error_with_its_message() {
     let harness = Harness::new(Stubborn, "[accounts.main]\npanic = true\n").unwrap();
     let mut account = harness.start("main").unwrap();
     let ended = account.join_within(secs(5)).await.unwrap().unwrap_err();
-    assert!(ended.message().contains("boom in start"), "{}", ended.message());
+    assert!(
+        ended.message().contains("boom in start"),
+        "{}",
+        ended.message()
+    );
 }

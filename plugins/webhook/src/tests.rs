@@ -44,7 +44,11 @@ async fn post(addr: &str, path: &str, token: &str, body: &str) -> (u16, String) 
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     let code = answer[9..12].parse().unwrap();
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     (code, body)
 }
 
@@ -64,7 +68,12 @@ async fn a_posted_message_is_delivered_and_the_account_reports_listening() {
     assert_eq!(record.delivered.len(), 1);
     let message = &record.delivered[0];
     assert_eq!(
-        (&*message.conversation, &*message.sender, &*message.text, &*message.id),
+        (
+            &*message.conversation,
+            &*message.sender,
+            &*message.text,
+            &*message.id
+        ),
         ("alerts", "ci", "build 42 failed", "m1")
     );
     assert_eq!(message.time_ms, 5);
@@ -76,7 +85,8 @@ async fn a_posted_message_is_delivered_and_the_account_reports_listening() {
     assert!(
         listening
             .iter()
-            .any(|l| l.message == "webhook account listening" && l.account.as_deref() == Some("main")),
+            .any(|l| l.message == "webhook account listening"
+                && l.account.as_deref() == Some("main")),
         "{listening:?}"
     );
     // The abort ends the account well before the drain timeout: no request is in flight.
@@ -93,7 +103,10 @@ async fn bad_requests_are_refused_and_nothing_is_delivered() {
     let (code, body) = post(&addr, "/messages", "s3cret", r#"{"text":"t"}"#).await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("missing field"), "{body}");
-    assert_eq!(post(&addr, "/messages", "s3cret", &"x".repeat(300)).await.0, 413);
+    assert_eq!(
+        post(&addr, "/messages", "s3cret", &"x".repeat(300)).await.0,
+        413
+    );
     assert!(account.record().delivered.is_empty());
     account.abort_within(secs(2)).await.unwrap().unwrap();
 }
@@ -115,7 +128,10 @@ async fn a_refused_delivery_is_a_503_carrying_the_hosts_reason() {
 async fn an_account_without_what_it_needs_is_not_configured_with_the_reason() {
     let cases = [
         ("listen = \"127.0.0.1:0\"", "missing `secret`"),
-        ("listen = \"127.0.0.1:0\"\nsecret = \"\"", "`secret` is empty"),
+        (
+            "listen = \"127.0.0.1:0\"\nsecret = \"\"",
+            "`secret` is empty",
+        ),
         (
             "listen = \"127.0.0.1:0\"\nsecret = \"s\"\nsecrets = \"typo\"",
             "unknown field `secrets`",
@@ -124,7 +140,9 @@ async fn an_account_without_what_it_needs_is_not_configured_with_the_reason() {
     for (table, reason) in cases {
         let harness = Harness::new(Webhook, &format!("[accounts.main]\n{table}\n")).unwrap();
         match harness.start("main") {
-            Err(HarnessError::NotConfigured { reason: Some(r), .. }) => {
+            Err(HarnessError::NotConfigured {
+                reason: Some(r), ..
+            }) => {
                 assert!(r.contains(reason), "{table}: {r}");
             }
             Err(other) => panic!("{table}: {other}"),

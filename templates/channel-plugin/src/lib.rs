@@ -121,7 +121,9 @@ impl ChannelPlugin for Channel {
 }
 
 impl Channel {
-    fn outboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Outbound>>> {
+    fn outboxes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Outbound>>> {
         self.outboxes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -16,7 +16,10 @@ token = "t0ken"
 async fn greets_echoes_what_it_sends_beats_and_stops_on_abort() {
     let harness = Harness::new(Channel::default(), CONFIG).unwrap();
     let mut account = harness.start("main").unwrap();
-    account.wait_until(secs(5), |r| r.delivered.len() == 1).await.unwrap();
+    account
+        .wait_until(secs(5), |r| r.delivered.len() == 1)
+        .await
+        .unwrap();
     let record = account.record();
     assert_eq!(record.delivered[0].text, "hello");
     assert_eq!(record.delivered[0].conversation, "lobby");
@@ -25,12 +28,20 @@ async fn greets_echoes_what_it_sends_beats_and_stops_on_abort() {
 
     let id = account.send("lobby", "ping").await.unwrap();
     assert_eq!(id, "{{channel_id}}-1");
-    account.wait_until(secs(5), |r| r.delivered.len() == 2).await.unwrap();
+    account
+        .wait_until(secs(5), |r| r.delivered.len() == 2)
+        .await
+        .unwrap();
     assert_eq!(account.record().delivered[1].text, "ping");
 
     // Three heartbeats in 95 seconds of the paused clock.
     tokio::time::sleep(secs(95)).await;
-    let beats = account.record().events.iter().filter(|k| **k == EventKind::Other).count();
+    let beats = account
+        .record()
+        .events
+        .iter()
+        .filter(|k| **k == EventKind::Other)
+        .count();
     assert_eq!(beats, 3);
 
     // The abort ends the task and the heartbeat task it spawned.
@@ -45,7 +56,10 @@ async fn greets_echoes_what_it_sends_beats_and_stops_on_abort() {
 async fn an_account_without_a_token_is_not_configured_and_says_why() {
     let harness = Harness::new(Channel::default(), "[accounts.main]\nroom = \"lobby\"\n").unwrap();
     match harness.start("main") {
-        Err(HarnessError::NotConfigured { reason: Some(reason), .. }) => {
+        Err(HarnessError::NotConfigured {
+            reason: Some(reason),
+            ..
+        }) => {
             assert!(reason.contains("missing field `token`"), "{reason}");
         }
         Err(other) => panic!("{other}"),
