@@ -144,3 +144,46 @@ async fn a_panic_in_start_is_an_error_with_its_message() {
         ended.message()
     );
 }
+
+/// Ends by itself while a task it spawned is still busy on another worker thread.
+#[derive(Default)]
+struct Quick;
+
+/// Set when the spawned task's future is dropped.
+static SPAWNED_DROPPED: AtomicBool = AtomicBool::new(false);
+
+struct SetOnDrop;
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        SPAWNED_DROPPED.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ChannelPlugin for Quick {
+    const CHANNEL_ID: &'static str = "quick";
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        ctx.spawn(async move {
+            let _flag = SetOnDrop;
+            // Busy on its worker: it sees the abort only at its next await point.
+            std::thread::sleep(Duration::from_millis(300));
+            std::future::pending().await
+        });
+        // Ends (on the other worker) while the spawned task is still busy.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_ends_only_once_its_spawned_tasks_have_ended() {
+    let harness = Harness::new(Quick, "").unwrap();
+    let mut account = harness.start("main").unwrap();
+    account.join_within(secs(10)).await.unwrap().unwrap();
+    assert!(
+        SPAWNED_DROPPED.load(Ordering::SeqCst),
+        "the account's task counted as ended while a task it spawned was still running"
+    );
+    assert_eq!(account.spawned_running(), 0);
+}
