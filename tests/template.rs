@@ -106,3 +106,13 @@ fn the_template_renders_builds_passes_its_harness_tests_and_hot_adds_into_channe
     });
     assert_eq!(account["inboundMessages"], 1, "{account}");
 }
+
+/// The harness removes the same host-owned keys as channeld, so a plugin tested with it sees
+/// the tables channeld would hand it.
+#[test]
+fn the_harness_strips_the_same_reserved_keys_as_channeld() {
+    assert_eq!(
+        channeld_plugin_test::RESERVED_KEYS,
+        channeld::reserved::RESERVED_KEYS
+    );
+}
