@@ -51,3 +51,9 @@ mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+
+/// The SDK's public API against its checked-in snapshot (nightly rustdoc JSON).
+mod sdk_api;
+
+/// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
+mod template;

@@ -38,15 +38,14 @@ fn fresh_crate(dir: &Path) -> (std::path::PathBuf, String) {
 
     let krate = dir.join("echo-plugin");
     fs::create_dir_all(krate.join("src")).unwrap();
-    let abi = root.join("plugin-abi");
-    let manifest = format!(
-        "[package]\nname = \"echo-plugin\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
-         publish = false\n\n{documented}\n\
-         # Not in the docs: the test's stand-in for the registry, and a workspace of its own.\n\
-         [patch.crates-io]\nchanneld-plugin-abi = {{ path = {abi:?} }}\n\n[workspace]\n",
+    let manifest = standalone(
+        &krate,
+        &format!(
+            "[package]\nname = \"echo-plugin\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\
+             publish = false\n\n{documented}"
+        ),
+        &[("channeld-plugin-abi", "plugin-abi")],
     );
-    fs::write(krate.join("Cargo.toml"), &manifest).unwrap();
-    fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
     fs::copy(
         root.join("plugin-abi/examples/echo.rs"),
         krate.join("src/lib.rs"),
@@ -55,7 +54,27 @@ fn fresh_crate(dir: &Path) -> (std::path::PathBuf, String) {
     (krate, manifest)
 }
 
-fn cargo(krate: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+/// Makes `krate` a crate outside the workspace built as an author would, from `manifest`: the
+/// unpublished `crates` (name, folder in the workspace) come from a `[patch]`, it is a workspace
+/// of its own, and it gets the workspace's `Cargo.lock` (so nothing is downloaded). Writes its
+/// `Cargo.toml` and returns it.
+pub(crate) fn standalone(krate: &Path, manifest: &str, crates: &[(&str, &str)]) -> String {
+    let root = util::workspace_root();
+    let mut manifest = format!(
+        "{manifest}\n# Not in the docs: the test's stand-in for the registry, and a workspace of \
+         its own.\n[patch.crates-io]\n"
+    );
+    for (name, folder) in crates {
+        manifest.push_str(&format!("{name} = {{ path = {:?} }}\n", root.join(folder)));
+    }
+    manifest.push_str("\n[workspace]\n");
+    fs::write(krate.join("Cargo.toml"), &manifest).unwrap();
+    fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    manifest
+}
+
+/// Runs cargo in `krate` with the shared target directory.
+pub(crate) fn cargo(krate: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
         .envs(env.iter().copied())

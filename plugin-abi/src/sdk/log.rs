@@ -144,6 +144,11 @@ pub(crate) fn in_scope<F: Future>(
     SCOPE.scope(scope, future)
 }
 
+/// The channel and account of the scope the current task runs in, if any.
+pub(crate) fn current_scope() -> Option<(String, String)> {
+    SCOPE.try_with(|s| (s.0.0.clone(), s.0.1.clone())).ok()
+}
+
 /// The location of the last panic on this thread, if the hook saw one.
 pub(crate) fn take_panic_location() -> Option<String> {
     LAST_PANIC_LOCATION.with(|l| l.borrow_mut().take())

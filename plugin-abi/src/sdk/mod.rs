@@ -8,6 +8,7 @@ mod context;
 mod entries;
 mod error;
 mod fence;
+mod harness;
 mod log;
 mod runtime;
 mod tasks;
@@ -38,6 +39,11 @@ pub mod __private {
     pub use super::entries::{call_root_module_loader, root_module};
     pub use abi_stable::library::{CheckTypeLayout, LibHeader, RootModuleResult};
     pub use abi_stable::std_types::RBoxError;
+
+    /// The test harness's seam: see the module's docs (in the source; hidden from rustdoc).
+    pub mod harness {
+        pub use super::super::harness::{Controls, account_context, log_scope};
+    }
 }
 
 /// A yes/no answer with an optional reason, for [`ChannelPlugin::is_enabled`] and

@@ -292,3 +292,6 @@ fn text(status: StatusCode, reason: impl Into<String>) -> Response {
 }
 
 export_plugin!(Webhook);
+
+#[cfg(test)]
+mod tests;

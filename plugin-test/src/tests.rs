@@ -1,0 +1,189 @@
+//! The harness on small plugins written for the purpose.
+
+use std::time::Duration;
+
+use channeld_plugin_abi::sdk::prelude::*;
+
+use super::*;
+
+/// Reports, delivers after a paused-clock timer, spawns a ticker, answers `send`.
+#[derive(Default)]
+struct Ticker;
+
+impl ChannelPlugin for Ticker {
+    const CHANNEL_ID: &'static str = "ticker";
+
+    fn is_configured(&self, account: &Account) -> Verdict {
+        match account.get("every_secs") {
+            Some(_) => Verdict::Yes,
+            None => Verdict::no("missing `every_secs`"),
+        }
+    }
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        let every = ctx
+            .account()
+            .get("every_secs")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        ctx.host().set_connected(true);
+        ctx.host().patch_status(&json!({ "mode": "ticker" }))?;
+        let host = ctx.host().clone();
+        ctx.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(every)).await;
+                host.record_event(EventKind::Other);
+            }
+        });
+        tracing::info!(every, "ticker started");
+        // An hour on a paused clock passes at once.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        ctx.deliver(Inbound::new("clock", "ticker", "an hour"))
+            .await?;
+        ctx.aborted().await;
+        Ok(())
+    }
+
+    async fn send(&self, message: Outbound) -> PluginResult<String> {
+        if message.text.is_empty() {
+            return Err(PluginError::new("empty message"));
+        }
+        Ok(format!("{}:{}", message.conversation, message.text.len()))
+    }
+}
+
+const TICKER: &str = "[accounts.main]\nevery_secs = 60\nenabled = true\n";
+
+#[tokio::test(start_paused = true)]
+async fn a_plugin_runs_on_the_paused_clock_and_its_reports_are_recorded() {
+    let harness = Harness::new(Ticker, TICKER).unwrap();
+    // The host-owned key is gone before the plugin sees the table.
+    assert_eq!(harness.resolve("main").unwrap().get("enabled"), None);
+    let mut account = harness.start("main").unwrap();
+    account
+        .wait_until(secs(4000), |r| r.delivered.len() == 1)
+        .await
+        .unwrap();
+    let record = account.record();
+    assert_eq!(record.delivered[0].text, "an hour");
+    assert_eq!(record.connected(), Some(true));
+    assert_eq!(record.status["mode"], "ticker");
+    // 60 ticks of the spawned task in the hour, on the paused clock.
+    let ticks = record
+        .events
+        .iter()
+        .filter(|k| **k == EventKind::Other)
+        .count();
+    assert!((59..=61).contains(&ticks), "{ticks} ticks");
+    assert_eq!(account.send("room", "hello").await.unwrap(), "room:5");
+    let refused = account.send("room", "").await.unwrap_err().to_string();
+    assert!(
+        refused.contains("ticker:main: send failed: empty message"),
+        "{refused}"
+    );
+    assert_eq!(account.spawned_running(), 1);
+    account.abort_within(secs(1)).await.unwrap().unwrap();
+    assert_eq!(account.spawned_running(), 0);
+    let logs = harness.logs();
+    let started = logs.iter().find(|l| l.message == "ticker started").unwrap();
+    assert_eq!(started.account.as_deref(), Some("main"));
+    assert_eq!(started.fields["every"], 60);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_name_the_account_and_the_reason() {
+    let harness = Harness::new(Ticker, "[accounts.a]\n[accounts.b]\nenabled = false\n").unwrap();
+    let not = harness.start("a").err().unwrap().to_string();
+    assert_eq!(not, "ticker:a: not configured: missing `every_secs`");
+    let off = harness.start("b").err().unwrap().to_string();
+    assert_eq!(off, "ticker:b: not enabled: disabled");
+    let bad = Harness::new(Ticker, "accounts = 3 = 4")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(bad.starts_with("channel ticker: the test's TOML:"), "{bad}");
+}
+
+/// Ignores the abort: the harness must say so instead of hanging.
+#[derive(Default)]
+struct Stubborn;
+
+impl ChannelPlugin for Stubborn {
+    const CHANNEL_ID: &'static str = "stubborn";
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        ctx.spawn(async { std::future::pending().await });
+        if ctx.account().get("panic").is_some() {
+            panic!("boom in start");
+        }
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_ignores_the_abort_fails_the_deadline() {
+    let harness = Harness::new(Stubborn, "").unwrap();
+    let mut account = harness.start("main").unwrap();
+    tokio::task::yield_now().await;
+    let error = account.abort_within(secs(5)).await.unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "stubborn:main: not ended 5s after the abort: the account's task and 0 spawned task(s) \
+         still running"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_start_is_an_error_with_its_message() {
+    let harness = Harness::new(Stubborn, "[accounts.main]\npanic = true\n").unwrap();
+    let mut account = harness.start("main").unwrap();
+    let ended = account.join_within(secs(5)).await.unwrap().unwrap_err();
+    assert!(
+        ended.message().contains("boom in start"),
+        "{}",
+        ended.message()
+    );
+}
+
+/// Ends by itself while a task it spawned is still busy on another worker thread.
+#[derive(Default)]
+struct Quick;
+
+/// Set when the spawned task's future is dropped.
+static SPAWNED_DROPPED: AtomicBool = AtomicBool::new(false);
+
+struct SetOnDrop;
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        SPAWNED_DROPPED.store(true, Ordering::SeqCst);
+    }
+}
+
+impl ChannelPlugin for Quick {
+    const CHANNEL_ID: &'static str = "quick";
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        ctx.spawn(async move {
+            let _flag = SetOnDrop;
+            // Busy on its worker: it sees the abort only at its next await point.
+            std::thread::sleep(Duration::from_millis(300));
+            std::future::pending().await
+        });
+        // Ends (on the other worker) while the spawned task is still busy.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_ends_only_once_its_spawned_tasks_have_ended() {
+    let harness = Harness::new(Quick, "").unwrap();
+    let mut account = harness.start("main").unwrap();
+    account.join_within(secs(10)).await.unwrap().unwrap();
+    assert!(
+        SPAWNED_DROPPED.load(Ordering::SeqCst),
+        "the account's task counted as ended while a task it spawned was still running"
+    );
+    assert_eq!(account.spawned_running(), 0);
+}
