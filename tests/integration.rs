@@ -51,3 +51,11 @@ mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+
+/// The `irc` plugin against a real ngircd: inbound, sends and a split long message, a server
+/// `kill -9` and restart, the health monitor and a stopped server.
+mod irc;
+
+/// The `mqtt` plugin against a real mosquitto: inbound, publish on send, no echo, a `kill -9` of
+/// channeld in the middle of a QoS 1 burst.
+mod mqtt;
