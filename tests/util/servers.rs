@@ -83,7 +83,7 @@ impl Ngircd {
             format!(
                 "[Global]\nName = irc.test\nInfo = channeld test server\nListen = 127.0.0.1\n\
                  Ports = {}\nPidFile = {}\nMotdPhrase = test\nServerUID = 0\nServerGID = 0\n\
-                 [Limits]\nMaxConnectionsIP = 0\nPingTimeout = 120\nPongTimeout = 20\n\
+                 [Limits]\nMaxConnectionsIP = 0\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n\
                  [Options]\nDNS = no\nIdent = no\nPAM = no\n",
                 self.port,
                 self.dir.path().join("ngircd.pid").display(),
@@ -266,7 +266,7 @@ impl Mosquitto {
     pub fn subscribe(&self, topic: &str) -> Subscriber {
         let mut child = Command::new("mosquitto_sub")
             .args(["-V", "5", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-q", "1", "-v", "-d", "-t", topic])
+            .args(["-q", "1", "-v", "-t", topic])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -283,16 +283,17 @@ impl Mosquitto {
             }
         });
         let subscriber = Subscriber { child, lines };
-        // With `-d` the client says when its subscription is in place.
+        // The subscription is in place once a probe comes through.
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let line = subscriber
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("mosquitto_sub never subscribed");
-            if line.contains("SUBACK") {
+            self.publish(&["-t", topic, "-m", "probe"], None);
+            if let Ok(line) = subscriber.lines.recv_timeout(Duration::from_millis(200)) {
+                assert_eq!(line, format!("{topic} probe"));
+                // Later probes may still be on their way.
+                while subscriber.lines.recv_timeout(Duration::from_millis(200)).is_ok() {}
                 return subscriber;
             }
+            assert!(Instant::now() < deadline, "mosquitto_sub never subscribed");
         }
     }
 
@@ -311,22 +312,16 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A running `mosquitto_sub`: its message lines are `topic payload`; debug lines start with
-/// `Client `.
+/// A running `mosquitto_sub`: its lines are `topic payload`.
 pub struct Subscriber {
     child: Child,
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Subscriber {
-    /// The next message line (`topic payload`), skipping debug lines.
+    /// The next message line (`topic payload`).
     pub fn next(&self) -> String {
-        loop {
-            let line = self.lines.recv_timeout(PATIENCE).expect("no message in time");
-            if !line.starts_with("Client ") {
-                return line;
-            }
-        }
+        self.lines.recv_timeout(PATIENCE).expect("no message in time")
     }
 
     /// Message lines arriving within `wait`.
@@ -337,9 +332,7 @@ impl Subscriber {
             .lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
-            if !line.starts_with("Client ") {
-                got.push(line);
-            }
+            got.push(line);
         }
         got
     }
