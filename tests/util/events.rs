@@ -72,6 +72,11 @@ impl Events {
             .expect("no event from the stream in time")
     }
 
+    /// The next event within `wait`, if any.
+    pub fn try_next(&self, wait: Duration) -> Option<Event> {
+        self.events.recv_timeout(wait).ok()
+    }
+
     /// The next message event (skipping others).
     pub fn next_message(&self) -> Value {
         loop {

@@ -225,7 +225,7 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
                  persistence true\npersistence_location {}/\npersistence_file mosquitto.db\n\
-                 log_dest stderr\nmax_queued_messages 10000\n",
+                 log_dest stderr\nlog_type all\nmax_queued_messages 10000\n",
                 dir.path().display()
             ),
         )
@@ -295,6 +295,11 @@ impl Mosquitto {
             }
             assert!(Instant::now() < deadline, "mosquitto_sub never subscribed");
         }
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
     /// The broker's directory (its persistence file is in it).

@@ -69,6 +69,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+/// How many QoS 1/2 messages the broker may have in flight to the account, unacknowledged
+/// (MQTT 5 `receive_maximum`). It bounds the acks that can wait in the client's request queue.
+const RECEIVE_MAXIMUM: u16 = 32;
+
+/// The client's request queue. The event loop hands out the events it has already read before
+/// it takes requests, so the task's acks (awaited while it is not polling) pile up there: the
+/// queue must hold every ack `RECEIVE_MAXIMUM` allows plus the sends in between, or an ack would
+/// wait for a loop that waits for it.
+const REQUEST_QUEUE: usize = RECEIVE_MAXIMUM as usize + 64;
+
 /// One subscription.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +161,7 @@ impl Settings {
             .set_clean_start(false)
             .set_session_expiry_interval(Some(self.session_expiry_secs))
             .set_keep_alive(Duration::from_secs(self.keep_alive_secs))
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
             .set_manual_acks(true);
         if let Some(username) = &self.username {
             options.set_credentials(username, self.password.clone().unwrap_or_default());
@@ -222,7 +233,7 @@ async fn run(
     host.set_connected(false);
     let broker = format!("{}:{}", settings.host, settings.port.unwrap_or(1883));
     let (client, mut events): (AsyncClient, EventLoop) =
-        AsyncClient::new(settings.options()?, 64);
+        AsyncClient::new(settings.options()?, REQUEST_QUEUE);
     let publish_qos = qos(settings.publish_qos, "publish_qos").map_err(PluginError::new)?;
     let origin_default = ctx.account().key();
     // Sends queued in the client, waiting for their packet id (they get them in order).
