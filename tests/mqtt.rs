@@ -79,11 +79,7 @@ async fn a_send_is_published_and_never_comes_back_as_inbound() {
     assert_eq!(mqtt.snapshot("main").inbound_messages, 1, "own publish echoed");
 }
 
-/// Known failure, left ignored so the gap stays visible: after the restart channeld journals part
-/// of the burst and then stalls; the broker's log shows most of channeld's PUBACKs never arrive
-/// (the manual acks wait in rumqttc's request queue). To be fixed before the issue closes.
 #[test]
-#[ignore = "known failure: manual acks stall under a QoS 1 burst (see the comment)"]
 fn a_kill_9_of_channeld_in_a_qos1_burst_loses_no_message() {
     const BURST: usize = 300;
     let broker = Mosquitto::start();

@@ -37,7 +37,14 @@ fn wait_listening(port: u16, what: &str, child: &mut Child) {
 /// Runs `program args` in the foreground, output to a log file in `dir`.
 fn spawn(program: &str, args: &[&str], dir: &std::path::Path) -> Child {
     let log = fs::File::create(dir.join(format!("{program}.log"))).unwrap();
-    Command::new(program)
+    // Debian installs the servers into /usr/sbin, which a non-root PATH may lack.
+    let sbin = format!("/usr/sbin/{program}");
+    let path = if std::path::Path::new(&sbin).exists() {
+        sbin.as_str()
+    } else {
+        program
+    };
+    Command::new(path)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

@@ -73,11 +73,11 @@ use tokio::sync::oneshot;
 /// (MQTT 5 `receive_maximum`). It bounds the acks that can wait in the client's request queue.
 const RECEIVE_MAXIMUM: u16 = 32;
 
-/// The client's request queue. The event loop hands out the events it has already read before
-/// it takes requests, so the task's acks (awaited while it is not polling) pile up there: the
-/// queue must hold every ack `RECEIVE_MAXIMUM` allows plus the sends in between, or an ack would
-/// wait for a loop that waits for it.
-const REQUEST_QUEUE: usize = RECEIVE_MAXIMUM as usize + 64;
+/// The client's request queue. The event loop hands out every event of a network read before it
+/// takes one request, so acks can outrun it: the task never waits for room here (it would wait for
+/// the loop it alone polls), it keeps acks that do not fit in its own queue and retries them after
+/// each event.
+const REQUEST_QUEUE: usize = 64;
 
 /// One subscription.
 #[derive(Deserialize)]
@@ -240,9 +240,20 @@ async fn run(
     let mut unnumbered: VecDeque<Done> = VecDeque::new();
     // Sends written, waiting for the broker's confirmation, by packet id.
     let mut unconfirmed: HashMap<u16, Done> = HashMap::new();
+    // Acks (of delivered messages) the client's queue had no room for yet, in order.
+    let mut unsent_acks: VecDeque<Publish> = VecDeque::new();
     let mut connected = false;
     let mut subscribe_pending = false;
     loop {
+        while let Some(publish) = unsent_acks.front() {
+            match client.try_ack(publish) {
+                Ok(()) => {
+                    unsent_acks.pop_front();
+                }
+                Err(rumqttc::v5::ClientError::TryRequest(_)) => break,
+                Err(e) => return Err(PluginError::new(format!("cannot acknowledge: {e}"))),
+            }
+        }
         tokio::select! {
             () = ctx.aborted() => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -257,7 +268,7 @@ async fn run(
                 .await;
                 return Ok(());
             }
-            request = outbound.recv(), if connected => {
+            request = outbound.recv(), if connected && unsent_acks.is_empty() => {
                 let Some(request) = request else { continue };
                 let message = request.message;
                 let (origin, hops) = origin_and_hops(message.extra.as_ref(), &origin_default);
@@ -269,16 +280,14 @@ async fn run(
                     payload_format_indicator: Some(1),
                     ..PublishProperties::default()
                 };
-                match client
-                    .publish_with_properties(
-                        message.conversation.clone(),
-                        publish_qos,
-                        false,
-                        message.text.into_bytes(),
-                        properties,
-                    )
-                    .await
-                {
+                // Never waits for room in the client's queue: that would wait for the loop.
+                match client.try_publish_with_properties(
+                    message.conversation.clone(),
+                    publish_qos,
+                    false,
+                    message.text.into_bytes(),
+                    properties,
+                ) {
                     Ok(()) => unnumbered.push_back(request.done),
                     Err(e) => {
                         let _ = request.done.send(Err(PluginError::new(format!("cannot publish: {e}"))));
@@ -326,7 +335,7 @@ async fn run(
                         host.record_event(EventKind::Inbound);
                         ctx.deliver(inbound(&publish)).await?;
                         // Only now, with the message durable, may the broker forget it.
-                        client.ack(&publish).await.map_err(PluginError::msg)?;
+                        unsent_acks.push_back(publish);
                     }
                     Event::Outgoing(Outgoing::Publish(pkid)) => {
                         host.record_event(EventKind::Outbound);
