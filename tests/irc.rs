@@ -52,7 +52,12 @@ fn a_privmsg_in_a_joined_channel_and_to_the_nick_reach_the_event_stream() {
             m["sender"].as_str(),
             m["text"].as_str()
         ),
-        (Some("main"), Some("#test"), Some("ada"), Some("hello from ada"))
+        (
+            Some("main"),
+            Some("#test"),
+            Some("ada"),
+            Some("hello from ada")
+        )
     );
     ada.say("PRIVMSG channeld-main :just to you");
     let m = events.next_message();
@@ -62,7 +67,6 @@ fn a_privmsg_in_a_joined_channel_and_to_the_nick_reach_the_event_stream() {
         "a private message's conversation is the sender's nick"
     );
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_arrives_and_a_2000_byte_message_arrives_complete_in_order_in_lines() {
@@ -93,7 +97,11 @@ async fn a_send_arrives_and_a_2000_byte_message_arrives_complete_in_order_in_lin
     let mut lines = 0;
     while got.len() < text.len() {
         let line = tokio::task::block_in_place(|| bob.wait_for(|l| l.contains(" PRIVMSG #test ")));
-        assert!(line.len() + 2 <= 512, "a line over the limit: {}", line.len());
+        assert!(
+            line.len() + 2 <= 512,
+            "a line over the limit: {}",
+            line.len()
+        );
         got.push_str(line.split_once(" PRIVMSG #test :").unwrap().1);
         lines += 1;
     }
@@ -110,8 +118,9 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
     );
     connected(&daemon, "main");
     let events = Events::connect(&daemon, "?channel=irc");
-    // The stream samples states; give it a first look before the change.
-    std::thread::sleep(Duration::from_millis(500));
+    // The stream samples states every 200 ms from its connection on, and a change made before its
+    // first look is no change to it; there is no event to wait for, so give it five looks.
+    std::thread::sleep(Duration::from_secs(1));
     server.kill();
     server.restart();
 
@@ -133,7 +142,10 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
         Some("restart-pending"),
         "{states:?}"
     );
-    let pending = states.iter().position(|s| s.0 == "restart-pending").unwrap();
+    let pending = states
+        .iter()
+        .position(|s| s.0 == "restart-pending")
+        .unwrap();
     assert!(
         states[pending..]
             .iter()
@@ -144,7 +156,11 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
     let mut eve = IrcClient::connect(server.port, "eve");
     let names = eve.names("#test");
     let ours: Vec<_> = names.iter().filter(|n| n.starts_with("channeld")).collect();
-    assert_eq!(ours, ["channeld-main"], "exactly one channeld client: {names:?}");
+    assert_eq!(
+        ours,
+        ["channeld-main"],
+        "exactly one channeld client: {names:?}"
+    );
 }
 
 #[test]

@@ -76,7 +76,11 @@ async fn a_send_is_published_and_never_comes_back_as_inbound() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(mqtt.snapshot("main").inbound_messages, 1, "own publish echoed");
+    assert_eq!(
+        mqtt.snapshot("main").inbound_messages,
+        1,
+        "own publish echoed"
+    );
 }
 
 #[test]
@@ -100,7 +104,8 @@ fn a_kill_9_of_channeld_in_a_qos1_burst_loses_no_message() {
 
     // Every message of the burst, replayed from the journal: each at least once.
     let events = Events::connect_after(&daemon, "?channel=mqtt", Some(0));
-    let mut missing: std::collections::BTreeSet<String> = (0..BURST).map(|i| format!("m{i}")).collect();
+    let mut missing: std::collections::BTreeSet<String> =
+        (0..BURST).map(|i| format!("m{i}")).collect();
     let deadline = Instant::now() + PATIENCE;
     while !missing.is_empty() {
         assert!(

@@ -73,4 +73,3 @@ impl InProcess {
         .unwrap_or_else(|e| panic!("send failed: {}", e.message))
     }
 }
-

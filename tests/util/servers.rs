@@ -180,9 +180,10 @@ impl IrcClient {
     pub fn next_line(&mut self) -> String {
         loop {
             let mut line = String::new();
-            let n = self.reader.read_line(&mut line).unwrap_or_else(|e| {
-                panic!("{}: no line from the server in time: {e}", self.nick)
-            });
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .unwrap_or_else(|e| panic!("{}: no line from the server in time: {e}", self.nick));
             assert!(n > 0, "{}: the server closed the connection", self.nick);
             let line = line.trim_end_matches(['\r', '\n']).to_owned();
             if let Some(token) = line.strip_prefix("PING ") {
@@ -297,7 +298,11 @@ impl Mosquitto {
             if let Ok(line) = subscriber.lines.recv_timeout(Duration::from_millis(200)) {
                 assert_eq!(line, format!("{topic} probe"));
                 // Later probes may still be on their way.
-                while subscriber.lines.recv_timeout(Duration::from_millis(200)).is_ok() {}
+                while subscriber
+                    .lines
+                    .recv_timeout(Duration::from_millis(200))
+                    .is_ok()
+                {}
                 return subscriber;
             }
             assert!(Instant::now() < deadline, "mosquitto_sub never subscribed");
@@ -333,7 +338,9 @@ pub struct Subscriber {
 impl Subscriber {
     /// The next message line (`topic payload`).
     pub fn next(&self) -> String {
-        self.lines.recv_timeout(PATIENCE).expect("no message in time")
+        self.lines
+            .recv_timeout(PATIENCE)
+            .expect("no message in time")
     }
 
     /// Message lines arriving within `wait`.

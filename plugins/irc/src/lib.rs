@@ -262,9 +262,15 @@ async fn run(
         .await?;
     conn.send(
         Command::USER(
-            settings.username.clone().unwrap_or_else(|| settings.nick.clone()),
+            settings
+                .username
+                .clone()
+                .unwrap_or_else(|| settings.nick.clone()),
             "0".to_owned(),
-            settings.realname.clone().unwrap_or_else(|| "channeld".to_owned()),
+            settings
+                .realname
+                .clone()
+                .unwrap_or_else(|| "channeld".to_owned()),
         )
         .into(),
     )
@@ -420,7 +426,9 @@ async fn handle(
                 .await?;
         }
         Command::ERROR(reason) => {
-            return Err(PluginError::new(format!("the server closed the link: {reason}")));
+            return Err(PluginError::new(format!(
+                "the server closed the link: {reason}"
+            )));
         }
         _ => {}
     }

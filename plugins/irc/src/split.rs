@@ -40,7 +40,9 @@ mod tests {
 
     #[test]
     fn a_long_line_keeps_every_byte_in_order() {
-        let text: String = (0..2000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let text: String = (0..2000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
         let pieces = split_message(&text, 400);
         assert_eq!(pieces.len(), 5);
         assert_eq!(pieces.concat(), text);

@@ -183,15 +183,13 @@ fn tls_config() -> PluginResult<tokio_rustls::rustls::ClientConfig> {
         // A root the system has but rustls cannot parse is skipped, not fatal.
         let _ = roots.add(cert);
     }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(PluginError::msg)?
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(PluginError::msg)?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// The MQTT channel plugin.
@@ -377,7 +375,9 @@ fn confirm(unconfirmed: &mut HashMap<u16, Done>, pkid: u16, reason: String, ok: 
         let _ = done.send(if ok {
             Ok(pkid.to_string())
         } else {
-            Err(PluginError::new(format!("the broker refused the publish: {reason}")))
+            Err(PluginError::new(format!(
+                "the broker refused the publish: {reason}"
+            )))
         });
     }
 }
@@ -446,14 +446,22 @@ mod tests {
         assert!(Settings::of(&account(ok)).is_ok());
         let reason = |v| Settings::of(&account(v)).err().unwrap_or_default();
         assert_eq!(reason(json!({"client_id": "c"})), "missing `host`");
-        assert!(reason(json!({"host": "h", "client_id": "c", "publish_qos": 3})).contains("0, 1 or 2"));
+        assert!(
+            reason(json!({"host": "h", "client_id": "c", "publish_qos": 3})).contains("0, 1 or 2")
+        );
         assert!(reason(json!({"host": "h", "client_id": "c", "tpoics": []})).contains("tpoics"));
     }
 
     #[test]
     fn origin_and_hops_default_to_the_account() {
-        assert_eq!(origin_and_hops(None, "mqtt:main"), ("mqtt:main".to_owned(), 0));
+        assert_eq!(
+            origin_and_hops(None, "mqtt:main"),
+            ("mqtt:main".to_owned(), 0)
+        );
         let extra = json!({"origin": "irc:main", "hops": 2});
-        assert_eq!(origin_and_hops(Some(&extra), "mqtt:main"), ("irc:main".to_owned(), 2));
+        assert_eq!(
+            origin_and_hops(Some(&extra), "mqtt:main"),
+            ("irc:main".to_owned(), 2)
+        );
     }
 }
