@@ -229,9 +229,9 @@ async fn run(
 ) -> PluginResult {
     let host = ctx.host();
     host.set_connected(false);
-    let broker = format!("{}:{}", settings.host, settings.port.unwrap_or(1883));
-    let (client, mut events): (AsyncClient, EventLoop) =
-        AsyncClient::new(settings.options()?, REQUEST_QUEUE);
+    let options = settings.options()?;
+    let broker = format!("{}:{}", settings.host, options.broker_address().1);
+    let (client, mut events): (AsyncClient, EventLoop) = AsyncClient::new(options, REQUEST_QUEUE);
     let publish_qos = qos(settings.publish_qos, "publish_qos").map_err(PluginError::new)?;
     let origin_default = ctx.account().key();
     // Sends queued in the client, waiting for their packet id (they get them in order).
