@@ -57,3 +57,10 @@ mod sdk_api;
 
 /// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
 mod template;
+/// The `irc` plugin against a real ngircd: inbound, sends and a split long message, a server
+/// `kill -9` and restart, the health monitor and a stopped server.
+mod irc;
+
+/// The `mqtt` plugin against a real mosquitto: inbound, publish on send, no echo, a `kill -9` of
+/// channeld in the middle of a QoS 1 burst.
+mod mqtt;

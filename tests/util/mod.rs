@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod events;
+pub mod in_process;
+pub mod servers;
 
 use std::{
     collections::HashMap,
