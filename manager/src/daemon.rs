@@ -286,6 +286,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         events.states().clone(),
         background.clone(),
     ));
+    // The outbox shares the journal's database; its sender runs until the accounts stop.
+    let outbox = crate::outbox::Outbox::open(
+        &daemon.journal,
+        daemon.config.outbox.clone(),
+        daemon.supervisor.clone(),
+    )
+    .map_err(|e| DaemonError::Api(e.to_string()))?;
+    let sends = TaskTracker::new();
+    tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -296,6 +305,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tasks: daemon.tasks.clone(),
             read_token: daemon.config.api.read_token.clone(),
             events: Some(events.clone()),
+            outbox: Some(outbox.clone()),
         },
         stop_api.clone(),
     ));
@@ -348,6 +358,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Event streams never end by themselves: end them so the API can finish.
     events.close();
     daemon.shutdown().await;
+    // Sends in flight ended with their accounts; their outcomes are recorded.
+    sends.close();
+    let _ = tokio::time::timeout(daemon.config.host.plugin_shutdown_timeout, sends.wait()).await;
     let _ = api_task.await;
     // Every account is stopped: commit what is queued and close the journal.
     let journal = daemon.journal.clone();
