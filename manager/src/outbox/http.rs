@@ -26,38 +26,47 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(ErrorBody { error: message })).into_response()
 }
 
-impl IntoResponse for OutboxError {
+/// An answer that is an error: its status and its one line.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = match &self {
+        error(self.0, self.1)
+    }
+}
+
+impl From<OutboxError> for Failure {
+    fn from(e: OutboxError) -> Self {
+        let status = match &e {
             OutboxError::Invalid(_) => StatusCode::BAD_REQUEST,
             OutboxError::Unknown(_) | OutboxError::NotFound(_) => StatusCode::NOT_FOUND,
             OutboxError::Full { .. } => StatusCode::TOO_MANY_REQUESTS,
             OutboxError::NotCancellable { .. } => StatusCode::CONFLICT,
             OutboxError::Database { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error(status, self.to_string())
+        Self(status, e.to_string())
     }
 }
 
-fn outbox(state: &ApiState) -> Result<Arc<Outbox>, Response> {
+fn outbox(state: &ApiState) -> Result<Arc<Outbox>, Failure> {
     state
         .outbox
         .clone()
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, "this daemon has no outbox".into()))
+        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, "this daemon has no outbox".into()))
 }
 
 /// Runs a blocking outbox call as a tracked task (a caller who disconnects changes nothing).
 async fn blocking<T: Send + 'static>(
     state: &ApiState,
     f: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, Failure> {
     let outbox = outbox(state)?;
     let task = state
         .tasks
         .spawn_blocking(move || f(&outbox))
         .await
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    task.map_err(IntoResponse::into_response)
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(task?)
 }
 
 /// `POST /v1/messages`.
@@ -71,7 +80,7 @@ pub async fn post(
     };
     match blocking(&state, move |o| o.submit(message)).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(json!(accepted))).into_response(),
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }
 
@@ -102,7 +111,7 @@ pub async fn list(State(state): State<ApiState>, Query(query): Query<ListQuery>)
     let limit = query.limit.unwrap_or(1000).min(100_000);
     match blocking(&state, move |o| o.list(query.state.as_deref(), limit)).await {
         Ok(messages) => Json(json!({ "messages": messages })).into_response(),
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }
 
@@ -110,7 +119,7 @@ pub async fn list(State(state): State<ApiState>, Query(query): Query<ListQuery>)
 pub async fn get(State(state): State<ApiState>, Path(id): Path<u64>) -> Response {
     match blocking(&state, move |o| o.get(id)).await {
         Ok(message) => Json(json!({ "message": message })).into_response(),
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }
 
@@ -118,7 +127,7 @@ pub async fn get(State(state): State<ApiState>, Path(id): Path<u64>) -> Response
 pub async fn cancel(State(state): State<ApiState>, Path(id): Path<u64>) -> Response {
     match blocking(&state, move |o| o.cancel(id)).await {
         Ok(message) => Json(json!({ "message": message })).into_response(),
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }
 
@@ -126,6 +135,6 @@ pub async fn cancel(State(state): State<ApiState>, Path(id): Path<u64>) -> Respo
 pub async fn stats(State(state): State<ApiState>) -> Response {
     match blocking(&state, |o| Ok(o.stats())).await {
         Ok(stats) => Json(json!({ "outbox": stats })).into_response(),
-        Err(response) => response,
+        Err(failure) => failure.into_response(),
     }
 }

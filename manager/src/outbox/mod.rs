@@ -17,6 +17,7 @@
 //!   after the restart (counted as `resentAfterRestart`), because channeld cannot know whether the
 //!   channel took it.
 
+pub mod cli;
 pub mod http;
 pub mod settings;
 
