@@ -51,3 +51,7 @@ mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+
+/// The outbox: sends through the fixture's send hook, idempotency, an account stopped and
+/// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
+mod outbox;

@@ -734,9 +734,9 @@ pub fn range_checked_keys() -> Vec<String> {
         &raw.journal,
         &raw.outbox,
     )
-        .into_iter()
-        .map(|(section, key, _)| format!("{section}.{key}"))
-        .collect()
+    .into_iter()
+    .map(|(section, key, _)| format!("{section}.{key}"))
+    .collect()
 }
 
 #[cfg(test)]

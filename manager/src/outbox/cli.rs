@@ -118,7 +118,9 @@ pub fn messages(
         (Some(id), false) => vec![client.get::<One>(&format!("/v1/messages/{id}"))?.message],
         (None, _) => {
             let query = state.map(|s| format!("?state={s}")).unwrap_or_default();
-            client.get::<Many>(&format!("/v1/messages{query}"))?.messages
+            client
+                .get::<Many>(&format!("/v1/messages{query}"))?
+                .messages
         }
     };
     for m in &list {

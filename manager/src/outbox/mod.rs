@@ -69,9 +69,7 @@ pub enum OutboxError {
     #[error("{0}")]
     Unknown(String),
     /// A cap is reached.
-    #[error(
-        "{key}: outbox full ({queued} messages waiting, the {which} is {max}); retry later"
-    )]
+    #[error("{key}: outbox full ({queued} messages waiting, the {which} is {max}); retry later")]
     Full {
         /// The account.
         key: AccountKey,
@@ -426,7 +424,11 @@ impl Outbox {
     }
 
     /// Messages, newest first, optionally only those in `state`; at most `limit`. Blocking.
-    pub fn list(&self, state: Option<&str>, limit: usize) -> Result<Vec<MessageStatus>, OutboxError> {
+    pub fn list(
+        &self,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MessageStatus>, OutboxError> {
         self.db(|conn| {
             let mut statement = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM outbox WHERE ?1 IS NULL OR state = ?1 \
@@ -540,7 +542,12 @@ impl Outbox {
         let mut next: Option<i64> = None;
         for head in heads {
             let id = head.status.id;
-            if self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) {
+            if self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+            {
                 continue;
             }
             let key = AccountKey::new(&head.status.channel, &head.status.account);
