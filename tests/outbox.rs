@@ -372,3 +372,121 @@ fn every_accepted_message_is_sent_after_a_kill_9_at_least_once() {
     let resent = stats["resentAfterRestart"].as_u64().unwrap() as usize;
     assert!(duplicates <= resent, "{duplicates} duplicates, {stats}");
 }
+
+/// A tiny HTTP endpoint for outgoing webhooks: records every request (head and body, raw) and
+/// answers with the status `status` holds.
+struct Sink {
+    addr: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl Sink {
+    fn start() -> Self {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(202));
+        let (seen, answer) = (requests.clone(), status.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{head}\r\n{}", String::from_utf8_lossy(&body)));
+                let code = answer.load(std::sync::atomic::Ordering::Relaxed);
+                let reply = if code == 202 {
+                    "{\"accepted\":true,\"seq\":7}".to_owned()
+                } else {
+                    format!("boom {}", "x".repeat(1000))
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        Self {
+            addr,
+            requests,
+            status,
+        }
+    }
+}
+
+#[test]
+fn a_webhook_account_posts_outbound_messages_with_its_outgoing_secret_only() {
+    let sink = Sink::start();
+    let mut daemon = Daemon::prepare(
+        &[("webhook.so", util::plugin_file("channeld-plugin-webhook"))],
+        "",
+        "",
+    );
+    fs::write(
+        &daemon.config,
+        format!(
+            "[host]\napi_address = \"127.0.0.1:0\"\n\
+             [outbox]\nretry_initial = \"10ms\"\nretry_max = \"20ms\"\ndeadline = \"500ms\"\n\
+             [channels.webhook.accounts.out]\nlisten = \"127.0.0.1:0\"\nsecret = \"in-secret\"\n\
+             outgoing_url = \"http://{}/hook\"\noutgoing_secret = \"out-secret\"\n",
+            sink.addr
+        ),
+    )
+    .unwrap();
+    daemon.start_again(&[]);
+    daemon.wait_for_account("webhook", "out", |s| s["running"] == true);
+    let body = json!({ "channel": "webhook", "account": "out", "conversation": "alerts",
+                       "text": "hello", "extra": { "origin": "test" } });
+    let (status, answer) = api(&daemon, "POST", "/v1/messages", Some(body.clone()));
+    assert_eq!(status, 202, "{answer}");
+    let m = wait_final(&daemon, answer["id"].as_u64().unwrap());
+    assert_eq!(
+        (&m["state"], &m["messageId"]),
+        (&json!("sent"), &json!("7")),
+        "{m}"
+    );
+    let requests = sink.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let request = &requests[0];
+    assert!(request.starts_with("POST /hook "), "{request}");
+    assert!(
+        request.contains("authorization: Bearer out-secret\r\n")
+            || request.contains("Authorization: Bearer out-secret\r\n"),
+        "{request}"
+    );
+    assert!(
+        !request.contains("in-secret"),
+        "the inbound secret leaked: {request}"
+    );
+    let sent: Value = serde_json::from_str(request.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        sent,
+        json!({ "conversation": "alerts", "sender": "out", "text": "hello",
+                "extra": { "origin": "test" } })
+    );
+    // A non-2xx answer is a failed send, with the status and the start of the body.
+    sink.status.store(500, std::sync::atomic::Ordering::Relaxed);
+    let (_, answer) = api(&daemon, "POST", "/v1/messages", Some(body));
+    let m = wait_final(&daemon, answer["id"].as_u64().unwrap());
+    assert_eq!(m["state"], "failed", "{m}");
+    let error = m["error"].as_str().unwrap();
+    assert!(error.contains("answered 500: boom xxx"), "{error}");
+    assert!(error.len() < 400, "only the start of the body: {error}");
+}
