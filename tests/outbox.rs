@@ -246,7 +246,8 @@ fn per_conversation_order_holds_under_retries() {
         &[("a", "send_fail = 3\nsend_fail_matching = \"!\"")],
     );
     // Every third message fails three times before it goes; the ones after it wait for it.
-    let text = |room: &str, i: usize| format!("{room}-{i}{}", if i % 3 == 0 { "!" } else { "" });
+    let text =
+        |room: &str, i: usize| format!("{room}-{i}{}", if i.is_multiple_of(3) { "!" } else { "" });
     let mut last = BTreeMap::new();
     for i in 0..8 {
         for room in ["r1", "r2"] {
@@ -379,6 +380,9 @@ struct Sink {
     addr: String,
     requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    /// When set (address, bearer token): each body is posted on to that webhook account, the
+    /// way an outside system would relay it.
+    forward: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
 }
 
 impl Sink {
@@ -388,7 +392,8 @@ impl Sink {
         let addr = listener.local_addr().unwrap().to_string();
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(202));
-        let (seen, answer) = (requests.clone(), status.clone());
+        let forward = std::sync::Arc::new(std::sync::Mutex::new(None::<(String, String)>));
+        let (seen, answer, relay) = (requests.clone(), status.clone(), forward.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
@@ -407,6 +412,18 @@ impl Sink {
                 }
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
+                let relay_to = relay.lock().unwrap().clone();
+                if let Some((addr, token)) = relay_to {
+                    let (status, text) = {
+                        let mut r = agent()
+                            .post(format!("http://{addr}/messages"))
+                            .header("Authorization", format!("Bearer {token}"))
+                            .send(&body[..])
+                            .unwrap();
+                        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+                    };
+                    assert_eq!(status, 202, "{text}");
+                }
                 seen.lock()
                     .unwrap()
                     .push(format!("{head}\r\n{}", String::from_utf8_lossy(&body)));
@@ -427,6 +444,7 @@ impl Sink {
             addr,
             requests,
             status,
+            forward,
         }
     }
 }
@@ -489,4 +507,130 @@ fn a_webhook_account_posts_outbound_messages_with_its_outgoing_secret_only() {
     let error = m["error"].as_str().unwrap();
     assert!(error.contains("answered 500: boom xxx"), "{error}");
     assert!(error.len() < 400, "only the start of the body: {error}");
+}
+
+#[test]
+fn a_gateway_of_three_members_turns_one_message_into_two_sends() {
+    let daemon = fixture_daemon(
+        "",
+        &[
+            ("a", "mode = \"deliver_one\""),
+            ("b", ""),
+            ("c", ""),
+            (
+                "d",
+                "[[gateways]]\nname = \"trio\"\nmembers = [\n\
+                 { account = \"fixture:a\", conversation = \"room\" },\n\
+                 { account = \"fixture:b\", conversation = \"room\", direction = \"inout\" },\n\
+                 { account = \"fixture:c\", conversation = \"room\", template = \"{sender}@{channel}: {text}\" },\n]\n\
+                 [[gateways]]\nname = \"elsewhere\"\nmembers = [{ account = \"irc:libera\", conversation = \"#x\" }]",
+            ),
+        ],
+    );
+    daemon.wait_for_log(
+        "gateway \"elsewhere\": member irc:libera names channel \"irc\", which is not loaded",
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats = api(&daemon, "GET", "/v1/outbox", None).1["outbox"].clone();
+        if stats["bridged"] == 2 && stats["waiting"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        sends(&daemon, "b"),
+        [("room".into(), "[fixture] <fixture> one".into())]
+    );
+    assert_eq!(
+        sends(&daemon, "c"),
+        [("room".into(), "fixture@fixture: one".into())]
+    );
+    assert!(
+        sends(&daemon, "a").is_empty(),
+        "never back to where it came from"
+    );
+    let line = fs::read_to_string(daemon.root().join("b.sends")).unwrap();
+    let extra: Value = serde_json::from_str(line.trim_end().rsplit('\t').next().unwrap()).unwrap();
+    assert_eq!(
+        extra,
+        json!({ "gateway": { "name": "trio", "origin": "fixture:a/room", "hops": 1 } })
+    );
+}
+
+#[test]
+fn two_gateways_looped_through_webhooks_stop_at_the_hop_limit() {
+    let (to_b, to_a) = (Sink::start(), Sink::start());
+    let mut daemon = Daemon::prepare(
+        &[("webhook.so", util::plugin_file("channeld-plugin-webhook"))],
+        "",
+        "",
+    );
+    let account = |name: &str, extra: &str| {
+        format!(
+            "[channels.webhook.accounts.{name}]\nlisten = \"127.0.0.1:0\"\nsecret = \"{name}-secret\"\n{extra}\n"
+        )
+    };
+    let gateway = |name: &str, from: &str, to: &str| {
+        format!(
+            "[[gateways]]\nname = \"{name}\"\nmembers = [\n\
+             {{ account = \"webhook:{from}\", conversation = \"c\", direction = \"in\" }},\n\
+             {{ account = \"webhook:{to}\", conversation = \"c\", direction = \"out\", template = \"{{text}}\" }},\n]\n"
+        )
+    };
+    fs::write(
+        &daemon.config,
+        format!(
+            "[host]\napi_address = \"127.0.0.1:0\"\n{}{}{}{}{}{}",
+            account("ain", ""),
+            account(
+                "aout",
+                &format!("outgoing_url = \"http://{}/hook\"", to_b.addr)
+            ),
+            account("bin", ""),
+            account(
+                "bout",
+                &format!("outgoing_url = \"http://{}/hook\"", to_a.addr)
+            ),
+            gateway("g1", "ain", "aout"),
+            gateway("g2", "bin", "bout"),
+        ),
+    )
+    .unwrap();
+    daemon.start_again(&[]);
+    let listen = |name: &str| {
+        let s = daemon.wait_for_account("webhook", name, |s| s["listen_addr"].is_string());
+        s["listen_addr"].as_str().unwrap().to_owned()
+    };
+    // The outside world: what aout posts reaches bin, what bout posts reaches ain.
+    *to_b.forward.lock().unwrap() = Some((listen("bin"), "bin-secret".into()));
+    *to_a.forward.lock().unwrap() = Some((listen("ain"), "ain-secret".into()));
+    let ain = listen("ain");
+    let (status, body) = {
+        let mut r = agent()
+            .post(format!("http://{ain}/messages"))
+            .header("Authorization", "Bearer ain-secret")
+            .send(json!({ "conversation": "c", "sender": "ada", "text": "ping" }).to_string())
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats = api(&daemon, "GET", "/v1/outbox", None).1["outbox"].clone();
+        if stats["hopLimitStops"] == 1 && stats["waiting"] == 0 {
+            assert_eq!(stats["sent"], 3, "{stats}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Hop limit 3: aout, bout, aout again; the fourth arrival is stopped (and counted).
+    let (b, a) = (
+        to_b.requests.lock().unwrap().len(),
+        to_a.requests.lock().unwrap().len(),
+    );
+    assert_eq!((b, a), (2, 1));
+    daemon.wait_for_log("reached the hop limit (3); not bridged again");
 }

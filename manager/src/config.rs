@@ -291,6 +291,8 @@ struct RawConfig {
     journal: crate::journal::JournalConfig,
     #[serde(default)]
     outbox: crate::outbox::OutboxConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
@@ -369,6 +371,8 @@ pub struct Config {
     pub journal: crate::journal::JournalConfig,
     /// `[outbox]`.
     pub outbox: crate::outbox::OutboxConfig,
+    /// `[[gateways]]`.
+    pub gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -525,6 +529,7 @@ impl Config {
             api: ApiConfig { read_token },
             journal: raw.journal,
             outbox: raw.outbox,
+            gateways: raw.gateways,
             channels,
         })
     }
@@ -713,6 +718,7 @@ fn settings(
         ),
         ("outbox", "max_queued", Count(outbox.max_queued)),
         ("outbox", "max_in_flight", Count(outbox.max_in_flight)),
+        ("outbox", "hop_limit", Count(outbox.hop_limit.into())),
     ]
 }
 

@@ -18,6 +18,7 @@
 //!   channel took it.
 
 pub mod cli;
+pub mod gateway;
 pub mod http;
 pub mod settings;
 
@@ -181,6 +182,8 @@ struct Counters {
     failed: AtomicU64,
     retries: AtomicU64,
     resent_after_restart: AtomicU64,
+    bridged: AtomicU64,
+    hop_limit_stops: AtomicU64,
 }
 
 /// The outbox. Share it in an `Arc`; [`Outbox::run`] is its sender task.
@@ -460,6 +463,18 @@ impl Outbox {
         Ok(status)
     }
 
+    /// Counts a message a gateway bridged.
+    pub fn count_bridged(&self) {
+        self.counters.bridged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a message a gateway did not bridge because it reached the hop limit.
+    pub fn count_hop_limit_stop(&self) {
+        self.counters
+            .hop_limit_stops
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The outbox's figures, as JSON.
     pub fn stats(&self) -> Value {
         let c = &self.counters;
@@ -483,6 +498,8 @@ impl Outbox {
             "sent": c.sent.load(Ordering::Relaxed),
             "failed": c.failed.load(Ordering::Relaxed),
             "resentAfterRestart": c.resent_after_restart.load(Ordering::Relaxed),
+            "bridged": c.bridged.load(Ordering::Relaxed),
+            "hopLimitStops": c.hop_limit_stops.load(Ordering::Relaxed),
         })
     }
 

@@ -30,6 +30,8 @@ pub struct OutboxConfig {
     pub max_queued: u64,
     /// The most sends in flight at once, over every account.
     pub max_in_flight: u64,
+    /// A gateway does not bridge a message that already went through this many gateways.
+    pub hop_limit: u32,
 }
 
 impl Default for OutboxConfig {
@@ -43,6 +45,7 @@ impl Default for OutboxConfig {
             max_queued_per_account: 10_000,
             max_queued: 100_000,
             max_in_flight: 256,
+            hop_limit: 3,
         }
     }
 }
