@@ -205,6 +205,9 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// The error of an attempt the deadline cut short.
+const TIMED_OUT: &str = "the last attempt did not complete within the deadline";
+
 const COLUMNS: &str = "id, channel, account, conversation, text, state, attempts, created_ms, \
                        updated_ms, message_id, error, idempotency_key";
 
@@ -630,7 +633,7 @@ impl Outbox {
                 let outcome = match tokio::time::timeout(limit, send).await {
                     Ok(Ok(message_id)) => Ok(message_id),
                     Ok(Err(e)) => Err(e.message),
-                    Err(_) => Err("the send did not complete within the deadline".into()),
+                    Err(_) => Err(TIMED_OUT.into()),
                 };
                 tokio::task::spawn_blocking(move || {
                     this.record(id, attempts, created, outcome);
@@ -673,6 +676,11 @@ impl Outbox {
             Err(error) => {
                 let next = now + self.settings.backoff(attempts).as_millis() as i64;
                 if next >= created + self.settings.deadline.as_millis() as i64 {
+                    // An attempt the deadline cut short keeps the plugin's last error in view.
+                    let error = match self.get(id).ok().and_then(|s| s.error) {
+                        Some(last) if error == TIMED_OUT => format!("{last} ({error})"),
+                        _ => error,
+                    };
                     tracing::warn!(id, attempts, %error, "outbox: send failed; giving up");
                     self.finish_with(id, state::FAILED, attempts, None, Some(error), now);
                 } else {
