@@ -168,6 +168,7 @@ async fn a_frozen_1_0_plugin_runs_100_accounts_and_is_replaced_by_a_1_1_build() 
             conversation: "#room".into(),
             text: "hi".into(),
             reply_to: None,
+            extra: None,
         })
         .await
         .unwrap();

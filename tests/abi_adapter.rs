@@ -120,6 +120,7 @@ async fn every_entry_point_works() {
             conversation: "#room".into(),
             text: "hi".into(),
             reply_to: None,
+            extra: None,
         })
         .await
         .unwrap();

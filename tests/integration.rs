@@ -55,12 +55,15 @@ mod operator;
 /// The SDK's public API against its checked-in snapshot (nightly rustdoc JSON).
 mod sdk_api;
 
-/// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
-mod template;
 /// The `irc` plugin against a real ngircd: inbound, sends and a split long message, a server
 /// `kill -9` and restart, the health monitor and a stopped server.
 mod irc;
+/// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
+mod template;
 
 /// The `mqtt` plugin against a real mosquitto: inbound, publish on send, no echo, a `kill -9` of
 /// channeld in the middle of a QoS 1 burst.
 mod mqtt;
+/// The outbox: sends through the fixture's send hook, idempotency, an account stopped and
+/// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
+mod outbox;

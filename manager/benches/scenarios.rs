@@ -28,6 +28,10 @@ mod hot_add;
 #[path = "scenarios/msgs.rs"]
 mod msgs;
 
+/// The outbox's sends, for `msgs`.
+#[path = "scenarios/outbox.rs"]
+mod outbox;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,

@@ -12,6 +12,7 @@
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
 //! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
 //! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
+//! | POST, GET, DELETE | `/v1/messages`, `/v1/messages/{id}`, `/v1/outbox` | messages to send ([`crate::outbox::http`]) |
 //!
 //! Every operation runs as a task the daemon tracks; the handler only awaits it, so a caller who
 //! disconnects changes nothing about the outcome.
@@ -61,6 +62,8 @@ pub struct ApiState {
     pub read_token: Option<Secret>,
     /// The event stream and the journal; `None` where the daemon has none (tests).
     pub events: Option<Arc<EventHub>>,
+    /// The outbox (`/v1/messages`); `None` where the daemon has none (tests).
+    pub outbox: Option<Arc<crate::outbox::Outbox>>,
 }
 
 /// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
@@ -168,6 +171,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rescan", post(rescan))
         .route("/v1/events", get(events))
         .route("/v1/journal", get(journal))
+        .route(
+            "/v1/messages",
+            post(crate::outbox::http::post).get(crate::outbox::http::list),
+        )
+        .route(
+            "/v1/messages/{id}",
+            get(crate::outbox::http::get).delete(crate::outbox::http::cancel),
+        )
+        .route("/v1/outbox", get(crate::outbox::http::stats))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Outside the token check: refused attempts are on the audit trail too.

@@ -157,6 +157,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a message through the outbox: accepted once durable, then sent when the account is
+    /// up, with retries (prints the message's id; `--wait` waits for sent or failed).
+    Send {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// `CHANNEL:ACCOUNT` to send from.
+        target: Target,
+        /// Where to send it (the channel's conversation, room or topic).
+        conversation: String,
+        /// What to send.
+        text: String,
+        /// Wait until it is sent (exit 0) or failed or cancelled (exit 1).
+        #[arg(long)]
+        wait: bool,
+        /// An idempotency key: sending the same key again sends nothing and answers the first id.
+        #[arg(long, value_name = "K")]
+        key: Option<String>,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the outbox's messages (newest first), show one by id, or cancel a queued one.
+    Messages {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only this message.
+        id: Option<u64>,
+        /// Only messages in this state.
+        #[arg(long, value_name = "STATE", value_parser = ["queued", "sending", "sent", "failed", "cancelled"])]
+        state: Option<String>,
+        /// Cancel message ID (only a queued message can be cancelled).
+        #[arg(long, requires = "id")]
+        cancel: bool,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan the plugins directory now (for file systems where change events get lost).
     Rescan {
         #[command(flatten)]

@@ -153,6 +153,30 @@ impl Client {
             .send_empty();
         self.answer(result)
     }
+
+    /// `POST path` with a JSON body.
+    pub fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let result = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.answer(result)
+    }
+
+    /// `DELETE path`.
+    pub fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let result = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.answer(result)
+    }
 }
 
 /// Connect errors and timeouts mean the daemon is not there (exit 3); anything else is a failed

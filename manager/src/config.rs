@@ -290,6 +290,10 @@ struct RawConfig {
     #[serde(default)]
     journal: crate::journal::JournalConfig,
     #[serde(default)]
+    outbox: crate::outbox::OutboxConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    gateways: Vec<crate::outbox::gateway::GatewayConfig>,
+    #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
 
@@ -365,6 +369,10 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[journal]`.
     pub journal: crate::journal::JournalConfig,
+    /// `[outbox]`.
+    pub outbox: crate::outbox::OutboxConfig,
+    /// `[[gateways]]`.
+    pub gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -460,7 +468,13 @@ impl Config {
             .map(|s| resolve_secret(s, base).map(Secret::new))
             .transpose()
             .map_err(|m| invalid(&["host", "api_token"], m))?;
-        for (section, key, value) in settings(&host, &raw.supervisor, &raw.health, &raw.journal) {
+        for (section, key, value) in settings(
+            &host,
+            &raw.supervisor,
+            &raw.health,
+            &raw.journal,
+            &raw.outbox,
+        ) {
             limits::check(section, key, value).map_err(|m| invalid(&[section, key], m))?;
         }
         if !host.api_address.ip().is_loopback() && !host.allow_remote {
@@ -514,6 +528,8 @@ impl Config {
             health: raw.health,
             api: ApiConfig { read_token },
             journal: raw.journal,
+            outbox: raw.outbox,
+            gateways: raw.gateways,
             channels,
         })
     }
@@ -624,6 +640,7 @@ fn settings(
     supervisor: &SupervisorConfig,
     health: &HealthConfig,
     journal: &crate::journal::JournalConfig,
+    outbox: &crate::outbox::OutboxConfig,
 ) -> Vec<(&'static str, &'static str, limits::Value)> {
     use limits::Value::{Count, Duration as D, Fraction};
     let s = supervisor;
@@ -689,6 +706,19 @@ fn settings(
             "max_message_bytes",
             Count(journal.max_message_bytes),
         ),
+        ("outbox", "retry_initial", D(outbox.retry_initial)),
+        ("outbox", "retry_max", D(outbox.retry_max)),
+        ("outbox", "deadline", D(outbox.deadline)),
+        ("outbox", "poll_interval", D(outbox.poll_interval)),
+        ("outbox", "retain", D(outbox.retain)),
+        (
+            "outbox",
+            "max_queued_per_account",
+            Count(outbox.max_queued_per_account),
+        ),
+        ("outbox", "max_queued", Count(outbox.max_queued)),
+        ("outbox", "max_in_flight", Count(outbox.max_in_flight)),
+        ("outbox", "hop_limit", Count(outbox.hop_limit.into())),
     ]
 }
 
@@ -703,10 +733,16 @@ pub fn host_owned_defaults() -> toml::Table {
 /// The checked keys, `section.key`, for tests that hold them against [`limits::RANGES`].
 pub fn range_checked_keys() -> Vec<String> {
     let raw = RawConfig::default();
-    settings(&raw.host, &raw.supervisor, &raw.health, &raw.journal)
-        .into_iter()
-        .map(|(section, key, _)| format!("{section}.{key}"))
-        .collect()
+    settings(
+        &raw.host,
+        &raw.supervisor,
+        &raw.health,
+        &raw.journal,
+        &raw.outbox,
+    )
+    .into_iter()
+    .map(|(section, key, _)| format!("{section}.{key}"))
+    .collect()
 }
 
 #[cfg(test)]

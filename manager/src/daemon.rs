@@ -124,6 +124,8 @@ pub struct Daemon {
     pub tasks: TaskTracker,
     /// The journal every delivered message goes to.
     pub journal: Arc<Journal>,
+    /// The config's gateways (they bridge once [`crate::outbox::gateway::Gateways::attach`]ed).
+    pub gateways: Arc<crate::outbox::gateway::Gateways>,
 }
 
 impl Daemon {
@@ -145,10 +147,17 @@ impl Daemon {
         })?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         // Where plugins' inbound messages go (both deliver and deliver_async): the journal.
-        let board = Arc::new(StatusBoard::with_message_sink(
-            clock.clone(),
-            journal.clone(),
-        ));
+        let gateways =
+            crate::outbox::gateway::Gateways::new(config.gateways.clone(), config.outbox.hop_limit);
+        let sink: Arc<dyn crate::inbound::MessageSink> = if gateways.is_empty() {
+            journal.clone()
+        } else {
+            Arc::new(crate::outbox::gateway::GatewaySink {
+                inner: journal.clone(),
+                gateways: gateways.clone(),
+            })
+        };
+        let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), sink));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();
@@ -173,6 +182,7 @@ impl Daemon {
             changes: ChangeQueue::new(),
             tasks: TaskTracker::new(),
             journal,
+            gateways,
         })
     }
 
@@ -280,6 +290,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         events.states().clone(),
         background.clone(),
     ));
+    // The outbox shares the journal's database; its sender runs until the accounts stop.
+    let outbox = crate::outbox::Outbox::open(
+        &daemon.journal,
+        daemon.config.outbox.clone(),
+        daemon.supervisor.clone(),
+    )
+    .map_err(|e| DaemonError::Api(e.to_string()))?;
+    daemon.gateways.attach(outbox.clone());
+    let sends = TaskTracker::new();
+    tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -290,6 +310,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tasks: daemon.tasks.clone(),
             read_token: daemon.config.api.read_token.clone(),
             events: Some(events.clone()),
+            outbox: Some(outbox.clone()),
         },
         stop_api.clone(),
     ));
@@ -306,6 +327,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             if let Err(e) = daemon.catalog.load_initial().await {
                 tracing::error!("plugins directory: {e}");
             }
+            daemon.gateways.warn_unloaded(&daemon.supervisor);
             let summary = daemon.supervisor.start_all().await;
             for (channel, s) in &summary {
                 tracing::info!(
@@ -351,6 +373,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Event streams never end by themselves: end them so the API can finish.
     events.close();
     daemon.shutdown().await;
+    // Sends in flight ended with their accounts; their outcomes are recorded.
+    sends.close();
+    let _ = tokio::time::timeout(daemon.config.host.plugin_shutdown_timeout, sends.wait()).await;
     let _ = api_task.await;
     // Every account is stopped: commit what is queued and close the journal.
     let journal = daemon.journal.clone();

@@ -229,7 +229,7 @@ impl Plugin for FfiPlugin {
             conversation: message.conversation.into(),
             text: message.text.into(),
             reply_to: message.reply_to.unwrap_or_default().into(),
-            extra: RString::new(),
+            extra: message.extra.unwrap_or_default().into(),
         });
         let channel = self.info.channel_id.clone();
         Box::pin(async move {

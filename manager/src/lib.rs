@@ -18,6 +18,7 @@ pub mod journal;
 pub mod limits;
 pub mod load;
 pub mod logging;
+pub mod outbox;
 pub mod plugin;
 pub mod registry;
 pub mod reserved;

@@ -22,7 +22,7 @@ pub enum Value {
 /// One setting's allowed range (inclusive).
 #[derive(Debug, Clone, Copy)]
 pub struct Range {
-    /// `host`, `supervisor`, `health` or `journal`.
+    /// `host`, `supervisor`, `health`, `journal` or `outbox`.
     pub section: &'static str,
     /// The key.
     pub key: &'static str,
@@ -131,6 +131,15 @@ pub const RANGES: &[Range] = &[
     range!("journal", "retain", ms(100), secs(10 * YEAR)),
     range!("journal", "max_size", count(4096), count(1 << 50)),
     range!("journal", "max_message_bytes", count(1), count(64 << 20)),
+    range!("outbox", "retry_initial", ms(1), secs(HOUR)),
+    range!("outbox", "retry_max", ms(1), secs(DAY)),
+    range!("outbox", "deadline", ms(10), secs(30 * DAY)),
+    range!("outbox", "poll_interval", ms(5), secs(MINUTE)),
+    range!("outbox", "retain", ms(100), secs(YEAR)),
+    range!("outbox", "max_queued_per_account", count(1), count(1 << 32)),
+    range!("outbox", "max_queued", count(1), count(1 << 32)),
+    range!("outbox", "max_in_flight", count(1), count(65_536)),
+    range!("outbox", "hop_limit", count(1), count(64)),
 ];
 
 /// The range of `section.key`, if it has one.

@@ -173,6 +173,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Send {
+            config,
+            target,
+            conversation,
+            text,
+            wait,
+            key,
+            json,
+        } => {
+            let client = Client::from_config(&load_client_config(&config)?)?;
+            let send = channeld::outbox::cli::Send {
+                target,
+                conversation,
+                text,
+                wait,
+                key,
+                json,
+            };
+            Ok(ExitCode::from(send.run(&client)?))
+        }
+        Command::Messages {
+            config,
+            id,
+            state,
+            cancel,
+            json,
+        } => {
+            let client = Client::from_config(&load_client_config(&config)?)?;
+            let code = channeld::outbox::cli::messages(&client, id, state, cancel, json)?;
+            Ok(ExitCode::from(code))
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),

@@ -67,6 +67,8 @@ pub struct Outbound {
     pub text: String,
     /// The message it replies to.
     pub reply_to: Option<String>,
+    /// Further fields, a JSON object (e.g. a gateway's origin and hop count).
+    pub extra: Option<String>,
 }
 
 /// A channel plugin as the host uses it. Synchronous entries may block (a plugin can hang): the

@@ -66,6 +66,7 @@ impl InProcess {
                 conversation: conversation.into(),
                 text: text.into(),
                 reply_to: None,
+                extra: None,
             }),
         )
         .await

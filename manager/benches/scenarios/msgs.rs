@@ -11,7 +11,8 @@
 //! * memory behind: resident memory growth while 1,000,000 messages are ingested with a
 //!   connected consumer that reads nothing (so it ends 1M behind).
 //!
-//! `deliver_p99_ms` is the worse p99 of the pipelined and fleet runs.
+//! `deliver_p99_ms` is the worse p99 of the pipelined and fleet runs. `outbox_sends_per_s` and
+//! `outbox_accepts_per_s` come from [`super::outbox`] (`CHANNELD_BENCH_OUTBOX` messages).
 
 use std::{
     io::{BufRead, BufReader},
@@ -43,6 +44,9 @@ struct MsgsReport {
     rss_growth_bytes_behind: i64,
     pipelined_p99_ms: f64,
     fleet_p99_ms: f64,
+    outbox_sends_per_s: f64,
+    outbox_accepts_per_s: f64,
+    outbox_messages: u64,
     messages_per_run: u64,
     behind_messages: u64,
 }
@@ -258,6 +262,7 @@ pub(super) fn msgs(_bench: &super::Bench) -> anyhow::Result<String> {
     drop(stalled);
     journal.close();
 
+    let (outbox_accepts, outbox_sends, outbox_messages) = super::outbox::outbox_sends()?;
     let pipelined_p99 = percentile(&mut pipelined_lat, 0.99);
     let fleet_p99 = percentile(&mut fleet_lat, 0.99);
     let report = MsgsReport {
@@ -270,6 +275,9 @@ pub(super) fn msgs(_bench: &super::Bench) -> anyhow::Result<String> {
         rss_growth_bytes_behind: after as i64 - before as i64,
         pipelined_p99_ms: pipelined_p99,
         fleet_p99_ms: fleet_p99,
+        outbox_sends_per_s: outbox_sends.round(),
+        outbox_accepts_per_s: outbox_accepts.round(),
+        outbox_messages,
         messages_per_run: total,
         behind_messages: (behind / 1000).max(1) * 1000,
     };

@@ -6,7 +6,7 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// The schema version this build writes.
-pub const CURRENT: u32 = 1;
+pub const CURRENT: u32 = 2;
 
 /// Migration `i` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -25,6 +25,27 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('high_water', 0), ('pruned_through', 0);",
+    // 1 -> 2: the outbox (crate::outbox): messages to send, their state and idempotency keys.
+    "CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        channel         TEXT NOT NULL,
+        account         TEXT NOT NULL,
+        conversation    TEXT NOT NULL,
+        text            TEXT NOT NULL,
+        reply_to        TEXT,
+        extra           TEXT,
+        idempotency_key TEXT,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        next_ms         INTEGER NOT NULL,
+        message_id      TEXT,
+        error           TEXT
+    );
+    CREATE UNIQUE INDEX outbox_key ON outbox (channel, account, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE INDEX outbox_open ON outbox (state, channel, account, conversation, id);",
 ];
 
 /// The meta key of the highest sequence number ever committed.

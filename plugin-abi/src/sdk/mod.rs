@@ -149,7 +149,14 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
         async { Ok(false) }
     }
 
-    /// Sends a message; returns the channel's id for it. Default: unsupported.
+    /// Sends a message; returns the channel's id for it (or an empty string). Default:
+    /// unsupported.
+    ///
+    /// The future completes when the channel has **taken** the message: written to the socket
+    /// for IRC, acknowledged by the broker for MQTT QoS 1, a 2xx answer for a webhook. An `Err`
+    /// is a failed attempt: the host's outbox retries it with backoff until its deadline, so an
+    /// error must mean "not taken". Delivery is at least once: after a host crash a message whose
+    /// send was in flight is sent again.
     fn send(&self, _message: Outbound) -> impl Future<Output = PluginResult<String>> + Send {
         async {
             Err(PluginError::new(format!(

@@ -11,6 +11,8 @@
 //! secret = "s3cret"              # required: bearer token callers must send (the host resolves { env = "NAME" } / { file = "path" } before the plugin sees it)
 //! max_body_bytes = 65536         # optional, default 64 KiB
 //! path = "/messages"             # optional, default "/messages"
+//! outgoing_url = "http://127.0.0.1:9000/in"   # optional: where messages channeld sends go
+//! outgoing_secret = "t0ken"      # optional: bearer token for outgoing_url (never `secret`)
 //! ```
 //! An account without `listen` or `secret` is reported as not configured, with the missing key as
 //! the reason, and is never started. Unknown keys are refused too, so a typo (`secrets = …`)
@@ -40,12 +42,27 @@
 //! | 413 | the body is larger than `max_body_bytes` |
 //! | 503 | the host refused the message (the reason is in the body); try again later |
 //!
+//! ## Sending
+//! With `outgoing_url` (plain `http://`), each message channeld sends from the account (its
+//! outbox, `channeld send`) is POSTed there as JSON in the shape of the inbound body:
+//! `{"conversation", "sender" (the account id), "text", "reply_to"?, "extra"?}`, with
+//! `Authorization: Bearer <outgoing_secret>` when that is set. The inbound `secret` is never
+//! sent anywhere. The send completes when the endpoint answers 2xx (the message's id is then
+//! the answer's `id` or `seq` if it has one); any other answer is a failed send whose error
+//! carries the status and the start of the body, and the host retries it. An inbound body's
+//! `extra` object is handed to the host with the message (a gateway's origin and hop count
+//! travel in it).
+//!
 //! ## Liveness
 //! The plugin never calls `record_event`: a webhook has no socket whose silence means anything
 //! (no one posting for a day is not a fault), so the health monitor must never judge it
 //! "stale-socket". The `webhook` mode it reports tells the monitor the same.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -57,7 +74,7 @@ use axum::{
 };
 use channeld_plugin_abi::{
     export_plugin,
-    sdk::{Account, AccountContext, ChannelPlugin, Host, Inbound, PluginError, Verdict},
+    sdk::{Account, AccountContext, ChannelPlugin, Host, Inbound, Outbound, PluginError, Verdict},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -85,6 +102,10 @@ struct Settings {
     max_body_bytes: usize,
     #[serde(default = "default_path")]
     path: String,
+    #[serde(default)]
+    outgoing_url: Option<String>,
+    #[serde(default)]
+    outgoing_secret: Option<String>,
 }
 
 fn default_max_body_bytes() -> usize {
@@ -141,10 +162,79 @@ struct Message {
     id: Option<String>,
     #[serde(default)]
     time_ms: Option<i64>,
+    #[serde(default)]
+    extra: Option<serde_json::Map<String, Value>>,
+}
+
+/// Where an account's outbound messages go.
+#[derive(Clone)]
+struct Outgoing {
+    url: String,
+    secret: Option<String>,
 }
 
 #[derive(Default)]
-struct Webhook;
+struct Webhook {
+    /// Each running account's outgoing endpoint (set at start, removed when the task ends).
+    outgoing: Mutex<HashMap<String, Outgoing>>,
+}
+
+/// Takes the account out of the outgoing map when its task ends.
+struct Registered<'a> {
+    map: &'a Mutex<HashMap<String, Outgoing>>,
+    account: String,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.account);
+    }
+}
+
+/// The most of an error answer's body a send error quotes.
+const ERROR_BODY_CHARS: usize = 200;
+
+/// POSTs `body` to `outgoing`; the message id on a 2xx answer.
+fn post_outgoing(outgoing: &Outgoing, body: &Value) -> Result<String, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent
+        .post(&outgoing.url)
+        .header("Content-Type", "application/json");
+    if let Some(secret) = &outgoing.secret {
+        request = request.header("Authorization", format!("Bearer {secret}"));
+    }
+    let mut response = request
+        .send(body.to_string())
+        .map_err(|e| format!("POST {}: {e}", outgoing.url))?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024)
+        .read_to_string()
+        .unwrap_or_default();
+    if !status.is_success() {
+        let start: String = text.trim().chars().take(ERROR_BODY_CHARS).collect();
+        return Err(format!(
+            "POST {} answered {}: {start}",
+            outgoing.url,
+            status.as_u16()
+        ));
+    }
+    let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(match (&answer["id"], &answer["seq"]) {
+        (Value::String(id), _) => id.clone(),
+        (_, Value::Number(seq)) => seq.to_string(),
+        _ => String::new(),
+    })
+}
 
 impl ChannelPlugin for Webhook {
     const CHANNEL_ID: &'static str = "webhook";
@@ -159,6 +249,23 @@ impl ChannelPlugin for Webhook {
 
     async fn start(&self, ctx: AccountContext) -> Result<(), PluginError> {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
+        let _registered = settings.outgoing_url.clone().map(|url| {
+            let account = ctx.account().id.clone();
+            self.outgoing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    account.clone(),
+                    Outgoing {
+                        url,
+                        secret: settings.outgoing_secret.clone(),
+                    },
+                );
+            Registered {
+                map: &self.outgoing,
+                account,
+            }
+        });
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|e| PluginError::new(format!("cannot listen on {}: {e}", settings.listen)))?;
@@ -203,6 +310,36 @@ impl ChannelPlugin for Webhook {
         tracing::info!(%addr, "webhook account stopped");
         Ok(())
     }
+
+    async fn send(&self, message: Outbound) -> Result<String, PluginError> {
+        let outgoing = self
+            .outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&message.account)
+            .cloned()
+            .ok_or_else(|| {
+                PluginError::new(format!(
+                    "webhook account {} has no outgoing_url (or is not running)",
+                    message.account
+                ))
+            })?;
+        let mut body = json!({
+            "conversation": message.conversation,
+            "sender": message.account,
+            "text": message.text,
+        });
+        if let Some(reply_to) = message.reply_to {
+            body["reply_to"] = json!(reply_to);
+        }
+        if let Some(extra) = message.extra {
+            body["extra"] = extra;
+        }
+        tokio::task::spawn_blocking(move || post_outgoing(&outgoing, &body))
+            .await
+            .map_err(|e| PluginError::new(format!("send task failed: {e}")))?
+            .map_err(PluginError::new)
+    }
 }
 
 /// Handles a POST on the account's path.
@@ -245,6 +382,9 @@ async fn accept(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
     if let Some(time_ms) = message.time_ms {
         inbound = inbound.with_time_ms(time_ms);
+    }
+    if let Some(extra) = message.extra {
+        inbound = inbound.with_extra(Value::Object(extra));
     }
     // Answered once the host has made the message durable, with its sequence number.
     match shared.host.deliver_async(inbound).await {

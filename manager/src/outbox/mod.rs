@@ -1,0 +1,737 @@
+//! The outbox: messages applications ask channeld to send (`POST /v1/messages`,
+//! `channeld send`), made durable in the journal's database (table `outbox`) before they are
+//! acknowledged, then handed to the channel plugin's send entry by one sender task.
+//!
+//! * A message is handed over only when its account is running and has not reported itself
+//!   disconnected (an account that never reported a connection counts as connected).
+//! * Per account and conversation, order is kept: only the oldest unfinished message of a
+//!   conversation is ever sent; the next one waits until it is sent, failed or cancelled.
+//! * A failed send is retried after `retry_initial`, doubling up to `retry_max`; a message not
+//!   sent within `deadline` of its acceptance is marked failed with the last error.
+//! * An idempotency key is unique per channel:account for `retain`: the same key again gives the
+//!   first message's id and sends nothing.
+//! * Caps: `max_queued_per_account` and `max_queued` unfinished messages; beyond them a new
+//!   message is refused (the API answers 429).
+//! * A message whose account is no longer configured fails with "account removed".
+//! * Delivery is at least once: a message that was being sent when the daemon died is sent again
+//!   after the restart (counted as `resentAfterRestart`), because channeld cannot know whether the
+//!   channel took it.
+
+pub mod cli;
+pub mod gateway;
+pub mod http;
+pub mod settings;
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    host::AccountKey,
+    journal::{Journal, SyncMode, now_ms},
+    plugin::Outbound,
+    supervise::Supervisor,
+};
+pub use settings::OutboxConfig;
+
+/// The states of a message.
+pub mod state {
+    /// Waiting to be handed to the plugin (or for its next attempt).
+    pub const QUEUED: &str = "queued";
+    /// Handed to the plugin; no answer yet.
+    pub const SENDING: &str = "sending";
+    /// The channel took it.
+    pub const SENT: &str = "sent";
+    /// Given up on, with why.
+    pub const FAILED: &str = "failed";
+    /// Cancelled by a user before it was sent.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// Why an outbox operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such channel or account.
+    #[error("{0}")]
+    Unknown(String),
+    /// A cap is reached.
+    #[error("{key}: outbox full ({queued} messages waiting, the {which} is {max}); retry later")]
+    Full {
+        /// The account.
+        key: AccountKey,
+        /// Messages waiting (for the account or in all).
+        queued: u64,
+        /// Which cap.
+        which: &'static str,
+        /// Its value.
+        max: u64,
+    },
+    /// No message with this id.
+    #[error("no message {0} in the outbox")]
+    NotFound(u64),
+    /// The message is past the point of cancelling.
+    #[error("message {id} is {state}: only a queued message can be cancelled")]
+    NotCancellable {
+        /// The message.
+        id: u64,
+        /// Its state.
+        state: String,
+    },
+    /// The database failed.
+    #[error("outbox {}: {reason}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's reason.
+        reason: String,
+    },
+}
+
+/// A message to send, as `POST /v1/messages` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewMessage {
+    /// Channel id.
+    pub channel: String,
+    /// Account id (normalised on arrival).
+    pub account: String,
+    /// Where to send it.
+    pub conversation: String,
+    /// What.
+    pub text: String,
+    /// The channel's id of the message this answers.
+    #[serde(default, alias = "reply_to", skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Sending the same key twice (per channel:account) sends once.
+    #[serde(
+        default,
+        alias = "idempotency_key",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idempotency_key: Option<String>,
+    /// Further fields for the plugin, a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
+}
+
+/// A message in the outbox, as `GET /v1/messages/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageStatus {
+    /// The outbox's id.
+    pub id: u64,
+    /// Channel id.
+    pub channel: String,
+    /// Account id.
+    pub account: String,
+    /// Conversation.
+    pub conversation: String,
+    /// Text.
+    pub text: String,
+    /// `queued`, `sending`, `sent`, `failed` or `cancelled`.
+    pub state: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Accepted, ms since the epoch.
+    pub created_at: i64,
+    /// Last change, ms since the epoch.
+    pub updated_at: i64,
+    /// The channel's id for the sent message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// Why it failed (or why the last attempt failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The idempotency key it was accepted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to an accepted message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    /// Its id.
+    pub id: u64,
+    /// The idempotency key was seen before: this is the first message's id, nothing new is sent.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    refused_full: AtomicU64,
+    attempts: AtomicU64,
+    sent: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+    resent_after_restart: AtomicU64,
+    bridged: AtomicU64,
+    hop_limit_stops: AtomicU64,
+}
+
+/// The outbox. Share it in an `Arc`; [`Outbox::run`] is its sender task.
+pub struct Outbox {
+    path: PathBuf,
+    settings: OutboxConfig,
+    conn: Mutex<Connection>,
+    supervisor: Supervisor,
+    wake: Notify,
+    in_flight: Mutex<HashSet<u64>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The error of an attempt the deadline cut short.
+const TIMED_OUT: &str = "the last attempt did not complete within the deadline";
+
+const COLUMNS: &str = "id, channel, account, conversation, text, state, attempts, created_ms, \
+                       updated_ms, message_id, error, idempotency_key";
+
+fn status_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageStatus> {
+    Ok(MessageStatus {
+        id: r.get::<_, i64>(0)? as u64,
+        channel: r.get(1)?,
+        account: r.get(2)?,
+        conversation: r.get(3)?,
+        text: r.get(4)?,
+        state: r.get(5)?,
+        attempts: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+        message_id: r.get(9)?,
+        error: r.get(10)?,
+        idempotency_key: r.get(11)?,
+    })
+}
+
+/// One message the sender may hand over now.
+struct Head {
+    status: MessageStatus,
+    reply_to: Option<String>,
+    extra: Option<String>,
+    next_ms: i64,
+}
+
+impl Outbox {
+    /// Opens the outbox in `journal`'s database (its schema is the journal's) and queues again
+    /// every message that was being sent when the last daemon stopped.
+    pub fn open(
+        journal: &Journal,
+        settings: OutboxConfig,
+        supervisor: Supervisor,
+    ) -> Result<Arc<Self>, OutboxError> {
+        let path = journal.path().to_owned();
+        let db = |e: rusqlite::Error| OutboxError::Database {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
+        let sync = match journal.settings().sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync).map_err(db)?;
+        let resent = conn
+            .execute(
+                "UPDATE outbox SET state = 'queued' WHERE state = 'sending'",
+                [],
+            )
+            .map_err(db)?;
+        if resent > 0 {
+            tracing::warn!(
+                messages = resent,
+                "outbox: messages that were being sent when channeld stopped are sent again \
+                 (at least once: the channel may already have them)"
+            );
+        }
+        let counters = Counters::default();
+        counters
+            .resent_after_restart
+            .store(resent as u64, Ordering::Relaxed);
+        Ok(Arc::new(Self {
+            path,
+            settings,
+            conn: Mutex::new(conn),
+            supervisor,
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            counters,
+        }))
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &OutboxConfig {
+        &self.settings
+    }
+
+    fn db<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, OutboxError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| OutboxError::Database {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks `message`, makes it durable and wakes the sender. Blocking (one SQLite commit):
+    /// call it from a blocking thread.
+    pub fn submit(&self, mut message: NewMessage) -> Result<Accepted, OutboxError> {
+        message.account = channeld_plugin_abi::normalize_account_id(&message.account);
+        let key = AccountKey::new(&message.channel, &message.account);
+        for (name, value) in [
+            ("channel", &message.channel),
+            ("conversation", &message.conversation),
+        ] {
+            if value.trim().is_empty() {
+                return Err(OutboxError::Invalid(format!("{key}: {name} is empty")));
+            }
+        }
+        if message.idempotency_key.as_deref() == Some("") {
+            return Err(OutboxError::Invalid(format!(
+                "{key}: idempotency_key is empty"
+            )));
+        }
+        let extra = match &message.extra {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(o)) => Some(Value::Object(o.clone()).to_string()),
+            Some(other) => {
+                return Err(OutboxError::Invalid(format!(
+                    "{key}: extra must be a JSON object, got {other}"
+                )));
+            }
+        };
+        match self.supervisor.channel(&message.channel) {
+            Err(_) => {
+                return Err(OutboxError::Unknown(format!(
+                    "unknown channel {:?}",
+                    message.channel
+                )));
+            }
+            Ok(channel) if !channel.accounts.contains(&message.account) => {
+                return Err(OutboxError::Unknown(format!("unknown account {key}")));
+            }
+            Ok(_) => {}
+        }
+        let settings = &self.settings;
+        let counters = &self.counters;
+        let now = now_ms();
+        let accepted = self.db(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            if let Some(k) = &message.idempotency_key {
+                let found: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT id FROM outbox WHERE channel = ?1 AND account = ?2 \
+                         AND idempotency_key = ?3",
+                    )?
+                    .query_row(params![message.channel, message.account, k], |r| r.get(0))
+                    .optional()?;
+                if let Some(id) = found {
+                    return Ok(Ok(Accepted {
+                        id: id as u64,
+                        duplicate: true,
+                    }));
+                }
+            }
+            let waiting: i64 = tx
+                .prepare_cached(
+                    "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending') \
+                     AND channel = ?1 AND account = ?2",
+                )?
+                .query_row(params![message.channel, message.account], |r| r.get(0))?;
+            if waiting as u64 >= settings.max_queued_per_account {
+                return Ok(Err((
+                    waiting as u64,
+                    "max_queued_per_account",
+                    settings.max_queued_per_account,
+                )));
+            }
+            let all: i64 = tx
+                .prepare_cached("SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')")?
+                .query_row([], |r| r.get(0))?;
+            if all as u64 >= settings.max_queued {
+                return Ok(Err((all as u64, "max_queued", settings.max_queued)));
+            }
+            tx.prepare_cached(
+                "INSERT INTO outbox (channel, account, conversation, text, reply_to, extra, \
+                 idempotency_key, state, created_ms, updated_ms, next_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8)",
+            )?
+            .execute(params![
+                message.channel,
+                message.account,
+                message.conversation,
+                message.text,
+                message.reply_to,
+                extra,
+                message.idempotency_key,
+                now
+            ])?;
+            let id = tx.last_insert_rowid() as u64;
+            tx.commit()?;
+            Ok(Ok(Accepted {
+                id,
+                duplicate: false,
+            }))
+        })?;
+        match accepted {
+            Ok(accepted) => {
+                if accepted.duplicate {
+                    counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    self.wake.notify_one();
+                }
+                Ok(accepted)
+            }
+            Err((queued, which, max)) => {
+                counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                Err(OutboxError::Full {
+                    key,
+                    queued,
+                    which,
+                    max,
+                })
+            }
+        }
+    }
+
+    /// One message. Blocking.
+    pub fn get(&self, id: u64) -> Result<MessageStatus, OutboxError> {
+        self.db(|conn| {
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM outbox WHERE id = ?1"))?
+                .query_row([id as i64], status_row)
+                .optional()
+        })?
+        .ok_or(OutboxError::NotFound(id))
+    }
+
+    /// Messages, newest first, optionally only those in `state`; at most `limit`. Blocking.
+    pub fn list(
+        &self,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<MessageStatus>, OutboxError> {
+        self.db(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM outbox WHERE ?1 IS NULL OR state = ?1 \
+                 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = statement.query_map(params![state, limit as i64], status_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Cancels a queued message. Blocking.
+    pub fn cancel(&self, id: u64) -> Result<MessageStatus, OutboxError> {
+        let changed = self.db(|conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET state = 'cancelled', updated_ms = ?2 \
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![id as i64, now_ms()])
+        })?;
+        let status = self.get(id)?;
+        if changed == 0 {
+            return Err(OutboxError::NotCancellable {
+                id,
+                state: status.state,
+            });
+        }
+        // The next message of its conversation may go now.
+        self.wake.notify_one();
+        Ok(status)
+    }
+
+    /// Counts a message a gateway bridged.
+    pub fn count_bridged(&self) {
+        self.counters.bridged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a message a gateway did not bridge because it reached the hop limit.
+    pub fn count_hop_limit_stop(&self) {
+        self.counters
+            .hop_limit_stops
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The outbox's figures, as JSON.
+    pub fn stats(&self) -> Value {
+        let c = &self.counters;
+        let waiting = self
+            .db(|conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap_or(-1);
+        serde_json::json!({
+            "waiting": waiting,
+            "inFlight": self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "accepted": c.accepted.load(Ordering::Relaxed),
+            "duplicates": c.duplicates.load(Ordering::Relaxed),
+            "refusedFull": c.refused_full.load(Ordering::Relaxed),
+            "attempts": c.attempts.load(Ordering::Relaxed),
+            "retries": c.retries.load(Ordering::Relaxed),
+            "sent": c.sent.load(Ordering::Relaxed),
+            "failed": c.failed.load(Ordering::Relaxed),
+            "resentAfterRestart": c.resent_after_restart.load(Ordering::Relaxed),
+            "bridged": c.bridged.load(Ordering::Relaxed),
+            "hopLimitStops": c.hop_limit_stops.load(Ordering::Relaxed),
+        })
+    }
+
+    /// The sender: hands every message whose turn it is to its plugin, until `stop` fires.
+    /// Sends run as tasks `tasks` tracks.
+    ///
+    /// # Cancellation safety
+    /// Dropping it stops handing over new messages; sends already handed over finish in their
+    /// own tasks and record their outcome.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker) {
+        let mut last_prune = 0i64;
+        loop {
+            let wake = self.wake.notified();
+            let this = self.clone();
+            let tasks2 = tasks.clone();
+            let now = now_ms();
+            let prune = now - last_prune > 60_000;
+            if prune {
+                last_prune = now;
+            }
+            let next = tokio::task::spawn_blocking(move || this.pump(&tasks2, prune))
+                .await
+                .unwrap_or(None);
+            let poll = self.settings.poll_interval;
+            let wait = next.map_or(poll, |at| {
+                Duration::from_millis((at - now_ms()).max(0) as u64).min(poll)
+            });
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = wake => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One pass: hands over what may go now; returns when the next retry is due, if any.
+    fn pump(self: &Arc<Self>, tasks: &TaskTracker, prune: bool) -> Option<i64> {
+        let now = now_ms();
+        if prune {
+            let retain = self.settings.retain.as_millis() as i64;
+            let _ = self.db(|conn| {
+                conn.execute(
+                    "DELETE FROM outbox WHERE state IN ('sent', 'failed', 'cancelled') \
+                     AND updated_ms < ?1",
+                    [now - retain],
+                )
+            });
+        }
+        let heads = match self.heads() {
+            Ok(heads) => heads,
+            Err(e) => {
+                tracing::error!("{e}");
+                return None;
+            }
+        };
+        let deadline = self.settings.deadline.as_millis() as i64;
+        let mut next: Option<i64> = None;
+        for head in heads {
+            let id = head.status.id;
+            if self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+            {
+                continue;
+            }
+            let key = AccountKey::new(&head.status.channel, &head.status.account);
+            let channel = match self.supervisor.channel(&key.channel) {
+                Ok(channel) => channel,
+                // Not loaded (yet, or its file is being replaced): it waits.
+                Err(_) => continue,
+            };
+            if !channel.accounts.contains(&key.account) {
+                self.finish(id, state::FAILED, None, Some("account removed".into()));
+                continue;
+            }
+            if now >= head.status.created_at + deadline {
+                let why = match head.status.error {
+                    Some(e) => format!("not sent within the deadline; last error: {e}"),
+                    None => "not sent within the deadline (the account was not ready)".into(),
+                };
+                self.finish(id, state::FAILED, None, Some(why));
+                continue;
+            }
+            let ready = self
+                .supervisor
+                .board()
+                .get(&key)
+                .is_some_and(|s| s.running && s.connected != Some(false));
+            if !ready {
+                continue;
+            }
+            if head.next_ms > now {
+                next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
+                continue;
+            }
+            {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if in_flight.len() as u64 >= self.settings.max_in_flight {
+                    break;
+                }
+                let taken = self.db(|conn| {
+                    conn.prepare_cached(
+                        "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
+                         WHERE id = ?1 AND state = 'queued'",
+                    )?
+                    .execute(params![id as i64, now])
+                });
+                if !matches!(taken, Ok(1)) {
+                    continue;
+                }
+                in_flight.insert(id);
+            }
+            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+            let send = channel.plugin.send(Outbound {
+                account: key.account.clone(),
+                conversation: head.status.conversation.clone(),
+                text: head.status.text.clone(),
+                reply_to: head.reply_to.clone(),
+                extra: head.extra.clone(),
+            });
+            let this = self.clone();
+            let attempts = head.status.attempts + 1;
+            let created = head.status.created_at;
+            let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
+            tasks.spawn(async move {
+                let outcome = match tokio::time::timeout(limit, send).await {
+                    Ok(Ok(message_id)) => Ok(message_id),
+                    Ok(Err(e)) => Err(e.message),
+                    Err(_) => Err(TIMED_OUT.into()),
+                };
+                tokio::task::spawn_blocking(move || {
+                    this.record(id, attempts, created, outcome);
+                })
+                .await
+                .ok();
+            });
+        }
+        next
+    }
+
+    /// The oldest unfinished message of every conversation.
+    fn heads(&self) -> Result<Vec<Head>, OutboxError> {
+        self.db(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS}, reply_to, extra, next_ms FROM outbox WHERE id IN \
+                 (SELECT min(id) FROM outbox WHERE state IN ('queued', 'sending') \
+                  GROUP BY channel, account, conversation) ORDER BY id"
+            ))?;
+            let rows = statement.query_map([], |r| {
+                Ok(Head {
+                    status: status_row(r)?,
+                    reply_to: r.get(12)?,
+                    extra: r.get(13)?,
+                    next_ms: r.get(14)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records a send's outcome. Blocking.
+    fn record(&self, id: u64, attempts: u32, created: i64, outcome: Result<String, String>) {
+        let now = now_ms();
+        match outcome {
+            Ok(message_id) => {
+                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.finish_with(id, state::SENT, attempts, Some(message_id), None, now);
+            }
+            Err(error) => {
+                let next = now + self.settings.backoff(attempts).as_millis() as i64;
+                if next >= created + self.settings.deadline.as_millis() as i64 {
+                    // An attempt the deadline cut short keeps the plugin's last error in view.
+                    let error = match self.get(id).ok().and_then(|s| s.error) {
+                        Some(last) if error == TIMED_OUT => format!("{last} ({error})"),
+                        _ => error,
+                    };
+                    tracing::warn!(id, attempts, %error, "outbox: send failed; giving up");
+                    self.finish_with(id, state::FAILED, attempts, None, Some(error), now);
+                } else {
+                    tracing::debug!(id, attempts, %error, "outbox: send failed; will retry");
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let result = self.db(|conn| {
+                        conn.prepare_cached(
+                            "UPDATE outbox SET state = 'queued', attempts = ?2, error = ?3, \
+                             updated_ms = ?4, next_ms = ?5 WHERE id = ?1",
+                        )?
+                        .execute(params![id as i64, attempts, error, now, next])
+                    });
+                    if let Err(e) = result {
+                        tracing::error!("{e}");
+                    }
+                }
+            }
+        }
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.wake.notify_one();
+    }
+
+    fn finish(&self, id: u64, to: &str, message_id: Option<String>, error: Option<String>) {
+        let attempts = self.get(id).map(|s| s.attempts).unwrap_or(0);
+        self.finish_with(id, to, attempts, message_id, error, now_ms());
+    }
+
+    fn finish_with(
+        &self,
+        id: u64,
+        to: &str,
+        attempts: u32,
+        message_id: Option<String>,
+        error: Option<String>,
+        now: i64,
+    ) {
+        if to == state::FAILED {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let result = self.db(|conn| {
+            conn.prepare_cached(
+                "UPDATE outbox SET state = ?2, attempts = ?3, message_id = ?4, \
+                 error = coalesce(?5, error), updated_ms = ?6 WHERE id = ?1",
+            )?
+            .execute(params![id as i64, to, attempts, message_id, error, now])
+        });
+        if let Err(e) = result {
+            tracing::error!("{e}");
+        }
+    }
+}
