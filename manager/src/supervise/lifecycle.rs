@@ -20,6 +20,7 @@ use super::{
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, RunningTask},
+    status::{AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -72,6 +73,7 @@ impl Lifecycle {
         let ctx = &self.ctx;
         loop {
             self.set_phase(Phase::Booting);
+            ctx.set_state(AccountState::Starting, |_| {});
             let (result, ran_for) = match self.boot().await {
                 Boot::Stopped => {
                     self.publish(StartOutcome::Stopped);
@@ -83,21 +85,14 @@ impl Lifecycle {
                     break;
                 }
                 Boot::Disabled(reason) => {
-                    ctx.inner.board.update(&ctx.key, |s| {
-                        s.enabled = false;
-                        s.running = false;
-                        s.restart_pending = false;
+                    ctx.set_state(AccountState::Disabled, |s| {
                         s.last_error = Some(reason.clone());
                     });
                     self.publish(StartOutcome::Disabled(reason));
                     break;
                 }
                 Boot::NotConfigured(reason) => {
-                    ctx.inner.board.update(&ctx.key, |s| {
-                        s.enabled = true;
-                        s.configured = false;
-                        s.running = false;
-                        s.restart_pending = false;
+                    ctx.set_state(AccountState::NotConfigured, |s| {
                         s.last_error = Some(reason.clone());
                     });
                     self.publish(StartOutcome::NotConfigured(reason));
@@ -106,8 +101,8 @@ impl Lifecycle {
                 Boot::Failed(error) => {
                     tracing::warn!(account = %ctx.key, "start failed: {error}");
                     ctx.inner.board.retire_generation(&ctx.key);
+                    // Still `starting` until the restart is scheduled (or the stop recorded).
                     ctx.inner.board.update(&ctx.key, |s| {
-                        s.running = false;
                         s.last_error = Some(error.clone());
                     });
                     self.publish(StartOutcome::Failed(error.clone()));
@@ -134,7 +129,7 @@ impl Lifecycle {
                 break;
             }
         }
-        self.finish();
+        // `finish` runs when `self` drops here, as it does on a panic anywhere above.
     }
 
     /// Reserves a boot slot of the channel, then asks the plugin (off the async workers) whether
@@ -234,11 +229,7 @@ impl Lifecycle {
             .map_or(0, |e| e.attempts);
         // Stamps lastStartAt and the monotonic start the health monitor measures from.
         ctx.inner.board.mark_started(&ctx.key);
-        ctx.inner.board.update(&ctx.key, |s| {
-            s.enabled = true;
-            s.configured = true;
-            s.running = true;
-            s.restart_pending = false;
+        ctx.set_state(AccountState::Running, |s| {
             s.last_error = None;
             s.reconnect_attempts = attempts;
         });
@@ -260,8 +251,7 @@ impl Lifecycle {
                     Ok(()) => "channel exited without an error".to_owned(),
                     Err(e) => e.clone(),
                 };
-                ctx.inner.board.update(&ctx.key, |s| {
-                    s.running = false;
+                ctx.set_state(AccountState::Stopped, |s| {
                     s.last_stop_at = Some(now);
                     s.last_error = Some(error.clone());
                 });
@@ -292,8 +282,7 @@ impl Lifecycle {
             let message = format!("giving up after {} restart attempts", policy.max_restarts);
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);
-            ctx.inner.board.update(&ctx.key, |s| {
-                s.restart_pending = false;
+            ctx.set_state(AccountState::GaveUp, |s| {
                 s.reconnect_attempts = attempt;
                 s.last_error = Some(format!("{error}; {message}"));
             });
@@ -308,8 +297,7 @@ impl Lifecycle {
             "task ended ({error}); restarting after backoff"
         );
         ctx.inner.restart_log.record(&ctx.key.channel, false, now);
-        ctx.inner.board.update(&ctx.key, |s| {
-            s.restart_pending = true;
+        ctx.set_state(AccountState::RestartPending, |s| {
             s.reconnect_attempts = attempt;
         });
         self.set_phase(Phase::Backoff);
@@ -348,7 +336,8 @@ impl Lifecycle {
         });
     }
 
-    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end.
+    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end. Runs
+    /// from `Drop`, so a lifecycle that panics (or whose task is dropped) still frees its account.
     fn finish(&self) {
         {
             let mut state = self.ctx.inner.lock();
@@ -362,12 +351,32 @@ impl Lifecycle {
     }
 }
 
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let now = self.ctx.inner.clock.wall_ms();
+            self.ctx.set_state(AccountState::Stopped, |s| {
+                s.last_stop_at = Some(now);
+                s.last_error = Some("internal error: the account's lifecycle panicked".into());
+            });
+        }
+        self.finish();
+    }
+}
+
 impl AccountCtx {
+    /// Sets the account's state (and the flags derived from it), then applies `f` to the rest of
+    /// the snapshot, under one lock of the board: the only way the supervisor changes a state.
+    pub(super) fn set_state(&self, state: AccountState, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.inner.board.update(&self.key, |s| {
+            s.set_state(state);
+            f(s);
+        });
+    }
+
     fn record_stopped(&self) {
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
-            s.running = false;
-            s.restart_pending = false;
+        self.set_state(AccountState::Stopped, |s| {
             s.last_stop_at = Some(now);
         });
     }
@@ -403,11 +412,15 @@ impl AccountCtx {
                     .await
                 }
             };
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(account = %key, "stop hook: {e}"),
-                Err(e) => tracing::warn!(account = %key, "stop hook {e}"),
-            }
+            // A failed hook (an error, a panic the plugin's layer caught, a call that could not
+            // run) is the stop's news: it goes to `lastError` and to the stop's outcome.
+            let failure = match result {
+                Ok(Ok(())) => return None,
+                Ok(Err(e)) => format!("stop hook failed: {e}"),
+                Err(e) => format!("stop hook {e}"),
+            };
+            tracing::warn!(account = %key, "{failure}");
+            Some(failure)
         });
         let mut cancelled = false;
         let ended = match timeout(stop_timeout, &mut task.done).await {
@@ -422,21 +435,33 @@ impl AccountCtx {
         };
         self.inner.board.retire_generation(&self.key);
         if ended {
-            let _ = tokio::time::timeout_at(deadline, hook).await;
+            let hook_failure = match tokio::time::timeout_at(deadline, hook).await {
+                Ok(Ok(failure)) => failure,
+                Ok(Err(e)) => Some(format!("stop hook failed: {e}")),
+                // Past the stop's own bound: the hook's own timeout reports it, unseen here.
+                Err(_) => None,
+            };
             let now = self.inner.clock.wall_ms();
-            self.inner.board.update(&self.key, |s| {
-                s.running = false;
-                s.restart_pending = false;
+            let cancelled_note = cancelled.then(|| {
+                format!(
+                    "did not stop within {} of its abort; cancelled",
+                    humantime::format_duration(stop_timeout)
+                )
+            });
+            let error = match (&hook_failure, cancelled_note) {
+                (Some(failure), Some(note)) => Some(format!("{note}; {failure}")),
+                (Some(failure), None) => Some(failure.clone()),
+                (None, note) => note,
+            };
+            self.set_state(AccountState::Stopped, |s| {
                 s.last_stop_at = Some(now);
-                if cancelled {
-                    s.last_error = Some(format!(
-                        "did not stop within {} of its abort; cancelled",
-                        humantime::format_duration(stop_timeout)
-                    ));
+                if let Some(error) = error {
+                    s.last_error = Some(error);
                 }
             });
             if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
                 entry.last_stop_cancelled = cancelled;
+                entry.last_stop_hook_failure = hook_failure;
             }
             return;
         }
@@ -446,9 +471,7 @@ impl AccountCtx {
             humantime::format_duration(stop_timeout)
         );
         tracing::error!(account = %self.key, "{reason}");
-        self.inner.board.update(&self.key, |s| {
-            s.running = true;
-            s.restart_pending = false;
+        self.set_state(AccountState::Stuck, |s| {
             s.last_error = Some(reason.clone());
         });
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
@@ -475,9 +498,7 @@ impl AccountCtx {
         );
         tracing::error!(account = %self.key, "{reason}");
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
-            s.running = false;
-            s.restart_pending = false;
+        self.set_state(AccountState::Stuck, |s| {
             s.last_stop_at = Some(now);
             s.last_error = Some(reason.clone());
         });
@@ -505,8 +526,7 @@ impl AccountCtx {
             }
         }
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
-            s.running = false;
+        self.set_state(AccountState::Stopped, |s| {
             s.last_stop_at = Some(now);
             s.last_error = Some(message.into());
         });
