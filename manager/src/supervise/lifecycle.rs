@@ -499,6 +499,9 @@ impl AccountCtx {
         tracing::error!(account = %self.key, "{reason}");
         let now = self.inner.clock.wall_ms();
         self.set_state(AccountState::Stuck, |s| {
+            // The one exception to the derived flags: a stuck start has no task yet, and the
+            // compatible `running` says so (docs/status.md).
+            s.running = false;
             s.last_stop_at = Some(now);
             s.last_error = Some(reason.clone());
         });
