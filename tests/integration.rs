@@ -53,3 +53,5 @@ mod journal;
 mod operator;
 
 mod account_state;
+
+mod stops;

@@ -68,6 +68,25 @@ enum RunEnd {
 
 type BootCall = JoinHandle<Result<Boot, String>>;
 
+/// How a stop hook went, as the stop reports it.
+enum HookEnd {
+    /// It returned, or hung past the stop's bound (not waited for).
+    Done,
+    /// It failed or panicked (the outcome and `lastError` say so).
+    Failed(String),
+    /// It was not called: no blocking slot within the stop's bound (`lastError` says so).
+    Skipped(String),
+}
+
+impl std::fmt::Display for HookEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done => f.write_str("stop hook done"),
+            Self::Failed(why) | Self::Skipped(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Lifecycle {
     pub(super) async fn run(self) {
         let ctx = &self.ctx;
@@ -400,27 +419,39 @@ impl AccountCtx {
         // A 1.1 plugin's hook is a future on its own runtime (dropped, and so cancelled, at the
         // deadline); a 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
         // calls in flight.
+        // Set while a 1.0 hook waits for one of the plugin's blocking slots: a stop whose deadline
+        // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
+        // instant, so the flag decides, not which timer fires first).
+        let waiting_for_slot = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiting = waiting_for_slot.clone();
         let hook = tokio::spawn(async move {
+            use super::calls::CallError;
             let result = match hook_plugin.stop_account_async(&account) {
                 Some(hook) => timeout(stop_timeout, hook)
                     .await
-                    .map_err(|_| super::calls::CallError::TimedOut(stop_timeout)),
+                    .map_err(|_| CallError::TimedOut(stop_timeout)),
                 None => {
-                    super::calls::bounded_with_permit(&permits, stop_timeout, move || {
-                        hook_plugin.stop_account(&account)
-                    })
+                    waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+                    super::calls::bounded_with_permit_then(
+                        &permits,
+                        stop_timeout,
+                        move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
+                        move || hook_plugin.stop_account(&account),
+                    )
                     .await
                 }
             };
-            // A failed hook (an error, a panic the plugin's layer caught, a call that could not
-            // run) is the stop's news: it goes to `lastError` and to the stop's outcome.
-            let failure = match result {
-                Ok(Ok(())) => return None,
-                Ok(Err(e)) => format!("stop hook failed: {e}"),
-                Err(e) => format!("stop hook {e}"),
+            // A failed hook (an error, a panic the plugin's layer caught) is the stop's news: it
+            // goes to `lastError` and to the stop's outcome. A hook that hangs is not waited for
+            // past the stop's bound, and is not a failure of the stop.
+            let end = match result {
+                Ok(Ok(())) | Err(CallError::TimedOut(_)) => return HookEnd::Done,
+                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+                Err(e @ CallError::Saturated(_)) => HookEnd::Skipped(format!("stop hook {e}")),
+                Err(e) => HookEnd::Failed(format!("stop hook {e}")),
             };
-            tracing::warn!(account = %key, "{failure}");
-            Some(failure)
+            tracing::warn!(account = %key, "{end}");
+            end
         });
         let mut cancelled = false;
         let ended = match timeout(stop_timeout, &mut task.done).await {
@@ -435,11 +466,23 @@ impl AccountCtx {
         };
         self.inner.board.retire_generation(&self.key);
         if ended {
-            let hook_failure = match tokio::time::timeout_at(deadline, hook).await {
-                Ok(Ok(failure)) => failure,
-                Ok(Err(e)) => Some(format!("stop hook failed: {e}")),
-                // Past the stop's own bound: the hook's own timeout reports it, unseen here.
-                Err(_) => None,
+            let end = match tokio::time::timeout_at(deadline, hook).await {
+                Ok(Ok(end)) => end,
+                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+                // Past the stop's own bound, still without a slot: the hook was not called.
+                Err(_) if waiting_for_slot.load(std::sync::atomic::Ordering::SeqCst) => {
+                    HookEnd::Skipped(format!(
+                        "stop hook {}",
+                        super::calls::CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN)
+                    ))
+                }
+                // Past the stop's own bound, the hook still running: not waited for.
+                Err(_) => HookEnd::Done,
+            };
+            let (hook_failure, skipped) = match end {
+                HookEnd::Done => (None, None),
+                HookEnd::Failed(failure) => (Some(failure), None),
+                HookEnd::Skipped(reason) => (None, Some(reason)),
             };
             let now = self.inner.clock.wall_ms();
             let cancelled_note = cancelled.then(|| {
@@ -448,11 +491,10 @@ impl AccountCtx {
                     humantime::format_duration(stop_timeout)
                 )
             });
-            let error = match (&hook_failure, cancelled_note) {
-                (Some(failure), Some(note)) => Some(format!("{note}; {failure}")),
-                (Some(failure), None) => Some(failure.clone()),
-                (None, note) => note,
-            };
+            let error = [cancelled_note, hook_failure.clone(), skipped]
+                .into_iter()
+                .flatten()
+                .reduce(|a, b| format!("{a}; {b}"));
             self.set_state(AccountState::Stopped, |s| {
                 s.last_stop_at = Some(now);
                 if let Some(error) = error {

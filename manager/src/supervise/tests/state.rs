@@ -75,7 +75,10 @@ async fn each_state_shows_with_its_derived_flags() {
         StartOutcome::Disabled(_)
     ));
     let s = snap(&sup, "c", "off");
-    assert_eq!((s.state, s.enabled, s.running), (AccountState::Disabled, false, false));
+    assert_eq!(
+        (s.state, s.enabled, s.running),
+        (AccountState::Disabled, false, false)
+    );
     assert!(matches!(
         start(&sup, "c", "bare").await,
         StartOutcome::NotConfigured(_)
