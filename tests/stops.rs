@@ -10,6 +10,7 @@ use channeld::{
     ffi::FfiPlugin,
     host::{AccountKey, HostSink},
     load::load_root_module,
+    plugin::Plugin,
     status::{AccountState, StatusBoard},
     supervise::{
         BLOCKING_CALLS_PER_PLUGIN, StartOutcome, StopOutcome, Supervisor, policy::FixedJitter,

@@ -71,7 +71,8 @@ pub async fn bounded_with_permit_then<T: Send + 'static>(
     got_slot: impl FnOnce(),
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CallError> {
-    let deadline = tokio::time::Instant::now() + limit;
+    // The deadline from the runtime's timer (no clock read here: a sleep knows its deadline).
+    let deadline = tokio::time::sleep(limit).deadline();
     let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => permit,
         Ok(Err(_closed)) => {

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
-    time::{Instant, sleep, timeout},
+    time::timeout,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -320,7 +320,7 @@ impl Lifecycle {
             s.reconnect_attempts = attempt;
         });
         self.set_phase(Phase::Backoff);
-        let deadline = Instant::now() + delay;
+        let deadline = ctx.inner.clock.now() + delay;
         tokio::select! {
             // Biased: a stop wins over everything, and a user's wake-up is consumed even when the
             // sleep ends at the same moment (an unconsumed one would stay stored in the `Notify`
@@ -331,7 +331,7 @@ impl Lifecycle {
                 false
             }
             () = self.wake.notified() => true,
-            () = sleep(deadline.saturating_duration_since(Instant::now())) => true,
+            () = tokio::time::sleep_until(deadline) => true,
         }
     }
 
@@ -415,7 +415,7 @@ impl AccountCtx {
         // deadline: a hook that hangs cannot delay the stop past its bound, and one that returns
         // in time has finished before the account counts as stopped (and before a retired
         // version's runtime is shut down under it).
-        let deadline = tokio::time::Instant::now() + stop_timeout;
+        let deadline = self.inner.clock.now() + stop_timeout;
         // A 1.1 plugin's hook is a future on its own runtime (dropped, and so cancelled, at the
         // deadline); a 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
         // calls in flight.

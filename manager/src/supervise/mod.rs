@@ -472,7 +472,7 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let deadline = tokio::time::Instant::now() + self.inner.policy.start_timeout;
+        let deadline = self.inner.clock.now() + self.inner.policy.start_timeout;
         loop {
             let (mut events, seen, ended) = {
                 let mut state = self.lock();
