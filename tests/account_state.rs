@@ -41,3 +41,17 @@ fn a_stop_hook_panic_shows_in_last_error_and_the_stop_output_and_exit_status() {
         .unwrap_or_default();
     assert!(row.contains(" stopped "), "{table}");
 }
+
+/// SIGTERM with a task that blocks its thread: the daemon still ends, names the stuck account in
+/// its log, and exits with the documented status 4 (not 0: not every account stopped).
+#[test]
+fn sigterm_with_a_stuck_task_ends_with_exit_status_4_naming_the_account() {
+    let mut daemon = fixture_daemon("mode = \"block_thread\"\nblock_ms = 60000\n");
+    daemon.wait_for_account("fixture", "main", |s| s["state"] == "running");
+    let (status, log) = daemon.terminate();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(
+        log.contains("fixture:main") && log.contains("did not stop at shutdown"),
+        "{log}"
+    );
+}

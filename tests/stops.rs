@@ -114,18 +114,37 @@ async fn stop_many_then_restart_a_healthy_account(file: &Path, name: &str) {
     sup.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn six_hundred_hanging_stop_hooks_of_a_1_0_plugin_leave_a_healthy_account_restartable() {
+/// Runs `test` on a runtime like the daemon's (two workers, tokio's default blocking pool), and
+/// leaves the runtime without waiting for blocking calls that hang for good (a runtime's drop
+/// would wait for them forever).
+fn on_runtime(test: impl std::future::Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(test);
+    runtime.shutdown_background();
+}
+
+#[test]
+fn six_hundred_hanging_stop_hooks_of_a_1_0_plugin_leave_a_healthy_account_restartable() {
     let file = util::lookalike_file(
         "abi-1.0",
         "channeld-plugin-fixture10",
         "libchanneld_plugin_fixture10.so",
     );
-    stop_many_then_restart_a_healthy_account(&file, "fixture10-stops.so").await;
+    on_runtime(stop_many_then_restart_a_healthy_account(
+        &file,
+        "fixture10-stops.so",
+    ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn six_hundred_hanging_stop_hooks_of_a_1_1_plugin_leave_a_healthy_account_restartable() {
+#[test]
+fn six_hundred_hanging_stop_hooks_of_a_1_1_plugin_leave_a_healthy_account_restartable() {
     let file = util::plugin_file("channeld-plugin-fixture");
-    stop_many_then_restart_a_healthy_account(&file, "fixture11-stops.so").await;
+    on_runtime(stop_many_then_restart_a_healthy_account(
+        &file,
+        "fixture11-stops.so",
+    ));
 }

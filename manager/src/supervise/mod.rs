@@ -800,8 +800,9 @@ impl Supervisor {
         out
     }
 
-    /// Stops every account and waits for every lifecycle: close, cancel, wait.
-    pub async fn shutdown(&self) {
+    /// Stops every account and waits for every lifecycle: close, cancel, wait. Returns the
+    /// accounts that did not stop (stuck, with what they are blocked in).
+    pub async fn shutdown(&self) -> Vec<(AccountKey, String)> {
         self.inner.tracker.close();
         let channels = self.channels();
         let stops = channels.iter().map(|ch| self.stop(&ch.id, None));
@@ -809,6 +810,14 @@ impl Supervisor {
         self.inner.closing.cancel();
         self.inner.tracker.wait().await;
         self.inner.restart_log.flush();
+        let mut stuck: Vec<(AccountKey, String)> = self
+            .lock()
+            .accounts
+            .iter()
+            .filter_map(|(key, e)| e.stuck.clone().map(|reason| (key.clone(), reason)))
+            .collect();
+        stuck.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        stuck
     }
 }
 
