@@ -123,8 +123,12 @@ fn on_runtime(test: impl std::future::Future<Output = ()>) {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(test);
+    // A failed assertion must not drop the runtime while hooks hang: that would wait for good.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(test)));
     runtime.shutdown_background();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[test]

@@ -816,7 +816,7 @@ impl Supervisor {
             .iter()
             .filter_map(|(key, e)| e.stuck.clone().map(|reason| (key.clone(), reason)))
             .collect();
-        stuck.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+        stuck.sort_by_key(|(key, _)| key.to_string());
         stuck
     }
 }
