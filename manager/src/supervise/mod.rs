@@ -609,12 +609,12 @@ impl Supervisor {
                 Some(lc) => {
                     // From here on a start waits for this stop to finish, then starts anew.
                     lc.phase = Phase::Stopping;
-                    lc.token.cancel();
-                    // Under the state lock (the board's lock nests inside it, never the other
-                    // way), so the lifecycle's own `stopped` cannot land before this.
+                    // Before the cancel, so the lifecycle's own `stopped` (written once it sees
+                    // the cancel) always lands after this.
                     self.inner
                         .board
                         .update(key, |s| s.set_state(AccountState::Stopping));
+                    lc.token.cancel();
                     lc.ended.clone()
                 }
                 None => {
