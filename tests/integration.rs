@@ -67,3 +67,6 @@ mod mqtt;
 /// The outbox: sends through the fixture's send hook, idempotency, an account stopped and
 /// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
 mod outbox;
+mod account_state;
+
+mod stops;

@@ -39,6 +39,8 @@ pub enum Outcome {
     Cancelled,
     /// The task would not end.
     Stuck,
+    /// The task ended, but the plugin's stop hook failed (an error or a panic).
+    HookFailed,
     /// Stopped and its credentials cleared.
     LoggedOut,
     /// Its restart counter was reset.
@@ -59,6 +61,7 @@ impl Outcome {
                 | Self::Disabled
                 | Self::NotConfigured
                 | Self::Stuck
+                | Self::HookFailed
         )
     }
 }

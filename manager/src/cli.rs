@@ -17,7 +17,8 @@ EXIT STATUS:
   0  done
   1  the operation failed, or the daemon refused it (unknown channel or account, bad config)
   2  usage: a bad or missing argument, or an invalid RUST_LOG
-  3  the daemon cannot be reached: nothing listens at its address, or the request timed out";
+  3  the daemon cannot be reached: nothing listens at its address, or the request timed out
+  4  `channeld run` shut down, but not every account stopped (each stuck task is logged)";
 
 /// channeld: a host for chat-channel plugins. Point it at a plugins directory and a TOML config;
 /// it loads every plugin file through a checked stable ABI and keeps each configured account

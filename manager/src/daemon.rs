@@ -52,6 +52,10 @@ pub enum DaemonError {
     /// The journal could not be opened.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// Shut down, but not every account stopped: their tasks block their threads (each is
+    /// logged with what it is blocked in). `channeld run` exits with [`EXIT_NOT_ALL_STOPPED`].
+    #[error("shut down, but {} account(s) did not stop: {}", .0.len(), .0.join(", "))]
+    NotEveryAccountStopped(Vec<String>),
 }
 
 /// The name of the generated API token file in the state directory.
@@ -201,10 +205,10 @@ impl Daemon {
     /// # Cancellation safety
     ///
     /// Not cancel-safe: a dropped future leaves the shutdown half done.
-    pub async fn shutdown(&self) {
+    pub async fn shutdown(&self) -> Vec<(crate::host::AccountKey, String)> {
         self.changes.close();
         self.catalog.close().await;
-        self.supervisor.shutdown().await;
+        let stuck = self.supervisor.shutdown().await;
         self.catalog.shutdown_plugins().await;
         self.tasks.close();
         let limit = self.config.host.plugin_shutdown_timeout;
@@ -214,6 +218,7 @@ impl Daemon {
         {
             tracing::warn!("API operations still running at exit");
         }
+        stuck
     }
 
     /// Watches the plugins directory and feeds the catalog every path the watcher reports, one
@@ -253,7 +258,12 @@ fn max_log_level() -> LogLevel {
     }
 }
 
-/// Runs the daemon until a signal, then shuts down in order.
+/// `channeld run`'s exit status when it shut down but not every account stopped.
+pub const EXIT_NOT_ALL_STOPPED: u8 = 4;
+
+/// Runs the daemon until a signal, then shuts down in order. An account still stuck at the end is
+/// logged with what it is blocked in, and the result is
+/// [`DaemonError::NotEveryAccountStopped`] (exit status [`EXIT_NOT_ALL_STOPPED`]).
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| DaemonError::Api(e.to_string()))?;
@@ -372,7 +382,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     stop_api.cancel();
     // Event streams never end by themselves: end them so the API can finish.
     events.close();
-    daemon.shutdown().await;
+    let stuck = daemon.shutdown().await;
+    for (key, reason) in &stuck {
+        tracing::error!(account = %key, "did not stop at shutdown: {reason}");
+    }
     // Sends in flight ended with their accounts; their outcomes are recorded.
     sends.close();
     let _ = tokio::time::timeout(daemon.config.host.plugin_shutdown_timeout, sends.wait()).await;
@@ -386,5 +399,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         plugin_threads = plugin_runtime_threads(),
         "stopped: every account stopped and every plugin runtime shut down"
     );
-    Ok(())
+    if stuck.is_empty() {
+        Ok(())
+    } else {
+        Err(DaemonError::NotEveryAccountStopped(
+            stuck.into_iter().map(|(key, _)| key.to_string()).collect(),
+        ))
+    }
 }

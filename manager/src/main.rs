@@ -28,9 +28,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("channeld: {error:#}");
-            let code = error
-                .downcast_ref::<channeld::client::ClientError>()
-                .map_or(1, |e| e.exit_code());
+            let code = match error.downcast_ref::<channeld::daemon::DaemonError>() {
+                Some(channeld::daemon::DaemonError::NotEveryAccountStopped(_)) => {
+                    channeld::daemon::EXIT_NOT_ALL_STOPPED
+                }
+                _ => error
+                    .downcast_ref::<channeld::client::ClientError>()
+                    .map_or(1, |e| e.exit_code()),
+            };
             ExitCode::from(code)
         }
     }

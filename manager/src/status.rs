@@ -22,22 +22,86 @@ use crate::{
     plugin::BoxFuture,
 };
 
+/// An account's run state, as the supervisor (its one owner) decides it at each change. The older
+/// flags of the snapshot (`running`, `restartPending`, …) are derived from it
+/// ([`AccountSnapshot::set_state`]); docs/status.md lists every value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccountState {
+    /// A boot is in flight: the plugin's start was (or is about to be) called, and the task has
+    /// not been seen running yet (for an ABI 1.1 plugin: not polled yet).
+    Starting,
+    /// The task runs (ABI 1.1: its runtime polled it; ABI 1.0: the start returned it).
+    Running,
+    /// A stop is in progress.
+    Stopping,
+    /// Not running, and nothing is scheduled.
+    #[default]
+    Stopped,
+    /// The task ended by itself; an automatic restart is scheduled after the backoff.
+    RestartPending,
+    /// The task ended too often: no more automatic restarts until a user starts it.
+    GaveUp,
+    /// The task (or the start it was booting with) would not end: it blocks a thread, and starts
+    /// are refused until it ends.
+    Stuck,
+    /// Disabled by the config or the plugin.
+    Disabled,
+    /// The plugin says the account lacks what it needs to start.
+    NotConfigured,
+    /// A user logged it out; it stays stopped until started.
+    LoggedOut,
+}
+
+impl AccountState {
+    /// The word users see (`running`, `restart-pending`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::RestartPending => "restart-pending",
+            Self::GaveUp => "gave-up",
+            Self::Stuck => "stuck",
+            Self::Disabled => "disabled",
+            Self::NotConfigured => "not-configured",
+            Self::LoggedOut => "logged-out",
+        }
+    }
+
+    /// Whether a task of the account exists (the old `running` flag: running, being stopped, or
+    /// stuck).
+    pub fn has_task(self) -> bool {
+        matches!(self, Self::Running | Self::Stopping | Self::Stuck)
+    }
+}
+
+impl std::fmt::Display for AccountState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One account's snapshot, as users see it (`GET /status`, `channeld status --json`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccountSnapshot {
     /// The normalised account id.
     pub account_id: String,
+    /// The run state; the flags below are derived from it.
+    #[serde(default)]
+    pub state: AccountState,
     /// Enabled in the config.
     pub enabled: bool,
     /// Has what it needs to start.
     pub configured: bool,
-    /// A task is running (or stuck: see `lastError`).
+    /// A task exists: derived from `state` (running, stopping or stuck).
     pub running: bool,
     /// The plugin's connection report, once it made one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected: Option<bool>,
-    /// An automatic restart is scheduled.
+    /// An automatic restart is scheduled: derived from `state` (`restart-pending`).
     pub restart_pending: bool,
     /// Restart attempts in the current crash loop.
     pub reconnect_attempts: u32,
@@ -79,9 +143,36 @@ pub struct AccountSnapshot {
     pub extra: Map<String, Value>,
 }
 
+impl AccountSnapshot {
+    /// Sets the run state and the flags derived from it: `running`, `restartPending`, and
+    /// `enabled` / `configured` for the states that say otherwise. When no task exists any more,
+    /// the plugin's `connected` report is cleared (a stopped account is not connected).
+    pub fn set_state(&mut self, state: AccountState) {
+        self.state = state;
+        self.running = state.has_task();
+        self.restart_pending = state == AccountState::RestartPending;
+        match state {
+            AccountState::Disabled => self.enabled = false,
+            AccountState::NotConfigured => {
+                self.enabled = true;
+                self.configured = false;
+            }
+            AccountState::Starting | AccountState::Running => {
+                self.enabled = true;
+                self.configured = true;
+            }
+            _ => {}
+        }
+        if !state.has_task() && state != AccountState::Starting && self.connected.is_some() {
+            self.connected = Some(false);
+        }
+    }
+}
+
 /// Keys of the snapshot that only the host sets; a plugin's status patch may not contain them.
 pub const HOST_OWNED_KEYS: &[&str] = &[
     "accountId",
+    "state",
     "enabled",
     "configured",
     "running",

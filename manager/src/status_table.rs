@@ -4,27 +4,10 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-/// The state word for one snapshot.
-pub fn state_of(snapshot: &Value) -> &'static str {
-    let flag = |k: &str| snapshot[k].as_bool().unwrap_or(false);
-    let error = snapshot["lastError"].as_str().unwrap_or("");
-    if !flag("enabled") {
-        "disabled"
-    } else if !flag("configured") {
-        "not-configured"
-    } else if error.starts_with("stuck") && flag("running") {
-        "stuck"
-    } else if flag("running") {
-        "running"
-    } else if flag("restartPending") {
-        "restarting"
-    } else if error.contains("giving up") {
-        "gave-up"
-    } else if error == "logged out" {
-        "logged-out"
-    } else {
-        "stopped"
-    }
+/// The state word for one snapshot: its `state` field, as the supervisor set it (`-` from a
+/// daemon too old to send one).
+pub fn state_of(snapshot: &Value) -> &str {
+    snapshot["state"].as_str().unwrap_or("-")
 }
 
 fn ago(now_ms: i64, at: Option<i64>) -> String {

@@ -1,9 +1,8 @@
 //! Account state events for the event stream: live only, without an id, never journaled.
 //!
-//! The state is derived from the status board's fields (`running`, `restartPending`,
-//! `connected`), sampled every [`INTERVAL`] while at least one stream listens: [`derive()`] is the
-//! one place that decides what an account's state is, so it can switch to an explicit state
-//! field without touching the streams.
+//! The state is the snapshot's explicit `state` field (set by the supervisor, its one owner) with
+//! the plugin's `connected` report, sampled every [`INTERVAL`] while at least one stream listens:
+//! [`derive()`] is the one place that reads them.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -50,14 +49,7 @@ impl StateChange {
 
 /// An account's state and connection, as the stream reports them.
 pub fn derive(snapshot: &AccountSnapshot) -> (&'static str, Option<bool>) {
-    let state = if snapshot.running {
-        "running"
-    } else if snapshot.restart_pending {
-        "restart-pending"
-    } else {
-        "stopped"
-    };
-    (state, snapshot.connected)
+    (snapshot.state.as_str(), snapshot.connected)
 }
 
 /// Publishes state changes of `supervisor`'s accounts to `states` until `stop`.

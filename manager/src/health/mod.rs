@@ -75,6 +75,8 @@ pub trait MonitorTarget: Send + Sync + 'static {
     fn revive(&self, key: &AccountKey) -> BoxFuture<Result<(), String>>;
     /// Records a verdict (and, when `restarted`, the monitor's restart) for status displays.
     fn record(&self, key: &AccountKey, verdict: &Verdict, restarted: bool);
+    /// The time now, from the target's clock (the monitor reads no clock of its own).
+    fn now(&self) -> Instant;
 }
 
 /// A judgement of one account.
@@ -186,16 +188,21 @@ impl HealthMonitor {
         };
         let mut ticks = tokio::time::interval_at(first, self.policy.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // The checks it spawned are tracked: it returns only once they have ended too (a check in
+        // flight at shutdown meets a supervisor that refuses starts, and ends promptly).
+        let checks = tokio_util::task::TaskTracker::new();
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => break,
                 _ = ticks.tick() => {
                     // Single-flight: a check still running (a slow restart) makes this tick a no-op.
                     let this = self.clone();
-                    tokio::spawn(async move { this.check().await });
+                    checks.spawn(async move { this.check().await });
                 }
             }
         }
+        checks.close();
+        checks.wait().await;
     }
 
     /// One check of every account; a no-op while another check is in progress.
@@ -214,7 +221,7 @@ impl HealthMonitor {
             ran: true,
             ..CheckReport::default()
         };
-        let now = Instant::now();
+        let now = self.target.now();
         let mut revivals = Vec::new();
         for view in self.target.accounts() {
             // Hands off: the supervisor has a restart scheduled, a user stopped it, or the monitor

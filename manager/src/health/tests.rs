@@ -53,6 +53,11 @@ impl Fake {
 }
 
 impl MonitorTarget for Fake {
+    fn now(&self) -> Instant {
+        // The paused test clock.
+        tokio::time::Instant::now()
+    }
+
     fn accounts(&self) -> Vec<AccountView> {
         self.accounts.lock().unwrap().clone()
     }

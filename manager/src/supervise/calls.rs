@@ -56,7 +56,23 @@ pub async fn bounded_with_permit<T: Send + 'static>(
     limit: Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, CallError> {
-    let deadline = tokio::time::Instant::now() + limit;
+    bounded_with_permit_then(permits, limit, || {}, f).await
+}
+
+/// Like [`bounded_with_permit`], calling `got_slot` once the permit is held (before the call
+/// starts), so a caller can tell "still waiting for a slot" from "running".
+///
+/// # Cancellation safety
+/// Dropping it while it waits for a permit makes no call; once the call runs, it keeps its
+/// permit until it returns, whoever waits.
+pub async fn bounded_with_permit_then<T: Send + 'static>(
+    permits: &std::sync::Arc<Semaphore>,
+    limit: Duration,
+    got_slot: impl FnOnce(),
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CallError> {
+    // The deadline from the runtime's timer (no clock read here: a sleep knows its deadline).
+    let deadline = tokio::time::sleep(limit).deadline();
     let permit = match tokio::time::timeout_at(deadline, permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => permit,
         Ok(Err(_closed)) => {
@@ -68,6 +84,7 @@ pub async fn bounded_with_permit<T: Send + 'static>(
             return Err(CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN));
         }
     };
+    got_slot();
     let call = spawn_call(move || {
         let _permit = permit;
         f()

@@ -104,8 +104,9 @@ impl Supervisor {
         }
         for key in &keys {
             self.inner.board.update(key, |s| {
-                s.running = false;
-                s.restart_pending = false;
+                if s.state != crate::status::AccountState::Stuck {
+                    s.set_state(crate::status::AccountState::Stopped);
+                }
                 s.last_error = Some(REMOVED.into());
             });
         }

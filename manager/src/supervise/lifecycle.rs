@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
-    time::{Instant, sleep, timeout},
+    time::timeout,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +20,7 @@ use super::{
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, RunningTask},
+    status::{AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -67,11 +68,31 @@ enum RunEnd {
 
 type BootCall = JoinHandle<Result<Boot, String>>;
 
+/// How a stop hook went, as the stop reports it.
+enum HookEnd {
+    /// It returned, or hung past the stop's bound (not waited for).
+    Done,
+    /// It failed or panicked (the outcome and `lastError` say so).
+    Failed(String),
+    /// It was not called: no blocking slot within the stop's bound (`lastError` says so).
+    Skipped(String),
+}
+
+impl std::fmt::Display for HookEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done => f.write_str("stop hook done"),
+            Self::Failed(why) | Self::Skipped(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Lifecycle {
     pub(super) async fn run(self) {
         let ctx = &self.ctx;
         loop {
             self.set_phase(Phase::Booting);
+            ctx.set_state(AccountState::Starting, |_| {});
             let (result, ran_for) = match self.boot().await {
                 Boot::Stopped => {
                     self.publish(StartOutcome::Stopped);
@@ -83,21 +104,14 @@ impl Lifecycle {
                     break;
                 }
                 Boot::Disabled(reason) => {
-                    ctx.inner.board.update(&ctx.key, |s| {
-                        s.enabled = false;
-                        s.running = false;
-                        s.restart_pending = false;
+                    ctx.set_state(AccountState::Disabled, |s| {
                         s.last_error = Some(reason.clone());
                     });
                     self.publish(StartOutcome::Disabled(reason));
                     break;
                 }
                 Boot::NotConfigured(reason) => {
-                    ctx.inner.board.update(&ctx.key, |s| {
-                        s.enabled = true;
-                        s.configured = false;
-                        s.running = false;
-                        s.restart_pending = false;
+                    ctx.set_state(AccountState::NotConfigured, |s| {
                         s.last_error = Some(reason.clone());
                     });
                     self.publish(StartOutcome::NotConfigured(reason));
@@ -106,8 +120,8 @@ impl Lifecycle {
                 Boot::Failed(error) => {
                     tracing::warn!(account = %ctx.key, "start failed: {error}");
                     ctx.inner.board.retire_generation(&ctx.key);
+                    // Still `starting` until the restart is scheduled (or the stop recorded).
                     ctx.inner.board.update(&ctx.key, |s| {
-                        s.running = false;
                         s.last_error = Some(error.clone());
                     });
                     self.publish(StartOutcome::Failed(error.clone()));
@@ -134,7 +148,7 @@ impl Lifecycle {
                 break;
             }
         }
-        self.finish();
+        // `finish` runs when `self` drops here, as it does on a panic anywhere above.
     }
 
     /// Reserves a boot slot of the channel, then asks the plugin (off the async workers) whether
@@ -234,11 +248,7 @@ impl Lifecycle {
             .map_or(0, |e| e.attempts);
         // Stamps lastStartAt and the monotonic start the health monitor measures from.
         ctx.inner.board.mark_started(&ctx.key);
-        ctx.inner.board.update(&ctx.key, |s| {
-            s.enabled = true;
-            s.configured = true;
-            s.running = true;
-            s.restart_pending = false;
+        ctx.set_state(AccountState::Running, |s| {
             s.last_error = None;
             s.reconnect_attempts = attempts;
         });
@@ -260,8 +270,7 @@ impl Lifecycle {
                     Ok(()) => "channel exited without an error".to_owned(),
                     Err(e) => e.clone(),
                 };
-                ctx.inner.board.update(&ctx.key, |s| {
-                    s.running = false;
+                ctx.set_state(AccountState::Stopped, |s| {
                     s.last_stop_at = Some(now);
                     s.last_error = Some(error.clone());
                 });
@@ -292,8 +301,7 @@ impl Lifecycle {
             let message = format!("giving up after {} restart attempts", policy.max_restarts);
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);
-            ctx.inner.board.update(&ctx.key, |s| {
-                s.restart_pending = false;
+            ctx.set_state(AccountState::GaveUp, |s| {
                 s.reconnect_attempts = attempt;
                 s.last_error = Some(format!("{error}; {message}"));
             });
@@ -308,12 +316,11 @@ impl Lifecycle {
             "task ended ({error}); restarting after backoff"
         );
         ctx.inner.restart_log.record(&ctx.key.channel, false, now);
-        ctx.inner.board.update(&ctx.key, |s| {
-            s.restart_pending = true;
+        ctx.set_state(AccountState::RestartPending, |s| {
             s.reconnect_attempts = attempt;
         });
         self.set_phase(Phase::Backoff);
-        let deadline = Instant::now() + delay;
+        let deadline = ctx.inner.clock.now() + delay;
         tokio::select! {
             // Biased: a stop wins over everything, and a user's wake-up is consumed even when the
             // sleep ends at the same moment (an unconsumed one would stay stored in the `Notify`
@@ -324,7 +331,7 @@ impl Lifecycle {
                 false
             }
             () = self.wake.notified() => true,
-            () = sleep(deadline.saturating_duration_since(Instant::now())) => true,
+            () = tokio::time::sleep_until(deadline) => true,
         }
     }
 
@@ -348,7 +355,8 @@ impl Lifecycle {
         });
     }
 
-    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end.
+    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end. Runs
+    /// from `Drop`, so a lifecycle that panics (or whose task is dropped) still frees its account.
     fn finish(&self) {
         {
             let mut state = self.ctx.inner.lock();
@@ -362,12 +370,32 @@ impl Lifecycle {
     }
 }
 
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let now = self.ctx.inner.clock.wall_ms();
+            self.ctx.set_state(AccountState::Stopped, |s| {
+                s.last_stop_at = Some(now);
+                s.last_error = Some("internal error: the account's lifecycle panicked".into());
+            });
+        }
+        self.finish();
+    }
+}
+
 impl AccountCtx {
+    /// Sets the account's state (and the flags derived from it), then applies `f` to the rest of
+    /// the snapshot, under one lock of the board: the only way the supervisor changes a state.
+    pub(super) fn set_state(&self, state: AccountState, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.inner.board.update(&self.key, |s| {
+            s.set_state(state);
+            f(s);
+        });
+    }
+
     fn record_stopped(&self) {
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
-            s.running = false;
-            s.restart_pending = false;
+        self.set_state(AccountState::Stopped, |s| {
             s.last_stop_at = Some(now);
         });
     }
@@ -387,27 +415,43 @@ impl AccountCtx {
         // deadline: a hook that hangs cannot delay the stop past its bound, and one that returns
         // in time has finished before the account counts as stopped (and before a retired
         // version's runtime is shut down under it).
-        let deadline = tokio::time::Instant::now() + stop_timeout;
+        let deadline = self.inner.clock.now() + stop_timeout;
         // A 1.1 plugin's hook is a future on its own runtime (dropped, and so cancelled, at the
         // deadline); a 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
         // calls in flight.
+        // Set while a 1.0 hook waits for one of the plugin's blocking slots: a stop whose deadline
+        // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
+        // instant, so the flag decides, not which timer fires first).
+        let waiting_for_slot = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiting = waiting_for_slot.clone();
         let hook = tokio::spawn(async move {
+            use super::calls::CallError;
             let result = match hook_plugin.stop_account_async(&account) {
                 Some(hook) => timeout(stop_timeout, hook)
                     .await
-                    .map_err(|_| super::calls::CallError::TimedOut(stop_timeout)),
+                    .map_err(|_| CallError::TimedOut(stop_timeout)),
                 None => {
-                    super::calls::bounded_with_permit(&permits, stop_timeout, move || {
-                        hook_plugin.stop_account(&account)
-                    })
+                    waiting.store(true, std::sync::atomic::Ordering::SeqCst);
+                    super::calls::bounded_with_permit_then(
+                        &permits,
+                        stop_timeout,
+                        move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
+                        move || hook_plugin.stop_account(&account),
+                    )
                     .await
                 }
             };
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(account = %key, "stop hook: {e}"),
-                Err(e) => tracing::warn!(account = %key, "stop hook {e}"),
-            }
+            // A failed hook (an error, a panic the plugin's layer caught) is the stop's news: it
+            // goes to `lastError` and to the stop's outcome. A hook that hangs is not waited for
+            // past the stop's bound, and is not a failure of the stop.
+            let end = match result {
+                Ok(Ok(())) | Err(CallError::TimedOut(_)) => return HookEnd::Done,
+                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+                Err(e @ CallError::Saturated(_)) => HookEnd::Skipped(format!("stop hook {e}")),
+                Err(e) => HookEnd::Failed(format!("stop hook {e}")),
+            };
+            tracing::warn!(account = %key, "{end}");
+            end
         });
         let mut cancelled = false;
         let ended = match timeout(stop_timeout, &mut task.done).await {
@@ -422,21 +466,44 @@ impl AccountCtx {
         };
         self.inner.board.retire_generation(&self.key);
         if ended {
-            let _ = tokio::time::timeout_at(deadline, hook).await;
+            let end = match tokio::time::timeout_at(deadline, hook).await {
+                Ok(Ok(end)) => end,
+                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+                // Past the stop's own bound, still without a slot: the hook was not called.
+                Err(_) if waiting_for_slot.load(std::sync::atomic::Ordering::SeqCst) => {
+                    HookEnd::Skipped(format!(
+                        "stop hook {}",
+                        super::calls::CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN)
+                    ))
+                }
+                // Past the stop's own bound, the hook still running: not waited for.
+                Err(_) => HookEnd::Done,
+            };
+            let (hook_failure, skipped) = match end {
+                HookEnd::Done => (None, None),
+                HookEnd::Failed(failure) => (Some(failure), None),
+                HookEnd::Skipped(reason) => (None, Some(reason)),
+            };
             let now = self.inner.clock.wall_ms();
-            self.inner.board.update(&self.key, |s| {
-                s.running = false;
-                s.restart_pending = false;
+            let cancelled_note = cancelled.then(|| {
+                format!(
+                    "did not stop within {} of its abort; cancelled",
+                    humantime::format_duration(stop_timeout)
+                )
+            });
+            let error = [cancelled_note, hook_failure.clone(), skipped]
+                .into_iter()
+                .flatten()
+                .reduce(|a, b| format!("{a}; {b}"));
+            self.set_state(AccountState::Stopped, |s| {
                 s.last_stop_at = Some(now);
-                if cancelled {
-                    s.last_error = Some(format!(
-                        "did not stop within {} of its abort; cancelled",
-                        humantime::format_duration(stop_timeout)
-                    ));
+                if let Some(error) = error {
+                    s.last_error = Some(error);
                 }
             });
             if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
                 entry.last_stop_cancelled = cancelled;
+                entry.last_stop_hook_failure = hook_failure;
             }
             return;
         }
@@ -446,9 +513,7 @@ impl AccountCtx {
             humantime::format_duration(stop_timeout)
         );
         tracing::error!(account = %self.key, "{reason}");
-        self.inner.board.update(&self.key, |s| {
-            s.running = true;
-            s.restart_pending = false;
+        self.set_state(AccountState::Stuck, |s| {
             s.last_error = Some(reason.clone());
         });
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
@@ -475,9 +540,10 @@ impl AccountCtx {
         );
         tracing::error!(account = %self.key, "{reason}");
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
+        self.set_state(AccountState::Stuck, |s| {
+            // The one exception to the derived flags: a stuck start has no task yet, and the
+            // compatible `running` says so (docs/status.md).
             s.running = false;
-            s.restart_pending = false;
             s.last_stop_at = Some(now);
             s.last_error = Some(reason.clone());
         });
@@ -505,8 +571,7 @@ impl AccountCtx {
             }
         }
         let now = self.inner.clock.wall_ms();
-        self.inner.board.update(&self.key, |s| {
-            s.running = false;
+        self.set_state(AccountState::Stopped, |s| {
             s.last_stop_at = Some(now);
             s.last_error = Some(message.into());
         });

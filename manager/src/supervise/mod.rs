@@ -40,7 +40,7 @@ use crate::{
     config::{ChannelSection, SupervisorConfig},
     host::AccountKey,
     plugin::{Check, Plugin},
-    status::{AccountSnapshot, StatusBoard},
+    status::{AccountSnapshot, AccountState, StatusBoard},
 };
 
 /// What a start did, per account.
@@ -77,6 +77,9 @@ pub enum StopOutcome {
     /// The task would not end (it blocks its thread), or the plugin's start it was booting with
     /// did not return; it is reported as stuck and starts are refused until it ends.
     Stuck(String),
+    /// The task ended, but the plugin's stop hook failed (an error or a panic, with why; also in
+    /// the account's `lastError`).
+    HookFailed(String),
 }
 
 /// A request the supervisor refuses as a whole.
@@ -162,6 +165,8 @@ struct AccountEntry {
     stuck: Option<String>,
     /// Whether the last stop had to cancel the task.
     last_stop_cancelled: bool,
+    /// Why the last stop's hook failed (its error or panic), if it did.
+    last_stop_hook_failure: Option<String>,
 }
 
 /// A channel the supervisor runs.
@@ -467,7 +472,7 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let deadline = tokio::time::Instant::now() + self.inner.policy.start_timeout;
+        let deadline = self.inner.clock.now() + self.inner.policy.start_timeout;
         loop {
             let (mut events, seen, ended) = {
                 let mut state = self.lock();
@@ -599,10 +604,16 @@ impl Supervisor {
             let entry = state.accounts.entry(key.clone()).or_default();
             entry.manual_stop = true;
             entry.last_stop_cancelled = false;
+            entry.last_stop_hook_failure = None;
             match &mut entry.lifecycle {
                 Some(lc) => {
                     // From here on a start waits for this stop to finish, then starts anew.
                     lc.phase = Phase::Stopping;
+                    // Before the cancel, so the lifecycle's own `stopped` (written once it sees
+                    // the cancel) always lands after this.
+                    self.inner
+                        .board
+                        .update(key, |s| s.set_state(AccountState::Stopping));
                     lc.token.cancel();
                     lc.ended.clone()
                 }
@@ -613,8 +624,15 @@ impl Supervisor {
                     drop(state);
                     let now = self.inner.clock.wall_ms();
                     self.inner.board.update(key, |s| {
-                        s.running = false;
-                        s.restart_pending = false;
+                        // A disabled, unconfigured or logged-out account says so still.
+                        if !matches!(
+                            s.state,
+                            AccountState::Disabled
+                                | AccountState::NotConfigured
+                                | AccountState::LoggedOut
+                        ) {
+                            s.set_state(AccountState::Stopped);
+                        }
                         s.last_stop_at = Some(now);
                     });
                     return StopOutcome::Stopped;
@@ -627,6 +645,10 @@ impl Supervisor {
         let entry = state.accounts.get(key);
         match entry {
             Some(e) if e.stuck.is_some() => StopOutcome::Stuck(e.stuck.clone().unwrap_or_default()),
+            Some(AccountEntry {
+                last_stop_hook_failure: Some(failure),
+                ..
+            }) => StopOutcome::HookFailed(failure.clone()),
             Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
             _ => StopOutcome::Stopped,
         }
@@ -691,10 +713,11 @@ impl Supervisor {
             .unwrap_or_else(|| default_account_of(&ch));
         let key = AccountKey::new(channel, id);
         self.inner.board.update(&key, |s| {
-            s.running = false;
-            s.restart_pending = false;
             if cleared {
+                s.set_state(AccountState::LoggedOut);
                 s.last_error = Some("logged out".into());
+            } else if s.state != AccountState::Stuck {
+                s.set_state(AccountState::Stopped);
             }
             if s.connected.is_some() {
                 s.connected = Some(false);
@@ -777,8 +800,9 @@ impl Supervisor {
         out
     }
 
-    /// Stops every account and waits for every lifecycle: close, cancel, wait.
-    pub async fn shutdown(&self) {
+    /// Stops every account and waits for every lifecycle: close, cancel, wait. Returns the
+    /// accounts that did not stop (stuck, with what they are blocked in).
+    pub async fn shutdown(&self) -> Vec<(AccountKey, String)> {
         self.inner.tracker.close();
         let channels = self.channels();
         let stops = channels.iter().map(|ch| self.stop(&ch.id, None));
@@ -786,6 +810,14 @@ impl Supervisor {
         self.inner.closing.cancel();
         self.inner.tracker.wait().await;
         self.inner.restart_log.flush();
+        let mut stuck: Vec<(AccountKey, String)> = self
+            .lock()
+            .accounts
+            .iter()
+            .filter_map(|(key, e)| e.stuck.clone().map(|reason| (key.clone(), reason)))
+            .collect();
+        stuck.sort_by_key(|(key, _)| key.to_string());
+        stuck
     }
 }
 
@@ -839,6 +871,18 @@ impl Seed {
         }
         if let Some(configured) = self.configured {
             s.configured = configured;
+        }
+        if !s.state.has_task() && s.state != AccountState::Starting {
+            if matches!(self.enabled, Some(Check::No(_))) {
+                s.set_state(AccountState::Disabled);
+            } else if self.configured == Some(false) {
+                s.set_state(AccountState::NotConfigured);
+            } else if matches!(
+                s.state,
+                AccountState::Disabled | AccountState::NotConfigured
+            ) {
+                s.set_state(AccountState::Stopped);
+            }
         }
         if s.running || s.last_error.is_some() {
             return;

@@ -9,6 +9,10 @@ use crate::{
 };
 
 impl MonitorTarget for Supervisor {
+    fn now(&self) -> tokio::time::Instant {
+        self.inner.clock.now()
+    }
+
     fn accounts(&self) -> Vec<AccountView> {
         let channels = self.channels();
         let policy_max = self.inner.policy.max_restarts;

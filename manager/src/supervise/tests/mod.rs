@@ -25,6 +25,8 @@ mod operations;
 mod start_all;
 /// Rules 2–5 and the stop: joining starts, disabled accounts, stops in every phase, slow starts.
 mod start_stop;
+/// The explicit `state` field and the flags derived from it.
+mod state;
 
 use std::{
     collections::{HashMap, VecDeque},
