@@ -43,7 +43,11 @@ impl MonitorTarget for Supervisor {
                     monitor_enabled: self.is_health_monitor_enabled(&key.channel, &key.account),
                     enabled: snapshot.enabled || !snapshot_known(&snapshot),
                     configured: snapshot.configured || !snapshot_known(&snapshot),
-                    running: snapshot.running,
+                    // A boot in flight (an ABI 1.1 task not yet polled) is not a stopped account:
+                    // judged as running, it falls under the connect grace instead of being
+                    // "restarted" while it starts (seen under heavy load).
+                    running: snapshot.running
+                        || snapshot.state == crate::status::AccountState::Starting,
                     restart_pending: snapshot.restart_pending,
                     manually_stopped,
                     gave_up: attempts > policy_max,
