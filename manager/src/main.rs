@@ -173,6 +173,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::IsolateChild {
+            plugin,
+            source,
+            worker_threads,
+            max_log_level,
+        } => {
+            let code = channeld::isolate::child::run(channeld::isolate::child::ChildArgs {
+                plugin,
+                source,
+                worker_threads,
+                max_log_level,
+            });
+            Ok(ExitCode::from(code as u8))
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),
