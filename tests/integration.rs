@@ -48,6 +48,9 @@ mod health;
 /// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
 /// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
 mod journal;
+/// Process isolation: plugins that segfault, abort, exit, overflow their stack or run out of
+/// memory in a child process, while the host and other channels keep running.
+mod isolation;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;

@@ -256,6 +256,7 @@ impl Loader {
             worker_threads: self.worker_threads,
             max_log_level: self.max_log_level,
             memory_limit,
+            exe: None,
         };
         let probe = IsolatedPlugin::spawn(spec(None), runtime.clone(), self.sink.clone())?;
         let channel = probe.info().channel_id.clone();

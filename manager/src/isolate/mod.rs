@@ -129,6 +129,7 @@ impl Settings {
 
 /// What `channeld plugins` shows about an isolated channel.
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct IsolationInfo {
     /// `process`.
     pub mode: &'static str,

@@ -62,6 +62,8 @@ pub struct ChildSpec {
     pub max_log_level: LogLevel,
     /// The address-space limit.
     pub memory_limit: Option<u64>,
+    /// The `channeld` binary to run (`None`: this process's own executable).
+    pub exe: Option<PathBuf>,
 }
 
 type Reply = (Result<Answer, String>, Option<oneshot::Receiver<Result<(), String>>>);
@@ -157,8 +159,17 @@ fn cause_of(status: ExitStatus, out_of_memory: bool, stack_overflow: bool) -> St
             libc::SIGTRAP => "SIGTRAP",
             _ => "",
         };
-        if signal == libc::SIGABRT && out_of_memory {
-            return "plugin process aborted (memory allocation failed)".into();
+        if signal == libc::SIGABRT {
+            // Rust's runtime aborts after a failed allocation and after a stack overflow, and says
+            // which on stderr first.
+            let why = if out_of_memory {
+                "memory allocation failed"
+            } else if stack_overflow {
+                "stack overflow"
+            } else {
+                "SIGABRT"
+            };
+            return format!("plugin process aborted ({why})");
         }
         let name = if name.is_empty() {
             format!("signal {signal}")
@@ -187,8 +198,9 @@ fn spawn_child(
         class: class.into(),
         error,
     };
-    let exe = std::env::var_os("CHANNELD_ISOLATE_EXE")
-        .map(PathBuf::from)
+    let exe = spec
+        .exe
+        .clone()
         .map_or_else(std::env::current_exe, Ok)
         .map_err(|e| fail("spawn-failed", format!("cannot find the channeld binary: {e}")))?;
     let (host_end, child_end) = std::os::unix::net::UnixStream::pair()
@@ -782,6 +794,7 @@ impl Plugin for IsolatedPlugin {
             return Ok(());
         }
         let answer = conn.request(Call::Shutdown);
+        let _runtime = self.inner.runtime.enter();
         let result = futures_executor::block_on(async {
             tokio::time::timeout(EXIT_GRACE, answer).await
         });
