@@ -45,12 +45,12 @@ mod hot;
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.
 mod health;
 
-/// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
-/// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
-mod journal;
 /// Process isolation: plugins that segfault, abort, exit, overflow their stack or run out of
 /// memory in a child process, while the host and other channels keep running.
 mod isolation;
+/// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
+/// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
+mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;

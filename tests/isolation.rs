@@ -107,20 +107,28 @@ fn assert_no_zombie(daemon: &Daemon) {
 fn assert_steady(daemon: &Daemon) {
     let steady = daemon.account("fixture", "steady");
     assert_eq!(steady["running"], true, "{steady}");
-    assert_eq!(steady["fixtureStarts"], 1, "the other channel's task never restarted: {steady}");
+    assert_eq!(
+        steady["fixtureStarts"], 1,
+        "the other channel's task never restarted: {steady}"
+    );
 }
 
 /// A crash in the account task: the account ends with `cause`, is restarted 3 times (each in a
 /// new child that crashes again), then given up; the host and the other channel are untouched.
 fn crash_in_start(how: &str, extra: &str, cause: &str) {
     let daemon = isolated_daemon(
-        &format!("{extra}\n[channels.crashy.accounts.bad]\ncrash = \"{how}\"\ncrash_in = \"start\"\n"),
+        &format!(
+            "{extra}\n[channels.crashy.accounts.bad]\ncrash = \"{how}\"\ncrash_in = \"start\"\n"
+        ),
         &[],
     );
     let bad = daemon.wait_for_account("crashy", "bad", gave_up);
     let error = bad["lastError"].as_str().unwrap();
     assert!(error.contains(cause), "{how}: {error}");
-    assert_eq!(bad["reconnectAttempts"], 4, "1 start + 3 restarts, each in a new child: {bad}");
+    assert_eq!(
+        bad["reconnectAttempts"], 4,
+        "1 start + 3 restarts, each in a new child: {bad}"
+    );
     assert_steady(&daemon);
     assert_no_zombie(&daemon);
 }
@@ -175,9 +183,7 @@ fn a_segfault_in_the_stop_hook_restarts_the_accounts_sharing_the_child() {
         s["running"] == true && s["reconnectAttempts"].as_u64() >= Some(1)
     });
     assert!(
-        daemon
-            .log()
-            .contains("plugin process killed by SIGSEGV"),
+        daemon.log().contains("plugin process killed by SIGSEGV"),
         "{other}\n{}",
         daemon.log()
     );
@@ -222,7 +228,8 @@ fn a_crash_in_send_fails_the_send_and_the_next_one_runs_in_a_new_child() {
             exe: Some(util::daemon::channeld().into()),
         };
         let plugin = IsolatedPlugin::spawn(spec, runtime.handle().clone(), board.clone()).unwrap();
-        let table = json!({ "accounts": { "bad": { "crash": how, "crash_in": "send" }, "good": {} } });
+        let table =
+            json!({ "accounts": { "bad": { "crash": how, "crash_in": "send" }, "good": {} } });
         plugin.configure(&table).unwrap();
         let link = AccountLink::for_account(AccountKey::new("crashy", "bad"), 1, board.clone());
         let task = plugin.start_account("bad", link).unwrap();
@@ -280,10 +287,16 @@ fn the_same_segfault_in_process_kills_the_daemon() {
     let daemon = Daemon::prepare(
         &[("crashy.so", crash_plugin())],
         "",
-        &format!("{FAST}\n[channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"start\"\n"),
+        &format!(
+            "{FAST}\n[channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"start\"\n"
+        ),
     );
     let (status, stderr) = daemon.run_to_exit();
-    assert_eq!(status.signal(), Some(libc_sigsegv()), "{status:?}\n{stderr}");
+    assert_eq!(
+        status.signal(),
+        Some(libc_sigsegv()),
+        "{status:?}\n{stderr}"
+    );
 }
 
 fn libc_sigsegv() -> i32 {
@@ -295,13 +308,17 @@ fn libc_sigsegv() -> i32 {
 fn killing_the_daemon_takes_its_plugin_processes_with_it() {
     let mut daemon = isolated_daemon("[channels.crashy.accounts.a]\n", &[]);
     daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
-    let listing: Value = serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
     assert!(alive(pid), "the plugin process {pid} runs");
     daemon.kill();
     let deadline = Instant::now() + Duration::from_secs(1);
     while alive(pid) {
-        assert!(Instant::now() < deadline, "plugin process {pid} outlived the daemon by 1 s");
+        assert!(
+            Instant::now() < deadline,
+            "plugin process {pid} outlived the daemon by 1 s"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -332,7 +349,8 @@ fn a_message_delivered_by_an_isolated_plugin_reaches_the_journal() {
     );
     let a = daemon.wait_for_account("fixture", "a", |s| s["deliveredSeq"].is_u64());
     assert_eq!(a["running"], true, "{a}");
-    let journal: Value = serde_json::from_slice(&daemon.cli(&["journal", "--json"]).stdout).unwrap();
+    let journal: Value =
+        serde_json::from_slice(&daemon.cli(&["journal", "--json"]).stdout).unwrap();
     assert_eq!(
         journal["journal"]["lastSeq"], a["deliveredSeq"],
         "the journal has the message: {journal}"
@@ -351,19 +369,26 @@ fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
         &[],
     );
     daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
-    let listing: Value = serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     let old = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
     let staged = daemon.plugins_dir().join("fixture.so.new");
     std::fs::copy(util::plugin_file("channeld-plugin-fixture-v2"), &staged).unwrap();
     std::fs::rename(&staged, daemon.plugins_dir().join("fixture.so")).unwrap();
     daemon.wait_for_log("plugin replaced");
-    daemon.wait_for_account("fixture", "a", |s| s["running"] == true && s["fixtureStarts"] == 1);
-    let listing: Value = serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && s["fixtureStarts"] == 1
+    });
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     let new = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
     assert_ne!(new, old);
     let deadline = Instant::now() + PATIENCE;
     while alive(old) {
-        assert!(Instant::now() < deadline, "the old plugin process {old} still runs");
+        assert!(
+            Instant::now() < deadline,
+            "the old plugin process {old} still runs"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_no_zombie(&daemon);

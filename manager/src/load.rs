@@ -308,8 +308,8 @@ pub mod isolation_sys {
     /// daemon), and, with `memory_limit`, cap its address space (`RLIMIT_AS`).
     pub fn prepare_child(command: &mut Command, socket: RawFd, memory_limit: Option<u64>) {
         let pre_exec = move || {
-            // SAFETY (for the calls below): plain system calls on descriptors and limits of this
-            // (forked, single-threaded) process, with valid arguments; none allocates.
+            // SAFETY: plain system calls on descriptors and limits of this (forked,
+            // single-threaded) process, with valid arguments; none allocates.
             unsafe {
                 if libc::dup2(socket, CHILD_SOCKET_FD) < 0
                     || libc::fcntl(CHILD_SOCKET_FD, libc::F_SETFD, 0) < 0

@@ -282,8 +282,11 @@ impl Loader {
                 None => Ok(Some(probe)),
                 Some(limit) => {
                     probe.kill();
-                    let limited =
-                        IsolatedPlugin::spawn(spec(Some(limit)), runtime.clone(), self.sink.clone())?;
+                    let limited = IsolatedPlugin::spawn(
+                        spec(Some(limit)),
+                        runtime.clone(),
+                        self.sink.clone(),
+                    )?;
                     Ok(Some(limited))
                 }
             },

@@ -49,7 +49,9 @@ pub fn run(args: ChildArgs) -> i32 {
         return 1;
     }
     let Some(socket) = isolation_sys::take_child_socket() else {
-        eprintln!("channeld isolate-child: no socket on descriptor 3 (this is not a command to run)");
+        eprintln!(
+            "channeld isolate-child: no socket on descriptor 3 (this is not a command to run)"
+        );
         return 2;
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -102,7 +104,10 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
                     return;
                 }
             }
-            if futures_util::SinkExt::<bytes::Bytes>::flush(&mut writer).await.is_err() {
+            if futures_util::SinkExt::<bytes::Bytes>::flush(&mut writer)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -176,7 +181,11 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
                 plugin.cancel_task(task);
             }
             ToChild::Answered { id, answer } => {
-                let waiting = sink.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                let waiting = sink
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 if let Some(waiting) = waiting {
                     let _ = waiting.send(answer);
                 }
@@ -188,6 +197,9 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
     std::process::exit(0)
 }
 
+/// A call that may block, run on the blocking pool.
+type BlockingCall = Box<dyn FnOnce(&FfiPlugin) -> Result<Answer, String> + Send>;
+
 /// Runs one call on the plugin.
 async fn answer(
     plugin: Arc<FfiPlugin>,
@@ -196,7 +208,7 @@ async fn answer(
     out: &mpsc::UnboundedSender<FromChild>,
     call: Call,
 ) -> Result<Answer, String> {
-    let blocking = |f: Box<dyn FnOnce(&FfiPlugin) -> Result<Answer, String> + Send>| {
+    let blocking = |f: BlockingCall| {
         let plugin = plugin.clone();
         async move {
             tokio::task::spawn_blocking(move || f(&plugin))
@@ -213,26 +225,34 @@ async fn answer(
         Call::Validate(table) => {
             let table = json(&table)?;
             blocking(Box::new(move |p| {
-                p.validate_channel(&table).map(|()| Answer::Unit).map_err(|e| e.message)
+                p.validate_channel(&table)
+                    .map(|()| Answer::Unit)
+                    .map_err(|e| e.message)
             }))
             .await
         }
         Call::Configure(table) => {
             let table = json(&table)?;
             blocking(Box::new(move |p| {
-                p.configure(&table).map(|()| Answer::Unit).map_err(|e| e.message)
+                p.configure(&table)
+                    .map(|()| Answer::Unit)
+                    .map_err(|e| e.message)
             }))
             .await
         }
         Call::ListAccountIds => {
             blocking(Box::new(|p| {
-                p.list_account_ids().map(Answer::Strings).map_err(|e| e.message)
+                p.list_account_ids()
+                    .map(Answer::Strings)
+                    .map_err(|e| e.message)
             }))
             .await
         }
         Call::DefaultAccountId => {
             blocking(Box::new(|p| {
-                p.default_account_id().map(Answer::OptString).map_err(|e| e.message)
+                p.default_account_id()
+                    .map(Answer::OptString)
+                    .map_err(|e| e.message)
             }))
             .await
         }
@@ -245,8 +265,10 @@ async fn answer(
             .await
         }
         Call::IsEnabled(account) => {
-            blocking(Box::new(move |p| p.is_enabled(&account).map(check).map_err(|e| e.message)))
-                .await
+            blocking(Box::new(move |p| {
+                p.is_enabled(&account).map(check).map_err(|e| e.message)
+            }))
+            .await
         }
         Call::IsConfigured(account) => {
             blocking(Box::new(move |p| {
@@ -302,7 +324,9 @@ async fn answer(
             Some(stop) => stop.await.map(|()| Answer::Unit).map_err(|e| e.message),
             None => {
                 blocking(Box::new(move |p| {
-                    p.stop_account(&account).map(|()| Answer::Unit).map_err(|e| e.message)
+                    p.stop_account(&account)
+                        .map(|()| Answer::Unit)
+                        .map_err(|e| e.message)
                 }))
                 .await
             }
@@ -310,8 +334,10 @@ async fn answer(
         Call::Logout(account) => match plugin.logout_async(&account) {
             Some(logout) => logout.await.map(Answer::Bool).map_err(|e| e.message),
             None => {
-                blocking(Box::new(move |p| p.logout(&account).map(Answer::Bool).map_err(|e| e.message)))
-                    .await
+                blocking(Box::new(move |p| {
+                    p.logout(&account).map(Answer::Bool).map_err(|e| e.message)
+                }))
+                .await
             }
         },
         Call::Send {
@@ -330,8 +356,10 @@ async fn answer(
             .map(Answer::Text)
             .map_err(|e| e.message),
         Call::Shutdown => {
-            blocking(Box::new(|p| p.shutdown().map(|()| Answer::Unit).map_err(|e| e.message)))
-                .await
+            blocking(Box::new(|p| {
+                p.shutdown().map(|()| Answer::Unit).map_err(|e| e.message)
+            }))
+            .await
         }
     }
 }
@@ -353,10 +381,18 @@ impl ChildSink {
         });
     }
 
-    fn query(&self, key: &AccountKey, generation: u64, query: Query) -> oneshot::Receiver<QueryAnswer> {
+    fn query(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        query: Query,
+    ) -> oneshot::Receiver<QueryAnswer> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
         let _ = self.out.send(FromChild::Query {
             id,
             account: key.account.clone(),
@@ -367,7 +403,12 @@ impl ChildSink {
     }
 
     /// Waits for a query's answer on the plugin's thread (its runtime, never the child's).
-    fn query_blocking(&self, key: &AccountKey, generation: u64, query: Query) -> Option<QueryAnswer> {
+    fn query_blocking(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        query: Query,
+    ) -> Option<QueryAnswer> {
         futures_executor::block_on(self.query(key, generation, query)).ok()
     }
 }

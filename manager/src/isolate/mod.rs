@@ -123,7 +123,10 @@ impl Settings {
 
     /// `channel`'s settings (the default for a channel the config does not name).
     pub fn channel(&self, channel: &str) -> Result<ChannelIsolation, String> {
-        self.channels.get(channel).cloned().unwrap_or(Ok(ChannelIsolation::default()))
+        self.channels
+            .get(channel)
+            .cloned()
+            .unwrap_or(Ok(ChannelIsolation::default()))
     }
 }
 
@@ -147,13 +150,19 @@ mod tests {
     #[test]
     fn settings_parse_and_refuse_with_the_channel_named() {
         assert_eq!(
-            Settings::parse("c", &json!({ "isolation": "process", "memory_limit": "64MiB" })),
+            Settings::parse(
+                "c",
+                &json!({ "isolation": "process", "memory_limit": "64MiB" })
+            ),
             Ok(ChannelIsolation {
                 mode: Mode::Process,
                 memory_limit: Some(64 << 20)
             })
         );
-        assert_eq!(Settings::parse("c", &json!({})), Ok(ChannelIsolation::default()));
+        assert_eq!(
+            Settings::parse("c", &json!({})),
+            Ok(ChannelIsolation::default())
+        );
         let bad = Settings::parse("c", &json!({ "isolation": "vm" })).unwrap_err();
         assert!(bad.starts_with("channel c: isolation"), "{bad}");
         let bad = Settings::parse("c", &json!({ "memory_limit": "1GiB" })).unwrap_err();

@@ -66,7 +66,10 @@ pub struct ChildSpec {
     pub exe: Option<PathBuf>,
 }
 
-type Reply = (Result<Answer, String>, Option<oneshot::Receiver<Result<(), String>>>);
+type Reply = (
+    Result<Answer, String>,
+    Option<oneshot::Receiver<Result<(), String>>>,
+);
 
 /// One live (or dead) child.
 struct Conn {
@@ -127,13 +130,16 @@ impl Conn {
     }
 }
 
+/// Work for the spawner thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
 /// The daemon-lived thread every child is spawned from: `PR_SET_PDEATHSIG` fires when the thread
 /// that forked the child ends, so it must not be a pool thread that idles out.
-fn spawner() -> &'static Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>> {
-    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>> =
+fn spawner() -> &'static Mutex<std::sync::mpsc::Sender<SpawnJob>> {
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
         std::sync::OnceLock::new();
     SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
         let _ = std::thread::Builder::new()
             .name("channeld-isolate-spawner".into())
             .spawn(move || {
@@ -202,7 +208,12 @@ fn spawn_child(
         .exe
         .clone()
         .map_or_else(std::env::current_exe, Ok)
-        .map_err(|e| fail("spawn-failed", format!("cannot find the channeld binary: {e}")))?;
+        .map_err(|e| {
+            fail(
+                "spawn-failed",
+                format!("cannot find the channeld binary: {e}"),
+            )
+        })?;
     let (host_end, child_end) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| fail("spawn-failed", format!("socketpair: {e}")))?;
     let mut command = Command::new(exe);
@@ -234,7 +245,12 @@ fn spawn_child(
     let mut child = spawned_rx
         .recv()
         .map_err(|_| fail("spawn-failed", "the spawner thread is gone".into()))?
-        .map_err(|e| fail("spawn-failed", format!("cannot start the plugin process: {e}")))?;
+        .map_err(|e| {
+            fail(
+                "spawn-failed",
+                format!("cannot start the plugin process: {e}"),
+            )
+        })?;
     drop(child_end);
     let pid = child.id();
 
@@ -335,7 +351,10 @@ fn spawn_child(
                     return;
                 }
             }
-            if futures_util::SinkExt::<bytes::Bytes>::flush(&mut writer).await.is_err() {
+            if futures_util::SinkExt::<bytes::Bytes>::flush(&mut writer)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -590,9 +609,12 @@ impl IsolatedPlugin {
         if self.inner.shut_down.load(Ordering::SeqCst) {
             return Err(self.error(entry, "the plugin process was shut down".into()));
         }
-        let (fresh, _hello) =
-            spawn_child(&self.inner.spec, &self.inner.runtime, self.inner.sink.clone())
-                .map_err(|e| self.error(entry, format!("restarting the plugin process: {}", e.error)))?;
+        let (fresh, _hello) = spawn_child(
+            &self.inner.spec,
+            &self.inner.runtime,
+            self.inner.sink.clone(),
+        )
+        .map_err(|e| self.error(entry, format!("restarting the plugin process: {}", e.error)))?;
         self.inner.children_started.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             channel = %self.inner.info.channel_id,
@@ -602,7 +624,9 @@ impl IsolatedPlugin {
         if let Some(table) = lock(&self.inner.config).clone() {
             let (result, _) = futures_executor::block_on(fresh.request(Call::Configure(table)))
                 .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
-            result.map_err(|e| self.error(entry, format!("configuring the new plugin process: {e}")))?;
+            result.map_err(|e| {
+                self.error(entry, format!("configuring the new plugin process: {e}"))
+            })?;
         }
         *conn = fresh.clone();
         Ok(fresh)
@@ -617,7 +641,11 @@ impl IsolatedPlugin {
     }
 
     /// A call as a future; the child is (re)started on the blocking pool if needed.
-    fn call_async(&self, entry: &'static str, call: Call) -> BoxFuture<Result<Answer, PluginCallError>> {
+    fn call_async(
+        &self,
+        entry: &'static str,
+        call: Call,
+    ) -> BoxFuture<Result<Answer, PluginCallError>> {
         let me = self.clone();
         Box::pin(async move {
             let conn = {
@@ -701,7 +729,11 @@ impl Plugin for IsolatedPlugin {
         }
     }
 
-    fn start_account(&self, account: &str, link: AccountLink) -> Result<RunningTask, PluginCallError> {
+    fn start_account(
+        &self,
+        account: &str,
+        link: AccountLink,
+    ) -> Result<RunningTask, PluginCallError> {
         let conn = self.conn("start_account")?;
         let generation = link.generation();
         lock(&conn.links).insert((account.to_owned(), generation), link);
@@ -723,7 +755,9 @@ impl Plugin for IsolatedPlugin {
             id: task,
             done: Box::pin(async move {
                 let result = match done {
-                    Some(done) => done.await.unwrap_or_else(|_| Err("the plugin process is gone".into())),
+                    Some(done) => done
+                        .await
+                        .unwrap_or_else(|_| Err("the plugin process is gone".into())),
                     None => Err("the plugin process is gone".into()),
                 };
                 lock(&links.links).remove(&key);
@@ -758,7 +792,9 @@ impl Plugin for IsolatedPlugin {
         }
         let (result, _) = futures_executor::block_on(conn.request(Call::Stop(account.into())))
             .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
-        result.map(|_| ()).map_err(|e| self.error("stop_account", e))
+        result
+            .map(|_| ())
+            .map_err(|e| self.error("stop_account", e))
     }
 
     fn logout(&self, account: &str) -> Result<bool, PluginCallError> {
@@ -795,9 +831,8 @@ impl Plugin for IsolatedPlugin {
         }
         let answer = conn.request(Call::Shutdown);
         let _runtime = self.inner.runtime.enter();
-        let result = futures_executor::block_on(async {
-            tokio::time::timeout(EXIT_GRACE, answer).await
-        });
+        let result =
+            futures_executor::block_on(async { tokio::time::timeout(EXIT_GRACE, answer).await });
         // Whatever it answered, the child goes: killed if it is still there after the grace.
         let conn2 = conn.clone();
         self.inner.runtime.spawn(async move {
@@ -813,7 +848,10 @@ impl Plugin for IsolatedPlugin {
             Ok(Ok((Err(e), _))) => Err(self.error("shutdown", e)),
             _ => {
                 conn.kill();
-                Err(self.error("shutdown", "the plugin process did not answer; killed".into()))
+                Err(self.error(
+                    "shutdown",
+                    "the plugin process did not answer; killed".into(),
+                ))
             }
         }
     }
@@ -845,8 +883,11 @@ impl Plugin for IsolatedPlugin {
     }
 
     fn validate_channel(&self, channel_config: &Value) -> Result<(), PluginCallError> {
-        self.call("validate_channel", Call::Validate(channel_config.to_string()))
-            .map(|_| ())
+        self.call(
+            "validate_channel",
+            Call::Validate(channel_config.to_string()),
+        )
+        .map(|_| ())
     }
 
     fn reports_task_polled(&self) -> bool {

@@ -100,7 +100,8 @@ impl ChannelPlugin for Crashy {
         }
         async move {
             let starts = STARTS.fetch_add(1, Ordering::Relaxed) + 1;
-            ctx.host().patch_status(&json!({ "crashyStarts": starts }))?;
+            ctx.host()
+                .patch_status(&json!({ "crashyStarts": starts }))?;
             ctx.host().set_connected(true);
             if let Some(how) = crash_in(&account, "start") {
                 crash(how);
