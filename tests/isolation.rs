@@ -312,6 +312,8 @@ fn killing_the_daemon_takes_its_plugin_processes_with_it() {
         serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
     assert!(alive(pid), "the plugin process {pid} runs");
+    let table = String::from_utf8(daemon.cli(&["plugins"]).stdout).unwrap();
+    assert!(table.contains(&format!("process pid {pid}")), "{table}");
     daemon.kill();
     let deadline = Instant::now() + Duration::from_secs(1);
     while alive(pid) {
