@@ -255,7 +255,8 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
         .with_context(|| format!("staging directory in {}", state_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let board = Arc::new(StatusBoard::new(clock.clone()));
-    let loader = Loader::new(staging, board.clone(), clock.clone());
+    let mut loader = Loader::new(staging, board.clone(), clock.clone());
+    loader.isolation = channeld::isolate::Settings::of(&config);
     let mut registry = Registry::default();
     let report = registry.load_dir(&loader, &config.host.plugins_dir)?;
     let supervisor = Supervisor::new(
