@@ -898,3 +898,39 @@ impl Plugin for IsolatedPlugin {
         Some(self.isolation_info())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    use super::*;
+
+    #[test]
+    fn a_childs_end_is_named_by_its_signal_code_or_last_words() {
+        let signalled = |signal| ExitStatus::from_raw(signal);
+        assert_eq!(
+            cause_of(signalled(libc::SIGSEGV), false, false),
+            "plugin process killed by SIGSEGV"
+        );
+        assert_eq!(
+            cause_of(signalled(libc::SIGABRT), true, false),
+            "plugin process aborted (memory allocation failed)"
+        );
+        assert_eq!(
+            cause_of(signalled(libc::SIGABRT), false, true),
+            "plugin process aborted (stack overflow)"
+        );
+        assert_eq!(
+            cause_of(signalled(libc::SIGABRT), false, false),
+            "plugin process aborted (SIGABRT)"
+        );
+        assert_eq!(
+            cause_of(ExitStatus::from_raw(3 << 8), false, false),
+            "plugin process exited with code 3"
+        );
+        assert_eq!(
+            cause_of(signalled(libc::SIGUSR1), false, false),
+            format!("plugin process killed by signal {}", libc::SIGUSR1)
+        );
+    }
+}
