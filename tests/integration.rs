@@ -45,6 +45,9 @@ mod hot;
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.
 mod health;
 
+/// Process isolation: plugins that segfault, abort, exit, overflow their stack or run out of
+/// memory in a child process, while the host and other channels keep running.
+mod isolation;
 /// The journal and the event stream: SSE delivery and resume, pruning, refusals, a corrupt,
 /// newer or locked journal, the read-only token, `channeld tail` across a restart, `kill -9`.
 mod journal;

@@ -24,6 +24,10 @@
 #[path = "scenarios/hot_add.rs"]
 mod hot_add;
 
+/// `isolation`: a call round trip and inbound throughput through an isolated plugin's child.
+#[path = "scenarios/isolation.rs"]
+mod isolation;
+
 /// `msgs`: the journal's durable ingest, the event stream's latency, memory with a consumer behind.
 #[path = "scenarios/msgs.rs"]
 mod msgs;
@@ -83,6 +87,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("S2", s2),
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
+    ("isolation", isolation::isolation),
 ];
 
 fn main() -> ExitCode {

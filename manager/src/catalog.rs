@@ -98,6 +98,9 @@ pub struct PluginListing {
     pub load_error: Option<String>,
     /// Versions of this channel mapped in the process (libraries are never unloaded).
     pub versions_mapped: usize,
+    /// For a channel isolated in a child process: the mode and the child's pid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<crate::isolate::IsolationInfo>,
 }
 
 /// `GET /v1/plugins`: every plugin file, and how many reconcile steps ran.
@@ -763,6 +766,7 @@ impl Catalog {
                     loaded_at: Some(p.loaded_at_ms),
                     load_error: state.refused.get(&p.staged.source).map(|r| r.error.clone()),
                     versions_mapped: state.mapped.get(&p.info.channel_id).copied().unwrap_or(1),
+                    isolation: p.plugin.isolation(),
                 }
             })
             .collect();
@@ -777,6 +781,7 @@ impl Catalog {
                     loaded_at: None,
                     load_error: Some(refusal.error.clone()),
                     versions_mapped: 0,
+                    isolation: None,
                 });
             }
         }
@@ -790,6 +795,7 @@ impl Catalog {
                 loaded_at: None,
                 load_error: None,
                 versions_mapped: state.mapped.get(channel).copied().unwrap_or(0),
+                isolation: None,
             });
         }
         Listing {

@@ -203,6 +203,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The child process of an isolated channel (started by the daemon; not for people).
+    #[command(hide = true)]
+    IsolateChild {
+        /// The staged copy to load.
+        #[arg(long)]
+        plugin: PathBuf,
+        /// The plugin file it was staged from.
+        #[arg(long)]
+        source: PathBuf,
+        /// The plugin runtime's worker threads.
+        #[arg(long, default_value_t = 0)]
+        worker_threads: u32,
+        /// The most verbose plugin log level (1 error … 5 trace).
+        #[arg(long, default_value_t = 3)]
+        max_log_level: u8,
+    },
 }
 
 /// Arguments of the account operations.

@@ -165,6 +165,7 @@ impl Daemon {
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();
+        loader.isolation = crate::isolate::Settings::of(&config);
         let supervisor = Supervisor::new(
             config.supervisor.clone(),
             config.host.plugin_call_timeout,

@@ -14,6 +14,7 @@ pub mod ffi;
 pub mod health;
 pub mod host;
 pub mod inbound;
+pub mod isolate;
 pub mod journal;
 pub mod limits;
 pub mod load;

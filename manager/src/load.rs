@@ -285,3 +285,90 @@ mod tests {
         assert_eq!(layout_summary("odd\nreport"), "odd");
     }
 }
+
+/// The system calls of process isolation ([`crate::isolate`]): preparing an isolated plugin's
+/// child before `exec`, taking over its socket in the child, and killing it. They live here, with
+/// the loader, as the only other place that needs `unsafe`.
+pub mod isolation_sys {
+    use std::{
+        os::{
+            fd::{FromRawFd as _, RawFd},
+            unix::{net::UnixStream, process::CommandExt as _},
+        },
+        process::Command,
+    };
+
+    /// The descriptor the child finds its socket on.
+    pub const CHILD_SOCKET_FD: RawFd = 3;
+
+    /// Makes `command`'s child, between `fork` and `exec`: move `socket` to
+    /// [`CHILD_SOCKET_FD`] (inheritable), mark every other descriptor above 2 close-on-exec (so the
+    /// child inherits only stdin/stdout/stderr and the socket), die with SIGKILL when the thread
+    /// that spawned it ends (`PR_SET_PDEATHSIG`: spawn from a thread that lives as long as the
+    /// daemon), and, with `memory_limit`, cap its address space (`RLIMIT_AS`).
+    pub fn prepare_child(command: &mut Command, socket: RawFd, memory_limit: Option<u64>) {
+        let pre_exec = move || {
+            // SAFETY: plain system calls on descriptors and limits of this (forked,
+            // single-threaded) process, with valid arguments; none allocates.
+            unsafe {
+                if libc::dup2(socket, CHILD_SOCKET_FD) < 0
+                    || libc::fcntl(CHILD_SOCKET_FD, libc::F_SETFD, 0) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close_range(
+                    CHILD_SOCKET_FD as libc::c_uint + 1,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(limit) = memory_limit {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        };
+        // SAFETY: the closure only makes async-signal-safe system calls (dup2, fcntl, close_range,
+        // prctl, setrlimit) and allocates nothing, as the forked child of a multi-threaded process
+        // requires.
+        unsafe {
+            command.pre_exec(pre_exec);
+        }
+    }
+
+    /// In the child: the socket the host left on [`CHILD_SOCKET_FD`], now close-on-exec so that
+    /// processes the plugin starts do not inherit it. `None` if there is none.
+    pub fn take_child_socket() -> Option<UnixStream> {
+        // SAFETY: fcntl on a descriptor number only reads or sets its flags.
+        let is_socket = unsafe {
+            libc::fcntl(CHILD_SOCKET_FD, libc::F_GETFD) >= 0
+                && libc::fcntl(CHILD_SOCKET_FD, libc::F_SETFD, libc::FD_CLOEXEC) >= 0
+        };
+        // SAFETY: the descriptor is open (checked above), was handed to this process for this
+        // use only, and nothing else in the process owns it.
+        is_socket.then(|| unsafe { UnixStream::from_raw_fd(CHILD_SOCKET_FD) })
+    }
+
+    /// The parent's pid.
+    pub fn parent_pid() -> u32 {
+        // SAFETY: getppid has no preconditions.
+        unsafe { libc::getppid() as u32 }
+    }
+
+    /// Sends SIGKILL to `pid` (a child this process has not reaped yet).
+    pub fn kill(pid: u32) {
+        // SAFETY: kill has no memory-safety preconditions; the caller names its own unreaped
+        // child, so the pid cannot have been reused.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}

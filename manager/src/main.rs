@@ -209,6 +209,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = channeld::outbox::cli::messages(&client, id, state, cancel, json)?;
             Ok(ExitCode::from(code))
         }
+        Command::IsolateChild {
+            plugin,
+            source,
+            worker_threads,
+            max_log_level,
+        } => {
+            let code = channeld::isolate::child::run(channeld::isolate::child::ChildArgs {
+                plugin,
+                source,
+                worker_threads,
+                max_log_level,
+            });
+            Ok(ExitCode::from(code as u8))
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),
@@ -277,7 +291,8 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
         .with_context(|| format!("staging directory in {}", state_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let board = Arc::new(StatusBoard::new(clock.clone()));
-    let loader = Loader::new(staging, board.clone(), clock.clone());
+    let mut loader = Loader::new(staging, board.clone(), clock.clone());
+    loader.isolation = channeld::isolate::Settings::of(&config);
     let mut registry = Registry::default();
     let report = registry.load_dir(&loader, &config.host.plugins_dir)?;
     let supervisor = Supervisor::new(

@@ -145,4 +145,8 @@ pub trait Plugin: Send + Sync + 'static {
     fn reports_task_polled(&self) -> bool {
         false
     }
+    /// How the plugin is isolated from the daemon: `None` when it runs in the daemon's process.
+    fn isolation(&self) -> Option<crate::isolate::IsolationInfo> {
+        None
+    }
 }

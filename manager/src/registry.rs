@@ -41,6 +41,9 @@ pub enum PluginFileError {
         /// The file that provides it.
         existing: PathBuf,
     },
+    /// The plugin's child process (process isolation) did not start or did not load it.
+    #[error(transparent)]
+    Isolated(#[from] crate::isolate::SpawnError),
     /// `init` failed.
     #[error("{}: {error}", path.display())]
     Init {
@@ -67,6 +70,14 @@ impl PluginFileError {
             Self::Load(e) => e.class(),
             Self::Duplicate { .. } => "duplicate-channel",
             Self::Init { .. } => "init-failed",
+            Self::Isolated(e) => match e.class.as_str() {
+                "crashed-while-loading" => "crashed-while-loading",
+                "handshake-timed-out" => "handshake-timed-out",
+                "bad-isolation" => "bad-isolation",
+                "duplicate-channel" => "duplicate-channel",
+                "init-failed" => "init-failed",
+                _ => "isolated-load-failed",
+            },
         }
     }
 
@@ -89,6 +100,7 @@ impl PluginFileError {
             | Self::Duplicate { path, .. }
             | Self::Init { path, .. } => path,
             Self::Load(e) => e.path(),
+            Self::Isolated(e) => &e.source_file,
         }
     }
 
@@ -134,6 +146,10 @@ pub struct Loader {
     pub worker_threads: u32,
     /// The most verbose plugin log level recorded.
     pub max_log_level: LogLevel,
+    /// Which channels run their plugin in a child process.
+    pub isolation: crate::isolate::Settings,
+    /// The runtime isolated plugins' sockets are served on.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Loader {
@@ -145,6 +161,8 @@ impl Loader {
             clock,
             worker_threads: 0,
             max_log_level: LogLevel::Info,
+            isolation: crate::isolate::Settings::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -184,6 +202,17 @@ impl Loader {
     ) -> Result<LoadedPlugin, PluginFileError> {
         let path = staged.source.clone();
         let path = path.as_path();
+        if self.isolation.any()
+            && let Some(runtime) = &self.runtime
+            && let Some(isolated) = self.load_isolated(&staged, runtime, &claimed)?
+        {
+            return Ok(LoadedPlugin {
+                info: isolated.info().clone(),
+                staged,
+                loaded_at_ms: self.clock.wall_ms(),
+                plugin: Arc::new(isolated),
+            });
+        }
         let module = load_root_module_named(&staged.copy, path)?;
         let plugin = FfiPlugin::new(module, path)?;
         let channel = plugin.info().channel_id.clone();
@@ -206,6 +235,66 @@ impl Loader {
             loaded_at_ms: self.clock.wall_ms(),
             plugin: Arc::new(plugin),
         })
+    }
+}
+
+impl Loader {
+    /// With isolated channels configured, every file is first opened in a child process, so the
+    /// daemon learns its channel without running the plugin's code itself. The child is kept if
+    /// that channel is isolated (`Some`); otherwise it is killed and the file is loaded in the
+    /// daemon (`None`).
+    fn load_isolated(
+        &self,
+        staged: &Staged,
+        runtime: &tokio::runtime::Handle,
+        claimed: &impl Fn(&str) -> Option<PathBuf>,
+    ) -> Result<Option<crate::isolate::IsolatedPlugin>, PluginFileError> {
+        use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, SpawnError};
+        let spec = |memory_limit| ChildSpec {
+            plugin: staged.copy.clone(),
+            source: staged.source.clone(),
+            worker_threads: self.worker_threads,
+            max_log_level: self.max_log_level,
+            memory_limit,
+            exe: None,
+        };
+        let probe = IsolatedPlugin::spawn(spec(None), runtime.clone(), self.sink.clone())?;
+        let channel = probe.info().channel_id.clone();
+        if let Some(existing) = claimed(&channel) {
+            probe.kill();
+            return Err(PluginFileError::Duplicate {
+                path: staged.source.clone(),
+                channel,
+                existing,
+            });
+        }
+        match self.isolation.channel(&channel) {
+            Err(error) => {
+                probe.kill();
+                Err(SpawnError {
+                    source_file: staged.source.clone(),
+                    class: "bad-isolation".into(),
+                    error,
+                }
+                .into())
+            }
+            Ok(settings) if settings.mode == Mode::Process => match settings.memory_limit {
+                None => Ok(Some(probe)),
+                Some(limit) => {
+                    probe.kill();
+                    let limited = IsolatedPlugin::spawn(
+                        spec(Some(limit)),
+                        runtime.clone(),
+                        self.sink.clone(),
+                    )?;
+                    Ok(Some(limited))
+                }
+            },
+            Ok(_) => {
+                probe.kill();
+                Ok(None)
+            }
+        }
     }
 }
 

@@ -50,6 +50,7 @@ pub fn render_plugins(listing: &Value) -> String {
             "STATE",
             "VERSION",
             "MAPPED",
+            "ISOLATION",
             "HASH",
             "FILE",
             "LOAD ERROR",
@@ -66,6 +67,7 @@ pub fn render_plugins(listing: &Value) -> String {
             text("state"),
             text("version"),
             p["versionsMapped"].as_u64().unwrap_or(0).to_string(),
+            isolation(&p["isolation"]),
             hash,
             text("file"),
             text("loadError"),
@@ -76,6 +78,16 @@ pub fn render_plugins(listing: &Value) -> String {
         out.push_str("(no plugin files)\n");
     }
     out
+}
+
+/// `process pid 123` for an isolated channel (`process (no child)` between children), `-` for
+/// one in the daemon's process.
+fn isolation(isolation: &Value) -> String {
+    match (isolation["mode"].as_str(), isolation["pid"].as_u64()) {
+        (Some(mode), Some(pid)) => format!("{mode} pid {pid}"),
+        (Some(mode), None) => format!("{mode} (no child)"),
+        _ => "-".into(),
+    }
 }
 
 /// Renders `{"channels": {channel: {account: snapshot}}}` as a table.

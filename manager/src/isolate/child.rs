@@ -1,0 +1,483 @@
+//! The isolated child: `channeld isolate-child` (hidden). It takes the socket on descriptor 3,
+//! loads the staged plugin through the normal loader, answers the host's calls by driving the
+//! plugin through [`FfiPlugin`], and forwards the plugin's host-service calls to the host. It
+//! exits when the socket closes (the host shut it down or died).
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use channeld_plugin_abi::abi::{EventKind, InboundMessage, LogLevel};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::wire::{
+    self, Answer, Call, FromChild, Hello, Inbound, Query, QueryAnswer, Service, ToChild,
+};
+use crate::{
+    ffi::FfiPlugin,
+    host::{AccountKey, AccountLink, HostSink},
+    load::{isolation_sys, load_root_module_named},
+    plugin::{BoxFuture, Check, Outbound, Plugin},
+};
+
+/// What the host tells the child on its command line.
+#[derive(Debug, Clone)]
+pub struct ChildArgs {
+    /// The staged copy to load.
+    pub plugin: PathBuf,
+    /// The plugin file it was staged from (for messages).
+    pub source: PathBuf,
+    /// The plugin runtime's worker threads.
+    pub worker_threads: u32,
+    /// The most verbose plugin log level (1 error … 5 trace).
+    pub max_log_level: u8,
+}
+
+/// Runs the child; the process's exit code.
+pub fn run(args: ChildArgs) -> i32 {
+    let parent = std::env::var("CHANNELD_ISOLATE_PARENT").ok();
+    if parent.is_some_and(|p| p != isolation_sys::parent_pid().to_string()) {
+        // The daemon died before PR_SET_PDEATHSIG was in place.
+        return 1;
+    }
+    let Some(socket) = isolation_sys::take_child_socket() else {
+        eprintln!(
+            "channeld isolate-child: no socket on descriptor 3 (this is not a command to run)"
+        );
+        return 2;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("channeld isolate-child: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(serve(socket, args))
+}
+
+fn log_level(level: u8) -> LogLevel {
+    match level {
+        1 => LogLevel::Error,
+        2 => LogLevel::Warn,
+        4 => LogLevel::Debug,
+        5 => LogLevel::Trace,
+        _ => LogLevel::Info,
+    }
+}
+
+async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
+    let stream = match socket
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(socket))
+    {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("channeld isolate-child: socket: {e}");
+            return 1;
+        }
+    };
+    let (read, write) = stream.into_split();
+    let mut frames = FramedRead::new(read, wire::codec());
+    let mut writer = FramedWrite::new(write, wire::codec());
+    let (out, mut outbox) = mpsc::unbounded_channel::<FromChild>();
+    let written = tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            // Batch what is queued into one flush.
+            if writer.feed(wire::encode(&message)).await.is_err() {
+                break;
+            }
+            while let Ok(message) = outbox.try_recv() {
+                if writer.feed(wire::encode(&message)).await.is_err() {
+                    return;
+                }
+            }
+            if futures_util::SinkExt::<bytes::Bytes>::flush(&mut writer)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let sink = Arc::new(ChildSink {
+        out: out.clone(),
+        next: AtomicU64::new(1),
+        waiting: Mutex::default(),
+    });
+    let loaded = {
+        let sink = sink.clone();
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || -> Result<FfiPlugin, (String, String)> {
+            let module = load_root_module_named(&args.plugin, &args.source)
+                .map_err(|e| (e.class().to_owned(), e.to_string()))?;
+            let plugin = FfiPlugin::new(module, &args.source)
+                .map_err(|e| (e.class().to_owned(), e.to_string()))?;
+            plugin
+                .init(args.worker_threads, log_level(args.max_log_level), sink)
+                .map_err(|e| {
+                    (
+                        "init-failed".to_owned(),
+                        format!("{}: {e}", args.source.display()),
+                    )
+                })?;
+            Ok(plugin)
+        })
+        .await
+    };
+    let plugin: Arc<FfiPlugin> = match loaded {
+        Ok(Ok(plugin)) => Arc::new(plugin),
+        Ok(Err((class, error))) => {
+            let _ = out.send(FromChild::LoadFailed { class, error });
+            drop(out);
+            drop(sink);
+            let _ = written.await;
+            return 1;
+        }
+        Err(_) => return 1,
+    };
+    let info = plugin.info().clone();
+    let _ = out.send(FromChild::Hello(Hello {
+        channel_id: info.channel_id.clone(),
+        display_name: info.display_name,
+        plugin_version: info.plugin_version,
+        abi_version: info.abi_version,
+        rustc_version: info.rustc_version,
+        reports_task_polled: plugin.reports_task_polled(),
+    }));
+    let channel: Arc<str> = info.channel_id.into();
+    while let Some(Ok(frame)) = frames.next().await {
+        let Ok(message) = wire::decode::<ToChild>(&frame) else {
+            eprintln!("channeld isolate-child: unreadable frame from the host");
+            break;
+        };
+        match message {
+            ToChild::Call { id, call } => {
+                let plugin = plugin.clone();
+                let out = out.clone();
+                let sink = sink.clone();
+                let channel = channel.clone();
+                tokio::spawn(async move {
+                    let result = answer(plugin, sink, &channel, &out, call).await;
+                    let _ = out.send(FromChild::Reply { id, result });
+                });
+            }
+            ToChild::Abort(task) => {
+                plugin.abort_task(task);
+            }
+            ToChild::Cancel(task) => {
+                plugin.cancel_task(task);
+            }
+            ToChild::Answered { id, answer } => {
+                let waiting = sink
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(waiting) = waiting {
+                    let _ = waiting.send(answer);
+                }
+            }
+        }
+    }
+    // The host closed the socket (shutdown) or is gone: leave without running the plugin's
+    // destructors, which may block.
+    std::process::exit(0)
+}
+
+/// A call that may block, run on the blocking pool.
+type BlockingCall = Box<dyn FnOnce(&FfiPlugin) -> Result<Answer, String> + Send>;
+
+/// Runs one call on the plugin.
+async fn answer(
+    plugin: Arc<FfiPlugin>,
+    sink: Arc<ChildSink>,
+    channel: &str,
+    out: &mpsc::UnboundedSender<FromChild>,
+    call: Call,
+) -> Result<Answer, String> {
+    let blocking = |f: BlockingCall| {
+        let plugin = plugin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&plugin))
+                .await
+                .map_err(|e| format!("the call failed in the plugin process: {e}"))?
+        }
+    };
+    let json = |text: &str| serde_json::from_str::<Value>(text).map_err(|e| e.to_string());
+    let check = |c: Check| match c {
+        Check::Yes => Answer::Check(true, None),
+        Check::No(reason) => Answer::Check(false, reason),
+    };
+    match call {
+        Call::Validate(table) => {
+            let table = json(&table)?;
+            blocking(Box::new(move |p| {
+                p.validate_channel(&table)
+                    .map(|()| Answer::Unit)
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::Configure(table) => {
+            let table = json(&table)?;
+            blocking(Box::new(move |p| {
+                p.configure(&table)
+                    .map(|()| Answer::Unit)
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::ListAccountIds => {
+            blocking(Box::new(|p| {
+                p.list_account_ids()
+                    .map(Answer::Strings)
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::DefaultAccountId => {
+            blocking(Box::new(|p| {
+                p.default_account_id()
+                    .map(Answer::OptString)
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::ResolveAccount(account) => {
+            blocking(Box::new(move |p| {
+                p.resolve_account(&account)
+                    .map(|v| Answer::Json(v.to_string()))
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::IsEnabled(account) => {
+            blocking(Box::new(move |p| {
+                p.is_enabled(&account).map(check).map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::IsConfigured(account) => {
+            blocking(Box::new(move |p| {
+                p.is_configured(&account).map(check).map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::Describe(account) => {
+            blocking(Box::new(move |p| {
+                p.describe_account(&account)
+                    .map(|v| Answer::OptJson(v.map(|v| v.to_string())))
+                    .map_err(|e| e.message)
+            }))
+            .await
+        }
+        Call::Start {
+            account,
+            generation,
+        } => {
+            let key = AccountKey::new(channel, account.as_str());
+            let mut link = AccountLink::for_account(key, generation, sink);
+            if plugin.reports_task_polled() {
+                let (polled, mut seen) = watch::channel(false);
+                link = link.with_polled_signal(polled);
+                let out = out.clone();
+                let account = account.clone();
+                tokio::spawn(async move {
+                    if seen.wait_for(|polled| *polled).await.is_ok() {
+                        let _ = out.send(FromChild::Service {
+                            account,
+                            generation,
+                            service: Service::TaskPolled,
+                        });
+                    }
+                });
+            }
+            let started = tokio::task::spawn_blocking({
+                let plugin = plugin.clone();
+                move || plugin.start_account(&account, link)
+            })
+            .await
+            .map_err(|e| format!("the call failed in the plugin process: {e}"))?
+            .map_err(|e| e.message)?;
+            let task = started.id;
+            let out = out.clone();
+            tokio::spawn(async move {
+                let result = started.done.await;
+                let _ = out.send(FromChild::TaskDone { task, result });
+            });
+            Ok(Answer::Task(task))
+        }
+        Call::Stop(account) => match plugin.stop_account_async(&account) {
+            Some(stop) => stop.await.map(|()| Answer::Unit).map_err(|e| e.message),
+            None => {
+                blocking(Box::new(move |p| {
+                    p.stop_account(&account)
+                        .map(|()| Answer::Unit)
+                        .map_err(|e| e.message)
+                }))
+                .await
+            }
+        },
+        Call::Logout(account) => match plugin.logout_async(&account) {
+            Some(logout) => logout.await.map(Answer::Bool).map_err(|e| e.message),
+            None => {
+                blocking(Box::new(move |p| {
+                    p.logout(&account).map(Answer::Bool).map_err(|e| e.message)
+                }))
+                .await
+            }
+        },
+        Call::Send {
+            account,
+            conversation,
+            text,
+            reply_to,
+        } => plugin
+            .send(Outbound {
+                account,
+                conversation,
+                text,
+                reply_to,
+            })
+            .await
+            .map(Answer::Text)
+            .map_err(|e| e.message),
+        Call::Shutdown => {
+            blocking(Box::new(|p| {
+                p.shutdown().map(|()| Answer::Unit).map_err(|e| e.message)
+            }))
+            .await
+        }
+    }
+}
+
+/// The child's [`HostSink`]: every call goes to the host over the socket; those that answer wait
+/// for [`ToChild::Answered`].
+struct ChildSink {
+    out: mpsc::UnboundedSender<FromChild>,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<QueryAnswer>>>,
+}
+
+impl ChildSink {
+    fn service(&self, key: &AccountKey, generation: u64, service: Service) {
+        let _ = self.out.send(FromChild::Service {
+            account: key.account.clone(),
+            generation,
+            service,
+        });
+    }
+
+    fn query(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        query: Query,
+    ) -> oneshot::Receiver<QueryAnswer> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let _ = self.out.send(FromChild::Query {
+            id,
+            account: key.account.clone(),
+            generation,
+            query,
+        });
+        rx
+    }
+
+    /// Waits for a query's answer on the plugin's thread (its runtime, never the child's).
+    fn query_blocking(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        query: Query,
+    ) -> Option<QueryAnswer> {
+        futures_executor::block_on(self.query(key, generation, query)).ok()
+    }
+}
+
+impl HostSink for ChildSink {
+    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
+        matches!(
+            self.query_blocking(key, generation, Query::IsCurrent),
+            Some(QueryAnswer::Bool(true))
+        )
+    }
+
+    fn status_json(&self, key: &AccountKey) -> Value {
+        match self.query_blocking(key, 0, Query::Status) {
+            Some(QueryAnswer::Json(json)) => serde_json::from_str(&json).unwrap_or(Value::Null),
+            _ => Value::Null,
+        }
+    }
+
+    fn patch_status(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        patch: Map<String, Value>,
+    ) -> Result<(), String> {
+        let patch = Value::Object(patch).to_string();
+        match self.query_blocking(key, generation, Query::Patch(patch)) {
+            Some(QueryAnswer::Patched(result)) => result,
+            _ => Err("the host is gone".into()),
+        }
+    }
+
+    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+        self.service(key, generation, Service::Connected(connected));
+    }
+
+    fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
+        let kind = match kind {
+            EventKind::Inbound => 0,
+            EventKind::Outbound => 1,
+            EventKind::Other => 2,
+        };
+        self.service(key, generation, Service::Event(kind));
+    }
+
+    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+        self.service(key, generation, Service::Busy(active_runs));
+    }
+
+    fn deliver(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        message: InboundMessage,
+    ) -> BoxFuture<Result<u64, String>> {
+        let message = Inbound {
+            conversation: message.conversation.into_string(),
+            sender: message.sender.into_string(),
+            text: message.text.into_string(),
+            id: message.id.into_string(),
+            time_ms: message.time_ms,
+            extra: message.extra.into_string(),
+        };
+        let answer = self.query(key, generation, Query::Deliver(message));
+        Box::pin(async move {
+            match answer.await {
+                Ok(QueryAnswer::Delivered(result)) => result,
+                _ => Err("the host is gone".into()),
+            }
+        })
+    }
+}

@@ -1,0 +1,237 @@
+//! The messages between the host and an isolated plugin's child process. Each message is one
+//! frame of tokio-util's [`LengthDelimitedCodec`] holding the message in postcard's format. JSON
+//! values travel as strings (postcard is not self-describing).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// The codec of both directions: 4-byte big-endian length, frames up to 64 MiB.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(64 << 20)
+        .new_codec()
+}
+
+/// One message as a frame.
+pub fn encode<T: Serialize>(message: &T) -> Bytes {
+    // Serialising our own enums of strings and numbers into a Vec cannot fail.
+    Bytes::from(postcard::to_stdvec(message).unwrap_or_default())
+}
+
+/// A frame as a message.
+pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(frame)
+}
+
+/// A host→plugin call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Call {
+    /// `validate_channel` (the table as JSON).
+    Validate(String),
+    /// `configure` (the table as JSON).
+    Configure(String),
+    /// `list_account_ids`.
+    ListAccountIds,
+    /// `default_account_id`.
+    DefaultAccountId,
+    /// `resolve_account`.
+    ResolveAccount(String),
+    /// `is_enabled`.
+    IsEnabled(String),
+    /// `is_configured`.
+    IsConfigured(String),
+    /// `describe_account`.
+    Describe(String),
+    /// `start_account` for one generation.
+    Start {
+        /// The account.
+        account: String,
+        /// The generation its host link is for.
+        generation: u64,
+    },
+    /// The stop hook.
+    Stop(String),
+    /// The logout hook.
+    Logout(String),
+    /// `send`.
+    Send {
+        /// From which account.
+        account: String,
+        /// Where.
+        conversation: String,
+        /// What.
+        text: String,
+        /// In reply to.
+        reply_to: Option<String>,
+    },
+    /// `shutdown`: the child exits after answering.
+    Shutdown,
+}
+
+/// A call's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Answer {
+    /// Nothing.
+    Unit,
+    /// Yes or no.
+    Bool(bool),
+    /// Account ids.
+    Strings(Vec<String>),
+    /// Maybe a string.
+    OptString(Option<String>),
+    /// JSON.
+    Json(String),
+    /// Maybe JSON.
+    OptJson(Option<String>),
+    /// A check: ok, or not with a reason.
+    Check(bool, Option<String>),
+    /// A started task's id.
+    Task(u64),
+    /// A text (the send receipt).
+    Text(String),
+}
+
+/// Host → child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToChild {
+    /// A call, answered by [`FromChild::Reply`] with the same id.
+    Call {
+        /// The call's id.
+        id: u64,
+        /// The call.
+        call: Call,
+    },
+    /// Fire a task's abort signal.
+    Abort(u64),
+    /// Cancel a task.
+    Cancel(u64),
+    /// The answer to a [`FromChild::Query`].
+    Answered {
+        /// The query's id.
+        id: u64,
+        /// The answer.
+        answer: QueryAnswer,
+    },
+}
+
+/// A host service the child's plugin called that needs no answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Service {
+    /// `set_connected`.
+    Connected(bool),
+    /// `record_event` (0 inbound, 1 outbound, 2 other).
+    Event(u8),
+    /// `set_busy`.
+    Busy(u32),
+    /// The plugin's runtime polled the task for the first time.
+    TaskPolled,
+}
+
+/// A host service that answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Query {
+    /// `is_current`.
+    IsCurrent,
+    /// `status`.
+    Status,
+    /// `patch_status` (a JSON object).
+    Patch(String),
+    /// `deliver`.
+    Deliver(Inbound),
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum QueryAnswer {
+    /// `is_current`.
+    Bool(bool),
+    /// `status` as JSON.
+    Json(String),
+    /// `patch_status`.
+    Patched(Result<(), String>),
+    /// `deliver`: the sequence number.
+    Delivered(Result<u64, String>),
+}
+
+/// An inbound message on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inbound {
+    /// Conversation.
+    pub conversation: String,
+    /// Sender.
+    pub sender: String,
+    /// Text.
+    pub text: String,
+    /// The channel's id for it.
+    pub id: String,
+    /// When, ms since the epoch.
+    pub time_ms: i64,
+    /// Extra JSON.
+    pub extra: String,
+}
+
+/// What the plugin says about itself, from the child's handshake.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// Channel id.
+    pub channel_id: String,
+    /// Display name.
+    pub display_name: String,
+    /// Plugin version.
+    pub plugin_version: String,
+    /// ABI version.
+    pub abi_version: String,
+    /// Rustc version.
+    pub rustc_version: String,
+    /// Whether it reports `task_polled`.
+    pub reports_task_polled: bool,
+}
+
+/// Child → host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromChild {
+    /// The plugin loaded and `init` succeeded.
+    Hello(Hello),
+    /// Loading or `init` failed (the child exits after this).
+    LoadFailed {
+        /// The error class.
+        class: String,
+        /// The one-line error.
+        error: String,
+    },
+    /// A call's answer.
+    Reply {
+        /// The call's id.
+        id: u64,
+        /// The answer, or the plugin's error.
+        result: Result<Answer, String>,
+    },
+    /// A task ended.
+    TaskDone {
+        /// The task.
+        task: u64,
+        /// How.
+        result: Result<(), String>,
+    },
+    /// A host service without answer, for one account's generation.
+    Service {
+        /// The account.
+        account: String,
+        /// The generation.
+        generation: u64,
+        /// The service.
+        service: Service,
+    },
+    /// A host service with an answer ([`ToChild::Answered`]).
+    Query {
+        /// The query's id.
+        id: u64,
+        /// The account.
+        account: String,
+        /// The generation.
+        generation: u64,
+        /// The query.
+        query: Query,
+    },
+}

@@ -1,0 +1,397 @@
+//! Process isolation end to end: the real `channeld` with `isolation = "process"` and the
+//! `fixture-crash` plugin, whose misbehaviour (SIGSEGV, abort, exit(3), stack overflow, running
+//! out of memory) each account's table chooses. The host stays up, another channel's account
+//! keeps its task, the crashed accounts show why and restart in a new child, and no zombie
+//! remains; the same plugin in-process takes the daemon down.
+
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use channeld::{
+    clock::SystemClock,
+    host::{AccountKey, AccountLink},
+    isolate::{ChildSpec, IsolatedPlugin},
+    plugin::{Outbound, Plugin},
+    status::StatusBoard,
+};
+use channeld_plugin_abi::abi::LogLevel;
+use serde_json::{Value, json};
+
+use crate::util::{
+    self,
+    daemon::{Daemon, PATIENCE},
+};
+
+/// Fast, jitter-free restarts that give up after 3.
+const FAST: &str = "[supervisor]\ninitial_backoff = \"20ms\"\nbackoff_factor = 2.0\n\
+                    max_backoff = \"80ms\"\njitter = 0.0\nmax_restarts = 3\nstop_timeout = \"2s\"\n\
+                    stable_run = \"1h\"\n[health]\ninterval = \"0s\"\n";
+
+fn crash_plugin() -> PathBuf {
+    util::plugin_file("channeld-plugin-fixture-crash")
+}
+
+/// A daemon with the crash plugin isolated (`crashy`, plus `crashy_extra` lines in its table and
+/// its accounts) and the fixture in-process with one steady account.
+fn isolated_daemon(crashy: &str, env: &[(&str, &str)]) -> Daemon {
+    Daemon::start(
+        &[
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "",
+        &format!(
+            "{FAST}\n[channels.crashy]\nisolation = \"process\"\n{crashy}\n\
+             [channels.fixture.accounts.steady]\n"
+        ),
+        env,
+    )
+}
+
+fn gave_up(s: &Value) -> bool {
+    s["running"] == false
+        && s["restartPending"] == false
+        && s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("giving up"))
+}
+
+/// `(pid, state)` of every process whose parent is `parent`, from `/proc`.
+fn children_of(parent: u32) -> Vec<(u32, char)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == parent {
+            children.push((pid, state));
+        }
+    }
+    children
+}
+
+/// Polls until the daemon has no zombie child (the host reaps every plugin process).
+fn assert_no_zombie(daemon: &Daemon) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let zombies: Vec<_> = children_of(daemon.pid())
+            .into_iter()
+            .filter(|(_, state)| *state == 'Z')
+            .collect();
+        if zombies.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zombie children of channeld: {zombies:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The steady account of the other channel still runs its first task.
+fn assert_steady(daemon: &Daemon) {
+    let steady = daemon.account("fixture", "steady");
+    assert_eq!(steady["running"], true, "{steady}");
+    assert_eq!(
+        steady["fixtureStarts"], 1,
+        "the other channel's task never restarted: {steady}"
+    );
+}
+
+/// A crash in the account task: the account ends with `cause`, is restarted 3 times (each in a
+/// new child that crashes again), then given up; the host and the other channel are untouched.
+fn crash_in_start(how: &str, extra: &str, cause: &str) {
+    let daemon = isolated_daemon(
+        &format!(
+            "{extra}\n[channels.crashy.accounts.bad]\ncrash = \"{how}\"\ncrash_in = \"start\"\n"
+        ),
+        &[],
+    );
+    let bad = daemon.wait_for_account("crashy", "bad", gave_up);
+    let error = bad["lastError"].as_str().unwrap();
+    assert!(error.contains(cause), "{how}: {error}");
+    assert_eq!(
+        bad["reconnectAttempts"], 4,
+        "1 start + 3 restarts, each in a new child: {bad}"
+    );
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}
+
+#[test]
+fn a_segfault_in_start_ends_its_accounts_not_the_host() {
+    crash_in_start("segv", "", "plugin process killed by SIGSEGV");
+}
+
+#[test]
+fn an_abort_in_start_ends_its_accounts_not_the_host() {
+    crash_in_start("abort", "", "plugin process aborted (SIGABRT)");
+}
+
+#[test]
+fn an_exit_in_start_ends_its_accounts_not_the_host() {
+    crash_in_start("exit", "", "plugin process exited with code 3");
+}
+
+#[test]
+fn a_stack_overflow_in_start_ends_its_accounts_not_the_host() {
+    // A plugin's threads belong to the plugin's own copy of Rust's runtime, which installed no
+    // stack-overflow handler: the overflow is a plain SIGSEGV.
+    crash_in_start("recurse", "", "plugin process killed by SIGSEGV");
+}
+
+#[test]
+fn running_out_of_memory_in_start_is_a_memory_limit_abort() {
+    crash_in_start(
+        "alloc",
+        "memory_limit = \"256MiB\"",
+        "plugin process aborted (memory allocation failed)",
+    );
+}
+
+/// A crash in the stop hook: the stopped account stops; the other account of the same child
+/// shares its fate (ends with the cause) and is restarted in a new child.
+#[test]
+fn a_segfault_in_the_stop_hook_restarts_the_accounts_sharing_the_child() {
+    let daemon = isolated_daemon(
+        "[channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"stop\"\n\
+         [channels.crashy.accounts.other]\n",
+        &[],
+    );
+    daemon.wait_for_account("crashy", "bad", |s| s["running"] == true);
+    daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
+    let before = daemon.cli(&["plugins", "--json"]);
+    let before: Value = serde_json::from_slice(&before.stdout).unwrap();
+    let first_pid = isolation_of(&before, "crashy")["pid"].as_u64().unwrap();
+    daemon.cli(&["stop", "crashy:bad"]);
+    let other = daemon.wait_for_account("crashy", "other", |s| {
+        s["running"] == true && s["reconnectAttempts"].as_u64() >= Some(1)
+    });
+    assert!(
+        daemon.log().contains("plugin process killed by SIGSEGV"),
+        "{other}\n{}",
+        daemon.log()
+    );
+    let bad = daemon.account("crashy", "bad");
+    assert_eq!(bad["running"], false, "{bad}");
+    let after: Value = serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let isolation = isolation_of(&after, "crashy");
+    assert_ne!(isolation["pid"].as_u64().unwrap(), first_pid, "{isolation}");
+    assert_eq!(isolation["childrenStarted"], 2, "{isolation}");
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}
+
+fn isolation_of(listing: &Value, channel: &str) -> Value {
+    listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["channel"] == channel && p["state"] == "loaded")
+        .unwrap_or_else(|| panic!("{channel} not loaded: {listing}"))["isolation"]
+        .clone()
+}
+
+/// Each misbehaviour in the send hook, through the host-side plugin trait the outbox calls: the
+/// send fails with the cause, and the next send runs in a new child.
+#[test]
+fn a_crash_in_send_fails_the_send_and_the_next_one_runs_in_a_new_child() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    for (how, cause) in [
+        ("segv", "plugin process killed by SIGSEGV"),
+        ("abort", "plugin process aborted (SIGABRT)"),
+        ("exit", "plugin process exited with code 3"),
+        ("recurse", "plugin process killed by SIGSEGV"),
+    ] {
+        let spec = ChildSpec {
+            plugin: crash_plugin(),
+            source: crash_plugin(),
+            worker_threads: 1,
+            max_log_level: LogLevel::Info,
+            memory_limit: None,
+            exe: Some(util::daemon::channeld().into()),
+        };
+        let plugin = IsolatedPlugin::spawn(spec, runtime.handle().clone(), board.clone()).unwrap();
+        let table =
+            json!({ "accounts": { "bad": { "crash": how, "crash_in": "send" }, "good": {} } });
+        plugin.configure(&table).unwrap();
+        let link = AccountLink::for_account(AccountKey::new("crashy", "bad"), 1, board.clone());
+        let task = plugin.start_account("bad", link).unwrap();
+        let send = |account: &str| {
+            runtime.block_on(plugin.send(Outbound {
+                account: account.into(),
+                conversation: "room".into(),
+                text: "hi".into(),
+                reply_to: None,
+            }))
+        };
+        let error = send("bad").unwrap_err();
+        assert!(error.message.contains(cause), "{how}: {error}");
+        // The task ended too (with the cause, or earlier: the bare status board of this test
+        // knows no account, so the task's status patch may end it first).
+        assert!(runtime.block_on(task.done).is_err(), "{how}");
+        assert_eq!(send("good").unwrap(), "sent:room:hi");
+        let info = plugin.isolation_info();
+        assert_eq!(info.children_started, 2, "{how}: {info:?}");
+        plugin.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn a_crash_in_the_constructor_is_a_load_error_for_that_channel() {
+    for (how, cause) in [
+        ("segv", "killed by SIGSEGV"),
+        ("abort", "aborted (SIGABRT)"),
+        ("exit", "exited with code 3"),
+    ] {
+        let daemon = isolated_daemon(
+            "[channels.crashy.accounts.a]\n",
+            &[("CHANNELD_FIXTURE_CRASH_CTOR", how)],
+        );
+        let listing: Value =
+            serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+        let crashy = listing["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["file"].as_str().unwrap().ends_with("crashy.so"))
+            .unwrap()
+            .clone();
+        assert_eq!(crashy["state"], "failed", "{how}: {crashy}");
+        let error = crashy["loadError"].as_str().unwrap();
+        assert!(error.contains(cause), "{how}: {error}");
+        assert_steady(&daemon);
+        assert_no_zombie(&daemon);
+    }
+}
+
+/// Why isolation exists: the same SIGSEGV in-process takes the whole daemon down.
+#[test]
+fn the_same_segfault_in_process_kills_the_daemon() {
+    let daemon = Daemon::prepare(
+        &[("crashy.so", crash_plugin())],
+        "",
+        &format!(
+            "{FAST}\n[channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"start\"\n"
+        ),
+    );
+    let (status, stderr) = daemon.run_to_exit();
+    assert_eq!(
+        status.signal(),
+        Some(libc_sigsegv()),
+        "{status:?}\n{stderr}"
+    );
+}
+
+fn libc_sigsegv() -> i32 {
+    11
+}
+
+/// `kill -9` of the daemon: its plugin processes die with it (PR_SET_PDEATHSIG) within 1 s.
+#[test]
+fn killing_the_daemon_takes_its_plugin_processes_with_it() {
+    let mut daemon = isolated_daemon("[channels.crashy.accounts.a]\n", &[]);
+    daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    assert!(alive(pid), "the plugin process {pid} runs");
+    let table = String::from_utf8(daemon.cli(&["plugins"]).stdout).unwrap();
+    assert!(table.contains(&format!("process pid {pid}")), "{table}");
+    daemon.kill();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "plugin process {pid} outlived the daemon by 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` runs (a zombie has ended: it holds no memory and no connection).
+fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rfind(')').and_then(|i| stat[i + 2..].chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) => false,
+    }
+}
+
+/// A message delivered by an isolated plugin reaches the journal and comes back with its
+/// sequence number.
+#[test]
+fn a_message_delivered_by_an_isolated_plugin_reaches_the_journal() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n\
+             [channels.fixture.accounts.a]\nmode = \"deliver_one\"\n"
+        ),
+        &[],
+    );
+    let a = daemon.wait_for_account("fixture", "a", |s| s["deliveredSeq"].is_u64());
+    assert_eq!(a["running"], true, "{a}");
+    let journal: Value =
+        serde_json::from_slice(&daemon.cli(&["journal", "--json"]).stdout).unwrap();
+    assert_eq!(
+        journal["journal"]["lastSeq"], a["deliveredSeq"],
+        "the journal has the message: {journal}"
+    );
+}
+
+/// Hot replace of an isolated plugin: a new child serves the new version, the old child ends.
+#[test]
+fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n[channels.fixture.accounts.a]\n"
+        ),
+        &[],
+    );
+    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let old = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    let staged = daemon.plugins_dir().join("fixture.so.new");
+    std::fs::copy(util::plugin_file("channeld-plugin-fixture-v2"), &staged).unwrap();
+    std::fs::rename(&staged, daemon.plugins_dir().join("fixture.so")).unwrap();
+    daemon.wait_for_log("plugin replaced");
+    daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && s["fixtureStarts"] == 1
+    });
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let new = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    assert_ne!(new, old);
+    let deadline = Instant::now() + PATIENCE;
+    while alive(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the old plugin process {old} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_zombie(&daemon);
+}
