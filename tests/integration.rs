@@ -64,12 +64,12 @@ mod irc;
 /// The plugin template rendered, built as a fresh crate, its harness tests run, hot-added.
 mod template;
 
+mod account_state;
 /// The `mqtt` plugin against a real mosquitto: inbound, publish on send, no echo, a `kill -9` of
 /// channeld in the middle of a QoS 1 burst.
 mod mqtt;
 /// The outbox: sends through the fixture's send hook, idempotency, an account stopped and
 /// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
 mod outbox;
-mod account_state;
 
 mod stops;

@@ -239,6 +239,7 @@ fn a_crash_in_send_fails_the_send_and_the_next_one_runs_in_a_new_child() {
                 conversation: "room".into(),
                 text: "hi".into(),
                 reply_to: None,
+                extra: None,
             }))
         };
         let error = send("bad").unwrap_err();

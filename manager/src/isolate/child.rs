@@ -345,12 +345,14 @@ async fn answer(
             conversation,
             text,
             reply_to,
+            extra,
         } => plugin
             .send(Outbound {
                 account,
                 conversation,
                 text,
                 reply_to,
+                extra,
             })
             .await
             .map(Answer::Text)

@@ -812,6 +812,7 @@ impl Plugin for IsolatedPlugin {
                 conversation: message.conversation,
                 text: message.text,
                 reply_to: message.reply_to,
+                extra: message.extra,
             },
         );
         let me = self.clone();

@@ -64,6 +64,8 @@ pub enum Call {
         text: String,
         /// In reply to.
         reply_to: Option<String>,
+        /// Further fields, as JSON text.
+        extra: Option<String>,
     },
     /// `shutdown`: the child exits after answering.
     Shutdown,
