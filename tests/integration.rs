@@ -51,3 +51,8 @@ mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+
+/// Observability and service integration: `/metrics` (a crash storm's exact counts), `/healthz`
+/// and `/readyz` during a slow start, sd_notify messages and the watchdog, completions, the
+/// manual page, the systemd unit.
+mod observe;

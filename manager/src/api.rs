@@ -12,6 +12,7 @@
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
 //! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
 //! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
+//! | GET | `/healthz`, `/readyz`, `/metrics` | liveness, readiness (no token) and Prometheus metrics ([`crate::service`]) |
 //!
 //! Every operation runs as a task the daemon tracks; the handler only awaits it, so a caller who
 //! disconnects changes nothing about the outcome.
@@ -61,6 +62,8 @@ pub struct ApiState {
     pub read_token: Option<Secret>,
     /// The event stream and the journal; `None` where the daemon has none (tests).
     pub events: Option<Arc<EventHub>>,
+    /// Readiness and `[metrics]` for `/healthz`, `/readyz`, `/metrics`; `None` in tests.
+    pub observe: Option<Arc<crate::service::Observe>>,
 }
 
 /// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
@@ -110,7 +113,8 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     bool::from(a.ct_eq(b))
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// The API's token rule as a middleware (also used by [`crate::service`]'s `/metrics`).
+pub(crate) async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -172,6 +176,8 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Outside the token check: refused attempts are on the audit trail too.
         .layer(middleware::from_fn(crate::audit::record))
+        // `/healthz`, `/readyz` (no token) and `/metrics` (its own token rule).
+        .merge(crate::service::routes(&state))
         .with_state(state)
 }
 

@@ -290,6 +290,8 @@ struct RawConfig {
     #[serde(default)]
     journal: crate::journal::JournalConfig,
     #[serde(default)]
+    metrics: crate::metrics::MetricsConfig,
+    #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
 
@@ -365,6 +367,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[journal]`.
     pub journal: crate::journal::JournalConfig,
+    /// `[metrics]`.
+    pub metrics: crate::metrics::MetricsConfig,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -514,6 +518,7 @@ impl Config {
             health: raw.health,
             api: ApiConfig { read_token },
             journal: raw.journal,
+            metrics: raw.metrics,
             channels,
         })
     }
