@@ -272,7 +272,7 @@ fn sd_notify_messages_arrive_in_order_and_the_watchdog_is_silent_while_the_super
     );
     let ready = wait_for_message(&got, |m| has_line(m, "READY=1"), 0);
     let over = wait_for_message(&got, |m| has_line(m, "STATUS=supervisor stall over"), ready);
-    let silent = &got.lock().unwrap()[ready..over];
+    let silent = got.lock().unwrap()[ready..over].to_vec();
     assert!(
         !silent.iter().any(|m| has_line(m, "WATCHDOG=1")),
         "no WATCHDOG=1 while the supervisor is held: {silent:?}"
@@ -284,17 +284,14 @@ fn sd_notify_messages_arrive_in_order_and_the_watchdog_is_silent_while_the_super
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
     let reloading = wait_for_message(&got, |m| has_line(m, "RELOADING=1"), pinged);
-    assert!(
-        got.lock().unwrap()[reloading].contains("MONOTONIC_USEC="),
-        "{:?}",
-        got.lock().unwrap()[reloading]
-    );
+    let message = got.lock().unwrap()[reloading].clone();
+    assert!(message.contains("MONOTONIC_USEC="), "{message:?}");
     wait_for_message(&got, |m| has_line(m, "READY=1"), reloading);
 
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     let stopping = wait_for_message(&got, |m| has_line(m, "STOPPING=1"), reloading);
-    let all = got.lock().unwrap();
+    let all = got.lock().unwrap().clone();
     assert_eq!(
         all.iter().filter(|m| has_line(m, "STOPPING=1")).count(),
         1,
