@@ -191,10 +191,7 @@ fn readyz_answers_not_ready_during_a_slow_start_then_ready_and_healthz_throughou
     loop {
         let (status, body) = get(&daemon, "/readyz", false);
         if status == 200 {
-            assert_eq!(
-                serde_json::from_str::<Value>(&body).unwrap()["ready"],
-                true
-            );
+            assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["ready"], true);
             break;
         }
         assert_eq!(status, 503, "{body}");
@@ -311,8 +308,15 @@ fn completions_and_the_manual_come_from_the_command_line() {
     let script = dir.path().join("channeld.bash");
     std::fs::write(&script, &out.stdout).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("tail") && text.contains("completions"), "{text}");
-    let checked = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    assert!(
+        text.contains("tail") && text.contains("completions"),
+        "{text}"
+    );
+    let checked = Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
     assert!(checked.status.success(), "bash -n: {checked:?}");
     for shell in ["zsh", "fish"] {
         let out = Command::new(channeld())

@@ -114,7 +114,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The API's token rule as a middleware (also used by [`crate::service`]'s `/metrics`).
-pub(crate) async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)

@@ -313,7 +313,9 @@ fn accounts(registry: &mut Registry, sources: &Sources) {
     }
     let by_state = Family::<Labels, Gauge>::default();
     for (state, n) in counts {
-        by_state.get_or_create(&vec![("state", state.to_owned())]).set(n);
+        by_state
+            .get_or_create(&vec![("state", state.to_owned())])
+            .set(n);
     }
     registry.register("channeld_accounts", "Accounts in each state.", by_state);
     if detailed {
@@ -343,7 +345,9 @@ fn plugins(registry: &mut Registry, sources: &Sources) {
         .unwrap_or_else(|p| p.into_inner())
         .iter()
     {
-        loads.get_or_create(&vec![("file", file.clone())]).set(*took);
+        loads
+            .get_or_create(&vec![("file", file.clone())])
+            .set(*took);
     }
     registry.register_with_unit(
         "channeld_plugin_load_duration",
