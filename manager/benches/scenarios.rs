@@ -28,6 +28,10 @@ mod hot_add;
 #[path = "scenarios/msgs.rs"]
 mod msgs;
 
+/// `metrics`: rendering `/metrics` for a fleet of running accounts.
+#[path = "scenarios/metrics.rs"]
+mod metrics;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
@@ -79,6 +83,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("S2", s2),
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
+    ("metrics", metrics::metrics),
 ];
 
 fn main() -> ExitCode {

@@ -31,6 +31,9 @@ use crate::{api::ApiState, metrics::MetricsConfig};
 pub struct Readiness {
     plugins_loaded: AtomicBool,
     started: AtomicBool,
+    /// Once every account was accounted for, readiness stays (a later crash is the metrics'
+    /// and the health monitor's business), and `/readyz` stops reading the snapshot.
+    ready: AtomicBool,
 }
 
 impl Readiness {
@@ -90,6 +93,9 @@ pub fn waiting(state: &ApiState) -> Vec<String> {
         return vec![];
     };
     let r = &observe.readiness;
+    if r.ready.load(Ordering::Acquire) {
+        return vec![];
+    }
     if !r.plugins_loaded.load(Ordering::Acquire) {
         return vec!["the initial load of the plugins directory".into()];
     }
@@ -109,6 +115,9 @@ pub fn waiting(state: &ApiState) -> Vec<String> {
                 waiting.push(format!("{channel}:{account} has not started"));
             }
         }
+    }
+    if waiting.is_empty() {
+        r.ready.store(true, Ordering::Release);
     }
     waiting
 }
