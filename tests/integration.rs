@@ -72,4 +72,8 @@ mod mqtt;
 /// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
 mod outbox;
 
+/// Observability and service integration: `/metrics` (a crash storm's exact counts), `/healthz`
+/// and `/readyz` during a slow start, sd_notify messages and the watchdog, completions, the
+/// manual page, the systemd unit.
+mod observe;
 mod stops;

@@ -32,6 +32,9 @@ mod isolation;
 #[path = "scenarios/msgs.rs"]
 mod msgs;
 
+/// `metrics`: rendering `/metrics` for a fleet of running accounts.
+#[path = "scenarios/metrics.rs"]
+mod metrics;
 /// The outbox's sends, for `msgs`.
 #[path = "scenarios/outbox.rs"]
 mod outbox;
@@ -88,6 +91,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
     ("isolation", isolation::isolation),
+    ("metrics", metrics::metrics),
 ];
 
 fn main() -> ExitCode {

@@ -13,6 +13,7 @@
 //! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
 //! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
 //! | POST, GET, DELETE | `/v1/messages`, `/v1/messages/{id}`, `/v1/outbox` | messages to send ([`crate::outbox::http`]) |
+//! | GET | `/healthz`, `/readyz`, `/metrics` | liveness, readiness (no token) and Prometheus metrics ([`crate::service`]) |
 //!
 //! Every operation runs as a task the daemon tracks; the handler only awaits it, so a caller who
 //! disconnects changes nothing about the outcome.
@@ -64,6 +65,8 @@ pub struct ApiState {
     pub events: Option<Arc<EventHub>>,
     /// The outbox (`/v1/messages`); `None` where the daemon has none (tests).
     pub outbox: Option<Arc<crate::outbox::Outbox>>,
+    /// Readiness and `[metrics]` for `/healthz`, `/readyz`, `/metrics`; `None` in tests.
+    pub observe: Option<Arc<crate::service::Observe>>,
 }
 
 /// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
@@ -113,7 +116,12 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     bool::from(a.ct_eq(b))
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// The API's token rule as a middleware (also used by [`crate::service`]'s `/metrics`).
+pub(crate) async fn require_token(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -184,6 +192,8 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         // Outside the token check: refused attempts are on the audit trail too.
         .layer(middleware::from_fn(crate::audit::record))
+        // `/healthz`, `/readyz` (no token) and `/metrics` (its own token rule).
+        .merge(crate::service::routes(&state))
         .with_state(state)
 }
 

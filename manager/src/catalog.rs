@@ -545,9 +545,13 @@ impl Catalog {
                 };
                 match staged {
                     Ok(staged) if Some(&staged.hash) == current_hash.as_ref() => Loaded::Same,
-                    Ok(staged) => Loaded::New(Box::new(
-                        loader.load_staged(staged, |c| claimed.get(c).cloned()),
-                    )),
+                    Ok(staged) => {
+                        let began = std::time::Instant::now();
+                        let file = staged.source.display().to_string();
+                        let loaded = loader.load_staged(staged, |c| claimed.get(c).cloned());
+                        crate::metrics::record_plugin_load(&file, began.elapsed());
+                        Loaded::New(Box::new(loaded))
+                    }
                     Err(e) => Loaded::New(Box::new(Err(e.into()))),
                 }
             })

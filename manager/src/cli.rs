@@ -219,6 +219,15 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         max_log_level: u8,
     },
+    /// Print a shell completion script on stdout, e.g. `channeld completions bash >
+    /// /etc/bash_completion.d/channeld`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout, e.g. `channeld man > channeld.1`.
+    Man,
 }
 
 /// Arguments of the account operations.

@@ -294,6 +294,8 @@ struct RawConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     #[serde(default)]
+    metrics: crate::metrics::MetricsConfig,
+    #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
 
@@ -373,6 +375,8 @@ pub struct Config {
     pub outbox: crate::outbox::OutboxConfig,
     /// `[[gateways]]`.
     pub gateways: Vec<crate::outbox::gateway::GatewayConfig>,
+    /// `[metrics]`.
+    pub metrics: crate::metrics::MetricsConfig,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -530,6 +534,7 @@ impl Config {
             journal: raw.journal,
             outbox: raw.outbox,
             gateways: raw.gateways,
+            metrics: raw.metrics,
             channels,
         })
     }

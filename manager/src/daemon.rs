@@ -311,6 +311,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     daemon.gateways.attach(outbox.clone());
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
+    let observe = crate::service::Observe::new(daemon.config.metrics.clone());
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(
         listener,
@@ -322,6 +323,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             read_token: daemon.config.api.read_token.clone(),
             events: Some(events.clone()),
             outbox: Some(outbox.clone()),
+            observe: Some(observe.clone()),
         },
         stop_api.clone(),
     ));
@@ -334,11 +336,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let starter = {
         let daemon = daemon.clone();
         let background = background.clone();
+        let observe = observe.clone();
         tokio::spawn(async move {
             if let Err(e) = daemon.catalog.load_initial().await {
                 tracing::error!("plugins directory: {e}");
             }
             daemon.gateways.warn_unloaded(&daemon.supervisor);
+            observe.readiness.plugins_loaded();
             let summary = daemon.supervisor.start_all().await;
             for (channel, s) in &summary {
                 tracing::info!(
@@ -358,17 +362,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 tokio::time::Instant::now(),
             );
             tokio::spawn(monitor.run(background));
+            observe.readiness.started();
+            crate::notify::stall_supervisor(&daemon.supervisor).await;
+            crate::notify::ready();
         })
     };
 
+    crate::notify::spawn_watchdog(daemon.supervisor.clone());
     loop {
         tokio::select! {
             _ = terminate.recv() => break tracing::info!("SIGTERM: stopping every account"),
             _ = interrupt.recv() => break tracing::info!("SIGINT: stopping every account"),
             // Never fatal: until config reload exists, a hangup is noted and ignored.
-            _ = hangup.recv() => tracing::info!("SIGHUP ignored: config reload is not supported yet; restart channeld to apply config changes"),
+            _ = hangup.recv() => {
+                // systemd hears RELOADING=1 now and READY=1 when this guard drops.
+                let _reloading = crate::notify::reloading();
+                tracing::info!("SIGHUP ignored: config reload is not supported yet; restart channeld to apply config changes");
+            }
         }
     }
+    crate::notify::stopping();
     // A second signal means "now".
     tokio::spawn(async move {
         tokio::select! {

@@ -223,6 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             Ok(ExitCode::from(code as u8))
         }
+        Command::Completions { shell } => {
+            channeld::manual::completions(shell, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            channeld::manual::man(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Start(args) => op(args, "start"),
         Command::Stop(args) => op(args, "stop"),
         Command::Restart(args) => op(args, "restart"),

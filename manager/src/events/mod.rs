@@ -44,6 +44,8 @@ pub struct EventHub {
     journal: Arc<Journal>,
     states: broadcast::Sender<StateChange>,
     closing: CancellationToken,
+    /// Every connected stream's cursor (for the metrics' consumer lag).
+    cursors: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicU64>>>,
 }
 
 impl EventHub {
@@ -54,6 +56,7 @@ impl EventHub {
             journal,
             states,
             closing: CancellationToken::new(),
+            cursors: Default::default(),
         })
     }
 
@@ -65,6 +68,25 @@ impl EventHub {
     /// Where account state changes are published.
     pub fn states(&self) -> &broadcast::Sender<StateChange> {
         &self.states
+    }
+
+    /// The cursor of every connected stream.
+    pub fn consumer_cursors(&self) -> Vec<u64> {
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        cursors.retain(|c| c.strong_count() > 0);
+        cursors
+            .iter()
+            .filter_map(|c| c.upgrade())
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    fn track_cursor(&self, cursor: u64) -> Arc<std::sync::atomic::AtomicU64> {
+        let position = Arc::new(std::sync::atomic::AtomicU64::new(cursor));
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        cursors.retain(|c| c.strong_count() > 0);
+        cursors.push(Arc::downgrade(&position));
+        position
     }
 
     /// Ends every stream (the daemon is stopping; clients reconnect with `Last-Event-ID`).
@@ -194,6 +216,8 @@ struct Consumer {
     hub: Arc<EventHub>,
     filter: Arc<Filter>,
     cursor: u64,
+    /// The cursor as the metrics see it.
+    position: Arc<std::sync::atomic::AtomicU64>,
     latest: watch::Receiver<u64>,
     states: Option<broadcast::Receiver<StateChange>>,
     pending: VecDeque<Event>,
@@ -214,6 +238,7 @@ pub fn stream(
         states: Some(hub.states.subscribe()),
         filter: Arc::new(request.filter),
         cursor,
+        position: hub.track_cursor(cursor),
         latest,
         pending: VecDeque::from([ready]),
         hub,
@@ -286,6 +311,8 @@ impl Consumer {
                 .push_back(Event::default().id(message.seq.to_string()).data(data));
         }
         self.cursor = batch.cursor;
+        self.position
+            .store(batch.cursor, std::sync::atomic::Ordering::Relaxed);
         Some(())
     }
 }

@@ -253,6 +253,7 @@ impl HealthMonitor {
                 Ok(()) => {
                     tracing::info!(account = %key, "health monitor restarted the account: {verdict:?}");
                     self.note_restart(&key, now);
+                    crate::metrics::record_monitor_restart();
                     self.target.record(&key, &verdict, true);
                     report.restarted.push(key);
                 }

@@ -45,7 +45,12 @@ pub async fn bounded<T: Send + 'static>(
 /// Runs `f` on the blocking pool and hands back its handle, for a caller that must not abandon
 /// the call (its result may be something to own, such as a started task) and bounds its own wait.
 pub fn spawn_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    tokio::task::spawn_blocking(f)
+    tokio::task::spawn_blocking(move || {
+        let began = std::time::Instant::now();
+        let value = f();
+        crate::metrics::observe_plugin_call(began.elapsed());
+        value
+    })
 }
 
 /// Like [`bounded`], under a plugin's limit of blocking calls in flight: the call waits for one of

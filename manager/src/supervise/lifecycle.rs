@@ -199,7 +199,10 @@ impl Lifecycle {
             }
             plugin
                 .start_account(&account, link)
-                .map(|task| Boot::Started(task, polled))
+                .map(|task| {
+                    crate::metrics::record_start();
+                    Boot::Started(task, polled)
+                })
                 .map_err(|e| e.to_string())
         });
         let joined = tokio::select! {
@@ -284,6 +287,7 @@ impl Lifecycle {
     async fn schedule_restart(&self, result: Result<(), String>, ran_for: Duration) -> bool {
         let ctx = &self.ctx;
         let policy = &ctx.inner.policy;
+        crate::metrics::record_crash();
         let attempt = {
             let mut state = ctx.inner.lock();
             let entry = state.accounts.entry(ctx.key.clone()).or_default();
@@ -298,6 +302,7 @@ impl Lifecycle {
             .unwrap_or_else(|| "channel exited without an error".into());
         let now = ctx.inner.clock.now();
         if attempt > policy.max_restarts {
+            crate::metrics::record_give_up();
             let message = format!("giving up after {} restart attempts", policy.max_restarts);
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);

@@ -726,6 +726,14 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Runs `answer` under the supervisor's state lock: its state owner answering a ping (the
+    /// systemd watchdog, [`crate::notify`], sends `WATCHDOG=1` from inside the answer). Blocks
+    /// while the state is held.
+    pub fn ping<T>(&self, answer: impl FnOnce() -> T) -> T {
+        let _state = self.lock();
+        answer()
+    }
+
     /// Whether the account was stopped by a user.
     pub fn is_manually_stopped(&self, key: &AccountKey) -> bool {
         self.lock().accounts.get(key).is_some_and(|e| e.manual_stop)
