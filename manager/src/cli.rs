@@ -157,6 +157,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the config file: apply what changed (accounts added, removed, restarted), leave
+    /// the rest running. A bad file is refused with its location and changes nothing.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan the plugins directory now (for file systems where change events get lost).
     Rescan {
         #[command(flatten)]

@@ -23,6 +23,7 @@ use crate::{
     health::HealthMonitor,
     journal::{Journal, JournalError},
     registry::Loader,
+    reload::{CurrentConfig, Reloader},
     stage::StagingDir,
     status::StatusBoard,
     supervise::{Supervisor, policy::RandomJitter},
@@ -124,6 +125,9 @@ pub struct Daemon {
     pub tasks: TaskTracker,
     /// The journal every delivered message goes to.
     pub journal: Arc<Journal>,
+    /// Config reload; its [`CurrentConfig`] is the config in force (`config` above is the one
+    /// the daemon started with, whose restart-only settings stay in force).
+    pub reloader: Arc<Reloader>,
 }
 
 impl Daemon {
@@ -165,11 +169,17 @@ impl Daemon {
             supervisor.clone(),
             clock,
         )?;
+        let reloader = Reloader::new(
+            CurrentConfig::new(config.clone()),
+            catalog.clone(),
+            supervisor.clone(),
+        );
         Ok(Self {
             config,
             board,
             supervisor,
             catalog,
+            reloader,
             changes: ChangeQueue::new(),
             tasks: TaskTracker::new(),
             journal,
@@ -274,6 +284,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let background = CancellationToken::new();
     // The watcher's baseline comes before the initial load: a file added meanwhile is seen.
     daemon.watch_plugins(background.clone());
+    if daemon.config.host.watch_config {
+        daemon.reloader.watch(background.clone());
+    }
     let monitor = HealthMonitor::new(
         daemon.config.health.clone(),
         Arc::new(daemon.supervisor.clone()),
@@ -296,6 +309,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             tasks: daemon.tasks.clone(),
             read_token: daemon.config.api.read_token.clone(),
             events: Some(events.clone()),
+            reload: Some(daemon.reloader.clone()),
         },
         stop_api.clone(),
     ));
@@ -329,8 +343,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = terminate.recv() => break tracing::info!("SIGTERM: stopping every account"),
             _ = interrupt.recv() => break tracing::info!("SIGINT: stopping every account"),
-            // Never fatal: until config reload exists, a hangup is noted and ignored.
-            _ = hangup.recv() => tracing::info!("SIGHUP ignored: config reload is not supported yet; restart channeld to apply config changes"),
+            // Never fatal: a hangup reloads the config (in a task: signals keep being read).
+            _ = hangup.recv() => crate::reload::on_hangup(&daemon.reloader),
         }
     }
     // A second signal means "now".

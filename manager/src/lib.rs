@@ -20,6 +20,7 @@ pub mod load;
 pub mod logging;
 pub mod plugin;
 pub mod registry;
+pub mod reload;
 pub mod reserved;
 pub mod stage;
 pub mod state_lock;

@@ -117,6 +117,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { config, json } => {
+            let config = load_client_config(&config)?;
+            let report: channeld::reload::ReloadReport =
+                Client::from_config(&config)?.post("/v1/reload")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for line in channeld::reload::report_lines(&report) {
+                    println!("{line}");
+                }
+            }
+            Ok(if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Rescan { config, json } => {
             let config = load_client_config(&config)?;
             let raw: serde_json::Value = Client::from_config(&config)?.post("/v1/rescan")?;

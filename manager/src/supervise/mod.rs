@@ -18,6 +18,7 @@ mod hot;
 mod lifecycle;
 mod monitor;
 pub mod policy;
+mod reconfigure;
 mod restart_log;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use self::reconfigure::ChannelReload;
 use self::{calls::bounded, policy::Jitter, restart_log::RestartLog};
 use crate::{
     clock::Clock,
