@@ -51,3 +51,7 @@ mod journal;
 /// The daemon and the CLI as an operator meets them: state-directory lock, signals, exit codes,
 /// audit trail, checked settings, the project's own docs.
 mod operator;
+
+/// Config reload: `channeld reload`, SIGHUP and a file edit alike; only changed accounts restart;
+/// rotated secrets; bad files refused with their location; manual stops and gave-up accounts.
+mod reload;

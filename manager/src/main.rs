@@ -118,7 +118,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { config, json } => {
-            let config = load_client_config(&config)?;
+            // A file the CLI cannot read is one the daemon would refuse too.
+            let config = load_client_config(&config).map_err(|e| {
+                anyhow::anyhow!("{e:#}; channeld was not asked to reload: the running config stays")
+            })?;
             let report: channeld::reload::ReloadReport =
                 Client::from_config(&config)?.post("/v1/reload")?;
             if json {
