@@ -14,6 +14,11 @@ const FAST: &str = "[supervisor]\ninitial_backoff = \"20ms\"\nbackoff_factor = 2
                     max_backoff = \"80ms\"\njitter = 0.0\nmax_restarts = 3\nstop_timeout = \"300ms\"\n\
                     stable_run = \"1h\"\n[health]\ninterval = \"0s\"\n";
 
+/// `FAST` with another `max_restarts` (a reload's live number).
+fn fast_with_max_restarts(n: u32) -> String {
+    FAST.replace("max_restarts = 3", &format!("max_restarts = {n}"))
+}
+
 /// `[host]` lines for tests that trigger reloads themselves.
 const NO_WATCH: &str = "watch_config = false";
 
@@ -352,4 +357,44 @@ fn enabled_false_stops_an_account_and_true_starts_it() {
         daemon.account("fixture", "b")["lastStartAt"],
         b["lastStartAt"]
     );
+}
+
+#[test]
+fn supervisor_numbers_apply_from_the_next_decision_and_restart_only_keys_are_named() {
+    let crashy = "[channels.fixture.accounts.crashy]\nmode = \"crash\"\nafter_ms = 5\n";
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        NO_WATCH,
+        &format!("{}\n{crashy}", fast_with_max_restarts(1)),
+        &[],
+    );
+    daemon.wait_for_account("fixture", "crashy", |s| {
+        gave_up(s) && s["fixtureStarts"] == 2
+    });
+
+    // Only [supervisor] and a restart-only key change: no account is touched.
+    let text = format!(
+        "[host]\napi_address = \"127.0.0.1:0\"\n{NO_WATCH}\nplugin_worker_threads = 3\n\n{}\n{crashy}",
+        fast_with_max_restarts(3)
+    );
+    fs::write(&daemon.config, text).unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = stdout(&out);
+    assert!(printed.contains("unchanged: fixture:crashy"), "{printed}");
+    assert!(
+        printed.contains("needs a restart of channeld: [host] plugin_worker_threads"),
+        "{printed}"
+    );
+    daemon.wait_for_log("only apply when channeld restarts");
+    assert_eq!(daemon.account("fixture", "crashy")["fixtureStarts"], 2);
+
+    // The next give-up decision uses the new maximum: 1 start + 3 restarts.
+    let out = daemon.cli(&["start", "fixture:crashy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = daemon.wait_for_account("fixture", "crashy", |s| {
+        gave_up(s) && s["fixtureStarts"].as_u64() >= Some(6)
+    });
+    assert_eq!(again["fixtureStarts"], 6, "{again}");
+    assert_eq!(again["reconnectAttempts"], 4, "{again}");
 }

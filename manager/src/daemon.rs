@@ -292,6 +292,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Arc::new(daemon.supervisor.clone()),
         tokio::time::Instant::now(),
     );
+    {
+        let monitor = monitor.clone();
+        daemon.reloader.on_applied(Arc::new(move |config| {
+            monitor.set_policy(config.health.clone())
+        }));
+    }
     tokio::spawn(monitor.run(background.clone()));
     let events = EventHub::new(daemon.journal.clone());
     tokio::spawn(crate::events::state::watch(

@@ -6,9 +6,10 @@
 //!   included), and every running channel whose table changed is asked whether its plugin accepts
 //!   it (`validate`). Any refusal (`file:line: why`) leaves the running config in place.
 //! * **One owner.** [`CurrentConfig`] is the daemon's current config, swapped whole at a reload.
-//!   Host settings that only take effect at start (`[host]`, `[api]`, `[journal]`,
-//!   `[supervisor]`, `[health]`) keep their running values; those that differ are named in one
-//!   line as needing a restart, and the rest of the reload still applies (docs/config-reload.md).
+//!   Settings that only take effect at start (`[host]`, `[api]`, `[journal]`,
+//!   `[supervisor] restart_log_interval`) keep their running values; those that differ are named
+//!   in one line as needing a restart, and the rest of the reload still applies. `[supervisor]`
+//!   and `[health]` numbers apply from the next decision they govern (docs/config-reload.md).
 //! * **The diff** is on each account's *resolved* config (what the plugin's resolve hook returns,
 //!   secrets resolved) and its `enabled`: see [`Supervisor::reconfigure_channel`].
 //! * **Serialised** with the plugin catalog's steps ([`Catalog::serialised`]): a reload never runs
@@ -112,12 +113,17 @@ pub enum ReloadError {
     ShuttingDown,
 }
 
+/// A part of the daemon that reads live settings from the config in force.
+type LiveHook = Arc<dyn Fn(&Config) + Send + Sync>;
+
 /// Reloads the config (see the module docs).
 pub struct Reloader {
     current: Arc<CurrentConfig>,
     catalog: Arc<Catalog>,
     supervisor: Supervisor,
     on_removed: Mutex<Option<Arc<dyn AccountRemoved>>>,
+    /// Told the config in force after each reload (the health monitor's thresholds).
+    live: Mutex<Vec<LiveHook>>,
     /// The file's text as last applied (a watcher event with the same text changes nothing).
     last_text: Mutex<Option<String>>,
 }
@@ -139,6 +145,7 @@ impl Reloader {
             catalog,
             supervisor,
             on_removed: Mutex::new(None),
+            live: Mutex::new(Vec::new()),
             last_text: Mutex::new(last_text),
         })
     }
@@ -151,6 +158,15 @@ impl Reloader {
     /// Sets the hook told about removed accounts.
     pub fn on_account_removed(&self, hook: Arc<dyn AccountRemoved>) {
         *self.on_removed.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Calls `hook` with the config in force after every reload that applied (for parts of the
+    /// daemon that keep their own copy of live settings, like the health monitor).
+    pub fn on_applied(&self, hook: LiveHook) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
     }
 
     /// Reads the config file again and applies it, as one step of the catalog's reconciler.
@@ -225,11 +241,20 @@ impl Reloader {
         new.host = old.host.clone();
         new.api = old.api.clone();
         new.journal = old.journal.clone();
-        new.supervisor = old.supervisor.clone();
-        new.health = old.health.clone();
+        new.supervisor.restart_log_interval = old.supervisor.restart_log_interval;
+        if old.health.interval.is_zero() {
+            // The monitor was off at start: it stays off until a restart.
+            new.health.interval = old.health.interval;
+        }
         let new = Arc::new(new);
         self.current.set(new.clone());
         self.catalog.set_config(new.clone());
+        // [supervisor] and [health] numbers: from the next decision they govern.
+        self.supervisor.set_policy(new.supervisor.clone());
+        let hooks = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for hook in hooks {
+            hook(&new);
+        }
         *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
         if !report.restart_needed.is_empty() {
             tracing::warn!(
@@ -396,11 +421,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.journal != new.journal {
         changed.push("[journal]".into());
     }
-    if old.supervisor != new.supervisor {
-        changed.push("[supervisor]".into());
+    if old.supervisor.restart_log_interval != new.supervisor.restart_log_interval {
+        changed.push("[supervisor] restart_log_interval".into());
     }
-    if old.health != new.health {
-        changed.push("[health]".into());
+    if old.health.interval.is_zero() && !new.health.interval.is_zero() {
+        changed.push("[health] interval (the monitor was off at start)".into());
     }
     changed
 }
@@ -430,7 +455,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             restart_only_changes(&old, &new),
-            vec!["[host] api_address".to_owned(), "[supervisor]".to_owned()]
+            vec![
+                "[host] api_address".to_owned(),
+                "[supervisor] restart_log_interval".to_owned()
+            ],
+            "max_restarts applies live: not named"
         );
         assert!(restart_only_changes(&old, &old).is_empty());
     }
