@@ -430,41 +430,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     changed
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_channel_is_located_by_its_table_or_a_sub_table() {
-        let text = "[host]\nx = 1\n\n[channels.fixture.accounts.a]\nmode = \"run\"\n";
-        assert_eq!(channel_line(text, "fixture"), 4);
-        assert_eq!(channel_line("[channels.web]\n", "web"), 1);
-        assert_eq!(channel_line("a = 1\n[channels.web]\n", "web"), 2);
-        assert_eq!(channel_line("a = 1\n", "web"), 1);
-    }
-
-    #[test]
-    fn restart_only_settings_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let old = Config::parse("", &path).unwrap();
-        let new = Config::parse(
-            "[host]\napi_address = \"127.0.0.1:9\"\n[supervisor]\nmax_restarts = 2\n",
-            &path,
-        )
-        .unwrap();
-        assert_eq!(
-            restart_only_changes(&old, &new),
-            vec![
-                "[host] api_address".to_owned(),
-                "[supervisor] restart_log_interval".to_owned()
-            ],
-            "max_restarts applies live: not named"
-        );
-        assert!(restart_only_changes(&old, &old).is_empty());
-    }
-}
-
 /// `SIGHUP`: reloads in a task of its own (the signal loop goes on) and logs the outcome.
 pub fn on_hangup(reloader: &Arc<Reloader>) {
     tracing::info!("SIGHUP: reloading the config");
@@ -523,4 +488,40 @@ pub fn report_lines(report: &ReloadReport) -> Vec<String> {
         lines.push("no accounts configured".into());
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_is_located_by_its_table_or_a_sub_table() {
+        let text = "[host]\nx = 1\n\n[channels.fixture.accounts.a]\nmode = \"run\"\n";
+        assert_eq!(channel_line(text, "fixture"), 4);
+        assert_eq!(channel_line("[channels.web]\n", "web"), 1);
+        assert_eq!(channel_line("a = 1\n[channels.web]\n", "web"), 2);
+        assert_eq!(channel_line("a = 1\n", "web"), 1);
+    }
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let old = Config::parse("", &path).unwrap();
+        let new = Config::parse(
+            "[host]\napi_address = \"127.0.0.1:9\"\n[supervisor]\nmax_restarts = 2\n\
+             restart_log_interval = \"2m\"\n",
+            &path,
+        )
+        .unwrap();
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            vec![
+                "[host] api_address".to_owned(),
+                "[supervisor] restart_log_interval".to_owned()
+            ],
+            "max_restarts applies live: not named"
+        );
+        assert!(restart_only_changes(&old, &old).is_empty());
+    }
 }
