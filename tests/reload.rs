@@ -398,3 +398,32 @@ fn supervisor_numbers_apply_from_the_next_decision_and_restart_only_keys_are_nam
     assert_eq!(again["fixtureStarts"], 6, "{again}");
     assert_eq!(again["reconnectAttempts"], 4, "{again}");
 }
+
+#[test]
+fn the_reload_docs_say_of_every_host_setting_whether_it_is_live() {
+    let root = util::workspace_root();
+    let docs = fs::read_to_string(root.join("docs/config-reload.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut keys: Vec<(String, String)> = channeld::config::host_owned_defaults()
+        .into_iter()
+        .flat_map(|(section, defaults)| {
+            let keys: Vec<String> = defaults.as_table().unwrap().keys().cloned().collect();
+            keys.into_iter().map(move |k| (section.clone(), k))
+        })
+        .collect();
+    keys.push(("host".into(), "api_token".into()));
+    keys.push(("api".into(), "read_token".into()));
+    for (section, key) in keys {
+        let row = format!("| `[{section}] {key}` | ");
+        let said = docs
+            .lines()
+            .find(|l| l.starts_with(&row))
+            .is_some_and(|l| l.contains("live") || l.contains("restart only"));
+        if !said {
+            missing.push(format!("[{section}] {key}"));
+        }
+    }
+    assert!(missing.is_empty(), "docs/config-reload.md: {missing:?}");
+    let index = fs::read_to_string(root.join("docs/README.md")).unwrap();
+    assert!(index.contains("(config-reload.md)"));
+}
