@@ -24,6 +24,10 @@
 #[path = "scenarios/hot_add.rs"]
 mod hot_add;
 
+/// `reload`: a config reload of a channel with many running accounts, one of them changed.
+#[path = "scenarios/reload.rs"]
+mod reload;
+
 /// `msgs`: the journal's durable ingest, the event stream's latency, memory with a consumer behind.
 #[path = "scenarios/msgs.rs"]
 mod msgs;
@@ -79,6 +83,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("S2", s2),
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
+    ("reload", reload::reload),
 ];
 
 fn main() -> ExitCode {
