@@ -76,4 +76,7 @@ mod outbox;
 /// and `/readyz` during a slow start, sd_notify messages and the watchdog, completions, the
 /// manual page, the systemd unit.
 mod observe;
+/// Config reload: `channeld reload`, SIGHUP and a file edit alike; only changed accounts restart;
+/// rotated secrets; bad files refused with their location; manual stops and gave-up accounts.
+mod reload;
 mod stops;

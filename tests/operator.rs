@@ -79,7 +79,7 @@ fn sighup_leaves_the_daemon_running() {
     let mut daemon = idle_daemon();
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
-    daemon.wait_for_log("SIGHUP ignored");
+    daemon.wait_for_log("config reloaded");
     let status = daemon.cli(&["status"]);
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let (code, log) = daemon.terminate();

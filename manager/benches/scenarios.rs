@@ -27,6 +27,9 @@ mod hot_add;
 /// `isolation`: a call round trip and inbound throughput through an isolated plugin's child.
 #[path = "scenarios/isolation.rs"]
 mod isolation;
+/// `reload`: a config reload of a channel with many running accounts, one of them changed.
+#[path = "scenarios/reload.rs"]
+mod reload;
 
 /// `msgs`: the journal's durable ingest, the event stream's latency, memory with a consumer behind.
 #[path = "scenarios/msgs.rs"]
@@ -92,6 +95,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("msgs", msgs::msgs),
     ("isolation", isolation::isolation),
     ("metrics", metrics::metrics),
+    ("reload", reload::reload),
 ];
 
 fn main() -> ExitCode {

@@ -10,6 +10,7 @@
 //! | POST | `/v1/accounts/{channel}/{account}/{op}` | `start`, `stop`, `restart`, `logout`, `reset` one account |
 //! | GET | `/v1/plugins` | every plugin file: channel, version, file, hash, load time, load error, versions mapped; the reconcile count and last time |
 //! | POST | `/v1/rescan` | rescan the plugins directory now; the changes it made |
+//! | POST | `/v1/reload` | reload the config file; the accounts added, removed, restarted, unchanged ([`crate::reload`]) |
 //! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
 //! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
 //! | POST, GET, DELETE | `/v1/messages`, `/v1/messages/{id}`, `/v1/outbox` | messages to send ([`crate::outbox::http`]) |
@@ -67,6 +68,8 @@ pub struct ApiState {
     pub outbox: Option<Arc<crate::outbox::Outbox>>,
     /// Readiness and `[metrics]` for `/healthz`, `/readyz`, `/metrics`; `None` in tests.
     pub observe: Option<Arc<crate::service::Observe>>,
+    /// Config reload; `None` where the daemon has none (tests).
+    pub reload: Option<Arc<crate::reload::Reloader>>,
 }
 
 /// Runs `operation` as a task `tasks` tracks and awaits it: dropping the returned future (the
@@ -88,7 +91,7 @@ pub async fn tracked<T: Send + 'static>(
 }
 
 /// An API error with its status code.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -177,6 +180,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
         .route("/v1/plugins", get(plugins))
         .route("/v1/rescan", post(rescan))
+        .route("/v1/reload", post(crate::reload::api_reload))
         .route("/v1/events", get(events))
         .route("/v1/journal", get(journal))
         .route(

@@ -35,6 +35,7 @@ pub fn describe(path: &str) -> (String, String) {
             (op.clone(), format!("{channel}:{account}"))
         }
         [v1, rescan] if v1 == "v1" && rescan == "rescan" => ("rescan".into(), "plugins".into()),
+        [v1, reload] if v1 == "v1" && reload == "reload" => ("reload".into(), "config".into()),
         _ => (path.to_owned(), String::new()),
     }
 }

@@ -164,7 +164,8 @@ struct State {
 /// The catalog (see the module docs).
 pub struct Catalog {
     dir: PathBuf,
-    config: Arc<Config>,
+    /// The daemon's current config (a reload swaps it whole, between two steps).
+    config: Mutex<Arc<Config>>,
     loader: Arc<Loader>,
     supervisor: Supervisor,
     clock: Arc<dyn Clock>,
@@ -220,7 +221,7 @@ impl Catalog {
         Ok(Arc::new(Self {
             dir,
             settings: CatalogSettings::of(&config),
-            config,
+            config: Mutex::new(config),
             loader,
             supervisor,
             clock,
@@ -235,6 +236,49 @@ impl Catalog {
     /// The plugins directory, canonical.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The config the catalog hands to channels it adds or replaces.
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Runs `step` as one step of the reconciler: after the step in flight, before the next,
+    /// as a task the catalog tracks (a config reload goes through here, never beside it).
+    /// `None` once the catalog is closed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Runs as a tracked task: dropping the future leaves the step to complete.
+    pub async fn serialised<T, F>(
+        self: &Arc<Self>,
+        step: impl FnOnce() -> F + Send + 'static,
+    ) -> Option<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send,
+    {
+        if self.closed.is_cancelled() {
+            return None;
+        }
+        let me = self.clone();
+        self.tracked(async move {
+            let _turn = me.turn.lock().await;
+            if me.closed.is_cancelled() {
+                return None;
+            }
+            Some(step().await)
+        })
+        .await
+        .flatten()
+    }
+
+    /// Swaps the config the catalog hands to channels (a reload, inside [`Catalog::serialised`]).
+    pub fn set_config(&self, config: Arc<Config>) {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -288,7 +332,7 @@ impl Catalog {
                 }
             }
             let loaded = me.state().current.len();
-            for channel in me.config.channels.keys() {
+            for channel in me.config().channels.keys() {
                 if me.plugin(channel).is_none() {
                     tracing::warn!(
                         channel = %channel,
@@ -620,7 +664,7 @@ impl Catalog {
         let channel = new.info.channel_id.clone();
         let version = new.info.plugin_version.clone();
         let path = new.staged.source.clone();
-        let section = self.config.channel(&channel);
+        let section = self.config().channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
         if let Err(e) = self
             .supervisor
@@ -676,7 +720,7 @@ impl Catalog {
             old.info.plugin_version.clone(),
             new.info.plugin_version.clone(),
         );
-        let section = self.config.channel(&channel);
+        let section = self.config().channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
         tracing::info!(channel = %channel, from = %from, to = %to, "replacing plugin");
         match self

@@ -179,6 +179,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the config file: apply what changed (accounts added, removed, restarted), leave
+    /// the rest running. A bad file is refused with its location and changes nothing.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the outbox's messages (newest first), show one by id, or cancel a queued one.
     Messages {
         #[command(flatten)]

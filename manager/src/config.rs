@@ -112,6 +112,7 @@ struct RawHost {
     #[serde(with = "humantime_serde")]
     rescan_interval: Duration,
     watch: bool,
+    watch_config: bool,
     #[serde(with = "humantime_serde")]
     load_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -131,6 +132,7 @@ impl Default for RawHost {
             settle: Duration::from_millis(500),
             rescan_interval: Duration::from_secs(30),
             watch: true,
+            watch_config: true,
             load_timeout: Duration::from_secs(60),
             plugin_shutdown_timeout: Duration::from_secs(10),
         }
@@ -160,6 +162,9 @@ pub struct HostConfig {
     pub rescan_interval: Duration,
     /// Whether to watch the plugins directory for changes.
     pub watch: bool,
+    /// Whether to reload the config when its file changes (its directory is watched, with the
+    /// `settle` quiet period).
+    pub watch_config: bool,
     /// How long loading one plugin file (staging, opening, its constructor, `init`) may take.
     pub load_timeout: Duration,
     /// How long a plugin's runtime may take to shut down (a retired version, or at exit).
@@ -525,6 +530,7 @@ impl Config {
                 settle: host.settle,
                 rescan_interval: host.rescan_interval,
                 watch: host.watch,
+                watch_config: host.watch_config,
                 load_timeout: host.load_timeout,
                 plugin_shutdown_timeout: host.plugin_shutdown_timeout,
             },

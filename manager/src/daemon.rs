@@ -23,6 +23,7 @@ use crate::{
     health::HealthMonitor,
     journal::{Journal, JournalError},
     registry::Loader,
+    reload::{CurrentConfig, Reloader},
     stage::StagingDir,
     status::StatusBoard,
     supervise::{Supervisor, policy::RandomJitter},
@@ -130,6 +131,9 @@ pub struct Daemon {
     pub journal: Arc<Journal>,
     /// The config's gateways (they bridge once [`crate::outbox::gateway::Gateways::attach`]ed).
     pub gateways: Arc<crate::outbox::gateway::Gateways>,
+    /// Config reload; its [`CurrentConfig`] is the config in force (`config` above is the one
+    /// the daemon started with, whose restart-only settings stay in force).
+    pub reloader: Arc<Reloader>,
 }
 
 impl Daemon {
@@ -179,11 +183,17 @@ impl Daemon {
             supervisor.clone(),
             clock,
         )?;
+        let reloader = Reloader::new(
+            CurrentConfig::new(config.clone()),
+            catalog.clone(),
+            supervisor.clone(),
+        );
         Ok(Self {
             config,
             board,
             supervisor,
             catalog,
+            reloader,
             changes: ChangeQueue::new(),
             tasks: TaskTracker::new(),
             journal,
@@ -295,6 +305,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let background = CancellationToken::new();
     // The watcher's baseline comes before the initial load: a file added meanwhile is seen.
     daemon.watch_plugins(background.clone());
+    if daemon.config.host.watch_config {
+        daemon.reloader.watch(background.clone());
+    }
     let events = EventHub::new(daemon.journal.clone());
     tokio::spawn(crate::events::state::watch(
         daemon.supervisor.clone(),
@@ -309,6 +322,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     )
     .map_err(|e| DaemonError::Api(e.to_string()))?;
     daemon.gateways.attach(outbox.clone());
+    daemon.reloader.on_account_removed(outbox.clone());
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
     let observe = crate::service::Observe::new(daemon.config.metrics.clone());
@@ -324,6 +338,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             events: Some(events.clone()),
             outbox: Some(outbox.clone()),
             observe: Some(observe.clone()),
+            reload: Some(daemon.reloader.clone()),
         },
         stop_api.clone(),
     ));
@@ -361,6 +376,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 Arc::new(daemon.supervisor.clone()),
                 tokio::time::Instant::now(),
             );
+            {
+                // A reload's [health] numbers apply from the monitor's next decision.
+                let monitor = monitor.clone();
+                daemon.reloader.on_applied(Arc::new(move |config| {
+                    monitor.set_policy(config.health.clone())
+                }));
+            }
             tokio::spawn(monitor.run(background));
             observe.readiness.started();
             crate::notify::stall_supervisor(&daemon.supervisor).await;
@@ -373,12 +395,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = terminate.recv() => break tracing::info!("SIGTERM: stopping every account"),
             _ = interrupt.recv() => break tracing::info!("SIGINT: stopping every account"),
-            // Never fatal: until config reload exists, a hangup is noted and ignored.
-            _ = hangup.recv() => {
-                // systemd hears RELOADING=1 now and READY=1 when this guard drops.
-                let _reloading = crate::notify::reloading();
-                tracing::info!("SIGHUP ignored: config reload is not supported yet; restart channeld to apply config changes");
-            }
+            // Never fatal: a hangup reloads the config (in a task: signals keep being read).
+            _ = hangup.recv() => crate::reload::on_hangup(&daemon.reloader),
         }
     }
     crate::notify::stopping();

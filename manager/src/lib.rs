@@ -25,6 +25,7 @@ pub mod notify;
 pub mod outbox;
 pub mod plugin;
 pub mod registry;
+pub mod reload;
 pub mod reserved;
 pub mod service;
 pub mod stage;

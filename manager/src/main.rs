@@ -122,6 +122,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { config, json } => {
+            // A file the CLI cannot read is one the daemon would refuse too.
+            let config = load_client_config(&config).map_err(|e| {
+                anyhow::anyhow!("{e:#}; channeld was not asked to reload: the running config stays")
+            })?;
+            let report: channeld::reload::ReloadReport =
+                Client::from_config(&config)?.post("/v1/reload")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for line in channeld::reload::report_lines(&report) {
+                    println!("{line}");
+                }
+            }
+            Ok(if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Rescan { config, json } => {
             let config = load_client_config(&config)?;
             let raw: serde_json::Value = Client::from_config(&config)?.post("/v1/rescan")?;

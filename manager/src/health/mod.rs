@@ -131,7 +131,8 @@ pub fn judge(view: &AccountView, policy: &HealthConfig, now: Instant) -> Verdict
 
 /// The health monitor.
 pub struct HealthMonitor {
-    policy: HealthConfig,
+    /// The thresholds in force (a config reload swaps them: they apply from the next check).
+    policy: std::sync::RwLock<HealthConfig>,
     target: Arc<dyn MonitorTarget>,
     started: Instant,
     restarts: Mutex<HashMap<AccountKey, VecDeque<Instant>>>,
@@ -159,7 +160,7 @@ impl HealthMonitor {
         started: Instant,
     ) -> Arc<Self> {
         Arc::new(Self {
-            policy,
+            policy: std::sync::RwLock::new(policy),
             target,
             started,
             restarts: Mutex::new(HashMap::new()),
@@ -167,14 +168,30 @@ impl HealthMonitor {
         })
     }
 
+    /// The thresholds in force.
+    pub fn policy(&self) -> HealthConfig {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `policy` in force (a config reload): from the next check on. A changed non-zero
+    /// interval takes effect after the next tick; an interval of 0 at start means no monitor
+    /// until channeld restarts.
+    pub fn set_policy(&self, policy: HealthConfig) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
     /// When the first check runs: the first multiple of the interval not inside the grace.
     pub fn first_check(&self) -> Option<Instant> {
-        let interval = self.policy.interval;
+        let policy = self.policy();
+        let interval = policy.interval;
         if interval.is_zero() {
             return None;
         }
         let mut at = interval;
-        while at < self.policy.startup_grace {
+        while at < policy.startup_grace {
             at += interval;
         }
         Some(self.started + at)
@@ -186,7 +203,8 @@ impl HealthMonitor {
             tracing::info!("health monitor disabled (interval 0)");
             return;
         };
-        let mut ticks = tokio::time::interval_at(first, self.policy.interval);
+        let mut interval = self.policy().interval;
+        let mut ticks = tokio::time::interval_at(first, interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // The checks it spawned are tracked: it returns only once they have ended too (a check in
         // flight at shutdown meets a supervisor that refuses starts, and ends promptly).
@@ -195,6 +213,17 @@ impl HealthMonitor {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = ticks.tick() => {
+                    let now_interval = self.policy().interval;
+                    if now_interval.is_zero() {
+                        // Switched off by a reload: no checks until it is switched on again.
+                        continue;
+                    }
+                    if now_interval != interval {
+                        // A reload changed the interval: the next tick is one new interval away.
+                        interval = now_interval;
+                        ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+                        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    }
                     // Single-flight: a check still running (a slow restart) makes this tick a no-op.
                     let this = self.clone();
                     checks.spawn(async move { this.check().await });
@@ -222,6 +251,7 @@ impl HealthMonitor {
             ..CheckReport::default()
         };
         let now = self.target.now();
+        let policy = self.policy();
         let mut revivals = Vec::new();
         for view in self.target.accounts() {
             // Hands off: the supervisor has a restart scheduled, a user stopped it, or the monitor
@@ -229,7 +259,7 @@ impl HealthMonitor {
             if view.restart_pending || view.manually_stopped || !view.monitor_enabled {
                 continue;
             }
-            let verdict = judge(&view, &self.policy, now);
+            let verdict = judge(&view, &policy, now);
             let Verdict::Unhealthy(reason) = verdict else {
                 self.target.record(&view.key, &verdict, false);
                 continue;
@@ -270,6 +300,7 @@ impl HealthMonitor {
     /// Cooldown (a restart within the last `cooldown_cycles` intervals, inclusive) and the
     /// rolling hourly cap.
     fn may_restart(&self, key: &AccountKey, now: Instant) -> Result<(), &'static str> {
+        let policy = self.policy();
         let mut restarts = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
         let history = restarts.entry(key.clone()).or_default();
         let hour = Duration::from_secs(3600);
@@ -279,14 +310,14 @@ impl HealthMonitor {
         {
             history.pop_front();
         }
-        let cooldown = self.policy.interval * self.policy.cooldown_cycles;
+        let cooldown = policy.interval * policy.cooldown_cycles;
         if history
             .back()
             .is_some_and(|t| now.duration_since(*t) <= cooldown)
         {
             return Err("cooldown");
         }
-        if history.len() >= self.policy.max_restarts_per_hour as usize {
+        if history.len() >= policy.max_restarts_per_hour as usize {
             return Err("hourly-cap");
         }
         Ok(())

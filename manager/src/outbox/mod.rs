@@ -735,3 +735,12 @@ impl Outbox {
         }
     }
 }
+
+/// A reload removed an account: wake the sender, whose next pass fails that account's queued
+/// messages with "account removed" (the account is no longer in its channel's list).
+impl crate::reload::AccountRemoved for Outbox {
+    fn account_removed(&self, key: &AccountKey) {
+        tracing::debug!(account = %key, "account removed: its queued messages will fail");
+        self.wake.notify_one();
+    }
+}

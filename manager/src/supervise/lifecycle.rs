@@ -209,7 +209,7 @@ impl Lifecycle {
             biased;
             joined = &mut call => joined,
             () = self.token.cancelled() => {
-                let limit = ctx.inner.policy.stop_timeout;
+                let limit = ctx.inner.policy().stop_timeout;
                 match timeout(limit, &mut call).await {
                     Ok(joined) => joined,
                     Err(_) => {
@@ -286,7 +286,7 @@ impl Lifecycle {
     /// Returns whether to boot again. Every way out records why.
     async fn schedule_restart(&self, result: Result<(), String>, ran_for: Duration) -> bool {
         let ctx = &self.ctx;
-        let policy = &ctx.inner.policy;
+        let policy = ctx.inner.policy();
         crate::metrics::record_crash();
         let attempt = {
             let mut state = ctx.inner.lock();
@@ -312,7 +312,7 @@ impl Lifecycle {
             });
             return false;
         }
-        let delay = backoff_delay(policy, attempt, ctx.inner.jitter.next());
+        let delay = backoff_delay(&policy, attempt, ctx.inner.jitter.next());
         tracing::debug!(
             account = %ctx.key,
             attempt,
@@ -410,7 +410,7 @@ impl AccountCtx {
     /// end is reported stuck, and its slot frees itself when it finally ends.
     async fn stop_task(&self, mut task: RunningTask) {
         let plugin = self.channel.plugin.clone();
-        let stop_timeout = self.inner.policy.stop_timeout;
+        let stop_timeout = self.inner.policy().stop_timeout;
         plugin.abort_task(task.id);
         let hook_plugin = plugin.clone();
         let account = self.key.account.clone();
@@ -464,7 +464,7 @@ impl AccountCtx {
             Err(_) => {
                 cancelled = true;
                 plugin.cancel_task(task.id);
-                timeout(self.inner.policy.cancel_grace, &mut task.done)
+                timeout(self.inner.policy().cancel_grace, &mut task.done)
                     .await
                     .is_ok()
             }
@@ -541,7 +541,7 @@ impl AccountCtx {
         let reason = format!(
             "stuck: the plugin's start did not return within {} of the stop (it blocks its \
              thread); starts are refused until it returns",
-            humantime::format_duration(self.inner.policy.stop_timeout)
+            humantime::format_duration(self.inner.policy().stop_timeout)
         );
         tracing::error!(account = %self.key, "{reason}");
         let now = self.inner.clock.wall_ms();

@@ -18,6 +18,7 @@ mod hot;
 mod lifecycle;
 mod monitor;
 pub mod policy;
+mod reconfigure;
 mod restart_log;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use self::reconfigure::ChannelReload;
 use self::{calls::bounded, policy::Jitter, restart_log::RestartLog};
 use crate::{
     clock::Clock,
@@ -212,7 +214,8 @@ struct Seed {
 }
 
 struct Inner {
-    policy: SupervisorConfig,
+    /// The restart policy in force (a config reload swaps it: it applies from the next decision).
+    policy: std::sync::RwLock<Arc<SupervisorConfig>>,
     call_timeout: Duration,
     jitter: Arc<dyn Jitter>,
     clock: Arc<dyn Clock>,
@@ -241,7 +244,7 @@ impl Supervisor {
         let restart_log = RestartLog::new(policy.restart_log_interval);
         Self {
             inner: Arc::new(Inner {
-                policy,
+                policy: std::sync::RwLock::new(Arc::new(policy)),
                 call_timeout,
                 jitter,
                 clock,
@@ -259,9 +262,15 @@ impl Supervisor {
         &self.inner.board
     }
 
-    /// The restart policy.
-    pub fn policy(&self) -> &SupervisorConfig {
-        &self.inner.policy
+    /// The restart policy in force.
+    pub fn policy(&self) -> Arc<SupervisorConfig> {
+        self.inner.policy()
+    }
+
+    /// Puts `policy` in force (a config reload): each number applies from the next decision it
+    /// governs (the next backoff, give-up check, start or stop bound).
+    pub fn set_policy(&self, policy: SupervisorConfig) {
+        *self.inner.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -353,7 +362,7 @@ impl Supervisor {
             section,
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boot_permits: Semaphore::new(self.inner.policy.startup_accounts_per_channel),
+            boot_permits: Semaphore::new(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN)),
         }))
@@ -426,7 +435,7 @@ impl Supervisor {
             let channels: Vec<_> = state.channels.values().cloned().collect();
             (channels, state.failed_channels.clone())
         };
-        let limit = Arc::new(Semaphore::new(self.inner.policy.startup_channels));
+        let limit = Arc::new(Semaphore::new(self.inner.policy().startup_channels));
         let runs = channels.into_iter().map(|ch| {
             let this = self.clone();
             let limit = limit.clone();
@@ -472,7 +481,7 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let deadline = self.inner.clock.now() + self.inner.policy.start_timeout;
+        let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
         loop {
             let (mut events, seen, ended) = {
                 let mut state = self.lock();
@@ -544,7 +553,7 @@ impl Supervisor {
                 Err(_) => {
                     return StartOutcome::TimedOut(format!(
                         "the start did not hand over its task within {}",
-                        humantime::format_duration(self.inner.policy.start_timeout)
+                        humantime::format_duration(self.inner.policy().start_timeout)
                     ));
                 }
             }
@@ -830,6 +839,13 @@ impl Supervisor {
 }
 
 impl Inner {
+    fn policy(&self) -> Arc<SupervisorConfig> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())

@@ -15,7 +15,7 @@ impl MonitorTarget for Supervisor {
 
     fn accounts(&self) -> Vec<AccountView> {
         let channels = self.channels();
-        let policy_max = self.inner.policy.max_restarts;
+        let policy_max = self.inner.policy().max_restarts;
         let entries: Vec<(AccountKey, bool, u32)> = {
             let state = self.lock();
             channels
@@ -69,7 +69,7 @@ impl MonitorTarget for Supervisor {
         let key = key.clone();
         Box::pin(async move {
             let ch = this.channel(&key.channel).map_err(|e| e.to_string())?;
-            let gave_up = this.restart_attempts(&key) > this.inner.policy.max_restarts;
+            let gave_up = this.restart_attempts(&key) > this.inner.policy().max_restarts;
             let running = this
                 .lock()
                 .accounts
