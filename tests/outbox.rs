@@ -634,3 +634,31 @@ fn two_gateways_looped_through_webhooks_stop_at_the_hop_limit() {
     assert_eq!((b, a), (2, 1));
     daemon.wait_for_log("reached the hop limit (3); not bridged again");
 }
+
+#[test]
+fn a_removed_accounts_queued_messages_fail_with_account_removed() {
+    let daemon = fixture_daemon("", &[("keep", ""), ("gone", "")]);
+    // Stopped by a user, so its message stays queued.
+    cli_ok(&daemon, &["stop", "fixture:gone"]);
+    let queued = accepted(&daemon, "gone", "room", "never sent");
+    assert_eq!(message(&daemon, queued)["state"], "queued");
+    // The config without `gone`, applied by a reload.
+    let text = fs::read_to_string(&daemon.config).unwrap();
+    let start = text.find("[channels.fixture.accounts.gone]").unwrap();
+    let end = text[start + 1..]
+        .find("[channels.")
+        .map_or(text.len(), |i| start + 1 + i);
+    fs::write(
+        &daemon.config,
+        format!("{}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    cli_ok(&daemon, &["reload"]);
+    let m = wait_final(&daemon, queued);
+    assert_eq!(m["state"], "failed", "{m}");
+    assert_eq!(m["error"], "account removed", "{m}");
+    assert!(sends(&daemon, "gone").is_empty());
+    // The other account still sends.
+    let id = accepted(&daemon, "keep", "room", "still here");
+    assert_eq!(wait_final(&daemon, id)["state"], "sent");
+}

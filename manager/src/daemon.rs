@@ -323,6 +323,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     .map_err(|e| DaemonError::Api(e.to_string()))?;
     daemon.gateways.attach(outbox.clone());
     daemon.reloader.on_account_removed(outbox.clone());
+    {
+        // A reload's gateways route the messages that arrive after it.
+        let gateways = daemon.gateways.clone();
+        daemon.reloader.on_applied(Arc::new(move |config| {
+            gateways.set_list(config.gateways.clone())
+        }));
+    }
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
     let observe = crate::service::Observe::new(daemon.config.metrics.clone());

@@ -421,6 +421,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.journal != new.journal {
         changed.push("[journal]".into());
     }
+    if old.outbox != new.outbox {
+        changed.push("[outbox]".into());
+    }
+    if old.metrics != new.metrics {
+        changed.push("[metrics]".into());
+    }
     if old.supervisor.restart_log_interval != new.supervisor.restart_log_interval {
         changed.push("[supervisor] restart_log_interval".into());
     }

@@ -110,7 +110,8 @@ pub struct GatewayConfig {
 
 /// The gateways of the config, routing inbound messages into the outbox.
 pub struct Gateways {
-    list: Vec<GatewayConfig>,
+    /// The gateways in force: swapped whole by a config reload.
+    list: std::sync::RwLock<Arc<Vec<GatewayConfig>>>,
     hop_limit: u32,
     outbox: OnceLock<Arc<Outbox>>,
 }
@@ -118,7 +119,7 @@ pub struct Gateways {
 impl std::fmt::Debug for Gateways {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateways")
-            .field("list", &self.list)
+            .field("list", &self.list())
             .finish_non_exhaustive()
     }
 }
@@ -142,15 +143,26 @@ impl Gateways {
     /// The config's gateways, with `[outbox] hop_limit`.
     pub fn new(list: Vec<GatewayConfig>, hop_limit: u32) -> Arc<Self> {
         Arc::new(Self {
-            list,
+            list: std::sync::RwLock::new(Arc::new(list)),
             hop_limit,
             outbox: OnceLock::new(),
         })
     }
 
+    /// The gateways in force.
+    fn list(&self) -> Arc<Vec<GatewayConfig>> {
+        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the gateways (a config reload): messages arriving from now on are routed by
+    /// `list`; messages already in the outbox keep their sends.
+    pub fn set_list(&self, list: Vec<GatewayConfig>) {
+        *self.list.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(list);
+    }
+
     /// Whether there are any.
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list().is_empty()
     }
 
     /// Connects the outbox bridged messages go to (until then nothing is bridged).
@@ -160,7 +172,7 @@ impl Gateways {
 
     /// Warns, naming the gateway, about every member whose channel no plugin provides.
     pub fn warn_unloaded(&self, supervisor: &Supervisor) {
-        for gateway in &self.list {
+        for gateway in self.list().iter() {
             for member in &gateway.members {
                 if supervisor.channel(&member.account.0.channel).is_err() {
                     tracing::warn!(
@@ -178,7 +190,7 @@ impl Gateways {
     }
 
     fn wants(&self, key: &AccountKey, conversation: &str) -> bool {
-        self.list.iter().any(|g| {
+        self.list().iter().any(|g| {
             g.members.iter().any(|m| {
                 m.direction != Direction::Out
                     && m.account.0 == *key
@@ -208,7 +220,7 @@ impl Gateways {
             .and_then(|t| t.get("origin"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        for gateway in &self.list {
+        for gateway in self.list().iter() {
             let Some(from) = gateway.members.iter().find(|m| {
                 m.direction != Direction::Out
                     && m.account.0 == *key
