@@ -20,7 +20,7 @@
 //! | `channeld_give_ups_total` | accounts given up on after the maximum of restarts |
 //! | `channeld_monitor_restarts_total` | restarts by the health monitor |
 //! | `channeld_inbound_messages_total` | messages the journal took |
-//! | `channeld_outbound_messages_total`, `channeld_send_failures_total` | sends (hooks for the outbox) |
+//! | `channeld_outbound_messages_total`, `channeld_send_failures_total` | sends the outbox handed to plugins: taken, and failed attempts |
 //! | `channeld_stale_handle_calls_total` | host-service calls dropped from a stale task |
 //! | `channeld_starved_runtime_events_total` | plugin runtimes seen starved (hook) |
 //! | `channeld_plugin_call_duration_seconds` | histogram of blocking plugin calls |

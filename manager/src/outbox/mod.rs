@@ -671,9 +671,11 @@ impl Outbox {
         match outcome {
             Ok(message_id) => {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::record_outbound_message();
                 self.finish_with(id, state::SENT, attempts, Some(message_id), None, now);
             }
             Err(error) => {
+                crate::metrics::record_send_failure();
                 let next = now + self.settings.backoff(attempts).as_millis() as i64;
                 if next >= created + self.settings.deadline.as_millis() as i64 {
                     // An attempt the deadline cut short keeps the plugin's last error in view.
