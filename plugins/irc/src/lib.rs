@@ -472,3 +472,6 @@ fn line_budget(nick: &str, target: &str) -> usize {
 }
 
 export_plugin!(Irc);
+
+#[cfg(test)]
+mod tests;
