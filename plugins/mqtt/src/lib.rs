@@ -429,39 +429,4 @@ fn inbound(publish: &Publish) -> Inbound {
 export_plugin!(Mqtt);
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn account(config: Value) -> Account {
-        Account {
-            channel: "mqtt".to_owned(),
-            id: "main".to_owned(),
-            config,
-        }
-    }
-
-    #[test]
-    fn settings_reasons() {
-        let ok = json!({"host": "h", "client_id": "c", "topics": [{"filter": "a/#", "qos": 1}]});
-        assert!(Settings::of(&account(ok)).is_ok());
-        let reason = |v| Settings::of(&account(v)).err().unwrap_or_default();
-        assert_eq!(reason(json!({"client_id": "c"})), "missing `host`");
-        assert!(
-            reason(json!({"host": "h", "client_id": "c", "publish_qos": 3})).contains("0, 1 or 2")
-        );
-        assert!(reason(json!({"host": "h", "client_id": "c", "tpoics": []})).contains("tpoics"));
-    }
-
-    #[test]
-    fn origin_and_hops_default_to_the_account() {
-        assert_eq!(
-            origin_and_hops(None, "mqtt:main"),
-            ("mqtt:main".to_owned(), 0)
-        );
-        let extra = json!({"origin": "irc:main", "hops": 2});
-        assert_eq!(
-            origin_and_hops(Some(&extra), "mqtt:main"),
-            ("irc:main".to_owned(), 2)
-        );
-    }
-}
+mod tests;
