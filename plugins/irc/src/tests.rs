@@ -85,7 +85,10 @@ async fn the_hosts_reserved_keys_do_not_upset_the_plugin() {
     // The same keys, misspelt, are the plugin's own, and it denies unknown keys.
     let harness = Harness::new(Irc, &table("health_monitr = { enabled = false }")).unwrap();
     let refused = not_configured(&harness, "reserved");
-    assert!(refused.contains("unknown field `health_monitr`"), "{refused}");
+    assert!(
+        refused.contains("unknown field `health_monitr`"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
