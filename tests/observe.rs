@@ -176,7 +176,7 @@ fn metrics_count_the_outboxs_queued_and_failed_messages() {
     let daemon = Daemon::start(
         &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
         "",
-        "[outbox]\nretry_initial = \"10ms\"\nretry_max = \"40ms\"\ndeadline = \"1s\"\n\
+        "[outbox]\nretry_initial = \"10ms\"\nretry_max = \"40ms\"\ndeadline = \"2s\"\n\
          [channels.fixture.accounts.doomed]\nsend_fail = 1000000\n\
          [channels.fixture.accounts.parked]\nmode = \"run\"\n",
         &[],
@@ -184,14 +184,15 @@ fn metrics_count_the_outboxs_queued_and_failed_messages() {
     for account in ["doomed", "parked"] {
         daemon.wait_for_account("fixture", account, |s| s["running"] == true);
     }
-    let out = daemon.cli(&["stop", "fixture:parked"]);
-    assert!(out.status.success(), "{out:?}");
-    // A stopped account's message waits, queued.
-    let out = daemon.cli(&["send", "fixture:parked", "room", "later"]);
-    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
     // Every send of this one fails until its deadline.
     let out = daemon.cli(&["send", "fixture:doomed", "room", "lost", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}\n{}", daemon.log());
+    // A stopped account's message waits, queued (sent after the failure: the deadline counts
+    // from acceptance for every message, and this one must not reach it before the scrape).
+    let out = daemon.cli(&["stop", "fixture:parked"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = daemon.cli(&["send", "fixture:parked", "room", "later"]);
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
     let scrape = scrape(&daemon);
     let messages = |state| value(&scrape, "channeld_outbox_messages", &[("state", state)]);
     assert_eq!(messages("queued"), 1.0);
