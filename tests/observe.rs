@@ -1,7 +1,8 @@
 //! Observability and service integration with the real daemon: `/metrics` parsed by a
-//! Prometheus parser crate (a crash storm's exact counts), `/healthz` and `/readyz` during a slow
-//! start, the sd_notify messages on a `NOTIFY_SOCKET` the test binds (watchdog silent while the
-//! supervisor is held), shell completions and the manual page.
+//! Prometheus parser crate (a crash storm's exact counts, the outbox's queued and failed
+//! messages), `/healthz` and `/readyz` during a slow start, the sd_notify messages on a
+//! `NOTIFY_SOCKET` the test binds (watchdog silent while the supervisor is held), shell
+//! completions and the manual page.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -168,6 +169,36 @@ fn metrics_can_be_public_and_per_account_series_switched_off() {
     );
     // The rest of the API keeps its token.
     assert_eq!(get(&daemon, "/v1/status", false).0, 401);
+}
+
+#[test]
+fn metrics_count_the_outboxs_queued_and_failed_messages() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "[outbox]\nretry_initial = \"10ms\"\nretry_max = \"40ms\"\ndeadline = \"2s\"\n\
+         [channels.fixture.accounts.doomed]\nsend_fail = 1000000\n\
+         [channels.fixture.accounts.parked]\nmode = \"run\"\n",
+        &[],
+    );
+    for account in ["doomed", "parked"] {
+        daemon.wait_for_account("fixture", account, |s| s["running"] == true);
+    }
+    // Every send of this one fails until its deadline.
+    let out = daemon.cli(&["send", "fixture:doomed", "room", "lost", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}\n{}", daemon.log());
+    // A stopped account's message waits, queued (sent after the failure: the deadline counts
+    // from acceptance for every message, and this one must not reach it before the scrape).
+    let out = daemon.cli(&["stop", "fixture:parked"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = daemon.cli(&["send", "fixture:parked", "room", "later"]);
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
+    let scrape = scrape(&daemon);
+    let messages = |state| value(&scrape, "channeld_outbox_messages", &[("state", state)]);
+    assert_eq!(messages("queued"), 1.0);
+    assert_eq!(messages("failed"), 1.0);
+    assert_eq!(messages("sending"), 0.0);
+    assert_eq!(messages("sent"), 0.0);
 }
 
 #[test]

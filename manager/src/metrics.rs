@@ -7,7 +7,8 @@
 //!   daemon is one per process) and only grow;
 //! * **figures read at scrape time** from their one owner: account states and flags from the
 //!   supervisor's snapshot, plugin files from the catalog, the journal's size and oldest
-//!   retained sequence number, and the lag of every connected event stream.
+//!   retained sequence number, the outbox's messages per state, and the lag of every connected
+//!   event stream.
 //!
 //! | metric | what |
 //! |---|---|
@@ -30,6 +31,7 @@
 //! | `channeld_plugin_versions_mapped{channel}` | versions of the channel's code still mapped |
 //! | `channeld_reconciles_total` | catalog reconcile steps |
 //! | `channeld_journal_size_bytes`, `channeld_journal_messages`, `channeld_journal_oldest_seq`, `channeld_journal_last_seq` | the journal |
+//! | `channeld_outbox_messages{state}` | messages the outbox holds: `queued`, `sending`, and until pruned `sent`, `failed`, `cancelled` |
 //! | `channeld_event_streams`, `channeld_consumer_lag_max`, `channeld_consumer_lag` (histogram) | connected event streams, behind the journal's last seq |
 //!
 //! Per-account series are switched by `[metrics] per_account`: unset, they are on up to
@@ -164,6 +166,8 @@ pub struct Sources {
     pub catalog: Option<std::sync::Arc<Catalog>>,
     /// The event hub (journal, connected streams), if the daemon has one.
     pub events: Option<std::sync::Arc<EventHub>>,
+    /// The outbox (messages per state), if the daemon has one.
+    pub outbox: Option<std::sync::Arc<crate::outbox::Outbox>>,
     /// `[metrics]`.
     pub config: MetricsConfig,
 }
@@ -278,6 +282,7 @@ pub fn render(sources: &Sources) -> String {
     );
     plugins(&mut registry, sources);
     journal(&mut registry, sources);
+    outbox(&mut registry, sources);
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &registry);
@@ -464,5 +469,29 @@ fn journal(registry: &mut Registry, sources: &Sources) {
         "channeld_consumer_lag",
         "Messages each connected event stream is behind the journal.",
         histogram,
+    );
+}
+
+fn outbox(registry: &mut Registry, sources: &Sources) {
+    let Some(outbox) = &sources.outbox else {
+        return;
+    };
+    let counts = match outbox.counts_by_state() {
+        Ok(counts) => counts,
+        Err(e) => {
+            tracing::warn!("metrics: reading the outbox: {e}");
+            return;
+        }
+    };
+    let messages = Family::<Labels, Gauge>::default();
+    for (state, n) in counts {
+        messages
+            .get_or_create(&vec![("state", state.to_owned())])
+            .set(n);
+    }
+    registry.register(
+        "channeld_outbox_messages",
+        "Messages the outbox holds in each state (finished ones until they are pruned).",
+        messages,
     );
 }

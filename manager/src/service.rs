@@ -140,13 +140,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         supervisor: state.supervisor.clone(),
         catalog: state.hot.clone(),
         events: state.events.clone(),
+        outbox: state.outbox.clone(),
         config: state
             .observe
             .as_ref()
             .map(|o| o.metrics.clone())
             .unwrap_or_default(),
     };
-    // The snapshot and the catalog's listing take locks: off the async workers.
+    // The snapshot and the catalog's listing take locks, the outbox reads its table: off the
+    // async workers.
     match tokio::task::spawn_blocking(move || crate::metrics::render(&sources)).await {
         Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

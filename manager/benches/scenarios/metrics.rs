@@ -53,6 +53,7 @@ pub(super) fn metrics(bench: &Bench) -> anyhow::Result<String> {
         supervisor: fleet.supervisor.clone(),
         catalog: None,
         events: None,
+        outbox: None,
         config: MetricsConfig {
             per_account: Some(per_account),
             public: false,

@@ -478,6 +478,30 @@ impl Outbox {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many messages the outbox holds in each state (every state of [`state`], 0 when
+    /// none; finished messages count until they are pruned). Blocking.
+    pub fn counts_by_state(&self) -> Result<Vec<(&'static str, i64)>, OutboxError> {
+        let held = self.db(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT state, count(*) FROM outbox GROUP BY state")?;
+            let rows = statement.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<Vec<(String, i64)>>>()
+        })?;
+        Ok([
+            state::QUEUED,
+            state::SENDING,
+            state::SENT,
+            state::FAILED,
+            state::CANCELLED,
+        ]
+        .into_iter()
+        .map(|s| {
+            let n = held.iter().find(|(h, _)| h == s).map_or(0, |(_, n)| *n);
+            (s, n)
+        })
+        .collect())
+    }
+
     /// The outbox's figures, as JSON.
     pub fn stats(&self) -> Value {
         let c = &self.counters;
