@@ -227,7 +227,7 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
     // running → restart-pending → … → running with connected false, then true.
     let mut states: Vec<(String, Option<bool>)> = Vec::new();
     let deadline = Instant::now() + PATIENCE;
-    let mut next_state = |states: &mut Vec<(String, Option<bool>)>| {
+    let next_state = |states: &mut Vec<(String, Option<bool>)>| {
         assert!(Instant::now() < deadline, "states so far: {states:?}");
         let event = events.next();
         if event.event == "state" {
