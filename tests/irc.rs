@@ -1,18 +1,16 @@
 //! The `irc` plugin against a real ngircd: inbound to the event stream through the real daemon,
-//! sends (in-process through the host's adapter until `channeld send` exists), a 2,000-byte
-//! message split into lines, a `kill -9` of the server with a restart on the same port, and the
-//! health monitor restarting an account whose server is stopped (`SIGSTOP`).
+//! `channeld send`, a 2,000-byte message split into lines, a gateway bridging IRC and MQTT exactly
+//! once, a `kill -9` of the server with a restart on the same port (sends of the outage arriving
+//! after it), and the health monitor restarting an account whose server is stopped (`SIGSTOP`).
 
 use std::time::{Duration, Instant};
-
-use serde_json::json;
 
 use crate::util::{
     self,
     daemon::{Daemon, PATIENCE},
     events::Events,
-    in_process::InProcess,
-    servers::{IrcClient, Ngircd, signal},
+    events::outbox_idle,
+    servers::{IrcClient, Mosquitto, Ngircd, signal, signal_pid},
 };
 
 fn irc_plugin() -> std::path::PathBuf {
@@ -68,35 +66,34 @@ fn a_privmsg_in_a_joined_channel_and_to_the_nick_reach_the_event_stream() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_arrives_and_a_2000_byte_message_arrives_complete_in_order_in_lines() {
+#[test]
+fn a_send_arrives_and_a_2000_byte_message_arrives_complete_in_order_in_lines() {
     let server = Ngircd::start();
     let mut bob = IrcClient::connect(server.port, "bob");
     bob.join("#test");
-    let irc = InProcess::start(
-        "irc",
-        "channeld-plugin-irc",
-        json!({ "main": {
-            "server": "127.0.0.1", "port": server.port, "nick": "channeld",
-            "channels": ["#test"], "flood_burst": 2, "flood_interval_ms": 50,
-        }}),
+    let daemon = daemon(
+        &[(
+            "main",
+            server.port,
+            "flood_burst = 2\nflood_interval_ms = 50",
+        )],
+        "",
     );
-    let _task = irc.start_account("main");
-    irc.wait_connected("main");
+    connected(&daemon, "main");
 
-    irc.send("main", "#test", "hello").await;
-    let line = tokio::task::block_in_place(|| bob.wait_for(|l| l.contains(" PRIVMSG #test ")));
-    assert!(line.starts_with(":channeld!"), "{line}");
+    send(&daemon, "#test", "hello");
+    let line = bob.wait_for(|l| l.contains(" PRIVMSG #test "));
+    assert!(line.starts_with(":channeld-main!"), "{line}");
     assert!(line.ends_with(" PRIVMSG #test :hello"), "{line}");
 
     // 2,000 bytes with multi-byte characters, so a cut inside one would show.
     let text = "é€abc".repeat(250);
     assert_eq!(text.len(), 2000);
-    irc.send("main", "#test", &text).await;
+    send(&daemon, "#test", &text);
     let mut got = String::new();
     let mut lines = 0;
     while got.len() < text.len() {
-        let line = tokio::task::block_in_place(|| bob.wait_for(|l| l.contains(" PRIVMSG #test ")));
+        let line = bob.wait_for(|l| l.contains(" PRIVMSG #test "));
         assert!(
             line.len() + 2 <= 512,
             "a line over the limit: {}",
@@ -107,6 +104,106 @@ async fn a_send_arrives_and_a_2000_byte_message_arrives_complete_in_order_in_lin
     }
     assert_eq!(got, text, "complete and in order");
     assert!(lines >= 5, "split into lines: {lines}");
+}
+
+/// `channeld send irc:main CONVERSATION TEXT`; panics unless the outbox accepted it.
+fn send(daemon: &Daemon, conversation: &str, text: &str) {
+    let out = daemon.cli(&["send", "irc:main", conversation, text]);
+    assert!(
+        out.status.success(),
+        "channeld send failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+}
+
+/// The lines `client` receives before the answer to a `NAMES` it asks now: the server answers in
+/// order, so whatever it had for the client before the question is in them.
+fn lines_before_names(client: &mut IrcClient, channel: &str) -> Vec<String> {
+    client.say(&format!("NAMES {channel}"));
+    let mut lines = Vec::new();
+    loop {
+        let line = client.next_line();
+        match line.split(' ').nth(1) {
+            Some("353") => {}
+            Some("366") => return lines,
+            _ => lines.push(line),
+        }
+    }
+}
+
+#[test]
+fn a_gateway_bridges_irc_and_mqtt_exactly_once_without_echo() {
+    let server = Ngircd::start();
+    let broker = Mosquitto::start();
+    let subscriber = broker.subscribe("chat/test");
+    let mut ada = IrcClient::connect(server.port, "ada");
+    ada.join("#test");
+    let body = format!(
+        "[channels.irc.accounts.main]\nserver = \"127.0.0.1\"\nport = {}\n\
+         nick = \"channeld-main\"\nchannels = [\"#test\"]\n\
+         [channels.mqtt.accounts.main]\nhost = \"127.0.0.1\"\nport = {}\n\
+         client_id = \"channeld-main\"\ntopics = [{{ filter = \"chat/#\", qos = 1 }}]\n\
+         [[gateways]]\nname = \"bridge\"\nmembers = [\n\
+         {{ account = \"irc:main\", conversation = \"#test\" }},\n\
+         {{ account = \"mqtt:main\", conversation = \"chat/test\" }},\n]\n",
+        server.port, broker.port
+    );
+    let daemon = Daemon::start(
+        &[
+            ("irc.so", irc_plugin()),
+            ("mqtt.so", util::plugin_file("channeld-plugin-mqtt")),
+        ],
+        "",
+        &body,
+        &[],
+    );
+    connected(&daemon, "main");
+    daemon.wait_for_account("mqtt", "main", |s| s["connected"] == true);
+
+    // IRC → MQTT.
+    ada.say("PRIVMSG #test :from irc");
+    let first = subscriber.next();
+    assert!(
+        first.starts_with("chat/test ") && first.contains("from irc"),
+        "{first}"
+    );
+    outbox_idle(&daemon);
+    let more: Vec<_> = subscriber
+        .drain(Duration::from_millis(300))
+        .into_iter()
+        .filter(|l| l.contains("from irc"))
+        .collect();
+    assert!(
+        more.is_empty(),
+        "bridged more than once: {first} then {more:?}"
+    );
+    let back = lines_before_names(&mut ada, "#test");
+    assert!(
+        !back.iter().any(|l| l.contains("from irc")),
+        "echoed to the origin: {back:?}"
+    );
+
+    // MQTT → IRC.
+    broker.publish(&["-q", "1", "-t", "chat/test", "-m", "from mqtt"], None);
+    let line = ada.wait_for(|l| l.contains(" PRIVMSG #test "));
+    assert!(
+        line.starts_with(":channeld-main!") && line.contains("from mqtt"),
+        "{line}"
+    );
+    outbox_idle(&daemon);
+    let more = lines_before_names(&mut ada, "#test");
+    assert!(
+        !more.iter().any(|l| l.contains(" PRIVMSG ")),
+        "bridged more than once: {line} then {more:?}"
+    );
+    // The subscriber sees the test's own publish once; an echo from channeld would be a second.
+    let seen: Vec<_> = subscriber
+        .drain(Duration::from_millis(300))
+        .into_iter()
+        .filter(|l| l.contains("from mqtt"))
+        .collect();
+    assert_eq!(seen, ["chat/test from mqtt"], "echoed to the origin");
 }
 
 #[test]
@@ -122,12 +219,15 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
     // first look is no change to it; there is no event to wait for, so give it five looks.
     std::thread::sleep(Duration::from_secs(1));
     server.kill();
-    server.restart();
-
+    // Sent during the outage: the outbox holds them until the account is connected again.
+    let outage = ["during 1", "during 2", "during 3"];
+    for text in outage {
+        send(&daemon, "#test", text);
+    }
     // running → restart-pending → … → running with connected false, then true.
     let mut states: Vec<(String, Option<bool>)> = Vec::new();
     let deadline = Instant::now() + PATIENCE;
-    while states.last() != Some(&("running".to_owned(), Some(true))) || states.len() < 2 {
+    let next_state = |states: &mut Vec<(String, Option<bool>)>| {
         assert!(Instant::now() < deadline, "states so far: {states:?}");
         let event = events.next();
         if event.event == "state" {
@@ -136,6 +236,22 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
                 event.data["connected"].as_bool(),
             ));
         }
+    };
+    // The stream has seen the outage before channeld is held: a held daemon's backoff runs out
+    // while it is stopped, and its sampler would miss `restart-pending`.
+    while !states.iter().any(|s| s.0 == "restart-pending") {
+        next_state(&mut states);
+    }
+    // A listener must be in the channel before channeld is back, or it would miss the sends:
+    // channeld is held (SIGSTOP) while the server restarts and the listener joins.
+    signal_pid(daemon.pid(), libc::SIGSTOP);
+    server.restart();
+    let mut eve = IrcClient::connect(server.port, "eve");
+    eve.join("#test");
+    signal_pid(daemon.pid(), libc::SIGCONT);
+
+    while states.last() != Some(&("running".to_owned(), Some(true))) || states.len() < 2 {
+        next_state(&mut states);
     }
     assert_eq!(
         states.first().map(|s| s.0.as_str()),
@@ -153,7 +269,18 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
         "running but not yet connected before connected: {states:?}"
     );
 
-    let mut eve = IrcClient::connect(server.port, "eve");
+    let got: Vec<String> = outage
+        .iter()
+        .map(|_| {
+            let line = eve.wait_for(|l| l.contains(" PRIVMSG #test "));
+            line.split_once(" PRIVMSG #test :").unwrap().1.to_owned()
+        })
+        .collect();
+    assert_eq!(
+        got, outage,
+        "the outage's sends, after the reconnect, in order"
+    );
+
     let names = eve.names("#test");
     let ours: Vec<_> = names.iter().filter(|n| n.starts_with("channeld")).collect();
     assert_eq!(

@@ -102,3 +102,27 @@ impl Events {
         got
     }
 }
+
+/// Polls `GET /v1/outbox` until no message is queued or sending (bounded by [`PATIENCE`]).
+pub fn outbox_idle(daemon: &Daemon) {
+    let (addr, token) = daemon.api();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats: Value = ureq::get(format!("http://{addr}/v1/outbox"))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        if stats["outbox"]["waiting"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox never emptied: {stats}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

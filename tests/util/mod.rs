@@ -4,7 +4,6 @@
 
 pub mod daemon;
 pub mod events;
-pub mod in_process;
 pub mod servers;
 
 use std::{

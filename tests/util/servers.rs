@@ -57,8 +57,13 @@ fn spawn(program: &str, args: &[&str], dir: &std::path::Path) -> Child {
 
 /// Sends `signal` to `child`.
 pub fn signal(child: &Child, signal: i32) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, signal) };
+    signal_pid(child.id(), signal);
+}
+
+/// Sends `signal` to the process `pid` (a child of the test's).
+pub fn signal_pid(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on the pid of our own child.
+    unsafe { libc::kill(pid as i32, signal) };
 }
 
 /// An ngircd of the test's own.
