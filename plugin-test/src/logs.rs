@@ -1,18 +1,13 @@
 //! The plugin's `tracing` events, captured for the test.
 
 use std::{
-    fmt::Write as _,
     future::Future,
     sync::{Arc, Mutex},
 };
 
 use channeld_plugin_abi::sdk::__private::harness;
 use serde_json::{Map, Value};
-use tracing::{
-    Dispatch, Event, Level, Subscriber,
-    field::{Field, Visit},
-    instrument::WithSubscriber as _,
-};
+use tracing::{Dispatch, Event, Level, Subscriber, instrument::WithSubscriber as _};
 use tracing_subscriber::{Layer, layer::Context, prelude::*};
 
 /// One `tracing` event of the plugin.
@@ -55,7 +50,7 @@ struct Collect(Arc<Mutex<Vec<LogLine>>>);
 
 impl<S: Subscriber> Layer<S> for Collect {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        let mut fields = Fields::default();
+        let mut fields = harness::LogFields::default();
         event.record(&mut fields);
         let line = LogLine {
             level: *event.metadata().level(),
@@ -65,38 +60,5 @@ impl<S: Subscriber> Layer<S> for Collect {
             account: harness::log_scope().map(|(_, account)| account),
         };
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-    }
-}
-
-#[derive(Default)]
-struct Fields {
-    message: String,
-    map: Map<String, Value>,
-}
-
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.message.push_str(value);
-        } else {
-            self.map.insert(field.name().to_owned(), value.into());
-        }
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.map.insert(field.name().to_owned(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.map.insert(field.name().to_owned(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.map.insert(field.name().to_owned(), value.into());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
-        } else {
-            self.map
-                .insert(field.name().to_owned(), format!("{value:?}").into());
-        }
     }
 }

@@ -12,6 +12,8 @@
 
 use std::{future::Future, sync::Arc};
 
+pub use super::log::Fields as LogFields;
+
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{AbortSignal, Account, AccountContext, Host, log};

@@ -238,10 +238,15 @@ fn string_field(map: &Map<String, Value>, key: &str) -> String {
     }
 }
 
+/// One event's fields as the host receives them: the `message` field's text, and every other
+/// field as JSON. The harness (`channeld-plugin-test`) records events with it too, so a test sees
+/// the fields exactly as channeld would.
 #[derive(Default)]
-struct Fields {
-    message: String,
-    map: Map<String, Value>,
+pub struct Fields {
+    /// The `message` field.
+    pub message: String,
+    /// Every other field.
+    pub map: Map<String, Value>,
 }
 
 impl Visit for Fields {

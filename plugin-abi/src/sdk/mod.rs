@@ -42,7 +42,7 @@ pub mod __private {
 
     /// The test harness's seam: see the module's docs (in the source; hidden from rustdoc).
     pub mod harness {
-        pub use super::super::harness::{Controls, account_context, log_scope};
+        pub use super::super::harness::{Controls, LogFields, account_context, log_scope};
     }
 }
 
