@@ -8,14 +8,13 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Notify, watch},
-    task::JoinHandle,
+    sync::{Notify, oneshot, watch},
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BootEvent, Channel, Inner, Phase, StartOutcome, calls::spawn_call, policy::backoff_delay,
+    BootEvent, Channel, Inner, Phase, StartOutcome, policy::backoff_delay,
 };
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
@@ -66,7 +65,7 @@ enum RunEnd {
     Stopped,
 }
 
-type BootCall = JoinHandle<Result<Boot, String>>;
+type BootCall = oneshot::Receiver<Result<Boot, String>>;
 
 /// How a stop hook went, as the stop reports it.
 enum HookEnd {
@@ -161,11 +160,6 @@ impl Lifecycle {
     /// one. A stop bounds the wait by the stop timeout (then [`Boot::Stuck`]).
     async fn boot(&self) -> Boot {
         let ctx = &self.ctx;
-        let _permit = tokio::select! {
-            biased;
-            () = self.token.cancelled() => return Boot::Stopped,
-            permit = ctx.channel.boot_permits.acquire() => permit,
-        };
         if self.token.is_cancelled() {
             return Boot::Stopped;
         }
@@ -185,30 +179,47 @@ impl Lifecycle {
         });
         let account = ctx.key.account.clone();
         let token = self.token.clone();
-        let mut call: BootCall = spawn_call(move || -> Result<Boot, String> {
-            if let Check::No(reason) = plugin.is_enabled(&account).map_err(|e| e.to_string())? {
-                return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
-            }
-            if let Check::No(reason) = plugin.is_configured(&account).map_err(|e| e.to_string())? {
-                return Ok(Boot::NotConfigured(
-                    reason.unwrap_or_else(|| "not configured".into()),
-                ));
-            }
-            if token.is_cancelled() {
-                return Ok(Boot::Stopped);
-            }
-            plugin
-                .start_account(&account, link)
-                .map(|task| {
-                    crate::metrics::record_start();
-                    Boot::Started(task, polled)
-                })
-                .map_err(|e| e.to_string())
+        let (reply, mut call): (_, BootCall) = oneshot::channel();
+        // Queued on the channel's boot pool, whose size is the startup fan-out: a thread of the
+        // pool taking it is the slot reservation.
+        let ticket = ctx.channel.boots.submit(move || {
+            let boot = (|| -> Result<Boot, String> {
+                if token.is_cancelled() {
+                    return Ok(Boot::Stopped);
+                }
+                if let Check::No(reason) =
+                    plugin.is_enabled(&account).map_err(|e| e.to_string())?
+                {
+                    return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
+                }
+                if let Check::No(reason) =
+                    plugin.is_configured(&account).map_err(|e| e.to_string())?
+                {
+                    return Ok(Boot::NotConfigured(
+                        reason.unwrap_or_else(|| "not configured".into()),
+                    ));
+                }
+                if token.is_cancelled() {
+                    return Ok(Boot::Stopped);
+                }
+                plugin
+                    .start_account(&account, link)
+                    .map(|task| {
+                        crate::metrics::record_start();
+                        Boot::Started(task, polled)
+                    })
+                    .map_err(|e| e.to_string())
+            })();
+            let _ = reply.send(boot);
         });
         let joined = tokio::select! {
             biased;
             joined = &mut call => joined,
             () = self.token.cancelled() => {
+                if ticket.withdraw() {
+                    // Still waiting for a thread of the pool: no plugin call was made.
+                    return Boot::Stopped;
+                }
                 let limit = ctx.inner.policy().stop_timeout;
                 match timeout(limit, &mut call).await {
                     Ok(joined) => joined,
@@ -222,7 +233,7 @@ impl Lifecycle {
         match joined {
             Ok(Ok(boot)) => boot,
             Ok(Err(error)) => Boot::Failed(error),
-            Err(e) => Boot::Failed(format!("start failed: {e}")),
+            Err(_) => Boot::Failed("start failed: the boot's plugin calls panicked".into()),
         }
     }
 

@@ -13,6 +13,7 @@
 //! the fixes for the known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
 //! crash), 4 (restart lost when an abort races the backoff) and 5 (duplicate tasks).
 
+mod boot;
 pub mod calls;
 mod hot;
 mod lifecycle;
@@ -183,7 +184,8 @@ pub struct Channel {
     pub accounts: Vec<String>,
     /// The plugin's default account, if it named one.
     pub default_account: Option<String>,
-    boot_permits: Semaphore,
+    /// Runs the plugin calls of the channel's boots, at most the startup fan-out at once.
+    boots: boot::BootPool,
     /// Accounts the config switches off (the host's `enabled` key).
     disabled: crate::reserved::Disabled,
     /// Bounds the plugin's blocking calls in flight (a 1.0 plugin's stop and logout hooks run
@@ -362,7 +364,7 @@ impl Supervisor {
             section,
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boot_permits: Semaphore::new(self.inner.policy().startup_accounts_per_channel),
+            boots: boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN)),
         }))

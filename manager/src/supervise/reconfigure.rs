@@ -114,9 +114,7 @@ impl Supervisor {
             section,
             accounts: accounts.clone(),
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boot_permits: tokio::sync::Semaphore::new(
-                self.inner.policy().startup_accounts_per_channel,
-            ),
+            boots: super::boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: old.blocking_permits.clone(),
         });
