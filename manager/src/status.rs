@@ -205,9 +205,43 @@ struct Entry {
     liveness: Liveness,
 }
 
+/// Every account's entry, by channel and then by account: a channel's accounts are found (and
+/// read for a snapshot) without building a key per account.
+#[derive(Default)]
+struct Entries {
+    channels: HashMap<String, HashMap<String, Entry>>,
+}
+
+impl Entries {
+    fn get(&self, key: &AccountKey) -> Option<&Entry> {
+        self.channels.get(&key.channel)?.get(&key.account)
+    }
+
+    fn get_mut(&mut self, key: &AccountKey) -> Option<&mut Entry> {
+        self.channels.get_mut(&key.channel)?.get_mut(&key.account)
+    }
+
+    /// `key`'s entry, created if needed (allocating only then).
+    fn entry(&mut self, key: &AccountKey) -> &mut Entry {
+        if !self.channels.contains_key(&key.channel) {
+            self.channels.insert(key.channel.clone(), HashMap::new());
+        }
+        let accounts = self
+            .channels
+            .get_mut(&key.channel)
+            .expect("the channel was just inserted");
+        if !accounts.contains_key(&key.account) {
+            accounts.insert(key.account.clone(), new_entry(key));
+        }
+        accounts
+            .get_mut(&key.account)
+            .expect("the account was just inserted")
+    }
+}
+
 /// Every account's status. Cheap to share (`Arc`); its lock is held only for field updates.
 pub struct StatusBoard {
-    entries: Mutex<HashMap<AccountKey, Entry>>,
+    entries: Mutex<Entries>,
     clock: Arc<dyn Clock>,
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
@@ -223,7 +257,7 @@ impl StatusBoard {
     /// An empty board whose inbound messages go to `messages`.
     pub fn with_message_sink(clock: Arc<dyn Clock>, messages: Arc<dyn MessageSink>) -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             clock,
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
@@ -231,7 +265,7 @@ impl StatusBoard {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountKey, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -239,9 +273,7 @@ impl StatusBoard {
     /// Starts a new task generation for `key`: handles of earlier generations become stale.
     pub fn begin_generation(&self, key: &AccountKey) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let mut entries = self.lock();
-        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
-        entry.generation = generation;
+        self.lock().entry(key).generation = generation;
         generation
     }
 
@@ -255,15 +287,28 @@ impl StatusBoard {
 
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
-        let mut entries = self.lock();
-        // Look up before `entry`: the common case (the account exists) allocates no key.
-        match entries.get_mut(key) {
-            Some(entry) => f(&mut entry.snapshot),
-            None => f(&mut entries
-                .entry(key.clone())
-                .or_insert_with(|| new_entry(key))
-                .snapshot),
-        }
+        f(&mut self.lock().entry(key).snapshot);
+    }
+
+    /// The snapshots of `channel`'s accounts `ids`, read under one lock, keyed by account id;
+    /// an account never written gets `missing(id)`. No key is built per account.
+    pub fn channel_snapshots<'i>(
+        &self,
+        channel: &str,
+        ids: impl IntoIterator<Item = &'i String>,
+        missing: impl Fn(&str) -> Option<AccountSnapshot>,
+    ) -> std::collections::BTreeMap<String, AccountSnapshot> {
+        let entries = self.lock();
+        let accounts = entries.channels.get(channel);
+        ids.into_iter()
+            .filter_map(|id| {
+                let snapshot = match accounts.and_then(|a| a.get(id)) {
+                    Some(entry) => entry.snapshot.clone(),
+                    None => missing(id)?,
+                };
+                Some((id.clone(), snapshot))
+            })
+            .collect()
     }
 
     /// The snapshots of `keys`, read under one lock (`None` for an account never written).
@@ -282,7 +327,7 @@ impl StatusBoard {
     pub fn mark_started(&self, key: &AccountKey) {
         let (now, wall) = (self.clock.now(), self.clock.wall_ms());
         let mut entries = self.lock();
-        let entry = entries.entry(key.clone()).or_insert_with(|| new_entry(key));
+        let entry = entries.entry(key);
         entry.liveness.started_at = Some(now);
         entry.snapshot.last_start_at = Some(wall);
     }

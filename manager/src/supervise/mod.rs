@@ -775,45 +775,32 @@ impl Supervisor {
     /// Every listed account of every channel (plus each channel's default account), from the
     /// status board: no plugin is called.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, AccountSnapshot>> {
-        let channels = self.channels();
-        let removed = self.lock().removed.clone();
+        let (channels, removed) = {
+            let state = self.lock();
+            let channels: Vec<_> = state.channels.values().cloned().collect();
+            (channels, state.removed.clone())
+        };
+        let board = &self.inner.board;
         let mut out = BTreeMap::new();
         for ch in channels {
             let default = default_account_of(&ch);
-            let mut ids: Vec<&String> = ch.accounts.iter().collect();
-            if !ch.accounts.contains(&default) {
-                ids.push(&default);
-            }
-            let keys: Vec<AccountKey> = ids
-                .iter()
-                .map(|id| AccountKey::new(ch.id.clone(), (*id).clone()))
-                .collect();
-            let found = self.inner.board.get_many(&keys);
-            let accounts = ids
-                .into_iter()
-                .zip(found)
-                .map(|(id, snapshot)| {
-                    let snapshot = snapshot.unwrap_or_else(|| AccountSnapshot {
-                        account_id: id.clone(),
+            let extra = (!ch.accounts.contains(&default)).then_some(&default);
+            let accounts = board.channel_snapshots(
+                &ch.id,
+                ch.accounts.iter().chain(extra),
+                |id| {
+                    Some(AccountSnapshot {
+                        account_id: id.to_owned(),
                         enabled: true,
                         configured: true,
                         ..AccountSnapshot::default()
-                    });
-                    (id.clone(), snapshot)
-                })
-                .collect();
+                    })
+                },
+            );
             out.insert(ch.id.clone(), accounts);
         }
         for (channel, ids) in removed {
-            let keys: Vec<AccountKey> = ids
-                .iter()
-                .map(|id| AccountKey::new(channel.clone(), id.clone()))
-                .collect();
-            let accounts = ids
-                .into_iter()
-                .zip(self.inner.board.get_many(&keys))
-                .filter_map(|(id, s)| s.map(|s| (id, s)))
-                .collect();
+            let accounts = board.channel_snapshots(&channel, &ids, |_| None);
             out.entry(channel).or_insert(accounts);
         }
         out
