@@ -129,7 +129,7 @@ impl Lifecycle {
                 Boot::Started(task, _) if self.token.is_cancelled() => {
                     // The start returned its task after a stop arrived: the stop wins, and the
                     // task gets the whole stop sequence (it never counts as running).
-                    ctx.stop_task(task).await;
+                    Box::pin(ctx.stop_task(task)).await;
                     self.publish(StartOutcome::Stopped);
                     break;
                 }
@@ -246,7 +246,7 @@ impl Lifecycle {
             tokio::select! {
                 biased;
                 () = self.token.cancelled() => {
-                    ctx.stop_task(task).await;
+                    Box::pin(ctx.stop_task(task)).await;
                     return RunEnd::Stopped;
                 }
                 // Also ends when the plugin dropped the link (the task ended, polled or not):
@@ -273,7 +273,9 @@ impl Lifecycle {
             // A stop that coincides with the end of the task still runs the stop sequence.
             biased;
             () = self.token.cancelled() => {
-                ctx.stop_task(task).await;
+                // Boxed, here and at every stop: a running account's future does not carry the
+                // stop sequence's state.
+                Box::pin(ctx.stop_task(task)).await;
                 RunEnd::Stopped
             }
             result = &mut task.done => {
@@ -440,7 +442,8 @@ impl AccountCtx {
         // instant, so the flag decides, not which timer fires first).
         let waiting_for_slot = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let waiting = waiting_for_slot.clone();
-        let hook = tokio::spawn(async move {
+        // Polled beside the wait for the task, in this task (no task of its own per stop).
+        let mut hook = Box::pin(async move {
             use super::calls::CallError;
             let result = match hook_plugin.stop_account_async(&account) {
                 Some(hook) => timeout(stop_timeout, hook)
@@ -469,22 +472,39 @@ impl AccountCtx {
             tracing::warn!(account = %key, "{end}");
             end
         });
-        let mut cancelled = false;
-        let ended = match timeout(stop_timeout, &mut task.done).await {
-            Ok(_) => true,
-            Err(_) => {
-                cancelled = true;
-                plugin.cancel_task(task.id);
-                timeout(self.inner.policy().cancel_grace, &mut task.done)
-                    .await
-                    .is_ok()
+        let cancel_grace = self.inner.policy().cancel_grace;
+        let mut hook_end = None;
+        let (ended, cancelled) = {
+            let wait = async {
+                match timeout(stop_timeout, &mut task.done).await {
+                    Ok(_) => (true, false),
+                    Err(_) => {
+                        plugin.cancel_task(task.id);
+                        let ended = timeout(cancel_grace, &mut task.done).await.is_ok();
+                        (ended, true)
+                    }
+                }
+            };
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    biased;
+                    waited = &mut wait => break waited,
+                    end = &mut hook, if hook_end.is_none() => hook_end = Some(end),
+                }
             }
         };
         self.inner.board.retire_generation(&self.key);
-        if ended {
-            let end = match tokio::time::timeout_at(deadline, hook).await {
-                Ok(Ok(end)) => end,
-                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+        if !ended && hook_end.is_none() {
+            // The hook goes on by itself while the task is reported stuck.
+            tokio::spawn(hook);
+        } else if ended {
+            let end = match hook_end {
+                Some(end) => Ok(end),
+                None => tokio::time::timeout_at(deadline, &mut hook).await,
+            };
+            let end = match end {
+                Ok(end) => end,
                 // Past the stop's own bound, still without a slot: the hook was not called.
                 Err(_) if waiting_for_slot.load(std::sync::atomic::Ordering::SeqCst) => {
                     HookEnd::Skipped(format!(
@@ -570,7 +590,7 @@ impl AccountCtx {
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {
             match call.await {
-                Ok(Ok(Boot::Started(task, _))) => ctx.stop_task(task).await,
+                Ok(Ok(Boot::Started(task, _))) => Box::pin(ctx.stop_task(task)).await,
                 _ => ctx.inner.board.retire_generation(&ctx.key),
             }
             ctx.clear_stuck(&reason, "the stuck start has returned");

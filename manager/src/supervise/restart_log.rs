@@ -29,7 +29,11 @@ impl RestartLog {
     /// when the interval has passed.
     pub(super) fn record(&self, channel: &str, gave_up: bool, now: Instant) {
         let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let counts = window.1.entry(channel.to_owned()).or_default();
+        // Looked up first: only a channel's first crash of a window allocates its key.
+        if !window.1.contains_key(channel) {
+            window.1.insert(channel.to_owned(), Counts::default());
+        }
+        let counts = window.1.get_mut(channel).expect("the channel was just inserted");
         counts.crashes += 1;
         counts.gave_up += u64::from(gave_up);
         let started = *window.0.get_or_insert(now);
