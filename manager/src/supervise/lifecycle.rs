@@ -13,9 +13,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    BootEvent, Channel, Inner, Phase, StartOutcome, policy::backoff_delay,
-};
+use super::{BootEvent, Channel, Inner, Phase, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, RunningTask},
@@ -187,9 +185,7 @@ impl Lifecycle {
                 if token.is_cancelled() {
                     return Ok(Boot::Stopped);
                 }
-                if let Check::No(reason) =
-                    plugin.is_enabled(&account).map_err(|e| e.to_string())?
-                {
+                if let Check::No(reason) = plugin.is_enabled(&account).map_err(|e| e.to_string())? {
                     return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
                 }
                 if let Check::No(reason) =

@@ -785,18 +785,14 @@ impl Supervisor {
         for ch in channels {
             let default = default_account_of(&ch);
             let extra = (!ch.accounts.contains(&default)).then_some(&default);
-            let accounts = board.channel_snapshots(
-                &ch.id,
-                ch.accounts.iter().chain(extra),
-                |id| {
-                    Some(AccountSnapshot {
-                        account_id: id.to_owned(),
-                        enabled: true,
-                        configured: true,
-                        ..AccountSnapshot::default()
-                    })
-                },
-            );
+            let accounts = board.channel_snapshots(&ch.id, ch.accounts.iter().chain(extra), |id| {
+                Some(AccountSnapshot {
+                    account_id: id.to_owned(),
+                    enabled: true,
+                    configured: true,
+                    ..AccountSnapshot::default()
+                })
+            });
             out.insert(ch.id.clone(), accounts);
         }
         for (channel, ids) in removed {

@@ -33,7 +33,10 @@ impl RestartLog {
         if !window.1.contains_key(channel) {
             window.1.insert(channel.to_owned(), Counts::default());
         }
-        let counts = window.1.get_mut(channel).expect("the channel was just inserted");
+        let counts = window
+            .1
+            .get_mut(channel)
+            .expect("the channel was just inserted");
         counts.crashes += 1;
         counts.gave_up += u64::from(gave_up);
         let started = *window.0.get_or_insert(now);
