@@ -15,7 +15,6 @@ use abi_stable::{
 use async_ffi::{FfiFuture, FutureExt};
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::Instrument;
 
 use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
@@ -355,18 +354,13 @@ fn join_error(error: JoinError, what: &str) -> String {
 }
 
 /// Starts one account's task: the author's future runs on the plugin's runtime inside the
-/// account's log scope; the host is told when the runtime first polls it (`task_polled`), and the
+/// account's log scope (which tags its events from the host link; no tracing span per task); the host is told when the runtime first polls it (`task_polled`), and the
 /// task counts as ended only once the tasks it spawned with [`AccountContext::spawn`] have ended.
 fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
     let account = resolve(account.into())?;
     let handle = rt()?;
     let abort = CancellationToken::new();
     let id = tasks::next_id();
-    let span = tracing::info_span!(
-        "channeld_account",
-        channel = %account.channel,
-        account = %account.id
-    );
     let scope = log::AccountScope::new(&account.channel, &account.id);
     let tracker = TaskTracker::new();
     let polled = host.clone();
@@ -386,7 +380,7 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
             // The runtime is polling the task: only now is the account running.
             polled.task_polled();
             drop(polled);
-            let result = task.instrument(span).await;
+            let result = task.await;
             // Tasks the account spawned end with it, and it ends once they have.
             children_abort.cancel();
             tracker.close();

@@ -5,9 +5,10 @@
 //! Each account task, and every task spawned with
 //! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (a
 //! tokio task-local holding its channel and account, taken from the host link when the task
-//! starts), so its events reach the host tagged with that account. Events outside a scope are
-//! tagged from the enclosing span named [`ACCOUNT_SPAN`], if any (1.0 behaviour, kept for tasks
-//! spawned with plain `tokio::spawn(fut.in_current_span())`).
+//! starts), so its events reach the host tagged with that account. The SDK opens no tracing span
+//! per task (a span per account cost memory and time at every start); events outside a scope are
+//! tagged from an enclosing span named [`ACCOUNT_SPAN`] with `channel` and `account` fields, if
+//! the author opened one.
 //!
 //! # The global `tracing` subscriber
 //! At `init` the SDK installs, as the plugin's global default, a subscriber whose only layer
@@ -41,7 +42,7 @@ use tracing_subscriber::{Layer, layer::Context, prelude::*, registry::LookupSpan
 
 use crate::abi::{HostHandle, LogLevel, LogRecord};
 
-/// The span name the SDK wraps every account task in.
+/// The span name that tags the events inside it with its `channel` and `account` fields.
 pub const ACCOUNT_SPAN: &str = "channeld_account";
 
 static HOST: OnceLock<HostHandle> = OnceLock::new();
