@@ -8,12 +8,12 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Notify, oneshot, watch},
+    sync::{oneshot, watch},
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{BootEvent, Channel, Inner, Phase, StartOutcome, policy::backoff_delay};
+use super::{BootEvent, Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{Check, RunningTask},
@@ -33,9 +33,8 @@ pub(super) struct Lifecycle {
     pub(super) ctx: AccountCtx,
     pub(super) id: u64,
     pub(super) token: CancellationToken,
-    pub(super) wake: Arc<Notify>,
+    pub(super) shared: Arc<Shared>,
     pub(super) events: watch::Sender<BootEvent>,
-    pub(super) ended: watch::Sender<bool>,
 }
 
 /// Tells a lifecycle when the plugin's runtime first polled the task (`None`: the plugin does not
@@ -168,13 +167,14 @@ impl Lifecycle {
         let board = &ctx.inner.board;
         let generation = board.begin_generation(&ctx.key);
         let sink: Arc<dyn HostSink> = board.clone();
-        let mut link = AccountLink::for_account(ctx.key.clone(), generation, sink);
+        let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
-        let polled = plugin.reports_task_polled().then(|| {
+        let (link, polled) = if plugin.reports_task_polled() {
             let (tx, rx) = watch::channel(false);
-            link = link.clone().with_polled_signal(tx);
-            rx
-        });
+            (link.with_polled_signal(tx), Some(rx))
+        } else {
+            (link, None)
+        };
         let account = ctx.key.account.clone();
         let token = self.token.clone();
         let (reply, mut call): (_, BootCall) = oneshot::channel();
@@ -299,7 +299,7 @@ impl Lifecycle {
         crate::metrics::record_crash();
         let attempt = {
             let mut state = ctx.inner.lock();
-            let entry = state.accounts.entry(ctx.key.clone()).or_default();
+            let entry = state.account(&ctx.key);
             if ran_for >= policy.stable_run {
                 entry.attempts = 0;
             }
@@ -344,22 +344,14 @@ impl Lifecycle {
                 ctx.record_stopped();
                 false
             }
-            () = self.wake.notified() => true,
+            () = self.shared.wake.notified() => true,
             () = tokio::time::sleep_until(deadline) => true,
         }
     }
 
     /// Sets the phase the state shows; `Stopping` (set by a stop) is final.
     fn set_phase(&self, phase: Phase) {
-        let mut state = self.ctx.inner.lock();
-        if let Some(lc) = state
-            .accounts
-            .get_mut(&self.ctx.key)
-            .and_then(|e| e.lifecycle.as_mut())
-            .filter(|lc| lc.id == self.id && lc.phase != Phase::Stopping)
-        {
-            lc.phase = phase;
-        }
+        self.shared.set_phase(phase);
     }
 
     fn publish(&self, outcome: StartOutcome) {
@@ -380,7 +372,7 @@ impl Lifecycle {
                 entry.lifecycle = None;
             }
         }
-        let _ = self.ended.send(true);
+        self.events.send_modify(|event| event.ended = true);
     }
 }
 

@@ -713,7 +713,7 @@ pub(super) fn phase(sup: &Supervisor, channel: &str, account: &str) -> Option<su
         .accounts
         .get(&key(channel, account))
         .and_then(|e| e.lifecycle.as_ref())
-        .map(|lc| lc.phase)
+        .map(|lc| lc.shared.phase())
 }
 
 /// Runs `fut`, raising `polled` once it has been polled (a start joins a boot or reserves its
