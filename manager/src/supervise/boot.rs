@@ -113,3 +113,78 @@ fn drain(queue: &Mutex<Queue>) {
         crate::metrics::observe_plugin_call(began.elapsed());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::BootPool;
+
+    /// Waits (really: the pool's threads are real) until `done` holds, for at most 30 s.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < limit,
+                "{what}: not after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The pool runs at most its size of boots at once, runs every queued one, skips a withdrawn
+    /// one, goes on past a panicking one, and keeps no thread once its queue is empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_its_size_at_once_withdrawn_never_run_and_a_panic_does_not_stop_it() {
+        let pool = BootPool::new(2);
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let mut tickets = Vec::new();
+        for i in 0..6 {
+            let (inside, most, ran, gate) =
+                (inside.clone(), most.clone(), ran.clone(), gate.clone());
+            tickets.push(pool.submit(move || {
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                drop(gate.lock().unwrap_or_else(|p| p.into_inner()));
+                inside.fetch_sub(1, Ordering::SeqCst);
+                ran.lock().unwrap().push(i);
+                assert_ne!(i, 3, "boot 3 panics");
+            }));
+        }
+        until("two boots inside", || inside.load(Ordering::SeqCst) == 2).await;
+        // The other four wait in the queue: the last one is withdrawn before any thread takes it.
+        assert!(tickets[5].withdraw(), "boot 5 was still queued");
+        drop(held);
+        until("every boot but the withdrawn one ran", || {
+            ran.lock().unwrap().len() == 5
+        })
+        .await;
+        until("the pool's threads left", || {
+            pool.queue.lock().unwrap().threads == 0
+        })
+        .await;
+        let mut ran = ran.lock().unwrap().clone();
+        ran.sort();
+        assert_eq!(ran, [0, 1, 2, 3, 4]);
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        // A boot that a thread took cannot be withdrawn any more.
+        assert!(!tickets[0].withdraw());
+        // An empty pool starts a thread again for the next boot.
+        let again = Arc::new(AtomicUsize::new(0));
+        let counted = again.clone();
+        pool.submit(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        until("the next boot ran", || again.load(Ordering::SeqCst) == 1).await;
+    }
+}
