@@ -2,10 +2,14 @@
 //! restarted with exponential backoff and jitter when it ends, given up on after the maximum, and
 //! stopped for good when a user says so (a manual stop always wins).
 //!
-//! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`) and one
-//! lock over all accounts' bookkeeping (`State`), never held across a plugin call or an await.
-//! Plugin calls run on the blocking pool with time bounds ([`calls`]). Each lifecycle has its own
-//! cancellation token; lifecycles are tracked so shutdown is close, cancel, wait.
+//! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`), kept
+//! small (one watch channel for its boot outcomes and its end, one shared cell for its phase and
+//! backoff wake-up, the stop sequence boxed), and one lock over all accounts' bookkeeping
+//! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
+//! (`boot.rs`): at most the startup fan-out of blocking threads, each taking queued boots one after
+//! the other, instead of a blocking task per boot. Other synchronous plugin calls run on the
+//! blocking pool with time bounds ([`calls`]). Each lifecycle has its own cancellation token;
+//! lifecycles are tracked so shutdown is close, cancel, wait.
 //!
 //! The `tests` module checks every rule with a paused clock against an in-process plugin double.
 //!
