@@ -118,13 +118,30 @@ fn drain(queue: &Mutex<Queue>) {
 mod tests {
     use std::{
         sync::{
-            Arc, Mutex,
+            Arc, Condvar, Mutex,
             atomic::{AtomicUsize, Ordering},
         },
         time::Duration,
     };
 
     use super::BootPool;
+
+    /// A gate boots wait at until it opens; it opens when dropped too, so a failing assertion
+    /// does not leave the pool's threads (and the runtime's shutdown) waiting for good.
+    struct Gate(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Gate {
+        fn open(&self) {
+            *self.0.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.0.1.notify_all();
+        }
+    }
+
+    impl Drop for Gate {
+        fn drop(&mut self) {
+            self.open();
+        }
+    }
 
     /// Waits (really: the pool's threads are real) until `done` holds, for at most 30 s.
     async fn until(what: &str, done: impl Fn() -> bool) {
@@ -146,16 +163,18 @@ mod tests {
         let inside = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let ran = Arc::new(Mutex::new(Vec::new()));
-        let gate = Arc::new(Mutex::new(()));
-        let held = gate.lock().unwrap();
+        // Closed until the test opens it: a boot inside holds its thread.
+        let gate = Gate(Arc::new((Mutex::new(false), Condvar::new())));
         let mut tickets = Vec::new();
         for i in 0..6 {
             let (inside, most, ran, gate) =
-                (inside.clone(), most.clone(), ran.clone(), gate.clone());
+                (inside.clone(), most.clone(), ran.clone(), gate.0.clone());
             tickets.push(pool.submit(move || {
                 let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
-                drop(gate.lock().unwrap_or_else(|p| p.into_inner()));
+                let (open, opened) = &*gate;
+                let open = open.lock().unwrap_or_else(|p| p.into_inner());
+                drop(opened.wait_while(open, |open| !*open));
                 inside.fetch_sub(1, Ordering::SeqCst);
                 ran.lock().unwrap().push(i);
                 assert_ne!(i, 3, "boot 3 panics");
@@ -164,7 +183,7 @@ mod tests {
         until("two boots inside", || inside.load(Ordering::SeqCst) == 2).await;
         // The other four wait in the queue: the last one is withdrawn before any thread takes it.
         assert!(tickets[5].withdraw(), "boot 5 was still queued");
-        drop(held);
+        gate.open();
         until("every boot but the withdrawn one ran", || {
             ran.lock().unwrap().len() == 5
         })
