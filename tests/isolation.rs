@@ -396,3 +396,117 @@ fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
     }
     assert_no_zombie(&daemon);
 }
+
+/// A child that does not answer a stop (the account's task blocks its thread, so it never sees
+/// its abort, and a cancel inside the child could not end it either) is killed at the stop
+/// timeout: the stop ends then, not after the cancel grace (30 s here) as a stuck task would, and
+/// every account of the child ends with the reason, in `lastError` and the log.
+#[test]
+fn a_child_that_does_not_answer_a_stop_is_killed_at_the_stop_timeout() {
+    let daemon = Daemon::start(
+        &[
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "",
+        "[supervisor]\ninitial_backoff = \"20ms\"\njitter = 0.0\nmax_restarts = 0\n\
+         stop_timeout = \"1s\"\ncancel_grace = \"30s\"\n[health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process\"\n\
+         [channels.crashy.accounts.bad]\ncrash = \"hang\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.other]\n\
+         [channels.fixture.accounts.steady]\n",
+        &[],
+    );
+    daemon.wait_for_account("crashy", "bad", |s| s["crashyStarts"].is_u64());
+    daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let asked = Instant::now();
+    let stop = daemon.cli(&["stop", "crashy:bad"]);
+    let took = asked.elapsed();
+    let said = String::from_utf8_lossy(&stop.stdout);
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop took {took:?} (the cancel grace is 30 s): {said}"
+    );
+    let reason = "plugin process killed: account bad did not stop within the stop timeout";
+    let bad = daemon.account("crashy", "bad");
+    assert_eq!(bad["state"], "stopped", "{bad}");
+    let error = bad["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("did not stop within 1s of its abort") && error.contains(reason),
+        "{error}"
+    );
+    // The other account shared the child: it ended with the reason (and, with no restarts
+    // allowed here, stays ended with it).
+    let other = daemon.wait_for_account("crashy", "other", |s| s["running"] == false);
+    assert!(
+        other["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(reason)),
+        "{other}"
+    );
+    assert!(daemon.log().contains(reason), "{}", daemon.log());
+    let deadline = Instant::now() + PATIENCE;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin process {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}
+
+/// `[host] isolation_handshake_timeout` bounds a child's load: a constructor that never returns
+/// is a load error after it, named by the file, and its child is killed.
+#[test]
+fn the_handshake_timeout_is_a_setting() {
+    let daemon = Daemon::start(
+        &[
+            (
+                "blocks.so",
+                util::plugin_file("channeld-broken-ctor-blocks"),
+            ),
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "isolation_handshake_timeout = \"300ms\"",
+        &format!(
+            "{FAST}\n[channels.crashy]\nisolation = \"process\"\n[channels.crashy.accounts.a]\n\
+             [channels.fixture.accounts.steady]\n"
+        ),
+        &[],
+    );
+    daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let blocks = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["file"].as_str().unwrap().ends_with("blocks.so"))
+        .unwrap()
+        .clone();
+    assert_eq!(blocks["state"], "failed", "{blocks}");
+    let error = blocks["loadError"].as_str().unwrap();
+    assert!(
+        error.contains("blocks.so") && error.contains("did not load its plugin within 300ms"),
+        "{error}"
+    );
+    assert_steady(&daemon);
+    // The blocked child was killed: only crashy's child is left.
+    let deadline = Instant::now() + PATIENCE;
+    while children_of(daemon.pid())
+        .iter()
+        .filter(|(_, state)| *state != 'Z')
+        .count()
+        > 1
+    {
+        assert!(Instant::now() < deadline, "{:?}", children_of(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_zombie(&daemon);
+}

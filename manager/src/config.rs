@@ -117,6 +117,8 @@ struct RawHost {
     load_timeout: Duration,
     #[serde(with = "humantime_serde")]
     plugin_shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    isolation_handshake_timeout: Duration,
 }
 
 impl Default for RawHost {
@@ -135,6 +137,7 @@ impl Default for RawHost {
             watch_config: true,
             load_timeout: Duration::from_secs(60),
             plugin_shutdown_timeout: Duration::from_secs(10),
+            isolation_handshake_timeout: crate::isolate::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct HostConfig {
     pub load_timeout: Duration,
     /// How long a plugin's runtime may take to shut down (a retired version, or at exit).
     pub plugin_shutdown_timeout: Duration,
+    /// How long an isolated plugin's child process may take to load its plugin and answer.
+    pub isolation_handshake_timeout: Duration,
 }
 
 /// `[supervisor]`: the restart policy (docs/behaviour.md). Ranges: [`crate::limits`].
@@ -533,6 +538,7 @@ impl Config {
                 watch_config: host.watch_config,
                 load_timeout: host.load_timeout,
                 plugin_shutdown_timeout: host.plugin_shutdown_timeout,
+                isolation_handshake_timeout: host.isolation_handshake_timeout,
             },
             supervisor: raw.supervisor,
             health: raw.health,
@@ -669,6 +675,11 @@ fn settings(
             "host",
             "plugin_shutdown_timeout",
             D(host.plugin_shutdown_timeout),
+        ),
+        (
+            "host",
+            "isolation_handshake_timeout",
+            D(host.isolation_handshake_timeout),
         ),
         ("host", "rescan_interval", D(host.rescan_interval)),
         ("supervisor", "initial_backoff", D(s.initial_backoff)),

@@ -170,6 +170,7 @@ impl Daemon {
         loader.worker_threads = config.host.plugin_worker_threads;
         loader.max_log_level = max_log_level();
         loader.isolation = crate::isolate::Settings::of(&config);
+        loader.handshake_timeout = config.host.isolation_handshake_timeout;
         let supervisor = Supervisor::new(
             config.supervisor.clone(),
             config.host.plugin_call_timeout,

@@ -81,6 +81,7 @@ pub const RANGES: &[Range] = &[
     range!("host", "settle", ms(10), secs(MINUTE)),
     range!("host", "load_timeout", ms(10), secs(HOUR)),
     range!("host", "plugin_shutdown_timeout", ms(10), secs(10 * MINUTE)),
+    range!("host", "isolation_handshake_timeout", ms(10), secs(HOUR)),
     range!(
         "host",
         "rescan_interval",

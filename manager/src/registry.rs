@@ -148,6 +148,8 @@ pub struct Loader {
     pub max_log_level: LogLevel,
     /// Which channels run their plugin in a child process.
     pub isolation: crate::isolate::Settings,
+    /// How long an isolated plugin's child may take to load its plugin and answer.
+    pub handshake_timeout: std::time::Duration,
     /// The runtime isolated plugins' sockets are served on.
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -162,6 +164,7 @@ impl Loader {
             worker_threads: 0,
             max_log_level: LogLevel::Info,
             isolation: crate::isolate::Settings::default(),
+            handshake_timeout: crate::isolate::HANDSHAKE_TIMEOUT,
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -258,7 +261,15 @@ impl Loader {
             memory_limit,
             exe: None,
         };
-        let probe = IsolatedPlugin::spawn(spec(None), runtime.clone(), self.sink.clone())?;
+        let spawn = |spec| {
+            IsolatedPlugin::spawn_within(
+                spec,
+                self.handshake_timeout,
+                runtime.clone(),
+                self.sink.clone(),
+            )
+        };
+        let probe = spawn(spec(None))?;
         let channel = probe.info().channel_id.clone();
         if let Some(existing) = claimed(&channel) {
             probe.kill();
@@ -282,11 +293,7 @@ impl Loader {
                 None => Ok(Some(probe)),
                 Some(limit) => {
                     probe.kill();
-                    let limited = IsolatedPlugin::spawn(
-                        spec(Some(limit)),
-                        runtime.clone(),
-                        self.sink.clone(),
-                    )?;
+                    let limited = spawn(spec(Some(limit)))?;
                     Ok(Some(limited))
                 }
             },

@@ -459,14 +459,20 @@ impl AccountCtx {
             end
         });
         let mut cancelled = false;
+        // An isolated plugin's cancel kills its process: the task then ends saying so.
+        let mut killed = None;
         let ended = match timeout(stop_timeout, &mut task.done).await {
             Ok(_) => true,
             Err(_) => {
                 cancelled = true;
                 plugin.cancel_task(task.id);
-                timeout(self.inner.policy().cancel_grace, &mut task.done)
-                    .await
-                    .is_ok()
+                match timeout(self.inner.policy().cancel_grace, &mut task.done).await {
+                    Ok(end) => {
+                        killed = end.err().filter(|_| plugin.isolation().is_some());
+                        true
+                    }
+                    Err(_) => false,
+                }
             }
         };
         self.inner.board.retire_generation(&self.key);
@@ -492,8 +498,9 @@ impl AccountCtx {
             let now = self.inner.clock.wall_ms();
             let cancelled_note = cancelled.then(|| {
                 format!(
-                    "did not stop within {} of its abort; cancelled",
-                    humantime::format_duration(stop_timeout)
+                    "did not stop within {} of its abort; {}",
+                    humantime::format_duration(stop_timeout),
+                    killed.as_deref().unwrap_or("cancelled")
                 )
             });
             let error = [cancelled_note, hook_failure.clone(), skipped]
