@@ -1,11 +1,8 @@
-//! Loading plugin files: the [`Loader`] (discover → stage → load → `init`, one error per bad file)
-//! and its errors. The running daemon keeps what it loaded in the catalog
-//! ([`crate::catalog::Catalog`]); the [`Registry`] here is the one-shot directory load of
-//! `channeld check`: it refuses a second file claiming a loaded channel id and reports one error
-//! per bad file while every good file still loads.
+//! Loading plugin files: the [`Loader`] (stage → load → `init`, one error per bad file) and its
+//! errors. What is loaded is kept by the catalog ([`crate::catalog::Catalog`]), which runs every
+//! load through its bounded reconcile step, for the daemon and for `channeld check` alike.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -14,7 +11,6 @@ use channeld_plugin_abi::abi::LogLevel;
 
 use crate::{
     clock::Clock,
-    discover::{self, DirError},
     ffi::FfiPlugin,
     host::HostSink,
     load::{LoadError, load_root_module_named},
@@ -124,17 +120,6 @@ pub struct LoadedPlugin {
     pub loaded_at_ms: i64,
     /// The plugin.
     pub plugin: Arc<dyn Plugin>,
-}
-
-/// What loading a directory did.
-#[derive(Debug, Default)]
-pub struct DirReport {
-    /// Channels loaded by this pass.
-    pub loaded: Vec<String>,
-    /// Files already loaded with the same content.
-    pub unchanged: usize,
-    /// Files refused, one error each.
-    pub failed: Vec<PluginFileError>,
 }
 
 /// How plugins are loaded: where copies are staged, what `init` is given.
@@ -302,86 +287,6 @@ impl Loader {
                 Ok(None)
             }
         }
-    }
-}
-
-/// Loaded plugins by channel id.
-#[derive(Default)]
-pub struct Registry {
-    plugins: BTreeMap<String, LoadedPlugin>,
-}
-
-impl Registry {
-    /// The plugin providing `channel`.
-    pub fn get(&self, channel: &str) -> Option<&LoadedPlugin> {
-        self.plugins.get(channel)
-    }
-
-    /// Every loaded plugin, by channel id.
-    pub fn iter(&self) -> impl Iterator<Item = &LoadedPlugin> {
-        self.plugins.values()
-    }
-
-    /// How many channels are loaded.
-    pub fn len(&self) -> usize {
-        self.plugins.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.plugins.is_empty()
-    }
-
-    /// The file that provides `channel`.
-    pub fn file_of(&self, channel: &str) -> Option<PathBuf> {
-        self.plugins.get(channel).map(|p| p.staged.source.clone())
-    }
-
-    /// Forgets `channel`'s plugin (its library stays mapped).
-    pub fn remove(&mut self, channel: &str) -> Option<LoadedPlugin> {
-        self.plugins.remove(channel)
-    }
-
-    /// Adds (or replaces) a loaded plugin (the caller checked for duplicates through `load_file`).
-    pub fn insert(&mut self, plugin: LoadedPlugin) {
-        self.plugins.insert(plugin.info.channel_id.clone(), plugin);
-    }
-
-    /// Loads every plugin file of `dir` not loaded yet. Each bad file is logged as one warning
-    /// line (its path, class and why; the full detail at debug) and reported; the rest load.
-    pub fn load_dir(&mut self, loader: &Loader, dir: &Path) -> Result<DirReport, DirError> {
-        let mut report = DirReport::default();
-        let mut fresh = Vec::new();
-        for path in discover::plugin_paths(dir)? {
-            if self.plugins.values().any(|p| p.staged.source == path) {
-                report.unchanged += 1;
-            } else {
-                fresh.push(path);
-            }
-        }
-        let staged = loader.stage_all(&fresh);
-        for staged in staged {
-            let loaded = staged
-                .map_err(PluginFileError::from)
-                .and_then(|s| loader.load_staged(s, |channel| self.file_of(channel)));
-            match loaded {
-                Ok(plugin) => {
-                    tracing::info!(
-                        file = %plugin.staged.source.display(),
-                        channel = %plugin.info.channel_id,
-                        version = %plugin.info.plugin_version,
-                        "plugin loaded"
-                    );
-                    report.loaded.push(plugin.info.channel_id.clone());
-                    self.insert(plugin);
-                }
-                Err(error) => {
-                    log_refused(&error);
-                    report.failed.push(error);
-                }
-            }
-        }
-        Ok(report)
     }
 }
 
