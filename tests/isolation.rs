@@ -510,3 +510,91 @@ fn the_handshake_timeout_is_a_setting() {
     }
     assert_no_zombie(&daemon);
 }
+
+/// `isolation = "process-per-account"`: each account runs in a child of its own. One account's
+/// SIGSEGV restarts only that account (its neighbour keeps its first task, in its own process),
+/// and a hung account's kill at the stop timeout ends only its own child.
+#[test]
+fn process_per_account_keeps_a_crash_and_a_hang_to_their_own_account() {
+    let daemon = Daemon::start(
+        &[
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "",
+        "[supervisor]\ninitial_backoff = \"20ms\"\nbackoff_factor = 2.0\nmax_backoff = \"80ms\"\n\
+         jitter = 0.0\nmax_restarts = 3\nstable_run = \"1h\"\nstop_timeout = \"1s\"\n\
+         cancel_grace = \"30s\"\n[health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process-per-account\"\n\
+         [channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.hung]\ncrash = \"hang\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.other]\n\
+         [channels.fixture.accounts.steady]\n",
+        &[],
+    );
+    let bad = daemon.wait_for_account("crashy", "bad", gave_up);
+    assert!(
+        bad["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed by SIGSEGV"),
+        "{bad}"
+    );
+    assert_eq!(bad["reconnectAttempts"], 4, "{bad}");
+    daemon.wait_for_account("crashy", "hung", |s| s["crashyStarts"] == 1);
+    let other = daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
+    let unmoved = |other: &Value| {
+        assert_eq!(other["running"], true, "{other}");
+        assert_eq!(other["reconnectAttempts"], 0, "{other}");
+        assert_eq!(
+            other["crashyStarts"], 1,
+            "its own process, its first task: {other}"
+        );
+    };
+    unmoved(&other);
+
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let isolation = isolation_of(&listing, "crashy");
+    assert_eq!(isolation["mode"], "process-per-account", "{isolation}");
+    let pid_of = |account: &str| isolation["accounts"][account].as_u64().unwrap();
+    let (control, hung, other_pid) = (
+        isolation["pid"].as_u64().unwrap(),
+        pid_of("hung"),
+        pid_of("other"),
+    );
+    assert!(
+        control != hung && hung != other_pid && control != other_pid,
+        "{isolation}"
+    );
+
+    // The hung account's stop kills its own child at the stop timeout, and only that one.
+    let asked = Instant::now();
+    daemon.cli(&["stop", "crashy:hung"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    let hung_now = daemon.account("crashy", "hung");
+    assert_eq!(hung_now["state"], "stopped", "{hung_now}");
+    assert!(
+        hung_now["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed: account hung did not stop"),
+        "{hung_now}"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while alive(hung) {
+        assert!(
+            Instant::now() < deadline,
+            "the hung account's process {hung} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive(other_pid) && alive(control));
+    unmoved(&daemon.account("crashy", "other"));
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}

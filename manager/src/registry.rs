@@ -198,7 +198,7 @@ impl Loader {
                 info: isolated.info().clone(),
                 staged,
                 loaded_at_ms: self.clock.wall_ms(),
-                plugin: Arc::new(isolated),
+                plugin: isolated,
             });
         }
         let module = load_root_module_named(&staged.copy, path)?;
@@ -229,15 +229,16 @@ impl Loader {
 impl Loader {
     /// With isolated channels configured, every file is first opened in a child process, so the
     /// daemon learns its channel without running the plugin's code itself. The child is kept if
-    /// that channel is isolated (`Some`); otherwise it is killed and the file is loaded in the
-    /// daemon (`None`).
+    /// that channel is isolated (`Some`: with `process-per-account` it answers the channel's
+    /// calls, and each account gets a child of its own); otherwise it is killed and the file is
+    /// loaded in the daemon (`None`).
     fn load_isolated(
         &self,
         staged: &Staged,
         runtime: &tokio::runtime::Handle,
         claimed: &impl Fn(&str) -> Option<PathBuf>,
-    ) -> Result<Option<crate::isolate::IsolatedPlugin>, PluginFileError> {
-        use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, SpawnError};
+    ) -> Result<Option<Arc<dyn Plugin>>, PluginFileError> {
+        use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, PerAccountPlugin, SpawnError};
         let spec = |memory_limit| ChildSpec {
             plugin: staged.copy.clone(),
             source: staged.source.clone(),
@@ -274,14 +275,25 @@ impl Loader {
                 }
                 .into())
             }
-            Ok(settings) if settings.mode == Mode::Process => match settings.memory_limit {
-                None => Ok(Some(probe)),
-                Some(limit) => {
-                    probe.kill();
-                    let limited = spawn(spec(Some(limit)))?;
-                    Ok(Some(limited))
-                }
-            },
+            Ok(settings) if settings.mode != Mode::None => {
+                let control = match settings.memory_limit {
+                    None => probe,
+                    Some(limit) => {
+                        probe.kill();
+                        spawn(spec(Some(limit)))?
+                    }
+                };
+                Ok(Some(match settings.mode {
+                    Mode::ProcessPerAccount => Arc::new(PerAccountPlugin::new(
+                        control,
+                        spec(settings.memory_limit),
+                        self.handshake_timeout,
+                        runtime.clone(),
+                        self.sink.clone(),
+                    )),
+                    _ => Arc::new(control),
+                }))
+            }
             Ok(_) => {
                 probe.kill();
                 Ok(None)

@@ -616,6 +616,7 @@ impl IsolatedPlugin {
             mode: "process",
             pid: (!conn.is_dead()).then_some(conn.pid),
             children_started: self.inner.children_started.load(Ordering::Relaxed),
+            accounts: Default::default(),
         }
     }
 
