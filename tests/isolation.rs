@@ -598,3 +598,36 @@ fn process_per_account_keeps_a_crash_and_a_hang_to_their_own_account() {
     assert_steady(&daemon);
     assert_no_zombie(&daemon);
 }
+
+/// A message from the outbox reaches the account's own child with `process-per-account` (the
+/// fixture's send hook only knows accounts started in its process), and comes back sent.
+#[test]
+fn a_send_from_the_outbox_reaches_the_accounts_own_child() {
+    let logs = tempfile::tempdir().unwrap();
+    let log = |account: &str| logs.path().join(format!("{account}.log"));
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process-per-account\"\n\
+             [channels.fixture.accounts.a]\nsend_log = \"{}\"\n\
+             [channels.fixture.accounts.b]\nsend_log = \"{}\"\n",
+            log("a").display(),
+            log("b").display()
+        ),
+        &[],
+    );
+    for account in ["a", "b"] {
+        daemon.wait_for_account("fixture", account, |s| s["running"] == true);
+    }
+    let out = daemon.cli(&["send", "fixture:b", "room", "hello", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        daemon.log()
+    );
+    let sent = std::fs::read_to_string(log("b")).unwrap();
+    assert!(sent.starts_with("b\troom\thello"), "{sent}");
+    assert!(!log("a").exists(), "account a's child took no send");
+}
