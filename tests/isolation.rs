@@ -473,7 +473,7 @@ fn the_handshake_timeout_is_a_setting() {
             ("crashy.so", crash_plugin()),
             ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
         ],
-        "isolation_handshake_timeout = \"300ms\"",
+        "isolation_handshake_timeout = \"3s\"",
         &format!(
             "{FAST}\n[channels.crashy]\nisolation = \"process\"\n[channels.crashy.accounts.a]\n\
              [channels.fixture.accounts.steady]\n"
@@ -493,7 +493,7 @@ fn the_handshake_timeout_is_a_setting() {
     assert_eq!(blocks["state"], "failed", "{blocks}");
     let error = blocks["loadError"].as_str().unwrap();
     assert!(
-        error.contains("blocks.so") && error.contains("did not load its plugin within 300ms"),
+        error.contains("blocks.so") && error.contains("did not load its plugin within 3s"),
         "{error}"
     );
     assert_steady(&daemon);
@@ -630,4 +630,52 @@ fn a_send_from_the_outbox_reaches_the_accounts_own_child() {
     let sent = std::fs::read_to_string(log("b")).unwrap();
     assert!(sent.starts_with("b\troom\thello"), "{sent}");
     assert!(!log("a").exists(), "account a's child took no send");
+}
+
+/// A child that hangs whole (stopped by SIGSTOP: it reads neither the abort nor the stop hook's
+/// call) is killed at the stop timeout too, and the stop ends there.
+#[test]
+fn a_child_that_hangs_whole_is_killed_at_the_stop_timeout() {
+    let daemon = Daemon::start(
+        &[("crashy.so", crash_plugin())],
+        "",
+        "[supervisor]\nmax_restarts = 0\nstop_timeout = \"1s\"\ncancel_grace = \"30s\"\n\
+         [health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process\"\n[channels.crashy.accounts.a]\n",
+        &[],
+    );
+    daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let asked = Instant::now();
+    daemon.cli(&["stop", "crashy:a"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    let a = daemon.account("crashy", "a");
+    assert_eq!(a["state"], "stopped", "{a}");
+    assert!(
+        a["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed: account a did not stop within the stop timeout"),
+        "{a}"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin process {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_zombie(&daemon);
 }
