@@ -1,6 +1,7 @@
 //! The `mqtt` plugin against a real mosquitto: a publish reaches the event stream through the real
-//! daemon; `channeld send` publishes and its message never comes back as inbound; a `kill -9` of
-//! channeld in the middle of a QoS 1 burst loses nothing.
+//! daemon; `channeld send` publishes and its message never comes back as inbound; a restart's
+//! every state (the short `starting` too) is on the stream; a `kill -9` of channeld in the middle
+//! of a QoS 1 burst loses nothing.
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,43 @@ fn a_send_is_published_and_never_comes_back_as_inbound() {
         Some("from someone"),
         "own publish echoed: {m}"
     );
+}
+
+#[test]
+fn a_restart_is_on_the_stream_as_stopped_starting_running_then_connected() {
+    let broker = Mosquitto::start();
+    let daemon = Daemon::start(
+        &[("mqtt.so", util::plugin_file("channeld-plugin-mqtt"))],
+        "",
+        &config(&broker),
+        &[],
+    );
+    daemon.wait_for_account("mqtt", "main", |s| s["connected"] == true);
+    let events = Events::connect(&daemon, "?channel=mqtt");
+    for verb in ["stop", "start"] {
+        assert!(daemon.cli(&[verb, "mqtt:main"]).status.success(), "{verb}");
+    }
+    let mut states: Vec<(String, Option<bool>)> = Vec::new();
+    while states.last() != Some(&("running".to_owned(), Some(true))) {
+        let event = events.next();
+        if event.event == "state" {
+            states.push((
+                event.data["to"].as_str().unwrap().to_owned(),
+                event.data["connected"].as_bool(),
+            ));
+        }
+    }
+    // `starting` lasts only until the plugin's runtime polls the task, yet it is on the stream.
+    let mut changes: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+    changes.dedup();
+    assert!(
+        changes.ends_with(&["stopped", "starting", "running"]),
+        "{states:?}"
+    );
+    let stopped = states.iter().position(|s| s.0 == "stopped").unwrap();
+    let mut connected: Vec<Option<bool>> = states[stopped..].iter().map(|s| s.1).collect();
+    connected.dedup();
+    assert_eq!(connected, [Some(false), Some(true)], "{states:?}");
 }
 
 #[test]
