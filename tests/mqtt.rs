@@ -153,3 +153,121 @@ fn a_kill_9_of_channeld_in_a_qos1_burst_loses_no_message() {
         }
     }
 }
+
+/// `GET /v1/outbox`'s figures.
+fn outbox(daemon: &Daemon) -> serde_json::Value {
+    let (addr, token) = daemon.api();
+    let mut stats: serde_json::Value = ureq::get(format!("http://{addr}/v1/outbox"))
+        .header("Authorization", format!("Bearer {token}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    stats["outbox"].take()
+}
+
+/// Polls the outbox's figures until `done` holds for them and nothing waits; returns them.
+fn outbox_settles(daemon: &Daemon, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats = outbox(daemon);
+        if done(&stats) && stats["waiting"] == 0 {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "{stats}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn gateway_hops_travel_through_mqtt_so_a_loop_stops_at_the_hop_limit() {
+    let broker = Mosquitto::start();
+    let (on_a, on_b) = (broker.subscribe("loop/a"), broker.subscribe("loop/b"));
+    // Two gateways looped through the broker: what `aout` publishes on loop/b arrives at `bin`,
+    // bridged by g2 to `bout`, which publishes on loop/a, where `ain` hears it for g1.
+    let account = |name: &str, topic: Option<&str>| {
+        let topics = topic.map_or(String::new(), |t| {
+            format!("topics = [{{ filter = \"{t}\", qos = 1 }}]\n")
+        });
+        format!(
+            "[channels.mqtt.accounts.{name}]\nhost = \"127.0.0.1\"\nport = {}\n\
+             client_id = \"channeld-{name}\"\nsession_expiry_secs = 3600\n{topics}",
+            broker.port
+        )
+    };
+    let gateway = |name: &str, from: &str, from_topic: &str, to: &str, to_topic: &str| {
+        format!(
+            "[[gateways]]\nname = \"{name}\"\nmembers = [\n\
+             {{ account = \"mqtt:{from}\", conversation = \"{from_topic}\", direction = \"in\" }},\n\
+             {{ account = \"mqtt:{to}\", conversation = \"{to_topic}\", direction = \"out\", template = \"{{text}}\" }},\n]\n"
+        )
+    };
+    let body = [
+        account("ain", Some("loop/a")),
+        account("aout", None),
+        account("bin", Some("loop/b")),
+        account("bout", None),
+        gateway("g1", "ain", "loop/a", "aout", "loop/b"),
+        gateway("g2", "bin", "loop/b", "bout", "loop/a"),
+    ]
+    .concat();
+    let daemon = Daemon::start(
+        &[("mqtt.so", util::plugin_file("channeld-plugin-mqtt"))],
+        "",
+        &body,
+        &[],
+    );
+    for name in ["ain", "aout", "bin", "bout"] {
+        daemon.wait_for_account("mqtt", name, |s| s["connected"] == true);
+    }
+
+    // A publish that arrives with hops at the limit (3) is not bridged again.
+    broker.publish(
+        &[
+            "-q",
+            "1",
+            "-t",
+            "loop/a",
+            "-m",
+            "far travelled",
+            "-D",
+            "publish",
+            "user-property",
+            "origin",
+            "irc:x/#y",
+            "-D",
+            "publish",
+            "user-property",
+            "hops",
+            "3",
+        ],
+        None,
+    );
+    let stats = outbox_settles(&daemon, |s| s["hopLimitStops"] == 1);
+    assert_eq!(stats["bridged"], 0, "{stats}");
+
+    // A fresh publish goes round: aout, bout, aout again; the fourth arrival carries hops 3 and
+    // is stopped. Without the hops read back on inbound it would go round for ever.
+    broker.publish(&["-q", "1", "-t", "loop/a", "-m", "ping"], None);
+    let stats = outbox_settles(&daemon, |s| s["hopLimitStops"] == 2);
+    assert_eq!(
+        (&stats["bridged"], &stats["sent"]),
+        (&3.into(), &3.into()),
+        "{stats}"
+    );
+    daemon.wait_for_log("reached the hop limit (3); not bridged again");
+    let pings = |subscriber: &crate::util::servers::Subscriber| {
+        subscriber
+            .drain(Duration::from_millis(300))
+            .into_iter()
+            .filter(|l| l.ends_with(" ping"))
+            .count()
+    };
+    // loop/a: the test's publish and bout's; loop/b: aout's two.
+    assert_eq!(
+        (pings(&on_a), pings(&on_b)),
+        (2, 2),
+        "three bridged publishes"
+    );
+}

@@ -31,15 +31,19 @@
 //!   subscription (`CONNACK`, then `SUBACK`).
 //! - Subscriptions are `no_local`: the account's own publishes never come back as inbound.
 //! - A message is delivered with its topic as the conversation, its payload (UTF-8; invalid bytes
-//!   replaced) as the text, and its `qos`, `retain` and the `origin`/`hops` user properties (when
-//!   present) in `extra`. The sender is the `sender` user property, or `mqtt` when absent.
+//!   replaced) as the text, and its `qos` and `retain` in `extra`. The sender is the `sender` user
+//!   property, or `mqtt` when absent.
+//! - A message a gateway bridged (its `hops` user property is 1 or more, with an `origin`) is
+//!   delivered with `extra.gateway = {"origin", "hops"}` from those properties, so channeld's
+//!   gateways stop it at the hop limit and never send it back to its origin: a loop through MQTT
+//!   (two gateways, or two channelds, bridging into each other's topics) ends like any other.
 //! - Acknowledgements are manual: a QoS 1 or 2 message is acknowledged to the broker only after
 //!   channeld has made it durable, so a crash between receipt and the journal loses nothing (the
 //!   broker sends it again: at least once).
 //! - A send publishes its text on the topic named by its conversation, at `publish_qos`, and
 //!   completes when the broker confirms it (`PUBACK` for QoS 1, `PUBCOMP` for 2; when written for
 //!   0). The `origin` and `hops` user properties carry the message's origin and hop count (from
-//!   the send's `extra`, else this account and 0), for gateways to stop loops.
+//!   the send's `extra.gateway`, else this account and 0), for gateways to stop loops.
 //! - Keep-alive traffic is recorded as a liveness event and messages as traffic, for the health
 //!   monitor. A lost connection ends the task with an error; the supervisor restarts it (the
 //!   plugin never reconnects by itself).
@@ -382,8 +386,10 @@ fn confirm(unconfirmed: &mut HashMap<u16, Done>, pkid: u16, reason: String, ok: 
     }
 }
 
-/// The origin and hop count to publish with: from the send's `extra`, else this account and 0.
+/// The origin and hop count to publish with: from the send's `extra.gateway` (a gateway's send),
+/// else this account and 0.
 fn origin_and_hops(extra: Option<&Value>, account: &str) -> (String, u64) {
+    let extra = extra.and_then(|e| e.get("gateway"));
     let origin = extra
         .and_then(|e| e.get("origin"))
         .and_then(Value::as_str)
@@ -412,11 +418,8 @@ fn inbound(publish: &Publish) -> Inbound {
         "qos": publish.qos as u8,
         "retain": publish.retain,
     });
-    if let Some(origin) = property("origin") {
-        extra["origin"] = Value::String(origin);
-    }
-    if let Some(hops) = property("hops").and_then(|h| h.parse::<u64>().ok()) {
-        extra["hops"] = Value::from(hops);
+    if let Some(gateway) = gateway_tag(property("origin"), property("hops")) {
+        extra["gateway"] = gateway;
     }
     Inbound::new(
         topic,
@@ -424,6 +427,15 @@ fn inbound(publish: &Publish) -> Inbound {
         text,
     )
     .with_extra(extra)
+}
+
+/// `extra.gateway` for a publish with the `origin` and `hops` user properties: only for a bridged
+/// message (hops 1 or more; a gateway counts every bridging). A plain send of a channeld says hops
+/// 0 and is a new message wherever it arrives; unparseable properties are not a gateway's.
+fn gateway_tag(origin: Option<String>, hops: Option<String>) -> Option<Value> {
+    let hops = hops?.trim().parse::<u64>().ok().filter(|h| *h >= 1)?;
+    let origin = origin.filter(|o| !o.is_empty())?;
+    Some(json!({ "origin": origin, "hops": hops }))
 }
 
 export_plugin!(Mqtt);
