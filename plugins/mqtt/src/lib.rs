@@ -9,6 +9,8 @@
 //! host = "broker.example.org"           # required
 //! port = 8883                           # optional; default 8883 with TLS, 1883 without
 //! tls = true                            # optional, default false (rustls, the system's roots)
+//! ca_file = "/etc/channeld/mqtt-ca.pem"  # optional, with tls: trust these PEM certificates
+//!                                       # instead of the system's roots (a private CA)
 //! client_id = "channeld-main"           # required: names the broker's session for this account
 //! username = "channeld"                 # optional
 //! password = { env = "MQTT_PASSWORD" }  # optional; a secret the host resolves
@@ -50,7 +52,13 @@
 
 mod outgoing;
 
-use std::{collections::HashMap, collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use channeld_plugin_abi::{
     export_plugin,
@@ -72,6 +80,10 @@ use rumqttc::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
+use tokio_rustls::rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
+};
 
 /// How many QoS 1/2 messages the broker may have in flight to the account, unacknowledged
 /// (MQTT 5 `receive_maximum`). It bounds the acks that can wait in the client's request queue.
@@ -100,6 +112,7 @@ struct Settings {
     port: Option<u16>,
     #[serde(default)]
     tls: bool,
+    ca_file: Option<PathBuf>,
     client_id: String,
     username: Option<String>,
     password: Option<String>,
@@ -155,6 +168,12 @@ impl Settings {
         if settings.keep_alive_secs == 0 {
             return Err("`keep_alive_secs` must be at least 1".to_owned());
         }
+        if let Some(ca_file) = &settings.ca_file {
+            if !settings.tls {
+                return Err("`ca_file` is set but `tls` is not".to_owned());
+            }
+            roots(Some(ca_file))?;
+        }
         Ok(settings)
     }
 
@@ -172,21 +191,37 @@ impl Settings {
         }
         if self.tls {
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls_config()?),
+                Arc::new(tls_config(self.ca_file.as_deref())?),
             )));
         }
         Ok(options)
     }
 }
 
-/// rustls with the `ring` provider and the system's roots.
-fn tls_config() -> PluginResult<tokio_rustls::rustls::ClientConfig> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A root the system has but rustls cannot parse is skipped, not fatal.
-        let _ = roots.add(cert);
+/// The certificates TLS trusts: those of `ca_file` (PEM) when given, else the system's roots.
+fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let Some(path) = ca_file else {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A root the system has but rustls cannot parse is skipped, not fatal.
+            let _ = roots.add(cert);
+        }
+        return Ok(roots);
+    };
+    let bad = |e: &dyn std::fmt::Display| format!("`ca_file` {}: {e}", path.display());
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
     }
+    if roots.is_empty() {
+        return Err(bad(&"no PEM certificate in it"));
+    }
+    Ok(roots)
+}
+
+/// rustls with the `ring` provider, trusting [`roots`].
+fn tls_config(ca_file: Option<&Path>) -> PluginResult<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    let roots = roots(ca_file).map_err(PluginError::new)?;
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

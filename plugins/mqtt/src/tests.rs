@@ -23,6 +23,15 @@ fn settings_reasons() {
     assert_eq!(reason(json!({"client_id": "c"})), "missing `host`");
     assert!(reason(json!({"host": "h", "client_id": "c", "publish_qos": 3})).contains("0, 1 or 2"));
     assert!(reason(json!({"host": "h", "client_id": "c", "tpoics": []})).contains("tpoics"));
+    let ca = |tls: bool, file: &str| {
+        reason(json!({"host": "h", "client_id": "c", "tls": tls, "ca_file": file}))
+    };
+    assert_eq!(ca(false, "/dev/null"), "`ca_file` is set but `tls` is not");
+    assert!(ca(true, "/nonexistent/ca.pem").starts_with("`ca_file` /nonexistent/ca.pem: "));
+    assert_eq!(
+        ca(true, "/dev/null"),
+        "`ca_file` /dev/null: no PEM certificate in it"
+    );
 }
 
 #[test]
