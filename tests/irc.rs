@@ -1,7 +1,8 @@
 //! The `irc` plugin against a real ngircd: inbound to the event stream through the real daemon,
 //! `channeld send`, a 2,000-byte message split into lines, a gateway bridging IRC and MQTT exactly
 //! once, a `kill -9` of the server with a restart on the same port (sends of the outage arriving
-//! after it), and the health monitor restarting an account whose server is stopped (`SIGSTOP`).
+//! after it), the health monitor restarting an account whose server is stopped (`SIGSTOP`), and
+//! TLS with a private CA (`ca_file`).
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use crate::util::{
     daemon::{Daemon, PATIENCE},
     events::Events,
     events::outbox_idle,
-    servers::{IrcClient, Mosquitto, Ngircd, signal, signal_pid},
+    servers::{IrcClient, Mosquitto, Ngircd, TestCerts, signal, signal_pid},
 };
 
 fn irc_plugin() -> std::path::PathBuf {
@@ -325,5 +326,42 @@ fn the_monitor_restarts_the_account_of_a_stopped_server_and_leaves_the_other_alo
     assert!(
         fine.get("healthRestartAt").is_none(),
         "the healthy account was restarted: {fine}"
+    );
+}
+
+#[test]
+fn over_tls_with_a_private_ca_a_privmsg_and_a_send_get_through() {
+    let certs = TestCerts::new();
+    let server = Ngircd::start_tls(&certs);
+    let tls_port = server.tls_port.unwrap();
+    let trusted = format!("tls = true\nca_file = \"{}\"", certs.ca.display());
+    let daemon = daemon(
+        &[
+            ("main", tls_port, &trusted),
+            ("untrusted", tls_port, "tls = true"),
+        ],
+        "",
+    );
+    connected(&daemon, "main");
+    // Without `ca_file` the system's roots do not know the test's CA: the handshake fails.
+    let untrusted = daemon.wait_for_account("irc", "untrusted", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate"))
+    });
+    assert_ne!(untrusted["connected"], true, "{untrusted}");
+
+    // The test's client speaks plain IRC to the same server.
+    let events = Events::connect(&daemon, "?channel=irc&account=main");
+    let mut ada = IrcClient::connect(server.port, "ada");
+    ada.join("#test");
+    ada.say("PRIVMSG #test :hello over plain");
+    let m = events.next_message();
+    assert_eq!(m["text"], "hello over plain", "{m}");
+    send(&daemon, "#test", "hello over tls");
+    let line = ada.wait_for(|l| l.contains(" PRIVMSG #test "));
+    assert!(
+        line.starts_with(":channeld-main!") && line.ends_with(":hello over tls"),
+        "{line}"
     );
 }

@@ -1,7 +1,8 @@
 //! The `mqtt` plugin against a real mosquitto: a publish reaches the event stream through the real
 //! daemon; `channeld send` publishes and its message never comes back as inbound; a restart's
 //! every state (the short `starting` too) is on the stream; a `kill -9` of channeld in the middle
-//! of a QoS 1 burst loses nothing.
+//! of a QoS 1 burst loses nothing; gateway hops travel as user properties; TLS with a private CA
+//! (`ca_file`).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use crate::util::{
     self,
     daemon::{Daemon, PATIENCE},
     events::Events,
-    servers::Mosquitto,
+    servers::{Mosquitto, TestCerts},
 };
 
 /// The config of one mqtt account `main` on `broker`, subscribed to `chat/#` at QoS 1.
@@ -270,4 +271,46 @@ fn gateway_hops_travel_through_mqtt_so_a_loop_stops_at_the_hop_limit() {
         (2, 2),
         "three bridged publishes"
     );
+}
+
+#[test]
+fn over_tls_with_a_private_ca_a_publish_and_a_send_get_through() {
+    let certs = TestCerts::new();
+    let broker = Mosquitto::start_tls(&certs);
+    let tls_port = broker.tls_port.unwrap();
+    // The test's clients use the broker's plain listener.
+    let subscriber = broker.subscribe("chat/test");
+    let body = format!(
+        "[channels.mqtt.accounts.main]\nhost = \"127.0.0.1\"\nport = {tls_port}\ntls = true\n\
+         ca_file = \"{}\"\nclient_id = \"channeld-main\"\n\
+         topics = [{{ filter = \"chat/#\", qos = 1 }}]\n\
+         [channels.mqtt.accounts.untrusted]\nhost = \"127.0.0.1\"\nport = {tls_port}\ntls = true\n\
+         client_id = \"channeld-untrusted\"\n",
+        certs.ca.display()
+    );
+    let daemon = Daemon::start(
+        &[("mqtt.so", util::plugin_file("channeld-plugin-mqtt"))],
+        "",
+        &body,
+        &[],
+    );
+    daemon.wait_for_account("mqtt", "main", |s| s["connected"] == true);
+    // Without `ca_file` the system's roots do not know the test's CA: the handshake fails.
+    let untrusted = daemon.wait_for_account("mqtt", "untrusted", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate"))
+    });
+    assert_ne!(untrusted["connected"], true, "{untrusted}");
+
+    let events = Events::connect(&daemon, "?channel=mqtt&account=main");
+    broker.publish(
+        &["-q", "1", "-t", "chat/test", "-m", "hello over plain"],
+        None,
+    );
+    assert_eq!(events.next_message()["text"], "hello over plain");
+    let out = daemon.cli(&["send", "mqtt:main", "chat/test", "hello over tls"]);
+    assert!(out.status.success(), "{}", daemon.log());
+    assert_eq!(subscriber.next(), "chat/test hello over plain");
+    assert_eq!(subscriber.next(), "chat/test hello over tls");
 }
