@@ -309,12 +309,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if daemon.config.host.watch_config {
         daemon.reloader.watch(background.clone());
     }
-    let events = EventHub::new(daemon.journal.clone());
-    tokio::spawn(crate::events::state::watch(
-        daemon.supervisor.clone(),
-        events.states().clone(),
-        background.clone(),
-    ));
+    let events = EventHub::with_states(
+        daemon.journal.clone(),
+        daemon.supervisor.board().states().clone(),
+        crate::events::current_states(daemon.supervisor.clone()),
+    );
     // The outbox shares the journal's database; its sender runs until the accounts stop.
     let outbox = crate::outbox::Outbox::open(
         &daemon.journal,

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::{
     clock::Clock,
+    events::state::{StatePublisher, derive},
     host::{AccountKey, HostSink},
     inbound::{CountingSink, MessageSink},
     plugin::BoxFuture,
@@ -146,7 +147,9 @@ pub struct AccountSnapshot {
 impl AccountSnapshot {
     /// Sets the run state and the flags derived from it: `running`, `restartPending`, and
     /// `enabled` / `configured` for the states that say otherwise. When no task exists any more,
-    /// the plugin's `connected` report is cleared (a stopped account is not connected).
+    /// the plugin's `connected` report is cleared (a stopped account is not connected). The
+    /// board's [`StatusBoard::update`], through which the supervisor calls it, publishes the
+    /// change to the event stream.
     pub fn set_state(&mut self, state: AccountState) {
         self.state = state;
         self.running = state.has_task();
@@ -212,6 +215,8 @@ pub struct StatusBoard {
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
     messages: Arc<dyn MessageSink>,
+    /// Hears every change of an account's state or connection (the event stream).
+    states: StatePublisher,
 }
 
 impl StatusBoard {
@@ -228,7 +233,13 @@ impl StatusBoard {
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
             messages,
+            states: StatePublisher::default(),
         }
+    }
+
+    /// Where every change of an account's state or connection is published.
+    pub fn states(&self) -> &StatePublisher {
+        &self.states
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountKey, Entry>> {
@@ -257,13 +268,22 @@ impl StatusBoard {
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
         let mut entries = self.lock();
         // Look up before `entry`: the common case (the account exists) allocates no key.
-        match entries.get_mut(key) {
-            Some(entry) => f(&mut entry.snapshot),
-            None => f(&mut entries
-                .entry(key.clone())
-                .or_insert_with(|| new_entry(key))
-                .snapshot),
-        }
+        let (snapshot, before) = match entries.get_mut(key) {
+            Some(entry) => {
+                let before = derive(&entry.snapshot);
+                (&mut entry.snapshot, Some(before))
+            }
+            None => (
+                &mut entries
+                    .entry(key.clone())
+                    .or_insert_with(|| new_entry(key))
+                    .snapshot,
+                None,
+            ),
+        };
+        f(snapshot);
+        // The publish hook of every `set_state`: under the lock, so changes go out in order.
+        self.states.publish(key, before, snapshot);
     }
 
     /// The snapshots of `keys`, read under one lock (`None` for an account never written).
@@ -425,7 +445,12 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, _, _| apply_patch(snapshot, patch).map_err(|e| format!("{key}: {e}")),
+            |snapshot, _, _| {
+                let before = derive(snapshot);
+                let applied = apply_patch(snapshot, patch).map_err(|e| format!("{key}: {e}"));
+                self.states.publish(key, Some(before), snapshot);
+                applied
+            },
         )
     }
 
@@ -435,10 +460,12 @@ impl HostSink for StatusBoard {
             generation,
             || (),
             |snapshot, _, now| {
+                let before = derive(snapshot);
                 snapshot.connected = Some(connected);
                 if connected {
                     snapshot.last_connected_at = Some(now.wall);
                 }
+                self.states.publish(key, Some(before), snapshot);
             },
         );
     }
