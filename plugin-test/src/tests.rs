@@ -239,7 +239,10 @@ async fn the_default_send_hands_messages_to_the_accounts_own_queue() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(early.contains("channel queued does not support sending"), "{early}");
+    assert!(
+        early.contains("channel queued does not support sending"),
+        "{early}"
+    );
 
     let mut account = harness.start("main").unwrap();
     let mut beside = other.start("main").unwrap();
@@ -276,7 +279,10 @@ async fn the_default_send_hands_messages_to_the_accounts_own_queue() {
 
     account.abort_within(secs(5)).await.unwrap().unwrap();
     let stopped = account.send("room", "late").await.unwrap_err().to_string();
-    assert_eq!(stopped, "queued:main: send failed: account main is not running");
+    assert_eq!(
+        stopped,
+        "queued:main: send failed: account main is not running"
+    );
     // The other harness's account is untouched by this one's stop.
     assert_eq!(beside.send("room", "two").await.unwrap(), "main-2");
     beside.abort_within(secs(5)).await.unwrap().unwrap();

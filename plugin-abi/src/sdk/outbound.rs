@@ -59,7 +59,9 @@ impl Registry {
     /// The map of the current task: the harness's, inside [`Registry::scope`], else the
     /// library's.
     fn current() -> Self {
-        SCOPED.try_with(Clone::clone).unwrap_or_else(|_| Self::process())
+        SCOPED
+            .try_with(Clone::clone)
+            .unwrap_or_else(|_| Self::process())
     }
 
     /// Runs `future` with this map as the current one.
@@ -235,7 +237,10 @@ pub(crate) async fn send(channel: &'static str, message: Outbound) -> PluginResu
     let registry = Registry::current();
     let (tx, used) = {
         let queues = registry.lock();
-        (queues.by_account.get(&message.account).cloned(), queues.used)
+        (
+            queues.by_account.get(&message.account).cloned(),
+            queues.used,
+        )
     };
     let account = message.account.clone();
     let not_running = || {
