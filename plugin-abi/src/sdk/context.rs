@@ -233,7 +233,7 @@ impl AccountContext {
     /// connection: the SDK does.
     ///
     /// Call it once per run, before reporting the account connected. A second call replaces the
-    /// first queue (the first then yields `None` once empty).
+    /// first queue, which then receives nothing more.
     ///
     /// ```
     /// use channeld_plugin_abi::sdk::prelude::*;

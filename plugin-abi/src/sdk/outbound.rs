@@ -134,8 +134,9 @@ impl fmt::Debug for OutboundQueue {
 }
 
 impl OutboundQueue {
-    /// The next message to send. `None` only once a newer `ctx.outbound()` of the same account
-    /// has replaced this queue and every message queued here has been taken.
+    /// The next message to send, waiting for one. `None` means no message can arrive any more
+    /// (treat it as the end of the queue); a queue that a newer `ctx.outbound()` of the same
+    /// account replaced just receives nothing more.
     ///
     /// A task that must not send yet (not connected, say) simply does not call `recv`: the
     /// messages wait, and so does the host (its outbox sends to an account only while it is
