@@ -21,7 +21,7 @@ use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
     context::AbortSignal,
     fence::{fenced, fenced_or, panic_message},
-    log, runtime, tasks,
+    log, outbound, runtime, tasks,
 };
 use crate::abi::{
     AccountStart, HOST_ABI_VERSION_KEY, HostHandle, InitSettings, OutboundMessage, PluginMetadata,
@@ -377,6 +377,7 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
         tracker: tracker.clone(),
         scope: scope.clone(),
         runtime: handle.clone(),
+        outbound: outbound::Registry::process(),
     };
     let task = plugin().start(ctx);
     let children_abort = abort.clone();

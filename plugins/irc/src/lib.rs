@@ -42,7 +42,6 @@
 //!   with its backoff.
 //! - No SASL.
 
-mod outgoing;
 mod split;
 
 use std::{
@@ -56,8 +55,8 @@ use std::{
 use channeld_plugin_abi::{
     export_plugin,
     sdk::{
-        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, PluginError,
-        PluginResult, Verdict,
+        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, OutboundQueue,
+        PluginError, PluginResult, Verdict,
     },
 };
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -250,12 +249,9 @@ impl ChannelPlugin for Irc {
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
-        let (_registration, outbound) = outgoing::register(&ctx.account().id);
+        // The SDK's default `send` hands each message from this account to this queue.
+        let outbound = ctx.outbound();
         run(&ctx, &settings, outbound).await
-    }
-
-    async fn send(&self, message: Outbound) -> PluginResult<String> {
-        outgoing::send(message).await
     }
 }
 
@@ -276,7 +272,7 @@ struct Session {
 async fn run(
     ctx: &AccountContext,
     settings: &Settings,
-    mut outbound: outgoing::Receiver,
+    mut outbound: OutboundQueue,
 ) -> PluginResult {
     let host = ctx.host();
     host.set_connected(false);
@@ -345,15 +341,15 @@ async fn run(
             }
             request = outbound.recv(), if session.connected => {
                 let Some(request) = request else { continue };
-                let target = &request.message.conversation;
+                let target = &request.message().conversation;
                 if target.is_empty() || target.contains([' ', ',', '\r', '\n', '\0']) {
                     let reason = format!("{target:?} is not a channel or nick");
-                    let _ = request.done.send(Err(PluginError::new(reason)));
+                    request.finish(Err(PluginError::new(reason)));
                     continue;
                 }
-                let outcome = write_message(ctx, &mut conn, &mut pacer, &mut session, &request.message).await;
+                let outcome = write_message(ctx, &mut conn, &mut pacer, &mut session, request.message()).await;
                 let failed = outcome.as_ref().err().map(|e| e.message().to_owned());
-                let _ = request.done.send(outcome);
+                request.finish(outcome);
                 if let Some(e) = failed {
                     return Err(PluginError::new(format!("connection to {server} failed: {e}")));
                 }

@@ -50,8 +50,6 @@
 //!   monitor. A lost connection ends the task with an error; the supervisor restarts it (the
 //!   plugin never reconnects by itself).
 
-mod outgoing;
-
 use std::{
     collections::HashMap,
     collections::VecDeque,
@@ -63,8 +61,8 @@ use std::{
 use channeld_plugin_abi::{
     export_plugin,
     sdk::{
-        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, PluginError,
-        PluginResult, Verdict,
+        Account, AccountContext, ChannelPlugin, EventKind, Inbound, OutboundQueue, PluginError,
+        PluginResult, SendReply, Verdict,
     },
 };
 use rumqttc::{
@@ -79,7 +77,6 @@ use rumqttc::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 use tokio_rustls::rustls::{
     RootCertStore,
     pki_types::{CertificateDer, pem::PemObject},
@@ -248,23 +245,20 @@ impl ChannelPlugin for Mqtt {
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
-        let (_registration, outbound) = outgoing::register(&ctx.account().id);
+        // The SDK's default `send` hands each message from this account to this queue.
+        let outbound = ctx.outbound();
         run(&ctx, &settings, outbound).await
-    }
-
-    async fn send(&self, message: Outbound) -> PluginResult<String> {
-        outgoing::send(message).await
     }
 }
 
-/// A publish waiting for the broker: its outcome's sender.
-type Done = oneshot::Sender<Result<String, PluginError>>;
+/// A publish waiting for the broker: the host's wait for its outcome.
+type Done = SendReply;
 
 /// Runs one session until the connection drops or the abort fires.
 async fn run(
     ctx: &AccountContext,
     settings: &Settings,
-    mut outbound: outgoing::Receiver,
+    mut outbound: OutboundQueue,
 ) -> PluginResult {
     let host = ctx.host();
     host.set_connected(false);
@@ -307,7 +301,7 @@ async fn run(
             }
             request = outbound.recv(), if connected && unsent_acks.is_empty() => {
                 let Some(request) = request else { continue };
-                let message = request.message;
+                let (message, done) = request.into_parts();
                 let (origin, hops) = origin_and_hops(message.extra.as_ref(), &origin_default);
                 let properties = PublishProperties {
                     user_properties: vec![
@@ -325,10 +319,8 @@ async fn run(
                     message.text.into_bytes(),
                     properties,
                 ) {
-                    Ok(()) => unnumbered.push_back(request.done),
-                    Err(e) => {
-                        let _ = request.done.send(Err(PluginError::new(format!("cannot publish: {e}"))));
-                    }
+                    Ok(()) => unnumbered.push_back(done),
+                    Err(e) => done.finish(Err(PluginError::new(format!("cannot publish: {e}")))),
                 }
             }
             event = events.poll() => {
@@ -378,7 +370,7 @@ async fn run(
                         host.record_event(EventKind::Outbound);
                         if let Some(done) = unnumbered.pop_front() {
                             if publish_qos == QoS::AtMostOnce {
-                                let _ = done.send(Ok(String::new()));
+                                done.finish(Ok(String::new()));
                             } else {
                                 unconfirmed.insert(pkid, done);
                             }
@@ -411,7 +403,7 @@ async fn run(
 /// Completes the send of packet `pkid`: its id is the packet id.
 fn confirm(unconfirmed: &mut HashMap<u16, Done>, pkid: u16, reason: String, ok: bool) {
     if let Some(done) = unconfirmed.remove(&pkid) {
-        let _ = done.send(if ok {
+        done.finish(if ok {
             Ok(pkid.to_string())
         } else {
             Err(PluginError::new(format!(
