@@ -251,9 +251,10 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime.spawn(
-            self.tracker
-                .track_future(super::log::in_scope(self.scope.clone(), task)),
-        );
+        self.runtime.spawn(self.tracker.track_future(super::watchdog::watched(
+            &self.account.id,
+            "spawned task",
+            super::log::in_scope(self.scope.clone(), task),
+        )));
     }
 }

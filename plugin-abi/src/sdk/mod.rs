@@ -12,6 +12,7 @@ mod harness;
 mod log;
 mod runtime;
 mod tasks;
+mod watchdog;
 
 /// Everything a plugin usually needs, in one import: `use channeld_plugin_abi::sdk::prelude::*;`.
 pub mod prelude {
@@ -32,7 +33,7 @@ pub use config::{Account, ChannelConfig};
 pub use context::{AbortSignal, AccountContext, Host, Inbound};
 pub use error::{PluginError, PluginResult, ResultExt};
 pub use log::ACCOUNT_SPAN;
-pub use runtime::DEFAULT_WORKER_THREADS;
+pub use runtime::{DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STARVATION_THRESHOLD, DEFAULT_WORKER_THREADS};
 
 #[doc(hidden)]
 pub mod __private {
