@@ -168,6 +168,7 @@ impl Daemon {
         let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), sink));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
+        loader.runtime_settings = Some(crate::runtime_settings::RuntimeSettings::of(&config));
         loader.max_log_level = max_log_level();
         loader.isolation = crate::isolate::Settings::of(&config);
         let supervisor = Supervisor::new(
@@ -309,6 +310,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         daemon.reloader.watch(background.clone());
     }
     let events = EventHub::new(daemon.journal.clone());
+    // Starved plugin runtimes (their SDKs report them) become account states.
+    tokio::spawn(crate::health::starvation::follow(
+        daemon.supervisor.clone(),
+        background.clone(),
+    ));
     tokio::spawn(crate::events::state::watch(
         daemon.supervisor.clone(),
         events.states().clone(),

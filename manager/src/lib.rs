@@ -27,6 +27,7 @@ pub mod plugin;
 pub mod registry;
 pub mod reload;
 pub mod reserved;
+pub mod runtime_settings;
 pub mod service;
 pub mod stage;
 pub mod state_lock;

@@ -212,6 +212,8 @@ pub struct StatusBoard {
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
     messages: Arc<dyn MessageSink>,
+    /// What each plugin's SDK last reported about its runtime (starved or not).
+    runtimes: crate::health::starvation::Runtimes,
 }
 
 impl StatusBoard {
@@ -228,6 +230,32 @@ impl StatusBoard {
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
             messages,
+            runtimes: Default::default(),
+        }
+    }
+
+    /// Each plugin runtime's last report (see [`crate::health::starvation`]).
+    pub fn runtimes(&self) -> &crate::health::starvation::Runtimes {
+        &self.runtimes
+    }
+
+    /// `key`'s current task generation, if it has an entry.
+    pub fn generation(&self, key: &AccountKey) -> Option<u64> {
+        self.lock().get(key).map(|e| e.generation)
+    }
+
+    /// Applies `f` to `key`'s snapshot only while its generation is still `generation` (the same
+    /// task), under one lock.
+    pub fn update_if_generation(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
+        if let Some(entry) = self.lock().get_mut(key)
+            && entry.generation == generation
+        {
+            f(&mut entry.snapshot);
         }
     }
 
@@ -400,6 +428,10 @@ fn mark_event(
 }
 
 impl HostSink for StatusBoard {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.runtimes.report(channel, fields, self.clock.wall_ms());
+    }
+
     fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
         self.lock()
             .get(key)
