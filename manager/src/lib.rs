@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod discover;
 pub mod events;
+pub mod exit;
 pub mod ffi;
 pub mod health;
 pub mod host;

@@ -168,7 +168,9 @@ fn watch(runtime: &Handle, workers: u32, threshold: Duration, stopped: &mpsc::Re
         if pending.load(Ordering::Acquire) {
             if !starved && now.saturating_sub(sent_at) >= threshold_ms {
                 starved = true;
-                let held = holders(sent_at);
+                // Held: in one poll for at least half the threshold (a worker taken just after
+                // the probe was sent counts too).
+                let held = holders(now.saturating_sub(threshold_ms / 2));
                 let names: Vec<String> = held
                     .iter()
                     .map(|(account, what)| format!("{account} ({what})"))
