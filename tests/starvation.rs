@@ -125,3 +125,39 @@ fn two_blocking_accounts_starve_the_runtime_the_healthy_one_is_not_running_and_s
     );
     assert!(log.contains("without running exit handlers"), "{log}");
 }
+
+/// `worker_threads` in a channel's table sets its plugin runtime's worker count (the plugin does
+/// not see the key: the fixture's `strict` mode refuses keys it does not know).
+#[test]
+fn worker_threads_per_channel_sets_the_runtime_thread_count() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "[health]\ninterval = \"0s\"\n\
+         [channels.fixture]\nstrict = true\nworker_threads = 3\n\
+         runtime_shutdown_timeout = \"1s\"\nstarvation_threshold = \"2s\"\n\
+         [channels.fixture.accounts.main]\n",
+        &[],
+    );
+    daemon.wait_for_account("fixture", "main", |s| s["state"] == "running");
+    let workers = |names: &[String]| names.iter().filter(|n| *n == "chd-fixture").count();
+    let names = daemon.thread_names();
+    assert_eq!(workers(&names), 3, "{names:?}");
+    assert!(names.iter().any(|n| n == "chd-fixture-wd"), "{names:?}");
+}
+
+/// A bad value is one line naming the channel and the key; the plugin is refused, the daemon
+/// keeps serving.
+#[test]
+fn a_bad_worker_threads_value_refuses_the_plugin_with_one_line_naming_the_channel() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "[channels.fixture]\nworker_threads = 0\n[channels.fixture.accounts.main]\n",
+        &[],
+    );
+    let line = daemon.wait_for_log("channel fixture: worker_threads = 0");
+    assert!(line.contains("1..=64"), "{line}");
+    let out = daemon.cli(&["plugins", "--json"]);
+    assert!(out.status.success(), "{}", daemon.log());
+}

@@ -104,3 +104,22 @@ pub(crate) fn shutdown() {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_extra_keys_set_the_shutdown_timeout_and_threshold() {
+        configure(&serde_json::json!({
+            crate::abi::RUNTIME_SHUTDOWN_TIMEOUT_MS_KEY: 1500,
+            crate::abi::STARVATION_THRESHOLD_MS_KEY: 0,
+            "unknown": true,
+        }));
+        assert_eq!(SHUTDOWN_TIMEOUT_MS.load(Ordering::Relaxed), 1500);
+        assert_eq!(STARVATION_MS.load(Ordering::Relaxed), 0);
+        // A key it lacks keeps its value.
+        configure(&serde_json::json!({}));
+        assert_eq!(SHUTDOWN_TIMEOUT_MS.load(Ordering::Relaxed), 1500);
+    }
+}
