@@ -40,9 +40,11 @@ pub fn not_stopped(
                     | AccountState::Stuck
             );
             if live && !out.iter().any(|(k, _)| k == &key) {
+                let state = s.state.as_str();
                 let reason = match s.last_error {
-                    Some(error) => format!("still {} ({error})", s.state),
-                    None => format!("still {}", s.state),
+                    Some(error) if error.starts_with(state) => error,
+                    Some(error) => format!("{state}: {error}"),
+                    None => format!("still {state}"),
                 };
                 out.push((key, reason));
             }
