@@ -84,3 +84,45 @@ pub fn exit_now(code: u8) -> ! {
     let _ = std::io::stdout().flush();
     crate::load::exit_sys::exit_immediately(i32::from(code))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::health::starvation::Holder;
+
+    #[test]
+    fn the_shutdown_report_says_what_each_account_is_blocked_in() {
+        let starved = BTreeMap::from([(
+            "fx".to_owned(),
+            RuntimeReport {
+                starved: true,
+                workers: 2,
+                holders: vec![Holder {
+                    account: "a".into(),
+                    blocked_in: "stop hook".into(),
+                }],
+                ..RuntimeReport::default()
+            },
+        )]);
+        let a = blocked_in(&AccountKey::new("fx", "a"), "stuck", &starved);
+        assert!(
+            a.ends_with(
+                "blocked in its stop hook (it holds a thread of the plugin's starved runtime)"
+            ),
+            "{a}"
+        );
+        let ok = blocked_in(&AccountKey::new("fx", "ok"), "stuck", &starved);
+        assert!(
+            ok.ends_with(
+                "waits for a thread of the plugin's starved runtime, held by fx:a (stop hook)"
+            ),
+            "{ok}"
+        );
+        assert_eq!(
+            blocked_in(&AccountKey::new("other", "x"), "stuck", &starved),
+            "stuck"
+        );
+    }
+}
