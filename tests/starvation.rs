@@ -161,3 +161,70 @@ fn a_bad_worker_threads_value_refuses_the_plugin_with_one_line_naming_the_channe
     let out = daemon.cli(&["plugins", "--json"]);
     assert!(out.status.success(), "{}", daemon.log());
 }
+
+/// Stop hooks that block their threads starve the runtime too: the report names them as such, and
+/// SIGTERM still ends the daemon within the bound, without exit handlers under the blocked
+/// threads.
+#[test]
+fn stop_hooks_blocking_their_threads_are_named_and_sigterm_still_ends() {
+    let mut daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "[supervisor]\nstop_timeout = \"1s\"\ncancel_grace = \"200ms\"\n\
+         [health]\ninterval = \"0s\"\n\
+         [channels.fixture]\nworker_threads = 2\nstarvation_threshold = \"500ms\"\n\
+         [channels.fixture.accounts.a]\nblock_in_stop_ms = 600000\n\
+         [channels.fixture.accounts.b]\nblock_in_stop_ms = 600000\n",
+        &[],
+    );
+    for account in ["a", "b"] {
+        daemon.wait_for_account("fixture", account, |s| s["state"] == "running");
+    }
+    for account in ["fixture:a", "fixture:b"] {
+        // Bounded by the stop timeout: a hook still running then is not waited for.
+        let out = daemon.cli(&["stop", account]);
+        assert!(out.status.code().is_some(), "{}", daemon.log());
+    }
+    let deadline = Instant::now() + PATIENCE;
+    let report = loop {
+        let runtimes = runtimes(&daemon);
+        if runtimes["fixture"]["starved"] == true {
+            break runtimes["fixture"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the runtime was never reported starved: {runtimes}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let holders: Vec<(String, String)> = report["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["account"].as_str().unwrap().to_owned(),
+                h["in"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        holders,
+        [
+            ("a".to_owned(), "stop hook".to_owned()),
+            ("b".to_owned(), "stop hook".to_owned())
+        ],
+        "{report}"
+    );
+
+    let sent = Instant::now();
+    let (status, log) = daemon.terminate();
+    let took = sent.elapsed();
+    assert!(
+        took <= STOP_TIMEOUT + Duration::from_secs(2),
+        "took {took:?}\n{log}"
+    );
+    assert!(matches!(status.code(), Some(0 | 4)), "{status:?}\n{log}");
+    assert!(log.contains("without running exit handlers"), "{log}");
+}
