@@ -4,8 +4,8 @@
 //! `shutdown` waits for its threads; default 5 s) and `starvation_threshold` (after how long with
 //! no worker free the SDK reports its runtime starved; default 5 s, `"0s"` turns the watch off).
 //! The host hands them to the plugin's `init`: the worker count in `InitSettings.worker_threads`,
-//! the two durations as keys of `InitSettings.extra`. The runtime is built once, so a change
-//! applies when the plugin is loaded again (restart-only, docs/config-reload.md).
+//! the two durations as keys of `InitSettings.extra`. The values are read at startup and the
+//! runtime is built once, so a change needs a restart (docs/config-reload.md).
 
 use std::{collections::BTreeMap, time::Duration};
 
