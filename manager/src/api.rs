@@ -179,6 +179,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/accounts/{channel}/{op}", post(channel_op))
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/runtimes", get(crate::health::starvation::api_runtimes))
         .route("/v1/rescan", post(rescan))
         .route("/v1/reload", post(crate::reload::api_reload))
         .route("/v1/events", get(events))

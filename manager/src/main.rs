@@ -114,6 +114,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status_table::render(&status, SystemClock.wall_ms()));
+                // Then a line per starved plugin runtime (none from an older daemon).
+                if let Ok(runtimes) = client.get::<serde_json::Value>("/v1/runtimes") {
+                    print!("{}", channeld::health::starvation::render(&runtimes));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

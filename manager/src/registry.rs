@@ -137,6 +137,9 @@ pub struct Loader {
     pub handshake_timeout: std::time::Duration,
     /// The runtime isolated plugins' sockets are served on.
     runtime: Option<tokio::runtime::Handle>,
+    /// Each channel's plugin runtime settings (`worker_threads`, … in its table); a channel it
+    /// does not name gets `worker_threads` above and the default durations.
+    pub runtime_settings: Option<crate::runtime_settings::RuntimeSettings>,
 }
 
 impl Loader {
@@ -151,6 +154,7 @@ impl Loader {
             isolation: crate::isolate::Settings::default(),
             handshake_timeout: crate::isolate::HANDSHAKE_TIMEOUT,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            runtime_settings: None,
         }
     }
 
@@ -211,12 +215,28 @@ impl Loader {
                 existing,
             });
         }
-        plugin
-            .init(self.worker_threads, self.max_log_level, self.sink.clone())
-            .map_err(|error| PluginFileError::Init {
-                path: path.to_owned(),
-                error,
-            })?;
+        let init = match &self.runtime_settings {
+            None => plugin.init(self.worker_threads, self.max_log_level, self.sink.clone()),
+            Some(settings) => settings
+                .channel(&channel)
+                .map_err(|message| crate::plugin::PluginCallError {
+                    channel: channel.clone(),
+                    entry: "init",
+                    message,
+                })
+                .and_then(|runtime| {
+                    plugin.init_with(
+                        runtime.worker_threads,
+                        self.max_log_level,
+                        self.sink.clone(),
+                        runtime.extra(),
+                    )
+                }),
+        };
+        init.map_err(|error| PluginFileError::Init {
+            path: path.to_owned(),
+            error,
+        })?;
         Ok(LoadedPlugin {
             info: plugin.info().clone(),
             staged,

@@ -217,6 +217,8 @@ pub struct StatusBoard {
     messages: Arc<dyn MessageSink>,
     /// Hears every change of an account's state or connection (the event stream).
     states: StatePublisher,
+    /// What each plugin's SDK last reported about its runtime (starved or not).
+    runtimes: crate::health::starvation::Runtimes,
 }
 
 impl StatusBoard {
@@ -234,6 +236,34 @@ impl StatusBoard {
             stale_calls: AtomicU64::new(0),
             messages,
             states: StatePublisher::default(),
+            runtimes: Default::default(),
+        }
+    }
+
+    /// Each plugin runtime's last report (see [`crate::health::starvation`]).
+    pub fn runtimes(&self) -> &crate::health::starvation::Runtimes {
+        &self.runtimes
+    }
+
+    /// `key`'s current task generation, if it has an entry.
+    pub fn generation(&self, key: &AccountKey) -> Option<u64> {
+        self.lock().get(key).map(|e| e.generation)
+    }
+
+    /// Applies `f` to `key`'s snapshot only while its generation is still `generation` (the same
+    /// task), under one lock.
+    pub fn update_if_generation(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
+        if let Some(entry) = self.lock().get_mut(key)
+            && entry.generation == generation
+        {
+            let before = derive(&entry.snapshot);
+            f(&mut entry.snapshot);
+            self.states.publish(key, Some(before), &entry.snapshot);
         }
     }
 
@@ -420,6 +450,10 @@ fn mark_event(
 }
 
 impl HostSink for StatusBoard {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.runtimes.report(channel, fields, self.clock.wall_ms());
+    }
+
     fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
         self.lock()
             .get(key)

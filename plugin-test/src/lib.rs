@@ -88,7 +88,15 @@ pub use logs::LogLine;
 
 /// The keys channeld owns in a channel's and an account's table, removed before the plugin sees
 /// them (the same list as channeld's; see its `docs/reserved-keys.md`).
-pub const RESERVED_KEYS: &[&str] = &["enabled", "health_monitor", "isolation", "memory_limit"];
+pub const RESERVED_KEYS: &[&str] = &[
+    "enabled",
+    "health_monitor",
+    "isolation",
+    "memory_limit",
+    "worker_threads",
+    "runtime_shutdown_timeout",
+    "starvation_threshold",
+];
 
 /// `Duration::from_secs`, for short deadlines in tests.
 pub const fn secs(seconds: u64) -> Duration {

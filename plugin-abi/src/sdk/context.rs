@@ -297,9 +297,11 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime.spawn(
-            self.tracker
-                .track_future(super::log::in_scope(self.scope.clone(), task)),
-        );
+        self.runtime
+            .spawn(self.tracker.track_future(super::watchdog::watched(
+                &self.account.id,
+                "spawned task",
+                super::log::in_scope(self.scope.clone(), task),
+            )));
     }
 }

@@ -13,6 +13,7 @@ mod log;
 mod outbound;
 mod runtime;
 mod tasks;
+mod watchdog;
 
 /// Everything a plugin usually needs, in one import: `use channeld_plugin_abi::sdk::prelude::*;`.
 pub mod prelude {
@@ -35,7 +36,7 @@ pub use context::{AbortSignal, AccountContext, Host, Inbound};
 pub use error::{PluginError, PluginResult, ResultExt};
 pub use log::ACCOUNT_SPAN;
 pub use outbound::{OutboundQueue, SendReply, SendRequest};
-pub use runtime::DEFAULT_WORKER_THREADS;
+pub use runtime::{DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STARVATION_THRESHOLD, DEFAULT_WORKER_THREADS};
 
 #[doc(hidden)]
 pub mod __private {
