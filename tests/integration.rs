@@ -80,3 +80,8 @@ mod observe;
 /// rotated secrets; bad files refused with their location; manual stops and gave-up accounts.
 mod reload;
 mod stops;
+
+/// The cluster (cargo feature `cluster`): three real nodes share 30 fixture accounts through a
+/// real etcd; spread, failover and return, etcd down, a stop that survives a move, a paused node.
+#[cfg(feature = "cluster")]
+mod cluster;
