@@ -212,7 +212,12 @@ impl Cluster {
         for entry in fs::read_dir(self.locks.path()).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "violations") {
-                lines.extend(fs::read_to_string(&path).unwrap().lines().map(str::to_owned));
+                lines.extend(
+                    fs::read_to_string(&path)
+                        .unwrap()
+                        .lines()
+                        .map(str::to_owned),
+                );
             }
         }
         lines
@@ -251,7 +256,10 @@ fn thirty_accounts_spread_over_three_nodes_move_when_one_dies_and_move_back_when
         let out = cluster.nodes[0].cli(&["cluster", "--json"]);
         let view: Value = serde_json::from_slice(&out.stdout).unwrap();
         let nodes = view["nodes"].as_array().cloned().unwrap_or_default();
-        let counts: Vec<u64> = nodes.iter().map(|n| n["accounts"].as_u64().unwrap()).collect();
+        let counts: Vec<u64> = nodes
+            .iter()
+            .map(|n| n["accounts"].as_u64().unwrap())
+            .collect();
         let expected: Vec<u64> = (0..3).map(|i| before[&i].len() as u64).collect();
         if counts == expected {
             break;
@@ -260,7 +268,10 @@ fn thirty_accounts_spread_over_three_nodes_move_when_one_dies_and_move_back_when
         std::thread::sleep(Duration::from_millis(50));
     }
     let table = String::from_utf8_lossy(&cluster.nodes[2].cli(&["cluster"]).stdout).to_string();
-    assert!(table.contains("n1") && table.contains("LEASE AGE"), "{table}");
+    assert!(
+        table.contains("n1") && table.contains("LEASE AGE"),
+        "{table}"
+    );
 
     // kill -9 n2: its accounts run on the others within the lease's TTL plus the backoff.
     let killed_at = Instant::now();
@@ -291,7 +302,10 @@ fn with_etcd_down_every_node_stops_its_accounts_before_its_lease_expires_and_eac
         sets.values().all(BTreeSet::is_empty)
     });
     let took = stopped_at.elapsed();
-    assert!(took < LEASE_TTL, "accounts ran {took:?} after etcd went away");
+    assert!(
+        took < LEASE_TTL,
+        "accounts ran {took:?} after etcd went away"
+    );
     // The status says why.
     let a0 = cluster.nodes[0].status(None)["channels"]["fixture"]
         .as_object()
@@ -299,10 +313,7 @@ fn with_etcd_down_every_node_stops_its_accounts_before_its_lease_expires_and_eac
         .values()
         .filter_map(|s| s["clusterNote"].as_str().map(str::to_owned))
         .collect::<Vec<_>>();
-    assert!(
-        a0.iter().any(|n| n.contains("etcd unreachable")),
-        "{a0:?}"
-    );
+    assert!(a0.iter().any(|n| n.contains("etcd unreachable")), "{a0:?}");
     let view = cluster.nodes[1].cli(&["cluster", "--json"]);
     let view: Value = serde_json::from_slice(&view.stdout).unwrap();
     assert_ne!(view["state"], "member", "{view}");
@@ -337,11 +348,18 @@ fn a_stop_given_to_a_non_owner_stops_the_account_and_it_stays_stopped_after_it_m
     // Someone holds it now, and still it does not run.
     let holder = |i: usize| cluster.nodes[i].account("fixture", "a7")["clusterOwner"].clone();
     cluster.nodes[live[0]].wait_for_account("fixture", "a7", |s| {
-        s["clusterOwner"].as_str().is_some_and(|o| o != format!("n{}", owner + 1))
+        s["clusterOwner"]
+            .as_str()
+            .is_some_and(|o| o != format!("n{}", owner + 1))
     });
     std::thread::sleep(LEASE_TTL / 2);
     for &i in &live {
-        assert_ne!(cluster.nodes[i].account("fixture", "a7")["state"], "running", "{}", holder(i));
+        assert_ne!(
+            cluster.nodes[i].account("fixture", "a7")["state"],
+            "running",
+            "{}",
+            holder(i)
+        );
     }
     cluster.assert_no_violation();
 }
@@ -363,7 +381,10 @@ fn a_node_paused_past_its_lease_stops_its_accounts_within_100ms_of_resuming() {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let lines = cluster.violations();
-        let started = lines.iter().filter(|l| l.contains(" started at_ms=")).count();
+        let started = lines
+            .iter()
+            .filter(|l| l.contains(" started at_ms="))
+            .count();
         let got: Vec<u128> = lines
             .iter()
             .filter_map(|l| l.split_once(" got the lock at_ms="))

@@ -18,14 +18,11 @@ pub fn score(node: &str, account: &str) -> u64 {
 /// The node `account` belongs to among `nodes` (`None` when there is none). Ties, which need a
 /// hash collision, go to the smaller name.
 pub fn owner<'a>(account: &str, nodes: &[&'a str]) -> Option<&'a str> {
-    nodes
-        .iter()
-        .copied()
-        .max_by(|a, b| {
-            score(a, account)
-                .cmp(&score(b, account))
-                .then_with(|| b.cmp(a))
-        })
+    nodes.iter().copied().max_by(|a, b| {
+        score(a, account)
+            .cmp(&score(b, account))
+            .then_with(|| b.cmp(a))
+    })
 }
 
 #[cfg(test)]

@@ -158,6 +158,10 @@ mod tests {
         assert!(fence.is_open());
         std::thread::sleep(Duration::from_millis(40));
         assert!(!fence.is_open());
-        assert!(fence.reason().contains("etcd unreachable"), "{}", fence.reason());
+        assert!(
+            fence.reason().contains("etcd unreachable"),
+            "{}",
+            fence.reason()
+        );
     }
 }

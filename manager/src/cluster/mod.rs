@@ -89,7 +89,10 @@ pub fn owner_column(status: &Value, rows: &mut [Vec<String>]) {
     };
     header.insert(2, "OWNER".into());
     for (row, snapshot) in body.iter_mut().zip(snapshots) {
-        row.insert(2, snapshot["clusterOwner"].as_str().unwrap_or("-").to_owned());
+        row.insert(
+            2,
+            snapshot["clusterOwner"].as_str().unwrap_or("-").to_owned(),
+        );
         if let (Some(last), Some(note)) = (row.last_mut(), snapshot["clusterNote"].as_str())
             && last == "-"
         {

@@ -158,10 +158,7 @@ impl Node {
         let _one = self.stopping.lock().await;
         let keys: Vec<AccountKey> = lock(&self.started).drain().collect();
         let stops = keys.iter().map(|key| async move {
-            let _ = self
-                .supervisor
-                .stop(&key.channel, Some(&key.account))
-                .await;
+            let _ = self.supervisor.stop(&key.channel, Some(&key.account)).await;
             self.note(key, Some(why));
         });
         join_all(stops).await;
@@ -270,7 +267,12 @@ impl Node {
                 Ok(_) => {}
                 // Already gone (it expired, or etcd lost it).
                 Err(e) if e.to_string().contains("not found") => {}
-                Err(e) => return Err((format!("revoking lease {old}: {e}"), Some((old_client, old)))),
+                Err(e) => {
+                    return Err((
+                        format!("revoking lease {old}: {e}"),
+                        Some((old_client, old)),
+                    ));
+                }
             }
         }
         let mut client = self.connect().await.map_err(|e| (e.to_string(), None))?;
@@ -287,7 +289,12 @@ impl Node {
                 .lease_ttl
                 .saturating_sub(self.config.fence_margin()),
         );
-        let channels = self.supervisor.channels().iter().map(|c| c.id.clone()).collect();
+        let channels = self
+            .supervisor
+            .channels()
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
         let info = NodeInfo {
             node: self.config.node.clone(),
             api: self.api.map(|a| a.to_string()),
@@ -344,7 +351,12 @@ impl Node {
     }
 
     async fn reregister(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
-        let channels = self.supervisor.channels().iter().map(|c| c.id.clone()).collect();
+        let channels = self
+            .supervisor
+            .channels()
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
         let since_ms = lock(&self.view)
             .nodes
             .get(&self.config.node)
@@ -465,7 +477,10 @@ impl Node {
             return;
         }
         self.note(key, None);
-        let outcome = self.supervisor.start(&key.channel, Some(&key.account)).await;
+        let outcome = self
+            .supervisor
+            .start(&key.channel, Some(&key.account))
+            .await;
         if let Ok(outcomes) = outcome {
             for (_, outcome) in outcomes {
                 if matches!(outcome, crate::supervise::StartOutcome::Refused(_)) {
@@ -477,10 +492,7 @@ impl Node {
 
     async fn ensure_stopped(&self, key: &AccountKey, why: Option<&str>) {
         if lock(&self.started).remove(key) {
-            let _ = self
-                .supervisor
-                .stop(&key.channel, Some(&key.account))
-                .await;
+            let _ = self.supervisor.stop(&key.channel, Some(&key.account)).await;
             if let Some(why) = why {
                 self.note(key, Some(why));
             }
@@ -588,7 +600,9 @@ impl Node {
                     .nodes
                     .get(&holder.node)
                     .and_then(|n| n.api.clone())
-                    .ok_or_else(|| unavailable(format!("node {} has no API address", holder.node)))?;
+                    .ok_or_else(|| {
+                        unavailable(format!("node {} has no API address", holder.node))
+                    })?;
                 let token = self.config.token.as_ref().ok_or_else(|| {
                     unavailable(
                         forward::ForwardError::NoToken {
@@ -599,16 +613,9 @@ impl Node {
                         .to_string(),
                     )
                 })?;
-                forward::forward(
-                    &holder.node,
-                    &address,
-                    token.expose(),
-                    channel,
-                    account,
-                    op,
-                )
-                .await
-                .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))
+                forward::forward(&holder.node, &address, token.expose(), channel, account, op)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))
             }
             Some(_) => {
                 // The owner: run it here, keeping the node's own bookkeeping in step.
