@@ -158,3 +158,61 @@ impl RawCluster {
         })
     }
 }
+
+#[cfg(all(test, feature = "cluster"))]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/channeld/channeld.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn without_the_section_there_is_no_cluster() {
+        assert!(parse("").unwrap().cluster.is_none());
+    }
+
+    #[test]
+    fn the_section_has_defaults_for_all_but_etcd() {
+        let config = parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\ntoken = \"s\"\n").unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.name, DEFAULT_NAME);
+        assert_eq!(cluster.node, hostname());
+        assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(cluster.token.unwrap().expose(), "s");
+        assert_eq!(cluster.prefix(), "/channeld/channeld/");
+    }
+
+    #[test]
+    fn a_lease_ttl_under_two_seconds_is_refused_with_file_and_line() {
+        let err = parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"1s\"\n")
+            .unwrap_err();
+        assert!(err.starts_with("/etc/channeld/channeld.toml:3:1: "), "{err}");
+        assert!(err.contains("lease_ttl"), "{err}");
+        parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"2s\"\n").unwrap();
+    }
+
+    #[test]
+    fn bad_endpoints_and_names_are_refused_naming_the_key() {
+        let err = parse("[cluster]\netcd = []\n").unwrap_err();
+        assert!(err.contains(":2:1: ") && err.contains("no endpoint"), "{err}");
+        let err = parse("[cluster]\netcd = [\"https://e:2379\"]\n").unwrap_err();
+        assert!(err.contains("TLS is not supported"), "{err}");
+        let err = parse("[cluster]\netcd = [\"http://e:2379\"]\nnode = \"a/b\"\n").unwrap_err();
+        assert!(err.contains(":3:1: ") && err.contains("cluster node"), "{err}");
+        let err = parse("[cluster]\netcd = [\"http://e:2379\"]\nleader = true\n").unwrap_err();
+        assert!(err.contains("leader"), "{err}");
+    }
+
+    #[test]
+    fn the_fence_margin_leaves_time_before_the_lease_expires() {
+        let config = parse("[cluster]\netcd = [\"http://e:2379\"]\nlease_ttl = \"3s\"\n").unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.fence_margin(), Duration::from_secs(1));
+        assert_eq!(cluster.keep_alive_interval(), Duration::from_millis(500));
+        assert!(cluster.poll_interval() < cluster.fence_margin());
+    }
+}
