@@ -232,6 +232,20 @@ impl Cluster {
     }
 }
 
+/// Where rendezvous hashing puts each account over n1, n2, n3 (by node index).
+fn assigned() -> BTreeMap<usize, BTreeSet<String>> {
+    let mut sets: BTreeMap<usize, BTreeSet<String>> =
+        (0..3).map(|i| (i, BTreeSet::new())).collect();
+    for i in 0..ACCOUNTS {
+        let owner =
+            channeld::cluster::assignment::owner(&format!("fixture:a{i}"), &["n1", "n2", "n3"])
+                .unwrap();
+        let index = owner[1..].parse::<usize>().unwrap() - 1;
+        sets.get_mut(&index).unwrap().insert(format!("a{i}"));
+    }
+    sets
+}
+
 /// Every account runs exactly once over the nodes in `sets`.
 fn each_once(sets: &BTreeMap<usize, BTreeSet<String>>) -> bool {
     let total: usize = sets.values().map(BTreeSet::len).sum();
@@ -243,8 +257,9 @@ fn each_once(sets: &BTreeMap<usize, BTreeSet<String>>) -> bool {
 fn thirty_accounts_spread_over_three_nodes_move_when_one_dies_and_move_back_when_it_returns() {
     let mut cluster = Cluster::start();
     let before = cluster.wait_until(&[0, 1, 2], "all 30 running, spread", |sets| {
-        each_once(sets) && sets.values().all(|s| !s.is_empty())
+        *sets == assigned()
     });
+    assert!(each_once(&before) && before.values().all(|s| !s.is_empty()));
     // The owner node shows in `channeld status`.
     let table = cluster.nodes[0].cli(&["status"]);
     let table = String::from_utf8_lossy(&table.stdout);
@@ -288,6 +303,38 @@ fn thirty_accounts_spread_over_three_nodes_move_when_one_dies_and_move_back_when
     cluster.wait_until(&[0, 1, 2], "n2's accounts back on it", |sets| {
         each_once(sets) && sets[&1] == before[&1]
     });
+
+    // A fourth node whose config differs from the majority's says so and claims nothing.
+    let fixture = util::plugin_file("channeld-plugin-fixture");
+    let body = node_config("n4", &cluster.etcd.endpoint(), cluster.locks.path()).replace(
+        "[channels.fixture.accounts.a0]\n",
+        "[channels.fixture.accounts.a0]\nlog = true\n",
+    );
+    let mut odd = Daemon::prepare(&[("fixture.so", fixture)], "", &body);
+    odd.start_again(&[]);
+    cluster.nodes.push(odd);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = cluster.nodes[3].cli(&["cluster", "--json"]);
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if view["state"] == "disagrees" {
+            assert!(
+                view["reason"].as_str().unwrap().contains("differs"),
+                "{view}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{view}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a0 = cluster.nodes[3].wait_for_account("fixture", "a0", |s| s["clusterNote"].is_string());
+    assert!(
+        a0["clusterNote"].as_str().unwrap().contains("differs"),
+        "{a0}"
+    );
+    std::thread::sleep(LEASE_TTL / 2);
+    assert!(cluster.running_on(3).is_empty());
+    cluster.wait_until(&[0, 1, 2], "the three still running everything", each_once);
     cluster.assert_no_violation();
 }
 
@@ -367,7 +414,9 @@ fn a_stop_given_to_a_non_owner_stops_the_account_and_it_stays_stopped_after_it_m
 #[test]
 fn a_node_paused_past_its_lease_stops_its_accounts_within_100ms_of_resuming() {
     let cluster = Cluster::start();
-    let sets = cluster.wait_until(&[0, 1, 2], "all 30 running", each_once);
+    let sets = cluster.wait_until(&[0, 1, 2], "all 30 running, spread", |sets| {
+        *sets == assigned()
+    });
     let paused = sets[&0].clone();
     let pid = cluster.nodes[0].pid();
     signal_pid(pid, libc::SIGSTOP);

@@ -142,8 +142,18 @@ pub(super) fn cluster(bench: &Bench) -> anyhow::Result<String> {
         Command::new("etcd")
             .args(["--name", "b", "--data-dir"])
             .arg(scratch.path().join("etcd"))
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("b={peer}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -177,7 +177,8 @@ mod tests {
 
     #[test]
     fn the_section_has_defaults_for_all_but_etcd() {
-        let config = parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\ntoken = \"s\"\n").unwrap();
+        let config =
+            parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\ntoken = \"s\"\n").unwrap();
         let cluster = config.cluster.unwrap();
         assert_eq!(cluster.name, DEFAULT_NAME);
         assert_eq!(cluster.node, hostname());
@@ -190,7 +191,10 @@ mod tests {
     fn a_lease_ttl_under_two_seconds_is_refused_with_file_and_line() {
         let err = parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"1s\"\n")
             .unwrap_err();
-        assert!(err.starts_with("/etc/channeld/channeld.toml:3:1: "), "{err}");
+        assert!(
+            err.starts_with("/etc/channeld/channeld.toml:3:1: "),
+            "{err}"
+        );
         assert!(err.contains("lease_ttl"), "{err}");
         parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nlease_ttl = \"2s\"\n").unwrap();
     }
@@ -198,11 +202,17 @@ mod tests {
     #[test]
     fn bad_endpoints_and_names_are_refused_naming_the_key() {
         let err = parse("[cluster]\netcd = []\n").unwrap_err();
-        assert!(err.contains(":2:1: ") && err.contains("no endpoint"), "{err}");
+        assert!(
+            err.contains(":2:1: ") && err.contains("no endpoint"),
+            "{err}"
+        );
         let err = parse("[cluster]\netcd = [\"https://e:2379\"]\n").unwrap_err();
         assert!(err.contains("TLS is not supported"), "{err}");
         let err = parse("[cluster]\netcd = [\"http://e:2379\"]\nnode = \"a/b\"\n").unwrap_err();
-        assert!(err.contains(":3:1: ") && err.contains("cluster node"), "{err}");
+        assert!(
+            err.contains(":3:1: ") && err.contains("cluster node"),
+            "{err}"
+        );
         let err = parse("[cluster]\netcd = [\"http://e:2379\"]\nleader = true\n").unwrap_err();
         assert!(err.contains("leader"), "{err}");
     }

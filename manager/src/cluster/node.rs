@@ -380,6 +380,7 @@ impl Node {
         let intents = intent::list(client, &prefix).await?;
         let majority = membership::majority_hash(&nodes);
         let agrees = majority.as_deref() == Some(self.config_hash.as_str());
+        let mut disagreement: Option<Option<String>> = None;
         {
             let mut view = lock(&self.view);
             view.nodes = nodes.clone();
@@ -389,6 +390,7 @@ impl Node {
                 if view.state == "disagrees" {
                     view.state = "member";
                     view.reason = None;
+                    disagreement = Some(None);
                 }
             } else if view.state != "disagrees" {
                 let why = format!(
@@ -398,7 +400,29 @@ impl Node {
                 );
                 tracing::warn!(node = %self.config.node, "cluster: {why}");
                 view.state = "disagrees";
-                view.reason = Some(why);
+                view.reason = Some(why.clone());
+                disagreement = Some(Some(why));
+            }
+        }
+        // Said in every account's status too (accounts of channels loaded later included).
+        let disagreement = match (agrees, disagreement) {
+            (false, _) => Some(lock(&self.view).reason.clone()),
+            (true, Some(None)) => Some(None),
+            (true, _) => None,
+        };
+        if let Some(why) = disagreement {
+            for channel in self.supervisor.channels() {
+                for account in &channel.accounts {
+                    let key = AccountKey::new(channel.id.clone(), account.clone());
+                    let current = self
+                        .supervisor
+                        .board()
+                        .get(&key)
+                        .and_then(|s| s.extra.get("clusterNote").cloned());
+                    if current.as_ref().and_then(Value::as_str) != why.as_deref() {
+                        self.note(&key, why.as_deref());
+                    }
+                }
             }
         }
         let me = self.config.node.as_str();
