@@ -441,6 +441,11 @@ fn a_node_paused_past_its_lease_stops_its_accounts_within_100ms_of_resuming() {
             .collect();
         if got.len() == started {
             assert_eq!(started, paused.len(), "{lines:?}");
+            let last = got.iter().max().copied().unwrap_or(resumed_ms);
+            eprintln!(
+                "the last overlap ended {} ms after the resume",
+                last as i128 - resumed_ms as i128
+            );
             for at in got {
                 assert!(
                     at <= resumed_ms + 100,
