@@ -183,7 +183,7 @@ mod tests {
         assert_eq!(cluster.name, DEFAULT_NAME);
         assert_eq!(cluster.node, hostname());
         assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
-        assert_eq!(cluster.token.unwrap().expose(), "s");
+        assert_eq!(cluster.token.as_ref().unwrap().expose(), "s");
         assert_eq!(cluster.prefix(), "/channeld/channeld/");
     }
 
