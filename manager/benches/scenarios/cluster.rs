@@ -1,7 +1,8 @@
 //! `cluster` (cargo feature `cluster`): a real etcd and three real release `channeld` processes
 //! sharing 1,000 fixture accounts with `lease_ttl` 3 s. It times a node's death (`kill -9`) until
 //! all its accounts run on the other two, brings the node back, then starts a fourth node and
-//! counts the accounts that moved, and where to. Needs Debian's `etcd-server`
+//! counts the accounts that moved, and where to. Each phase ends when every account runs on the
+//! node rendezvous hashing gives it (and on no other). Needs Debian's `etcd-server`
 //! (`scripts/install-test-deps`).
 
 use std::{
@@ -14,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
+use channeld::cluster::assignment::owner;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -104,8 +106,16 @@ impl Node {
     }
 }
 
-/// Polls the live nodes until every account runs exactly once among them; who runs what.
-fn settled(nodes: &[&Node], what: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+/// Polls the live nodes (`nodes[i]` is `names[i]`) until every account runs exactly once, on the
+/// node rendezvous hashing gives it among them; who runs what.
+fn settled(nodes: &[&Node], names: &[&str], what: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+    let expected: BTreeMap<String, usize> = (0..ACCOUNTS)
+        .map(|i| {
+            let owner = owner(&format!("fixture:a{i}"), names).unwrap_or_default();
+            let index = names.iter().position(|n| *n == owner).unwrap_or(0);
+            (format!("a{i}"), index)
+        })
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut owners = BTreeMap::new();
@@ -116,7 +126,7 @@ fn settled(nodes: &[&Node], what: &str) -> anyhow::Result<BTreeMap<String, usize
                 owners.insert(account, i);
             }
         }
-        if total == ACCOUNTS && owners.len() == ACCOUNTS {
+        if total == ACCOUNTS && owners == expected {
             return Ok(owners);
         }
         ensure!(
@@ -190,38 +200,24 @@ pub(super) fn cluster(bench: &Bench) -> anyhow::Result<String> {
     for dir in &dirs[..3] {
         nodes.push(Node::start(&exe, dir)?);
     }
-    let before = settled(&nodes.iter().collect::<Vec<_>>(), "three nodes")?;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let before = settled(&all, &["n1", "n2", "n3"], "three nodes")?;
     eprintln!("bench: cluster: 1,000 accounts running on three nodes");
 
     // kill -9 n3, until its accounts run on n1 and n2.
     let failed_over = before.values().filter(|&&n| n == 2).count();
     let killed = Instant::now();
     nodes[2].proc.take();
-    settled(&[&nodes[0], &nodes[1]], "failover")?;
+    settled(&[&nodes[0], &nodes[1]], &["n1", "n2"], "failover")?;
     let failover_ms = killed.elapsed().as_millis() as u64;
 
     // n3 returns; then n4 joins.
     nodes[2] = Node::start(&exe, &dirs[2])?;
-    let three = settled(&nodes.iter().collect::<Vec<_>>(), "n3 back")?;
+    let all: Vec<&Node> = nodes.iter().collect();
+    let three = settled(&all, &["n1", "n2", "n3"], "n3 back")?;
     nodes.push(Node::start(&exe, &dirs[3])?);
-    // Settled means n4 runs its share: wait for it to have one, then for the whole to settle.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while nodes[3].running().unwrap_or_default().is_empty() {
-        if Instant::now() > deadline {
-            bail!("the fourth node never ran an account");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let mut four = settled(&nodes.iter().collect::<Vec<_>>(), "n4 joined")?;
-    // Until a whole poll passes with nothing moving.
-    loop {
-        std::thread::sleep(Duration::from_millis(LEASE_TTL_MS / 2));
-        let again = settled(&nodes.iter().collect::<Vec<_>>(), "n4 joined")?;
-        if again == four {
-            break;
-        }
-        four = again;
-    }
+    let all: Vec<&Node> = nodes.iter().collect();
+    let four = settled(&all, &["n1", "n2", "n3", "n4"], "n4 joined")?;
     let moved: Vec<(&String, usize)> = three
         .iter()
         .filter(|(a, n)| four.get(*a) != Some(n))
