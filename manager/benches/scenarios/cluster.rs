@@ -68,7 +68,7 @@ impl Node {
         let child = Command::new(exe)
             .args(["run", "--config"])
             .arg(dir.join("channeld.toml"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -129,11 +129,26 @@ fn settled(nodes: &[&Node], names: &[&str], what: &str) -> anyhow::Result<BTreeM
         if total == ACCOUNTS && owners == expected {
             return Ok(owners);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: {total} running, {} distinct",
-            owners.len()
-        );
+        if Instant::now() >= deadline {
+            let misplaced = expected
+                .iter()
+                .filter(|(a, n)| owners.get(*a) != Some(n))
+                .count();
+            let mut per_node = vec![0usize; nodes.len()];
+            for n in owners.values() {
+                per_node[*n] += 1;
+            }
+            for node in nodes {
+                let log = fs::read_to_string(node.dir.join("channeld.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("bench: {}:\n{}", node.dir.display(), tail.join("\n"));
+            }
+            anyhow::bail!(
+                "{what}: {total} running, {} distinct, {misplaced} not where rendezvous hashing \
+                 puts them; per node {per_node:?}",
+                owners.len()
+            );
+        }
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -210,6 +225,7 @@ pub(super) fn cluster(bench: &Bench) -> anyhow::Result<String> {
     nodes[2].proc.take();
     settled(&[&nodes[0], &nodes[1]], &["n1", "n2"], "failover")?;
     let failover_ms = killed.elapsed().as_millis() as u64;
+    eprintln!("bench: cluster: {failed_over} accounts failed over in {failover_ms} ms");
 
     // n3 returns; then n4 joins.
     nodes[2] = Node::start(&exe, &dirs[2])?;
