@@ -322,20 +322,30 @@ impl Node {
         mut keeper: tokio::task::JoinHandle<String>,
     ) -> String {
         let poll = self.config.poll_interval();
-        let mut registered_channels = self.supervisor.channels().len();
         loop {
             if !self.fence.is_open() {
                 keeper.abort();
                 return self.fence.reason();
             }
-            // Channels loaded after joining (plugins load in the background) re-register.
-            let channels = self.supervisor.channels().len();
-            if channels != registered_channels {
-                registered_channels = channels;
-                let _ = self.reregister(&mut client, lease).await;
-            }
-            if let Err(e) = self.reconcile(&mut client, lease).await {
-                tracing::debug!(node = %self.config.node, "cluster: reconcile: {e}");
+            match self.reconcile(&mut client, lease).await {
+                Err(e) => tracing::debug!(node = %self.config.node, "cluster: reconcile: {e}"),
+                Ok(()) => {
+                    // Channels loaded after joining (plugins load in the background): when the
+                    // registration etcd holds (just read) lists other channels, register again.
+                    let loaded: Vec<String> = self
+                        .supervisor
+                        .channels()
+                        .iter()
+                        .map(|c| c.id.clone())
+                        .collect();
+                    let registered = lock(&self.view)
+                        .nodes
+                        .get(&self.config.node)
+                        .map(|n| n.channels.clone());
+                    if registered.as_ref() != Some(&loaded) {
+                        let _ = self.reregister(&mut client, lease).await;
+                    }
+                }
             }
             tokio::select! {
                 () = stop.cancelled() => {
