@@ -83,3 +83,8 @@ mod reload;
 /// account never shown running, SIGTERM still bounded (exit status 4).
 mod starvation;
 mod stops;
+
+/// The cluster (cargo feature `cluster`): three real nodes share 30 fixture accounts through a
+/// real etcd; spread, failover and return, etcd down, a stop that survives a move, a paused node.
+#[cfg(feature = "cluster")]
+mod cluster;

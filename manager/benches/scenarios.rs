@@ -35,6 +35,11 @@ mod reload;
 #[path = "scenarios/msgs.rs"]
 mod msgs;
 
+/// `cluster`: failover and rebalancing of 1,000 accounts over real channeld nodes and etcd.
+#[cfg(feature = "cluster")]
+#[path = "scenarios/cluster.rs"]
+mod cluster;
+
 /// `metrics`: rendering `/metrics` for a fleet of running accounts.
 #[path = "scenarios/metrics.rs"]
 mod metrics;
@@ -109,6 +114,8 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("isolation", isolation::isolation),
     ("metrics", metrics::metrics),
     ("reload", reload::reload),
+    #[cfg(feature = "cluster")]
+    ("cluster", cluster::cluster),
 ];
 
 fn main() -> ExitCode {

@@ -358,6 +358,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if let Some(address) = api_address {
         tracing::info!(%address, "API listening");
     }
+    // A cluster node starts only the accounts it holds (docs/cluster.md).
+    let cluster_stop = CancellationToken::new();
+    #[cfg(feature = "cluster")]
+    let cluster = crate::cluster::node::start(
+        &daemon.config,
+        daemon.supervisor.clone(),
+        api_address,
+        cluster_stop.clone(),
+    );
 
     // The API serves while the plugins load: a plugin that blocks its constructor is reported
     // as timed out after the load timeout, and the rest start.
@@ -374,7 +383,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             daemon.gateways.warn_unloaded(&daemon.supervisor);
             observe.readiness.plugins_loaded();
-            let summary = daemon.supervisor.start_all().await;
+            let summary = if daemon.config.cluster.is_none() {
+                daemon.supervisor.start_all().await
+            } else {
+                Default::default()
+            };
             for (channel, s) in &summary {
                 tracing::info!(
                     channel = %channel,
@@ -426,6 +439,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         crate::exit::exit_now(130);
     });
     starter.abort();
+    // The cluster node stops its accounts and revokes its lease, so the others take over now.
+    cluster_stop.cancel();
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = cluster {
+        let limit = daemon.config.supervisor.stop_timeout * 2;
+        let _ = tokio::time::timeout(limit, cluster).await;
+    }
     background.cancel();
     stop_api.cancel();
     // Event streams never end by themselves: end them so the API can finish.

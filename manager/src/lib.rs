@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod discover;

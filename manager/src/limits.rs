@@ -141,6 +141,7 @@ pub const RANGES: &[Range] = &[
     range!("outbox", "max_queued", count(1), count(1 << 32)),
     range!("outbox", "max_in_flight", count(1), count(65_536)),
     range!("outbox", "hop_limit", count(1), count(64)),
+    range!("cluster", "lease_ttl", secs(2), secs(HOUR)),
 ];
 
 /// The range of `section.key`, if it has one.

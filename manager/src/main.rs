@@ -195,6 +195,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster { config, json } => {
+            let config = load_client_config(&config)?;
+            let view = Client::from_config(&config)?.get::<serde_json::Value>("/v1/cluster")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", channeld::cluster::render(&view));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Journal { config, json } => {
             let config = load_client_config(&config)?;
             let answer = Client::from_config(&config)?.get::<serde_json::Value>("/v1/journal")?;

@@ -56,6 +56,8 @@ enum Boot {
     /// A stop arrived while the plugin's start was running, and the start did not return within
     /// the stop timeout: the account is reported stuck and a detached watcher owns the call.
     Stuck,
+    /// The start gate refused it (with why): the plugin was not called.
+    Held(String),
 }
 
 /// How a run ended.
@@ -101,6 +103,15 @@ impl Lifecycle {
                 }
                 Boot::Stuck => {
                     self.publish(StartOutcome::Stopped);
+                    break;
+                }
+                Boot::Held(reason) => {
+                    let now = ctx.inner.clock.wall_ms();
+                    ctx.set_state(AccountState::Stopped, |s| {
+                        s.last_stop_at = Some(now);
+                        s.last_error = Some(reason.clone());
+                    });
+                    self.publish(StartOutcome::Refused(reason));
                     break;
                 }
                 Boot::Disabled(reason) => {
@@ -169,6 +180,9 @@ impl Lifecycle {
         if self.token.is_cancelled() {
             return Boot::Stopped;
         }
+        if let Some(reason) = ctx.inner.gate_refuses(&ctx.key) {
+            return Boot::Held(reason);
+        }
         if ctx.channel.disabled.contains(&ctx.key.account) {
             // The host's own `enabled = false`: the plugin is not asked.
             return Boot::Disabled("disabled".into());
@@ -185,6 +199,7 @@ impl Lifecycle {
         });
         let account = ctx.key.account.clone();
         let token = self.token.clone();
+        let (gate_inner, gate_key) = (ctx.inner.clone(), ctx.key.clone());
         let mut call: BootCall = spawn_call(move || -> Result<Boot, String> {
             if let Check::No(reason) = plugin.is_enabled(&account).map_err(|e| e.to_string())? {
                 return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
@@ -196,6 +211,9 @@ impl Lifecycle {
             }
             if token.is_cancelled() {
                 return Ok(Boot::Stopped);
+            }
+            if let Some(reason) = gate_inner.gate_refuses(&gate_key) {
+                return Ok(Boot::Held(reason));
             }
             plugin
                 .start_account(&account, link)
