@@ -79,4 +79,12 @@ mod observe;
 /// Config reload: `channeld reload`, SIGHUP and a file edit alike; only changed accounts restart;
 /// rotated secrets; bad files refused with their location; manual stops and gave-up accounts.
 mod reload;
+/// A plugin runtime starved by blocking accounts: reported starved naming them, the healthy
+/// account never shown running, SIGTERM still bounded (exit status 4).
+mod starvation;
 mod stops;
+
+/// The cluster (cargo feature `cluster`): three real nodes share 30 fixture accounts through a
+/// real etcd; spread, failover and return, etcd down, a stop that survives a move, a paused node.
+#[cfg(feature = "cluster")]
+mod cluster;

@@ -1,7 +1,8 @@
 //! The `irc` plugin against a real ngircd: inbound to the event stream through the real daemon,
 //! `channeld send`, a 2,000-byte message split into lines, a gateway bridging IRC and MQTT exactly
 //! once, a `kill -9` of the server with a restart on the same port (sends of the outage arriving
-//! after it), and the health monitor restarting an account whose server is stopped (`SIGSTOP`).
+//! after it), the health monitor restarting an account whose server is stopped (`SIGSTOP`), and
+//! TLS with a private CA (`ca_file`).
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use crate::util::{
     daemon::{Daemon, PATIENCE},
     events::Events,
     events::outbox_idle,
-    servers::{IrcClient, Mosquitto, Ngircd, signal, signal_pid},
+    servers::{IrcClient, Mosquitto, Ngircd, TestCerts, signal, signal_pid},
 };
 
 fn irc_plugin() -> std::path::PathBuf {
@@ -214,17 +215,15 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
         "[supervisor]\ninitial_backoff = \"500ms\"\nmax_backoff = \"1s\"\n",
     );
     connected(&daemon, "main");
+    // Once connected, the stream hears every state change the board makes from then on.
     let events = Events::connect(&daemon, "?channel=irc");
-    // The stream samples states every 200 ms from its connection on, and a change made before its
-    // first look is no change to it; there is no event to wait for, so give it five looks.
-    std::thread::sleep(Duration::from_secs(1));
     server.kill();
     // Sent during the outage: the outbox holds them until the account is connected again.
     let outage = ["during 1", "during 2", "during 3"];
     for text in outage {
         send(&daemon, "#test", text);
     }
-    // running → restart-pending → … → running with connected false, then true.
+    // running → restart-pending → starting → running with connected false, then true.
     let mut states: Vec<(String, Option<bool>)> = Vec::new();
     let deadline = Instant::now() + PATIENCE;
     let next_state = |states: &mut Vec<(String, Option<bool>)>| {
@@ -237,8 +236,8 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
             ));
         }
     };
-    // The stream has seen the outage before channeld is held: a held daemon's backoff runs out
-    // while it is stopped, and its sampler would miss `restart-pending`.
+    // The stream has seen the outage before channeld is held, so the listener below joins while
+    // the account waits for its restart.
     while !states.iter().any(|s| s.0 == "restart-pending") {
         next_state(&mut states);
     }
@@ -253,20 +252,33 @@ fn after_a_kill_9_of_the_server_the_account_comes_back_as_exactly_one_client() {
     while states.last() != Some(&("running".to_owned(), Some(true))) || states.len() < 2 {
         next_state(&mut states);
     }
-    assert_eq!(
-        states.first().map(|s| s.0.as_str()),
-        Some("restart-pending"),
+    // Every change is on the stream, in order: the task's end (the supervisor records it as
+    // `stopped` for a moment before it schedules the restart), restart-pending, then starting and
+    // running (a restart made while the server is still down fails and repeats them); the
+    // connection is false from the outage on, then true.
+    let mut changes: Vec<&str> = states.iter().map(|s| s.0.as_str()).collect();
+    changes.dedup();
+    assert!(
+        changes
+            .iter()
+            .all(|s| ["stopped", "restart-pending", "starting", "running"].contains(s)),
         "{states:?}"
     );
-    let pending = states
-        .iter()
-        .position(|s| s.0 == "restart-pending")
-        .unwrap();
     assert!(
-        states[pending..]
-            .iter()
-            .any(|s| s.0 == "running" && s.1 != Some(true)),
-        "running but not yet connected before connected: {states:?}"
+        changes.iter().position(|s| *s == "restart-pending")
+            < changes.iter().position(|s| *s == "starting"),
+        "restart-pending before starting: {states:?}"
+    );
+    assert!(
+        changes.ends_with(&["restart-pending", "starting", "running"]),
+        "running → restart-pending → starting → running: {states:?}"
+    );
+    let mut connected: Vec<Option<bool>> = states.iter().map(|s| s.1).collect();
+    connected.dedup();
+    assert_eq!(
+        connected,
+        [Some(false), Some(true)],
+        "connected false, then true: {states:?}"
     );
 
     let got: Vec<String> = outage
@@ -314,5 +326,42 @@ fn the_monitor_restarts_the_account_of_a_stopped_server_and_leaves_the_other_alo
     assert!(
         fine.get("healthRestartAt").is_none(),
         "the healthy account was restarted: {fine}"
+    );
+}
+
+#[test]
+fn over_tls_with_a_private_ca_a_privmsg_and_a_send_get_through() {
+    let certs = TestCerts::new();
+    let server = Ngircd::start_tls(&certs);
+    let tls_port = server.tls_port.unwrap();
+    let trusted = format!("tls = true\nca_file = \"{}\"", certs.ca.display());
+    let daemon = daemon(
+        &[
+            ("main", tls_port, &trusted),
+            ("untrusted", tls_port, "tls = true"),
+        ],
+        "",
+    );
+    connected(&daemon, "main");
+    // Without `ca_file` the system's roots do not know the test's CA: the handshake fails.
+    let untrusted = daemon.wait_for_account("irc", "untrusted", |s| {
+        s["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate"))
+    });
+    assert_ne!(untrusted["connected"], true, "{untrusted}");
+
+    // The test's client speaks plain IRC to the same server.
+    let events = Events::connect(&daemon, "?channel=irc&account=main");
+    let mut ada = IrcClient::connect(server.port, "ada");
+    ada.join("#test");
+    ada.say("PRIVMSG #test :hello over plain");
+    let m = events.next_message();
+    assert_eq!(m["text"], "hello over plain", "{m}");
+    send(&daemon, "#test", "hello over tls");
+    let line = ada.wait_for(|l| l.contains(" PRIVMSG #test "));
+    assert!(
+        line.starts_with(":channeld-main!") && line.ends_with(":hello over tls"),
+        "{line}"
     );
 }

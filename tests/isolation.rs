@@ -396,3 +396,286 @@ fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
     }
     assert_no_zombie(&daemon);
 }
+
+/// A child that does not answer a stop (the account's task blocks its thread, so it never sees
+/// its abort, and a cancel inside the child could not end it either) is killed at the stop
+/// timeout: the stop ends then, not after the cancel grace (30 s here) as a stuck task would, and
+/// every account of the child ends with the reason, in `lastError` and the log.
+#[test]
+fn a_child_that_does_not_answer_a_stop_is_killed_at_the_stop_timeout() {
+    let daemon = Daemon::start(
+        &[
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "",
+        "[supervisor]\ninitial_backoff = \"20ms\"\njitter = 0.0\nmax_restarts = 0\n\
+         stop_timeout = \"1s\"\ncancel_grace = \"30s\"\n[health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process\"\n\
+         [channels.crashy.accounts.bad]\ncrash = \"hang\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.other]\n\
+         [channels.fixture.accounts.steady]\n",
+        &[],
+    );
+    daemon.wait_for_account("crashy", "bad", |s| s["crashyStarts"].is_u64());
+    daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let asked = Instant::now();
+    let stop = daemon.cli(&["stop", "crashy:bad"]);
+    let took = asked.elapsed();
+    let said = String::from_utf8_lossy(&stop.stdout);
+    assert!(
+        took < Duration::from_secs(20),
+        "the stop took {took:?} (the cancel grace is 30 s): {said}"
+    );
+    let reason = "plugin process killed: account bad did not stop within the stop timeout";
+    let bad = daemon.account("crashy", "bad");
+    assert_eq!(bad["state"], "stopped", "{bad}");
+    let error = bad["lastError"].as_str().unwrap();
+    assert!(
+        error.contains("did not stop within 1s of its abort") && error.contains(reason),
+        "{error}"
+    );
+    // The other account shared the child: it ended with the reason (and, with no restarts
+    // allowed here, stays ended with it).
+    let other = daemon.wait_for_account("crashy", "other", |s| s["running"] == false);
+    assert!(
+        other["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(reason)),
+        "{other}"
+    );
+    assert!(daemon.log().contains(reason), "{}", daemon.log());
+    let deadline = Instant::now() + PATIENCE;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin process {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}
+
+/// `[host] isolation_handshake_timeout` bounds a child's load: a constructor that never returns
+/// is a load error after it, named by the file, and its child is killed.
+#[test]
+fn the_handshake_timeout_is_a_setting() {
+    let daemon = Daemon::start(
+        &[
+            (
+                "blocks.so",
+                util::plugin_file("channeld-broken-ctor-blocks"),
+            ),
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "isolation_handshake_timeout = \"3s\"",
+        &format!(
+            "{FAST}\n[channels.crashy]\nisolation = \"process\"\n[channels.crashy.accounts.a]\n\
+             [channels.fixture.accounts.steady]\n"
+        ),
+        &[],
+    );
+    daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let blocks = listing["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["file"].as_str().unwrap().ends_with("blocks.so"))
+        .unwrap()
+        .clone();
+    assert_eq!(blocks["state"], "failed", "{blocks}");
+    let error = blocks["loadError"].as_str().unwrap();
+    assert!(
+        error.contains("blocks.so") && error.contains("did not load its plugin within 3s"),
+        "{error}"
+    );
+    assert_steady(&daemon);
+    // The blocked child was killed: only crashy's child is left.
+    let deadline = Instant::now() + PATIENCE;
+    while children_of(daemon.pid())
+        .iter()
+        .filter(|(_, state)| *state != 'Z')
+        .count()
+        > 1
+    {
+        assert!(Instant::now() < deadline, "{:?}", children_of(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_zombie(&daemon);
+}
+
+/// `isolation = "process-per-account"`: each account runs in a child of its own. One account's
+/// SIGSEGV restarts only that account (its neighbour keeps its first task, in its own process),
+/// and a hung account's kill at the stop timeout ends only its own child.
+#[test]
+fn process_per_account_keeps_a_crash_and_a_hang_to_their_own_account() {
+    let daemon = Daemon::start(
+        &[
+            ("crashy.so", crash_plugin()),
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+        ],
+        "",
+        "[supervisor]\ninitial_backoff = \"20ms\"\nbackoff_factor = 2.0\nmax_backoff = \"80ms\"\n\
+         jitter = 0.0\nmax_restarts = 3\nstable_run = \"1h\"\nstop_timeout = \"1s\"\n\
+         cancel_grace = \"30s\"\n[health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process-per-account\"\n\
+         [channels.crashy.accounts.bad]\ncrash = \"segv\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.hung]\ncrash = \"hang\"\ncrash_in = \"start\"\n\
+         [channels.crashy.accounts.other]\n\
+         [channels.fixture.accounts.steady]\n",
+        &[],
+    );
+    let bad = daemon.wait_for_account("crashy", "bad", gave_up);
+    assert!(
+        bad["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed by SIGSEGV"),
+        "{bad}"
+    );
+    assert_eq!(bad["reconnectAttempts"], 4, "{bad}");
+    daemon.wait_for_account("crashy", "hung", |s| s["crashyStarts"] == 1);
+    let other = daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
+    let unmoved = |other: &Value| {
+        assert_eq!(other["running"], true, "{other}");
+        assert_eq!(other["reconnectAttempts"], 0, "{other}");
+        assert_eq!(
+            other["crashyStarts"], 1,
+            "its own process, its first task: {other}"
+        );
+    };
+    unmoved(&other);
+
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let isolation = isolation_of(&listing, "crashy");
+    assert_eq!(isolation["mode"], "process-per-account", "{isolation}");
+    let pid_of = |account: &str| isolation["accounts"][account].as_u64().unwrap();
+    let (control, hung, other_pid) = (
+        isolation["pid"].as_u64().unwrap(),
+        pid_of("hung"),
+        pid_of("other"),
+    );
+    assert!(
+        control != hung && hung != other_pid && control != other_pid,
+        "{isolation}"
+    );
+
+    // The hung account's stop kills its own child at the stop timeout, and only that one.
+    let asked = Instant::now();
+    daemon.cli(&["stop", "crashy:hung"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    let hung_now = daemon.account("crashy", "hung");
+    assert_eq!(hung_now["state"], "stopped", "{hung_now}");
+    assert!(
+        hung_now["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed: account hung did not stop"),
+        "{hung_now}"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while alive(hung) {
+        assert!(
+            Instant::now() < deadline,
+            "the hung account's process {hung} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive(other_pid) && alive(control));
+    unmoved(&daemon.account("crashy", "other"));
+    assert_steady(&daemon);
+    assert_no_zombie(&daemon);
+}
+
+/// A message from the outbox reaches the account's own child with `process-per-account` (the
+/// fixture's send hook only knows accounts started in its process), and comes back sent.
+#[test]
+fn a_send_from_the_outbox_reaches_the_accounts_own_child() {
+    let logs = tempfile::tempdir().unwrap();
+    let log = |account: &str| logs.path().join(format!("{account}.log"));
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process-per-account\"\n\
+             [channels.fixture.accounts.a]\nsend_log = \"{}\"\n\
+             [channels.fixture.accounts.b]\nsend_log = \"{}\"\n",
+            log("a").display(),
+            log("b").display()
+        ),
+        &[],
+    );
+    for account in ["a", "b"] {
+        daemon.wait_for_account("fixture", account, |s| s["running"] == true);
+    }
+    let out = daemon.cli(&["send", "fixture:b", "room", "hello", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        daemon.log()
+    );
+    let sent = std::fs::read_to_string(log("b")).unwrap();
+    assert!(sent.starts_with("b\troom\thello"), "{sent}");
+    assert!(!log("a").exists(), "account a's child took no send");
+}
+
+/// A child that hangs whole (stopped by SIGSTOP: it reads neither the abort nor the stop hook's
+/// call) is killed at the stop timeout too, and the stop ends there.
+#[test]
+fn a_child_that_hangs_whole_is_killed_at_the_stop_timeout() {
+    let daemon = Daemon::start(
+        &[("crashy.so", crash_plugin())],
+        "",
+        "[supervisor]\nmax_restarts = 0\nstop_timeout = \"1s\"\ncancel_grace = \"30s\"\n\
+         [health]\ninterval = \"0s\"\n\
+         [channels.crashy]\nisolation = \"process\"\n[channels.crashy.accounts.a]\n",
+        &[],
+    );
+    daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let asked = Instant::now();
+    daemon.cli(&["stop", "crashy:a"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        asked.elapsed()
+    );
+    let a = daemon.account("crashy", "a");
+    assert_eq!(a["state"], "stopped", "{a}");
+    assert!(
+        a["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("plugin process killed: account a did not stop within the stop timeout"),
+        "{a}"
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin process {pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_no_zombie(&daemon);
+}

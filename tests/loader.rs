@@ -1,6 +1,7 @@
 //! The loader end to end: a plugins directory full of bad files beside one good plugin, run
-//! through the real `channeld check` binary and through the registry in-process; a plugin written
-//! in chunks; permission checks on the directory and its files.
+//! through the real `channeld check` binary and through the catalog in-process; a plugin written
+//! in chunks; permission checks on the directory and its files; a constructor that never returns
+//! reported by `check` within the load bound.
 
 use std::{
     fs,
@@ -11,10 +12,13 @@ use std::{
 };
 
 use channeld::{
+    catalog::{Catalog, Change},
     clock::SystemClock,
-    registry::{Loader, PluginFileError, Registry},
-    stage::{StageError, StagingDir},
+    config::Config,
+    registry::Loader,
+    stage::StagingDir,
     status::StatusBoard,
+    supervise::{Supervisor, policy::RandomJitter},
 };
 
 use crate::util;
@@ -42,14 +46,32 @@ fn libz() -> PathBuf {
     .expect("libz.so.1 (Debian package zlib1g) is needed as 'a shared library of another program'")
 }
 
-fn in_process_loader(state: &Path) -> Loader {
-    let clock = Arc::new(SystemClock);
-    let board = Arc::new(StatusBoard::new(clock.clone()));
-    Loader::new(
-        StagingDir::open(&state.join("staging")).unwrap(),
-        board,
-        clock,
-    )
+/// The catalog of `dir` in-process: the daemon's own load path, with a runtime to drive it.
+fn in_process_catalog(dir: &Path, state: &Path) -> (tokio::runtime::Runtime, Arc<Catalog>) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let catalog = runtime.block_on(async {
+        let config = Config::parse(
+            &format!("[host]\nplugins_dir = \"{}\"\n", dir.display()),
+            &state.join("channeld.toml"),
+        )
+        .unwrap();
+        let clock = Arc::new(SystemClock);
+        let board = Arc::new(StatusBoard::new(clock.clone()));
+        let loader = Loader::new(
+            StagingDir::open(&state.join("staging")).unwrap(),
+            board.clone(),
+            clock.clone(),
+        );
+        let supervisor = Supervisor::new(
+            config.supervisor.clone(),
+            config.host.plugin_call_timeout,
+            board,
+            clock.clone(),
+            Arc::new(RandomJitter),
+        );
+        Catalog::open(Arc::new(config), Arc::new(loader), supervisor, clock).unwrap()
+    });
+    (runtime, catalog)
 }
 
 /// Every bad file of the loader issue's list, by the class the host must report. The good
@@ -195,24 +217,33 @@ fn every_bad_file_gets_one_warning_line_and_the_good_plugin_loads() {
         );
     }
 
-    // In-process: the same directory through the registry; the good plugin is callable.
-    let loader = in_process_loader(state.path());
-    let mut registry = Registry::default();
-    let report = registry.load_dir(&loader, dir.path()).unwrap();
-    assert_eq!(report.loaded, ["fixture"]);
-    assert_eq!(report.failed.len(), bad.len());
-    let good = registry.get("fixture").unwrap();
+    // In-process: the same directory through the catalog; the good plugin is callable.
+    let state = private_dir();
+    let (runtime, catalog) = in_process_catalog(dir.path(), state.path());
+    runtime.block_on(catalog.load_initial()).unwrap();
+    let listing = catalog.listing();
+    let of = |state: &str| -> Vec<_> {
+        listing
+            .plugins
+            .iter()
+            .filter(|p| p.state == state)
+            .cloned()
+            .collect()
+    };
+    let loaded: Vec<_> = of("loaded").into_iter().map(|p| p.channel).collect();
+    assert_eq!(loaded, ["fixture"]);
+    assert_eq!(of("failed").len(), bad.len(), "{:?}", of("failed"));
+    let good = catalog.plugin("fixture").unwrap();
     assert_eq!(good.staged.source, dir.path().join("a-good.so"));
     good.plugin
         .configure(&serde_json::json!({ "accounts": { "x": {} } }))
         .unwrap();
     assert_eq!(good.plugin.list_account_ids().unwrap(), ["x"]);
-    let duplicate = report
-        .failed
-        .iter()
-        .find(|e| e.class() == "duplicate-channel")
-        .unwrap()
-        .to_string();
+    let duplicate = of("failed")
+        .into_iter()
+        .find(|p| p.file.ends_with("z-duplicate.so"))
+        .and_then(|p| p.load_error)
+        .unwrap();
     assert!(
         duplicate.contains("z-duplicate.so") && duplicate.contains("a-good.so"),
         "the duplicate error names both files: {duplicate}"
@@ -223,8 +254,7 @@ fn every_bad_file_gets_one_warning_line_and_the_good_plugin_loads() {
 fn a_plugin_written_in_chunks_never_loads_half_written_and_loads_once_complete() {
     let dir = private_dir();
     let state = private_dir();
-    let loader = in_process_loader(state.path());
-    let mut registry = Registry::default();
+    let (runtime, catalog) = in_process_catalog(dir.path(), state.path());
     let bytes = fs::read(util::plugin_file("channeld-plugin-fixture")).unwrap();
     let path = dir.path().join("slow.so");
     let chunk = bytes.len() / 23 + 1;
@@ -240,40 +270,30 @@ fn a_plugin_written_in_chunks_never_loads_half_written_and_loads_once_complete()
         std::io::Write::write_all(&mut file, &bytes[written..end]).unwrap();
         drop(file);
         written = end;
-        let report = registry.load_dir(&loader, dir.path()).unwrap();
+        let change = runtime.block_on(catalog.reconcile(&path));
         attempts += 1;
         if written < bytes.len() {
             assert!(
-                report.loaded.is_empty(),
-                "loaded at {written} of {} bytes",
+                matches!(&change, Change::Failed { class, .. } if class == "truncated"),
+                "at {written} of {} bytes: {change:?}",
                 bytes.len()
             );
-            assert!(
-                matches!(
-                    report.failed.as_slice(),
-                    [PluginFileError::Stage(StageError::Truncated { .. })]
-                ),
-                "at {written} bytes: {:?}",
-                report.failed
-            );
         } else {
-            assert_eq!(
-                report.loaded,
-                ["fixture"],
-                "complete file loads: {:?}",
-                report.failed
+            assert!(
+                matches!(&change, Change::Added { channel, .. } if channel == "fixture"),
+                "complete file loads: {change:?}"
             );
         }
     }
     assert_eq!(attempts, 23);
-    let loaded = registry.get("fixture").unwrap();
+    let loaded = catalog.plugin("fixture").unwrap();
     assert_eq!(
         loaded.staged.hash,
         blake3::hash(&bytes).to_hex().to_string()
     );
     // A second pass finds the file unchanged.
-    let again = registry.load_dir(&loader, dir.path()).unwrap();
-    assert_eq!((again.loaded.len(), again.unchanged), (0, 1));
+    let again = runtime.block_on(catalog.reconcile(&path));
+    assert_eq!(again, Change::Unchanged);
 }
 
 #[test]
@@ -312,14 +332,11 @@ fn a_plugins_directory_writable_by_others_is_refused_whole() {
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
     let foreign = dir.path().join("good.so");
     std::os::unix::fs::chown(&foreign, Some(4242), None).unwrap();
-    let loader = in_process_loader(state.path());
-    let report = Registry::default().load_dir(&loader, dir.path()).unwrap();
-    assert_eq!(report.failed.len(), 1);
-    assert_eq!(
-        report.failed[0].class(),
-        "foreign-owner",
-        "{}",
-        report.failed[0]
+    let (runtime, catalog) = in_process_catalog(dir.path(), state.path());
+    let change = runtime.block_on(catalog.reconcile(&foreign));
+    assert!(
+        matches!(&change, Change::Failed { class, .. } if class == "foreign-owner"),
+        "{change:?}"
     );
 }
 
@@ -333,4 +350,75 @@ fn stale_staged_copies_are_removed_at_start_and_the_staging_dir_is_private() {
     assert_eq!(fs::read_dir(&staging).unwrap().count(), 0);
     let mode = fs::metadata(&staging).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
+}
+
+/// `channeld check` loads through the daemon's own bounded path: a plugin whose constructor
+/// never returns is reported by its file name once `load_timeout` has passed, the good plugin is
+/// still checked, and the exit code is 1 (it used to hang `check` for good).
+#[test]
+fn check_reports_a_constructor_that_never_returns_by_its_file_within_the_load_timeout() {
+    let dir = private_dir();
+    let state = private_dir();
+    let etc = private_dir();
+    fs::copy(
+        util::plugin_file("channeld-plugin-fixture"),
+        dir.path().join("a-good.so"),
+    )
+    .unwrap();
+    fs::copy(
+        util::plugin_file("channeld-broken-ctor-blocks"),
+        dir.path().join("blocks.so"),
+    )
+    .unwrap();
+    let config = etc.path().join("channeld.toml");
+    fs::write(
+        &config,
+        format!(
+            "[host]\nplugins_dir = \"{}\"\nload_timeout = \"1s\"\n\
+             [channels.fixture.accounts.x]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut check = Command::new(env!("CARGO_BIN_EXE_channeld"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(state.path())
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + util::daemon::PATIENCE;
+    while check.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = check.kill();
+            let out = check.wait_with_output().unwrap();
+            panic!(
+                "check still runs after {:?}:\n{}",
+                util::daemon::PATIENCE,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = check.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let blocks = dir.path().join("blocks.so");
+    assert!(
+        stdout.contains(&format!(
+            "refused {}: loading did not return within 1s",
+            blocks.display()
+        )),
+        "{stdout}\n{stderr}"
+    );
+    let good = dir.path().join("a-good.so");
+    assert!(
+        stdout.contains(&format!("ok      {}  fixture", good.display()))
+            && stdout.contains("(1 account)"),
+        "{stdout}\n{stderr}"
+    );
 }

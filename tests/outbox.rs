@@ -662,3 +662,85 @@ fn a_removed_accounts_queued_messages_fail_with_account_removed() {
     let id = accepted(&daemon, "keep", "room", "still here");
     assert_eq!(wait_final(&daemon, id)["state"], "sent");
 }
+
+#[test]
+fn concurrent_accepts_each_get_their_own_message_and_every_one_is_sent_once_in_order() {
+    // Accepts made at the same moment share a commit: each caller must still get its own id,
+    // the same idempotency key must still mean one message, and nothing may be lost.
+    let daemon = fixture_daemon("", &[("a", ""), ("b", "")]);
+    let threads = 8;
+    let each = 20;
+    let posted: Vec<(u64, String, String, String)> = std::thread::scope(|scope| {
+        let daemon = &daemon;
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..each {
+                        let account = if (t + i) % 2 == 0 { "a" } else { "b" };
+                        let conversation = format!("room{}", i % 4);
+                        let text = format!("t{t} m{i}");
+                        let id = accepted(daemon, account, &conversation, &text);
+                        mine.push((id, account.to_owned(), conversation, text));
+                    }
+                    // Every thread also posts the same key: one message between them.
+                    let body = json!({ "channel": "fixture", "account": "a",
+                                       "conversation": "keyed", "text": "once",
+                                       "idempotencyKey": "the-one" });
+                    let (status, answer) = api(daemon, "POST", "/v1/messages", Some(body));
+                    assert_eq!(status, 202, "{answer}");
+                    mine.push((
+                        answer["id"].as_u64().unwrap(),
+                        "a".to_owned(),
+                        "keyed".to_owned(),
+                        "once".to_owned(),
+                    ));
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let mut unique = BTreeMap::new();
+    for (id, account, conversation, text) in &posted {
+        if let Some(seen) = unique.insert(*id, (account, conversation, text)) {
+            assert_eq!(seen, (account, conversation, text), "id {id} given twice");
+        }
+    }
+    assert_eq!(unique.len(), threads * each + 1, "one message per key");
+    for (id, (account, conversation, text)) in &unique {
+        let m = wait_final(&daemon, *id);
+        assert_eq!(
+            (&m["state"], &m["account"], &m["conversation"], &m["text"]),
+            (
+                &json!("sent"),
+                &json!(account),
+                &json!(conversation),
+                &json!(text)
+            ),
+            "message {id}"
+        );
+    }
+    // Each sent once, and per conversation in the order of the ids.
+    for account in ["a", "b"] {
+        let expected: Vec<(String, String)> = unique
+            .values()
+            .filter(|(a, _, _)| a.as_str() == account)
+            .map(|(_, c, t)| ((*c).clone(), (*t).clone()))
+            .collect();
+        let took = sends(&daemon, account);
+        assert_eq!(took.len(), expected.len(), "{account}: {took:?}");
+        for conversation in ["room0", "room1", "room2", "room3", "keyed"] {
+            let of = |list: &[(String, String)]| -> Vec<String> {
+                list.iter()
+                    .filter(|(c, _)| c == conversation)
+                    .map(|(_, t)| t.clone())
+                    .collect()
+            };
+            assert_eq!(of(&took), of(&expected), "{account} {conversation}");
+        }
+    }
+}

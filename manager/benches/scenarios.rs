@@ -35,12 +35,28 @@ mod reload;
 #[path = "scenarios/msgs.rs"]
 mod msgs;
 
+/// `cluster`: failover and rebalancing of 1,000 accounts over real channeld nodes and etcd.
+#[cfg(feature = "cluster")]
+#[path = "scenarios/cluster.rs"]
+mod cluster;
+
 /// `metrics`: rendering `/metrics` for a fleet of running accounts.
 #[path = "scenarios/metrics.rs"]
 mod metrics;
 /// The outbox's sends, for `msgs`.
 #[path = "scenarios/outbox.rs"]
 mod outbox;
+
+/// The integration tests' harness for a real `channeld run` process (used by `S4`).
+#[path = "../../tests/util/daemon.rs"]
+#[allow(dead_code)]
+mod daemon;
+/// `S3`: `S1` with ten times the accounts.
+#[path = "scenarios/s3.rs"]
+mod s3;
+/// `S4`: the status API's latency during `S2`'s crash storm in the real `channeld` binary.
+#[path = "scenarios/s4.rs"]
+mod s4;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -91,11 +107,15 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("load", load),
     ("S1", s1),
     ("S2", s2),
+    ("S3", s3::s3),
+    ("S4", s4::s4),
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
     ("isolation", isolation::isolation),
     ("metrics", metrics::metrics),
     ("reload", reload::reload),
+    #[cfg(feature = "cluster")]
+    ("cluster", cluster::cluster),
 ];
 
 fn main() -> ExitCode {

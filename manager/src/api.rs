@@ -13,6 +13,7 @@
 //! | POST | `/v1/reload` | reload the config file; the accounts added, removed, restarted, unchanged ([`crate::reload`]) |
 //! | GET | `/v1/events` | inbound messages and account state changes, as Server-Sent Events ([`crate::events`]) |
 //! | GET | `/v1/journal` | the journal's figures: last seq, pruned range, size, refusals |
+//! | GET | `/v1/cluster` | the cluster's nodes, their channels, account counts and lease age ([`crate::cluster`]) |
 //! | POST, GET, DELETE | `/v1/messages`, `/v1/messages/{id}`, `/v1/outbox` | messages to send ([`crate::outbox::http`]) |
 //! | GET | `/healthz`, `/readyz`, `/metrics` | liveness, readiness (no token) and Prometheus metrics ([`crate::service`]) |
 //!
@@ -134,6 +135,8 @@ pub(crate) async fn require_token(
         Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => {
             next.run(request).await
         }
+        // Another node of the cluster forwarding a user operation.
+        Some(token) if crate::cluster::accepts_token(token) => next.run(request).await,
         Some(token)
             if state
                 .read_token
@@ -179,10 +182,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/accounts/{channel}/{op}", post(channel_op))
         .route("/v1/accounts/{channel}/{account}/{op}", post(account_op))
         .route("/v1/plugins", get(plugins))
+        .route("/v1/runtimes", get(crate::health::starvation::api_runtimes))
         .route("/v1/rescan", post(rescan))
         .route("/v1/reload", post(crate::reload::api_reload))
         .route("/v1/events", get(events))
         .route("/v1/journal", get(journal))
+        .route("/v1/cluster", get(crate::cluster::api_view))
         .route(
             "/v1/messages",
             post(crate::outbox::http::post).get(crate::outbox::http::list),
@@ -256,6 +261,9 @@ async fn channel_op(
 ) -> Result<Json<Value>, ApiError> {
     let supervisor = state.supervisor.clone();
     tracked(&state.tasks, async move {
+        if let Some(answer) = crate::cluster::intercept(&channel, None, &op).await {
+            return answer;
+        }
         run_op(&supervisor, &channel, None, &op).await
     })
     .await?
@@ -267,6 +275,9 @@ async fn account_op(
 ) -> Result<Json<Value>, ApiError> {
     let supervisor = state.supervisor.clone();
     tracked(&state.tasks, async move {
+        if let Some(answer) = crate::cluster::intercept(&channel, Some(&account), &op).await {
+            return answer;
+        }
         run_op(&supervisor, &channel, Some(&account), &op).await
     })
     .await?

@@ -204,6 +204,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the cluster: its nodes, their channels, how many accounts each holds, their lease
+    /// age, and this node's state (docs/cluster.md).
+    Cluster {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rescan the plugins directory now (for file systems where change events get lost).
     Rescan {
         #[command(flatten)]

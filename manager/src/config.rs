@@ -89,7 +89,7 @@ impl fmt::Display for Secret {
 /// A value given literally or by reference.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
-enum SecretSource {
+pub(crate) enum SecretSource {
     Literal(String),
     Env { env: String },
     File { file: PathBuf },
@@ -117,6 +117,8 @@ struct RawHost {
     load_timeout: Duration,
     #[serde(with = "humantime_serde")]
     plugin_shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    isolation_handshake_timeout: Duration,
 }
 
 impl Default for RawHost {
@@ -135,6 +137,7 @@ impl Default for RawHost {
             watch_config: true,
             load_timeout: Duration::from_secs(60),
             plugin_shutdown_timeout: Duration::from_secs(10),
+            isolation_handshake_timeout: crate::isolate::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct HostConfig {
     pub load_timeout: Duration,
     /// How long a plugin's runtime may take to shut down (a retired version, or at exit).
     pub plugin_shutdown_timeout: Duration,
+    /// How long an isolated plugin's child process may take to load its plugin and answer.
+    pub isolation_handshake_timeout: Duration,
 }
 
 /// `[supervisor]`: the restart policy (docs/behaviour.md). Ranges: [`crate::limits`].
@@ -300,6 +305,8 @@ struct RawConfig {
     gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     #[serde(default)]
     metrics: crate::metrics::MetricsConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster: Option<crate::cluster::config::RawCluster>,
     #[serde(default)]
     channels: BTreeMap<String, toml::Table>,
 }
@@ -382,6 +389,8 @@ pub struct Config {
     pub gateways: Vec<crate::outbox::gateway::GatewayConfig>,
     /// `[metrics]`.
     pub metrics: crate::metrics::MetricsConfig,
+    /// `[cluster]` (`None`: this node runs alone).
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
     /// `[channels.<id>]`.
     pub channels: BTreeMap<String, ChannelSection>,
 }
@@ -483,9 +492,15 @@ impl Config {
             &raw.health,
             &raw.journal,
             &raw.outbox,
+            raw.cluster.as_ref().map(|c| c.lease_ttl),
         ) {
             limits::check(section, key, value).map_err(|m| invalid(&[section, key], m))?;
         }
+        let cluster = raw
+            .cluster
+            .map(|c| c.resolve(|s| resolve_secret(s, base)))
+            .transpose()
+            .map_err(|(key, m)| invalid(&["cluster", key], m))?;
         if !host.api_address.ip().is_loopback() && !host.allow_remote {
             return Err(invalid(
                 &["host", "api_address"],
@@ -533,6 +548,7 @@ impl Config {
                 watch_config: host.watch_config,
                 load_timeout: host.load_timeout,
                 plugin_shutdown_timeout: host.plugin_shutdown_timeout,
+                isolation_handshake_timeout: host.isolation_handshake_timeout,
             },
             supervisor: raw.supervisor,
             health: raw.health,
@@ -541,6 +557,7 @@ impl Config {
             outbox: raw.outbox,
             gateways: raw.gateways,
             metrics: raw.metrics,
+            cluster,
             channels,
         })
     }
@@ -652,6 +669,7 @@ fn settings(
     health: &HealthConfig,
     journal: &crate::journal::JournalConfig,
     outbox: &crate::outbox::OutboxConfig,
+    cluster_lease_ttl: Option<Duration>,
 ) -> Vec<(&'static str, &'static str, limits::Value)> {
     use limits::Value::{Count, Duration as D, Fraction};
     let s = supervisor;
@@ -669,6 +687,11 @@ fn settings(
             "host",
             "plugin_shutdown_timeout",
             D(host.plugin_shutdown_timeout),
+        ),
+        (
+            "host",
+            "isolation_handshake_timeout",
+            D(host.isolation_handshake_timeout),
         ),
         ("host", "rescan_interval", D(host.rescan_interval)),
         ("supervisor", "initial_backoff", D(s.initial_backoff)),
@@ -730,6 +753,11 @@ fn settings(
         ("outbox", "max_queued", Count(outbox.max_queued)),
         ("outbox", "max_in_flight", Count(outbox.max_in_flight)),
         ("outbox", "hop_limit", Count(outbox.hop_limit.into())),
+        (
+            "cluster",
+            "lease_ttl",
+            D(cluster_lease_ttl.unwrap_or(crate::cluster::config::DEFAULT_LEASE_TTL)),
+        ),
     ]
 }
 
@@ -750,6 +778,7 @@ pub fn range_checked_keys() -> Vec<String> {
         &raw.health,
         &raw.journal,
         &raw.outbox,
+        None,
     )
     .into_iter()
     .map(|(section, key, _)| format!("{section}.{key}"))

@@ -168,8 +168,10 @@ impl Daemon {
         let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), sink));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
+        loader.runtime_settings = Some(crate::runtime_settings::RuntimeSettings::of(&config));
         loader.max_log_level = max_log_level();
         loader.isolation = crate::isolate::Settings::of(&config);
+        loader.handshake_timeout = config.host.isolation_handshake_timeout;
         let supervisor = Supervisor::new(
             config.supervisor.clone(),
             config.host.plugin_call_timeout,
@@ -308,10 +310,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if daemon.config.host.watch_config {
         daemon.reloader.watch(background.clone());
     }
-    let events = EventHub::new(daemon.journal.clone());
-    tokio::spawn(crate::events::state::watch(
+    let events = EventHub::with_states(
+        daemon.journal.clone(),
+        daemon.supervisor.board().states().clone(),
+        crate::events::current_states(daemon.supervisor.clone()),
+    );
+    // Starved plugin runtimes (their SDKs report them) become account states.
+    tokio::spawn(crate::health::starvation::follow(
         daemon.supervisor.clone(),
-        events.states().clone(),
         background.clone(),
     ));
     // The outbox shares the journal's database; its sender runs until the accounts stop.
@@ -352,11 +358,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     if let Some(address) = api_address {
         tracing::info!(%address, "API listening");
     }
+    // A cluster node starts only the accounts it holds (docs/cluster.md).
+    let cluster_stop = CancellationToken::new();
+    #[cfg(feature = "cluster")]
+    let cluster = crate::cluster::node::start(
+        &daemon.config,
+        daemon.supervisor.clone(),
+        api_address,
+        cluster_stop.clone(),
+    );
 
     // The API serves while the plugins load: a plugin that blocks its constructor is reported
     // as timed out after the load timeout, and the rest start.
+    // The health monitor's task (it waits for its checks when it stops): shutdown waits for it.
+    let health = TaskTracker::new();
     let starter = {
         let daemon = daemon.clone();
+        let health = health.clone();
         let background = background.clone();
         let observe = observe.clone();
         tokio::spawn(async move {
@@ -365,7 +383,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             daemon.gateways.warn_unloaded(&daemon.supervisor);
             observe.readiness.plugins_loaded();
-            let summary = daemon.supervisor.start_all().await;
+            let summary = if daemon.config.cluster.is_none() {
+                daemon.supervisor.start_all().await
+            } else {
+                Default::default()
+            };
             for (channel, s) in &summary {
                 tracing::info!(
                     channel = %channel,
@@ -390,7 +412,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     monitor.set_policy(config.health.clone())
                 }));
             }
-            tokio::spawn(monitor.run(background));
+            health.spawn(monitor.run(background));
             observe.readiness.started();
             crate::notify::stall_supervisor(&daemon.supervisor).await;
             crate::notify::ready();
@@ -414,30 +436,96 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             _ = interrupt.recv() => {},
         }
         eprintln!("channeld: second signal, exiting at once");
-        std::process::exit(130);
+        crate::exit::exit_now(130);
     });
     starter.abort();
+    // The cluster node stops its accounts and revokes its lease, so the others take over now.
+    cluster_stop.cancel();
+    #[cfg(feature = "cluster")]
+    if let Some(cluster) = cluster {
+        let limit = daemon.config.supervisor.stop_timeout * 2;
+        let _ = tokio::time::timeout(limit, cluster).await;
+    }
     background.cancel();
     stop_api.cancel();
     // Event streams never end by themselves: end them so the API can finish.
     events.close();
-    let stuck = daemon.shutdown().await;
+    // The whole shutdown is bounded (docs/shutdown.md): it runs as a task, and past the bound
+    // the daemon stops waiting for it and reports what has not stopped.
+    let bound = crate::exit::shutdown_bound(&daemon.supervisor);
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut shutdown = {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let stuck = daemon.shutdown().await;
+            health.close();
+            health.wait().await;
+            stuck
+        })
+    };
+    let (stuck, complete) = match tokio::time::timeout_at(deadline, &mut shutdown).await {
+        Ok(Ok(stuck)) => (stuck, true),
+        Ok(Err(e)) => {
+            tracing::error!("the shutdown failed: {e}");
+            (
+                crate::exit::not_stopped(&daemon.supervisor, Vec::new()),
+                false,
+            )
+        }
+        Err(_) => {
+            tracing::error!(
+                "the shutdown did not finish within {} (stop timeout + cancel grace + {}): \
+                 not waiting any longer",
+                humantime::format_duration(bound),
+                humantime::format_duration(crate::exit::SHUTDOWN_MARGIN)
+            );
+            (
+                crate::exit::not_stopped(&daemon.supervisor, Vec::new()),
+                false,
+            )
+        }
+    };
+    let starved = daemon.supervisor.board().runtimes().starved();
     for (key, reason) in &stuck {
+        let reason = crate::exit::blocked_in(key, reason, &starved);
         tracing::error!(account = %key, "did not stop at shutdown: {reason}");
     }
     // Sends in flight ended with their accounts; their outcomes are recorded.
     sends.close();
-    let _ = tokio::time::timeout(daemon.config.host.plugin_shutdown_timeout, sends.wait()).await;
-    let _ = api_task.await;
-    // Every account is stopped: commit what is queued and close the journal.
+    let _ = tokio::time::timeout_at(deadline, sends.wait()).await;
+    let _ = tokio::time::timeout_at(deadline, api_task).await;
+    // Every account is stopped (or reported): commit what is queued and close the journal.
     let journal = daemon.journal.clone();
     let _ = tokio::task::spawn_blocking(move || journal.close()).await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
-    tracing::info!(
-        plugin_threads = plugin_runtime_threads(),
-        "stopped: every account stopped and every plugin runtime shut down"
-    );
+    let plugin_threads = plugin_runtime_threads();
+    if complete && plugin_threads == 0 {
+        tracing::info!(
+            plugin_threads,
+            "stopped: every account stopped and every plugin runtime shut down"
+        );
+    } else {
+        // Plugin threads are still blocked (or the shutdown is still waiting on them): no exit
+        // handler or library destructor may run under them.
+        let code = if stuck.is_empty() {
+            0
+        } else {
+            EXIT_NOT_ALL_STOPPED
+        };
+        tracing::error!(
+            plugin_threads,
+            "plugin threads are still blocked: exiting with status {code} without running exit \
+             handlers"
+        );
+        if !stuck.is_empty() {
+            let error = DaemonError::NotEveryAccountStopped(
+                stuck.iter().map(|(key, _)| key.to_string()).collect(),
+            );
+            eprintln!("channeld: {error}");
+        }
+        crate::exit::exit_now(code);
+    }
     if stuck.is_empty() {
         Ok(())
     } else {

@@ -75,13 +75,24 @@ impl FfiPlugin {
         max_log_level: LogLevel,
         sink: Arc<dyn HostSink>,
     ) -> Result<(), PluginCallError> {
+        self.init_with(worker_threads, max_log_level, sink, serde_json::Map::new())
+    }
+
+    /// [`FfiPlugin::init`], with further keys for `InitSettings.extra` (the runtime's settings,
+    /// [`crate::runtime_settings`]).
+    pub fn init_with(
+        &self,
+        worker_threads: u32,
+        max_log_level: LogLevel,
+        sink: Arc<dyn HostSink>,
+        mut extra: serde_json::Map<String, Value>,
+    ) -> Result<(), PluginCallError> {
         let link = AccountLink::for_plugin(&self.info.channel_id, sink);
+        extra.insert(HOST_ABI_VERSION_KEY.into(), host_abi_version().into());
         let settings = InitSettings {
             worker_threads,
             max_log_level,
-            extra: serde_json::json!({ HOST_ABI_VERSION_KEY: host_abi_version() })
-                .to_string()
-                .into(),
+            extra: Value::Object(extra).to_string().into(),
         };
         let result = match &self.module {
             PluginModule::V1_1(m) => (m.init())(settings, to_handle(link)),

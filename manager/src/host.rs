@@ -79,6 +79,11 @@ pub trait HostSink: Send + Sync + 'static {
         generation: u64,
         message: InboundMessage,
     ) -> BoxFuture<Result<u64, String>>;
+    /// A plugin's SDK reports on its runtime (starved or recovered; `fields` is its JSON, see
+    /// [`crate::health::starvation`]). By default, ignored.
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        let _ = (channel, fields);
+    }
 }
 
 /// The host-services handle for one account task (or, with no account, for a whole plugin).
@@ -142,6 +147,19 @@ impl AccountLink {
 
     /// Records a plugin's log event in the host's subscriber.
     pub fn log(&self, record: LogRecord) {
+        // The SDK's runtime report travels through the plugin-wide link's log (the ABI has no
+        // entry of its own for it); an account's link cannot make one.
+        if self.key.is_none()
+            && record.target.as_str() == channeld_plugin_abi::abi::RUNTIME_REPORT_TARGET
+        {
+            return never_panic(
+                || (),
+                || {
+                    self.sink
+                        .runtime_report(&self.channel, record.fields.as_str())
+                },
+            );
+        }
         never_panic(
             || (),
             || emit_plugin_log(&self.channel, self.key.as_ref(), &record),

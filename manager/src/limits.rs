@@ -81,6 +81,7 @@ pub const RANGES: &[Range] = &[
     range!("host", "settle", ms(10), secs(MINUTE)),
     range!("host", "load_timeout", ms(10), secs(HOUR)),
     range!("host", "plugin_shutdown_timeout", ms(10), secs(10 * MINUTE)),
+    range!("host", "isolation_handshake_timeout", ms(10), secs(HOUR)),
     range!(
         "host",
         "rescan_interval",
@@ -140,6 +141,7 @@ pub const RANGES: &[Range] = &[
     range!("outbox", "max_queued", count(1), count(1 << 32)),
     range!("outbox", "max_in_flight", count(1), count(65_536)),
     range!("outbox", "hop_limit", count(1), count(64)),
+    range!("cluster", "lease_ttl", secs(2), secs(HOUR)),
 ];
 
 /// The range of `section.key`, if it has one.

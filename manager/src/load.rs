@@ -286,6 +286,19 @@ mod tests {
     }
 }
 
+/// The end of the process without exit handlers ([`crate::exit::exit_now`]), here with the
+/// loader as the only other place that needs `unsafe`.
+pub mod exit_sys {
+    /// `_exit(2)`: ends the process with `code` at once. No `atexit` handler, no destructor of
+    /// any library and no Rust destructor runs, and stdio buffers are not flushed (the caller
+    /// flushes what it wrote first).
+    pub fn exit_immediately(code: i32) -> ! {
+        // SAFETY: _exit has no preconditions; it never returns and touches no memory of the
+        // process.
+        unsafe { libc::_exit(code) }
+    }
+}
+
 /// The system calls of process isolation ([`crate::isolate`]): preparing an isolated plugin's
 /// child before `exec`, taking over its socket in the child, and killing it. They live here, with
 /// the loader, as the only other place that needs `unsafe`.

@@ -5,12 +5,13 @@ use std::{path::Path, process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use channeld::{
     api_types::{self, OpAnswer, RescanAnswer},
+    catalog::Catalog,
     cli::{Cli, Command, ConfigArgs, LogFormat, OpArgs},
     client::Client,
     clock::{Clock, SystemClock},
     config::Config,
     daemon,
-    registry::{Loader, Registry},
+    registry::Loader,
     stage::StagingDir,
     status::StatusBoard,
     status_table,
@@ -91,7 +92,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(dir) = plugins_dir {
                 config.host.plugins_dir = dir;
             }
-            runtime()?.block_on(check(config, state_dir))
+            let runtime = runtime()?;
+            let code = runtime.block_on(check(config, state_dir));
+            // A plugin call that never returned (each was bounded) must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            code
         }
         Command::Status {
             config,
@@ -109,6 +114,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status_table::render(&status, SystemClock.wall_ms()));
+                // Then a line per starved plugin runtime (none from an older daemon).
+                if let Ok(runtimes) = client.get::<serde_json::Value>("/v1/runtimes") {
+                    print!("{}", channeld::health::starvation::render(&runtimes));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -184,6 +193,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
                 &mut std::io::stdout().lock(),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster { config, json } => {
+            let config = load_client_config(&config)?;
+            let view = Client::from_config(&config)?.get::<serde_json::Value>("/v1/cluster")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", channeld::cluster::render(&view));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Journal { config, json } => {
@@ -303,6 +322,10 @@ fn op(args: OpArgs, verb: &str) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `channeld check`: loads the plugins directory through the catalog, the daemon's own load path
+/// (each file bounded by `load_timeout`, on a loader thread, so a constructor that never returns
+/// is reported by its file name as timed out), registers each channel with its config (which
+/// lists its accounts) and starts nothing.
 async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
     let temp;
     let state_dir = match state_dir {
@@ -320,48 +343,46 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let board = Arc::new(StatusBoard::new(clock.clone()));
     let mut loader = Loader::new(staging, board.clone(), clock.clone());
+    loader.worker_threads = config.host.plugin_worker_threads;
     loader.isolation = channeld::isolate::Settings::of(&config);
-    let mut registry = Registry::default();
-    let report = registry.load_dir(&loader, &config.host.plugins_dir)?;
+    loader.handshake_timeout = config.host.isolation_handshake_timeout;
     let supervisor = Supervisor::new(
         config.supervisor.clone(),
         config.host.plugin_call_timeout,
         board,
-        clock,
+        clock.clone(),
         Arc::new(RandomJitter),
     );
-    let mut problems = report.failed.len();
-    for plugin in registry.iter() {
+    let config = Arc::new(config);
+    let catalog = Catalog::open(config.clone(), Arc::new(loader), supervisor.clone(), clock)?;
+    catalog.load_initial().await?;
+    catalog.close().await;
+    let listing = catalog.listing();
+    let mut problems = 0;
+    for plugin in catalog.plugins() {
         let channel = &plugin.info.channel_id;
-        match supervisor
-            .add_channel(plugin.plugin.clone(), config.channel(channel))
-            .await
-        {
-            Ok(ch) => println!(
-                "ok      {}  {channel} {}  ({} account{})",
-                plugin.staged.source.display(),
-                plugin.info.plugin_version,
-                ch.accounts.len(),
-                if ch.accounts.len() == 1 { "" } else { "s" }
-            ),
-            Err(e) => {
-                problems += 1;
-                println!("refused {}: {e}", plugin.staged.source.display());
-            }
-        }
+        let accounts = supervisor.channel(channel).map_or(0, |c| c.accounts.len());
+        println!(
+            "ok      {}  {channel} {}  ({accounts} account{})",
+            plugin.staged.source.display(),
+            plugin.info.plugin_version,
+            if accounts == 1 { "" } else { "s" }
+        );
     }
-    for error in &report.failed {
-        println!("refused {error}");
+    for refused in listing.plugins.iter().filter(|p| p.state == "failed") {
+        problems += 1;
+        println!(
+            "refused {}",
+            refused.load_error.as_deref().unwrap_or_default()
+        );
     }
     for channel in config.channels.keys() {
-        if registry.get(channel).is_none() {
+        if catalog.plugin(channel).is_none() {
             problems += 1;
             println!("missing [channels.{channel}]: no plugin provides this channel");
         }
     }
-    for plugin in registry.iter() {
-        let _ = plugin.plugin.shutdown();
-    }
+    catalog.shutdown_plugins().await;
     Ok(if problems == 0 {
         ExitCode::SUCCESS
     } else {

@@ -23,7 +23,7 @@
 //! | `channeld_inbound_messages_total` | messages the journal took |
 //! | `channeld_outbound_messages_total`, `channeld_send_failures_total` | sends the outbox handed to plugins: taken, and failed attempts |
 //! | `channeld_stale_handle_calls_total` | host-service calls dropped from a stale task |
-//! | `channeld_starved_runtime_events_total` | plugin runtimes seen starved (hook) |
+//! | `channeld_starved_runtime_events_total` | plugin runtimes reported starved (every worker blocked past the threshold) |
 //! | `channeld_plugin_call_duration_seconds` | histogram of blocking plugin calls |
 //! | `channeld_plugin_load_duration_seconds{file}` | how long the file's last load took |
 //! | `channeld_plugin_loaded_timestamp_seconds{channel,file,version}` | when it was loaded |
@@ -137,8 +137,8 @@ pub fn record_send_failure() {
     COUNTERS.send_failures.inc();
 }
 
-/// A plugin's runtime was seen starved: a task it never polled (the hook for the account-state
-/// work that detects it).
+/// A plugin's runtime was reported starved: every worker blocked past its threshold
+/// ([`crate::health::starvation`]).
 pub fn record_starved_runtime() {
     COUNTERS.starved.inc();
 }

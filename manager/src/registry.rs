@@ -1,11 +1,8 @@
-//! Loading plugin files: the [`Loader`] (discover → stage → load → `init`, one error per bad file)
-//! and its errors. The running daemon keeps what it loaded in the catalog
-//! ([`crate::catalog::Catalog`]); the [`Registry`] here is the one-shot directory load of
-//! `channeld check`: it refuses a second file claiming a loaded channel id and reports one error
-//! per bad file while every good file still loads.
+//! Loading plugin files: the [`Loader`] (stage → load → `init`, one error per bad file) and its
+//! errors. What is loaded is kept by the catalog ([`crate::catalog::Catalog`]), which runs every
+//! load through its bounded reconcile step, for the daemon and for `channeld check` alike.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -14,7 +11,6 @@ use channeld_plugin_abi::abi::LogLevel;
 
 use crate::{
     clock::Clock,
-    discover::{self, DirError},
     ffi::FfiPlugin,
     host::HostSink,
     load::{LoadError, load_root_module_named},
@@ -126,17 +122,6 @@ pub struct LoadedPlugin {
     pub plugin: Arc<dyn Plugin>,
 }
 
-/// What loading a directory did.
-#[derive(Debug, Default)]
-pub struct DirReport {
-    /// Channels loaded by this pass.
-    pub loaded: Vec<String>,
-    /// Files already loaded with the same content.
-    pub unchanged: usize,
-    /// Files refused, one error each.
-    pub failed: Vec<PluginFileError>,
-}
-
 /// How plugins are loaded: where copies are staged, what `init` is given.
 pub struct Loader {
     staging: StagingDir,
@@ -148,8 +133,13 @@ pub struct Loader {
     pub max_log_level: LogLevel,
     /// Which channels run their plugin in a child process.
     pub isolation: crate::isolate::Settings,
+    /// How long an isolated plugin's child may take to load its plugin and answer.
+    pub handshake_timeout: std::time::Duration,
     /// The runtime isolated plugins' sockets are served on.
     runtime: Option<tokio::runtime::Handle>,
+    /// Each channel's plugin runtime settings (`worker_threads`, … in its table); a channel it
+    /// does not name gets `worker_threads` above and the default durations.
+    pub runtime_settings: Option<crate::runtime_settings::RuntimeSettings>,
 }
 
 impl Loader {
@@ -162,7 +152,9 @@ impl Loader {
             worker_threads: 0,
             max_log_level: LogLevel::Info,
             isolation: crate::isolate::Settings::default(),
+            handshake_timeout: crate::isolate::HANDSHAKE_TIMEOUT,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            runtime_settings: None,
         }
     }
 
@@ -210,7 +202,7 @@ impl Loader {
                 info: isolated.info().clone(),
                 staged,
                 loaded_at_ms: self.clock.wall_ms(),
-                plugin: Arc::new(isolated),
+                plugin: isolated,
             });
         }
         let module = load_root_module_named(&staged.copy, path)?;
@@ -223,12 +215,28 @@ impl Loader {
                 existing,
             });
         }
-        plugin
-            .init(self.worker_threads, self.max_log_level, self.sink.clone())
-            .map_err(|error| PluginFileError::Init {
-                path: path.to_owned(),
-                error,
-            })?;
+        let init = match &self.runtime_settings {
+            None => plugin.init(self.worker_threads, self.max_log_level, self.sink.clone()),
+            Some(settings) => settings
+                .channel(&channel)
+                .map_err(|message| crate::plugin::PluginCallError {
+                    channel: channel.clone(),
+                    entry: "init",
+                    message,
+                })
+                .and_then(|runtime| {
+                    plugin.init_with(
+                        runtime.worker_threads,
+                        self.max_log_level,
+                        self.sink.clone(),
+                        runtime.extra(),
+                    )
+                }),
+        };
+        init.map_err(|error| PluginFileError::Init {
+            path: path.to_owned(),
+            error,
+        })?;
         Ok(LoadedPlugin {
             info: plugin.info().clone(),
             staged,
@@ -241,15 +249,16 @@ impl Loader {
 impl Loader {
     /// With isolated channels configured, every file is first opened in a child process, so the
     /// daemon learns its channel without running the plugin's code itself. The child is kept if
-    /// that channel is isolated (`Some`); otherwise it is killed and the file is loaded in the
-    /// daemon (`None`).
+    /// that channel is isolated (`Some`: with `process-per-account` it answers the channel's
+    /// calls, and each account gets a child of its own); otherwise it is killed and the file is
+    /// loaded in the daemon (`None`).
     fn load_isolated(
         &self,
         staged: &Staged,
         runtime: &tokio::runtime::Handle,
         claimed: &impl Fn(&str) -> Option<PathBuf>,
-    ) -> Result<Option<crate::isolate::IsolatedPlugin>, PluginFileError> {
-        use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, SpawnError};
+    ) -> Result<Option<Arc<dyn Plugin>>, PluginFileError> {
+        use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, PerAccountPlugin, SpawnError};
         let spec = |memory_limit| ChildSpec {
             plugin: staged.copy.clone(),
             source: staged.source.clone(),
@@ -258,7 +267,15 @@ impl Loader {
             memory_limit,
             exe: None,
         };
-        let probe = IsolatedPlugin::spawn(spec(None), runtime.clone(), self.sink.clone())?;
+        let spawn = |spec| {
+            IsolatedPlugin::spawn_within(
+                spec,
+                self.handshake_timeout,
+                runtime.clone(),
+                self.sink.clone(),
+            )
+        };
+        let probe = spawn(spec(None))?;
         let channel = probe.info().channel_id.clone();
         if let Some(existing) = claimed(&channel) {
             probe.kill();
@@ -278,103 +295,30 @@ impl Loader {
                 }
                 .into())
             }
-            Ok(settings) if settings.mode == Mode::Process => match settings.memory_limit {
-                None => Ok(Some(probe)),
-                Some(limit) => {
-                    probe.kill();
-                    let limited = IsolatedPlugin::spawn(
-                        spec(Some(limit)),
+            Ok(settings) if settings.mode != Mode::None => {
+                let control = match settings.memory_limit {
+                    None => probe,
+                    Some(limit) => {
+                        probe.kill();
+                        spawn(spec(Some(limit)))?
+                    }
+                };
+                Ok(Some(match settings.mode {
+                    Mode::ProcessPerAccount => Arc::new(PerAccountPlugin::new(
+                        control,
+                        spec(settings.memory_limit),
+                        self.handshake_timeout,
                         runtime.clone(),
                         self.sink.clone(),
-                    )?;
-                    Ok(Some(limited))
-                }
-            },
+                    )),
+                    _ => Arc::new(control),
+                }))
+            }
             Ok(_) => {
                 probe.kill();
                 Ok(None)
             }
         }
-    }
-}
-
-/// Loaded plugins by channel id.
-#[derive(Default)]
-pub struct Registry {
-    plugins: BTreeMap<String, LoadedPlugin>,
-}
-
-impl Registry {
-    /// The plugin providing `channel`.
-    pub fn get(&self, channel: &str) -> Option<&LoadedPlugin> {
-        self.plugins.get(channel)
-    }
-
-    /// Every loaded plugin, by channel id.
-    pub fn iter(&self) -> impl Iterator<Item = &LoadedPlugin> {
-        self.plugins.values()
-    }
-
-    /// How many channels are loaded.
-    pub fn len(&self) -> usize {
-        self.plugins.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.plugins.is_empty()
-    }
-
-    /// The file that provides `channel`.
-    pub fn file_of(&self, channel: &str) -> Option<PathBuf> {
-        self.plugins.get(channel).map(|p| p.staged.source.clone())
-    }
-
-    /// Forgets `channel`'s plugin (its library stays mapped).
-    pub fn remove(&mut self, channel: &str) -> Option<LoadedPlugin> {
-        self.plugins.remove(channel)
-    }
-
-    /// Adds (or replaces) a loaded plugin (the caller checked for duplicates through `load_file`).
-    pub fn insert(&mut self, plugin: LoadedPlugin) {
-        self.plugins.insert(plugin.info.channel_id.clone(), plugin);
-    }
-
-    /// Loads every plugin file of `dir` not loaded yet. Each bad file is logged as one warning
-    /// line (its path, class and why; the full detail at debug) and reported; the rest load.
-    pub fn load_dir(&mut self, loader: &Loader, dir: &Path) -> Result<DirReport, DirError> {
-        let mut report = DirReport::default();
-        let mut fresh = Vec::new();
-        for path in discover::plugin_paths(dir)? {
-            if self.plugins.values().any(|p| p.staged.source == path) {
-                report.unchanged += 1;
-            } else {
-                fresh.push(path);
-            }
-        }
-        let staged = loader.stage_all(&fresh);
-        for staged in staged {
-            let loaded = staged
-                .map_err(PluginFileError::from)
-                .and_then(|s| loader.load_staged(s, |channel| self.file_of(channel)));
-            match loaded {
-                Ok(plugin) => {
-                    tracing::info!(
-                        file = %plugin.staged.source.display(),
-                        channel = %plugin.info.channel_id,
-                        version = %plugin.info.plugin_version,
-                        "plugin loaded"
-                    );
-                    report.loaded.push(plugin.info.channel_id.clone());
-                    self.insert(plugin);
-                }
-                Err(error) => {
-                    log_refused(&error);
-                    report.failed.push(error);
-                }
-            }
-        }
-        Ok(report)
     }
 }
 

@@ -415,6 +415,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         "plugin_shutdown_timeout",
         a.plugin_shutdown_timeout != b.plugin_shutdown_timeout,
     );
+    host(
+        "isolation_handshake_timeout",
+        a.isolation_handshake_timeout != b.isolation_handshake_timeout,
+    );
     if old.api.read_token != new.api.read_token {
         changed.push("[api] read_token".into());
     }

@@ -9,7 +9,16 @@ use channeld_plugin_abi::normalize_account_id;
 use serde_json::{Map, Value};
 
 /// Every key the host owns, in a channel's table and in an account's table alike.
-pub const RESERVED_KEYS: &[&str] = &["enabled", "health_monitor", "isolation", "memory_limit"];
+pub const RESERVED_KEYS: &[&str] = &[
+    "enabled",
+    "health_monitor",
+    "isolation",
+    "memory_limit",
+    // The plugin's runtime (crate::runtime_settings::KEYS).
+    "worker_threads",
+    "runtime_shutdown_timeout",
+    "starvation_threshold",
+];
 
 /// `channel_table` without the host's keys: removed from the channel's own level and from every
 /// table under `accounts`. Everything else is the plugin's, unchanged.

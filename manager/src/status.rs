@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::{
     clock::Clock,
+    events::state::{StatePublisher, derive},
     host::{AccountKey, HostSink},
     inbound::{CountingSink, MessageSink},
     plugin::BoxFuture,
@@ -146,7 +147,9 @@ pub struct AccountSnapshot {
 impl AccountSnapshot {
     /// Sets the run state and the flags derived from it: `running`, `restartPending`, and
     /// `enabled` / `configured` for the states that say otherwise. When no task exists any more,
-    /// the plugin's `connected` report is cleared (a stopped account is not connected).
+    /// the plugin's `connected` report is cleared (a stopped account is not connected). The
+    /// board's [`StatusBoard::update`], through which the supervisor calls it, publishes the
+    /// change to the event stream.
     pub fn set_state(&mut self, state: AccountState) {
         self.state = state;
         self.running = state.has_task();
@@ -246,6 +249,10 @@ pub struct StatusBoard {
     next_generation: AtomicU64,
     stale_calls: AtomicU64,
     messages: Arc<dyn MessageSink>,
+    /// Hears every change of an account's state or connection (the event stream).
+    states: StatePublisher,
+    /// What each plugin's SDK last reported about its runtime (starved or not).
+    runtimes: crate::health::starvation::Runtimes,
 }
 
 impl StatusBoard {
@@ -262,7 +269,41 @@ impl StatusBoard {
             next_generation: AtomicU64::new(1),
             stale_calls: AtomicU64::new(0),
             messages,
+            states: StatePublisher::default(),
+            runtimes: Default::default(),
         }
+    }
+
+    /// Each plugin runtime's last report (see [`crate::health::starvation`]).
+    pub fn runtimes(&self) -> &crate::health::starvation::Runtimes {
+        &self.runtimes
+    }
+
+    /// `key`'s current task generation, if it has an entry.
+    pub fn generation(&self, key: &AccountKey) -> Option<u64> {
+        self.lock().get(key).map(|e| e.generation)
+    }
+
+    /// Applies `f` to `key`'s snapshot only while its generation is still `generation` (the same
+    /// task), under one lock.
+    pub fn update_if_generation(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
+        if let Some(entry) = self.lock().get_mut(key)
+            && entry.generation == generation
+        {
+            let before = derive(&entry.snapshot);
+            f(&mut entry.snapshot);
+            self.states.publish(key, Some(before), &entry.snapshot);
+        }
+    }
+
+    /// Where every change of an account's state or connection is published.
+    pub fn states(&self) -> &StatePublisher {
+        &self.states
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -287,7 +328,12 @@ impl StatusBoard {
 
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
-        f(&mut self.lock().entry(key).snapshot);
+        let mut entries = self.lock();
+        let before = entries.get(key).map(|entry| derive(&entry.snapshot));
+        let snapshot = &mut entries.entry(key).snapshot;
+        f(snapshot);
+        // The publish hook of every `set_state`: under the lock, so changes go out in order.
+        self.states.publish(key, before, snapshot);
     }
 
     /// The snapshots of `channel`'s accounts `ids`, read under one lock, keyed by account id;
@@ -445,6 +491,10 @@ fn mark_event(
 }
 
 impl HostSink for StatusBoard {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.runtimes.report(channel, fields, self.clock.wall_ms());
+    }
+
     fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
         self.lock()
             .get(key)
@@ -470,7 +520,12 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, _, _| apply_patch(snapshot, patch).map_err(|e| format!("{key}: {e}")),
+            |snapshot, _, _| {
+                let before = derive(snapshot);
+                let applied = apply_patch(snapshot, patch).map_err(|e| format!("{key}: {e}"));
+                self.states.publish(key, Some(before), snapshot);
+                applied
+            },
         )
     }
 
@@ -480,10 +535,12 @@ impl HostSink for StatusBoard {
             generation,
             || (),
             |snapshot, _, now| {
+                let before = derive(snapshot);
                 snapshot.connected = Some(connected);
                 if connected {
                     snapshot.last_connected_at = Some(now.wall);
                 }
+                self.states.publish(key, Some(before), snapshot);
             },
         );
     }

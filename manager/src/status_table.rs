@@ -131,7 +131,8 @@ pub fn render(status: &Value, now_ms: i64) -> String {
             }
         }
     }
-    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    let mut rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    crate::cluster::owner_column(status, &mut rows);
     let mut out = columns(&rows);
     if rows.len() == 1 {
         out.push_str("(no accounts)\n");

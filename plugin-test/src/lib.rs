@@ -45,7 +45,9 @@
 //! * The plugin's hooks run on the runtime the test runs on (not on a runtime of the SDK's own,
 //!   as under channeld), so `#[tokio::test(start_paused = true)]` pauses the plugin's clock too.
 //! * Outbound messages reach the plugin through its `send` hook, the entry the host calls
-//!   ([`Harness::send`], [`RunningAccount::send`]).
+//!   ([`Harness::send`], [`RunningAccount::send`]); with the default hook, they reach the
+//!   account's `ctx.outbound()` queue. Each harness has its own queues, so tests side by side
+//!   with an account of the same name do not reach each other's.
 //! * Everything the plugin reports is recorded in a [`Record`]: delivered messages, status
 //!   patches, connectivity, traffic events, busy counts. [`Harness::logs`] has the plugin's
 //!   `tracing` events, tagged with the account when they come from its task or a task it spawned
@@ -86,7 +88,15 @@ pub use logs::LogLine;
 
 /// The keys channeld owns in a channel's and an account's table, removed before the plugin sees
 /// them (the same list as channeld's; see its `docs/reserved-keys.md`).
-pub const RESERVED_KEYS: &[&str] = &["enabled", "health_monitor", "isolation", "memory_limit"];
+pub const RESERVED_KEYS: &[&str] = &[
+    "enabled",
+    "health_monitor",
+    "isolation",
+    "memory_limit",
+    "worker_threads",
+    "runtime_shutdown_timeout",
+    "starvation_threshold",
+];
 
 /// `Duration::from_secs`, for short deadlines in tests.
 pub const fn secs(seconds: u64) -> Duration {
@@ -182,6 +192,8 @@ fn reason_suffix(reason: &Option<String>) -> String {
 /// not `Send`: keep it in the test's own task.
 pub struct Harness<P: ChannelPlugin> {
     plugin: Arc<P>,
+    /// This harness's accounts' outbound queues (`ctx.outbound()`), apart from other harnesses'.
+    sends: harness::SendScope,
     config: ChannelConfig,
     disabled: Option<Vec<String>>,
     logs: logs::Capture,
@@ -216,6 +228,7 @@ impl<P: ChannelPlugin> Harness<P> {
         let guard = tracing::dispatcher::set_default(&logs.dispatch());
         Ok(Self {
             plugin: Arc::new(plugin),
+            sends: harness::SendScope::default(),
             config,
             disabled,
             logs,
@@ -284,7 +297,7 @@ impl<P: ChannelPlugin> Harness<P> {
         }
         let recorder = Arc::new(Recorder::default());
         let host = HostServices_TO::from_ptr(RArc::new(Link(recorder.clone())), TD_Opaque);
-        let (ctx, controls) = harness::account_context(resolved, host);
+        let (ctx, controls) = harness::account_context(resolved, host, &self.sends);
         let plugin = self.plugin.clone();
         let task_done = Arc::new(AtomicBool::new(false));
         let done = task_done.clone();
@@ -296,6 +309,7 @@ impl<P: ChannelPlugin> Harness<P> {
         let join = tokio::spawn(self.logs.attach(task));
         Ok(RunningAccount {
             plugin: self.plugin.clone(),
+            sends: self.sends.clone(),
             account: account.to_owned(),
             recorder,
             controls,
@@ -311,7 +325,7 @@ impl<P: ChannelPlugin> Harness<P> {
     /// # Cancellation safety
     /// Dropping the future leaves the `send` running to its end, like the host does.
     pub async fn send(&self, message: Outbound) -> Result<String, HarnessError> {
-        send_via(&self.plugin, message).await
+        send_via(&self.plugin, &self.sends, message).await
     }
 
     /// Runs the plugin's `stop` hook for `account` (the host calls it after the abort).
@@ -381,11 +395,13 @@ async fn run_hook<P: ChannelPlugin, T: Send + 'static>(
 
 async fn send_via<P: ChannelPlugin>(
     plugin: &Arc<P>,
+    sends: &harness::SendScope,
     message: Outbound,
 ) -> Result<String, HarnessError> {
     let plugin = plugin.clone();
     let account = message.account.clone();
-    run_hook::<P, _>(&account, "send", async move { plugin.send(message).await }).await
+    let send = sends.run(async move { plugin.send(message).await });
+    run_hook::<P, _>(&account, "send", send).await
 }
 
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
@@ -570,6 +586,7 @@ impl HostServices for Link {
 /// Dropping it cancels the account's task at its next await point.
 pub struct RunningAccount<P: ChannelPlugin> {
     plugin: Arc<P>,
+    sends: harness::SendScope,
     account: String,
     recorder: Arc<Recorder>,
     controls: harness::Controls,
@@ -651,7 +668,7 @@ impl<P: ChannelPlugin> RunningAccount<P> {
     /// # Cancellation safety
     /// As for [`send`](Self::send).
     pub async fn send_message(&self, message: Outbound) -> Result<String, HarnessError> {
-        send_via(&self.plugin, message).await
+        send_via(&self.plugin, &self.sends, message).await
     }
 
     /// Whether the account's task (with everything it spawned) has ended.

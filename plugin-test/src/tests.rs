@@ -187,3 +187,128 @@ async fn the_task_ends_only_once_its_spawned_tasks_have_ended() {
     );
     assert_eq!(account.spawned_running(), 0);
 }
+
+/// Sends through the SDK's queue (`ctx.outbound()` and the default `send` hook): answers with the
+/// account id and a count, fails "fail", drops "drop" unanswered, and holds every message while
+/// its table says `hold = true`.
+#[derive(Default)]
+struct Queued;
+
+impl ChannelPlugin for Queued {
+    const CHANNEL_ID: &'static str = "queued";
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        let mut outbound = ctx.outbound();
+        ctx.host().set_connected(true);
+        if ctx.account().get("hold").is_some() {
+            ctx.aborted().await;
+            return Ok(());
+        }
+        let mut sent = 0;
+        loop {
+            tokio::select! {
+                () = ctx.aborted() => return Ok(()),
+                Some(request) = outbound.recv() => {
+                    match request.message().text.as_str() {
+                        "fail" => request.finish(Err(PluginError::new("refused by the channel"))),
+                        "drop" => drop(request),
+                        _ => {
+                            sent += 1;
+                            let id = format!("{}-{sent}", ctx.account().id);
+                            request.finish(Ok(id));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_send_hands_messages_to_the_accounts_own_queue() {
+    // Two harnesses with an account of the same name, side by side: each reaches its own task.
+    let harness = Harness::new(Queued, "[accounts.main]\n").unwrap();
+    let other = Harness::new(Queued, "[accounts.main]\n[accounts.b]\n").unwrap();
+    // Not running yet, and no account opened a queue: the channel does not (yet) send.
+    let early = harness
+        .send(Outbound {
+            account: "main".to_owned(),
+            text: "hi".to_owned(),
+            ..Outbound::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        early.contains("channel queued does not support sending"),
+        "{early}"
+    );
+
+    let mut account = harness.start("main").unwrap();
+    let mut beside = other.start("main").unwrap();
+    account
+        .wait_until(secs(5), |r| r.connected() == Some(true))
+        .await
+        .unwrap();
+    beside
+        .wait_until(secs(5), |r| r.connected() == Some(true))
+        .await
+        .unwrap();
+    assert_eq!(account.send("room", "one").await.unwrap(), "main-1");
+    assert_eq!(account.send("room", "two").await.unwrap(), "main-2");
+    assert_eq!(beside.send("room", "one").await.unwrap(), "main-1");
+    let failed = account.send("room", "fail").await.unwrap_err().to_string();
+    assert_eq!(failed, "queued:main: send failed: refused by the channel");
+    let dropped = account.send("room", "drop").await.unwrap_err().to_string();
+    assert_eq!(
+        dropped,
+        "queued:main: send failed: the account's task ended or dropped the message before \
+         sending it"
+    );
+    // Another account of the same plugin that is not running: said so.
+    let b = other
+        .send(Outbound {
+            account: "b".to_owned(),
+            text: "hi".to_owned(),
+            ..Outbound::default()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(b, "queued:b: send failed: account b is not running");
+
+    account.abort_within(secs(5)).await.unwrap().unwrap();
+    let stopped = account.send("room", "late").await.unwrap_err().to_string();
+    assert_eq!(
+        stopped,
+        "queued:main: send failed: account main is not running"
+    );
+    // The other harness's account is untouched by this one's stop.
+    assert_eq!(beside.send("room", "two").await.unwrap(), "main-2");
+    beside.abort_within(secs(5)).await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_still_queued_when_the_task_ends_fails_and_says_why() {
+    let harness = Harness::new(Queued, "[accounts.main]\nhold = true\n").unwrap();
+    let mut account = harness.start("main").unwrap();
+    account
+        .wait_until(secs(5), |r| r.connected() == Some(true))
+        .await
+        .unwrap();
+    let waiting = harness.send(Outbound {
+        account: "main".to_owned(),
+        text: "one".to_owned(),
+        ..Outbound::default()
+    });
+    let abort = async {
+        tokio::time::sleep(secs(1)).await;
+        account.abort_within(secs(5)).await.unwrap().unwrap();
+    };
+    let (sent, ()) = tokio::join!(waiting, abort);
+    assert_eq!(
+        sent.unwrap_err().to_string(),
+        "queued:main: send failed: the account's task ended or dropped the message before \
+         sending it"
+    );
+}

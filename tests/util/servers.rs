@@ -66,9 +66,55 @@ pub fn signal_pid(pid: u32, signal: i32) {
     unsafe { libc::kill(pid as i32, signal) };
 }
 
+/// A throwaway CA, and a server certificate it signed for `127.0.0.1` and `localhost`: PEM files
+/// in a directory of their own.
+pub struct TestCerts {
+    _dir: tempfile::TempDir,
+    /// The CA's certificate (what a client trusts).
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
+impl TestCerts {
+    /// Generates them (rcgen, fresh keys each time).
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "channeld test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            fs::write(&path, pem).unwrap();
+            path
+        };
+        Self {
+            ca: write("ca.pem", ca.pem()),
+            cert: write("server.pem", cert.pem()),
+            key: write("server.key", key.serialize_pem()),
+            _dir: dir,
+        }
+    }
+}
+
 /// An ngircd of the test's own.
 pub struct Ngircd {
     pub port: u16,
+    /// Its TLS port, when started with [`Ngircd::start_tls`].
+    pub tls_port: Option<u16>,
+    /// Config sections after the plain ones (`[SSL]`).
+    more: String,
     dir: tempfile::TempDir,
     pub child: Option<Child>,
 }
@@ -79,7 +125,27 @@ impl Ngircd {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Self {
             port: free_port(),
+            tls_port: None,
+            more: String::new(),
             dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// [`Ngircd::start`], also serving TLS with `certs` on a second free port.
+    pub fn start_tls(certs: &TestCerts) -> Self {
+        let tls_port = free_port();
+        let mut server = Self {
+            port: free_port(),
+            tls_port: Some(tls_port),
+            more: format!(
+                "[SSL]\nCertFile = {}\nKeyFile = {}\nPorts = {tls_port}\n",
+                certs.cert.display(),
+                certs.key.display()
+            ),
+            dir: tempfile::tempdir().unwrap(),
             child: None,
         };
         server.restart();
@@ -96,9 +162,10 @@ impl Ngircd {
                 "[Global]\nName = irc.test\nInfo = channeld test server\nListen = 127.0.0.1\n\
                  Ports = {}\nPidFile = {}\nMotdPhrase = test\nServerUID = 0\nServerGID = 0\n\
                  [Limits]\nMaxConnectionsIP = 0\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n\
-                 [Options]\nDNS = no\nIdent = no\nPAM = no\n",
+                 [Options]\nDNS = no\nIdent = no\nPAM = no\n{}",
                 self.port,
                 self.dir.path().join("ngircd.pid").display(),
+                self.more,
             ),
         )
         .unwrap();
@@ -108,6 +175,9 @@ impl Ngircd {
             self.dir.path(),
         );
         wait_listening(self.port, "ngircd", &mut child);
+        if let Some(tls_port) = self.tls_port {
+            wait_listening(tls_port, "ngircd (TLS)", &mut child);
+        }
         self.child = Some(child);
     }
 
@@ -223,6 +293,8 @@ impl IrcClient {
 /// A mosquitto of the test's own, with a persistence file.
 pub struct Mosquitto {
     pub port: u16,
+    /// Its TLS listener's port, when started with [`Mosquitto::start_tls`].
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -230,23 +302,46 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts one on a free port.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// [`Mosquitto::start`], with a second listener serving TLS with `certs` on a free port.
+    pub fn start_tls(certs: &TestCerts) -> Self {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&TestCerts>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let tls_port = certs.map(|_| free_port());
+        let tls = match (certs, tls_port) {
+            (Some(certs), Some(tls_port)) => format!(
+                "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                certs.ca.display(),
+                certs.cert.display(),
+                certs.key.display()
+            ),
+            _ => String::new(),
+        };
         let config = dir.path().join("mosquitto.conf");
         fs::write(
             &config,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
                  persistence true\npersistence_location {}/\npersistence_file mosquitto.db\n\
-                 log_dest stderr\nlog_type all\nmax_queued_messages 10000\n",
+                 log_dest stderr\nlog_type all\nmax_queued_messages 10000\n{tls}",
                 dir.path().display()
             ),
         )
         .unwrap();
         let mut child = spawn("mosquitto", &["-c", config.to_str().unwrap()], dir.path());
         wait_listening(port, "mosquitto", &mut child);
+        if let Some(tls_port) = tls_port {
+            wait_listening(tls_port, "mosquitto (TLS)", &mut child);
+        }
         Self {
             port,
+            tls_port,
             dir,
             child: Some(child),
         }

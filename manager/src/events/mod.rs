@@ -10,7 +10,10 @@
 //! * `event: ready` (`{"after":…,"lastSeq":…}`) opens every stream: from there on nothing is
 //!   missed, and a client that started at the live tail learns its cursor.
 //! * `event: state` (no id, live only, never journaled): an account's state changed
-//!   ([`state`]).
+//!   ([`state`]), published at the change itself, so none is missed however short it was.
+//! * `event: resync` (no id): the stream fell more than [`state::CAPACITY`] state changes behind
+//!   and lost the oldest; it carries how many (`missed`) and every matching account's current
+//!   state (`accounts`), from which the client starts over.
 //!
 //! Each stream reads the journal at its own cursor, a batch at a time, only as fast as its client
 //! takes events: nothing is queued in memory per consumer, so a slow consumer slows no plugin and
@@ -33,28 +36,60 @@ use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::journal::{Filter, Journal};
-pub use state::StateChange;
+use crate::{
+    host::AccountKey,
+    journal::{Filter, Journal},
+};
+pub use state::{CurrentState, StateChange, StatePublisher};
 
 /// Messages read from the journal per batch.
 const BATCH: usize = 256;
 
+/// Every account's current state, for a resync.
+pub type CurrentStates = Arc<dyn Fn() -> Vec<CurrentState> + Send + Sync>;
+
+/// Every account of `supervisor` with its current state (what a resync lists).
+pub fn current_states(supervisor: crate::supervise::Supervisor) -> CurrentStates {
+    Arc::new(move || {
+        supervisor
+            .snapshot()
+            .into_iter()
+            .flat_map(|(channel, accounts)| {
+                accounts.into_iter().map(move |(account, snapshot)| {
+                    CurrentState::of(&AccountKey::new(channel.clone(), account), &snapshot)
+                })
+            })
+            .collect()
+    })
+}
+
 /// What every event stream reads from.
 pub struct EventHub {
     journal: Arc<Journal>,
-    states: broadcast::Sender<StateChange>,
+    states: StatePublisher,
+    current: CurrentStates,
     closing: CancellationToken,
     /// Every connected stream's cursor (for the metrics' consumer lag).
     cursors: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicU64>>>,
 }
 
 impl EventHub {
-    /// A hub over `journal`.
+    /// A hub over `journal`, with no state events.
     pub fn new(journal: Arc<Journal>) -> Arc<Self> {
-        let (states, _) = broadcast::channel(1024);
+        Self::with_states(journal, StatePublisher::default(), Arc::new(Vec::new))
+    }
+
+    /// A hub over `journal` whose streams also carry the changes `states` publishes (the status
+    /// board's), and `current` for a stream that has to resync.
+    pub fn with_states(
+        journal: Arc<Journal>,
+        states: StatePublisher,
+        current: CurrentStates,
+    ) -> Arc<Self> {
         Arc::new(Self {
             journal,
             states,
+            current,
             closing: CancellationToken::new(),
             cursors: Default::default(),
         })
@@ -66,7 +101,7 @@ impl EventHub {
     }
 
     /// Where account state changes are published.
-    pub fn states(&self) -> &broadcast::Sender<StateChange> {
+    pub fn states(&self) -> &StatePublisher {
         &self.states
     }
 
@@ -271,11 +306,17 @@ impl Consumer {
             tokio::select! {
                 _ = self.hub.closing.cancelled() => return None,
                 changed = self.latest.changed() => changed.ok()?,
-                change = recv_state(&mut self.states) => {
-                    if let Some(event) = change.filter(|c| c.matches(&self.filter)).map(|c| c.event()) {
-                        self.pending.push_back(event);
+                change = recv_state(&mut self.states) => match change {
+                    Some(Ok(change)) if change.matches(&self.filter) => {
+                        self.pending.push_back(change.event());
                     }
-                }
+                    Some(Ok(_)) | None => {}
+                    Some(Err(missed)) => {
+                        let current = (self.hub.current)();
+                        tracing::debug!(missed, "an event stream fell behind the state changes; resync");
+                        self.pending.push_back(state::resync_event(missed, &current, &self.filter));
+                    }
+                },
             }
         }
     }
@@ -317,14 +358,19 @@ impl Consumer {
     }
 }
 
-/// The next state change; pending forever once the sender is gone.
-async fn recv_state(states: &mut Option<broadcast::Receiver<StateChange>>) -> Option<StateChange> {
+/// The next state change, or how many were lost (`Err`); pending forever once the sender is gone.
+///
+/// # Cancellation safety
+/// `broadcast::Receiver::recv` is cancellation safe: a change not returned stays queued.
+async fn recv_state(
+    states: &mut Option<broadcast::Receiver<StateChange>>,
+) -> Option<Result<StateChange, u64>> {
     let Some(receiver) = states else {
         return std::future::pending().await;
     };
     match receiver.recv().await {
-        Ok(change) => Some(change),
-        Err(broadcast::error::RecvError::Lagged(_)) => None,
+        Ok(change) => Some(Ok(change)),
+        Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(missed)),
         Err(broadcast::error::RecvError::Closed) => {
             *states = None;
             None

@@ -329,5 +329,6 @@ impl HealthMonitor {
     }
 }
 
+pub mod starvation;
 #[cfg(test)]
 mod tests;

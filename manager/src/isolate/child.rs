@@ -177,9 +177,6 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
             ToChild::Abort(task) => {
                 plugin.abort_task(task);
             }
-            ToChild::Cancel(task) => {
-                plugin.cancel_task(task);
-            }
             ToChild::Answered { id, answer } => {
                 let waiting = sink
                     .waiting

@@ -2,6 +2,8 @@
 //! child process instead of in the daemon, so that a plugin that segfaults, aborts, exits, blows
 //! its stack or runs out of memory takes down its own accounts, never the host. This is fault
 //! isolation, not a security sandbox: the child runs as the same user, with the same files.
+//! `isolation = "process-per-account"` gives each account a child of its own
+//! ([`PerAccountPlugin`]), so accounts do not share a crash either.
 //!
 //! * The child is the `channeld` binary itself, run with the hidden `isolate-child` subcommand
 //!   ([`child`]); it loads the staged copy of the plugin file through the normal loader and
@@ -26,6 +28,7 @@
 //! and exits when the socket closes.
 
 pub mod child;
+mod per_account;
 mod process;
 pub mod wire;
 
@@ -33,6 +36,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+pub use per_account::PerAccountPlugin;
 pub use process::{ChildSpec, HANDSHAKE_TIMEOUT, IsolatedPlugin, SpawnError};
 
 use crate::config::Config;
@@ -45,6 +49,8 @@ pub enum Mode {
     None,
     /// One child process for the channel.
     Process,
+    /// One child process per account ([`PerAccountPlugin`]).
+    ProcessPerAccount,
 }
 
 /// One channel's isolation settings (`isolation`, `memory_limit` in its table).
@@ -79,15 +85,11 @@ impl Settings {
             None => Mode::None,
             Some(Value::String(s)) if s == "none" => Mode::None,
             Some(Value::String(s)) if s == "process" => Mode::Process,
-            Some(Value::String(s)) if s == "process-per-account" => {
-                return Err(format!(
-                    "channel {channel}: isolation = \"process-per-account\" is not supported by \
-                     this build; use \"process\""
-                ));
-            }
+            Some(Value::String(s)) if s == "process-per-account" => Mode::ProcessPerAccount,
             Some(other) => {
                 return Err(format!(
-                    "channel {channel}: isolation = {other}: expected \"none\" or \"process\""
+                    "channel {channel}: isolation = {other}: expected \"none\", \"process\" or \
+                     \"process-per-account\""
                 ));
             }
         };
@@ -107,7 +109,8 @@ impl Settings {
         };
         if memory_limit.is_some() && mode == Mode::None {
             return Err(format!(
-                "channel {channel}: memory_limit needs isolation = \"process\""
+                "channel {channel}: memory_limit needs isolation = \"process\" or \
+             \"process-per-account\""
             ));
         }
         Ok(ChannelIsolation { mode, memory_limit })
@@ -134,12 +137,16 @@ impl Settings {
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IsolationInfo {
-    /// `process`.
+    /// `process` or `process-per-account`.
     pub mode: &'static str,
-    /// The live child's pid, if one runs.
+    /// The live child's pid, if one runs (with `process-per-account`: the child that answers
+    /// the channel's calls and runs no account).
     pub pid: Option<u32>,
     /// How many children were started for this version (the first included).
     pub children_started: u64,
+    /// With `process-per-account`: each account's live child's pid.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub accounts: BTreeMap<String, u32>,
 }
 
 #[cfg(test)]
@@ -162,6 +169,13 @@ mod tests {
         assert_eq!(
             Settings::parse("c", &json!({})),
             Ok(ChannelIsolation::default())
+        );
+        assert_eq!(
+            Settings::parse("c", &json!({ "isolation": "process-per-account" })),
+            Ok(ChannelIsolation {
+                mode: Mode::ProcessPerAccount,
+                memory_limit: None
+            })
         );
         let bad = Settings::parse("c", &json!({ "isolation": "vm" })).unwrap_err();
         assert!(bad.starts_with("channel c: isolation"), "{bad}");

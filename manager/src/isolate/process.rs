@@ -31,7 +31,8 @@ use crate::{
     plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
 };
 
-/// How long a new child may take to load its plugin and answer.
+/// How long a new child may take to load its plugin and answer, unless told otherwise
+/// (`[host] isolation_handshake_timeout`, [`IsolatedPlugin::spawn_within`]).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a child that was asked to shut down may take to exit before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -81,6 +82,8 @@ struct Conn {
     links: Mutex<HashMap<(String, u64), AccountLink>>,
     /// Why it died, once it has (and has been reaped).
     dead: Mutex<Option<String>>,
+    /// Why the host killed it, if it did: its cause of death instead of "killed by SIGKILL".
+    killed_for: Mutex<Option<String>>,
     reaped: Arc<AtomicBool>,
     /// Closes the host's end of the socket, which makes the child exit.
     closing: tokio_util::sync::CancellationToken,
@@ -125,6 +128,14 @@ impl Conn {
 
     fn kill(&self) {
         if !self.reaped.load(Ordering::SeqCst) {
+            isolation_sys::kill(self.pid);
+        }
+    }
+
+    /// Kills the child; every pending call and task in it ends with `why`.
+    fn kill_for(&self, why: String) {
+        if !self.reaped.load(Ordering::SeqCst) {
+            lock(&self.killed_for).get_or_insert(why);
             isolation_sys::kill(self.pid);
         }
     }
@@ -196,6 +207,7 @@ fn cause_of(status: ExitStatus, out_of_memory: bool, stack_overflow: bool) -> St
 /// Starts a child and waits for its handshake. Blocks: call it off the async runtime.
 fn spawn_child(
     spec: &ChildSpec,
+    handshake: Duration,
     runtime: &tokio::runtime::Handle,
     sink: Arc<dyn HostSink>,
 ) -> Result<(Arc<Conn>, Hello), SpawnError> {
@@ -315,6 +327,7 @@ fn spawn_child(
         tasks: Mutex::default(),
         links: Mutex::default(),
         dead: Mutex::new(None),
+        killed_for: Mutex::new(None),
         reaped,
         closing: tokio_util::sync::CancellationToken::new(),
     });
@@ -385,7 +398,9 @@ fn spawn_child(
                 conn.kill();
                 let _ = exited.wait_for(Option::is_some).await.is_ok();
             }
-            let cause = exited.borrow().clone().unwrap_or_default();
+            let cause = lock(&conn.killed_for)
+                .clone()
+                .unwrap_or_else(|| exited.borrow().clone().unwrap_or_default());
             if let Some(hello) = hello.take() {
                 let _ = hello.send(Err(("crashed-while-loading".into(), cause.clone())));
             }
@@ -393,7 +408,7 @@ fn spawn_child(
             conn.die(cause);
         });
     }
-    match hello_rx.recv_timeout(HANDSHAKE_TIMEOUT) {
+    match hello_rx.recv_timeout(handshake) {
         Ok(Ok(hello)) => Ok((conn, hello)),
         Ok(Err((class, error))) => {
             conn.kill();
@@ -405,7 +420,7 @@ fn spawn_child(
                 "handshake-timed-out",
                 format!(
                     "the plugin process did not load its plugin within {}",
-                    humantime::format_duration(HANDSHAKE_TIMEOUT)
+                    humantime::format_duration(handshake)
                 ),
             ))
         }
@@ -536,8 +551,12 @@ struct Inner {
     info: PluginInfo,
     reports_task_polled: bool,
     spec: ChildSpec,
+    /// How long each child may take to load its plugin and answer.
+    handshake: Duration,
     runtime: tokio::runtime::Handle,
     sink: Arc<dyn HostSink>,
+    /// The account of each task the supervisor holds (a task's id is the child's).
+    owners: Mutex<HashMap<u64, String>>,
     /// The child serving now (a dead one is replaced at the next call).
     conn: Mutex<Arc<Conn>>,
     /// The table last configured, replayed into every new child.
@@ -555,7 +574,18 @@ impl IsolatedPlugin {
         runtime: tokio::runtime::Handle,
         sink: Arc<dyn HostSink>,
     ) -> Result<Self, SpawnError> {
-        let (conn, hello) = spawn_child(&spec, &runtime, sink.clone())?;
+        Self::spawn_within(spec, HANDSHAKE_TIMEOUT, runtime, sink)
+    }
+
+    /// [`IsolatedPlugin::spawn`], where this child and every later one (after a crash) has
+    /// `handshake` to load its plugin and answer, instead of [`HANDSHAKE_TIMEOUT`].
+    pub fn spawn_within(
+        spec: ChildSpec,
+        handshake: Duration,
+        runtime: tokio::runtime::Handle,
+        sink: Arc<dyn HostSink>,
+    ) -> Result<Self, SpawnError> {
+        let (conn, hello) = spawn_child(&spec, handshake, &runtime, sink.clone())?;
         Ok(Self {
             inner: Arc::new(Inner {
                 info: PluginInfo {
@@ -567,8 +597,10 @@ impl IsolatedPlugin {
                 },
                 reports_task_polled: hello.reports_task_polled,
                 spec,
+                handshake,
                 runtime,
                 sink,
+                owners: Mutex::default(),
                 conn: Mutex::new(conn),
                 config: Mutex::new(None),
                 children_started: AtomicU64::new(1),
@@ -584,6 +616,7 @@ impl IsolatedPlugin {
             mode: "process",
             pid: (!conn.is_dead()).then_some(conn.pid),
             children_started: self.inner.children_started.load(Ordering::Relaxed),
+            accounts: Default::default(),
         }
     }
 
@@ -611,6 +644,7 @@ impl IsolatedPlugin {
         }
         let (fresh, _hello) = spawn_child(
             &self.inner.spec,
+            self.inner.handshake,
             &self.inner.runtime,
             self.inner.sink.clone(),
         )
@@ -751,6 +785,8 @@ impl Plugin for IsolatedPlugin {
             }
         };
         let (key, links) = ((account.to_owned(), generation), conn.clone());
+        lock(&self.inner.owners).insert(task, account.to_owned());
+        let inner = self.inner.clone();
         Ok(RunningTask {
             id: task,
             done: Box::pin(async move {
@@ -761,6 +797,7 @@ impl Plugin for IsolatedPlugin {
                     None => Err("the plugin process is gone".into()),
                 };
                 lock(&links.links).remove(&key);
+                lock(&inner.owners).remove(&task);
                 result
             }),
         })
@@ -775,11 +812,27 @@ impl Plugin for IsolatedPlugin {
         known
     }
 
+    /// The supervisor cancels a task that did not end within the stop timeout of its abort: the
+    /// child did not answer the stop (its task blocks a thread, or the whole child hangs), so it
+    /// is killed now, which ends the task at once. Every account in the child ends with the
+    /// reason and restarts under the supervisor's backoff, in a new child.
     fn cancel_task(&self, task: u64) -> bool {
         let conn = lock(&self.inner.conn).clone();
         let known = lock(&conn.tasks).contains_key(&task);
         if known {
-            let _ = conn.tx.send(ToChild::Cancel(task));
+            let account = lock(&self.inner.owners)
+                .get(&task)
+                .cloned()
+                .unwrap_or_default();
+            let why = format!(
+                "plugin process killed: account {account} did not stop within the stop timeout"
+            );
+            tracing::warn!(
+                channel = %self.inner.info.channel_id,
+                pid = conn.pid,
+                "{why}"
+            );
+            conn.kill_for(why);
         }
         known
     }

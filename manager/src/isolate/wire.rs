@@ -104,10 +104,9 @@ pub enum ToChild {
         /// The call.
         call: Call,
     },
-    /// Fire a task's abort signal.
+    /// Fire a task's abort signal. (A task that does not end within the stop timeout is not
+    /// cancelled inside the child: the child is killed.)
     Abort(u64),
-    /// Cancel a task.
-    Cancel(u64),
     /// The answer to a [`FromChild::Query`].
     Answered {
         /// The query's id.

@@ -16,6 +16,14 @@
 //! * Delivery is at least once: a message that was being sent when the daemon died is sent again
 //!   after the restart (counted as `resentAfterRestart`), because channeld cannot know whether the
 //!   channel took it.
+//!
+//! Writes are grouped, like the journal's: messages accepted at the same time share one
+//! transaction (each caller is answered only once it is committed), and the sender records the
+//! outcomes of every send that ended since its last pass, and marks the messages it hands over
+//! now, in one transaction per pass. A message is marked `sending` durably before its plugin gets
+//! it, so a crash never sends a message that is not counted by `resentAfterRestart`; an outcome
+//! not yet recorded when the daemon dies leaves its message `sending`, which is sent again and
+//! counted, as before.
 
 pub mod cli;
 pub mod gateway;
@@ -195,6 +203,46 @@ pub struct Outbox {
     wake: Notify,
     in_flight: Mutex<HashSet<u64>>,
     counters: Counters,
+    /// Messages checked and waiting for the next group commit.
+    pending: Mutex<Vec<Pending>>,
+    /// Outcomes of sends that ended, waiting for the sender's next pass to record them.
+    outcomes: Mutex<Vec<Outcome>>,
+    /// Set once the sender has stopped: a send ending after that records its own outcome.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// What the group commit decides for one message: accepted, or refused by a cap
+/// (waiting, which cap, its value).
+type Admission = Result<Accepted, (u64, &'static str, u64)>;
+
+/// A message checked and waiting for the next group commit, and where its answer goes.
+struct Pending {
+    message: NewMessage,
+    extra: Option<String>,
+    now: i64,
+    answer: std::sync::mpsc::SyncSender<Result<Admission, OutboxError>>,
+}
+
+/// How one send ended.
+struct Outcome {
+    id: u64,
+    attempts: u32,
+    created: i64,
+    result: Result<String, String>,
+    at: i64,
+}
+
+/// What a committed pass adds to the counters.
+#[derive(Default)]
+struct Effects {
+    sent: u64,
+    failed: u64,
+    retries: u64,
+    send_failures: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl std::fmt::Debug for Outbox {
@@ -281,6 +329,9 @@ impl Outbox {
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
             counters,
+            pending: Mutex::new(Vec::new()),
+            outcomes: Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -297,8 +348,8 @@ impl Outbox {
         })
     }
 
-    /// Checks `message`, makes it durable and wakes the sender. Blocking (one SQLite commit):
-    /// call it from a blocking thread.
+    /// Checks `message`, makes it durable and wakes the sender. Blocking (a SQLite commit,
+    /// shared with the messages submitted at the same time): call it from a blocking thread.
     pub fn submit(&self, mut message: NewMessage) -> Result<Accepted, OutboxError> {
         message.account = channeld_plugin_abi::normalize_account_id(&message.account);
         let key = AccountKey::new(&message.channel, &message.account);
@@ -336,67 +387,19 @@ impl Outbox {
             }
             Ok(_) => {}
         }
-        let settings = &self.settings;
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        lock(&self.pending).push(Pending {
+            message,
+            extra,
+            now: now_ms(),
+            answer,
+        });
+        self.commit_pending();
+        let accepted = answered.recv().map_err(|_| OutboxError::Database {
+            path: self.path.clone(),
+            reason: "the commit was abandoned".to_owned(),
+        })??;
         let counters = &self.counters;
-        let now = now_ms();
-        let accepted = self.db(|conn| {
-            let tx = conn.unchecked_transaction()?;
-            if let Some(k) = &message.idempotency_key {
-                let found: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT id FROM outbox WHERE channel = ?1 AND account = ?2 \
-                         AND idempotency_key = ?3",
-                    )?
-                    .query_row(params![message.channel, message.account, k], |r| r.get(0))
-                    .optional()?;
-                if let Some(id) = found {
-                    return Ok(Ok(Accepted {
-                        id: id as u64,
-                        duplicate: true,
-                    }));
-                }
-            }
-            let waiting: i64 = tx
-                .prepare_cached(
-                    "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending') \
-                     AND channel = ?1 AND account = ?2",
-                )?
-                .query_row(params![message.channel, message.account], |r| r.get(0))?;
-            if waiting as u64 >= settings.max_queued_per_account {
-                return Ok(Err((
-                    waiting as u64,
-                    "max_queued_per_account",
-                    settings.max_queued_per_account,
-                )));
-            }
-            let all: i64 = tx
-                .prepare_cached("SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')")?
-                .query_row([], |r| r.get(0))?;
-            if all as u64 >= settings.max_queued {
-                return Ok(Err((all as u64, "max_queued", settings.max_queued)));
-            }
-            tx.prepare_cached(
-                "INSERT INTO outbox (channel, account, conversation, text, reply_to, extra, \
-                 idempotency_key, state, created_ms, updated_ms, next_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8)",
-            )?
-            .execute(params![
-                message.channel,
-                message.account,
-                message.conversation,
-                message.text,
-                message.reply_to,
-                extra,
-                message.idempotency_key,
-                now
-            ])?;
-            let id = tx.last_insert_rowid() as u64;
-            tx.commit()?;
-            Ok(Ok(Accepted {
-                id,
-                duplicate: false,
-            }))
-        })?;
         match accepted {
             Ok(accepted) => {
                 if accepted.duplicate {
@@ -415,6 +418,43 @@ impl Outbox {
                     which,
                     max,
                 })
+            }
+        }
+    }
+
+    /// The group commit: whoever holds the connection commits every message waiting, in one
+    /// transaction, and answers each; a caller whose message an earlier holder committed finds
+    /// nothing left and just reads its answer.
+    fn commit_pending(&self) {
+        let conn = lock(&self.conn);
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if batch.is_empty() {
+            return;
+        }
+        let settings = &self.settings;
+        let committed = (|| {
+            let tx = conn.unchecked_transaction()?;
+            let admissions = batch
+                .iter()
+                .map(|p| admit(&tx, settings, p))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(admissions)
+        })();
+        drop(conn);
+        match committed {
+            Ok(admissions) => {
+                for (p, admission) in batch.into_iter().zip(admissions) {
+                    let _ = p.answer.send(Ok(admission));
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.answer.send(Err(OutboxError::Database {
+                        path: self.path.clone(),
+                        reason: e.to_string(),
+                    }));
+                }
             }
         }
     }
@@ -535,8 +575,13 @@ impl Outbox {
     ///
     /// # Cancellation safety
     /// Dropping it stops handing over new messages; sends already handed over finish in their
-    /// own tasks and record their outcome.
+    /// own tasks and record their outcome (those that ended before are recorded by a task
+    /// `tasks` tracks).
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker) {
+        let _stopped = Stopped {
+            outbox: self.clone(),
+            tasks: tasks.clone(),
+        };
         let mut last_prune = 0i64;
         loop {
             let wake = self.wake.notified();
@@ -562,204 +607,352 @@ impl Outbox {
         }
     }
 
-    /// One pass: hands over what may go now; returns when the next retry is due, if any.
+    /// One pass, one transaction: records the outcomes of the sends that ended since the last
+    /// pass, then marks `sending` what may go now and, once that is committed, hands it over.
+    /// Returns when the next retry is due, if any.
     fn pump(self: &Arc<Self>, tasks: &TaskTracker, prune: bool) -> Option<i64> {
         let now = now_ms();
-        if prune {
-            let retain = self.settings.retain.as_millis() as i64;
-            let _ = self.db(|conn| {
-                conn.execute(
+        let outcomes = std::mem::take(&mut *lock(&self.outcomes));
+        let mut in_flight = lock(&self.in_flight);
+        for o in &outcomes {
+            in_flight.remove(&o.id);
+        }
+        let mut effects = Effects::default();
+        let mut handed = Vec::new();
+        let mut next: Option<i64> = None;
+        let pass = self.db(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            if prune {
+                let retain = self.settings.retain.as_millis() as i64;
+                tx.execute(
                     "DELETE FROM outbox WHERE state IN ('sent', 'failed', 'cancelled') \
                      AND updated_ms < ?1",
                     [now - retain],
-                )
-            });
-        }
-        let heads = match self.heads() {
-            Ok(heads) => heads,
-            Err(e) => {
-                tracing::error!("{e}");
-                return None;
+                )?;
             }
-        };
-        let deadline = self.settings.deadline.as_millis() as i64;
-        let mut next: Option<i64> = None;
-        for head in heads {
-            let id = head.status.id;
-            if self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&id)
-            {
-                continue;
+            for outcome in &outcomes {
+                self.record(&tx, outcome, &mut effects)?;
             }
-            let key = AccountKey::new(&head.status.channel, &head.status.account);
-            let channel = match self.supervisor.channel(&key.channel) {
-                Ok(channel) => channel,
-                // Not loaded (yet, or its file is being replaced): it waits.
-                Err(_) => continue,
-            };
-            if !channel.accounts.contains(&key.account) {
-                self.finish(id, state::FAILED, None, Some("account removed".into()));
-                continue;
-            }
-            if now >= head.status.created_at + deadline {
-                let why = match head.status.error {
-                    Some(e) => format!("not sent within the deadline; last error: {e}"),
-                    None => "not sent within the deadline (the account was not ready)".into(),
+            let deadline = self.settings.deadline.as_millis() as i64;
+            for head in heads(&tx)? {
+                let id = head.status.id;
+                if in_flight.contains(&id) {
+                    continue;
+                }
+                let key = AccountKey::new(&head.status.channel, &head.status.account);
+                let channel = match self.supervisor.channel(&key.channel) {
+                    Ok(channel) => channel,
+                    // Not loaded (yet, or its file is being replaced): it waits.
+                    Err(_) => continue,
                 };
-                self.finish(id, state::FAILED, None, Some(why));
-                continue;
-            }
-            let ready = self
-                .supervisor
-                .board()
-                .get(&key)
-                .is_some_and(|s| s.running && s.connected != Some(false));
-            if !ready {
-                continue;
-            }
-            if head.next_ms > now {
-                next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
-                continue;
-            }
-            {
-                let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-                if in_flight.len() as u64 >= self.settings.max_in_flight {
+                if !channel.accounts.contains(&key.account) {
+                    fail(&tx, id, "account removed", now)?;
+                    effects.failed += 1;
+                    continue;
+                }
+                if now >= head.status.created_at + deadline {
+                    let why = match &head.status.error {
+                        Some(e) => format!("not sent within the deadline; last error: {e}"),
+                        None => "not sent within the deadline (the account was not ready)".into(),
+                    };
+                    fail(&tx, id, &why, now)?;
+                    effects.failed += 1;
+                    continue;
+                }
+                let ready = self
+                    .supervisor
+                    .board()
+                    .get(&key)
+                    .is_some_and(|s| s.running && s.connected != Some(false));
+                if !ready {
+                    continue;
+                }
+                if head.next_ms > now {
+                    next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
+                    continue;
+                }
+                if (in_flight.len() + handed.len()) as u64 >= self.settings.max_in_flight {
                     break;
                 }
-                let taken = self.db(|conn| {
-                    conn.prepare_cached(
+                let taken = tx
+                    .prepare_cached(
                         "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
                          WHERE id = ?1 AND state = 'queued'",
                     )?
-                    .execute(params![id as i64, now])
-                });
-                if !matches!(taken, Ok(1)) {
-                    continue;
+                    .execute(params![id as i64, now])?;
+                if taken == 1 {
+                    handed.push((head, key, channel));
                 }
-                in_flight.insert(id);
             }
+            tx.commit()
+        });
+        if let Err(e) = pass {
+            // Nothing of the pass happened: its outcomes are recorded by the next one.
+            tracing::error!("{e}");
+            for o in &outcomes {
+                in_flight.insert(o.id);
+            }
+            lock(&self.outcomes).extend(outcomes);
+            return None;
+        }
+        let c = &self.counters;
+        c.sent.fetch_add(effects.sent, Ordering::Relaxed);
+        c.failed.fetch_add(effects.failed, Ordering::Relaxed);
+        c.retries.fetch_add(effects.retries, Ordering::Relaxed);
+        for _ in 0..effects.sent {
+            crate::metrics::record_outbound_message();
+        }
+        for _ in 0..effects.send_failures {
+            crate::metrics::record_send_failure();
+        }
+        // Durably `sending` now: hand them over.
+        let deadline = self.settings.deadline.as_millis() as i64;
+        for (head, key, channel) in handed {
+            let id = head.status.id;
+            in_flight.insert(id);
             self.counters.attempts.fetch_add(1, Ordering::Relaxed);
             let send = channel.plugin.send(Outbound {
-                account: key.account.clone(),
-                conversation: head.status.conversation.clone(),
-                text: head.status.text.clone(),
-                reply_to: head.reply_to.clone(),
-                extra: head.extra.clone(),
+                account: key.account,
+                conversation: head.status.conversation,
+                text: head.status.text,
+                reply_to: head.reply_to,
+                extra: head.extra,
             });
             let this = self.clone();
             let attempts = head.status.attempts + 1;
             let created = head.status.created_at;
             let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
             tasks.spawn(async move {
-                let outcome = match tokio::time::timeout(limit, send).await {
+                let result = match tokio::time::timeout(limit, send).await {
                     Ok(Ok(message_id)) => Ok(message_id),
                     Ok(Err(e)) => Err(e.message),
                     Err(_) => Err(TIMED_OUT.into()),
                 };
-                tokio::task::spawn_blocking(move || {
-                    this.record(id, attempts, created, outcome);
-                })
-                .await
-                .ok();
+                let outcome = Outcome {
+                    id,
+                    attempts,
+                    created,
+                    result,
+                    at: now_ms(),
+                };
+                lock(&this.outcomes).push(outcome);
+                if this.stopped.load(Ordering::SeqCst) {
+                    // No pass will come: record it now.
+                    tokio::task::spawn_blocking(move || this.flush()).await.ok();
+                } else {
+                    this.wake.notify_one();
+                }
             });
         }
         next
     }
 
-    /// The oldest unfinished message of every conversation.
-    fn heads(&self) -> Result<Vec<Head>, OutboxError> {
-        self.db(|conn| {
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS}, reply_to, extra, next_ms FROM outbox WHERE id IN \
-                 (SELECT min(id) FROM outbox WHERE state IN ('queued', 'sending') \
-                  GROUP BY channel, account, conversation) ORDER BY id"
-            ))?;
-            let rows = statement.query_map([], |r| {
-                Ok(Head {
-                    status: status_row(r)?,
-                    reply_to: r.get(12)?,
-                    extra: r.get(13)?,
-                    next_ms: r.get(14)?,
-                })
-            })?;
-            rows.collect()
-        })
+    /// Records the outcomes of sends that ended and no pass has recorded (the sender has
+    /// stopped). Blocking.
+    fn flush(&self) {
+        let outcomes = std::mem::take(&mut *lock(&self.outcomes));
+        if outcomes.is_empty() {
+            return;
+        }
+        let mut effects = Effects::default();
+        let recorded = self.db(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            for outcome in &outcomes {
+                self.record(&tx, outcome, &mut effects)?;
+            }
+            tx.commit()
+        });
+        match recorded {
+            Ok(()) => {
+                let c = &self.counters;
+                c.sent.fetch_add(effects.sent, Ordering::Relaxed);
+                c.failed.fetch_add(effects.failed, Ordering::Relaxed);
+                c.retries.fetch_add(effects.retries, Ordering::Relaxed);
+                let mut in_flight = lock(&self.in_flight);
+                for o in &outcomes {
+                    in_flight.remove(&o.id);
+                }
+            }
+            // Left `sending`: sent again after the restart, and counted.
+            Err(e) => tracing::error!("{e}"),
+        }
     }
 
-    /// Records a send's outcome. Blocking.
-    fn record(&self, id: u64, attempts: u32, created: i64, outcome: Result<String, String>) {
-        let now = now_ms();
-        match outcome {
+    /// Writes a send's outcome inside the pass's transaction.
+    fn record(
+        &self,
+        tx: &Connection,
+        outcome: &Outcome,
+        effects: &mut Effects,
+    ) -> rusqlite::Result<()> {
+        let Outcome {
+            id,
+            attempts,
+            created,
+            at,
+            ..
+        } = *outcome;
+        match &outcome.result {
             Ok(message_id) => {
-                self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                crate::metrics::record_outbound_message();
-                self.finish_with(id, state::SENT, attempts, Some(message_id), None, now);
+                effects.sent += 1;
+                finish_with(tx, id, state::SENT, attempts, Some(message_id), None, at)?;
             }
             Err(error) => {
-                crate::metrics::record_send_failure();
-                let next = now + self.settings.backoff(attempts).as_millis() as i64;
+                effects.send_failures += 1;
+                let next = at + self.settings.backoff(attempts).as_millis() as i64;
                 if next >= created + self.settings.deadline.as_millis() as i64 {
                     // An attempt the deadline cut short keeps the plugin's last error in view.
-                    let error = match self.get(id).ok().and_then(|s| s.error) {
+                    let last: Option<String> = tx
+                        .prepare_cached("SELECT error FROM outbox WHERE id = ?1")?
+                        .query_row([id as i64], |r| r.get(0))
+                        .optional()?
+                        .flatten();
+                    let error = match last {
                         Some(last) if error == TIMED_OUT => format!("{last} ({error})"),
-                        _ => error,
+                        _ => error.clone(),
                     };
                     tracing::warn!(id, attempts, %error, "outbox: send failed; giving up");
-                    self.finish_with(id, state::FAILED, attempts, None, Some(error), now);
+                    effects.failed += 1;
+                    finish_with(tx, id, state::FAILED, attempts, None, Some(&error), at)?;
                 } else {
                     tracing::debug!(id, attempts, %error, "outbox: send failed; will retry");
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let result = self.db(|conn| {
-                        conn.prepare_cached(
-                            "UPDATE outbox SET state = 'queued', attempts = ?2, error = ?3, \
-                             updated_ms = ?4, next_ms = ?5 WHERE id = ?1",
-                        )?
-                        .execute(params![id as i64, attempts, error, now, next])
-                    });
-                    if let Err(e) = result {
-                        tracing::error!("{e}");
-                    }
+                    effects.retries += 1;
+                    tx.prepare_cached(
+                        "UPDATE outbox SET state = 'queued', attempts = ?2, error = ?3, \
+                         updated_ms = ?4, next_ms = ?5 WHERE id = ?1",
+                    )?
+                    .execute(params![id as i64, attempts, error, at, next])?;
                 }
             }
         }
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        self.wake.notify_one();
+        Ok(())
     }
+}
 
-    fn finish(&self, id: u64, to: &str, message_id: Option<String>, error: Option<String>) {
-        let attempts = self.get(id).map(|s| s.attempts).unwrap_or(0);
-        self.finish_with(id, to, attempts, message_id, error, now_ms());
-    }
+/// Set when the sender stops: sends ending later record their own outcome, and those that ended
+/// before it are recorded by a tracked task.
+struct Stopped {
+    outbox: Arc<Outbox>,
+    tasks: TaskTracker,
+}
 
-    fn finish_with(
-        &self,
-        id: u64,
-        to: &str,
-        attempts: u32,
-        message_id: Option<String>,
-        error: Option<String>,
-        now: i64,
-    ) {
-        if to == state::FAILED {
-            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.outbox.stopped.store(true, Ordering::SeqCst);
+        let outbox = self.outbox.clone();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks.spawn(async move {
+                tokio::task::spawn_blocking(move || outbox.flush())
+                    .await
+                    .ok();
+            });
+        } else {
+            outbox.flush();
         }
-        let result = self.db(|conn| {
-            conn.prepare_cached(
-                "UPDATE outbox SET state = ?2, attempts = ?3, message_id = ?4, \
-                 error = coalesce(?5, error), updated_ms = ?6 WHERE id = ?1",
+    }
+}
+
+/// The oldest unfinished message of every conversation.
+fn heads(tx: &Connection) -> rusqlite::Result<Vec<Head>> {
+    let mut statement = tx.prepare_cached(&format!(
+        "SELECT {COLUMNS}, reply_to, extra, next_ms FROM outbox WHERE id IN \
+         (SELECT min(id) FROM outbox WHERE state IN ('queued', 'sending') \
+          GROUP BY channel, account, conversation) ORDER BY id"
+    ))?;
+    let rows = statement.query_map([], |r| {
+        Ok(Head {
+            status: status_row(r)?,
+            reply_to: r.get(12)?,
+            extra: r.get(13)?,
+            next_ms: r.get(14)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Marks a message failed with `why`, keeping its attempts.
+fn fail(tx: &Connection, id: u64, why: &str, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE outbox SET state = 'failed', error = ?2, updated_ms = ?3 WHERE id = ?1",
+    )?
+    .execute(params![id as i64, why, now])?;
+    Ok(())
+}
+
+fn finish_with(
+    tx: &Connection,
+    id: u64,
+    to: &str,
+    attempts: u32,
+    message_id: Option<&str>,
+    error: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE outbox SET state = ?2, attempts = ?3, message_id = ?4, \
+         error = coalesce(?5, error), updated_ms = ?6 WHERE id = ?1",
+    )?
+    .execute(params![id as i64, to, attempts, message_id, error, now])?;
+    Ok(())
+}
+
+/// Decides one message of a group commit inside its transaction: the first message's id for a
+/// known idempotency key, a refusal at a cap, or the new row.
+fn admit(tx: &Connection, settings: &OutboxConfig, p: &Pending) -> rusqlite::Result<Admission> {
+    let message = &p.message;
+    if let Some(k) = &message.idempotency_key {
+        let found: Option<i64> = tx
+            .prepare_cached(
+                "SELECT id FROM outbox WHERE channel = ?1 AND account = ?2 \
+                 AND idempotency_key = ?3",
             )?
-            .execute(params![id as i64, to, attempts, message_id, error, now])
-        });
-        if let Err(e) = result {
-            tracing::error!("{e}");
+            .query_row(params![message.channel, message.account, k], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            return Ok(Ok(Accepted {
+                id: id as u64,
+                duplicate: true,
+            }));
         }
     }
+    let waiting: i64 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending') \
+             AND channel = ?1 AND account = ?2",
+        )?
+        .query_row(params![message.channel, message.account], |r| r.get(0))?;
+    if waiting as u64 >= settings.max_queued_per_account {
+        return Ok(Err((
+            waiting as u64,
+            "max_queued_per_account",
+            settings.max_queued_per_account,
+        )));
+    }
+    let all: i64 = tx
+        .prepare_cached("SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')")?
+        .query_row([], |r| r.get(0))?;
+    if all as u64 >= settings.max_queued {
+        return Ok(Err((all as u64, "max_queued", settings.max_queued)));
+    }
+    tx.prepare_cached(
+        "INSERT INTO outbox (channel, account, conversation, text, reply_to, extra, \
+         idempotency_key, state, created_ms, updated_ms, next_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8, ?8)",
+    )?
+    .execute(params![
+        message.channel,
+        message.account,
+        message.conversation,
+        message.text,
+        message.reply_to,
+        p.extra,
+        message.idempotency_key,
+        p.now
+    ])?;
+    Ok(Ok(Accepted {
+        id: tx.last_insert_rowid() as u64,
+        duplicate: false,
+    }))
 }
 
 /// A reload removed an account: wake the sender, whose next pass fails that account's queued

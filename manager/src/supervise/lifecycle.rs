@@ -52,6 +52,8 @@ enum Boot {
     /// A stop arrived while the plugin's start was running, and the start did not return within
     /// the stop timeout: the account is reported stuck and a detached watcher owns the call.
     Stuck,
+    /// The start gate refused it (with why): the plugin was not called.
+    Held(String),
 }
 
 /// How a run ended.
@@ -97,6 +99,15 @@ impl Lifecycle {
                 }
                 Boot::Stuck => {
                     self.publish(StartOutcome::Stopped);
+                    break;
+                }
+                Boot::Held(reason) => {
+                    let now = ctx.inner.clock.wall_ms();
+                    ctx.set_state(AccountState::Stopped, |s| {
+                        s.last_stop_at = Some(now);
+                        s.last_error = Some(reason.clone());
+                    });
+                    self.publish(StartOutcome::Refused(reason));
                     break;
                 }
                 Boot::Disabled(reason) => {
@@ -160,6 +171,9 @@ impl Lifecycle {
         if self.token.is_cancelled() {
             return Boot::Stopped;
         }
+        if let Some(reason) = ctx.inner.gate_refuses(&ctx.key) {
+            return Boot::Held(reason);
+        }
         if ctx.channel.disabled.contains(&ctx.key.account) {
             // The host's own `enabled = false`: the plugin is not asked.
             return Boot::Disabled("disabled".into());
@@ -177,6 +191,7 @@ impl Lifecycle {
         };
         let account = ctx.key.account.clone();
         let token = self.token.clone();
+        let (gate_inner, gate_key) = (ctx.inner.clone(), ctx.key.clone());
         let (reply, mut call): (_, BootCall) = oneshot::channel();
         // Queued on the channel's boot pool, whose size is the startup fan-out: a thread of the
         // pool taking it is the slot reservation.
@@ -197,6 +212,9 @@ impl Lifecycle {
                 }
                 if token.is_cancelled() {
                     return Ok(Boot::Stopped);
+                }
+                if let Some(reason) = gate_inner.gate_refuses(&gate_key) {
+                    return Ok(Boot::Held(reason));
                 }
                 plugin
                     .start_account(&account, link)
@@ -462,14 +480,21 @@ impl AccountCtx {
         });
         let cancel_grace = self.inner.policy().cancel_grace;
         let mut hook_end = None;
-        let (ended, cancelled) = {
+        // An isolated plugin's cancel kills its process: the task then ends saying so (`killed`).
+        let (ended, cancelled, killed) = {
             let wait = async {
                 match timeout(stop_timeout, &mut task.done).await {
-                    Ok(_) => (true, false),
+                    Ok(_) => (true, false, None),
                     Err(_) => {
                         plugin.cancel_task(task.id);
-                        let ended = timeout(cancel_grace, &mut task.done).await.is_ok();
-                        (ended, true)
+                        match timeout(cancel_grace, &mut task.done).await {
+                            Ok(end) => (
+                                true,
+                                true,
+                                end.err().filter(|_| plugin.isolation().is_some()),
+                            ),
+                            Err(_) => (false, true, None),
+                        }
                     }
                 }
             };
@@ -511,8 +536,9 @@ impl AccountCtx {
             let now = self.inner.clock.wall_ms();
             let cancelled_note = cancelled.then(|| {
                 format!(
-                    "did not stop within {} of its abort; cancelled",
-                    humantime::format_duration(stop_timeout)
+                    "did not stop within {} of its abort; {}",
+                    humantime::format_duration(stop_timeout),
+                    killed.as_deref().unwrap_or("cancelled")
                 )
             });
             let error = [cancelled_note, hook_failure.clone(), skipped]

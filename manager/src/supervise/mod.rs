@@ -279,7 +279,14 @@ struct Inner {
     tracker: TaskTracker,
     closing: CancellationToken,
     restart_log: RestartLog,
+    /// Decides, right before each boot calls the plugin, whether the account may start here
+    /// (the cluster: only while this node holds the account and its lease is safe).
+    gate: std::sync::RwLock<Option<StartGate>>,
 }
+
+/// Asked before every boot calls into the plugin: `Some(reason)` refuses the start (the account
+/// stays stopped with that reason; nothing restarts it but a later start).
+pub type StartGate = Arc<dyn Fn(&AccountKey) -> Option<String> + Send + Sync>;
 
 /// The supervisor. Cheap to clone: every clone drives the same state.
 #[derive(Clone)]
@@ -308,8 +315,14 @@ impl Supervisor {
                 tracker: TaskTracker::new(),
                 closing: CancellationToken::new(),
                 restart_log,
+                gate: std::sync::RwLock::new(None),
             }),
         }
+    }
+
+    /// Installs the gate every boot asks before it calls the plugin ([`StartGate`]).
+    pub fn set_start_gate(&self, gate: StartGate) {
+        *self.inner.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
     }
 
     /// The status board.
@@ -875,6 +888,12 @@ impl Supervisor {
 }
 
 impl Inner {
+    /// Why the gate refuses to start `key` now, if it does.
+    fn gate_refuses(&self, key: &AccountKey) -> Option<String> {
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner()).clone();
+        gate.and_then(|gate| gate(key))
+    }
+
     fn policy(&self) -> Arc<SupervisorConfig> {
         self.policy
             .read()

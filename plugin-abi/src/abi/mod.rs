@@ -40,6 +40,16 @@
 //! | `deliver_async` (completes when the message is durable) | [`HostServices`] | 1.1 |
 //! | `task_polled` (first poll of an account's task) | [`HostServices`] | 1.1 |
 //! | [`HOST_ABI_VERSION_KEY`] in [`InitSettings::extra`] | settings | 1.1 |
+//!
+//! # Conventions on existing entries (no entry of their own)
+//! * [`RUNTIME_SHUTDOWN_TIMEOUT_MS_KEY`] and [`STARVATION_THRESHOLD_MS_KEY`] in
+//!   [`InitSettings::extra`]: how long the SDK's `shutdown` waits for its runtime's threads, and
+//!   after how long with no worker free the SDK reports its runtime starved. A host or an SDK that
+//!   does not know a key ignores it.
+//! * A record sent through the plugin-wide handle's `log` with the target
+//!   [`RUNTIME_REPORT_TARGET`] is the SDK's report on its runtime (starved or recovered; its
+//!   `fields` are JSON), not a log line of the plugin's. A host that does not know the target logs
+//!   it as a plugin warning.
 
 mod host;
 mod root;
@@ -56,3 +66,18 @@ pub use types::{
 /// The key of [`InitSettings::extra`] under which a 1.1 (or later) host states its plugin-abi
 /// version (e.g. `{"host_abi_version": "1.1.0"}`). A 1.0 host sends no such key.
 pub const HOST_ABI_VERSION_KEY: &str = "host_abi_version";
+
+/// The key of [`InitSettings::extra`] giving, in milliseconds, how long the SDK's `shutdown`
+/// waits for its runtime's threads before giving up on the ones still blocked.
+pub const RUNTIME_SHUTDOWN_TIMEOUT_MS_KEY: &str = "runtime_shutdown_timeout_ms";
+
+/// The key of [`InitSettings::extra`] giving, in milliseconds, how long every worker of the
+/// SDK's runtime may stay busy (no worker free to run a probe task) before the SDK reports its
+/// runtime starved; 0 turns the watch off.
+pub const STARVATION_THRESHOLD_MS_KEY: &str = "starvation_threshold_ms";
+
+/// The `target` of the SDK's runtime reports, sent through the plugin-wide handle's `log`. The
+/// record's `fields` are a JSON object: `{"starved": true, "workers": n, "blockedMs": ms,
+/// "holders": [{"account": "…", "in": "task"}]}` when every worker has been busy past the
+/// threshold, and `{"starved": false}` once a worker is free again.
+pub const RUNTIME_REPORT_TARGET: &str = "channeld::runtime";

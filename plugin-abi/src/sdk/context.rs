@@ -6,7 +6,7 @@ use abi_stable::std_types::{RResult, RString};
 use serde_json::Value;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Account, PluginError, log::AccountScope};
+use super::{Account, OutboundQueue, PluginError, log::AccountScope, outbound::Registry};
 use crate::abi::{EventKind, HostHandle, InboundMessage};
 
 /// The signal the host fires when it wants an account's task (and everything it spawned) to
@@ -182,6 +182,7 @@ pub struct AccountContext {
     pub(crate) tracker: TaskTracker,
     pub(crate) scope: AccountScope,
     pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) outbound: Registry,
 }
 
 impl AccountContext {
@@ -223,6 +224,51 @@ impl AccountContext {
         self.abort.0.clone()
     }
 
+    /// Opens the account's queue of messages to send: from now until the returned
+    /// [`OutboundQueue`] is dropped, every message the host sends from this account (its outbox,
+    /// `channeld send`, a gateway) arrives on it, through the default
+    /// [`ChannelPlugin::send`](super::ChannelPlugin::send) hook. The task writes each one to its
+    /// connection and answers with [`SendRequest::finish`](super::SendRequest::finish); the
+    /// host's send completes with that answer. The plugin keeps no map from account to
+    /// connection: the SDK does.
+    ///
+    /// Call it once per run, before reporting the account connected. A second call replaces the
+    /// first queue, which then receives nothing more.
+    ///
+    /// ```
+    /// use channeld_plugin_abi::sdk::prelude::*;
+    ///
+    /// #[derive(Default)]
+    /// struct Chat;
+    ///
+    /// impl ChannelPlugin for Chat {
+    ///     const CHANNEL_ID: &'static str = "chat";
+    ///
+    ///     async fn start(&self, ctx: AccountContext) -> PluginResult {
+    ///         let mut outbound = ctx.outbound();
+    ///         // PROTOCOL: connect here.
+    ///         ctx.host().set_connected(true);
+    ///         let mut sent = 0u64;
+    ///         loop {
+    ///             tokio::select! {
+    ///                 () = ctx.aborted() => return Ok(()),
+    ///                 Some(request) = outbound.recv() => {
+    ///                     // PROTOCOL: write `request.message()` to the connection, then:
+    ///                     ctx.host().record_event(EventKind::Outbound);
+    ///                     sent += 1;
+    ///                     request.finish(Ok(format!("chat-{sent}")));
+    ///                 }
+    ///             }
+    ///         }
+    ///     }
+    ///     // No `send`: the default hands each message to the queue above.
+    /// }
+    /// # fn main() {}
+    /// ```
+    pub fn outbound(&self) -> OutboundQueue {
+        self.outbound.open(&self.account.id)
+    }
+
     /// Hands an inbound message to the host; completes once the host has made it durable, with
     /// its sequence number. Waits without holding a thread (see [`Host::deliver_async`]).
     ///
@@ -251,9 +297,11 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime.spawn(
-            self.tracker
-                .track_future(super::log::in_scope(self.scope.clone(), task)),
-        );
+        self.runtime
+            .spawn(self.tracker.track_future(super::watchdog::watched(
+                &self.account.id,
+                "spawned task",
+                super::log::in_scope(self.scope.clone(), task),
+            )));
     }
 }

@@ -20,7 +20,8 @@ use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
     context::AbortSignal,
     fence::{fenced, fenced_or, panic_message},
-    log, runtime, tasks,
+    log, outbound, runtime, tasks,
+    watchdog::watched,
 };
 use crate::abi::{
     AccountStart, HOST_ABI_VERSION_KEY, HostHandle, InitSettings, OutboundMessage, PluginMetadata,
@@ -244,6 +245,9 @@ extern "C" fn init(settings: InitSettings, host: HostHandle) -> RResult<(), RStr
         check_host_version(settings.extra.as_str())?;
         log::chain_panic_hook();
         runtime::set_worker_threads(settings.worker_threads);
+        if let Ok(extra) = serde_json::from_str(settings.extra.as_str()) {
+            runtime::configure(&extra);
+        }
         log::install(host, settings.max_log_level);
         Ok(())
     })
@@ -362,6 +366,7 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
     let abort = CancellationToken::new();
     let id = tasks::next_id();
     let scope = log::AccountScope::new(&account.channel, &account.id);
+    let account_id = account.id.clone();
     let tracker = TaskTracker::new();
     let polled = host.clone();
     let ctx = AccountContext {
@@ -371,11 +376,12 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
         tracker: tracker.clone(),
         scope: scope.clone(),
         runtime: handle.clone(),
+        outbound: outbound::Registry::process(),
     };
     let task = plugin().start(ctx);
     let children_abort = abort.clone();
     let join = tasks::register(id, abort, || {
-        let join = handle.spawn(log::in_scope(scope, async move {
+        let task = log::in_scope(scope, async move {
             let _unregister = tasks::Unregister(id);
             // The runtime is polling the task: only now is the account running.
             polled.task_polled();
@@ -386,7 +392,8 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
             tracker.close();
             tracker.wait().await;
             result
-        }));
+        });
+        let join = handle.spawn(watched(&account_id, "task", task));
         (join.abort_handle(), join)
     });
     Ok(StartedTask {
@@ -424,10 +431,23 @@ extern "C" fn cancel_task(task: TaskId) -> bool {
     fenced_or(false, || tasks::cancel(task))
 }
 
+/// What the watchdog calls a hook's future in its report.
+fn hook_label(entry: &'static str) -> &'static str {
+    match entry {
+        "stop_account" => "stop hook",
+        "logout" => "logout hook",
+        other => other,
+    }
+}
+
 /// Runs a hook's future to completion on the plugin's runtime, from the host's calling thread.
-fn block_on_hook<T: Send + 'static>(future: BoxFuture<T>, what: &'static str) -> Result<T, String> {
+fn block_on_hook<T: Send + 'static>(
+    account: &str,
+    future: BoxFuture<T>,
+    what: &'static str,
+) -> Result<T, String> {
     let handle = rt()?;
-    let join = handle.spawn(future);
+    let join = handle.spawn(watched(account, hook_label(what), future));
     match handle.block_on(join) {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(join_error(e, what)),
@@ -436,23 +456,34 @@ fn block_on_hook<T: Send + 'static>(future: BoxFuture<T>, what: &'static str) ->
 
 extern "C" fn stop_account(account: RStr<'_>) -> RResult<(), RString> {
     fenced("stop_account", || {
-        block_on_hook(plugin().stop(resolve(account)?), "stop_account")
+        block_on_hook(
+            account.as_str(),
+            plugin().stop(resolve(account)?),
+            "stop_account",
+        )
     })
 }
 
 extern "C" fn logout(account: RStr<'_>) -> RResult<bool, RString> {
     fenced("logout", || {
-        block_on_hook(plugin().logout(resolve(account)?), "logout")
+        block_on_hook(
+            account.as_str(),
+            plugin().logout(resolve(account)?),
+            "logout",
+        )
     })
 }
 
 /// Spawns a hook on the plugin's runtime and hands the host a future that waits for it.
 fn spawn_hook<T: Send + 'static, U: Send + 'static>(
     what: &'static str,
+    account: &str,
     hook: impl FnOnce() -> Result<BoxFuture<T>, String>,
     map: fn(T) -> U,
 ) -> FfiFuture<RResult<U, RString>> {
-    let started = fenced(what, || Ok(rt()?.spawn(hook()?)));
+    let started = fenced(what, || {
+        Ok(rt()?.spawn(watched(account, hook_label(what), hook()?)))
+    });
     match started {
         RResult::ROk(join) => await_task(join, what, map),
         RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
@@ -462,13 +493,19 @@ fn spawn_hook<T: Send + 'static, U: Send + 'static>(
 extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {
     spawn_hook(
         "stop_account",
+        account.as_str(),
         || Ok(plugin().stop(resolve(account)?)),
         |()| (),
     )
 }
 
 extern "C" fn logout_async(account: RStr<'_>) -> FfiFuture<RResult<bool, RString>> {
-    spawn_hook("logout", || Ok(plugin().logout(resolve(account)?)), |b| b)
+    spawn_hook(
+        "logout",
+        account.as_str(),
+        || Ok(plugin().logout(resolve(account)?)),
+        |b| b,
+    )
 }
 
 extern "C" fn send(message: OutboundMessage) -> FfiFuture<RResult<RString, RString>> {
@@ -486,7 +523,8 @@ extern "C" fn send(message: OutboundMessage) -> FfiFuture<RResult<RString, RStri
             extra,
         };
         let handle = rt()?;
-        Ok(handle.spawn(plugin().send(outbound)))
+        let account = outbound.account.clone();
+        Ok(handle.spawn(watched(&account, "send", plugin().send(outbound))))
     });
     match started {
         RResult::ROk(join) => await_task(join, "send", RString::from),

@@ -8,7 +8,9 @@
 //! true)]`) governs the plugin's timers too. [`account_context`] builds a context bound to the
 //! current runtime, and [`Controls`] does for the harness what the SDK's entry points do for the
 //! host: fire the abort, run the task in the account's log scope, and count it as ended only once
-//! every task it spawned with [`AccountContext::spawn`] has ended.
+//! every task it spawned with [`AccountContext::spawn`] has ended. A [`SendScope`] gives each
+//! harness its own map of accounts' outbound queues ([`AccountContext::outbound`]), so tests
+//! running side by side in one process do not reach each other's accounts.
 
 use std::{future::Future, sync::Arc};
 
@@ -16,7 +18,7 @@ pub use super::log::Fields as LogFields;
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{AbortSignal, Account, AccountContext, Host, log};
+use super::{AbortSignal, Account, AccountContext, Host, log, outbound::Registry};
 use crate::abi::HostHandle;
 
 /// What the harness keeps of an account it started: the abort, the spawned tasks, the log scope.
@@ -27,12 +29,29 @@ pub struct Controls {
     scope: log::AccountScope,
 }
 
-/// A context for `account` whose host services are `host` and whose
-/// [`spawn`](AccountContext::spawn) uses the runtime this is called on.
+/// One harness's map of accounts' outbound queues: the contexts it builds open their queues in
+/// it, and [`SendScope::run`] makes the default send hook look there.
+#[derive(Clone, Debug, Default)]
+pub struct SendScope(Registry);
+
+impl SendScope {
+    /// Runs `future` (a `send` hook) with this scope's queues as the ones it sees.
+    pub fn run<F: Future>(&self, future: F) -> impl Future<Output = F::Output> + use<F> {
+        self.0.clone().scope(future)
+    }
+}
+
+/// A context for `account` whose host services are `host`, whose
+/// [`spawn`](AccountContext::spawn) uses the runtime this is called on, and whose
+/// [`outbound`](AccountContext::outbound) queue opens in `sends`.
 ///
 /// # Panics
 /// Outside a tokio runtime.
-pub fn account_context(account: Account, host: HostHandle) -> (AccountContext, Controls) {
+pub fn account_context(
+    account: Account,
+    host: HostHandle,
+    sends: &SendScope,
+) -> (AccountContext, Controls) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
     let scope = log::AccountScope::new(&account.channel, &account.id);
@@ -43,6 +62,7 @@ pub fn account_context(account: Account, host: HostHandle) -> (AccountContext, C
         tracker: tracker.clone(),
         scope: scope.clone(),
         runtime: tokio::runtime::Handle::current(),
+        outbound: sends.0.clone(),
     };
     (
         context,

@@ -58,6 +58,21 @@ pub(crate) fn install(host: HostHandle, max_level: LogLevel) {
     }
 }
 
+/// Sends the SDK's report on its runtime to the host (see [`crate::abi::RUNTIME_REPORT_TARGET`]):
+/// straight through the plugin-wide handle, whatever the log level, so the host always sees it.
+pub(crate) fn report_runtime(fields: Value, message: &str) {
+    if let Some(host) = HOST.get() {
+        host.log(LogRecord {
+            level: LogLevel::Warn,
+            target: crate::abi::RUNTIME_REPORT_TARGET.into(),
+            message: message.into(),
+            fields: fields.to_string().into(),
+            channel: RString::new(),
+            account: RString::new(),
+        });
+    }
+}
+
 thread_local! {
     static LAST_PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }

@@ -10,14 +10,17 @@ mod error;
 mod fence;
 mod harness;
 mod log;
+mod outbound;
 mod runtime;
 mod tasks;
+mod watchdog;
 
 /// Everything a plugin usually needs, in one import: `use channeld_plugin_abi::sdk::prelude::*;`.
 pub mod prelude {
     pub use super::{
         AbortSignal, Account, AccountContext, ChannelConfig, ChannelPlugin, EventKind, Host,
-        Inbound, Outbound, PluginError, PluginResult, ResultExt, Verdict,
+        Inbound, Outbound, OutboundQueue, PluginError, PluginResult, ResultExt, SendRequest,
+        Verdict,
     };
     pub use crate::export_plugin;
     pub use serde_json::{Value, json};
@@ -32,7 +35,8 @@ pub use config::{Account, ChannelConfig};
 pub use context::{AbortSignal, AccountContext, Host, Inbound};
 pub use error::{PluginError, PluginResult, ResultExt};
 pub use log::ACCOUNT_SPAN;
-pub use runtime::DEFAULT_WORKER_THREADS;
+pub use outbound::{OutboundQueue, SendReply, SendRequest};
+pub use runtime::{DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STARVATION_THRESHOLD, DEFAULT_WORKER_THREADS};
 
 #[doc(hidden)]
 pub mod __private {
@@ -42,7 +46,9 @@ pub mod __private {
 
     /// The test harness's seam: see the module's docs (in the source; hidden from rustdoc).
     pub mod harness {
-        pub use super::super::harness::{Controls, LogFields, account_context, log_scope};
+        pub use super::super::harness::{
+            Controls, LogFields, SendScope, account_context, log_scope,
+        };
     }
 }
 
@@ -149,21 +155,26 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
         async { Ok(false) }
     }
 
-    /// Sends a message; returns the channel's id for it (or an empty string). Default:
-    /// unsupported.
+    /// Sends a message; returns the channel's id for it (or an empty string).
+    ///
+    /// Default: hands the message to the account's running task through its
+    /// [`OutboundQueue`] ([`AccountContext::outbound`]) and completes with the answer the task
+    /// gives ([`SendRequest::finish`]). Without a queue the send fails: "account … is not
+    /// running" (or, if no account of the plugin ever opened one, that the channel does not
+    /// support sending). Override it for a channel that sends without the account's task (an
+    /// HTTP API needing no connection, say).
     ///
     /// The future completes when the channel has **taken** the message: written to the socket
     /// for IRC, acknowledged by the broker for MQTT QoS 1, a 2xx answer for a webhook. An `Err`
     /// is a failed attempt: the host's outbox retries it with backoff until its deadline, so an
     /// error must mean "not taken". Delivery is at least once: after a host crash a message whose
     /// send was in flight is sent again.
-    fn send(&self, _message: Outbound) -> impl Future<Output = PluginResult<String>> + Send {
-        async {
-            Err(PluginError::new(format!(
-                "channel {} does not support sending",
-                Self::CHANNEL_ID
-            )))
-        }
+    ///
+    /// # Cancellation safety
+    /// The host never drops a send it started; the default's future is not cancel-safe (a
+    /// message already queued is still sent, its outcome unreported).
+    fn send(&self, message: Outbound) -> impl Future<Output = PluginResult<String>> + Send {
+        outbound::send(Self::CHANNEL_ID, message)
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! * `crash`: `segv` (write through a null pointer), `abort` (`std::process::abort`), `exit`
 //!   (`std::process::exit(3)`), `recurse` (unbounded recursion: a stack overflow), `alloc`
-//!   (allocate until the memory limit; only use it with `memory_limit`, or it eats the machine);
+//!   (allocate until the memory limit; only use it with `memory_limit`, or it eats the machine),
+//!   `hang` (block the thread for ever: no crash, but the task never sees its abort);
 //! * `crash_in`: `start` (in the account task, at its first poll), `send` (in the send hook for
 //!   that account), `stop` (in the stop hook);
 //! * without `crash`, the account runs until aborted and reports its start count as
@@ -36,6 +37,9 @@ fn crash(how: &str) {
         }
         "abort" => std::process::abort(),
         "exit" => std::process::exit(3),
+        "hang" => loop {
+            std::thread::park();
+        },
         "recurse" => {
             let _ = recurse(0);
         }

@@ -8,6 +8,8 @@
 //! server = "irc.example.org"          # required
 //! port = 6697                         # optional; default 6697 with TLS, 6667 without
 //! tls = true                          # optional, default false (rustls, the system's roots)
+//! ca_file = "/etc/channeld/irc-ca.pem" # optional, with tls: trust these PEM certificates
+//!                                     # instead of the system's roots (a private CA)
 //! nick = "channeld"                   # required
 //! nick_fallbacks = ["channeld_", "channeld__"]  # optional: tried in order when a nick is taken
 //! password = { env = "IRC_PASSWORD" } # optional server password (PASS); a secret the host resolves
@@ -40,16 +42,21 @@
 //!   with its backoff.
 //! - No SASL.
 
-mod outgoing;
 mod split;
 
-use std::{collections::HashSet, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use channeld_plugin_abi::{
     export_plugin,
     sdk::{
-        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, PluginError,
-        PluginResult, Verdict,
+        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, OutboundQueue,
+        PluginError, PluginResult, Verdict,
     },
 };
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -60,6 +67,10 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
     time::{Instant, sleep_until},
+};
+use tokio_rustls::rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
 };
 use tokio_util::codec::Framed;
 
@@ -73,6 +84,7 @@ struct Settings {
     port: Option<u16>,
     #[serde(default)]
     tls: bool,
+    ca_file: Option<PathBuf>,
     nick: String,
     #[serde(default)]
     nick_fallbacks: Vec<String>,
@@ -124,6 +136,12 @@ impl Settings {
         if settings.flood_burst == 0 {
             return Err("`flood_burst` must be at least 1".to_owned());
         }
+        if let Some(ca_file) = &settings.ca_file {
+            if !settings.tls {
+                return Err("`ca_file` is set but `tls` is not".to_owned());
+            }
+            roots(Some(ca_file))?;
+        }
         Ok(settings)
     }
 
@@ -136,7 +154,27 @@ impl Settings {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Opens the connection (TLS with the system's roots when asked).
+/// The certificates TLS trusts: those of `ca_file` (PEM) when given, else the system's roots.
+fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let Some(path) = ca_file else {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A root the system has but rustls cannot parse is skipped, not fatal.
+            let _ = roots.add(cert);
+        }
+        return Ok(roots);
+    };
+    let bad = |e: &dyn std::fmt::Display| format!("`ca_file` {}: {e}", path.display());
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no PEM certificate in it"));
+    }
+    Ok(roots)
+}
+
+/// Opens the connection (TLS with the system's roots, or `ca_file`'s, when asked).
 async fn connect(settings: &Settings) -> PluginResult<Pin<Box<dyn Io>>> {
     let addr = format!("{}:{}", settings.server, settings.port());
     let tcp = TcpStream::connect(&addr)
@@ -146,11 +184,7 @@ async fn connect(settings: &Settings) -> PluginResult<Pin<Box<dyn Io>>> {
     if !settings.tls {
         return Ok(Box::pin(tcp));
     }
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A root the system has but rustls cannot parse is skipped, not fatal.
-        let _ = roots.add(cert);
-    }
+    let roots = roots(settings.ca_file.as_deref()).map_err(PluginError::new)?;
     let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
@@ -215,12 +249,9 @@ impl ChannelPlugin for Irc {
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
-        let (_registration, outbound) = outgoing::register(&ctx.account().id);
+        // The SDK's default `send` hands each message from this account to this queue.
+        let outbound = ctx.outbound();
         run(&ctx, &settings, outbound).await
-    }
-
-    async fn send(&self, message: Outbound) -> PluginResult<String> {
-        outgoing::send(message).await
     }
 }
 
@@ -241,7 +272,7 @@ struct Session {
 async fn run(
     ctx: &AccountContext,
     settings: &Settings,
-    mut outbound: outgoing::Receiver,
+    mut outbound: OutboundQueue,
 ) -> PluginResult {
     let host = ctx.host();
     host.set_connected(false);
@@ -310,15 +341,15 @@ async fn run(
             }
             request = outbound.recv(), if session.connected => {
                 let Some(request) = request else { continue };
-                let target = &request.message.conversation;
+                let target = &request.message().conversation;
                 if target.is_empty() || target.contains([' ', ',', '\r', '\n', '\0']) {
                     let reason = format!("{target:?} is not a channel or nick");
-                    let _ = request.done.send(Err(PluginError::new(reason)));
+                    request.finish(Err(PluginError::new(reason)));
                     continue;
                 }
-                let outcome = write_message(ctx, &mut conn, &mut pacer, &mut session, &request.message).await;
+                let outcome = write_message(ctx, &mut conn, &mut pacer, &mut session, request.message()).await;
                 let failed = outcome.as_ref().err().map(|e| e.message().to_owned());
-                let _ = request.done.send(outcome);
+                request.finish(outcome);
                 if let Some(e) = failed {
                     return Err(PluginError::new(format!("connection to {server} failed: {e}")));
                 }

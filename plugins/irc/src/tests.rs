@@ -56,6 +56,18 @@ async fn a_bad_account_table_is_refused_with_a_reason_naming_the_key() {
             "server = \"127.0.0.1\"\nnick = \"bot\"\nflood_burst = 0",
             "`flood_burst` must be at least 1",
         ),
+        (
+            "server = \"127.0.0.1\"\nnick = \"bot\"\nca_file = \"/nonexistent/ca.pem\"",
+            "`ca_file` is set but `tls` is not",
+        ),
+        (
+            "server = \"127.0.0.1\"\nnick = \"bot\"\ntls = true\nca_file = \"/nonexistent/ca.pem\"",
+            "`ca_file` /nonexistent/ca.pem: ",
+        ),
+        (
+            "server = \"127.0.0.1\"\nnick = \"bot\"\ntls = true\nca_file = \"/dev/null\"",
+            "`ca_file` /dev/null: no PEM certificate in it",
+        ),
     ];
     for (table, reason) in cases {
         let harness = Harness::new(Irc, &format!("[accounts.main]\n{table}\n")).unwrap();

@@ -9,6 +9,8 @@
 //! host = "broker.example.org"           # required
 //! port = 8883                           # optional; default 8883 with TLS, 1883 without
 //! tls = true                            # optional, default false (rustls, the system's roots)
+//! ca_file = "/etc/channeld/mqtt-ca.pem"  # optional, with tls: trust these PEM certificates
+//!                                       # instead of the system's roots (a private CA)
 //! client_id = "channeld-main"           # required: names the broker's session for this account
 //! username = "channeld"                 # optional
 //! password = { env = "MQTT_PASSWORD" }  # optional; a secret the host resolves
@@ -31,28 +33,36 @@
 //!   subscription (`CONNACK`, then `SUBACK`).
 //! - Subscriptions are `no_local`: the account's own publishes never come back as inbound.
 //! - A message is delivered with its topic as the conversation, its payload (UTF-8; invalid bytes
-//!   replaced) as the text, and its `qos`, `retain` and the `origin`/`hops` user properties (when
-//!   present) in `extra`. The sender is the `sender` user property, or `mqtt` when absent.
+//!   replaced) as the text, and its `qos` and `retain` in `extra`. The sender is the `sender` user
+//!   property, or `mqtt` when absent.
+//! - A message a gateway bridged (its `hops` user property is 1 or more, with an `origin`) is
+//!   delivered with `extra.gateway = {"origin", "hops"}` from those properties, so channeld's
+//!   gateways stop it at the hop limit and never send it back to its origin: a loop through MQTT
+//!   (two gateways, or two channelds, bridging into each other's topics) ends like any other.
 //! - Acknowledgements are manual: a QoS 1 or 2 message is acknowledged to the broker only after
 //!   channeld has made it durable, so a crash between receipt and the journal loses nothing (the
 //!   broker sends it again: at least once).
 //! - A send publishes its text on the topic named by its conversation, at `publish_qos`, and
 //!   completes when the broker confirms it (`PUBACK` for QoS 1, `PUBCOMP` for 2; when written for
 //!   0). The `origin` and `hops` user properties carry the message's origin and hop count (from
-//!   the send's `extra`, else this account and 0), for gateways to stop loops.
+//!   the send's `extra.gateway`, else this account and 0), for gateways to stop loops.
 //! - Keep-alive traffic is recorded as a liveness event and messages as traffic, for the health
 //!   monitor. A lost connection ends the task with an error; the supervisor restarts it (the
 //!   plugin never reconnects by itself).
 
-mod outgoing;
-
-use std::{collections::HashMap, collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use channeld_plugin_abi::{
     export_plugin,
     sdk::{
-        Account, AccountContext, ChannelPlugin, EventKind, Inbound, Outbound, PluginError,
-        PluginResult, Verdict,
+        Account, AccountContext, ChannelPlugin, EventKind, Inbound, OutboundQueue, PluginError,
+        PluginResult, SendReply, Verdict,
     },
 };
 use rumqttc::{
@@ -67,7 +77,10 @@ use rumqttc::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+use tokio_rustls::rustls::{
+    RootCertStore,
+    pki_types::{CertificateDer, pem::PemObject},
+};
 
 /// How many QoS 1/2 messages the broker may have in flight to the account, unacknowledged
 /// (MQTT 5 `receive_maximum`). It bounds the acks that can wait in the client's request queue.
@@ -96,6 +109,7 @@ struct Settings {
     port: Option<u16>,
     #[serde(default)]
     tls: bool,
+    ca_file: Option<PathBuf>,
     client_id: String,
     username: Option<String>,
     password: Option<String>,
@@ -151,6 +165,12 @@ impl Settings {
         if settings.keep_alive_secs == 0 {
             return Err("`keep_alive_secs` must be at least 1".to_owned());
         }
+        if let Some(ca_file) = &settings.ca_file {
+            if !settings.tls {
+                return Err("`ca_file` is set but `tls` is not".to_owned());
+            }
+            roots(Some(ca_file))?;
+        }
         Ok(settings)
     }
 
@@ -168,21 +188,37 @@ impl Settings {
         }
         if self.tls {
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls_config()?),
+                Arc::new(tls_config(self.ca_file.as_deref())?),
             )));
         }
         Ok(options)
     }
 }
 
-/// rustls with the `ring` provider and the system's roots.
-fn tls_config() -> PluginResult<tokio_rustls::rustls::ClientConfig> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A root the system has but rustls cannot parse is skipped, not fatal.
-        let _ = roots.add(cert);
+/// The certificates TLS trusts: those of `ca_file` (PEM) when given, else the system's roots.
+fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let Some(path) = ca_file else {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A root the system has but rustls cannot parse is skipped, not fatal.
+            let _ = roots.add(cert);
+        }
+        return Ok(roots);
+    };
+    let bad = |e: &dyn std::fmt::Display| format!("`ca_file` {}: {e}", path.display());
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
     }
+    if roots.is_empty() {
+        return Err(bad(&"no PEM certificate in it"));
+    }
+    Ok(roots)
+}
+
+/// rustls with the `ring` provider, trusting [`roots`].
+fn tls_config(ca_file: Option<&Path>) -> PluginResult<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    let roots = roots(ca_file).map_err(PluginError::new)?;
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -209,23 +245,20 @@ impl ChannelPlugin for Mqtt {
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
-        let (_registration, outbound) = outgoing::register(&ctx.account().id);
+        // The SDK's default `send` hands each message from this account to this queue.
+        let outbound = ctx.outbound();
         run(&ctx, &settings, outbound).await
-    }
-
-    async fn send(&self, message: Outbound) -> PluginResult<String> {
-        outgoing::send(message).await
     }
 }
 
-/// A publish waiting for the broker: its outcome's sender.
-type Done = oneshot::Sender<Result<String, PluginError>>;
+/// A publish waiting for the broker: the host's wait for its outcome.
+type Done = SendReply;
 
 /// Runs one session until the connection drops or the abort fires.
 async fn run(
     ctx: &AccountContext,
     settings: &Settings,
-    mut outbound: outgoing::Receiver,
+    mut outbound: OutboundQueue,
 ) -> PluginResult {
     let host = ctx.host();
     host.set_connected(false);
@@ -268,7 +301,7 @@ async fn run(
             }
             request = outbound.recv(), if connected && unsent_acks.is_empty() => {
                 let Some(request) = request else { continue };
-                let message = request.message;
+                let (message, done) = request.into_parts();
                 let (origin, hops) = origin_and_hops(message.extra.as_ref(), &origin_default);
                 let properties = PublishProperties {
                     user_properties: vec![
@@ -286,10 +319,8 @@ async fn run(
                     message.text.into_bytes(),
                     properties,
                 ) {
-                    Ok(()) => unnumbered.push_back(request.done),
-                    Err(e) => {
-                        let _ = request.done.send(Err(PluginError::new(format!("cannot publish: {e}"))));
-                    }
+                    Ok(()) => unnumbered.push_back(done),
+                    Err(e) => done.finish(Err(PluginError::new(format!("cannot publish: {e}")))),
                 }
             }
             event = events.poll() => {
@@ -339,7 +370,7 @@ async fn run(
                         host.record_event(EventKind::Outbound);
                         if let Some(done) = unnumbered.pop_front() {
                             if publish_qos == QoS::AtMostOnce {
-                                let _ = done.send(Ok(String::new()));
+                                done.finish(Ok(String::new()));
                             } else {
                                 unconfirmed.insert(pkid, done);
                             }
@@ -372,7 +403,7 @@ async fn run(
 /// Completes the send of packet `pkid`: its id is the packet id.
 fn confirm(unconfirmed: &mut HashMap<u16, Done>, pkid: u16, reason: String, ok: bool) {
     if let Some(done) = unconfirmed.remove(&pkid) {
-        let _ = done.send(if ok {
+        done.finish(if ok {
             Ok(pkid.to_string())
         } else {
             Err(PluginError::new(format!(
@@ -382,8 +413,10 @@ fn confirm(unconfirmed: &mut HashMap<u16, Done>, pkid: u16, reason: String, ok: 
     }
 }
 
-/// The origin and hop count to publish with: from the send's `extra`, else this account and 0.
+/// The origin and hop count to publish with: from the send's `extra.gateway` (a gateway's send),
+/// else this account and 0.
 fn origin_and_hops(extra: Option<&Value>, account: &str) -> (String, u64) {
+    let extra = extra.and_then(|e| e.get("gateway"));
     let origin = extra
         .and_then(|e| e.get("origin"))
         .and_then(Value::as_str)
@@ -412,11 +445,8 @@ fn inbound(publish: &Publish) -> Inbound {
         "qos": publish.qos as u8,
         "retain": publish.retain,
     });
-    if let Some(origin) = property("origin") {
-        extra["origin"] = Value::String(origin);
-    }
-    if let Some(hops) = property("hops").and_then(|h| h.parse::<u64>().ok()) {
-        extra["hops"] = Value::from(hops);
+    if let Some(gateway) = gateway_tag(property("origin"), property("hops")) {
+        extra["gateway"] = gateway;
     }
     Inbound::new(
         topic,
@@ -424,6 +454,15 @@ fn inbound(publish: &Publish) -> Inbound {
         text,
     )
     .with_extra(extra)
+}
+
+/// `extra.gateway` for a publish with the `origin` and `hops` user properties: only for a bridged
+/// message (hops 1 or more; a gateway counts every bridging). A plain send of a channeld says hops
+/// 0 and is a new message wherever it arrives; unparseable properties are not a gateway's.
+fn gateway_tag(origin: Option<String>, hops: Option<String>) -> Option<Value> {
+    let hops = hops?.trim().parse::<u64>().ok().filter(|h| *h >= 1)?;
+    let origin = origin.filter(|o| !o.is_empty())?;
+    Some(json!({ "origin": origin, "hops": hops }))
 }
 
 export_plugin!(Mqtt);

@@ -23,6 +23,15 @@ fn settings_reasons() {
     assert_eq!(reason(json!({"client_id": "c"})), "missing `host`");
     assert!(reason(json!({"host": "h", "client_id": "c", "publish_qos": 3})).contains("0, 1 or 2"));
     assert!(reason(json!({"host": "h", "client_id": "c", "tpoics": []})).contains("tpoics"));
+    let ca = |tls: bool, file: &str| {
+        reason(json!({"host": "h", "client_id": "c", "tls": tls, "ca_file": file}))
+    };
+    assert_eq!(ca(false, "/dev/null"), "`ca_file` is set but `tls` is not");
+    assert!(ca(true, "/nonexistent/ca.pem").starts_with("`ca_file` /nonexistent/ca.pem: "));
+    assert_eq!(
+        ca(true, "/dev/null"),
+        "`ca_file` /dev/null: no PEM certificate in it"
+    );
 }
 
 #[test]
@@ -31,11 +40,31 @@ fn origin_and_hops_default_to_the_account() {
         origin_and_hops(None, "mqtt:main"),
         ("mqtt:main".to_owned(), 0)
     );
-    let extra = json!({"origin": "irc:main", "hops": 2});
+    // A gateway's send: `extra.gateway`, as the host's gateways write it.
+    let extra = json!({"gateway": {"name": "g", "origin": "irc:main/#test", "hops": 2}});
     assert_eq!(
         origin_and_hops(Some(&extra), "mqtt:main"),
-        ("irc:main".to_owned(), 2)
+        ("irc:main/#test".to_owned(), 2)
     );
+    assert_eq!(
+        origin_and_hops(Some(&json!({"other": 1})), "mqtt:main"),
+        ("mqtt:main".to_owned(), 0)
+    );
+}
+
+#[test]
+fn only_a_bridged_publish_carries_a_gateway_tag_inbound() {
+    let s = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        gateway_tag(s("irc:main/#test"), s("3")),
+        Some(json!({"origin": "irc:main/#test", "hops": 3}))
+    );
+    // A plain send (hops 0), missing or bad properties: a new message.
+    assert_eq!(gateway_tag(s("mqtt:main"), s("0")), None);
+    assert_eq!(gateway_tag(None, s("2")), None);
+    assert_eq!(gateway_tag(s("irc:main/#test"), None), None);
+    assert_eq!(gateway_tag(s("irc:main/#test"), s("many")), None);
+    assert_eq!(gateway_tag(s(""), s("1")), None);
 }
 
 /// A port nothing listens on: bound, then freed.

@@ -58,11 +58,7 @@
 //! (no one posting for a day is not a fault), so the health monitor must never judge it
 //! "stale-socket". The `webhook` mode it reports tells the monitor the same.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -74,7 +70,10 @@ use axum::{
 };
 use channeld_plugin_abi::{
     export_plugin,
-    sdk::{Account, AccountContext, ChannelPlugin, Host, Inbound, Outbound, PluginError, Verdict},
+    sdk::{
+        Account, AccountContext, ChannelPlugin, Host, Inbound, Outbound, OutboundQueue,
+        PluginError, Verdict,
+    },
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -174,25 +173,7 @@ struct Outgoing {
 }
 
 #[derive(Default)]
-struct Webhook {
-    /// Each running account's outgoing endpoint (set at start, removed when the task ends).
-    outgoing: Mutex<HashMap<String, Outgoing>>,
-}
-
-/// Takes the account out of the outgoing map when its task ends.
-struct Registered<'a> {
-    map: &'a Mutex<HashMap<String, Outgoing>>,
-    account: String,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.account);
-    }
-}
+struct Webhook;
 
 /// The most of an error answer's body a send error quotes.
 const ERROR_BODY_CHARS: usize = 200;
@@ -249,23 +230,13 @@ impl ChannelPlugin for Webhook {
 
     async fn start(&self, ctx: AccountContext) -> Result<(), PluginError> {
         let settings = Settings::of(ctx.account()).map_err(PluginError::new)?;
-        let _registered = settings.outgoing_url.clone().map(|url| {
-            let account = ctx.account().id.clone();
-            self.outgoing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    account.clone(),
-                    Outgoing {
-                        url,
-                        secret: settings.outgoing_secret.clone(),
-                    },
-                );
-            Registered {
-                map: &self.outgoing,
-                account,
-            }
+        // The SDK's default `send` hands each message from this account to this queue.
+        let outbound = ctx.outbound();
+        let outgoing = settings.outgoing_url.clone().map(|url| Outgoing {
+            url,
+            secret: settings.outgoing_secret.clone(),
         });
+        ctx.spawn(send_all(ctx.account().id.clone(), outbound, outgoing));
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|e| PluginError::new(format!("cannot listen on {}: {e}", settings.listen)))?;
@@ -310,36 +281,46 @@ impl ChannelPlugin for Webhook {
         tracing::info!(%addr, "webhook account stopped");
         Ok(())
     }
+}
 
-    async fn send(&self, message: Outbound) -> Result<String, PluginError> {
-        let outgoing = self
-            .outgoing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&message.account)
-            .cloned()
-            .ok_or_else(|| {
-                PluginError::new(format!(
-                    "webhook account {} has no outgoing_url (or is not running)",
-                    message.account
-                ))
-            })?;
-        let mut body = json!({
-            "conversation": message.conversation,
-            "sender": message.account,
-            "text": message.text,
+/// Sends the account's outbound messages, each POST in a blocking task of its own so that sends
+/// of different conversations overlap (the host's outbox keeps one conversation's in order).
+async fn send_all(
+    account: String,
+    mut outbound: OutboundQueue,
+    outgoing: Option<Outgoing>,
+) -> Result<(), PluginError> {
+    while let Some(request) = outbound.recv().await {
+        let Some(outgoing) = outgoing.clone() else {
+            request.finish(Err(PluginError::new(format!(
+                "webhook account {account} has no outgoing_url"
+            ))));
+            continue;
+        };
+        let body = outgoing_body(request.message());
+        // The answer goes from the blocking task: a POST in flight when the account stops still
+        // reports its outcome.
+        tokio::task::spawn_blocking(move || {
+            request.finish(post_outgoing(&outgoing, &body).map_err(PluginError::new));
         });
-        if let Some(reply_to) = message.reply_to {
-            body["reply_to"] = json!(reply_to);
-        }
-        if let Some(extra) = message.extra {
-            body["extra"] = extra;
-        }
-        tokio::task::spawn_blocking(move || post_outgoing(&outgoing, &body))
-            .await
-            .map_err(|e| PluginError::new(format!("send task failed: {e}")))?
-            .map_err(PluginError::new)
     }
+    Ok(())
+}
+
+/// The JSON an outbound message is POSTed as: the inbound body's shape.
+fn outgoing_body(message: &Outbound) -> Value {
+    let mut body = json!({
+        "conversation": message.conversation,
+        "sender": message.account,
+        "text": message.text,
+    });
+    if let Some(reply_to) = &message.reply_to {
+        body["reply_to"] = json!(reply_to);
+    }
+    if let Some(extra) = &message.extra {
+        body["extra"] = extra.clone();
+    }
+    body
 }
 
 /// Handles a POST on the account's path.

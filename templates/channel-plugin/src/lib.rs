@@ -5,17 +5,12 @@
 //! marked `PROTOCOL` with your service's client.
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
 use channeld_plugin_abi::sdk::prelude::*;
 use serde::Deserialize;
-use tokio::sync::mpsc;
 
 /// How often a connected account reports protocol-level liveness.
 const HEARTBEAT: Duration = Duration::from_secs(30);
@@ -41,9 +36,6 @@ fn default_greeting() -> String {
 /// The plugin: one per loaded library, shared by every account of the channel.
 #[derive(Default)]
 pub struct Channel {
-    /// Each running account's queue of messages to send: `send` fills it, the account's task
-    /// sends them on its connection.
-    outboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Outbound>>>,
     /// The last message id handed out.
     sent: AtomicU64,
 }
@@ -61,9 +53,9 @@ impl ChannelPlugin for Channel {
 
     async fn start(&self, ctx: AccountContext) -> PluginResult {
         let settings: Settings = ctx.account().parse()?;
-        let (outbox, mut to_send) = mpsc::unbounded_channel();
-        let id = ctx.account().id.clone();
-        self.outboxes().insert(id.clone(), outbox);
+        // The messages channeld sends from this account: the SDK's default `send` hook hands
+        // each one to this queue and waits for the answer given below.
+        let mut to_send = ctx.outbound();
 
         // PROTOCOL: connect and authenticate with `settings.token` here.
         ctx.host().set_connected(true);
@@ -88,43 +80,23 @@ impl ChannelPlugin for Channel {
         let ended = loop {
             tokio::select! {
                 () = ctx.aborted() => break Ok(()),
-                message = to_send.recv() => {
-                    let Some(message) = message else { break Ok(()) };
-                    // PROTOCOL: write `message` to the connection; this loopback echoes it back.
+                request = to_send.recv() => {
+                    let Some(request) = request else { break Ok(()) };
+                    // PROTOCOL: write the message to the connection; answer once the service
+                    // has taken it, with its id for it. This loopback echoes it back.
                     ctx.host().record_event(EventKind::Outbound);
-                    let echo = Inbound::new(message.conversation, "echo", message.text);
+                    let message = request.message();
+                    let echo = Inbound::new(&message.conversation, "echo", &message.text);
+                    let id = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+                    request.finish(Ok(format!("{}-{id}", Self::CHANNEL_ID)));
                     if let Err(e) = ctx.deliver(echo).await {
                         break Err(e.context("echoing a sent message"));
                     }
                 }
             }
         };
-        self.outboxes().remove(&id);
         ctx.host().set_connected(false);
         ended
-    }
-
-    async fn send(&self, message: Outbound) -> PluginResult<String> {
-        let outbox = self.outboxes().get(&message.account).cloned();
-        let Some(outbox) = outbox else {
-            return Err(PluginError::new(format!(
-                "account {} is not running",
-                message.account
-            )));
-        };
-        let id = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        outbox
-            .send(message)
-            .map_err(|_| PluginError::new("the account is stopping"))?;
-        Ok(format!("{}-{id}", Self::CHANNEL_ID))
-    }
-}
-
-impl Channel {
-    fn outboxes(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Outbound>>> {
-        self.outboxes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

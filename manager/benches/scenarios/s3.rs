@@ -1,0 +1,27 @@
+//! `S3`: `S1` at ten times its size, to show whether the supervisor scales linearly: 100,000
+//! accounts (ten times `CHANNELD_BENCH_ACCOUNTS` when that is set). It is `S1`'s own code on a
+//! bigger fleet, so it prints `S1`'s keys, with `"scenario":"S3"`; each figure is meant to stay
+//! within 11× its `S1` value, and memory per account within 2 KiB.
+
+use anyhow::Context as _;
+
+use super::{Bench, s1};
+
+/// How many times `S1`'s accounts.
+const SCALE: u64 = 10;
+
+pub(super) fn s3(bench: &Bench) -> anyhow::Result<String> {
+    let bigger = Bench {
+        plugin_dir: bench.plugin_dir.clone(),
+        staging: tempfile::tempdir().context("cannot create a temporary plugins directory")?,
+        messages: bench.messages,
+        calls: bench.calls,
+        rounds: bench.rounds,
+        accounts: bench.accounts * SCALE,
+    };
+    let line = s1(&bigger)?;
+    let rest = line
+        .strip_prefix(r#"{"scenario":"S1","#)
+        .with_context(|| format!("S1's line does not begin with its scenario: {line}"))?;
+    Ok(format!(r#"{{"scenario":"S3",{rest}"#))
+}
