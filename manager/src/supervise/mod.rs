@@ -866,6 +866,43 @@ impl Supervisor {
         out
     }
 
+    /// One account's entry of [`Supervisor::snapshot`], read without building the others (what
+    /// `GET /v1/status/{channel}/{account}` answers).
+    pub fn account_snapshot(
+        &self,
+        channel: &str,
+        account: &str,
+    ) -> Result<AccountSnapshot, SupervisorError> {
+        let id = channeld_plugin_abi::normalize_account_id(account);
+        let (ch, removed) = {
+            let state = self.lock();
+            let removed = state
+                .removed
+                .get(channel)
+                .is_some_and(|ids| ids.contains(&id));
+            (state.channels.get(channel).cloned(), removed)
+        };
+        let board = &self.inner.board;
+        let found = match &ch {
+            Some(ch) if ch.accounts.contains(&id) || default_account_of(ch) == id => board
+                .channel_snapshots(channel, std::iter::once(&id), |id| {
+                    Some(AccountSnapshot {
+                        account_id: id.to_owned(),
+                        enabled: true,
+                        configured: true,
+                        ..AccountSnapshot::default()
+                    })
+                })
+                .remove(&id),
+            Some(_) => None,
+            None if removed => board
+                .channel_snapshots(channel, std::iter::once(&id), |_| None)
+                .remove(&id),
+            None => return Err(SupervisorError::UnknownChannel(channel.to_owned())),
+        };
+        found.ok_or_else(|| SupervisorError::UnknownAccount(AccountKey::new(channel, account)))
+    }
+
     /// Stops every account and waits for every lifecycle: close, cancel, wait. Returns the
     /// accounts that did not stop (stuck, with what they are blocked in).
     pub async fn shutdown(&self) -> Vec<(AccountKey, String)> {

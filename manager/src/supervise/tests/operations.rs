@@ -245,3 +245,35 @@ async fn the_snapshot_has_every_listed_account_and_the_default_with_their_reason
     assert_eq!(c["bare-why"].last_error.as_deref(), Some("no bot token"));
     assert!(!c["bare-why"].configured && !c["bare-why"].running);
 }
+
+/// The one-account read (`GET /v1/status/{channel}/{account}`) gives exactly the full snapshot's
+/// entry, for listed accounts, the default one and any spelling of an id, and names an unknown
+/// channel or account.
+#[tokio::test(start_paused = true)]
+async fn one_accounts_snapshot_is_its_entry_of_the_whole_snapshot() {
+    let plugin = TestPlugin::new("c", &["on", "off", "Mixed"]);
+    let _release = plugin.release_on_drop();
+    plugin.set_default_account(Some("main"));
+    plugin.set_enabled("off", Check::No(Some("switched off".into())));
+    let sup = supervisor();
+    add(&sup, &plugin).await;
+    sup.start_all().await;
+    let all = sup.snapshot();
+    for (asked, id) in [
+        ("on", "on"),
+        ("off", "off"),
+        ("MIXED", "mixed"),
+        ("main", "main"),
+    ] {
+        let one = sup.account_snapshot("c", asked).expect(asked);
+        assert_eq!(one, all["c"][id], "{asked}");
+    }
+    assert!(matches!(
+        sup.account_snapshot("nope", "on"),
+        Err(SupervisorError::UnknownChannel(_))
+    ));
+    assert!(matches!(
+        sup.account_snapshot("c", "ghost"),
+        Err(SupervisorError::UnknownAccount(_))
+    ));
+}
