@@ -27,8 +27,8 @@
 //! plugins directory by copying it to a temporary name that does not end in `.so` and renaming it
 //! (a rename is atomic, so channeld never sees half a file). Configure accounts in channeld's
 //! TOML under `[channels.<CHANNEL_ID>.accounts.<account>]`. The host owns a few keys there and in
-//! the channel's table (`enabled`, `health_monitor`, `isolation`, `memory_limit`: channeld's
-//! `docs/reserved-keys.md` lists them) and removes them before your plugin sees the table, so a
+//! the channel's table (`enabled`, `health_monitor`, `isolation`, `worker_threads`, …: channeld's
+//! `docs/reserved-keys.md` lists them all) and removes them before your plugin sees the table, so a
 //! settings type with `#[serde(deny_unknown_fields)]` keeps working as the host grows keys; every
 //! other key is yours, read with [`sdk::Account::parse`]. [`sdk::ChannelPlugin::validate`]
 //! refuses a table with your own message.
