@@ -24,7 +24,8 @@
 #[path = "scenarios/hot_add.rs"]
 mod hot_add;
 
-/// `isolation`: a call round trip and inbound throughput through an isolated plugin's child.
+/// `isolation`: a call round trip and inbound throughput through an isolated plugin's child, and
+/// `S1` in one isolated child against `S1` in-process.
 #[path = "scenarios/isolation.rs"]
 mod isolation;
 /// `reload`: a config reload of a channel with many running accounts, one of them changed.
