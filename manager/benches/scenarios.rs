@@ -24,7 +24,8 @@
 #[path = "scenarios/hot_add.rs"]
 mod hot_add;
 
-/// `isolation`: a call round trip and inbound throughput through an isolated plugin's child.
+/// `isolation`: a call round trip and inbound throughput through an isolated plugin's child, and
+/// `S1` in one isolated child against `S1` in-process.
 #[path = "scenarios/isolation.rs"]
 mod isolation;
 /// `reload`: a config reload of a channel with many running accounts, one of them changed.
@@ -82,6 +83,7 @@ use channeld::{
     discover::{self, PLUGIN_SUFFIX},
     ffi::FfiPlugin,
     host::{AccountKey, AccountLink, HostSink},
+    isolate::{ChildSpec, IsolatedPlugin},
     load::load_root_module,
     plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
     registry::{LoadedPlugin, Loader},
@@ -979,6 +981,17 @@ static FLEETS: AtomicUsize = AtomicUsize::new(0);
 
 impl Fleet {
     fn new(bench: &Bench, account: Value, policy: SupervisorConfig) -> anyhow::Result<Self> {
+        Self::new_in(bench, account, policy, None)
+    }
+
+    /// [`Fleet::new`] with the plugin in-process (`child: None`) or in one isolated child
+    /// process run from the `channeld` binary `child` (as `isolation = "process"` does).
+    fn new_in(
+        bench: &Bench,
+        account: Value,
+        policy: SupervisorConfig,
+        child: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let built = bench.built(FIXTURE)?;
         let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
         let pass = format!("fleet{}", FLEETS.fetch_add(1, Ordering::Relaxed));
@@ -986,15 +999,6 @@ impl Fleet {
         let staging = StagingDir::open(&scratch.path().join("state/staging"))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let board = Arc::new(StatusBoard::new(clock.clone()));
-        let mut loader = Loader::new(staging, board.clone(), clock.clone());
-        loader.worker_threads = PLUGIN_WORKERS;
-        loader.max_log_level = LogLevel::Warn;
-        let plugin = loader.load_file(&copy[0], |_| None)?.plugin;
-        ensure!(
-            plugin.info().channel_id == FLEET_CHANNEL,
-            "the fixture loaded as {:?}",
-            plugin.info().channel_id
-        );
         // Named so the CPU meter can tell the workers (the runtime starts them first) from the
         // blocking pool's threads.
         let spawned = AtomicUsize::new(0);
@@ -1007,6 +1011,35 @@ impl Fleet {
             })
             .enable_all()
             .build()?;
+        let plugin: Arc<dyn Plugin> = match child {
+            None => {
+                let mut loader = Loader::new(staging, board.clone(), clock.clone());
+                loader.worker_threads = PLUGIN_WORKERS;
+                loader.max_log_level = LogLevel::Warn;
+                loader.load_file(&copy[0], |_| None)?.plugin
+            }
+            Some(exe) => {
+                let staged = staging.stage(&copy[0])?;
+                let spec = ChildSpec {
+                    plugin: staged.copy.clone(),
+                    source: staged.source.clone(),
+                    worker_threads: PLUGIN_WORKERS,
+                    max_log_level: LogLevel::Warn,
+                    memory_limit: None,
+                    exe: Some(exe),
+                };
+                Arc::new(IsolatedPlugin::spawn(
+                    spec,
+                    runtime.handle().clone(),
+                    board.clone(),
+                )?)
+            }
+        };
+        ensure!(
+            plugin.info().channel_id == FLEET_CHANNEL,
+            "the fixture loaded as {:?}",
+            plugin.info().channel_id
+        );
         let supervisor =
             Supervisor::new(policy, CALL_TIMEOUT, board, clock, Arc::new(RandomJitter));
         let ids: Vec<String> = (0..bench.accounts).map(|i| format!("a{i}")).collect();
@@ -1240,7 +1273,14 @@ struct S1Report {
 /// the plugin counts them all running, the in-memory snapshot of all accounts, stop-all until the
 /// plugin counts them all ended, and the resident memory each running account costs.
 fn s1(bench: &Bench) -> anyhow::Result<String> {
-    let fleet = Fleet::new(bench, json!({}), SupervisorConfig::default())?;
+    Ok(serde_json::to_string(&s1_figures(bench, None)?)?)
+}
+
+/// `S1`'s figures, with the plugin in-process (`child: None`) or in one isolated child run from
+/// the `channeld` binary `child` (the `isolation` scenario compares the two).
+fn s1_figures(bench: &Bench, child: Option<PathBuf>) -> anyhow::Result<S1Report> {
+    let label = if child.is_some() { "S1 isolated" } else { "S1" };
+    let fleet = Fleet::new_in(bench, json!({}), SupervisorConfig::default(), child)?;
     let n = bench.accounts;
     let rss_before = rss_bytes()?;
 
@@ -1306,9 +1346,9 @@ fn s1(bench: &Bench) -> anyhow::Result<String> {
         outcomes.len()
     );
     eprintln!(
-        "bench: S1: start_all returned after {:.3} ms, all running after {:.3} ms; snapshots \
-         {:?} ms; stop returned after {:.3} ms, all ended after {:.3} ms; RSS {} -> {} KiB\n\
-         bench: S1: start-all {start_cpu}\nbench: S1: stop-all {stop_cpu}",
+        "bench: {label}: start_all returned after {:.3} ms, all running after {:.3} ms; \
+         snapshots {:?} ms; stop returned after {:.3} ms, all ended after {:.3} ms; RSS {} -> {} \
+         KiB\nbench: {label}: start-all {start_cpu}\nbench: {label}: stop-all {stop_cpu}",
         ms(returned),
         ms(start_all),
         snapshot_times.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
@@ -1318,7 +1358,7 @@ fn s1(bench: &Bench) -> anyhow::Result<String> {
         rss_running / 1024,
     );
     fleet.close()?;
-    Ok(serde_json::to_string(&S1Report {
+    Ok(S1Report {
         scenario: "S1",
         accounts: n,
         running,
@@ -1326,7 +1366,7 @@ fn s1(bench: &Bench) -> anyhow::Result<String> {
         snapshot_ms: ms(snapshot_median),
         stop_all_ms: ms(stop_all),
         bytes_per_account: rss_running.saturating_sub(rss_before) / n,
-    })?)
+    })
 }
 
 /// The `S2` scenario's line.

@@ -16,7 +16,7 @@ use std::{
 
 use abi_stable::std_types::RString;
 use channeld_plugin_abi::abi::{EventKind, InboundMessage, LogLevel};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -527,6 +527,13 @@ fn on_message(
                             extra: message.extra.into(),
                         },
                     );
+                    // A sink that accepts at once (no journal commit to wait for) is answered
+                    // here, without a task and its wake-up per message.
+                    let mut accepted = accepted;
+                    if let Some(result) = (&mut accepted).now_or_never() {
+                        answer(QueryAnswer::Delivered(result));
+                        return;
+                    }
                     let tx = conn.tx.clone();
                     tokio::spawn(async move {
                         let result = accepted.await;
