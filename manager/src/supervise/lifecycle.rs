@@ -300,7 +300,10 @@ impl Lifecycle {
                     Ok(()) => "channel exited without an error".to_owned(),
                     Err(e) => e.clone(),
                 };
-                ctx.set_state(AccountState::Stopped, |s| {
+                // Why it ended, without a state of its own: what follows at once (restart-pending,
+                // gave-up, or stopped when a stop raced the end) is the state the stream shows,
+                // with no `stopped` flashing before a restart.
+                ctx.inner.board.update(&ctx.key, |s| {
                     s.last_stop_at = Some(now);
                     s.last_error = Some(error.clone());
                 });
