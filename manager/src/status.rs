@@ -357,17 +357,6 @@ impl StatusBoard {
             .collect()
     }
 
-    /// The snapshots of `keys`, read under one lock (`None` for an account never written).
-    pub fn get_many<'k>(
-        &self,
-        keys: impl IntoIterator<Item = &'k AccountKey>,
-    ) -> Vec<Option<AccountSnapshot>> {
-        let entries = self.lock();
-        keys.into_iter()
-            .map(|k| entries.get(k).map(|e| e.snapshot.clone()))
-            .collect()
-    }
-
     /// Marks the start of a run: stamps `lastStartAt` and the monotonic start the health monitor
     /// measures from.
     pub fn mark_started(&self, key: &AccountKey) {

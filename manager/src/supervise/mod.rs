@@ -850,12 +850,7 @@ impl Supervisor {
             let default = default_account_of(&ch);
             let extra = (!ch.accounts.contains(&default)).then_some(&default);
             let accounts = board.channel_snapshots(&ch.id, ch.accounts.iter().chain(extra), |id| {
-                Some(AccountSnapshot {
-                    account_id: id.to_owned(),
-                    enabled: true,
-                    configured: true,
-                    ..AccountSnapshot::default()
-                })
+                Some(unwritten(id))
             });
             out.insert(ch.id.clone(), accounts);
         }
@@ -882,22 +877,13 @@ impl Supervisor {
                 .is_some_and(|ids| ids.contains(&id));
             (state.channels.get(channel).cloned(), removed)
         };
-        let board = &self.inner.board;
+        let entry = || self.inner.board.get(&AccountKey::new(channel, id.as_str()));
         let found = match &ch {
-            Some(ch) if ch.accounts.contains(&id) || default_account_of(ch) == id => board
-                .channel_snapshots(channel, std::iter::once(&id), |id| {
-                    Some(AccountSnapshot {
-                        account_id: id.to_owned(),
-                        enabled: true,
-                        configured: true,
-                        ..AccountSnapshot::default()
-                    })
-                })
-                .remove(&id),
+            Some(ch) if ch.accounts.contains(&id) || default_account_of(ch) == id => {
+                Some(entry().unwrap_or_else(|| unwritten(&id)))
+            }
             Some(_) => None,
-            None if removed => board
-                .channel_snapshots(channel, std::iter::once(&id), |_| None)
-                .remove(&id),
+            None if removed => entry(),
             None => return Err(SupervisorError::UnknownChannel(channel.to_owned())),
         };
         found.ok_or_else(|| SupervisorError::UnknownAccount(AccountKey::new(channel, account)))
@@ -941,6 +927,16 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the snapshot shows for a listed account the board has no entry for yet.
+fn unwritten(id: &str) -> AccountSnapshot {
+    AccountSnapshot {
+        account_id: id.to_owned(),
+        enabled: true,
+        configured: true,
+        ..AccountSnapshot::default()
     }
 }
 
