@@ -56,6 +56,16 @@ pub struct RunningTask {
     pub done: BoxFuture<Result<(), String>>,
 }
 
+/// What booting one account did (see [`Plugin::boot_accounts`]).
+pub enum BootStep {
+    /// Switched off, with the plugin's reason if it gave one; not started.
+    Disabled(Option<String>),
+    /// Not configured, with the plugin's reason if it gave one; not started.
+    NotConfigured(Option<String>),
+    /// Enabled, configured and started.
+    Started(RunningTask),
+}
+
 /// A message for a plugin to send.
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {
@@ -133,6 +143,54 @@ pub trait Plugin: Send + Sync + 'static {
         batch
             .into_iter()
             .map(|(account, link)| self.start_account(&account, link))
+            .collect()
+    }
+    /// Boots several accounts in one call: for each, in order, whether it is enabled, whether it
+    /// is configured and, when both say yes, its start; one result per account, in order. The
+    /// default asks account by account and starts the accounts that passed with one
+    /// [`start_accounts`](Self::start_accounts) call; an isolated plugin answers the whole batch in
+    /// one round trip. Callers pass at most the channel's startup fan-out at once (a batch of k
+    /// counts as k booting accounts).
+    fn boot_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<BootStep, PluginCallError>> {
+        let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
+        let mut starts = Vec::new();
+        for (account, link) in batch {
+            let checked = self.is_enabled(&account).and_then(|enabled| match enabled {
+                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
+                Check::Yes => self
+                    .is_configured(&account)
+                    .map(|configured| match configured {
+                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
+                        Check::Yes => None,
+                    }),
+            });
+            match checked {
+                Ok(None) => {
+                    starts.push((steps.len(), (account, link)));
+                    steps.push(None);
+                }
+                Ok(Some(step)) => steps.push(Some(Ok(step))),
+                Err(error) => steps.push(Some(Err(error))),
+            }
+        }
+        let (slots, batch): (Vec<usize>, Vec<_>) = starts.into_iter().unzip();
+        for (slot, started) in slots.into_iter().zip(self.start_accounts(batch)) {
+            steps[slot] = Some(started.map(BootStep::Started));
+        }
+        steps
+            .into_iter()
+            .map(|step| {
+                step.unwrap_or_else(|| {
+                    Err(PluginCallError {
+                        channel: self.info().channel_id.clone(),
+                        entry: "start_accounts",
+                        message: "the plugin returned fewer results than accounts".into(),
+                    })
+                })
+            })
             .collect()
     }
     /// Fires the abort signal of several tasks; how many were still known.
