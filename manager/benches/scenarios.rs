@@ -1112,8 +1112,8 @@ impl Fleet {
     /// The fleet's accounts in `Supervisor::snapshot`, checked to be exactly `ids`.
     fn snapshot_accounts<'a>(
         &self,
-        snapshot: &'a BTreeMap<String, BTreeMap<String, AccountSnapshot>>,
-    ) -> anyhow::Result<&'a BTreeMap<String, AccountSnapshot>> {
+        snapshot: &'a channeld::status::Snapshot,
+    ) -> anyhow::Result<&'a channeld::status::ChannelSnapshot> {
         let accounts = snapshot
             .get(FLEET_CHANNEL)
             .context("the snapshot has no fixture channel")?;

@@ -3,9 +3,10 @@
 //! dropped and counted instead of corrupting the replacement's status.
 
 use std::{
-    collections::HashMap,
+    any::Any,
+    collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -204,15 +205,93 @@ pub struct Liveness {
 
 struct Entry {
     generation: u64,
-    snapshot: AccountSnapshot,
+    /// Shared with the snapshots that read it; a write copies it only while one still holds it.
+    snapshot: Arc<AccountSnapshot>,
     liveness: Liveness,
+}
+
+impl Entry {
+    /// The snapshot to write to (copied first if a snapshot still shares it).
+    fn snapshot_mut(&mut self) -> &mut AccountSnapshot {
+        Arc::make_mut(&mut self.snapshot)
+    }
 }
 
 /// Every account's entry, by channel and then by account: a channel's accounts are found (and
 /// read for a snapshot) without building a key per account.
 #[derive(Default)]
 struct Entries {
-    channels: HashMap<String, HashMap<String, Entry>>,
+    channels: HashMap<String, ChannelEntries>,
+}
+
+/// One channel's entries: kept in a vector (entries are never removed), found by account id
+/// through an index, with the sorted view its last snapshot used.
+#[derive(Default)]
+struct ChannelEntries {
+    slots: Vec<Entry>,
+    index: HashMap<String, u32>,
+    view: Option<View>,
+}
+
+impl ChannelEntries {
+    fn get(&self, account: &str) -> Option<&Entry> {
+        self.index.get(account).map(|&i| &self.slots[i as usize])
+    }
+
+    fn get_mut(&mut self, account: &str) -> Option<&mut Entry> {
+        let i = *self.index.get(account)?;
+        Some(&mut self.slots[i as usize])
+    }
+
+    /// The channel's accounts `ids` in account-id order (each once), as slots of this channel or
+    /// `missing(id)` for an id without an entry (left out when that is `None`).
+    fn sorted_view<S: AsRef<str>>(
+        &self,
+        ids: impl IntoIterator<Item = S>,
+        missing: impl Fn(&str) -> Option<AccountSnapshot>,
+    ) -> Vec<Item> {
+        let mut items: Vec<(S, Item)> = ids
+            .into_iter()
+            .filter_map(|id| {
+                let item = match self.index.get(id.as_ref()) {
+                    Some(&slot) => Item::Slot(slot),
+                    None => Item::Unwritten(Arc::new(missing(id.as_ref())?)),
+                };
+                Some((id, item))
+            })
+            .collect();
+        // Listings are usually sorted already: this is then one pass.
+        items.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        items.dedup_by(|a, b| a.0.as_ref() == b.0.as_ref());
+        items.into_iter().map(|(_, item)| item).collect()
+    }
+
+    /// The snapshots of `items`, in their order (reference clones).
+    fn materialise(&self, items: &[Item]) -> ChannelSnapshot {
+        ChannelSnapshot {
+            accounts: items
+                .iter()
+                .map(|item| match item {
+                    Item::Slot(slot) => self.slots[*slot as usize].snapshot.clone(),
+                    Item::Unwritten(snapshot) => snapshot.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A channel's sorted view for one listing of its accounts (see
+/// [`StatusBoard::listed_snapshot`]): valid while that listing lives and no entry was added.
+struct View {
+    listing: Weak<dyn Any + Send + Sync>,
+    slots: usize,
+    items: Vec<Item>,
+}
+
+/// One account of a view: its entry's slot, or the snapshot shown before it has an entry.
+enum Item {
+    Slot(u32),
+    Unwritten(Arc<AccountSnapshot>),
 }
 
 impl Entries {
@@ -227,20 +306,132 @@ impl Entries {
     /// `key`'s entry, created if needed (allocating only then).
     fn entry(&mut self, key: &AccountKey) -> &mut Entry {
         if !self.channels.contains_key(&key.channel) {
-            self.channels.insert(key.channel.clone(), HashMap::new());
+            self.channels
+                .insert(key.channel.clone(), ChannelEntries::default());
         }
-        let accounts = self
+        let channel = self
             .channels
             .get_mut(&key.channel)
             .expect("the channel was just inserted");
-        if !accounts.contains_key(&key.account) {
-            accounts.insert(key.account.clone(), new_entry(key));
-        }
-        accounts
-            .get_mut(&key.account)
-            .expect("the account was just inserted")
+        let slot = match channel.index.get(&key.account) {
+            Some(&slot) => slot,
+            None => {
+                let slot = u32::try_from(channel.slots.len())
+                    .expect("fewer than 2^32 accounts in a channel");
+                channel.slots.push(new_entry(key));
+                channel.index.insert(key.account.clone(), slot);
+                slot
+            }
+        };
+        &mut channel.slots[slot as usize]
     }
 }
+
+/// One channel's accounts in a snapshot, in account-id order, keyed by their `accountId`. Each
+/// account's snapshot is shared with the status board (taking one copies no account); a later
+/// change on the board does not change a snapshot already taken. Serialises as a JSON object
+/// `{account: snapshot, …}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChannelSnapshot {
+    accounts: Vec<Arc<AccountSnapshot>>,
+}
+
+impl ChannelSnapshot {
+    /// How many accounts.
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Whether it has no account.
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    /// `account`'s snapshot (a binary search by account id).
+    pub fn get(&self, account: &str) -> Option<&AccountSnapshot> {
+        self.accounts
+            .binary_search_by(|s| s.account_id.as_str().cmp(account))
+            .ok()
+            .map(|i| &*self.accounts[i])
+    }
+
+    /// The account ids, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.accounts.iter().map(|s| &s.account_id)
+    }
+
+    /// The snapshots, in account-id order.
+    pub fn values(&self) -> impl Iterator<Item = &AccountSnapshot> {
+        self.accounts.iter().map(|s| &**s)
+    }
+
+    /// `(account id, snapshot)` pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &AccountSnapshot)> {
+        self.accounts.iter().map(|s| (&s.account_id, &**s))
+    }
+}
+
+impl ChannelSnapshot {
+    /// The snapshots `missing(id)` of `ids` (a channel without any entry yet), sorted, each once.
+    fn unwritten<S: AsRef<str>>(
+        ids: impl IntoIterator<Item = S>,
+        missing: impl Fn(&str) -> Option<AccountSnapshot>,
+    ) -> Self {
+        let empty = ChannelEntries::default();
+        empty.materialise(&empty.sorted_view(ids, missing))
+    }
+}
+
+impl std::ops::Index<&str> for ChannelSnapshot {
+    type Output = AccountSnapshot;
+
+    fn index(&self, account: &str) -> &AccountSnapshot {
+        self.get(account)
+            .unwrap_or_else(|| panic!("no account {account:?} in the snapshot"))
+    }
+}
+
+impl IntoIterator for ChannelSnapshot {
+    type Item = (String, AccountSnapshot);
+    type IntoIter = std::iter::Map<
+        std::vec::IntoIter<Arc<AccountSnapshot>>,
+        fn(Arc<AccountSnapshot>) -> (String, AccountSnapshot),
+    >;
+
+    /// Owned pairs: each snapshot is copied unless nothing else shares it.
+    fn into_iter(self) -> Self::IntoIter {
+        self.accounts.into_iter().map(|s| {
+            let s = Arc::unwrap_or_clone(s);
+            (s.account_id.clone(), s)
+        })
+    }
+}
+
+impl<'a> IntoIterator for &'a ChannelSnapshot {
+    type Item = (&'a String, &'a AccountSnapshot);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, Arc<AccountSnapshot>>,
+        fn(&'a Arc<AccountSnapshot>) -> (&'a String, &'a AccountSnapshot),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.accounts.iter().map(|s| (&s.account_id, &**s))
+    }
+}
+
+impl Serialize for ChannelSnapshot {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.accounts.len()))?;
+        for s in &self.accounts {
+            map.serialize_entry(&s.account_id, &**s)?;
+        }
+        map.end()
+    }
+}
+
+/// Every channel's accounts (`GET /v1/status`'s content), by channel id.
+pub type Snapshot = BTreeMap<String, ChannelSnapshot>;
 
 /// Every account's status. Cheap to share (`Arc`); its lock is held only for field updates.
 pub struct StatusBoard {
@@ -296,8 +487,9 @@ impl StatusBoard {
             && entry.generation == generation
         {
             let before = derive(&entry.snapshot);
-            f(&mut entry.snapshot);
-            self.states.publish(key, Some(before), &entry.snapshot);
+            let snapshot = entry.snapshot_mut();
+            f(snapshot);
+            self.states.publish(key, Some(before), snapshot);
         }
     }
 
@@ -330,7 +522,7 @@ impl StatusBoard {
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
         let mut entries = self.lock();
         let before = entries.get(key).map(|entry| derive(&entry.snapshot));
-        let snapshot = &mut entries.entry(key).snapshot;
+        let snapshot = entries.entry(key).snapshot_mut();
         f(snapshot);
         // The publish hook of every `set_state`: under the lock, so changes go out in order.
         self.states.publish(key, before, snapshot);
@@ -344,17 +536,61 @@ impl StatusBoard {
         ids: impl IntoIterator<Item = &'i String>,
         missing: impl Fn(&str) -> Option<AccountSnapshot>,
     ) -> std::collections::BTreeMap<String, AccountSnapshot> {
-        let entries = self.lock();
-        let accounts = entries.channels.get(channel);
-        ids.into_iter()
-            .filter_map(|id| {
-                let snapshot = match accounts.and_then(|a| a.get(id)) {
-                    Some(entry) => entry.snapshot.clone(),
-                    None => missing(id)?,
-                };
-                Some((id.clone(), snapshot))
-            })
+        self.channel_snapshot(channel, ids.into_iter().map(String::as_str), missing)
+            .into_iter()
             .collect()
+    }
+
+    /// The snapshots of `channel`'s accounts `ids` (each once, in account-id order), read under
+    /// one lock and shared with the board; an account never written gets `missing(id)` (left out
+    /// when that is `None`).
+    pub fn channel_snapshot<'i>(
+        &self,
+        channel: &str,
+        ids: impl IntoIterator<Item = &'i str>,
+        missing: impl Fn(&str) -> Option<AccountSnapshot>,
+    ) -> ChannelSnapshot {
+        let entries = self.lock();
+        match entries.channels.get(channel) {
+            Some(accounts) => accounts.materialise(&accounts.sorted_view(ids, missing)),
+            None => ChannelSnapshot::unwritten(ids, missing),
+        }
+    }
+
+    /// [`StatusBoard::channel_snapshot`] for one listing of the channel's accounts: `listing`
+    /// stands for the list (`ids` must give the same accounts as long as it lives). The sorted
+    /// view of that list is kept and reused until the listing is dropped or the channel gains an
+    /// entry, so a snapshot costs one reference clone per account; `ids` is read only to build
+    /// a new view.
+    pub fn listed_snapshot<S: AsRef<str>, I: IntoIterator<Item = S>>(
+        &self,
+        channel: &str,
+        listing: Weak<dyn Any + Send + Sync>,
+        ids: impl FnOnce() -> I,
+        missing: impl Fn(&str) -> Option<AccountSnapshot>,
+    ) -> ChannelSnapshot {
+        let mut entries = self.lock();
+        let Some(accounts) = entries.channels.get_mut(channel) else {
+            return ChannelSnapshot::unwritten(ids(), missing);
+        };
+        let fresh = accounts.view.as_ref().is_some_and(|view| {
+            view.slots == accounts.slots.len() && Weak::ptr_eq(&view.listing, &listing)
+        });
+        if !fresh {
+            let items = accounts.sorted_view(ids(), missing);
+            accounts.view = Some(View {
+                listing,
+                slots: accounts.slots.len(),
+                items,
+            });
+        }
+        let view = accounts.view.as_ref().expect("the view was just set");
+        accounts.materialise(&view.items)
+    }
+
+    /// `key`'s snapshot, shared with the board (no copy; later changes do not reach it).
+    pub fn get_shared(&self, key: &AccountKey) -> Option<Arc<AccountSnapshot>> {
+        self.lock().get(key).map(|e| e.snapshot.clone())
     }
 
     /// Marks the start of a run: stamps `lastStartAt` and the monotonic start the health monitor
@@ -364,19 +600,21 @@ impl StatusBoard {
         let mut entries = self.lock();
         let entry = entries.entry(key);
         entry.liveness.started_at = Some(now);
-        entry.snapshot.last_start_at = Some(wall);
+        entry.snapshot_mut().last_start_at = Some(wall);
     }
 
     /// `key`'s snapshot and run times together (one lock).
     pub fn get_with_liveness(&self, key: &AccountKey) -> Option<(AccountSnapshot, Liveness)> {
         self.lock()
             .get(key)
-            .map(|e| (e.snapshot.clone(), e.liveness))
+            .map(|e| (AccountSnapshot::clone(&e.snapshot), e.liveness))
     }
 
     /// `key`'s snapshot.
     pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
-        self.lock().get(key).map(|e| e.snapshot.clone())
+        self.lock()
+            .get(key)
+            .map(|e| AccountSnapshot::clone(&e.snapshot))
     }
 
     /// Host-service calls dropped because they came from a stale generation.
@@ -400,7 +638,10 @@ impl StatusBoard {
         let mut entries = self.lock();
         match entries.get_mut(key) {
             Some(entry) if entry.generation == generation => {
-                f(&mut entry.snapshot, &mut entry.liveness, now)
+                let Entry {
+                    snapshot, liveness, ..
+                } = entry;
+                f(Arc::make_mut(snapshot), liveness, now)
             }
             _ => {
                 drop(entries);
@@ -416,12 +657,12 @@ fn new_entry(key: &AccountKey) -> Entry {
     Entry {
         generation: 0,
         liveness: Liveness::default(),
-        snapshot: AccountSnapshot {
+        snapshot: Arc::new(AccountSnapshot {
             account_id: key.account.clone(),
             enabled: true,
             configured: true,
             ..AccountSnapshot::default()
-        },
+        }),
     }
 }
 
@@ -587,5 +828,121 @@ impl HostSink for StatusBoard {
             "inbound message"
         );
         self.messages.accept(key, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::clock::SystemClock;
+
+    fn board() -> StatusBoard {
+        StatusBoard::new(Arc::new(SystemClock))
+    }
+
+    fn unwritten(id: &str) -> Option<AccountSnapshot> {
+        Some(AccountSnapshot {
+            account_id: id.to_owned(),
+            last_error: Some("unwritten".into()),
+            ..AccountSnapshot::default()
+        })
+    }
+
+    /// A snapshot shares the board's values, yet a later write on the board (which copies the
+    /// shared value) does not change it; the next snapshot sees the write.
+    #[test]
+    fn a_snapshot_taken_keeps_its_values_after_the_board_changes() {
+        let board = board();
+        let key = AccountKey::new("c", "a");
+        board.update(&key, |s| s.set_state(AccountState::Running));
+        let before = board.channel_snapshot("c", ["a"], |_| None);
+        let shared = board.get_shared(&key).unwrap();
+        board.update(&key, |s| s.set_state(AccountState::GaveUp));
+        assert_eq!(before["a"].state, AccountState::Running);
+        assert_eq!(shared.state, AccountState::Running);
+        let after = board.channel_snapshot("c", ["a"], |_| None);
+        assert_eq!(after["a"].state, AccountState::GaveUp);
+        assert_eq!(board.get(&key).unwrap().state, AccountState::GaveUp);
+    }
+
+    /// A listing's sorted view is built once and reused (its ids are not read again) while the
+    /// listing lives and no entry is added; a new entry or another listing rebuilds it.
+    #[test]
+    fn a_listed_snapshot_reuses_its_view_until_the_listing_or_the_entries_change() {
+        let board = board();
+        for id in ["b", "a", "x"] {
+            board.update(&AccountKey::new("c", id), |s| s.reconnect_attempts = 1);
+        }
+        let listing: Arc<dyn Any + Send + Sync> = Arc::new(());
+        let reads = Cell::new(0);
+        let ids = || {
+            reads.set(reads.get() + 1);
+            ["b", "c", "a", "b"]
+        };
+        let snapshot = |listing: &Arc<dyn Any + Send + Sync>, ids| {
+            board.listed_snapshot("c", Arc::downgrade(listing), ids, unwritten)
+        };
+
+        let first = snapshot(&listing, &ids);
+        // Sorted, each once, the unlisted `x` left out, the entry-less `c` from `missing`.
+        assert_eq!(first.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(first["c"].last_error.as_deref(), Some("unwritten"));
+        assert_eq!(first["a"].reconnect_attempts, 1);
+        assert_eq!(reads.get(), 1);
+
+        // Changed values show through the kept view; its ids are not read again.
+        board.update(&AccountKey::new("c", "a"), |s| s.reconnect_attempts = 2);
+        let second = snapshot(&listing, &ids);
+        assert_eq!(second["a"].reconnect_attempts, 2);
+        assert_eq!(first["a"].reconnect_attempts, 1);
+        assert_eq!(reads.get(), 1);
+
+        // `c` gets an entry: the view is rebuilt and shows it.
+        board.update(&AccountKey::new("c", "c"), |s| s.reconnect_attempts = 3);
+        let third = snapshot(&listing, &ids);
+        assert_eq!(third["c"].reconnect_attempts, 3);
+        assert_eq!(third["c"].last_error, None);
+        assert_eq!(reads.get(), 2);
+
+        // Another listing gets its own view.
+        let other: Arc<dyn Any + Send + Sync> = Arc::new(());
+        let fourth = board.listed_snapshot("c", Arc::downgrade(&other), || ["x"], unwritten);
+        assert_eq!(fourth.keys().collect::<Vec<_>>(), ["x"]);
+        assert_eq!(snapshot(&listing, &ids).len(), 3);
+        assert_eq!(reads.get(), 3);
+
+        // A channel the board has no entry of: every id from `missing`.
+        let none = board.listed_snapshot("d", Arc::downgrade(&other), || ["z", "y"], unwritten);
+        assert_eq!(none.keys().collect::<Vec<_>>(), ["y", "z"]);
+    }
+
+    /// A channel's snapshot serialises exactly as the map of account id to snapshot it replaces.
+    #[test]
+    fn a_channel_snapshot_serialises_as_a_map_by_account_id() {
+        let board = board();
+        for id in ["b", "a"] {
+            board.update(&AccountKey::new("c", id), |s| {
+                s.set_state(AccountState::Running);
+                s.extra.insert("own".into(), Value::from(id));
+            });
+        }
+        let snapshot = board.channel_snapshot("c", ["b", "a"], |_| None);
+        let as_map: BTreeMap<String, AccountSnapshot> = snapshot.clone().into_iter().collect();
+        assert_eq!(
+            serde_json::to_string(&snapshot).unwrap(),
+            serde_json::to_string(&as_map).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_value(&snapshot).unwrap(),
+            serde_json::to_value(&as_map).unwrap()
+        );
+        assert_eq!(snapshot.get("b").unwrap().extra["own"], "b");
+        assert!(snapshot.get("nope").is_none());
+        assert_eq!(
+            snapshot.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 }

@@ -29,6 +29,7 @@ mod restart_log;
 mod tests;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -47,7 +48,7 @@ use crate::{
     config::{ChannelSection, SupervisorConfig},
     host::AccountKey,
     plugin::{Check, Plugin},
-    status::{AccountSnapshot, AccountState, StatusBoard},
+    status::{AccountSnapshot, AccountState, Snapshot, StatusBoard},
 };
 
 /// What a start did, per account.
@@ -838,24 +839,33 @@ impl Supervisor {
 
     /// Every listed account of every channel (plus each channel's default account), from the
     /// status board: no plugin is called.
-    pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, AccountSnapshot>> {
+    pub fn snapshot(&self) -> Snapshot {
         let (channels, removed) = {
             let state = self.lock();
             let channels: Vec<_> = state.channels.values().cloned().collect();
             (channels, state.removed.clone())
         };
         let board = &self.inner.board;
-        let mut out = BTreeMap::new();
+        let mut out = Snapshot::new();
         for ch in channels {
-            let default = default_account_of(&ch);
-            let extra = (!ch.accounts.contains(&default)).then_some(&default);
-            let accounts = board.channel_snapshots(&ch.id, ch.accounts.iter().chain(extra), |id| {
-                Some(unwritten(id))
-            });
+            // The channel's listing is fixed for the life of its `Channel` value: the board keeps
+            // its sorted view while that value lives.
+            let listing: Arc<dyn std::any::Any + Send + Sync> = ch.clone();
+            // The default account is listed too (once: the view keeps each id once).
+            let ids = || {
+                ch.accounts
+                    .iter()
+                    .map(|id| Cow::Borrowed(id.as_str()))
+                    .chain([Cow::Owned(default_account_of(&ch))])
+            };
+            let accounts =
+                board.listed_snapshot(&ch.id, Arc::downgrade(&listing), ids, |id| {
+                    Some(unwritten(id))
+                });
             out.insert(ch.id.clone(), accounts);
         }
         for (channel, ids) in removed {
-            let accounts = board.channel_snapshots(&channel, &ids, |_| None);
+            let accounts = board.channel_snapshot(&channel, ids.iter().map(String::as_str), |_| None);
             out.entry(channel).or_insert(accounts);
         }
         out
