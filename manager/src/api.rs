@@ -212,10 +212,11 @@ pub async fn serve(
     state: ApiState,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let service = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    let main = tokio::runtime::Handle::current();
+    let app = router(state).layer(middleware::from_fn(move |request, next| {
+        crate::api_thread::on_main(main.clone(), request, next)
+    }));
+    crate::api_thread::serve(listener, app, stop).await
 }
 
 /// Binds the API's address with a clear error.

@@ -1,5 +1,6 @@
 //! channeld's host: loads channel plugins and supervises their accounts.
 pub mod api;
+pub mod api_thread;
 pub mod api_types;
 pub mod audit;
 pub mod catalog;

@@ -291,7 +291,10 @@ pub fn render(sources: &Sources) -> String {
 
 fn accounts(registry: &mut Registry, sources: &Sources) {
     let snapshot = sources.supervisor.snapshot();
-    let total: usize = snapshot.values().map(crate::status::ChannelSnapshot::len).sum();
+    let total: usize = snapshot
+        .values()
+        .map(crate::status::ChannelSnapshot::len)
+        .sum();
     let detailed = per_account(&sources.config, total);
     let states = Family::<Labels, Gauge>::default();
     let connected = Family::<Labels, Gauge>::default();

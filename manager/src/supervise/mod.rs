@@ -858,14 +858,14 @@ impl Supervisor {
                     .map(|id| Cow::Borrowed(id.as_str()))
                     .chain([Cow::Owned(default_account_of(&ch))])
             };
-            let accounts =
-                board.listed_snapshot(&ch.id, Arc::downgrade(&listing), ids, |id| {
-                    Some(unwritten(id))
-                });
+            let accounts = board.listed_snapshot(&ch.id, Arc::downgrade(&listing), ids, |id| {
+                Some(unwritten(id))
+            });
             out.insert(ch.id.clone(), accounts);
         }
         for (channel, ids) in removed {
-            let accounts = board.channel_snapshot(&channel, ids.iter().map(String::as_str), |_| None);
+            let accounts =
+                board.channel_snapshot(&channel, ids.iter().map(String::as_str), |_| None);
             out.entry(channel).or_insert(accounts);
         }
         out
