@@ -72,3 +72,87 @@ pub async fn serve(
         .await
         .unwrap_or_else(|_| Err(std::io::Error::other("the API's thread ended early")))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use axum::{
+        middleware,
+        routing::{get, post},
+    };
+
+    use super::*;
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .into()
+    }
+
+    /// With the main runtime's only thread blocked (as a storm's ready tasks keep it busy), a
+    /// status read is still answered; any other request runs on the main runtime once it is free.
+    #[test]
+    fn a_status_read_is_answered_while_the_main_runtime_is_blocked() {
+        let main = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = main.handle().clone();
+        let app = Router::new()
+            .route("/v1/status/{channel}", get(|| async { "status" }))
+            .route("/v1/op", post(|| async { "op" }))
+            .layer(middleware::from_fn(move |request, next| {
+                on_main(handle.clone(), request, next)
+            }));
+        let stop = CancellationToken::new();
+        let (address_tx, address_rx) = mpsc::channel();
+        let (block_tx, block_rx) = tokio::sync::oneshot::channel::<()>();
+        let (blocked_tx, blocked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let server_stop = stop.clone();
+        let server = std::thread::spawn(move || {
+            main.block_on(async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                address_tx.send(listener.local_addr().unwrap()).unwrap();
+                let served = tokio::spawn(serve(listener, app, server_stop));
+                block_rx.await.unwrap();
+                blocked_tx.send(()).unwrap();
+                // Blocks the runtime's one thread until the test releases it.
+                release_rx.recv().unwrap();
+                served.await.unwrap()
+            })
+        });
+        let address = address_rx.recv().unwrap();
+        let agent = agent();
+        let get = |agent: &ureq::Agent| {
+            agent
+                .get(&format!("http://{address}/v1/status/c"))
+                .call()
+                .and_then(|mut r| r.body_mut().read_to_string())
+        };
+        // Up and answering (the first read may race the server's start).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while get(&agent).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the API never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        block_tx.send(()).unwrap();
+        blocked_rx.recv().unwrap();
+        // Answered by the API's thread while the main runtime cannot run anything.
+        assert_eq!(get(&agent).unwrap(), "status");
+        // An operation is handed to the main runtime: answered once it is free.
+        let post = std::thread::spawn(move || {
+            agent
+                .post(&format!("http://{address}/v1/op"))
+                .send_empty()
+                .and_then(|mut r| r.body_mut().read_to_string())
+        });
+        release_tx.send(()).unwrap();
+        assert_eq!(post.join().unwrap().unwrap(), "op");
+        stop.cancel();
+        server.join().unwrap().unwrap();
+    }
+}
