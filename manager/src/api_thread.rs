@@ -135,7 +135,10 @@ mod tests {
         // Up and answering (the first read may race the server's start).
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while get(&agent).is_err() {
-            assert!(std::time::Instant::now() < deadline, "the API never answered");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the API never answered"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
 
