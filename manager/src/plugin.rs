@@ -66,6 +66,18 @@ pub enum BootStep {
     Started(RunningTask),
 }
 
+/// What the status snapshot shows of an account before its first boot (see
+/// [`Plugin::account_facts`]); `None` where the plugin failed to say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountFacts {
+    /// Whether it is enabled.
+    pub enabled: Option<Check>,
+    /// The `configured` flag of its description.
+    pub configured: Option<bool>,
+    /// Why it is not configured, asked only when its description says it is not.
+    pub unconfigured_reason: Option<String>,
+}
+
 /// A message for a plugin to send.
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {
@@ -190,6 +202,41 @@ pub trait Plugin: Send + Sync + 'static {
                         message: "the plugin returned fewer results than accounts".into(),
                     })
                 })
+            })
+            .collect()
+    }
+    /// What the status snapshot shows of several accounts before their first boot, one result
+    /// per account in order: `is_enabled` (not asked for an account whose flag says the host
+    /// already knows it is disabled: then it reads no), the `configured` flag of
+    /// `describe_account`, and `is_configured`'s reason when that flag is false. A plugin that
+    /// fails to answer a question leaves that field `None`. The default asks account by account;
+    /// an isolated plugin answers the whole list in one round trip.
+    fn account_facts(&self, accounts: &[(String, bool)]) -> Vec<AccountFacts> {
+        accounts
+            .iter()
+            .map(|(account, disabled)| {
+                let enabled = if *disabled {
+                    Some(Check::No(None))
+                } else {
+                    self.is_enabled(account).ok()
+                };
+                let configured = self
+                    .describe_account(account)
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.get("configured").and_then(Value::as_bool));
+                let unconfigured_reason = match configured {
+                    Some(false) => match self.is_configured(account) {
+                        Ok(Check::No(reason)) => reason,
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                AccountFacts {
+                    enabled,
+                    configured,
+                    unconfigured_reason,
+                }
             })
             .collect()
     }

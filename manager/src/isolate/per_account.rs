@@ -25,7 +25,10 @@ use serde_json::Value;
 use super::{ChildSpec, IsolatedPlugin, IsolationInfo};
 use crate::{
     host::{AccountLink, HostSink},
-    plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
+    plugin::{
+        AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
+        RunningTask,
+    },
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -215,6 +218,29 @@ impl Plugin for PerAccountPlugin {
                 result
             }),
         })
+    }
+
+    /// The checks of the whole batch in one round trip to the control child; then each account
+    /// that passed starts in its own child (one round trip there, its child started first if it
+    /// has none). An account's error, or its child's death, is that account's alone.
+    fn boot_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<BootStep, PluginCallError>> {
+        let accounts = batch.iter().map(|(account, _)| account.clone()).collect();
+        let checked = self.inner.control.check_accounts(accounts);
+        batch
+            .into_iter()
+            .zip(checked)
+            .map(|((account, link), checked)| match checked? {
+                Some(step) => Ok(step),
+                None => self.start_account(&account, link).map(BootStep::Started),
+            })
+            .collect()
+    }
+
+    fn account_facts(&self, accounts: &[(String, bool)]) -> Vec<AccountFacts> {
+        self.inner.control.account_facts(accounts)
     }
 
     fn abort_task(&self, task: u64) -> bool {
