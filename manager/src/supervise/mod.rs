@@ -411,9 +411,7 @@ impl Supervisor {
         let ids = accounts.clone();
         let seed_disabled = disabled.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
-            ids.iter()
-                .map(|account| seed(&*call_plugin, account, seed_disabled.contains(account)))
-                .collect::<Vec<_>>()
+            seeds(&*call_plugin, &ids, &seed_disabled)
         });
         match seeds.await {
             Ok(seeds) => {
@@ -947,31 +945,26 @@ fn default_account_of(ch: &Channel) -> String {
         .unwrap_or_else(|| DEFAULT_ACCOUNT_ID.to_owned())
 }
 
-/// Asks the plugin what the snapshot needs to know about one account before any start; a failed
-/// call leaves its field unknown.
-fn seed(plugin: &dyn Plugin, account: &str, disabled_by_config: bool) -> Seed {
-    let enabled = if disabled_by_config {
-        Some(Check::No(None))
-    } else {
-        plugin.is_enabled(account).ok()
-    };
-    let configured = plugin
-        .describe_account(account)
-        .ok()
-        .flatten()
-        .and_then(|d| d.get("configured").and_then(serde_json::Value::as_bool));
-    let unconfigured_reason = match configured {
-        Some(false) => match plugin.is_configured(account) {
-            Ok(Check::No(reason)) => reason,
-            _ => None,
-        },
-        _ => None,
-    };
-    Seed {
-        enabled,
-        configured,
-        unconfigured_reason,
-    }
+/// Asks the plugin what the snapshot needs to know about accounts before any start, in one call
+/// (one round trip for an isolated plugin); a failed question leaves its field unknown.
+fn seeds(
+    plugin: &dyn Plugin,
+    accounts: &[String],
+    disabled: &crate::reserved::Disabled,
+) -> Vec<Seed> {
+    let asked: Vec<(String, bool)> = accounts
+        .iter()
+        .map(|account| (account.clone(), disabled.contains(account)))
+        .collect();
+    plugin
+        .account_facts(&asked)
+        .into_iter()
+        .map(|facts| Seed {
+            enabled: facts.enabled,
+            configured: facts.configured,
+            unconfigured_reason: facts.unconfigured_reason,
+        })
+        .collect()
 }
 
 impl Seed {

@@ -13,7 +13,7 @@ use channeld_plugin_abi::normalize_account_id;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use super::{Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded, seed};
+use super::{Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded, seeds};
 use crate::{config::ChannelSection, host::AccountKey};
 
 /// What a reload did to one channel's accounts (account ids).
@@ -269,9 +269,7 @@ impl Supervisor {
         let disabled = ch.disabled.clone();
         let ids = accounts.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
-            ids.iter()
-                .map(|a| seed(&*plugin, a, disabled.contains(a)))
-                .collect::<Vec<_>>()
+            seeds(&*plugin, &ids, &disabled)
         });
         match seeds.await {
             Ok(seeds) => {
