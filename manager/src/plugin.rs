@@ -78,6 +78,10 @@ pub struct AccountFacts {
     pub unconfigured_reason: Option<String>,
 }
 
+/// The error [`Plugin::boot_accounts`] gives an account whose stop arrived before its start was
+/// called (its link's [`AccountLink::stop_requested`]): not started.
+pub const STOPPED_BEFORE_START: &str = "stopped before its start was called";
+
 /// A message for a plugin to send.
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {
@@ -167,43 +171,7 @@ pub trait Plugin: Send + Sync + 'static {
         &self,
         batch: Vec<(String, AccountLink)>,
     ) -> Vec<Result<BootStep, PluginCallError>> {
-        let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
-        let mut starts = Vec::new();
-        for (account, link) in batch {
-            let checked = self.is_enabled(&account).and_then(|enabled| match enabled {
-                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
-                Check::Yes => self
-                    .is_configured(&account)
-                    .map(|configured| match configured {
-                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
-                        Check::Yes => None,
-                    }),
-            });
-            match checked {
-                Ok(None) => {
-                    starts.push((steps.len(), (account, link)));
-                    steps.push(None);
-                }
-                Ok(Some(step)) => steps.push(Some(Ok(step))),
-                Err(error) => steps.push(Some(Err(error))),
-            }
-        }
-        let (slots, batch): (Vec<usize>, Vec<_>) = starts.into_iter().unzip();
-        for (slot, started) in slots.into_iter().zip(self.start_accounts(batch)) {
-            steps[slot] = Some(started.map(BootStep::Started));
-        }
-        steps
-            .into_iter()
-            .map(|step| {
-                step.unwrap_or_else(|| {
-                    Err(PluginCallError {
-                        channel: self.info().channel_id.clone(),
-                        entry: "start_accounts",
-                        message: "the plugin returned fewer results than accounts".into(),
-                    })
-                })
-            })
-            .collect()
+        boot_each(self, batch)
     }
     /// What the status snapshot shows of several accounts before their first boot, one result
     /// per account in order: `is_enabled` (not asked for an account whose flag says the host
@@ -254,4 +222,65 @@ pub trait Plugin: Send + Sync + 'static {
     fn isolation(&self) -> Option<crate::isolate::IsolationInfo> {
         None
     }
+}
+
+/// [`Plugin::boot_accounts`]' default, for an implementation that wraps it: for each account in
+/// order, enabled? configured?; then one [`Plugin::start_accounts`] call for the accounts that
+/// passed, leaving out any whose stop arrived meanwhile (its link's
+/// [`AccountLink::stop_requested`]; its result is [`STOPPED_BEFORE_START`]).
+pub fn boot_each<P: Plugin + ?Sized>(
+    plugin: &P,
+    batch: Vec<(String, AccountLink)>,
+) -> Vec<Result<BootStep, PluginCallError>> {
+    let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
+    let mut starts = Vec::new();
+    for (account, link) in batch {
+        let checked = plugin
+            .is_enabled(&account)
+            .and_then(|enabled| match enabled {
+                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
+                Check::Yes => plugin
+                    .is_configured(&account)
+                    .map(|configured| match configured {
+                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
+                        Check::Yes => None,
+                    }),
+            });
+        match checked {
+            Ok(None) => {
+                starts.push((steps.len(), (account, link)));
+                steps.push(None);
+            }
+            Ok(Some(step)) => steps.push(Some(Ok(step))),
+            Err(error) => steps.push(Some(Err(error))),
+        }
+    }
+    // A stop that landed while the batch was checked: that account is not started.
+    starts.retain(|(slot, (_, link))| {
+        let stopped = link.stop_requested();
+        if stopped {
+            steps[*slot] = Some(Err(PluginCallError {
+                channel: plugin.info().channel_id.clone(),
+                entry: "start_accounts",
+                message: STOPPED_BEFORE_START.into(),
+            }));
+        }
+        !stopped
+    });
+    let (slots, batch): (Vec<usize>, Vec<_>) = starts.into_iter().unzip();
+    for (slot, started) in slots.into_iter().zip(plugin.start_accounts(batch)) {
+        steps[slot] = Some(started.map(BootStep::Started));
+    }
+    steps
+        .into_iter()
+        .map(|step| {
+            step.unwrap_or_else(|| {
+                Err(PluginCallError {
+                    channel: plugin.info().channel_id.clone(),
+                    entry: "start_accounts",
+                    message: "the plugin returned fewer results than accounts".into(),
+                })
+            })
+        })
+        .collect()
 }

@@ -27,7 +27,7 @@ use crate::{
     host::{AccountLink, HostSink},
     plugin::{
         AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
-        RunningTask,
+        RunningTask, STOPPED_BEFORE_START,
     },
 };
 
@@ -234,6 +234,10 @@ impl Plugin for PerAccountPlugin {
             .zip(checked)
             .map(|((account, link), checked)| match checked? {
                 Some(step) => Ok(step),
+                // Stopped while the batch was checked: not started.
+                None if link.stop_requested() => {
+                    Err(self.error("boot_accounts", STOPPED_BEFORE_START.into()))
+                }
                 None => self.start_account(&account, link).map(BootStep::Started),
             })
             .collect()

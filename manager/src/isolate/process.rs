@@ -30,7 +30,7 @@ use crate::{
     load::isolation_sys,
     plugin::{
         AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
-        RunningTask,
+        RunningTask, STOPPED_BEFORE_START,
     },
 };
 
@@ -756,6 +756,28 @@ impl IsolatedPlugin {
         batch: Vec<(String, AccountLink)>,
         call: fn(Vec<(String, u64)>) -> Call,
     ) -> Vec<Result<BootStep, PluginCallError>> {
+        // An account whose stop landed before the call is not sent (a stop that lands while the
+        // child boots the batch finds its task handed over, and stops it).
+        let stopped: Vec<bool> = batch
+            .iter()
+            .map(|(_, link)| link.stop_requested())
+            .collect();
+        if stopped.contains(&true) {
+            let batch = batch
+                .into_iter()
+                .zip(&stopped)
+                .filter(|(_, stopped)| !**stopped)
+                .map(|(item, _)| item)
+                .collect();
+            let mut sent = self.batch(entry, batch, call).into_iter();
+            return stopped
+                .into_iter()
+                .map(|stopped| match stopped {
+                    true => Err(self.error(entry, STOPPED_BEFORE_START.into())),
+                    false => sent.next().unwrap_or_else(|| Err(self.unexpected(entry))),
+                })
+                .collect();
+        }
         if batch.is_empty() {
             return Vec::new();
         }

@@ -6,8 +6,8 @@
 //! small (one watch channel for its boot outcomes and its end, one shared cell for its phase and
 //! backoff wake-up, the stop sequence boxed), and one lock over all accounts' bookkeeping
 //! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
-//! (`boot.rs`): at most the startup fan-out of blocking threads, each taking queued boots one after
-//! the other, instead of a blocking task per boot. Other synchronous plugin calls run on the
+//! (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
+//! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other synchronous plugin calls run on the
 //! blocking pool with time bounds ([`calls`]). Each lifecycle has its own cancellation token;
 //! lifecycles are tracked so shutdown is close, cancel, wait.
 //!
@@ -226,7 +226,7 @@ pub struct Channel {
     /// The plugin's default account, if it named one.
     pub default_account: Option<String>,
     /// Runs the plugin calls of the channel's boots, at most the startup fan-out at once.
-    boots: boot::BootPool,
+    boots: boot::BootPool<lifecycle::BootJob>,
     /// Accounts the config switches off (the host's `enabled` key).
     disabled: crate::reserved::Disabled,
     /// Bounds the plugin's blocking calls in flight (a 1.0 plugin's stop and logout hooks run
@@ -428,7 +428,7 @@ impl Supervisor {
             section,
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boots: boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
+            boots: lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN)),
         }))

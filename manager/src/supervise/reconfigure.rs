@@ -114,7 +114,7 @@ impl Supervisor {
             section,
             accounts: accounts.clone(),
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boots: super::boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
+            boots: super::lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: old.blocking_permits.clone(),
         });
