@@ -861,3 +861,76 @@ fn a_child_killed_during_a_batched_boot_fails_every_account_of_the_batch() {
     assert_eq!(plugin.isolation_info().children_started, 2);
     plugin.shutdown().unwrap();
 }
+
+/// The daemon's boot pool boots an isolated channel's accounts in batches (8 accounts queued, a
+/// fan-out of 4: two batches of 2 in flight): a child killed while both batches are under way in
+/// it fails all 4 accounts of the batches with the cause of death (in the log), not only the two
+/// whose starts had begun; each is charged one restart and runs again, under the backoff, in a
+/// new child. The host and the other channel are untouched.
+#[test]
+fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_new_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("starts");
+    let accounts: String = (0..8)
+        .map(|i| {
+            format!(
+                "[channels.fixture.accounts.a{i}]\nstart_delay_ms = 1000\nstart_mark = {:?}\n",
+                mark.display().to_string()
+            )
+        })
+        .collect();
+    let daemon = Daemon::start(
+        &[
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+            ("crashy.so", crash_plugin()),
+        ],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n{accounts}\n\
+             [channels.crashy.accounts.steady]\n"
+        ),
+        &[],
+    );
+    // Both batches are under way in the child (the first start of each has begun; the second
+    // of each waits for the first's delay): kill it.
+    let deadline = Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&mark).unwrap_or_default().lines().count() < 2 {
+        assert!(Instant::now() < deadline, "two starts did not begin");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    util::servers::signal_pid(pid as u32, libc::SIGKILL);
+    // Every account runs again, in the new child.
+    let mut failed = Vec::new();
+    for i in 0..8 {
+        let account = format!("a{i}");
+        let s = daemon.wait_for_account("fixture", &account, |s| s["running"] == true);
+        match s["reconnectAttempts"].as_u64() {
+            Some(0) => {}
+            Some(1) => failed.push(account),
+            _ => panic!("{account}: {s}"),
+        }
+    }
+    // Every account of both batches failed, each with the cause.
+    assert_eq!(failed.len(), 4, "failed: {failed:?}");
+    let log = daemon.log();
+    for account in &failed {
+        assert!(
+            log.lines().any(|l| l.contains(&format!("fixture:{account}"))
+                && l.contains("start failed")
+                && l.contains("plugin process killed by SIGKILL")),
+            "{account}: no start failure with the cause in the log:\n{log}"
+        );
+    }
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let isolation = isolation_of(&listing, "fixture");
+    assert_eq!(isolation["childrenStarted"], 2, "{isolation}");
+    assert_ne!(isolation["pid"], pid, "{isolation}");
+    let steady = daemon.account("crashy", "steady");
+    assert_eq!(steady["running"], true, "{steady}");
+    assert_eq!(steady["crashyStarts"], 1, "{steady}");
+    assert_no_zombie(&daemon);
+}
