@@ -894,7 +894,12 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
     // Both batches are under way in the child (the first start of each has begun; the second
     // of each waits for the first's delay): kill it.
     let deadline = Instant::now() + PATIENCE;
-    while std::fs::read_to_string(&mark).unwrap_or_default().lines().count() < 2 {
+    while std::fs::read_to_string(&mark)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
         assert!(Instant::now() < deadline, "two starts did not begin");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -918,9 +923,10 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
     let log = daemon.log();
     for account in &failed {
         assert!(
-            log.lines().any(|l| l.contains(&format!("fixture:{account}"))
-                && l.contains("start failed")
-                && l.contains("plugin process killed by SIGKILL")),
+            log.lines()
+                .any(|l| l.contains(&format!("fixture:{account}"))
+                    && l.contains("start failed")
+                    && l.contains("plugin process killed by SIGKILL")),
             "{account}: no start failure with the cause in the log:\n{log}"
         );
     }
@@ -933,4 +939,45 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
     assert_eq!(steady["running"], true, "{steady}");
     assert_eq!(steady["crashyStarts"], 1, "{steady}");
     assert_no_zombie(&daemon);
+}
+
+/// The thread names of process `pid`.
+fn thread_names_of(pid: u64) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|name| name.trim_end().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The channel's `worker_threads` sizes the plugin runtime in its child, as it does in-process.
+#[test]
+fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "plugin_worker_threads = 1",
+        "[health]\ninterval = \"0s\"\n\
+         [channels.fixture]\nisolation = \"process\"\nstrict = true\nworker_threads = 3\n\
+         [channels.fixture.accounts.main]\n",
+        &[],
+    );
+    daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    // A worker names itself when it first runs: poll with a deadline.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let names = thread_names_of(pid);
+        let workers = names.iter().filter(|n| *n == "chd-fixture").count();
+        if workers == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{workers} workers: {names:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
