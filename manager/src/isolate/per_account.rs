@@ -9,7 +9,8 @@
 //! send, logout) go there. A dead account child is replaced at the account's next call, like the
 //! child of `isolation = "process"`; the others keep running. Task ids are the host's own, mapped
 //! to the account's child and its id for the task. Every child ends when the version is retired
-//! or the daemon stops.
+//! or the daemon stops. A batched boot checks the whole batch in one round trip to the control
+//! child, then starts each account that passed in its own child.
 
 use std::{
     collections::{BTreeMap, HashMap},
