@@ -966,7 +966,8 @@ impl Plugin for IsolatedPlugin {
         ))
     }
 
-    /// Starts a batch in one round trip (see [`IsolatedPlugin::batch`]).
+    /// Starts a batch in one round trip: one message carries the batch, one brings back each
+    /// account's task or error; a child that dies first fails every account with the cause.
     fn start_accounts(
         &self,
         batch: Vec<(String, AccountLink)>,
@@ -981,8 +982,9 @@ impl Plugin for IsolatedPlugin {
     }
 
     /// Boots a batch in one round trip: the child asks the plugin whether each account is
-    /// enabled and configured and starts those that are through the plugin's own batch entry
-    /// (see [`IsolatedPlugin::batch`]).
+    /// enabled and configured and starts those that are through the plugin's own batch entry.
+    /// Each account gets its own outcome; a child that dies first fails every account of the
+    /// batch with the cause (and the next call starts a new child).
     fn boot_accounts(
         &self,
         batch: Vec<(String, AccountLink)>,
