@@ -981,3 +981,44 @@ fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A start that blocks its thread in the child after its account was stopped: at the stop
+/// timeout the child is killed (like one that does not answer a stop), so the start returns and
+/// the account is free again at once instead of `stuck` until the start ends by itself (60 s
+/// here); the other account of the child restarts in a new child.
+#[test]
+fn a_start_that_hangs_after_its_stop_has_its_child_killed_at_the_stop_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("starts");
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n\
+             [channels.fixture.accounts.other]\n\
+             [channels.fixture.accounts.slow]\nstart_delay_ms = 60000\nstart_mark = {:?}\n",
+            mark.display().to_string()
+        ),
+        &[],
+    );
+    daemon.wait_for_account("fixture", "other", |s| s["running"] == true);
+    wait_for_line(&mark, "slow");
+    let asked = Instant::now();
+    daemon.cli(&["stop", "fixture:slow"]);
+    let slow = daemon.wait_for_account("fixture", "slow", |s| {
+        s["state"] == "stopped"
+            && s["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("the stuck start has returned"))
+    });
+    assert!(asked.elapsed() < Duration::from_secs(20), "{slow}");
+    daemon.wait_for_log("account slow's start did not return within the stop timeout");
+    let other = daemon.wait_for_account("fixture", "other", |s| {
+        s["running"] == true && s["reconnectAttempts"] == 1
+    });
+    assert_eq!(other["fixtureStarts"], 1, "a new child's first start: {other}");
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    assert_eq!(isolation_of(&listing, "fixture")["childrenStarted"], 2);
+    assert_no_zombie(&daemon);
+}

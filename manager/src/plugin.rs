@@ -208,6 +208,13 @@ pub trait Plugin: Send + Sync + 'static {
             })
             .collect()
     }
+    /// The account's start has not returned within the stop timeout of its stop (it blocks its
+    /// thread): an isolated plugin kills the process the start runs in, which ends the start (and
+    /// every other account of that process, restarted under the backoff); returns whether it did.
+    /// The default does nothing: in-process, the start is left to return by itself.
+    fn abandon_start(&self, _account: &str) -> bool {
+        false
+    }
     /// Fires the abort signal of several tasks; how many were still known.
     fn abort_tasks(&self, tasks: &[u64]) -> usize {
         tasks.iter().filter(|task| self.abort_task(**task)).count()

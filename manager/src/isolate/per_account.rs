@@ -260,6 +260,13 @@ impl Plugin for PerAccountPlugin {
             .is_some_and(|(child, id)| child.cancel_task(id))
     }
 
+    /// Kills the account's own child (see [`IsolatedPlugin`]'s): the other accounts of the
+    /// channel keep running.
+    fn abandon_start(&self, account: &str) -> bool {
+        self.existing(account)
+            .is_some_and(|child| child.abandon_start(account))
+    }
+
     fn stop_account(&self, account: &str) -> Result<(), PluginCallError> {
         match self.existing(account) {
             Some(child) => child.stop_account(account),

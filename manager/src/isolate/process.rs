@@ -1064,6 +1064,25 @@ impl Plugin for IsolatedPlugin {
         known
     }
 
+    /// A start that did not return within the stop timeout of its account's stop blocks a
+    /// thread of the child: the child is killed, like one that does not answer a stop. Every
+    /// account in it ends with the reason and restarts under the backoff, in a new child.
+    fn abandon_start(&self, account: &str) -> bool {
+        let conn = lock(&self.inner.conn).clone();
+        // Its start is still under way there: its link is known, its task is not.
+        let starting = lock(&conn.links).keys().any(|(a, _)| a == account)
+            && !lock(&self.inner.owners).values().any(|a| a == account);
+        if starting && !conn.is_dead() {
+            let why = format!(
+                "plugin process killed: account {account}'s start did not return within the stop \
+                 timeout"
+            );
+            tracing::warn!(channel = %self.inner.info.channel_id, pid = conn.pid, "{why}");
+            conn.kill_for(why);
+        }
+        starting
+    }
+
     fn stop_account(&self, account: &str) -> Result<(), PluginCallError> {
         let conn = lock(&self.inner.conn).clone();
         if conn.is_dead() {

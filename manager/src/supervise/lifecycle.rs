@@ -650,6 +650,8 @@ impl AccountCtx {
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
             entry.stuck = Some(reason.clone());
         }
+        // An isolated plugin kills the start's process, so the start returns now.
+        self.channel.plugin.abandon_start(&self.key.account);
         let ctx = self.clone();
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {
