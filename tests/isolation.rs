@@ -1016,7 +1016,10 @@ fn a_start_that_hangs_after_its_stop_has_its_child_killed_at_the_stop_timeout() 
     let other = daemon.wait_for_account("fixture", "other", |s| {
         s["running"] == true && s["reconnectAttempts"] == 1
     });
-    assert_eq!(other["fixtureStarts"], 1, "a new child's first start: {other}");
+    assert_eq!(
+        other["fixtureStarts"], 1,
+        "a new child's first start: {other}"
+    );
     let listing: Value =
         serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     assert_eq!(isolation_of(&listing, "fixture")["childrenStarted"], 2);
