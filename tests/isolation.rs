@@ -15,7 +15,7 @@ use channeld::{
     clock::SystemClock,
     host::{AccountKey, AccountLink},
     isolate::{ChildSpec, IsolatedPlugin},
-    plugin::{Outbound, Plugin},
+    plugin::{BootStep, Check, Outbound, Plugin},
     status::StatusBoard,
 };
 use channeld_plugin_abi::abi::LogLevel;
@@ -677,5 +677,351 @@ fn a_child_that_hangs_whole_is_killed_at_the_stop_timeout() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_no_zombie(&daemon);
+}
+
+/// An isolated fixture (the in-process test double's real plugin) in a child of the real
+/// `channeld` binary, configured with `table`.
+fn isolated_fixture(
+    runtime: &tokio::runtime::Runtime,
+    board: &Arc<StatusBoard>,
+    table: &Value,
+) -> IsolatedPlugin {
+    let fixture = util::plugin_file("channeld-plugin-fixture");
+    let spec = ChildSpec {
+        plugin: fixture.clone(),
+        source: fixture,
+        worker_threads: 1,
+        max_log_level: LogLevel::Info,
+        memory_limit: None,
+        exe: Some(util::daemon::channeld().into()),
+    };
+    let plugin = IsolatedPlugin::spawn(spec, runtime.handle().clone(), board.clone()).unwrap();
+    plugin.configure(table).unwrap();
+    plugin
+}
+
+/// A batch of accounts with their host links (each account known to the board, so the
+/// fixture's status patches land).
+fn batch_of(board: &Arc<StatusBoard>, accounts: &[&str]) -> Vec<(String, AccountLink)> {
+    accounts
+        .iter()
+        .map(|account| {
+            let key = AccountKey::new("fixture", *account);
+            let generation = board.begin_generation(&key);
+            let link = AccountLink::for_account(key, generation, board.clone());
+            (account.to_string(), link)
+        })
+        .collect()
+}
+
+/// One batched boot in one child: every account gets its own outcome, in order (switched off,
+/// not configured, a failed check, started), and one account's failure fails no other. The
+/// started tasks run, and one batched abort ends them.
+#[test]
+fn a_batched_boot_in_a_child_gives_each_account_its_own_outcome() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    let table = json!({ "accounts": {
+        "off": { "enabled": false },
+        "up": {},
+        "bare": { "configured": false },
+        "broken": { "panic_in": ["is_enabled"] },
+        "up2": {},
+    } });
+    let plugin = isolated_fixture(&runtime, &board, &table);
+    let order = ["off", "up", "bare", "broken", "up2"];
+    let steps = plugin.boot_accounts(batch_of(&board, &order));
+    assert_eq!(steps.len(), order.len());
+    let mut tasks = Vec::new();
+    for (account, step) in order.iter().zip(steps) {
+        let outcome = match step {
+            Ok(BootStep::Disabled(reason)) => format!("disabled: {reason:?}"),
+            Ok(BootStep::NotConfigured(reason)) => format!("not configured: {reason:?}"),
+            Ok(BootStep::Started(task)) => {
+                tasks.push(task);
+                "started".to_owned()
+            }
+            Err(e) => format!("error: {e}"),
+        };
+        let expected = match *account {
+            "off" => "disabled: Some(\"switched off in the fixture config\")",
+            "bare" => "not configured: Some(\"missing token\")",
+            "broken" => "error: ",
+            _ => "started",
+        };
+        assert!(outcome.starts_with(expected), "{account}: {outcome}");
+        if *account == "broken" {
+            assert!(
+                outcome.contains("fixture panic in is_enabled"),
+                "{account}: {outcome}"
+            );
+        }
+    }
+    assert_eq!(tasks.len(), 2);
+    // Both started accounts run their task (each reports its start to the host).
+    for account in ["up", "up2"] {
+        let key = AccountKey::new("fixture", account);
+        let deadline = Instant::now() + PATIENCE;
+        while board
+            .get(&key)
+            .and_then(|s| s.extra.get("fixtureStarts").cloned())
+            != Some(json!(1))
+        {
+            assert!(Instant::now() < deadline, "{account} never ran its task");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // The snapshot's facts of the same accounts, in one call.
+    let facts = plugin.account_facts(
+        &order
+            .iter()
+            .map(|a| (a.to_string(), false))
+            .collect::<Vec<_>>(),
+    );
+    let enabled: Vec<_> = facts.iter().map(|f| f.enabled.clone()).collect();
+    assert_eq!(
+        enabled,
+        [
+            Some(Check::No(Some("switched off in the fixture config".into()))),
+            Some(Check::Yes),
+            Some(Check::Yes),
+            None,
+            Some(Check::Yes),
+        ]
+    );
+    let ids: Vec<u64> = tasks.iter().map(|t| t.id).collect();
+    assert_eq!(plugin.abort_tasks(&ids), 2);
+    for task in tasks {
+        runtime
+            .block_on(async { tokio::time::timeout(PATIENCE, task.done).await })
+            .expect("an aborted task ends")
+            .expect("cleanly");
+    }
+    assert_eq!(plugin.isolation_info().children_started, 1);
+    plugin.shutdown().unwrap();
+}
+
+/// Waits until `path` holds a line `line`.
+fn wait_for_line(path: &std::path::Path, line: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == line)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {line}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child killed while it boots a batch fails every account of the batch with the cause of
+/// death, not only the account whose start was under way; the next batch boots in a new child.
+#[test]
+fn a_child_killed_during_a_batched_boot_fails_every_account_of_the_batch() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("starts");
+    let slow = json!({ "start_delay_ms": 3000, "start_mark": mark });
+    let table = json!({ "accounts": { "a": slow, "b": slow, "c": slow } });
+    let plugin = isolated_fixture(&runtime, &board, &table);
+    let pid = plugin.isolation_info().pid.unwrap();
+    let booting = {
+        let (plugin, batch) = (plugin.clone(), batch_of(&board, &["a", "b", "c"]));
+        std::thread::spawn(move || plugin.boot_accounts(batch))
+    };
+    // The child is inside the batch: the first account's start has begun.
+    wait_for_line(&mark, "a");
+    util::servers::signal_pid(pid, libc::SIGKILL);
+    let steps = booting.join().unwrap();
+    assert_eq!(steps.len(), 3);
+    for (account, step) in ["a", "b", "c"].iter().zip(steps) {
+        match step {
+            Err(e) => assert!(
+                e.message.contains("plugin process killed by SIGKILL"),
+                "{account}: {e}"
+            ),
+            Ok(_) => panic!("{account} was booted although its child died"),
+        }
+    }
+    // The next boot of the same accounts runs in a new child.
+    plugin
+        .configure(&json!({ "accounts": { "a": {}, "b": {}, "c": {} } }))
+        .unwrap();
+    let steps = plugin.boot_accounts(batch_of(&board, &["a", "b", "c"]));
+    assert!(
+        steps.iter().all(|s| matches!(s, Ok(BootStep::Started(_)))),
+        "the batch in the new child"
+    );
+    assert_eq!(plugin.isolation_info().children_started, 2);
+    plugin.shutdown().unwrap();
+}
+
+/// The daemon's boot pool boots an isolated channel's accounts in batches (8 accounts queued, a
+/// fan-out of 4: two batches of 2 in flight): a child killed while both batches are under way in
+/// it fails all 4 accounts of the batches with the cause of death (in the log), not only the two
+/// whose starts had begun; each is charged one restart and runs again, under the backoff, in a
+/// new child. The host and the other channel are untouched.
+#[test]
+fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_new_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("starts");
+    let accounts: String = (0..8)
+        .map(|i| {
+            format!(
+                "[channels.fixture.accounts.a{i}]\nstart_delay_ms = 1000\nstart_mark = {:?}\n",
+                mark.display().to_string()
+            )
+        })
+        .collect();
+    let daemon = Daemon::start(
+        &[
+            ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+            ("crashy.so", crash_plugin()),
+        ],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n{accounts}\n\
+             [channels.crashy.accounts.steady]\n"
+        ),
+        &[],
+    );
+    // Both batches are under way in the child (the first start of each has begun; the second
+    // of each waits for the first's delay): kill it.
+    let deadline = Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&mark)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "two starts did not begin");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    util::servers::signal_pid(pid as u32, libc::SIGKILL);
+    // Every account runs again, in the new child.
+    let mut failed = Vec::new();
+    for i in 0..8 {
+        let account = format!("a{i}");
+        let s = daemon.wait_for_account("fixture", &account, |s| s["running"] == true);
+        match s["reconnectAttempts"].as_u64() {
+            Some(0) => {}
+            Some(1) => failed.push(account),
+            _ => panic!("{account}: {s}"),
+        }
+    }
+    // Every account of both batches failed, each with the cause.
+    assert_eq!(failed.len(), 4, "failed: {failed:?}");
+    let log = daemon.log();
+    for account in &failed {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("fixture:{account}"))
+                    && l.contains("start failed")
+                    && l.contains("plugin process killed by SIGKILL")),
+            "{account}: no start failure with the cause in the log:\n{log}"
+        );
+    }
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let isolation = isolation_of(&listing, "fixture");
+    assert_eq!(isolation["childrenStarted"], 2, "{isolation}");
+    assert_ne!(isolation["pid"], pid, "{isolation}");
+    let steady = daemon.account("crashy", "steady");
+    assert_eq!(steady["running"], true, "{steady}");
+    assert_eq!(steady["crashyStarts"], 1, "{steady}");
+    assert_no_zombie(&daemon);
+}
+
+/// The thread names of process `pid`.
+fn thread_names_of(pid: u64) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|name| name.trim_end().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The channel's `worker_threads` sizes the plugin runtime in its child, as it does in-process.
+#[test]
+fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "plugin_worker_threads = 1",
+        "[health]\ninterval = \"0s\"\n\
+         [channels.fixture]\nisolation = \"process\"\nstrict = true\nworker_threads = 3\n\
+         [channels.fixture.accounts.main]\n",
+        &[],
+    );
+    daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    // A worker names itself when it first runs: poll with a deadline.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let names = thread_names_of(pid);
+        let workers = names.iter().filter(|n| *n == "chd-fixture").count();
+        if workers == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{workers} workers: {names:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A start that blocks its thread in the child after its account was stopped: at the stop
+/// timeout the child is killed (like one that does not answer a stop), so the start returns and
+/// the account is free again at once instead of `stuck` until the start ends by itself (60 s
+/// here); the other account of the child restarts in a new child.
+#[test]
+fn a_start_that_hangs_after_its_stop_has_its_child_killed_at_the_stop_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("starts");
+    let daemon = Daemon::start(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        &format!(
+            "{FAST}\n[channels.fixture]\nisolation = \"process\"\n\
+             [channels.fixture.accounts.other]\n\
+             [channels.fixture.accounts.slow]\nstart_delay_ms = 60000\nstart_mark = {:?}\n",
+            mark.display().to_string()
+        ),
+        &[],
+    );
+    daemon.wait_for_account("fixture", "other", |s| s["running"] == true);
+    wait_for_line(&mark, "slow");
+    let asked = Instant::now();
+    daemon.cli(&["stop", "fixture:slow"]);
+    let slow = daemon.wait_for_account("fixture", "slow", |s| {
+        s["state"] == "stopped"
+            && s["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("the stuck start has returned"))
+    });
+    assert!(asked.elapsed() < Duration::from_secs(20), "{slow}");
+    daemon.wait_for_log("account slow's start did not return within the stop timeout");
+    let other = daemon.wait_for_account("fixture", "other", |s| {
+        s["running"] == true && s["reconnectAttempts"] == 1
+    });
+    assert_eq!(
+        other["fixtureStarts"], 1,
+        "a new child's first start: {other}"
+    );
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    assert_eq!(isolation_of(&listing, "fixture")["childrenStarted"], 2);
     assert_no_zombie(&daemon);
 }

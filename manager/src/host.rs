@@ -94,6 +94,9 @@ pub struct AccountLink {
     generation: u64,
     sink: Arc<dyn HostSink>,
     polled: Option<Arc<watch::Sender<bool>>>,
+    /// Fired by a stop of the account while its boot is under way (see
+    /// [`stop_requested`](Self::stop_requested)).
+    stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl AccountLink {
@@ -105,7 +108,22 @@ impl AccountLink {
             generation,
             sink,
             polled: None,
+            stop: None,
         }
+    }
+
+    /// This handle, saying through [`stop_requested`](Self::stop_requested) whether `stop` (the
+    /// account's stop signal) has fired: a batch boot asks it right before the plugin's start, so
+    /// a stop that lands while the batch checks its accounts still means no start.
+    pub fn with_stop_signal(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// Whether the account was stopped since this handle was made (always `false` for a handle
+    /// without a stop signal).
+    pub fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| stop.is_cancelled())
     }
 
     /// This handle, telling `polled` when the plugin reports that its runtime polled the task
@@ -123,6 +141,7 @@ impl AccountLink {
             generation: 0,
             sink,
             polled: None,
+            stop: None,
         }
     }
 

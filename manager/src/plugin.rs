@@ -66,6 +66,22 @@ pub enum BootStep {
     Started(RunningTask),
 }
 
+/// What the status snapshot shows of an account before its first boot (see
+/// [`Plugin::account_facts`]); `None` where the plugin failed to say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountFacts {
+    /// Whether it is enabled.
+    pub enabled: Option<Check>,
+    /// The `configured` flag of its description.
+    pub configured: Option<bool>,
+    /// Why it is not configured, asked only when its description says it is not.
+    pub unconfigured_reason: Option<String>,
+}
+
+/// The error [`Plugin::boot_accounts`] gives an account whose stop arrived before its start was
+/// called (its link's [`AccountLink::stop_requested`]): not started.
+pub const STOPPED_BEFORE_START: &str = "stopped before its start was called";
+
 /// A message for a plugin to send.
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {
@@ -155,43 +171,49 @@ pub trait Plugin: Send + Sync + 'static {
         &self,
         batch: Vec<(String, AccountLink)>,
     ) -> Vec<Result<BootStep, PluginCallError>> {
-        let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
-        let mut starts = Vec::new();
-        for (account, link) in batch {
-            let checked = self.is_enabled(&account).and_then(|enabled| match enabled {
-                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
-                Check::Yes => self
-                    .is_configured(&account)
-                    .map(|configured| match configured {
-                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
-                        Check::Yes => None,
-                    }),
-            });
-            match checked {
-                Ok(None) => {
-                    starts.push((steps.len(), (account, link)));
-                    steps.push(None);
+        boot_each(self, batch)
+    }
+    /// What the status snapshot shows of several accounts before their first boot, one result
+    /// per account in order: `is_enabled` (not asked for an account whose flag says the host
+    /// already knows it is disabled: then it reads no), the `configured` flag of
+    /// `describe_account`, and `is_configured`'s reason when that flag is false. A plugin that
+    /// fails to answer a question leaves that field `None`. The default asks account by account;
+    /// an isolated plugin answers the whole list in one round trip.
+    fn account_facts(&self, accounts: &[(String, bool)]) -> Vec<AccountFacts> {
+        accounts
+            .iter()
+            .map(|(account, disabled)| {
+                let enabled = if *disabled {
+                    Some(Check::No(None))
+                } else {
+                    self.is_enabled(account).ok()
+                };
+                let configured = self
+                    .describe_account(account)
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.get("configured").and_then(Value::as_bool));
+                let unconfigured_reason = match configured {
+                    Some(false) => match self.is_configured(account) {
+                        Ok(Check::No(reason)) => reason,
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                AccountFacts {
+                    enabled,
+                    configured,
+                    unconfigured_reason,
                 }
-                Ok(Some(step)) => steps.push(Some(Ok(step))),
-                Err(error) => steps.push(Some(Err(error))),
-            }
-        }
-        let (slots, batch): (Vec<usize>, Vec<_>) = starts.into_iter().unzip();
-        for (slot, started) in slots.into_iter().zip(self.start_accounts(batch)) {
-            steps[slot] = Some(started.map(BootStep::Started));
-        }
-        steps
-            .into_iter()
-            .map(|step| {
-                step.unwrap_or_else(|| {
-                    Err(PluginCallError {
-                        channel: self.info().channel_id.clone(),
-                        entry: "start_accounts",
-                        message: "the plugin returned fewer results than accounts".into(),
-                    })
-                })
             })
             .collect()
+    }
+    /// The account's start has not returned within the stop timeout of its stop (it blocks its
+    /// thread): an isolated plugin kills the process the start runs in, which ends the start (and
+    /// every other account of that process, restarted under the backoff); returns whether it did.
+    /// The default does nothing: in-process, the start is left to return by itself.
+    fn abandon_start(&self, _account: &str) -> bool {
+        false
     }
     /// Fires the abort signal of several tasks; how many were still known.
     fn abort_tasks(&self, tasks: &[u64]) -> usize {
@@ -207,4 +229,65 @@ pub trait Plugin: Send + Sync + 'static {
     fn isolation(&self) -> Option<crate::isolate::IsolationInfo> {
         None
     }
+}
+
+/// [`Plugin::boot_accounts`]' default, for an implementation that wraps it: for each account in
+/// order, enabled? configured?; then one [`Plugin::start_accounts`] call for the accounts that
+/// passed, leaving out any whose stop arrived meanwhile (its link's
+/// [`AccountLink::stop_requested`]; its result is [`STOPPED_BEFORE_START`]).
+pub fn boot_each<P: Plugin + ?Sized>(
+    plugin: &P,
+    batch: Vec<(String, AccountLink)>,
+) -> Vec<Result<BootStep, PluginCallError>> {
+    let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
+    let mut starts = Vec::new();
+    for (account, link) in batch {
+        let checked = plugin
+            .is_enabled(&account)
+            .and_then(|enabled| match enabled {
+                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
+                Check::Yes => plugin
+                    .is_configured(&account)
+                    .map(|configured| match configured {
+                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
+                        Check::Yes => None,
+                    }),
+            });
+        match checked {
+            Ok(None) => {
+                starts.push((steps.len(), (account, link)));
+                steps.push(None);
+            }
+            Ok(Some(step)) => steps.push(Some(Ok(step))),
+            Err(error) => steps.push(Some(Err(error))),
+        }
+    }
+    // A stop that landed while the batch was checked: that account is not started.
+    starts.retain(|(slot, (_, link))| {
+        let stopped = link.stop_requested();
+        if stopped {
+            steps[*slot] = Some(Err(PluginCallError {
+                channel: plugin.info().channel_id.clone(),
+                entry: "start_accounts",
+                message: STOPPED_BEFORE_START.into(),
+            }));
+        }
+        !stopped
+    });
+    let (slots, batch): (Vec<usize>, Vec<_>) = starts.into_iter().unzip();
+    for (slot, started) in slots.into_iter().zip(plugin.start_accounts(batch)) {
+        steps[slot] = Some(started.map(BootStep::Started));
+    }
+    steps
+        .into_iter()
+        .map(|step| {
+            step.unwrap_or_else(|| {
+                Err(PluginCallError {
+                    channel: plugin.info().channel_id.clone(),
+                    entry: "start_accounts",
+                    message: "the plugin returned fewer results than accounts".into(),
+                })
+            })
+        })
+        .collect()
 }

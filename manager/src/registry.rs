@@ -259,10 +259,10 @@ impl Loader {
         claimed: &impl Fn(&str) -> Option<PathBuf>,
     ) -> Result<Option<Arc<dyn Plugin>>, PluginFileError> {
         use crate::isolate::{ChildSpec, IsolatedPlugin, Mode, PerAccountPlugin, SpawnError};
-        let spec = |memory_limit| ChildSpec {
+        let spec = |memory_limit, worker_threads| ChildSpec {
             plugin: staged.copy.clone(),
             source: staged.source.clone(),
-            worker_threads: self.worker_threads,
+            worker_threads,
             max_log_level: self.max_log_level,
             memory_limit,
             exe: None,
@@ -275,7 +275,7 @@ impl Loader {
                 self.sink.clone(),
             )
         };
-        let probe = spawn(spec(None))?;
+        let probe = spawn(spec(None, self.worker_threads))?;
         let channel = probe.info().channel_id.clone();
         if let Some(existing) = claimed(&channel) {
             probe.kill();
@@ -296,17 +296,35 @@ impl Loader {
                 .into())
             }
             Ok(settings) if settings.mode != Mode::None => {
-                let control = match settings.memory_limit {
-                    None => probe,
-                    Some(limit) => {
+                // The channel's own `worker_threads` sizes its children's plugin runtime.
+                let workers = match &self.runtime_settings {
+                    None => Ok(self.worker_threads),
+                    Some(runtime) => runtime.channel(&channel).map(|r| r.worker_threads),
+                };
+                let workers = match workers {
+                    Ok(workers) => workers,
+                    Err(message) => {
                         probe.kill();
-                        spawn(spec(Some(limit)))?
+                        return Err(PluginFileError::Init {
+                            path: staged.source.clone(),
+                            error: crate::plugin::PluginCallError {
+                                channel,
+                                entry: "init",
+                                message,
+                            },
+                        });
                     }
+                };
+                let control = if settings.memory_limit.is_none() && workers == self.worker_threads {
+                    probe
+                } else {
+                    probe.kill();
+                    spawn(spec(settings.memory_limit, workers))?
                 };
                 Ok(Some(match settings.mode {
                     Mode::ProcessPerAccount => Arc::new(PerAccountPlugin::new(
                         control,
-                        spec(settings.memory_limit),
+                        spec(settings.memory_limit, workers),
                         self.handshake_timeout,
                         runtime.clone(),
                         self.sink.clone(),

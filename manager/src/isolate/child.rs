@@ -19,13 +19,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::wire::{
-    self, Answer, Call, FromChild, Hello, Inbound, Query, QueryAnswer, Service, ToChild,
+    self, Answer, Booted, Call, Facts, FromChild, Hello, Inbound, Query, QueryAnswer, Service,
+    ToChild,
 };
 use crate::{
     ffi::FfiPlugin,
     host::{AccountKey, AccountLink, HostSink},
     load::{isolation_sys, load_root_module_named},
-    plugin::{BoxFuture, Check, Outbound, Plugin},
+    plugin::{BootStep, BoxFuture, Check, Outbound, Plugin, RunningTask},
 };
 
 /// What the host tells the child on its command line.
@@ -177,6 +178,9 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
             ToChild::Abort(task) => {
                 plugin.abort_task(task);
             }
+            ToChild::AbortMany(tasks) => {
+                plugin.abort_tasks(&tasks);
+            }
             ToChild::Answered { id, answer } => {
                 let waiting = sink
                     .waiting
@@ -192,6 +196,55 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
     // The host closed the socket (shutdown) or is gone: leave without running the plugin's
     // destructors, which may block.
     std::process::exit(0)
+}
+
+/// Whether a batch call boots (checks, then starts) or only starts.
+enum Kind {
+    Boot,
+    Other,
+}
+
+/// The host link of one account's generation; with a plugin that reports the first poll of its
+/// tasks, the report is forwarded to the host.
+fn link_for(
+    plugin: &FfiPlugin,
+    sink: &Arc<ChildSink>,
+    channel: &str,
+    out: &mpsc::UnboundedSender<FromChild>,
+    account: &str,
+    generation: u64,
+) -> AccountLink {
+    let key = AccountKey::new(channel, account);
+    let link = AccountLink::for_account(key, generation, sink.clone());
+    if !plugin.reports_task_polled() {
+        return link;
+    }
+    let (polled, mut seen) = watch::channel(false);
+    let out = out.clone();
+    let account = account.to_owned();
+    // Ends without a word when the link is dropped unpolled (a start that failed or was not
+    // made).
+    tokio::spawn(async move {
+        if seen.wait_for(|polled| *polled).await.is_ok() {
+            let _ = out.send(FromChild::Service {
+                account,
+                generation,
+                service: Service::TaskPolled,
+            });
+        }
+    });
+    link.with_polled_signal(polled)
+}
+
+/// Reports a started task's end to the host; its id.
+fn report_end(out: &mpsc::UnboundedSender<FromChild>, started: RunningTask) -> u64 {
+    let task = started.id;
+    let out = out.clone();
+    tokio::spawn(async move {
+        let result = started.done.await;
+        let _ = out.send(FromChild::TaskDone { task, result });
+    });
+    task
 }
 
 /// A call that may block, run on the blocking pool.
@@ -217,6 +270,10 @@ async fn answer(
     let check = |c: Check| match c {
         Check::Yes => Answer::Check(true, None),
         Check::No(reason) => Answer::Check(false, reason),
+    };
+    let call_kind = match &call {
+        Call::Boot(_) => Kind::Boot,
+        _ => Kind::Other,
     };
     match call {
         Call::Validate(table) => {
@@ -285,23 +342,7 @@ async fn answer(
             account,
             generation,
         } => {
-            let key = AccountKey::new(channel, account.as_str());
-            let mut link = AccountLink::for_account(key, generation, sink);
-            if plugin.reports_task_polled() {
-                let (polled, mut seen) = watch::channel(false);
-                link = link.with_polled_signal(polled);
-                let out = out.clone();
-                let account = account.clone();
-                tokio::spawn(async move {
-                    if seen.wait_for(|polled| *polled).await.is_ok() {
-                        let _ = out.send(FromChild::Service {
-                            account,
-                            generation,
-                            service: Service::TaskPolled,
-                        });
-                    }
-                });
-            }
+            let link = link_for(&plugin, &sink, channel, out, &account, generation);
             let started = tokio::task::spawn_blocking({
                 let plugin = plugin.clone();
                 move || plugin.start_account(&account, link)
@@ -309,13 +350,84 @@ async fn answer(
             .await
             .map_err(|e| format!("the call failed in the plugin process: {e}"))?
             .map_err(|e| e.message)?;
-            let task = started.id;
-            let out = out.clone();
-            tokio::spawn(async move {
-                let result = started.done.await;
-                let _ = out.send(FromChild::TaskDone { task, result });
+            Ok(Answer::Task(report_end(out, started)))
+        }
+        Call::Boot(accounts) | Call::StartMany(accounts) => {
+            let boot = matches!(call_kind, Kind::Boot);
+            let batch: Vec<(String, AccountLink)> = accounts
+                .into_iter()
+                .map(|(account, generation)| {
+                    let link = link_for(&plugin, &sink, channel, out, &account, generation);
+                    (account, link)
+                })
+                .collect();
+            let count = batch.len();
+            // The checks and the plugin's own batch entry, in one go on the blocking pool.
+            let steps = tokio::task::spawn_blocking({
+                let plugin = plugin.clone();
+                move || {
+                    if boot {
+                        plugin.boot_accounts(batch)
+                    } else {
+                        plugin
+                            .start_accounts(batch)
+                            .into_iter()
+                            .map(|started| started.map(BootStep::Started))
+                            .collect()
+                    }
+                }
+            })
+            .await
+            .map_err(|e| format!("the call failed in the plugin process: {e}"))?;
+            let mut steps: Vec<Result<Booted, String>> = steps
+                .into_iter()
+                .map(|step| match step {
+                    Ok(BootStep::Disabled(reason)) => Ok(Booted::Disabled(reason)),
+                    Ok(BootStep::NotConfigured(reason)) => Ok(Booted::NotConfigured(reason)),
+                    Ok(BootStep::Started(task)) => Ok(Booted::Started(report_end(out, task))),
+                    Err(e) => Err(e.message),
+                })
+                .collect();
+            steps.resize_with(count, || {
+                Err("the plugin returned no result for this account".into())
             });
-            Ok(Answer::Task(task))
+            Ok(Answer::Booted(steps))
+        }
+        Call::CheckMany(accounts) => {
+            blocking(Box::new(move |p| {
+                let checked = accounts
+                    .iter()
+                    .map(|account| {
+                        Ok(match p.is_enabled(account).map_err(|e| e.message)? {
+                            Check::No(reason) => Booted::Disabled(reason),
+                            Check::Yes => match p.is_configured(account).map_err(|e| e.message)? {
+                                Check::No(reason) => Booted::NotConfigured(reason),
+                                Check::Yes => Booted::Ready,
+                            },
+                        })
+                    })
+                    .collect();
+                Ok(Answer::Booted(checked))
+            }))
+            .await
+        }
+        Call::Facts(accounts) => {
+            blocking(Box::new(move |p| {
+                let facts = p
+                    .account_facts(&accounts)
+                    .into_iter()
+                    .map(|f| Facts {
+                        enabled: f.enabled.map(|c| match c {
+                            Check::Yes => (true, None),
+                            Check::No(reason) => (false, reason),
+                        }),
+                        configured: f.configured,
+                        unconfigured_reason: f.unconfigured_reason,
+                    })
+                    .collect();
+                Ok(Answer::Facts(facts))
+            }))
+            .await
         }
         Call::Stop(account) => match plugin.stop_account_async(&account) {
             Some(stop) => stop.await.map(|()| Answer::Unit).map_err(|e| e.message),

@@ -15,6 +15,12 @@
 //!   connectivity, events, `deliver` to the journal, `task_polled`, stale generations) are
 //!   forwarded to the host's sink; the child's log lines go to the daemon's stderr with their
 //!   channel and account fields.
+//! * Batches cross in one round trip each: `boot_accounts` (the child asks the plugin
+//!   whether each account is enabled and configured and starts those that are through the
+//!   plugin's own batch entry), `start_accounts`, `abort_tasks` (one message) and
+//!   `account_facts` (the snapshot's view of a channel's accounts at registration). Each account
+//!   gets its own outcome; a child that dies before it answers fails every account of the batch
+//!   with the cause.
 //! * When the child dies, every pending call and every account task in it ends with an error that
 //!   names the cause ("plugin process killed by SIGSEGV", "plugin process exited with code 3",
 //!   "plugin process aborted (memory allocation failed)"); the supervisor restarts the accounts

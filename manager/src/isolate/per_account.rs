@@ -9,7 +9,8 @@
 //! send, logout) go there. A dead account child is replaced at the account's next call, like the
 //! child of `isolation = "process"`; the others keep running. Task ids are the host's own, mapped
 //! to the account's child and its id for the task. Every child ends when the version is retired
-//! or the daemon stops.
+//! or the daemon stops. A batched boot checks the whole batch in one round trip to the control
+//! child, then starts each account that passed in its own child.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,7 +26,10 @@ use serde_json::Value;
 use super::{ChildSpec, IsolatedPlugin, IsolationInfo};
 use crate::{
     host::{AccountLink, HostSink},
-    plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
+    plugin::{
+        AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
+        RunningTask, STOPPED_BEFORE_START,
+    },
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -217,6 +221,33 @@ impl Plugin for PerAccountPlugin {
         })
     }
 
+    /// The checks of the whole batch in one round trip to the control child; then each account
+    /// that passed starts in its own child (one round trip there, its child started first if it
+    /// has none). An account's error, or its child's death, is that account's alone.
+    fn boot_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<BootStep, PluginCallError>> {
+        let accounts = batch.iter().map(|(account, _)| account.clone()).collect();
+        let checked = self.inner.control.check_accounts(accounts);
+        batch
+            .into_iter()
+            .zip(checked)
+            .map(|((account, link), checked)| match checked? {
+                Some(step) => Ok(step),
+                // Stopped while the batch was checked: not started.
+                None if link.stop_requested() => {
+                    Err(self.error("boot_accounts", STOPPED_BEFORE_START.into()))
+                }
+                None => self.start_account(&account, link).map(BootStep::Started),
+            })
+            .collect()
+    }
+
+    fn account_facts(&self, accounts: &[(String, bool)]) -> Vec<AccountFacts> {
+        self.inner.control.account_facts(accounts)
+    }
+
     fn abort_task(&self, task: u64) -> bool {
         self.task(task)
             .is_some_and(|(child, id)| child.abort_task(id))
@@ -227,6 +258,13 @@ impl Plugin for PerAccountPlugin {
     fn cancel_task(&self, task: u64) -> bool {
         self.task(task)
             .is_some_and(|(child, id)| child.cancel_task(id))
+    }
+
+    /// Kills the account's own child (see [`IsolatedPlugin`]'s): the other accounts of the
+    /// channel keep running.
+    fn abandon_start(&self, account: &str) -> bool {
+        self.existing(account)
+            .is_some_and(|child| child.abandon_start(account))
     }
 
     fn stop_account(&self, account: &str) -> Result<(), PluginCallError> {

@@ -23,12 +23,15 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::{
     IsolationInfo,
-    wire::{self, Answer, Call, FromChild, Hello, Query, QueryAnswer, Service, ToChild},
+    wire::{self, Answer, Booted, Call, FromChild, Hello, Query, QueryAnswer, Service, ToChild},
 };
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     load::isolation_sys,
-    plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
+    plugin::{
+        AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
+        RunningTask, STOPPED_BEFORE_START,
+    },
 };
 
 /// How long a new child may take to load its plugin and answer, unless told otherwise
@@ -67,9 +70,10 @@ pub struct ChildSpec {
     pub exe: Option<PathBuf>,
 }
 
+/// A call's answer, with the end of each task it started (in the order of the answer).
 type Reply = (
     Result<Answer, String>,
-    Option<oneshot::Receiver<Result<(), String>>>,
+    Vec<oneshot::Receiver<Result<(), String>>>,
 );
 
 /// One live (or dead) child.
@@ -105,7 +109,7 @@ impl Conn {
         {
             let dead = lock(&self.dead);
             if let Some(cause) = dead.as_ref() {
-                let _ = tx.send((Err(cause.clone()), None));
+                let _ = tx.send((Err(cause.clone()), Vec::new()));
                 return rx;
             }
             lock(&self.calls).insert(id, tx);
@@ -118,7 +122,7 @@ impl Conn {
     fn die(&self, cause: String) {
         *lock(&self.dead) = Some(cause.clone());
         for (_, call) in lock(&self.calls).drain() {
-            let _ = call.send((Err(cause.clone()), None));
+            let _ = call.send((Err(cause.clone()), Vec::new()));
         }
         for (_, task) in lock(&self.tasks).drain() {
             let _ = task.send(Err(cause.clone()));
@@ -139,6 +143,11 @@ impl Conn {
             isolation_sys::kill(self.pid);
         }
     }
+}
+
+/// The answer of a call whose child went away without one.
+fn gone() -> Reply {
+    (Err("the plugin process is gone".into()), Vec::new())
 }
 
 /// Work for the spawner thread.
@@ -450,13 +459,21 @@ fn on_message(
         FromChild::Reply { id, result } => {
             // A started task is registered before its caller hears of it, so its end is never
             // missed.
+            let register = |task: u64| {
+                let (tx, rx) = oneshot::channel();
+                lock(&conn.tasks).insert(task, tx);
+                rx
+            };
             let done = match &result {
-                Ok(Answer::Task(task)) => {
-                    let (tx, rx) = oneshot::channel();
-                    lock(&conn.tasks).insert(*task, tx);
-                    Some(rx)
-                }
-                _ => None,
+                Ok(Answer::Task(task)) => vec![register(*task)],
+                Ok(Answer::Booted(steps)) => steps
+                    .iter()
+                    .filter_map(|step| match step {
+                        Ok(Booted::Started(task)) => Some(register(*task)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
             };
             if let Some(call) = lock(&conn.calls).remove(&id) {
                 let _ = call.send((result, done));
@@ -664,7 +681,7 @@ impl IsolatedPlugin {
         );
         if let Some(table) = lock(&self.inner.config).clone() {
             let (result, _) = futures_executor::block_on(fresh.request(Call::Configure(table)))
-                .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+                .unwrap_or_else(|_| gone());
             result.map_err(|e| {
                 self.error(entry, format!("configuring the new plugin process: {e}"))
             })?;
@@ -676,8 +693,7 @@ impl IsolatedPlugin {
     /// A call that blocks the calling thread until the child answers or dies.
     fn call(&self, entry: &'static str, call: Call) -> Result<Answer, PluginCallError> {
         let conn = self.conn(entry)?;
-        let (result, _) = futures_executor::block_on(conn.request(call))
-            .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+        let (result, _) = futures_executor::block_on(conn.request(call)).unwrap_or_else(|_| gone());
         result.map_err(|e| self.error(entry, e))
     }
 
@@ -695,12 +711,162 @@ impl IsolatedPlugin {
                     .await
                     .map_err(|e| me.error(entry, e.to_string()))??
             };
-            let (result, _) = conn
-                .request(call)
-                .await
-                .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+            let (result, _) = conn.request(call).await.unwrap_or_else(|_| gone());
             result.map_err(|e| me.error(entry, e))
         })
+    }
+
+    /// A started task as the supervisor holds it: its end, and the bookkeeping of its account
+    /// (its host link, its owner) dropped when it ends.
+    fn running(
+        &self,
+        conn: &Arc<Conn>,
+        account: String,
+        generation: u64,
+        task: u64,
+        done: Option<oneshot::Receiver<Result<(), String>>>,
+    ) -> RunningTask {
+        lock(&self.inner.owners).insert(task, account.clone());
+        let (key, links) = ((account, generation), conn.clone());
+        let inner = self.inner.clone();
+        RunningTask {
+            id: task,
+            done: Box::pin(async move {
+                let result = match done {
+                    Some(done) => done
+                        .await
+                        .unwrap_or_else(|_| Err("the plugin process is gone".into())),
+                    None => Err("the plugin process is gone".into()),
+                };
+                lock(&links.links).remove(&key);
+                lock(&inner.owners).remove(&task);
+                result
+            }),
+        }
+    }
+
+    /// A batch of boots or starts in one round trip: one request frame (`call` of every
+    /// account with its generation), one reply frame with a step per account, in order. An
+    /// account's error is that account's alone; a child that dies before it answers fails every
+    /// account of the batch with its cause of death (and the next call starts a new child).
+    /// Blocks.
+    fn batch(
+        &self,
+        entry: &'static str,
+        batch: Vec<(String, AccountLink)>,
+        call: fn(Vec<(String, u64)>) -> Call,
+    ) -> Vec<Result<BootStep, PluginCallError>> {
+        // An account whose stop landed before the call is not sent (a stop that lands while the
+        // child boots the batch finds its task handed over, and stops it).
+        let stopped: Vec<bool> = batch
+            .iter()
+            .map(|(_, link)| link.stop_requested())
+            .collect();
+        if stopped.contains(&true) {
+            let batch = batch
+                .into_iter()
+                .zip(&stopped)
+                .filter(|(_, stopped)| !**stopped)
+                .map(|(item, _)| item)
+                .collect();
+            let mut sent = self.batch(entry, batch, call).into_iter();
+            return stopped
+                .into_iter()
+                .map(|stopped| match stopped {
+                    true => Err(self.error(entry, STOPPED_BEFORE_START.into())),
+                    false => sent.next().unwrap_or_else(|| Err(self.unexpected(entry))),
+                })
+                .collect();
+        }
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let conn = match self.conn(entry) {
+            Ok(conn) => conn,
+            Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let keys: Vec<(String, u64)> = batch
+            .iter()
+            .map(|(account, link)| (account.clone(), link.generation()))
+            .collect();
+        {
+            // Before the request: a task's first host-service calls may reach us before the
+            // reply does.
+            let mut links = lock(&conn.links);
+            for (account, link) in batch {
+                let generation = link.generation();
+                links.insert((account, generation), link);
+            }
+        }
+        let (result, done) =
+            futures_executor::block_on(conn.request(call(keys.clone()))).unwrap_or_else(|_| gone());
+        let steps = match result {
+            Ok(Answer::Booted(steps)) if steps.len() == keys.len() => steps,
+            other => {
+                let error = match other {
+                    Err(cause) => self.error(entry, cause),
+                    _ => self.unexpected(entry),
+                };
+                let mut links = lock(&conn.links);
+                for key in &keys {
+                    links.remove(key);
+                }
+                return keys.iter().map(|_| Err(error.clone())).collect();
+            }
+        };
+        let mut done = done.into_iter();
+        keys.into_iter()
+            .zip(steps)
+            .map(|((account, generation), step)| {
+                let step = match step {
+                    Ok(Booted::Started(task)) => {
+                        return Ok(BootStep::Started(self.running(
+                            &conn,
+                            account,
+                            generation,
+                            task,
+                            done.next(),
+                        )));
+                    }
+                    Ok(Booted::Disabled(reason)) => Ok(BootStep::Disabled(reason)),
+                    Ok(Booted::NotConfigured(reason)) => Ok(BootStep::NotConfigured(reason)),
+                    Ok(Booted::Ready) => Err(self.unexpected(entry)),
+                    Err(message) => Err(self.error(entry, message)),
+                };
+                // Not started: its link goes.
+                lock(&conn.links).remove(&(account, generation));
+                step
+            })
+            .collect()
+    }
+
+    /// The enabled and configured checks of a batch of accounts in one round trip, without
+    /// starting any: per account, in order, `None` when both say yes, else the step that stops
+    /// its boot.
+    pub(super) fn check_accounts(
+        &self,
+        accounts: Vec<String>,
+    ) -> Vec<Result<Option<BootStep>, PluginCallError>> {
+        let count = accounts.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        match self.call("boot_accounts", Call::CheckMany(accounts)) {
+            Ok(Answer::Booted(steps)) if steps.len() == count => steps
+                .into_iter()
+                .map(|step| match step {
+                    Ok(Booted::Ready) => Ok(None),
+                    Ok(Booted::Disabled(reason)) => Ok(Some(BootStep::Disabled(reason))),
+                    Ok(Booted::NotConfigured(reason)) => Ok(Some(BootStep::NotConfigured(reason))),
+                    Ok(Booted::Started(_)) => Err(self.unexpected("boot_accounts")),
+                    Err(message) => Err(self.error("boot_accounts", message)),
+                })
+                .collect(),
+            Ok(_) => (0..count)
+                .map(|_| Err(self.unexpected("boot_accounts")))
+                .collect(),
+            Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+        }
     }
 
     fn unexpected(&self, entry: &'static str) -> PluginCallError {
@@ -782,7 +948,7 @@ impl Plugin for IsolatedPlugin {
             account: account.to_owned(),
             generation,
         }))
-        .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+        .unwrap_or_else(|_| gone());
         let task = match result {
             Ok(Answer::Task(task)) => task,
             Ok(_) => return Err(self.unexpected("start_account")),
@@ -791,23 +957,77 @@ impl Plugin for IsolatedPlugin {
                 return Err(self.error("start_account", e));
             }
         };
-        let (key, links) = ((account.to_owned(), generation), conn.clone());
-        lock(&self.inner.owners).insert(task, account.to_owned());
-        let inner = self.inner.clone();
-        Ok(RunningTask {
-            id: task,
-            done: Box::pin(async move {
-                let result = match done {
-                    Some(done) => done
-                        .await
-                        .unwrap_or_else(|_| Err("the plugin process is gone".into())),
-                    None => Err("the plugin process is gone".into()),
-                };
-                lock(&links.links).remove(&key);
-                lock(&inner.owners).remove(&task);
-                result
-            }),
-        })
+        Ok(self.running(
+            &conn,
+            account.to_owned(),
+            generation,
+            task,
+            done.into_iter().next(),
+        ))
+    }
+
+    /// Starts a batch in one round trip: one message carries the batch, one brings back each
+    /// account's task or error; a child that dies first fails every account with the cause.
+    fn start_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<RunningTask, PluginCallError>> {
+        self.batch("start_accounts", batch, Call::StartMany)
+            .into_iter()
+            .map(|step| match step? {
+                BootStep::Started(task) => Ok(task),
+                _ => Err(self.unexpected("start_accounts")),
+            })
+            .collect()
+    }
+
+    /// Boots a batch in one round trip: the child asks the plugin whether each account is
+    /// enabled and configured and starts those that are through the plugin's own batch entry.
+    /// Each account gets its own outcome; a child that dies first fails every account of the
+    /// batch with the cause (and the next call starts a new child).
+    fn boot_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<BootStep, PluginCallError>> {
+        self.batch("boot_accounts", batch, Call::Boot)
+    }
+
+    /// The facts of a batch of accounts in one round trip.
+    fn account_facts(&self, accounts: &[(String, bool)]) -> Vec<AccountFacts> {
+        match self.call("account_facts", Call::Facts(accounts.to_vec())) {
+            Ok(Answer::Facts(facts)) if facts.len() == accounts.len() => facts
+                .into_iter()
+                .map(|f| AccountFacts {
+                    enabled: f.enabled.map(
+                        |(yes, reason)| {
+                            if yes { Check::Yes } else { Check::No(reason) }
+                        },
+                    ),
+                    configured: f.configured,
+                    unconfigured_reason: f.unconfigured_reason,
+                })
+                .collect(),
+            // Nothing learnt: every field unknown (as when each call fails).
+            _ => vec![AccountFacts::default(); accounts.len()],
+        }
+    }
+
+    /// One message for the whole batch; only the tasks still known are aborted.
+    fn abort_tasks(&self, tasks: &[u64]) -> usize {
+        let conn = lock(&self.inner.conn).clone();
+        let known: Vec<u64> = {
+            let running = lock(&conn.tasks);
+            tasks
+                .iter()
+                .copied()
+                .filter(|task| running.contains_key(task))
+                .collect()
+        };
+        let count = known.len();
+        if count > 0 {
+            let _ = conn.tx.send(ToChild::AbortMany(known));
+        }
+        count
     }
 
     fn abort_task(&self, task: u64) -> bool {
@@ -844,6 +1064,25 @@ impl Plugin for IsolatedPlugin {
         known
     }
 
+    /// A start that did not return within the stop timeout of its account's stop blocks a
+    /// thread of the child: the child is killed, like one that does not answer a stop. Every
+    /// account in it ends with the reason and restarts under the backoff, in a new child.
+    fn abandon_start(&self, account: &str) -> bool {
+        let conn = lock(&self.inner.conn).clone();
+        // Its start is still under way there: its link is known, its task is not.
+        let starting = lock(&conn.links).keys().any(|(a, _)| a == account)
+            && !lock(&self.inner.owners).values().any(|a| a == account);
+        if starting && !conn.is_dead() {
+            let why = format!(
+                "plugin process killed: account {account}'s start did not return within the stop \
+                 timeout"
+            );
+            tracing::warn!(channel = %self.inner.info.channel_id, pid = conn.pid, "{why}");
+            conn.kill_for(why);
+        }
+        starting
+    }
+
     fn stop_account(&self, account: &str) -> Result<(), PluginCallError> {
         let conn = lock(&self.inner.conn).clone();
         if conn.is_dead() {
@@ -851,7 +1090,7 @@ impl Plugin for IsolatedPlugin {
             return Ok(());
         }
         let (result, _) = futures_executor::block_on(conn.request(Call::Stop(account.into())))
-            .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+            .unwrap_or_else(|_| gone());
         result
             .map(|_| ())
             .map_err(|e| self.error("stop_account", e))
@@ -925,9 +1164,7 @@ impl Plugin for IsolatedPlugin {
         let answer = conn.request(Call::Stop(account.into()));
         let me = self.clone();
         Some(Box::pin(async move {
-            let (result, _) = answer
-                .await
-                .unwrap_or_else(|_| (Err("the plugin process is gone".into()), None));
+            let (result, _) = answer.await.unwrap_or_else(|_| gone());
             result.map(|_| ()).map_err(|e| me.error("stop_account", e))
         }))
     }

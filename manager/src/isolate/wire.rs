@@ -69,6 +69,45 @@ pub enum Call {
     },
     /// `shutdown`: the child exits after answering.
     Shutdown,
+    /// `boot_accounts`: for each account of the batch (with the generation its host link is
+    /// for), in order, whether it is enabled, whether it is configured, and its start through the
+    /// plugin's own batch entry; answered by [`Answer::Booted`], one step per account.
+    Boot(Vec<(String, u64)>),
+    /// `start_accounts` for a batch (account, generation): [`Answer::Booted`] with a start or an
+    /// error per account.
+    StartMany(Vec<(String, u64)>),
+    /// The enabled and configured checks of a batch of accounts, without starting any:
+    /// [`Answer::Booted`] with [`Booted::Ready`] for an account that passed both.
+    CheckMany(Vec<String>),
+    /// What the status snapshot shows of a batch of accounts before their first boot (see
+    /// [`crate::plugin::Plugin::account_facts`]), each with whether the host already knows it is
+    /// disabled (then its `is_enabled` is not asked): [`Answer::Facts`].
+    Facts(Vec<(String, bool)>),
+}
+
+/// One account's step of a batched boot ([`Call::Boot`], [`Call::StartMany`],
+/// [`Call::CheckMany`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Booted {
+    /// Switched off, with the plugin's reason.
+    Disabled(Option<String>),
+    /// Not configured, with the plugin's reason.
+    NotConfigured(Option<String>),
+    /// Enabled and configured ([`Call::CheckMany`]: not started).
+    Ready,
+    /// Started: the task's id.
+    Started(u64),
+}
+
+/// One account's facts for the snapshot ([`Call::Facts`]); `None` where the plugin failed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Facts {
+    /// `is_enabled`: enabled, or not with a reason.
+    pub enabled: Option<(bool, Option<String>)>,
+    /// The `configured` flag of the account's description.
+    pub configured: Option<bool>,
+    /// `is_configured`'s reason, asked when the description says it is not configured.
+    pub unconfigured_reason: Option<String>,
 }
 
 /// A call's answer.
@@ -92,6 +131,11 @@ pub enum Answer {
     Task(u64),
     /// A text (the send receipt).
     Text(String),
+    /// A batch's steps, one per account in order: the step, or the plugin's error for that
+    /// account.
+    Booted(Vec<Result<Booted, String>>),
+    /// A batch's facts, one per account in order.
+    Facts(Vec<Facts>),
 }
 
 /// Host → child.
@@ -107,6 +151,8 @@ pub enum ToChild {
     /// Fire a task's abort signal. (A task that does not end within the stop timeout is not
     /// cancelled inside the child: the child is killed.)
     Abort(u64),
+    /// Fire the abort signal of several tasks (one message for a batch).
+    AbortMany(Vec<u64>),
     /// The answer to a [`FromChild::Query`].
     Answered {
         /// The query's id.

@@ -1,12 +1,19 @@
-//! A channel's boot pool: the plugin calls of every boot of the channel (enabled? configured?
-//! start) run on at most `startup_accounts_per_channel` threads of the blocking pool, each taking
-//! one queued boot after the other, instead of one blocking task per boot. The pool's size *is*
-//! the channel's startup fan-out: a boot is booting from the moment a thread takes it until the
-//! plugin's start has returned, so at most that many are in flight, and a boot still waiting in the
-//! queue can be withdrawn (a stop) without any plugin call.
+//! A channel's boot pool: the plugin calls of the channel's boots (enabled? configured? start) run
+//! on a few threads of the blocking pool, which take queued boots in *batches* and hand each batch
+//! to one call (the supervisor's runner, which calls [`Plugin::boot_accounts`] once per batch),
+//! instead of one blocking task per boot.
 //!
-//! A thread leaves as soon as the queue is empty, so an idle channel holds no thread (and a paused
-//! test clock, which stands still while a blocking call runs, moves again).
+//! The startup fan-out (`startup_accounts_per_channel`, n) bounds the *accounts* booting at once, a
+//! batch of k counting as k: a boot is booting from the moment a thread takes it until its batch's
+//! call has returned. A thread takes at most the free slots, and no more than its share of the
+//! queue (a queue of at most n boots goes out one boot per thread, so one slow start holds up no
+//! other account; a long queue goes out in batches of n). A boot still waiting in the queue can be
+//! withdrawn (a stop) without any plugin call.
+//!
+//! A thread leaves as soon as it has nothing to take, so an idle channel holds no thread (and a
+//! paused test clock, which stands still while a blocking call runs, moves again).
+//!
+//! [`Plugin::boot_accounts`]: crate::plugin::Plugin::boot_accounts
 
 use std::{
     collections::VecDeque,
@@ -17,22 +24,42 @@ use std::{
     },
 };
 
-/// One queued boot: its calls, and the mark that says who has it (a thread of the pool, or the
+/// One queued boot: the job, and the mark that says who has it (a thread of the pool, or the
 /// lifecycle that withdrew it). Whoever sets the mark first owns the boot.
-struct Job {
+struct Queued<J> {
     claimed: Arc<AtomicBool>,
-    run: Box<dyn FnOnce() + Send>,
+    job: J,
 }
 
-struct Queue {
-    waiting: VecDeque<Job>,
+struct Queue<J> {
+    waiting: VecDeque<Queued<J>>,
+    /// Threads of the pool alive.
     threads: usize,
+    /// Threads inside a batch's call.
+    busy: usize,
+    /// Accounts inside a batch's call (the sum of the batches' sizes).
+    booting: usize,
 }
+
+impl<J> Queue<J> {
+    /// Whether a new thread should come: boots wait, a slot is free, and no thread is idle to take
+    /// them.
+    fn wants_thread(&self, max: usize) -> bool {
+        !self.waiting.is_empty()
+            && self.booting < max
+            && self.threads == self.busy
+            && self.threads < max
+    }
+}
+
+/// Runs one batch of boots (all of one channel) with one call into the plugin.
+pub(super) type Runner<J> = Arc<dyn Fn(Vec<J>) + Send + Sync>;
 
 /// The boot pool of one channel.
-pub(super) struct BootPool {
-    queue: Arc<Mutex<Queue>>,
-    max_threads: usize,
+pub(super) struct BootPool<J: Send + 'static> {
+    queue: Arc<Mutex<Queue<J>>>,
+    max: usize,
+    run: Runner<J>,
 }
 
 /// A queued boot, as the lifecycle that submitted it holds it.
@@ -48,75 +75,106 @@ impl Ticket {
     }
 }
 
-impl BootPool {
-    /// A pool of at most `max_threads` threads (at least one).
-    pub(super) fn new(max_threads: usize) -> Self {
+impl<J: Send + 'static> BootPool<J> {
+    /// A pool with at most `max` accounts booting at once (at least one), whose batches `run`
+    /// boots.
+    pub(super) fn new(max: usize, run: Runner<J>) -> Self {
         Self {
             queue: Arc::new(Mutex::new(Queue {
                 waiting: VecDeque::new(),
                 threads: 0,
+                busy: 0,
+                booting: 0,
             })),
-            max_threads: max_threads.max(1),
+            max: max.max(1),
+            run,
         }
     }
 
-    /// Queues `run` (the boot's plugin calls); a thread of the pool runs it unless the returned
-    /// ticket withdraws it first.
-    pub(super) fn submit(&self, run: impl FnOnce() + Send + 'static) -> Ticket {
+    /// Queues `job`; a thread of the pool runs it (in a batch) unless the returned ticket
+    /// withdraws it first.
+    pub(super) fn submit(&self, job: J) -> Ticket {
         let claimed = Arc::new(AtomicBool::new(false));
         let spawn = {
             let mut queue = lock(&self.queue);
-            queue.waiting.push_back(Job {
+            queue.waiting.push_back(Queued {
                 claimed: claimed.clone(),
-                run: Box::new(run),
+                job,
             });
-            let spawn = queue.threads < self.max_threads;
+            let spawn = queue.wants_thread(self.max);
             if spawn {
                 queue.threads += 1;
             }
             spawn
         };
         if spawn {
-            let queue = self.queue.clone();
-            tokio::task::spawn_blocking(move || drain(&queue));
+            self.spawn_thread();
         }
         Ticket { claimed }
     }
+
+    fn spawn_thread(&self) {
+        let (queue, max, run) = (self.queue.clone(), self.max, self.run.clone());
+        tokio::task::spawn_blocking(move || drain(&queue, max, run));
+    }
 }
 
-fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
-    // Jobs run outside the lock: a poisoned lock only means a panic between two plain updates.
+fn lock<J>(queue: &Mutex<Queue<J>>) -> std::sync::MutexGuard<'_, Queue<J>> {
+    // Batches run outside the lock: a poisoned lock only means a panic between two plain updates.
     queue.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One thread of the pool: takes queued boots one by one until none is left.
-fn drain(queue: &Mutex<Queue>) {
+/// One thread of the pool: takes batches of queued boots until it has nothing to take.
+fn drain<J: Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runner<J>) {
     loop {
-        let job = {
-            let mut queue = lock(queue);
-            match queue.waiting.pop_front() {
-                Some(job) => job,
-                None => {
-                    queue.threads -= 1;
-                    return;
+        let (batch, spawn) = {
+            let mut q = lock(queue);
+            let free = max.saturating_sub(q.booting);
+            // Its share: a short queue goes out one boot per thread, a long one in full batches.
+            let size = free.min(q.waiting.len().div_ceil(max));
+            let mut batch = Vec::with_capacity(size);
+            while batch.len() < size {
+                let Some(queued) = q.waiting.pop_front() else {
+                    break;
+                };
+                // A claimed one was withdrawn by a stop while it waited.
+                if !queued.claimed.swap(true, Ordering::AcqRel) {
+                    batch.push(queued.job);
                 }
             }
+            if batch.is_empty() {
+                q.threads -= 1;
+                return;
+            }
+            q.booting += batch.len();
+            q.busy += 1;
+            // Boots left and a slot free: another thread takes them beside this batch.
+            let spawn = q.wants_thread(max);
+            if spawn {
+                q.threads += 1;
+            }
+            (batch, spawn)
         };
-        if job.claimed.swap(true, Ordering::AcqRel) {
-            // Withdrawn by a stop while it waited.
-            continue;
+        if spawn {
+            let (queue, run) = (queue.clone(), run.clone());
+            tokio::task::spawn_blocking(move || drain(&queue, max, run));
         }
+        let size = batch.len();
         let began = std::time::Instant::now();
-        // A panic in the calls drops the job's reply channel (its lifecycle sees the boot fail);
-        // the thread goes on with the queue.
-        let _ = catch_unwind(AssertUnwindSafe(job.run));
+        // A panic in the call drops the batch's reply channels (their lifecycles see the boot
+        // fail); the thread goes on with the queue.
+        let _ = catch_unwind(AssertUnwindSafe(|| run(batch)));
         crate::metrics::observe_plugin_call(began.elapsed());
+        let mut q = lock(queue);
+        q.booting -= size;
+        q.busy -= 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::{
+        panic::{AssertUnwindSafe, catch_unwind},
         sync::{
             Arc, Condvar, Mutex,
             atomic::{AtomicUsize, Ordering},
@@ -155,33 +213,44 @@ mod tests {
         }
     }
 
-    /// The pool runs at most its size of boots at once, runs every queued one, skips a withdrawn
-    /// one, goes on past a panicking one, and keeps no thread once its queue is empty.
+    type Job = Box<dyn FnOnce() + Send>;
+
+    /// The pool has at most its size of boots in its batches' calls at once (a batch of k counts
+    /// k), runs every queued one, skips a withdrawn one, goes on past a panicking one, and keeps
+    /// no thread once its queue is empty.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn at_most_its_size_at_once_withdrawn_never_run_and_a_panic_does_not_stop_it() {
-        let pool = BootPool::new(2);
-        let inside = Arc::new(AtomicUsize::new(0));
+    async fn at_most_its_size_booting_at_once_withdrawn_never_run_and_a_panic_does_not_stop_it() {
+        // Accounts inside a batch's call, and the most ever.
+        let booting = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
+        let pool = BootPool::<Job>::new(2, {
+            let (booting, most) = (booting.clone(), most.clone());
+            Arc::new(move |batch: Vec<Job>| {
+                let now = booting.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
+                most.fetch_max(now, Ordering::SeqCst);
+                let size = batch.len();
+                for job in batch {
+                    let _ = catch_unwind(AssertUnwindSafe(job));
+                }
+                booting.fetch_sub(size, Ordering::SeqCst);
+            })
+        });
         let ran = Arc::new(Mutex::new(Vec::new()));
-        // Closed until the test opens it: a boot inside holds its thread.
+        // Closed until the test opens it: a boot inside holds its thread (and its batch).
         let gate = Gate(Arc::new((Mutex::new(false), Condvar::new())));
         let mut tickets = Vec::new();
         for i in 0..6 {
-            let (inside, most, ran, gate) =
-                (inside.clone(), most.clone(), ran.clone(), gate.0.clone());
-            tickets.push(pool.submit(move || {
-                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
+            let (ran, gate) = (ran.clone(), gate.0.clone());
+            tickets.push(pool.submit(Box::new(move || {
                 let (open, opened) = &*gate;
                 let open = open.lock().unwrap_or_else(|p| p.into_inner());
                 drop(opened.wait_while(open, |open| !*open));
-                inside.fetch_sub(1, Ordering::SeqCst);
                 ran.lock().unwrap().push(i);
                 assert_ne!(i, 3, "boot 3 panics");
-            }));
+            }) as Job));
         }
-        until("two boots inside", || inside.load(Ordering::SeqCst) == 2).await;
-        // The other four wait in the queue: the last one is withdrawn before any thread takes it.
+        until("two boots booting", || booting.load(Ordering::SeqCst) == 2).await;
+        // Both slots are held: the last boot still waits in the queue and is withdrawn.
         assert!(tickets[5].withdraw(), "boot 5 was still queued");
         gate.open();
         until("every boot but the withdrawn one ran", || {
@@ -201,9 +270,48 @@ mod tests {
         // An empty pool starts a thread again for the next boot.
         let again = Arc::new(AtomicUsize::new(0));
         let counted = again.clone();
-        pool.submit(move || {
+        pool.submit(Box::new(move || {
             counted.fetch_add(1, Ordering::SeqCst);
-        });
+        }));
         until("the next boot ran", || again.load(Ordering::SeqCst) == 1).await;
+    }
+
+    /// A long queue goes out in batches of the pool's size, and every boot in it runs once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_queue_goes_out_in_batches_of_the_fan_out() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let ran = Arc::new(AtomicUsize::new(0));
+        let pool = BootPool::<Job>::new(4, {
+            let sizes = sizes.clone();
+            Arc::new(move |batch: Vec<Job>| {
+                sizes.lock().unwrap().push(batch.len());
+                for job in batch {
+                    job();
+                }
+            })
+        });
+        // Twelve boots queued before any thread looks (as when start-all queues a channel's
+        // accounts faster than the pool takes them), then one more, which starts the pool.
+        {
+            let mut queue = pool.queue.lock().unwrap();
+            for _ in 0..12 {
+                let ran = ran.clone();
+                queue.waiting.push_back(super::Queued {
+                    claimed: Arc::default(),
+                    job: Box::new(move || {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    }) as Job,
+                });
+            }
+        }
+        let last = ran.clone();
+        pool.submit(Box::new(move || {
+            last.fetch_add(1, Ordering::SeqCst);
+        }));
+        until("every boot ran", || ran.load(Ordering::SeqCst) == 13).await;
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 13, "{sizes:?}");
+        assert_eq!(sizes[0], 4, "{sizes:?}");
+        assert!(sizes.iter().all(|size| *size <= 4), "{sizes:?}");
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{BootEvent, Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
-    plugin::{Check, RunningTask},
+    plugin::{BootStep, Plugin, RunningTask},
     status::{AccountSnapshot, AccountState},
 };
 
@@ -42,7 +42,7 @@ pub(super) struct Lifecycle {
 type Polled = Option<watch::Receiver<bool>>;
 
 /// What one boot produced.
-enum Boot {
+pub(super) enum Boot {
     Started(RunningTask, Polled),
     Disabled(String),
     NotConfigured(String),
@@ -82,6 +82,76 @@ impl std::fmt::Display for HookEnd {
             Self::Done => f.write_str("stop hook done"),
             Self::Failed(why) | Self::Skipped(why) => f.write_str(why),
         }
+    }
+}
+
+/// One account's boot, as the channel's boot pool queues it.
+pub(super) struct BootJob {
+    inner: Arc<Inner>,
+    plugin: Arc<dyn Plugin>,
+    key: AccountKey,
+    link: AccountLink,
+    token: CancellationToken,
+    polled: Polled,
+    reply: oneshot::Sender<Result<Boot, String>>,
+}
+
+/// A channel's boot pool: at most `max` accounts booting at once, each batch booted by
+/// [`boot_batch`].
+pub(super) fn boot_pool(max: usize) -> super::boot::BootPool<BootJob> {
+    super::boot::BootPool::new(max, Arc::new(boot_batch))
+}
+
+/// Boots a batch of one channel's accounts (a thread of its boot pool calls it) with one
+/// [`Plugin::boot_accounts`] call: enabled? configured? start, for each. An account stopped
+/// before the call, or refused by the start gate (asked right before the call), is left out; one
+/// stopped while the plugin checks the batch is not started either (its link says so, see
+/// [`AccountLink::stop_requested`]), and one whose start had begun when its stop landed hands
+/// over its task, which its lifecycle stops at once.
+pub(super) fn boot_batch(jobs: Vec<BootJob>) {
+    let Some(plugin) = jobs.first().map(|job| job.plugin.clone()) else {
+        return;
+    };
+    let mut accounts = Vec::with_capacity(jobs.len());
+    let mut waiting = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.token.is_cancelled() {
+            let _ = job.reply.send(Ok(Boot::Stopped));
+            continue;
+        }
+        if let Some(reason) = job.inner.gate_refuses(&job.key) {
+            let _ = job.reply.send(Ok(Boot::Held(reason)));
+            continue;
+        }
+        accounts.push((job.key.account, job.link));
+        waiting.push((job.reply, job.polled, job.token));
+    }
+    if accounts.is_empty() {
+        return;
+    }
+    let mut steps = plugin.boot_accounts(accounts).into_iter();
+    for (reply, polled, token) in waiting {
+        let boot = match steps.next() {
+            Some(Ok(BootStep::Started(task))) => {
+                crate::metrics::record_start();
+                Ok(Boot::Started(task, polled))
+            }
+            Some(Ok(BootStep::Disabled(reason))) => {
+                Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())))
+            }
+            Some(Ok(BootStep::NotConfigured(reason))) => Ok(Boot::NotConfigured(
+                reason.unwrap_or_else(|| "not configured".into()),
+            )),
+            // No task, and a stop has landed: the stop wins (the plugin's start was not called,
+            // or failed).
+            Some(Err(_)) if token.is_cancelled() => Ok(Boot::Stopped),
+            Some(Err(error)) => Err(error.to_string()),
+            None => Err(format!(
+                "channel {}: boot_accounts returned fewer results than accounts",
+                plugin.info().channel_id
+            )),
+        };
+        let _ = reply.send(boot);
     }
 }
 
@@ -158,9 +228,10 @@ impl Lifecycle {
         // `finish` runs when `self` drops here, as it does on a panic anywhere above.
     }
 
-    /// Reserves a boot slot of the channel, then asks the plugin (off the async workers) whether
-    /// the account is enabled and configured, and starts it — unless a stop arrived meanwhile, in
-    /// which case the plugin's start is never called.
+    /// Queues the boot on the channel's boot pool, which asks the plugin (off the async workers,
+    /// in a batch with other accounts of the channel) whether the account is enabled and
+    /// configured, and starts it — unless a stop arrived meanwhile, in which case the plugin's
+    /// start is never called (see [`boot_batch`]).
     ///
     /// The call is never abandoned: whoever waits for a start gives up after the start timeout
     /// (see `Supervisor::start_account`), but the lifecycle keeps the call, because a start that
@@ -189,42 +260,18 @@ impl Lifecycle {
         } else {
             (link, None)
         };
-        let account = ctx.key.account.clone();
-        let token = self.token.clone();
-        let (gate_inner, gate_key) = (ctx.inner.clone(), ctx.key.clone());
+        let link = link.with_stop_signal(self.token.clone());
         let (reply, mut call): (_, BootCall) = oneshot::channel();
-        // Queued on the channel's boot pool, whose size is the startup fan-out: a thread of the
-        // pool taking it is the slot reservation.
-        let ticket = ctx.channel.boots.submit(move || {
-            let boot = (|| -> Result<Boot, String> {
-                if token.is_cancelled() {
-                    return Ok(Boot::Stopped);
-                }
-                if let Check::No(reason) = plugin.is_enabled(&account).map_err(|e| e.to_string())? {
-                    return Ok(Boot::Disabled(reason.unwrap_or_else(|| "disabled".into())));
-                }
-                if let Check::No(reason) =
-                    plugin.is_configured(&account).map_err(|e| e.to_string())?
-                {
-                    return Ok(Boot::NotConfigured(
-                        reason.unwrap_or_else(|| "not configured".into()),
-                    ));
-                }
-                if token.is_cancelled() {
-                    return Ok(Boot::Stopped);
-                }
-                if let Some(reason) = gate_inner.gate_refuses(&gate_key) {
-                    return Ok(Boot::Held(reason));
-                }
-                plugin
-                    .start_account(&account, link)
-                    .map(|task| {
-                        crate::metrics::record_start();
-                        Boot::Started(task, polled)
-                    })
-                    .map_err(|e| e.to_string())
-            })();
-            let _ = reply.send(boot);
+        // Queued on the channel's boot pool, which boots up to the startup fan-out of accounts at
+        // once, in batches: a thread of the pool taking it is the slot reservation.
+        let ticket = ctx.channel.boots.submit(BootJob {
+            inner: ctx.inner.clone(),
+            plugin,
+            key: ctx.key.clone(),
+            link,
+            token: self.token.clone(),
+            polled,
+            reply,
         });
         let joined = tokio::select! {
             biased;
@@ -603,6 +650,8 @@ impl AccountCtx {
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
             entry.stuck = Some(reason.clone());
         }
+        // An isolated plugin kills the start's process, so the start returns now.
+        self.channel.plugin.abandon_start(&self.key.account);
         let ctx = self.clone();
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {

@@ -6,8 +6,8 @@
 //! small (one watch channel for its boot outcomes and its end, one shared cell for its phase and
 //! backoff wake-up, the stop sequence boxed), and one lock over all accounts' bookkeeping
 //! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
-//! (`boot.rs`): at most the startup fan-out of blocking threads, each taking queued boots one after
-//! the other, instead of a blocking task per boot. Other synchronous plugin calls run on the
+//! (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
+//! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other synchronous plugin calls run on the
 //! blocking pool with time bounds ([`calls`]). Each lifecycle has its own cancellation token;
 //! lifecycles are tracked so shutdown is close, cancel, wait.
 //!
@@ -227,7 +227,7 @@ pub struct Channel {
     /// The plugin's default account, if it named one.
     pub default_account: Option<String>,
     /// Runs the plugin calls of the channel's boots, at most the startup fan-out at once.
-    boots: boot::BootPool,
+    boots: boot::BootPool<lifecycle::BootJob>,
     /// Accounts the config switches off (the host's `enabled` key).
     disabled: crate::reserved::Disabled,
     /// Bounds the plugin's blocking calls in flight (a 1.0 plugin's stop and logout hooks run
@@ -412,9 +412,7 @@ impl Supervisor {
         let ids = accounts.clone();
         let seed_disabled = disabled.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
-            ids.iter()
-                .map(|account| seed(&*call_plugin, account, seed_disabled.contains(account)))
-                .collect::<Vec<_>>()
+            seeds(&*call_plugin, &ids, &seed_disabled)
         });
         match seeds.await {
             Ok(seeds) => {
@@ -431,7 +429,7 @@ impl Supervisor {
             section,
             accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boots: boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
+            boots: lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: Arc::new(Semaphore::new(BLOCKING_CALLS_PER_PLUGIN)),
         }))
@@ -957,31 +955,26 @@ fn default_account_of(ch: &Channel) -> String {
         .unwrap_or_else(|| DEFAULT_ACCOUNT_ID.to_owned())
 }
 
-/// Asks the plugin what the snapshot needs to know about one account before any start; a failed
-/// call leaves its field unknown.
-fn seed(plugin: &dyn Plugin, account: &str, disabled_by_config: bool) -> Seed {
-    let enabled = if disabled_by_config {
-        Some(Check::No(None))
-    } else {
-        plugin.is_enabled(account).ok()
-    };
-    let configured = plugin
-        .describe_account(account)
-        .ok()
-        .flatten()
-        .and_then(|d| d.get("configured").and_then(serde_json::Value::as_bool));
-    let unconfigured_reason = match configured {
-        Some(false) => match plugin.is_configured(account) {
-            Ok(Check::No(reason)) => reason,
-            _ => None,
-        },
-        _ => None,
-    };
-    Seed {
-        enabled,
-        configured,
-        unconfigured_reason,
-    }
+/// Asks the plugin what the snapshot needs to know about accounts before any start, in one call
+/// (one round trip for an isolated plugin); a failed question leaves its field unknown.
+fn seeds(
+    plugin: &dyn Plugin,
+    accounts: &[String],
+    disabled: &crate::reserved::Disabled,
+) -> Vec<Seed> {
+    let asked: Vec<(String, bool)> = accounts
+        .iter()
+        .map(|account| (account.clone(), disabled.contains(account)))
+        .collect();
+    plugin
+        .account_facts(&asked)
+        .into_iter()
+        .map(|facts| Seed {
+            enabled: facts.enabled,
+            configured: facts.configured,
+            unconfigured_reason: facts.unconfigured_reason,
+        })
+        .collect()
 }
 
 impl Seed {

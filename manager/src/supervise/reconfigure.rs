@@ -13,7 +13,7 @@ use channeld_plugin_abi::normalize_account_id;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use super::{Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded, seed};
+use super::{Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded, seeds};
 use crate::{config::ChannelSection, host::AccountKey};
 
 /// What a reload did to one channel's accounts (account ids).
@@ -114,7 +114,7 @@ impl Supervisor {
             section,
             accounts: accounts.clone(),
             default_account: default_account.map(|a| normalize_account_id(&a)),
-            boots: super::boot::BootPool::new(self.inner.policy().startup_accounts_per_channel),
+            boots: super::lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: old.blocking_permits.clone(),
         });
@@ -269,9 +269,7 @@ impl Supervisor {
         let disabled = ch.disabled.clone();
         let ids = accounts.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
-            ids.iter()
-                .map(|a| seed(&*plugin, a, disabled.contains(a)))
-                .collect::<Vec<_>>()
+            seeds(&*plugin, &ids, &disabled)
         });
         match seeds.await {
             Ok(seeds) => {

@@ -249,6 +249,10 @@ pub(super) struct TestPlugin {
     default_account: Mutex<Option<String>>,
     shared: Arc<Mutex<Shared>>,
     epoch: Instant,
+    /// Accounts inside `boot_accounts` calls now (a batch of k counts k).
+    booting: watch::Sender<usize>,
+    /// The most accounts ever inside `boot_accounts` calls at once.
+    max_booting: AtomicU64,
 }
 
 impl TestPlugin {
@@ -267,7 +271,26 @@ impl TestPlugin {
             default_account: Mutex::new(None),
             shared: Arc::default(),
             epoch: Instant::now(),
+            booting: watch::channel(0).0,
+            max_booting: AtomicU64::new(0),
         })
+    }
+
+    /// Waits (without letting time pass) until at least `n` accounts are inside `boot_accounts`
+    /// calls.
+    pub(super) async fn booting(&self, n: usize) {
+        let mut booting = self.booting.subscribe();
+        let _ = booting.wait_for(|now| *now >= n).await;
+    }
+
+    /// Accounts inside `boot_accounts` calls now.
+    pub(super) fn booting_now(&self) -> usize {
+        *self.booting.borrow()
+    }
+
+    /// The most accounts ever inside `boot_accounts` calls at once.
+    pub(super) fn max_booting(&self) -> usize {
+        self.max_booting.load(Ordering::SeqCst) as usize
     }
 
     fn shared(&self) -> MutexGuard<'_, Shared> {
@@ -637,6 +660,20 @@ impl Plugin for TestPlugin {
     fn send(&self, _message: Outbound) -> BoxFuture<Result<String, PluginCallError>> {
         let error = self.error("send", "the test double does not send");
         Box::pin(async move { Err(error) })
+    }
+
+    fn boot_accounts(
+        &self,
+        batch: Vec<(String, AccountLink)>,
+    ) -> Vec<Result<crate::plugin::BootStep, PluginCallError>> {
+        let size = batch.len();
+        self.booting.send_modify(|now| {
+            *now += size;
+            self.max_booting.fetch_max(*now as u64, Ordering::SeqCst);
+        });
+        let steps = crate::plugin::boot_each(self, batch);
+        self.booting.send_modify(|now| *now -= size);
+        steps
     }
 
     fn shutdown(&self) -> Result<(), PluginCallError> {

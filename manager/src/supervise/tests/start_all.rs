@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use super::*;
-use crate::supervise::{ChannelStartSummary, SupervisorError};
+use crate::supervise::{ChannelStartSummary, StopOutcome, SupervisorError};
 
 fn summary(
     attempted: usize,
@@ -112,6 +112,9 @@ async fn registration_refuses_two_ids_that_normalise_to_one_account() {
     assert_eq!(summaries["c"].attempted, 0);
 }
 
+/// The fan-out counts accounts, not calls: boots go to the plugin in batches (one
+/// `boot_accounts` call each), and a batch of k counts as k booting accounts. A stop of an account
+/// still booting wins (its start is never called), and every other account starts once.
 #[tokio::test(start_paused = true)]
 async fn at_most_4_accounts_of_a_channel_boot_at_once() {
     let accounts: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
@@ -128,24 +131,41 @@ async fn at_most_4_accounts_of_a_channel_boot_at_once() {
         let sup = sup.clone();
         async move { sup.start_all().await }
     });
-    gate.entered(4).await;
+    // Each batch waits in its first account's check: the batches in flight fill the 4 slots.
+    plugin.booting(4).await;
     // Give a fifth boot every chance to come in.
     for _ in 0..1000 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(gate.arrivals(), 4);
-    // Let them through one by one: each leaving boot lets one more in.
-    for n in 5..=10 {
+    assert_eq!(plugin.booting_now(), 4);
+    // A stop of the last account, queued or inside a batch: it wins either way.
+    let stopping = tokio::spawn({
+        let sup = sup.clone();
+        async move { stop(&sup, "c", "a9").await }
+    });
+    until("the stop has landed", || {
+        sup.is_manually_stopped(&key("c", "a9"))
+    })
+    .await;
+    // Let the checks through one by one: each batch that returns lets more in.
+    for _ in 0..10 {
         gate.allow(1);
-        gate.entered(n).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(plugin.booting_now() <= 4);
     }
     gate.open();
+    assert_eq!(stopping.await.unwrap(), StopOutcome::Stopped);
     let summaries = all.await.unwrap();
-    assert_eq!(summaries["c"], summary(10, 10, 0, 0));
-    assert_eq!(gate.max_inside(), 4);
-    for account in &names {
-        assert_eq!(plugin.calls(account).start, 1);
+    assert_eq!(summaries["c"].attempted, 10);
+    assert_eq!(summaries["c"].started, 9);
+    assert_eq!(plugin.max_booting(), 4);
+    for account in &names[..9] {
+        assert_eq!(plugin.calls(account).start, 1, "{account}");
     }
+    assert_eq!(plugin.calls("a9").start, 0);
+    assert!(!snap(&sup, "c", "a9").running);
 }
 
 #[tokio::test(start_paused = true)]
