@@ -7,13 +7,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{oneshot, watch},
-    time::timeout,
-};
+use tokio::{sync::oneshot, time::timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::{BootEvent, Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
+use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink, PolledFlag},
     plugin::{BootStep, Plugin, RunningTask},
@@ -34,7 +31,6 @@ pub(super) struct Lifecycle {
     pub(super) id: u64,
     pub(super) token: CancellationToken,
     pub(super) shared: Arc<Shared>,
-    pub(super) events: watch::Sender<BootEvent>,
 }
 
 /// Tells a lifecycle when the plugin's runtime first polled the task (`None`: the plugin does not
@@ -427,7 +423,7 @@ impl Lifecycle {
     }
 
     fn publish(&self, outcome: StartOutcome) {
-        self.events.send_modify(|event| {
+        self.shared.publish(|event| {
             event.seq += 1;
             event.outcome = Some(outcome);
         });
@@ -444,7 +440,7 @@ impl Lifecycle {
                 entry.lifecycle = None;
             }
         }
-        self.events.send_modify(|event| event.ended = true);
+        self.shared.publish(|event| event.ended = true);
     }
 }
 
