@@ -469,7 +469,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         flag.raise();
-        waiting.await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait did not see the raise")
+            .unwrap();
         flag.raise();
         assert!(flag.is_raised());
         flag.raised().await;
