@@ -86,6 +86,53 @@ pub trait HostSink: Send + Sync + 'static {
     }
 }
 
+/// Where a handle reports the first poll of its task.
+#[derive(Clone)]
+enum PolledSignal {
+    Watch(Arc<watch::Sender<bool>>),
+    Flag(Arc<PolledFlag>),
+}
+
+/// A one-way "the plugin's runtime has polled the task" signal (the 1.1 `task_polled` service):
+/// a flag and a waiter, a few dozen bytes per account instead of a watch channel.
+#[derive(Default)]
+pub struct PolledFlag {
+    polled: std::sync::atomic::AtomicBool,
+    raised: tokio::sync::Notify,
+}
+
+impl PolledFlag {
+    /// Raises the flag (once; later calls change nothing) and wakes whoever waits for it.
+    pub fn raise(&self) {
+        if !self.polled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.raised.notify_waiters();
+        }
+    }
+
+    /// Whether the flag is raised.
+    pub fn is_raised(&self) -> bool {
+        self.polled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Completes once the flag is raised.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: dropping it loses nothing (the flag stays raised for the next wait).
+    pub async fn raised(&self) {
+        loop {
+            let notified = self.raised.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise between the two is not missed.
+            notified.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// The host-services handle for one account task (or, with no account, for a whole plugin).
 #[derive(Clone)]
 pub struct AccountLink {
@@ -93,7 +140,7 @@ pub struct AccountLink {
     key: Option<AccountKey>,
     generation: u64,
     sink: Arc<dyn HostSink>,
-    polled: Option<Arc<watch::Sender<bool>>>,
+    polled: Option<PolledSignal>,
     /// Fired by a stop of the account while its boot is under way (see
     /// [`stop_requested`](Self::stop_requested)).
     stop: Option<tokio_util::sync::CancellationToken>,
@@ -129,7 +176,15 @@ impl AccountLink {
     /// This handle, telling `polled` when the plugin reports that its runtime polled the task
     /// (the 1.1 `task_polled` service): the supervisor waits for it before showing `running`.
     pub fn with_polled_signal(mut self, polled: watch::Sender<bool>) -> Self {
-        self.polled = Some(Arc::new(polled));
+        self.polled = Some(PolledSignal::Watch(Arc::new(polled)));
+        self
+    }
+
+    /// This handle, raising `polled` when the plugin reports that its runtime polled the task: the
+    /// compact form of [`with_polled_signal`](Self::with_polled_signal) the supervisor uses (a flag
+    /// and a waiter, no watch channel per account).
+    pub fn with_polled_flag(mut self, polled: Arc<PolledFlag>) -> Self {
+        self.polled = Some(PolledSignal::Flag(polled));
         self
     }
 
@@ -260,8 +315,12 @@ impl AccountLink {
 
     /// The plugin's runtime has polled this handle's task for the first time.
     pub fn task_polled(&self) {
-        if let Some(polled) = &self.polled {
-            polled.send_replace(true);
+        match &self.polled {
+            Some(PolledSignal::Watch(polled)) => {
+                polled.send_replace(true);
+            }
+            Some(PolledSignal::Flag(polled)) => polled.raise(),
+            None => {}
         }
     }
 
@@ -388,5 +447,34 @@ impl v1_0::HostServices for AccountLink {
     }
     fn is_current(&self) -> bool {
         AccountLink::is_current(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::PolledFlag;
+
+    /// A wait sees a raise that came before it and one that comes while it waits; raising twice
+    /// changes nothing.
+    #[tokio::test]
+    async fn a_polled_flag_is_seen_whether_raised_before_or_during_the_wait() {
+        let flag = Arc::new(PolledFlag::default());
+        assert!(!flag.is_raised());
+        let waiting = tokio::spawn({
+            let flag = flag.clone();
+            async move { flag.raised().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        flag.raise();
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("the wait did not see the raise")
+            .unwrap();
+        flag.raise();
+        assert!(flag.is_raised());
+        flag.raised().await;
     }
 }

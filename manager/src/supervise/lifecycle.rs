@@ -7,15 +7,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{oneshot, watch},
-    time::timeout,
-};
+use tokio::{sync::oneshot, time::timeout};
 use tokio_util::sync::CancellationToken;
 
-use super::{BootEvent, Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
+use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
-    host::{AccountKey, AccountLink, HostSink},
+    host::{AccountKey, AccountLink, HostSink, PolledFlag},
     plugin::{BootStep, Plugin, RunningTask},
     status::{AccountSnapshot, AccountState},
 };
@@ -34,12 +31,11 @@ pub(super) struct Lifecycle {
     pub(super) id: u64,
     pub(super) token: CancellationToken,
     pub(super) shared: Arc<Shared>,
-    pub(super) events: watch::Sender<BootEvent>,
 }
 
 /// Tells a lifecycle when the plugin's runtime first polled the task (`None`: the plugin does not
 /// report it, a 1.0 plugin, and "running" means "start returned").
-type Polled = Option<watch::Receiver<bool>>;
+type Polled = Option<Arc<PolledFlag>>;
 
 /// What one boot produced.
 pub(super) enum Boot {
@@ -255,8 +251,8 @@ impl Lifecycle {
         let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
         let (link, polled) = if plugin.reports_task_polled() {
-            let (tx, rx) = watch::channel(false);
-            (link.with_polled_signal(tx), Some(rx))
+            let polled = Arc::new(PolledFlag::default());
+            (link.with_polled_flag(polled.clone()), Some(polled))
         } else {
             (link, None)
         };
@@ -303,16 +299,18 @@ impl Lifecycle {
     /// plugin's runtime never polls (its workers are all blocked) is never shown running.
     async fn run_task(&self, mut task: RunningTask, polled: Polled) -> RunEnd {
         let ctx = &self.ctx;
-        if let Some(mut polled) = polled {
+        // A task that ends before its first poll is reported (it ended, polled or not): its end,
+        // seen here, is handled below as if seen while running.
+        let mut ended_early = None;
+        if let Some(polled) = polled {
             tokio::select! {
                 biased;
                 () = self.token.cancelled() => {
                     Box::pin(ctx.stop_task(task)).await;
                     return RunEnd::Stopped;
                 }
-                // Also ends when the plugin dropped the link (the task ended, polled or not):
-                // the end is then seen below.
-                _ = async { polled.wait_for(|polled| *polled).await.is_ok() } => {}
+                () = polled.raised() => {}
+                result = &mut task.done => ended_early = Some(result),
             }
         }
         let attempts = ctx
@@ -330,33 +328,35 @@ impl Lifecycle {
         self.set_phase(Phase::Running);
         self.publish(StartOutcome::Started);
         let started = ctx.inner.clock.now();
-        tokio::select! {
-            // A stop that coincides with the end of the task still runs the stop sequence.
-            biased;
-            () = self.token.cancelled() => {
-                // Boxed, here and at every stop: a running account's future does not carry the
-                // stop sequence's state.
-                Box::pin(ctx.stop_task(task)).await;
-                RunEnd::Stopped
-            }
-            result = &mut task.done => {
-                let ran_for = ctx.inner.clock.now().duration_since(started);
-                ctx.inner.board.retire_generation(&ctx.key);
-                let now = ctx.inner.clock.wall_ms();
-                let error = match &result {
-                    Ok(()) => "channel exited without an error".to_owned(),
-                    Err(e) => e.clone(),
-                };
-                // Why it ended, without a state of its own: what follows at once (restart-pending,
-                // gave-up, or stopped when a stop raced the end) is the state the stream shows,
-                // with no `stopped` flashing before a restart.
-                ctx.inner.board.update(&ctx.key, |s| {
-                    s.last_stop_at = Some(now);
-                    s.last_error = Some(error.clone());
-                });
-                RunEnd::Exited(result, ran_for)
-            }
-        }
+        let result = match ended_early {
+            Some(result) => result,
+            None => tokio::select! {
+                // A stop that coincides with the end of the task still runs the stop sequence.
+                biased;
+                () = self.token.cancelled() => {
+                    // Boxed, here and at every stop: a running account's future does not carry
+                    // the stop sequence's state.
+                    Box::pin(ctx.stop_task(task)).await;
+                    return RunEnd::Stopped;
+                }
+                result = &mut task.done => result,
+            },
+        };
+        let ran_for = ctx.inner.clock.now().duration_since(started);
+        ctx.inner.board.retire_generation(&ctx.key);
+        let now = ctx.inner.clock.wall_ms();
+        let error = match &result {
+            Ok(()) => "channel exited without an error".to_owned(),
+            Err(e) => e.clone(),
+        };
+        // Why it ended, without a state of its own: what follows at once (restart-pending,
+        // gave-up, or stopped when a stop raced the end) is the state the stream shows, with no
+        // `stopped` flashing before a restart.
+        ctx.inner.board.update(&ctx.key, |s| {
+            s.last_stop_at = Some(now);
+            s.last_error = Some(error.clone());
+        });
+        RunEnd::Exited(result, ran_for)
     }
 
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
@@ -423,7 +423,7 @@ impl Lifecycle {
     }
 
     fn publish(&self, outcome: StartOutcome) {
-        self.events.send_modify(|event| {
+        self.shared.publish(|event| {
             event.seq += 1;
             event.outcome = Some(outcome);
         });
@@ -440,7 +440,7 @@ impl Lifecycle {
                 entry.lifecycle = None;
             }
         }
-        self.events.send_modify(|event| event.ended = true);
+        self.shared.publish(|event| event.ended = true);
     }
 }
 

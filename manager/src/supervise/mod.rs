@@ -3,8 +3,8 @@
 //! stopped for good when a user says so (a manual stop always wins).
 //!
 //! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`), kept
-//! small (one watch channel for its boot outcomes and its end, one shared cell for its phase and
-//! backoff wake-up, the stop sequence boxed), and one lock over all accounts' bookkeeping
+//! small (one shared cell for its phase, its backoff wake-up, its boot outcomes and its end, with
+//! no watch channel; the stop sequence boxed), and one lock over all accounts' bookkeeping
 //! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
 //! (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
 //! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other synchronous plugin calls run on the
@@ -38,7 +38,7 @@ use std::{
 use channeld_plugin_abi::{DEFAULT_ACCOUNT_ID, normalize_account_id};
 use futures_util::future::join_all;
 use serde::Serialize;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use self::reconfigure::ChannelReload;
@@ -153,6 +153,11 @@ enum Phase {
 struct Shared {
     phase: std::sync::atomic::AtomicU8,
     wake: Notify,
+    /// What the lifecycle publishes (its boot outcomes and its end), and the wake-up of those who
+    /// wait for it: a cell and a `Notify` beside the phase, a few hundred bytes lighter per
+    /// account than a watch channel.
+    event: Mutex<BootEvent>,
+    published: Notify,
 }
 
 impl Shared {
@@ -160,6 +165,40 @@ impl Shared {
         Self {
             phase: std::sync::atomic::AtomicU8::new(Phase::Booting as u8),
             wake: Notify::new(),
+            event: Mutex::new(BootEvent::default()),
+            published: Notify::new(),
+        }
+    }
+
+    fn event(&self) -> MutexGuard<'_, BootEvent> {
+        // Plain fields: a poisoned lock only means a panic between two plain updates.
+        self.event.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the published event and wakes every waiter.
+    fn publish(&self, f: impl FnOnce(&mut BootEvent)) {
+        f(&mut self.event());
+        self.published.notify_waiters();
+    }
+
+    /// Waits until `done` holds for the published event; returns a copy of it.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: it changes nothing.
+    async fn wait_for(&self, done: impl Fn(&BootEvent) -> bool) -> BootEvent {
+        loop {
+            let published = self.published.notified();
+            tokio::pin!(published);
+            // Registered before the check, so a publish between the two is not missed.
+            published.as_mut().enable();
+            {
+                let event = self.event();
+                if done(&event) {
+                    return event.clone();
+                }
+            }
+            published.await;
         }
     }
 
@@ -197,7 +236,6 @@ struct LifecycleHandle {
     id: u64,
     token: CancellationToken,
     shared: Arc<Shared>,
-    events: watch::Receiver<BootEvent>,
 }
 
 /// Bookkeeping for one account.
@@ -550,7 +588,7 @@ impl Supervisor {
     ) -> StartOutcome {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
         loop {
-            let (mut events, seen, ended) = {
+            let (shared, seen, stopping) = {
                 let mut state = self.lock();
                 let next_id = state.next_lifecycle + 1;
                 let entry = state.account(key);
@@ -572,7 +610,7 @@ impl Supervisor {
                 }
                 match &entry.lifecycle {
                     Some(lc) if lc.shared.phase() == Phase::Stopping => {
-                        (lc.events.clone(), 0, Some(lc.events.clone()))
+                        (lc.shared.clone(), 0, true)
                     }
                     Some(lc) if lc.shared.phase() == Phase::Running => {
                         return StartOutcome::AlreadyRunning;
@@ -583,38 +621,38 @@ impl Supervisor {
                             lc.shared.wake.notify_one();
                         }
                         // Join the boot in flight (or the one the wake-up starts).
-                        let seen = lc.events.borrow().seq;
-                        (lc.events.clone(), seen, None)
+                        let seen = lc.shared.event().seq;
+                        (lc.shared.clone(), seen, false)
                     }
                     None => {
                         // The slot is reserved here, before any await.
                         let handle = self.spawn_lifecycle(next_id, ch.clone(), key.clone());
-                        let events = handle.events.clone();
+                        let shared = handle.shared.clone();
                         entry.lifecycle = Some(handle);
                         state.next_lifecycle = next_id;
-                        (events, 0, None)
+                        (shared, 0, false)
                     }
                 }
             };
-            let waited = match ended {
+            let waited = if stopping {
                 // A stop is in progress: the stop finishes first, then this start runs.
-                Some(mut ended) => tokio::time::timeout_at(deadline, ended.wait_for(|e| e.ended))
+                tokio::time::timeout_at(deadline, shared.wait_for(|e| e.ended))
                     .await
-                    .map(|_| None),
-                None => tokio::time::timeout_at(
+                    .map(|_| None)
+            } else {
+                let published = |event: &BootEvent| event.seq > seen && event.outcome.is_some();
+                tokio::time::timeout_at(
                     deadline,
-                    events.wait_for(|event| event.seq > seen && event.outcome.is_some()),
+                    shared.wait_for(|event| published(event) || event.ended),
                 )
                 .await
                 .map(|event| {
                     // The lifecycle ended without publishing (a stop during the backoff): stopped.
-                    Some(
-                        event
-                            .ok()
-                            .and_then(|event| event.outcome.clone())
-                            .unwrap_or(StartOutcome::Stopped),
-                    )
-                }),
+                    Some(match event.outcome {
+                        Some(outcome) if published(&event) => outcome,
+                        _ => StartOutcome::Stopped,
+                    })
+                })
             };
             match waited {
                 Ok(Some(outcome)) => return outcome,
@@ -632,7 +670,6 @@ impl Supervisor {
     fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: AccountKey) -> LifecycleHandle {
         let token = self.inner.closing.child_token();
         let shared = Arc::new(Shared::new());
-        let (events_tx, events) = watch::channel(BootEvent::default());
         let run = lifecycle::Lifecycle {
             ctx: lifecycle::AccountCtx {
                 inner: self.inner.clone(),
@@ -642,15 +679,9 @@ impl Supervisor {
             id,
             token: token.clone(),
             shared: shared.clone(),
-            events: events_tx,
         };
         self.inner.tracker.spawn(run.run());
-        LifecycleHandle {
-            id,
-            token,
-            shared,
-            events,
-        }
+        LifecycleHandle { id, token, shared }
     }
 
     /// Stops one account, or every account of a channel, as a user: marks them manually stopped
@@ -689,7 +720,7 @@ impl Supervisor {
                         .board
                         .update(key, |s| s.set_state(AccountState::Stopping));
                     lc.token.cancel();
-                    lc.events.clone()
+                    lc.shared.clone()
                 }
                 None => {
                     if let Some(reason) = &entry.stuck {
@@ -713,8 +744,7 @@ impl Supervisor {
                 }
             }
         };
-        let mut ended = ended;
-        let _ = ended.wait_for(|e| e.ended).await;
+        ended.wait_for(|e| e.ended).await;
         let state = self.lock();
         let entry = state.accounts.get(key);
         match entry {
