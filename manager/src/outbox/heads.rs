@@ -36,6 +36,9 @@ pub(super) struct Open {
     pub created_ms: i64,
     /// Not to be tried before this (a retry's backoff), ms since the epoch.
     pub next_ms: i64,
+    /// Durably `sending`: handed to its plugin, or next in its conversation and marked ahead so
+    /// it can be handed over as soon as the one before it is sent.
+    pub sending: bool,
 }
 
 /// The unfinished (`queued` or `sending`) messages of every conversation, oldest first.
@@ -56,7 +59,8 @@ impl Heads {
     pub fn load(conn: &Connection) -> rusqlite::Result<Self> {
         let mut heads = Self::default();
         let mut statement = conn.prepare(
-            "SELECT id, channel, account, conversation, created_ms, next_ms FROM outbox \
+            "SELECT id, channel, account, conversation, created_ms, next_ms, \
+             state = 'sending' FROM outbox \
              WHERE state IN ('queued', 'sending') ORDER BY id",
         )?;
         let mut rows = statement.query([])?;
@@ -71,6 +75,7 @@ impl Heads {
                     id: r.get::<_, i64>(0)? as u64,
                     created_ms: r.get(4)?,
                     next_ms: r.get(5)?,
+                    sending: r.get(6)?,
                 },
             );
         }
@@ -80,7 +85,10 @@ impl Heads {
     /// Adds a message just committed as `queued`. Ids grow, so it goes last in its
     /// conversation.
     pub fn push(&mut self, conversation: Conversation, open: Open) {
-        *self.per_account.entry(conversation.key.clone()).or_default() += 1;
+        *self
+            .per_account
+            .entry(conversation.key.clone())
+            .or_default() += 1;
         let conversation = match self.queues.get_key_value(&conversation) {
             Some((shared, _)) => shared.clone(),
             None => Arc::new(conversation),
@@ -127,16 +135,38 @@ impl Heads {
         true
     }
 
-    /// Sets when a message may be tried again (after a failed attempt).
+    fn open_mut(&mut self, id: u64) -> Option<&mut Open> {
+        let queue = self.by_id.get(&id).and_then(|c| self.queues.get_mut(c))?;
+        let at = queue.binary_search_by_key(&id, |o| o.id).ok()?;
+        queue.get_mut(at)
+    }
+
+    /// A failed attempt: the message is `queued` again, to be tried at `next_ms`.
     pub fn retry_at(&mut self, id: u64, next_ms: i64) {
-        if let Some(open) = self
-            .by_id
-            .get(&id)
-            .and_then(|c| self.queues.get_mut(c))
-            .and_then(|q| q.iter_mut().find(|o| o.id == id))
-        {
+        if let Some(open) = self.open_mut(id) {
             open.next_ms = next_ms;
+            open.sending = false;
         }
+    }
+
+    /// Records that a message is durably `sending` (or `queued` again).
+    pub fn set_sending(&mut self, id: u64, sending: bool) {
+        if let Some(open) = self.open_mut(id) {
+            open.sending = sending;
+        }
+    }
+
+    /// The message right behind the head of `conversation`.
+    pub fn second(&self, conversation: &Conversation) -> Option<Open> {
+        self.queues
+            .get(conversation)
+            .and_then(|q| q.get(1))
+            .copied()
+    }
+
+    /// The conversation of an unfinished message.
+    pub fn conversation_of(&self, id: u64) -> Option<&Arc<Conversation>> {
+        self.by_id.get(&id)
     }
 
     /// Every conversation's head, oldest first.
@@ -192,6 +222,7 @@ mod tests {
             id,
             created_ms: 0,
             next_ms: 0,
+            sending: false,
         }
     }
 
@@ -215,8 +246,14 @@ mod tests {
         let fronts: Vec<u64> = heads.fronts().map(|(id, _)| id).collect();
         assert_eq!(fronts, [2, 4, 5]);
         assert!(!heads.remove(1));
+        assert_eq!(heads.second(&to("a", "x")), None);
+        heads.set_sending(5, true);
+        assert!(heads.front(&to("a", "x")).is_some_and(|o| o.sending));
         heads.retry_at(5, 99);
-        assert_eq!(heads.front(&to("a", "x")).map(|o| o.next_ms), Some(99));
+        assert_eq!(
+            heads.front(&to("a", "x")).map(|o| (o.next_ms, o.sending)),
+            Some((99, false))
+        );
         for id in [2, 4, 5] {
             assert!(heads.remove(id));
         }

@@ -507,6 +507,7 @@ impl Outbox {
                             id,
                             created_ms: p.now,
                             next_ms: p.now,
+                            sending: false,
                         },
                     );
                 }
@@ -698,7 +699,11 @@ impl Outbox {
         }
         let mut effects = Effects::default();
         let mut handed = Vec::new();
+        let mut early = Vec::new();
         let mut next: Option<i64> = None;
+        let deadline = self.settings.deadline.as_millis() as i64;
+        // Whether each account's messages may go, decided once per pass.
+        let mut turns: HashMap<AccountKey, Turn> = HashMap::new();
         let Store { conn, heads, stale } = &mut *store;
         let pass = (|| {
             let tx = conn.unchecked_transaction()?;
@@ -713,22 +718,24 @@ impl Outbox {
             for outcome in &outcomes {
                 self.record(&tx, heads, outcome, &mut effects)?;
             }
-            let deadline = self.settings.deadline.as_millis() as i64;
-            // Whether each account's messages may go, decided once per pass.
-            let mut turns: HashMap<AccountKey, Turn> = HashMap::new();
-            let fronts: Vec<Arc<Conversation>> = heads
-                .fronts()
-                .filter(|(id, _)| !in_flight.contains(id))
-                .map(|(_, c)| c.clone())
-                .collect();
+            let fronts: Vec<Arc<Conversation>> = heads.fronts().map(|(_, c)| c.clone()).collect();
             'conversations: for conversation in fronts {
                 // Its head, and the next one whenever the head is failed here.
                 while let Some(head) = heads.front(&conversation) {
                     let id = head.id;
+                    let key = &conversation.key;
                     if in_flight.contains(&id) {
+                        if let Some(Turn::Ready(_)) = turns.get(key) {
+                            mark_ahead(&tx, heads, &conversation, now, deadline)?;
+                        } else if !turns.contains_key(key) {
+                            let turn = self.turn(key);
+                            if let Turn::Ready(_) = turn {
+                                mark_ahead(&tx, heads, &conversation, now, deadline)?;
+                            }
+                            turns.insert(key.clone(), turn);
+                        }
                         break;
                     }
-                    let key = &conversation.key;
                     let turn = match turns.get(key) {
                         Some(turn) => turn.clone(),
                         None => {
@@ -766,38 +773,59 @@ impl Outbox {
                         continue;
                     }
                     let Turn::Ready(channel) = turn else {
+                        if head.sending {
+                            // Marked ahead, but its account is not ready: queued again.
+                            unmark(&tx, id, now)?;
+                            heads.set_sending(id, false);
+                        }
                         break;
                     };
                     if head.next_ms > now {
                         next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
                         break;
                     }
-                    if (in_flight.len() + handed.len()) as u64 >= self.settings.max_in_flight {
+                    if (in_flight.len() + handed.len() + early.len()) as u64
+                        >= self.settings.max_in_flight
+                    {
                         break 'conversations;
                     }
-                    let taken = tx
-                        .prepare_cached(
-                            "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
-                             WHERE id = ?1 AND state = 'queued' \
-                             RETURNING text, reply_to, extra, attempts",
-                        )?
-                        .query_row(params![id as i64, now], |r| {
-                            Ok(Handed {
-                                id,
-                                created: head.created_ms,
-                                key: key.clone(),
-                                conversation: conversation.conversation.clone(),
-                                text: r.get(0)?,
-                                reply_to: r.get(1)?,
-                                extra: r.get(2)?,
-                                attempts: r.get(3)?,
-                                channel,
+                    if head.sending {
+                        // Marked ahead by an earlier, committed pass: it goes now, while this
+                        // pass writes.
+                        let row = tx
+                            .prepare_cached(
+                                "SELECT text, reply_to, extra, attempts FROM outbox \
+                                 WHERE id = ?1 AND state = 'sending'",
+                            )?
+                            .query_row([id as i64], |r| {
+                                handed_row(r, id, head.created_ms, &conversation, &channel)
                             })
-                        })
-                        .optional()?;
-                    handed.extend(taken);
+                            .optional()?;
+                        early.extend(row);
+                    } else {
+                        let taken = tx
+                            .prepare_cached(
+                                "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
+                                 WHERE id = ?1 AND state = 'queued' \
+                                 RETURNING text, reply_to, extra, attempts",
+                            )?
+                            .query_row(params![id as i64, now], |r| {
+                                handed_row(r, id, head.created_ms, &conversation, &channel)
+                            })
+                            .optional()?;
+                        if taken.is_none() {
+                            break;
+                        }
+                        heads.set_sending(id, true);
+                        handed.extend(taken);
+                    }
+                    mark_ahead(&tx, heads, &conversation, now, deadline)?;
                     break;
                 }
+            }
+            // Already durably `sending`: handed over while the pass commits.
+            for message in early.drain(..) {
+                self.hand(tasks, &mut in_flight, message, now);
             }
             tx.commit()
         })();
@@ -812,6 +840,54 @@ impl Outbox {
             lock(&self.outcomes).extend(outcomes);
             return None;
         }
+        // Sends that ended while the pass committed: the message marked ahead behind each (now
+        // durably `sending`) goes at once; their outcomes are recorded by the next pass.
+        let ended: Vec<u64> = lock(&self.outcomes)
+            .iter()
+            .filter(|o| o.result.is_ok())
+            .map(|o| o.id)
+            .collect();
+        for id in ended {
+            if (in_flight.len() + handed.len()) as u64 >= self.settings.max_in_flight {
+                break;
+            }
+            let Some(conversation) = heads.conversation_of(id).cloned() else {
+                continue;
+            };
+            let (Some(Turn::Ready(channel)), Some(head), Some(behind)) = (
+                turns.get(&conversation.key),
+                heads.front(&conversation),
+                heads.second(&conversation),
+            ) else {
+                continue;
+            };
+            if head.id != id
+                || !behind.sending
+                || in_flight.contains(&behind.id)
+                || behind.next_ms > now
+                || now >= behind.created_ms + deadline
+            {
+                continue;
+            }
+            let row = conn
+                .prepare_cached(
+                    "SELECT text, reply_to, extra, attempts FROM outbox \
+                     WHERE id = ?1 AND state = 'sending'",
+                )
+                .and_then(|mut s| {
+                    s.query_row([behind.id as i64], |r| {
+                        handed_row(r, behind.id, behind.created_ms, &conversation, channel)
+                    })
+                    .optional()
+                });
+            match row {
+                Ok(row) => handed.extend(row),
+                Err(e) => {
+                    tracing::error!("outbox {}: {e}", self.path.display());
+                    break;
+                }
+            }
+        }
         drop(store);
         let c = &self.counters;
         c.sent.fetch_add(effects.sent, Ordering::Relaxed);
@@ -824,54 +900,65 @@ impl Outbox {
             crate::metrics::record_send_failure();
         }
         // Durably `sending` now: hand them over.
-        let deadline = self.settings.deadline.as_millis() as i64;
         for message in handed {
-            let Handed {
-                id,
-                created,
-                key,
-                conversation,
-                text,
-                reply_to,
-                extra,
-                attempts,
-                channel,
-            } = message;
-            in_flight.insert(id);
-            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            let send = channel.plugin.send(Outbound {
-                account: key.account,
-                conversation,
-                text,
-                reply_to,
-                extra,
-            });
-            let this = self.clone();
-            let attempts = attempts + 1;
-            let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
-            tasks.spawn(async move {
-                let result = match tokio::time::timeout(limit, send).await {
-                    Ok(Ok(message_id)) => Ok(message_id),
-                    Ok(Err(e)) => Err(e.message),
-                    Err(_) => Err(TIMED_OUT.into()),
-                };
-                let outcome = Outcome {
-                    id,
-                    attempts,
-                    created,
-                    result,
-                    at: now_ms(),
-                };
-                lock(&this.outcomes).push(outcome);
-                if this.stopped.load(Ordering::SeqCst) {
-                    // No pass will come: record it now.
-                    tokio::task::spawn_blocking(move || this.flush()).await.ok();
-                } else {
-                    this.wake.notify_one();
-                }
-            });
+            self.hand(tasks, &mut in_flight, message, now);
         }
         next
+    }
+
+    /// Hands a durably `sending` message to its plugin; its outcome goes to the next pass.
+    fn hand(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        in_flight: &mut HashSet<u64>,
+        message: Handed,
+        now: i64,
+    ) {
+        let Handed {
+            id,
+            created,
+            key,
+            conversation,
+            text,
+            reply_to,
+            extra,
+            attempts,
+            channel,
+        } = message;
+        in_flight.insert(id);
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let send = channel.plugin.send(Outbound {
+            account: key.account,
+            conversation,
+            text,
+            reply_to,
+            extra,
+        });
+        let this = self.clone();
+        let attempts = attempts + 1;
+        let deadline = self.settings.deadline.as_millis() as i64;
+        let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
+        tasks.spawn(async move {
+            let result = match tokio::time::timeout(limit, send).await {
+                Ok(Ok(message_id)) => Ok(message_id),
+                Ok(Err(e)) => Err(e.message),
+                Err(_) => Err(TIMED_OUT.into()),
+            };
+            let outcome = Outcome {
+                id,
+                attempts,
+                created,
+                result,
+                at: now_ms(),
+            };
+            lock(&this.outcomes).push(outcome);
+            if this.stopped.load(Ordering::SeqCst) {
+                // No pass will come: record it now.
+                tokio::task::spawn_blocking(move || this.flush()).await.ok();
+            } else {
+                this.wake.notify_one();
+            }
+        });
     }
 
     /// Whether `key`'s messages may be handed over now.
@@ -980,6 +1067,16 @@ impl Outbox {
                     )?
                     .execute(params![id as i64, attempts, error, at, next])?;
                     heads.retry_at(id, next);
+                    // The one marked ahead behind it waits: queued again.
+                    if let Some(behind) = heads
+                        .conversation_of(id)
+                        .cloned()
+                        .and_then(|c| heads.second(&c))
+                        .filter(|b| b.sending)
+                    {
+                        unmark(tx, behind.id, at)?;
+                        heads.set_sending(behind.id, false);
+                    }
                 }
             }
         }
@@ -1008,6 +1105,63 @@ impl Drop for Stopped {
             outbox.flush();
         }
     }
+}
+
+/// Marks `sending` ahead the message behind `conversation`'s head (which is being handed over,
+/// or is in flight), so that it can go as soon as the head is sent.
+fn mark_ahead(
+    tx: &Connection,
+    heads: &mut Heads,
+    conversation: &Conversation,
+    now: i64,
+    deadline: i64,
+) -> rusqlite::Result<()> {
+    if let Some(behind) = heads.second(conversation)
+        && !behind.sending
+        && behind.next_ms <= now
+        && now < behind.created_ms + deadline
+    {
+        let marked = tx
+            .prepare_cached(
+                "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![behind.id as i64, now])?;
+        if marked == 1 {
+            heads.set_sending(behind.id, true);
+        }
+    }
+    Ok(())
+}
+
+/// Puts a message marked `sending` ahead back to `queued`.
+fn unmark(tx: &Connection, id: u64, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE outbox SET state = 'queued', updated_ms = ?2 WHERE id = ?1 AND state = 'sending'",
+    )?
+    .execute(params![id as i64, now])?;
+    Ok(())
+}
+
+/// A message to hand over, from its row (`text, reply_to, extra, attempts`).
+fn handed_row(
+    r: &rusqlite::Row<'_>,
+    id: u64,
+    created: i64,
+    conversation: &Conversation,
+    channel: &Arc<Channel>,
+) -> rusqlite::Result<Handed> {
+    Ok(Handed {
+        id,
+        created,
+        key: conversation.key.clone(),
+        conversation: conversation.conversation.clone(),
+        text: r.get(0)?,
+        reply_to: r.get(1)?,
+        extra: r.get(2)?,
+        attempts: r.get(3)?,
+        channel: channel.clone(),
+    })
 }
 
 /// Marks a message failed with `why`, keeping its attempts.
