@@ -24,6 +24,14 @@
 //! it, so a crash never sends a message that is not counted by `resentAfterRestart`; an outcome
 //! not yet recorded when the daemon dies leaves its message `sending`, which is sent again and
 //! counted, as before.
+//!
+//! Whose turn it is comes from memory (`outbox/heads.rs`: every conversation's unfinished
+//! messages, read once at open and kept in step with each committed write), not from a query per
+//! pass. When a pass hands a conversation's head over (or finds it in flight) it also marks the
+//! message behind it `sending` ahead, in the same transaction; that one is handed over as soon as
+//! the head is sent (by the next pass before it commits, or right after the current pass's
+//! commit), so a conversation is not held to one message per commit. A marked-ahead message whose
+//! head fails, or whose account is not ready, is put back to `queued`.
 
 pub mod cli;
 pub mod gateway;
