@@ -6,7 +6,7 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// The schema version this build writes.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 
 /// Migration `i` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -46,6 +46,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX outbox_key ON outbox (channel, account, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     CREATE INDEX outbox_open ON outbox (state, channel, account, conversation, id);",
+    // 2 -> 3: the sender keeps every conversation's unfinished messages in memory and reads
+    // them once, at startup; the wide index it scanned on every pass (rewritten at every state
+    // change) gives way to a narrow one on the unfinished messages' ids.
+    "DROP INDEX outbox_open;
+    CREATE INDEX outbox_unfinished ON outbox (id) WHERE state IN ('queued', 'sending');",
 ];
 
 /// The meta key of the highest sequence number ever committed.
@@ -129,6 +134,55 @@ mod tests {
         assert_eq!(version(&conn).unwrap(), CURRENT);
         assert_eq!(migrate(&mut conn).unwrap(), Migrated::Current);
         assert_eq!(meta(&conn, HIGH_WATER).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_version_2_outbox_is_upgraded_with_its_messages_and_the_narrow_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        for (id, state) in [(1, "sent"), (2, "sending"), (3, "queued")] {
+            conn.execute(
+                "INSERT INTO outbox (id, channel, account, conversation, text, state, \
+                 created_ms, updated_ms, next_ms) VALUES (?1, 'c', 'a', 'x', 't', ?2, 0, 0, 0)",
+                rusqlite::params![id, state],
+            )
+            .unwrap();
+        }
+        assert_eq!(migrate(&mut conn).unwrap(), Migrated::Upgraded(2));
+        assert_eq!(version(&conn).unwrap(), 3);
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            indexes.contains(&"outbox_unfinished".to_owned()),
+            "{indexes:?}"
+        );
+        assert!(!indexes.contains(&"outbox_open".to_owned()), "{indexes:?}");
+        // The unfinished messages are found through the new index.
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id FROM outbox \
+                 WHERE state IN ('queued', 'sending') ORDER BY id",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("outbox_unfinished"), "{plan}");
+        let open: Vec<i64> = conn
+            .prepare("SELECT id FROM outbox WHERE state IN ('queued', 'sending') ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(open, [2, 3]);
     }
 
     #[test]

@@ -24,14 +24,23 @@
 //! it, so a crash never sends a message that is not counted by `resentAfterRestart`; an outcome
 //! not yet recorded when the daemon dies leaves its message `sending`, which is sent again and
 //! counted, as before.
+//!
+//! Whose turn it is comes from memory (`outbox/heads.rs`: every conversation's unfinished
+//! messages, read once at open and kept in step with each committed write), not from a query per
+//! pass. When a pass hands a conversation's head over (or finds it in flight) it also marks the
+//! message behind it `sending` ahead, in the same transaction; that one is handed over as soon as
+//! the head is sent (by the next pass before it commits, or right after the current pass's
+//! commit), so a conversation is not held to one message per commit. A marked-ahead message whose
+//! head fails, or whose account is not ready, is put back to `queued`.
 
 pub mod cli;
 pub mod gateway;
+mod heads;
 pub mod http;
 pub mod settings;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -46,11 +55,12 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::heads::{Conversation, Heads, Open};
 use crate::{
     host::AccountKey,
     journal::{Journal, SyncMode, now_ms},
     plugin::Outbound,
-    supervise::Supervisor,
+    supervise::{Channel, Supervisor},
 };
 pub use settings::OutboxConfig;
 
@@ -198,7 +208,9 @@ struct Counters {
 pub struct Outbox {
     path: PathBuf,
     settings: OutboxConfig,
-    conn: Mutex<Connection>,
+    /// The connection, and the unfinished messages in memory that every writer keeps in step
+    /// with it.
+    store: Mutex<Store>,
     supervisor: Supervisor,
     wake: Notify,
     in_flight: Mutex<HashSet<u64>>,
@@ -209,6 +221,26 @@ pub struct Outbox {
     outcomes: Mutex<Vec<Outcome>>,
     /// Set once the sender has stopped: a send ending after that records its own outcome.
     stopped: std::sync::atomic::AtomicBool,
+}
+
+/// The outbox's connection and what is kept in memory beside it.
+struct Store {
+    conn: Connection,
+    /// The unfinished messages, as the committed database has them.
+    heads: Heads,
+    /// A write failed after `heads` took it in: read them again before using them.
+    stale: bool,
+}
+
+impl Store {
+    /// Reads the unfinished messages again if a failed write left `heads` out of step.
+    fn fresh(&mut self) -> rusqlite::Result<()> {
+        if self.stale {
+            self.heads = Heads::load(&self.conn)?;
+            self.stale = false;
+        }
+        Ok(())
+    }
 }
 
 /// What the group commit decides for one message: accepted, or refused by a cap
@@ -276,12 +308,30 @@ fn status_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageStatus> {
     })
 }
 
-/// One message the sender may hand over now.
-struct Head {
-    status: MessageStatus,
+/// A message marked `sending` in a pass, handed to its plugin once the pass is committed.
+struct Handed {
+    id: u64,
+    created: i64,
+    key: AccountKey,
+    conversation: String,
+    text: String,
     reply_to: Option<String>,
     extra: Option<String>,
-    next_ms: i64,
+    attempts: u32,
+    channel: Arc<Channel>,
+}
+
+/// Whether an account's messages may go now, as a pass sees it.
+#[derive(Clone)]
+enum Turn {
+    /// Its channel is not loaded: they wait.
+    Unloaded,
+    /// The account is no longer configured: they fail.
+    Removed,
+    /// Not running, or disconnected: they wait.
+    NotReady,
+    /// Running and connected: through this channel.
+    Ready(Arc<Channel>),
 }
 
 impl Outbox {
@@ -317,6 +367,7 @@ impl Outbox {
                  (at least once: the channel may already have them)"
             );
         }
+        let heads = Heads::load(&conn).map_err(db)?;
         let counters = Counters::default();
         counters
             .resent_after_restart
@@ -324,7 +375,11 @@ impl Outbox {
         Ok(Arc::new(Self {
             path,
             settings,
-            conn: Mutex::new(conn),
+            store: Mutex::new(Store {
+                conn,
+                heads,
+                stale: false,
+            }),
             supervisor,
             wake: Notify::new(),
             in_flight: Mutex::new(HashSet::new()),
@@ -341,8 +396,8 @@ impl Outbox {
     }
 
     fn db<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, OutboxError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn).map_err(|e| OutboxError::Database {
+        let store = lock(&self.store);
+        f(&store.conn).map_err(|e| OutboxError::Database {
             path: self.path.clone(),
             reason: e.to_string(),
         })
@@ -426,22 +481,47 @@ impl Outbox {
     /// transaction, and answers each; a caller whose message an earlier holder committed finds
     /// nothing left and just reads its answer.
     fn commit_pending(&self) {
-        let conn = lock(&self.conn);
+        let mut store = lock(&self.store);
         let batch = std::mem::take(&mut *lock(&self.pending));
         if batch.is_empty() {
             return;
         }
         let settings = &self.settings;
-        let committed = (|| {
+        let fresh = store.fresh();
+        let Store { conn, heads, .. } = &mut *store;
+        let committed = fresh.and_then(|()| {
             let tx = conn.unchecked_transaction()?;
+            let mut added = Added::default();
             let admissions = batch
                 .iter()
-                .map(|p| admit(&tx, settings, p))
+                .map(|p| admit(&tx, settings, heads, &mut added, p))
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             tx.commit()?;
             Ok::<_, rusqlite::Error>(admissions)
-        })();
-        drop(conn);
+        });
+        if let Ok(admissions) = &committed {
+            for (p, admission) in batch.iter().zip(admissions) {
+                if let Ok(Accepted {
+                    id,
+                    duplicate: false,
+                }) = *admission
+                {
+                    heads.push(
+                        Conversation {
+                            key: AccountKey::new(&p.message.channel, &p.message.account),
+                            conversation: p.message.conversation.clone(),
+                        },
+                        Open {
+                            id,
+                            created_ms: p.now,
+                            next_ms: p.now,
+                            sending: false,
+                        },
+                    );
+                }
+            }
+        }
+        drop(store);
         match committed {
             Ok(admissions) => {
                 for (p, admission) in batch.into_iter().zip(admissions) {
@@ -487,13 +567,24 @@ impl Outbox {
 
     /// Cancels a queued message. Blocking.
     pub fn cancel(&self, id: u64) -> Result<MessageStatus, OutboxError> {
-        let changed = self.db(|conn| {
-            conn.prepare_cached(
-                "UPDATE outbox SET state = 'cancelled', updated_ms = ?2 \
-                 WHERE id = ?1 AND state = 'queued'",
-            )?
-            .execute(params![id as i64, now_ms()])
-        })?;
+        let changed = {
+            let mut store = lock(&self.store);
+            let changed = store
+                .conn
+                .prepare_cached(
+                    "UPDATE outbox SET state = 'cancelled', updated_ms = ?2 \
+                     WHERE id = ?1 AND state = 'queued'",
+                )
+                .and_then(|mut s| s.execute(params![id as i64, now_ms()]))
+                .map_err(|e| OutboxError::Database {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if changed == 1 {
+                store.heads.remove(id);
+            }
+            changed
+        };
         let status = self.get(id)?;
         if changed == 0 {
             return Err(OutboxError::NotCancellable {
@@ -545,15 +636,7 @@ impl Outbox {
     /// The outbox's figures, as JSON.
     pub fn stats(&self) -> Value {
         let c = &self.counters;
-        let waiting = self
-            .db(|conn| {
-                conn.query_row(
-                    "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .unwrap_or(-1);
+        let waiting = lock(&self.store).heads.total();
         serde_json::json!({
             "waiting": waiting,
             "inFlight": self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len(),
@@ -612,6 +695,11 @@ impl Outbox {
     /// Returns when the next retry is due, if any.
     fn pump(self: &Arc<Self>, tasks: &TaskTracker, prune: bool) -> Option<i64> {
         let now = now_ms();
+        let mut store = lock(&self.store);
+        if let Err(e) = store.fresh() {
+            tracing::error!("outbox {}: {e}", self.path.display());
+            return None;
+        }
         let outcomes = std::mem::take(&mut *lock(&self.outcomes));
         let mut in_flight = lock(&self.in_flight);
         for o in &outcomes {
@@ -619,8 +707,13 @@ impl Outbox {
         }
         let mut effects = Effects::default();
         let mut handed = Vec::new();
+        let mut early = Vec::new();
         let mut next: Option<i64> = None;
-        let pass = self.db(|conn| {
+        let deadline = self.settings.deadline.as_millis() as i64;
+        // Whether each account's messages may go, decided once per pass.
+        let mut turns: HashMap<AccountKey, Turn> = HashMap::new();
+        let Store { conn, heads, stale } = &mut *store;
+        let pass = (|| {
             let tx = conn.unchecked_transaction()?;
             if prune {
                 let retain = self.settings.retain.as_millis() as i64;
@@ -631,70 +724,179 @@ impl Outbox {
                 )?;
             }
             for outcome in &outcomes {
-                self.record(&tx, outcome, &mut effects)?;
+                self.record(&tx, heads, outcome, &mut effects)?;
             }
-            let deadline = self.settings.deadline.as_millis() as i64;
-            for head in heads(&tx)? {
-                let id = head.status.id;
-                if in_flight.contains(&id) {
-                    continue;
-                }
-                let key = AccountKey::new(&head.status.channel, &head.status.account);
-                let channel = match self.supervisor.channel(&key.channel) {
-                    Ok(channel) => channel,
-                    // Not loaded (yet, or its file is being replaced): it waits.
-                    Err(_) => continue,
-                };
-                if !channel.accounts.contains(&key.account) {
-                    fail(&tx, id, "account removed", now)?;
-                    effects.failed += 1;
-                    continue;
-                }
-                if now >= head.status.created_at + deadline {
-                    let why = match &head.status.error {
-                        Some(e) => format!("not sent within the deadline; last error: {e}"),
-                        None => "not sent within the deadline (the account was not ready)".into(),
+            let fronts: Vec<Arc<Conversation>> = heads.fronts().map(|(_, c)| c.clone()).collect();
+            'conversations: for conversation in fronts {
+                // Its head, and the next one whenever the head is failed here.
+                while let Some(head) = heads.front(&conversation) {
+                    let id = head.id;
+                    let key = &conversation.key;
+                    if in_flight.contains(&id) {
+                        if let Some(Turn::Ready(_)) = turns.get(key) {
+                            mark_ahead(&tx, heads, &conversation, now, deadline)?;
+                        } else if !turns.contains_key(key) {
+                            let turn = self.turn(key);
+                            if let Turn::Ready(_) = turn {
+                                mark_ahead(&tx, heads, &conversation, now, deadline)?;
+                            }
+                            turns.insert(key.clone(), turn);
+                        }
+                        break;
+                    }
+                    let turn = match turns.get(key) {
+                        Some(turn) => turn.clone(),
+                        None => {
+                            let turn = self.turn(key);
+                            turns.insert(key.clone(), turn.clone());
+                            turn
+                        }
                     };
-                    fail(&tx, id, &why, now)?;
-                    effects.failed += 1;
-                    continue;
-                }
-                let ready = self
-                    .supervisor
-                    .board()
-                    .get(&key)
-                    .is_some_and(|s| s.running && s.connected != Some(false));
-                if !ready {
-                    continue;
-                }
-                if head.next_ms > now {
-                    next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
-                    continue;
-                }
-                if (in_flight.len() + handed.len()) as u64 >= self.settings.max_in_flight {
+                    match turn {
+                        // Not loaded (yet, or its file is being replaced): it waits.
+                        Turn::Unloaded => break,
+                        Turn::Removed => {
+                            fail(&tx, id, "account removed", now)?;
+                            heads.remove(id);
+                            effects.failed += 1;
+                            continue;
+                        }
+                        Turn::NotReady | Turn::Ready(_) => {}
+                    }
+                    if now >= head.created_ms + deadline {
+                        let last: Option<String> = tx
+                            .prepare_cached("SELECT error FROM outbox WHERE id = ?1")?
+                            .query_row([id as i64], |r| r.get(0))
+                            .optional()?
+                            .flatten();
+                        let why = match last {
+                            Some(e) => format!("not sent within the deadline; last error: {e}"),
+                            None => {
+                                "not sent within the deadline (the account was not ready)".into()
+                            }
+                        };
+                        fail(&tx, id, &why, now)?;
+                        heads.remove(id);
+                        effects.failed += 1;
+                        continue;
+                    }
+                    let Turn::Ready(channel) = turn else {
+                        if head.sending {
+                            // Marked ahead, but its account is not ready: queued again.
+                            unmark(&tx, id, now)?;
+                            heads.set_sending(id, false);
+                        }
+                        break;
+                    };
+                    if head.next_ms > now {
+                        next = Some(next.map_or(head.next_ms, |n: i64| n.min(head.next_ms)));
+                        break;
+                    }
+                    if (in_flight.len() + handed.len() + early.len()) as u64
+                        >= self.settings.max_in_flight
+                    {
+                        break 'conversations;
+                    }
+                    if head.sending {
+                        // Marked ahead by an earlier, committed pass: it goes now, while this
+                        // pass writes.
+                        let row = tx
+                            .prepare_cached(
+                                "SELECT text, reply_to, extra, attempts FROM outbox \
+                                 WHERE id = ?1 AND state = 'sending'",
+                            )?
+                            .query_row([id as i64], |r| {
+                                handed_row(r, id, head.created_ms, &conversation, &channel)
+                            })
+                            .optional()?;
+                        early.extend(row);
+                    } else {
+                        let taken = tx
+                            .prepare_cached(
+                                "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
+                                 WHERE id = ?1 AND state = 'queued' \
+                                 RETURNING text, reply_to, extra, attempts",
+                            )?
+                            .query_row(params![id as i64, now], |r| {
+                                handed_row(r, id, head.created_ms, &conversation, &channel)
+                            })
+                            .optional()?;
+                        if taken.is_none() {
+                            break;
+                        }
+                        heads.set_sending(id, true);
+                        handed.extend(taken);
+                    }
+                    mark_ahead(&tx, heads, &conversation, now, deadline)?;
                     break;
                 }
-                let taken = tx
-                    .prepare_cached(
-                        "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
-                         WHERE id = ?1 AND state = 'queued'",
-                    )?
-                    .execute(params![id as i64, now])?;
-                if taken == 1 {
-                    handed.push((head, key, channel));
-                }
+            }
+            // Already durably `sending`: handed over while the pass commits.
+            for message in early.drain(..) {
+                self.hand(tasks, &mut in_flight, message, now);
             }
             tx.commit()
-        });
+        })();
         if let Err(e) = pass {
-            // Nothing of the pass happened: its outcomes are recorded by the next one.
-            tracing::error!("{e}");
+            // Nothing of the pass happened: its outcomes are recorded by the next one, which
+            // first reads the unfinished messages again.
+            tracing::error!("outbox {}: {e}", self.path.display());
+            *stale = true;
             for o in &outcomes {
                 in_flight.insert(o.id);
             }
             lock(&self.outcomes).extend(outcomes);
             return None;
         }
+        // Sends that ended while the pass committed: the message marked ahead behind each (now
+        // durably `sending`) goes at once; their outcomes are recorded by the next pass.
+        let ended: Vec<u64> = lock(&self.outcomes)
+            .iter()
+            .filter(|o| o.result.is_ok())
+            .map(|o| o.id)
+            .collect();
+        for id in ended {
+            if (in_flight.len() + handed.len()) as u64 >= self.settings.max_in_flight {
+                break;
+            }
+            let Some(conversation) = heads.conversation_of(id).cloned() else {
+                continue;
+            };
+            let (Some(Turn::Ready(channel)), Some(head), Some(behind)) = (
+                turns.get(&conversation.key),
+                heads.front(&conversation),
+                heads.second(&conversation),
+            ) else {
+                continue;
+            };
+            if head.id != id
+                || !behind.sending
+                || in_flight.contains(&behind.id)
+                || behind.next_ms > now
+                || now >= behind.created_ms + deadline
+            {
+                continue;
+            }
+            let row = conn
+                .prepare_cached(
+                    "SELECT text, reply_to, extra, attempts FROM outbox \
+                     WHERE id = ?1 AND state = 'sending'",
+                )
+                .and_then(|mut s| {
+                    s.query_row([behind.id as i64], |r| {
+                        handed_row(r, behind.id, behind.created_ms, &conversation, channel)
+                    })
+                    .optional()
+                });
+            match row {
+                Ok(row) => handed.extend(row),
+                Err(e) => {
+                    tracing::error!("outbox {}: {e}", self.path.display());
+                    break;
+                }
+            }
+        }
+        drop(store);
         let c = &self.counters;
         c.sent.fetch_add(effects.sent, Ordering::Relaxed);
         c.failed.fetch_add(effects.failed, Ordering::Relaxed);
@@ -706,45 +908,85 @@ impl Outbox {
             crate::metrics::record_send_failure();
         }
         // Durably `sending` now: hand them over.
-        let deadline = self.settings.deadline.as_millis() as i64;
-        for (head, key, channel) in handed {
-            let id = head.status.id;
-            in_flight.insert(id);
-            self.counters.attempts.fetch_add(1, Ordering::Relaxed);
-            let send = channel.plugin.send(Outbound {
-                account: key.account,
-                conversation: head.status.conversation,
-                text: head.status.text,
-                reply_to: head.reply_to,
-                extra: head.extra,
-            });
-            let this = self.clone();
-            let attempts = head.status.attempts + 1;
-            let created = head.status.created_at;
-            let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
-            tasks.spawn(async move {
-                let result = match tokio::time::timeout(limit, send).await {
-                    Ok(Ok(message_id)) => Ok(message_id),
-                    Ok(Err(e)) => Err(e.message),
-                    Err(_) => Err(TIMED_OUT.into()),
-                };
-                let outcome = Outcome {
-                    id,
-                    attempts,
-                    created,
-                    result,
-                    at: now_ms(),
-                };
-                lock(&this.outcomes).push(outcome);
-                if this.stopped.load(Ordering::SeqCst) {
-                    // No pass will come: record it now.
-                    tokio::task::spawn_blocking(move || this.flush()).await.ok();
-                } else {
-                    this.wake.notify_one();
-                }
-            });
+        for message in handed {
+            self.hand(tasks, &mut in_flight, message, now);
         }
         next
+    }
+
+    /// Hands a durably `sending` message to its plugin; its outcome goes to the next pass.
+    fn hand(
+        self: &Arc<Self>,
+        tasks: &TaskTracker,
+        in_flight: &mut HashSet<u64>,
+        message: Handed,
+        now: i64,
+    ) {
+        let Handed {
+            id,
+            created,
+            key,
+            conversation,
+            text,
+            reply_to,
+            extra,
+            attempts,
+            channel,
+        } = message;
+        in_flight.insert(id);
+        self.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let send = channel.plugin.send(Outbound {
+            account: key.account,
+            conversation,
+            text,
+            reply_to,
+            extra,
+        });
+        let this = self.clone();
+        let attempts = attempts + 1;
+        let deadline = self.settings.deadline.as_millis() as i64;
+        let limit = Duration::from_millis((created + deadline - now).max(1) as u64);
+        tasks.spawn(async move {
+            let result = match tokio::time::timeout(limit, send).await {
+                Ok(Ok(message_id)) => Ok(message_id),
+                Ok(Err(e)) => Err(e.message),
+                Err(_) => Err(TIMED_OUT.into()),
+            };
+            let outcome = Outcome {
+                id,
+                attempts,
+                created,
+                result,
+                at: now_ms(),
+            };
+            lock(&this.outcomes).push(outcome);
+            if this.stopped.load(Ordering::SeqCst) {
+                // No pass will come: record it now.
+                tokio::task::spawn_blocking(move || this.flush()).await.ok();
+            } else {
+                this.wake.notify_one();
+            }
+        });
+    }
+
+    /// Whether `key`'s messages may be handed over now.
+    fn turn(&self, key: &AccountKey) -> Turn {
+        let Ok(channel) = self.supervisor.channel(&key.channel) else {
+            return Turn::Unloaded;
+        };
+        if !channel.accounts.contains(&key.account) {
+            return Turn::Removed;
+        }
+        let ready = self
+            .supervisor
+            .board()
+            .get(key)
+            .is_some_and(|s| s.running && s.connected != Some(false));
+        if ready {
+            Turn::Ready(channel)
+        } else {
+            Turn::NotReady
+        }
     }
 
     /// Records the outcomes of sends that ended and no pass has recorded (the sender has
@@ -755,13 +997,19 @@ impl Outbox {
             return;
         }
         let mut effects = Effects::default();
-        let recorded = self.db(|conn| {
+        let mut store = lock(&self.store);
+        let Store { conn, heads, stale } = &mut *store;
+        let recorded = (|| {
             let tx = conn.unchecked_transaction()?;
             for outcome in &outcomes {
-                self.record(&tx, outcome, &mut effects)?;
+                self.record(&tx, heads, outcome, &mut effects)?;
             }
             tx.commit()
-        });
+        })();
+        if recorded.is_err() {
+            *stale = true;
+        }
+        drop(store);
         match recorded {
             Ok(()) => {
                 let c = &self.counters;
@@ -774,14 +1022,16 @@ impl Outbox {
                 }
             }
             // Left `sending`: sent again after the restart, and counted.
-            Err(e) => tracing::error!("{e}"),
+            Err(e) => tracing::error!("outbox {}: {e}", self.path.display()),
         }
     }
 
-    /// Writes a send's outcome inside the pass's transaction.
+    /// Writes a send's outcome inside the pass's transaction, and into `heads` (which the
+    /// caller reads again from the database if the transaction fails).
     fn record(
         &self,
         tx: &Connection,
+        heads: &mut Heads,
         outcome: &Outcome,
         effects: &mut Effects,
     ) -> rusqlite::Result<()> {
@@ -796,6 +1046,7 @@ impl Outbox {
             Ok(message_id) => {
                 effects.sent += 1;
                 finish_with(tx, id, state::SENT, attempts, Some(message_id), None, at)?;
+                heads.remove(id);
             }
             Err(error) => {
                 effects.send_failures += 1;
@@ -814,6 +1065,7 @@ impl Outbox {
                     tracing::warn!(id, attempts, %error, "outbox: send failed; giving up");
                     effects.failed += 1;
                     finish_with(tx, id, state::FAILED, attempts, None, Some(&error), at)?;
+                    heads.remove(id);
                 } else {
                     tracing::debug!(id, attempts, %error, "outbox: send failed; will retry");
                     effects.retries += 1;
@@ -822,6 +1074,17 @@ impl Outbox {
                          updated_ms = ?4, next_ms = ?5 WHERE id = ?1",
                     )?
                     .execute(params![id as i64, attempts, error, at, next])?;
+                    heads.retry_at(id, next);
+                    // The one marked ahead behind it waits: queued again.
+                    if let Some(behind) = heads
+                        .conversation_of(id)
+                        .cloned()
+                        .and_then(|c| heads.second(&c))
+                        .filter(|b| b.sending)
+                    {
+                        unmark(tx, behind.id, at)?;
+                        heads.set_sending(behind.id, false);
+                    }
                 }
             }
         }
@@ -852,22 +1115,61 @@ impl Drop for Stopped {
     }
 }
 
-/// The oldest unfinished message of every conversation.
-fn heads(tx: &Connection) -> rusqlite::Result<Vec<Head>> {
-    let mut statement = tx.prepare_cached(&format!(
-        "SELECT {COLUMNS}, reply_to, extra, next_ms FROM outbox WHERE id IN \
-         (SELECT min(id) FROM outbox WHERE state IN ('queued', 'sending') \
-          GROUP BY channel, account, conversation) ORDER BY id"
-    ))?;
-    let rows = statement.query_map([], |r| {
-        Ok(Head {
-            status: status_row(r)?,
-            reply_to: r.get(12)?,
-            extra: r.get(13)?,
-            next_ms: r.get(14)?,
-        })
-    })?;
-    rows.collect()
+/// Marks `sending` ahead the message behind `conversation`'s head (which is being handed over,
+/// or is in flight), so that it can go as soon as the head is sent.
+fn mark_ahead(
+    tx: &Connection,
+    heads: &mut Heads,
+    conversation: &Conversation,
+    now: i64,
+    deadline: i64,
+) -> rusqlite::Result<()> {
+    if let Some(behind) = heads.second(conversation)
+        && !behind.sending
+        && behind.next_ms <= now
+        && now < behind.created_ms + deadline
+    {
+        let marked = tx
+            .prepare_cached(
+                "UPDATE outbox SET state = 'sending', updated_ms = ?2 \
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![behind.id as i64, now])?;
+        if marked == 1 {
+            heads.set_sending(behind.id, true);
+        }
+    }
+    Ok(())
+}
+
+/// Puts a message marked `sending` ahead back to `queued`.
+fn unmark(tx: &Connection, id: u64, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE outbox SET state = 'queued', updated_ms = ?2 WHERE id = ?1 AND state = 'sending'",
+    )?
+    .execute(params![id as i64, now])?;
+    Ok(())
+}
+
+/// A message to hand over, from its row (`text, reply_to, extra, attempts`).
+fn handed_row(
+    r: &rusqlite::Row<'_>,
+    id: u64,
+    created: i64,
+    conversation: &Conversation,
+    channel: &Arc<Channel>,
+) -> rusqlite::Result<Handed> {
+    Ok(Handed {
+        id,
+        created,
+        key: conversation.key.clone(),
+        conversation: conversation.conversation.clone(),
+        text: r.get(0)?,
+        reply_to: r.get(1)?,
+        extra: r.get(2)?,
+        attempts: r.get(3)?,
+        channel: channel.clone(),
+    })
 }
 
 /// Marks a message failed with `why`, keeping its attempts.
@@ -896,9 +1198,24 @@ fn finish_with(
     Ok(())
 }
 
+/// Messages a group commit has admitted so far, not yet in [`Heads`] (they go there once it is
+/// committed).
+#[derive(Default)]
+struct Added {
+    per_account: std::collections::HashMap<AccountKey, u64>,
+    total: u64,
+}
+
 /// Decides one message of a group commit inside its transaction: the first message's id for a
-/// known idempotency key, a refusal at a cap, or the new row.
-fn admit(tx: &Connection, settings: &OutboxConfig, p: &Pending) -> rusqlite::Result<Admission> {
+/// known idempotency key, a refusal at a cap, or the new row. The caps count the unfinished
+/// messages in `heads` and those this commit `added` before.
+fn admit(
+    tx: &Connection,
+    settings: &OutboxConfig,
+    heads: &Heads,
+    added: &mut Added,
+    p: &Pending,
+) -> rusqlite::Result<Admission> {
     let message = &p.message;
     if let Some(k) = &message.idempotency_key {
         let found: Option<i64> = tx
@@ -915,24 +1232,19 @@ fn admit(tx: &Connection, settings: &OutboxConfig, p: &Pending) -> rusqlite::Res
             }));
         }
     }
-    let waiting: i64 = tx
-        .prepare_cached(
-            "SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending') \
-             AND channel = ?1 AND account = ?2",
-        )?
-        .query_row(params![message.channel, message.account], |r| r.get(0))?;
-    if waiting as u64 >= settings.max_queued_per_account {
+    let key = AccountKey::new(&message.channel, &message.account);
+    let before = added.per_account.get(&key).copied().unwrap_or(0);
+    let waiting = heads.waiting(&key) + before;
+    if waiting >= settings.max_queued_per_account {
         return Ok(Err((
-            waiting as u64,
+            waiting,
             "max_queued_per_account",
             settings.max_queued_per_account,
         )));
     }
-    let all: i64 = tx
-        .prepare_cached("SELECT count(*) FROM outbox WHERE state IN ('queued', 'sending')")?
-        .query_row([], |r| r.get(0))?;
-    if all as u64 >= settings.max_queued {
-        return Ok(Err((all as u64, "max_queued", settings.max_queued)));
+    let all = heads.total() + added.total;
+    if all >= settings.max_queued {
+        return Ok(Err((all, "max_queued", settings.max_queued)));
     }
     tx.prepare_cached(
         "INSERT INTO outbox (channel, account, conversation, text, reply_to, extra, \
@@ -949,6 +1261,8 @@ fn admit(tx: &Connection, settings: &OutboxConfig, p: &Pending) -> rusqlite::Res
         message.idempotency_key,
         p.now
     ])?;
+    added.per_account.insert(key, before + 1);
+    added.total += 1;
     Ok(Ok(Accepted {
         id: tx.last_insert_rowid() as u64,
         duplicate: false,
@@ -963,3 +1277,6 @@ impl crate::reload::AccountRemoved for Outbox {
         self.wake.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,343 @@
+//! The outbox against a real journal database and an in-process plugin double: the unfinished
+//! messages it keeps in memory (the conversations' heads, the counts the caps use) match what
+//! the database says after every kind of write (accept, cancel, a send's outcome, a retry, a
+//! message failed for its removed account) and after a restart.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tokio_util::task::TaskTracker;
+
+use super::{
+    NewMessage, Outbox, OutboxConfig,
+    heads::{Conversation, Heads, Open},
+    lock,
+};
+use crate::{
+    clock::SystemClock,
+    config::{ChannelSection, SupervisorConfig},
+    host::{AccountKey, AccountLink},
+    journal::{Journal, JournalConfig},
+    plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
+    status::StatusBoard,
+    supervise::{Supervisor, policy::FixedJitter},
+};
+
+/// A channel `double` with accounts `a` and `b` whose tasks run until dropped, and whose send
+/// fails a message whose text starts with "fail" and answers `m<text>` for any other.
+struct Double {
+    info: PluginInfo,
+    sent: Mutex<Vec<String>>,
+}
+
+impl Double {
+    fn error(&self, entry: &'static str, message: &str) -> PluginCallError {
+        PluginCallError {
+            channel: self.info.channel_id.clone(),
+            entry,
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl Plugin for Double {
+    fn info(&self) -> &PluginInfo {
+        &self.info
+    }
+    fn configure(&self, _channel_config: &Value) -> Result<(), PluginCallError> {
+        Ok(())
+    }
+    fn list_account_ids(&self) -> Result<Vec<String>, PluginCallError> {
+        Ok(vec!["a".into(), "b".into()])
+    }
+    fn default_account_id(&self) -> Result<Option<String>, PluginCallError> {
+        Ok(None)
+    }
+    fn resolve_account(&self, _account: &str) -> Result<Value, PluginCallError> {
+        Ok(json!({}))
+    }
+    fn is_enabled(&self, _account: &str) -> Result<Check, PluginCallError> {
+        Ok(Check::Yes)
+    }
+    fn is_configured(&self, _account: &str) -> Result<Check, PluginCallError> {
+        Ok(Check::Yes)
+    }
+    fn describe_account(&self, _account: &str) -> Result<Option<Value>, PluginCallError> {
+        Ok(None)
+    }
+    fn start_account(
+        &self,
+        _account: &str,
+        _link: AccountLink,
+    ) -> Result<RunningTask, PluginCallError> {
+        Ok(RunningTask {
+            id: 1,
+            done: Box::pin(std::future::pending()),
+        })
+    }
+    fn abort_task(&self, _task: u64) -> bool {
+        true
+    }
+    fn cancel_task(&self, _task: u64) -> bool {
+        true
+    }
+    fn stop_account(&self, _account: &str) -> Result<(), PluginCallError> {
+        Ok(())
+    }
+    fn logout(&self, _account: &str) -> Result<bool, PluginCallError> {
+        Ok(false)
+    }
+    fn send(&self, message: Outbound) -> BoxFuture<Result<String, PluginCallError>> {
+        lock(&self.sent).push(message.text.clone());
+        let answer = if message.text.starts_with("fail") {
+            Err(self.error("send", "refused"))
+        } else {
+            Ok(format!("m{}", message.text))
+        };
+        Box::pin(async move { answer })
+    }
+    fn shutdown(&self) -> Result<(), PluginCallError> {
+        Ok(())
+    }
+}
+
+/// A supervisor with the double's accounts running.
+async fn running_double() -> (Supervisor, Arc<Double>) {
+    let clock = Arc::new(SystemClock);
+    let board = Arc::new(StatusBoard::new(clock.clone()));
+    let supervisor = Supervisor::new(
+        SupervisorConfig::default(),
+        Duration::from_secs(10),
+        board,
+        clock,
+        Arc::new(FixedJitter(0.0)),
+    );
+    let double = Arc::new(Double {
+        info: PluginInfo {
+            channel_id: "double".into(),
+            display_name: "double".into(),
+            plugin_version: "0".into(),
+            abi_version: "0".into(),
+            rustc_version: "0".into(),
+        },
+        sent: Mutex::default(),
+    });
+    let plugin: Arc<dyn Plugin> = double.clone();
+    supervisor
+        .add_channel(plugin, ChannelSection { table: json!({}) })
+        .await
+        .expect("the double registers");
+    supervisor.start_all().await;
+    for account in ["a", "b"] {
+        let key = AccountKey::new("double", account);
+        wait_for("the account runs", || {
+            supervisor.board().get(&key).is_some_and(|s| s.running)
+        })
+        .await;
+    }
+    (supervisor, double)
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let limit = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < limit, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn send(outbox: &Outbox, account: &str, conversation: &str, text: &str) -> u64 {
+    outbox
+        .submit(NewMessage {
+            channel: "double".into(),
+            account: account.into(),
+            conversation: conversation.into(),
+            text: text.into(),
+            ..NewMessage::default()
+        })
+        .expect("accepted")
+        .id
+}
+
+/// The outbox's unfinished messages in memory, after checking they are what the database holds.
+fn in_step(outbox: &Outbox) -> Vec<(Conversation, Vec<u64>)> {
+    let store = lock(&outbox.store);
+    let read = Heads::load(&store.conn).expect("the outbox reads");
+    let kept = store.heads.listing();
+    assert_eq!(kept, read.listing(), "memory and database disagree");
+    for (conversation, open) in &kept {
+        assert_eq!(
+            store.heads.front(conversation),
+            open.first().copied(),
+            "{conversation:?}'s head"
+        );
+    }
+    let fronts: Vec<u64> = store.heads.fronts().map(|(id, _)| id).collect();
+    let mut firsts: Vec<u64> = kept.iter().map(|(_, o)| o[0].id).collect();
+    firsts.sort_unstable();
+    assert_eq!(fronts, firsts, "the heads, oldest first");
+    for account in ["a", "b"] {
+        let key = AccountKey::new("double", account);
+        let open: usize = kept
+            .iter()
+            .filter(|(c, _)| c.key == key)
+            .map(|(_, o)| o.len())
+            .sum();
+        assert_eq!(store.heads.waiting(&key), open as u64, "{key} waiting");
+    }
+    assert_eq!(
+        store.heads.total(),
+        kept.iter().map(|(_, o)| o.len() as u64).sum::<u64>()
+    );
+    kept.into_iter()
+        .map(|(c, o)| (c, o.iter().map(|o: &Open| o.id).collect()))
+        .collect()
+}
+
+fn ids(listing: &[(Conversation, Vec<u64>)]) -> Vec<Vec<u64>> {
+    listing.iter().map(|(_, ids)| ids.clone()).collect()
+}
+
+/// One sender pass, then waits until every send it handed over has ended.
+async fn pass(outbox: &Arc<Outbox>, tasks: &TaskTracker) {
+    outbox.pump(tasks, false);
+    wait_for("the sends end", || {
+        lock(&outbox.in_flight).len() == lock(&outbox.outcomes).len()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heads_in_memory_match_the_database_after_accept_cancel_outcomes_and_a_restart() {
+    let (supervisor, double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let settings = OutboxConfig {
+        retry_initial: Duration::from_secs(3600),
+        retry_max: Duration::from_secs(3600),
+        deadline: Duration::from_secs(36_000),
+        ..OutboxConfig::default()
+    };
+    let outbox = Outbox::open(&journal, settings.clone(), supervisor.clone()).unwrap();
+    // Accept: a/x 1 2 5 7, a/y 3 (fails) 8, b/x 4 6.
+    for (account, conversation, text) in [
+        ("a", "x", "1"),
+        ("a", "x", "2"),
+        ("a", "y", "fail 3"),
+        ("b", "x", "4"),
+        ("a", "x", "5"),
+        ("b", "x", "6"),
+        ("a", "x", "7"),
+        ("a", "y", "8"),
+    ] {
+        send(&outbox, account, conversation, text);
+    }
+    assert_eq!(
+        ids(&in_step(&outbox)),
+        [vec![1, 2, 5, 7], vec![3, 8], vec![4, 6]]
+    );
+    // Cancel one behind its head, and a head.
+    outbox.cancel(5).unwrap();
+    outbox.cancel(4).unwrap();
+    assert_eq!(ids(&in_step(&outbox)), [vec![1, 2, 7], vec![3, 8], vec![6]]);
+    // The first pass hands over every head (still unfinished, `sending` in the database) and
+    // marks the one behind each `sending` ahead: no longer cancellable.
+    let tasks = TaskTracker::new();
+    pass(&outbox, &tasks).await;
+    assert_eq!(*lock(&double.sent), ["1", "fail 3", "6"]);
+    assert_eq!(ids(&in_step(&outbox)), [vec![1, 2, 7], vec![3, 8], vec![6]]);
+    for id in [1, 2, 3, 8, 6] {
+        assert_eq!(outbox.get(id).unwrap().state, "sending", "{id}");
+    }
+    assert_eq!(outbox.get(7).unwrap().state, "queued");
+    assert!(outbox.cancel(2).is_err());
+    // The next pass records the outcomes: 1 and 6 sent, 3 failed and waiting for its retry (8,
+    // marked ahead behind it, queued again); 2 was marked ahead, so it goes, and 7 is marked.
+    pass(&outbox, &tasks).await;
+    let listing = in_step(&outbox);
+    assert_eq!(ids(&listing), [vec![2, 7], vec![3, 8]]);
+    let retry = lock(&outbox.store).heads.front(&listing[1].0).unwrap();
+    assert!(retry.next_ms > retry.created_ms, "3 waits for its retry");
+    assert_eq!(outbox.get(1).unwrap().state, "sent");
+    assert_eq!(outbox.get(8).unwrap().state, "queued");
+    assert_eq!(outbox.get(7).unwrap().state, "sending");
+    // 2's outcome is recorded; 7 went either then or, if 2 was sent while that pass
+    // committed, right after its commit (recorded now or in the next pass).
+    pass(&outbox, &tasks).await;
+    let left = ids(&in_step(&outbox));
+    assert!(
+        left == [vec![7], vec![3, 8]] || left == [vec![3, 8]],
+        "{left:?}"
+    );
+    pass(&outbox, &tasks).await;
+    assert_eq!(ids(&in_step(&outbox)), [vec![3, 8]]);
+    assert_eq!(
+        *lock(&double.sent),
+        ["1", "fail 3", "6", "2", "7"],
+        "3's retry is not due, 8 waits behind it"
+    );
+    // A restart with one message handed over and one marked ahead: both are queued again, and
+    // counted as sent again.
+    let nine = send(&outbox, "b", "z", "9");
+    let ten = send(&outbox, "b", "z", "10");
+    outbox.pump(&tasks, false);
+    assert_eq!(ids(&in_step(&outbox)), [vec![3, 8], vec![nine, ten]]);
+    let reopened = Outbox::open(&journal, settings, supervisor.clone()).unwrap();
+    let listing = in_step(&reopened);
+    assert_eq!(ids(&listing), [vec![3, 8], vec![nine, ten]]);
+    assert!(
+        listing.iter().all(|(c, _)| {
+            let store = lock(&reopened.store);
+            store.heads.front(c).is_some_and(|o| !o.sending)
+        }),
+        "queued again"
+    );
+    assert_eq!(reopened.stats()["waiting"], 4);
+    assert_eq!(reopened.stats()["resentAfterRestart"], 2);
+    // New messages count from what is unfinished.
+    let id = send(&reopened, "b", "w", "11");
+    assert_eq!(
+        ids(&in_step(&reopened)),
+        [vec![3, 8], vec![id], vec![nine, ten]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caps_count_the_unfinished_messages_in_memory_and_in_the_same_commit() {
+    let (supervisor, _double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let settings = OutboxConfig {
+        max_queued_per_account: 2,
+        max_queued: 3,
+        ..OutboxConfig::default()
+    };
+    let outbox = Outbox::open(&journal, settings.clone(), supervisor.clone()).unwrap();
+    send(&outbox, "a", "x", "1");
+    send(&outbox, "a", "y", "2");
+    let full = |outbox: &Outbox, account: &str| {
+        outbox
+            .submit(NewMessage {
+                channel: "double".into(),
+                account: account.into(),
+                conversation: "x".into(),
+                text: "more".into(),
+                ..NewMessage::default()
+            })
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(full(&outbox, "a").contains("max_queued_per_account is 2"));
+    send(&outbox, "b", "x", "3");
+    assert!(full(&outbox, "b").contains("max_queued is 3"));
+    // After a restart the counts are read back.
+    let reopened = Outbox::open(&journal, settings, supervisor).unwrap();
+    assert!(full(&reopened, "a").contains("max_queued_per_account is 2"));
+    // A cancel frees a place.
+    reopened.cancel(1).unwrap();
+    send(&reopened, "a", "x", "4");
+    in_step(&reopened);
+}
