@@ -229,9 +229,14 @@ fn a_failing_send_is_retried_then_marked_failed_with_its_reason() {
     assert_eq!(m["state"], "failed");
     let attempts = m["attempts"].as_u64().unwrap();
     assert!(attempts >= 3, "retried: {m}");
+    // The plugin's last error, as it is or (when the deadline passed while the retry waited for
+    // a sender pass, as on a loaded machine) after "not sent within the deadline; last error: ".
     let error = m["error"].as_str().unwrap();
+    let last = error
+        .strip_prefix("not sent within the deadline; last error: ")
+        .unwrap_or(error);
     assert!(
-        error.starts_with("fixture send failure ") && error.contains(" of 1000000"),
+        last.starts_with("fixture send failure ") && last.contains(" of 1000000"),
         "the plugin's last error: {m}"
     );
     let failed = cli_ok(&daemon, &["messages", "--state", "failed"]);
