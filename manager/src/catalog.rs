@@ -17,6 +17,14 @@
 //! * a removed file stops its channel's accounts and the channel shows as removed;
 //! * a file refused once is not read, nor logged, again until it changes.
 //!
+//! The supervisor asks the catalog which registration serves a channel, and which channels were
+//! removed with which accounts, through [`Serving`] (installed by [`Catalog::open`]); it keeps
+//! no copy. Each channel's entry holds the loaded version and the supervisor's registration of
+//! it (its config and accounts) together, written in one place: on add, on replace (before the
+//! accounts move, so every start from then on uses the new version; a refused version never
+//! enters) and on a config reload; a removal moves the channel and its accounts to the removed
+//! list before they stop.
+//!
 //! Steps run as tasks the catalog tracks: a caller that goes away (an HTTP client that
 //! disconnects) changes nothing about the outcome, and [`Catalog::close`] waits for the step in
 //! flight.
@@ -36,7 +44,7 @@ use crate::{
     discover::{self, DirError},
     registry::{LoadedPlugin, Loader, PluginFileError, log_refused},
     stage::{StageError, Staged},
-    supervise::{StartOutcome, Supervisor, calls::bounded},
+    supervise::{Channel, Serving, StartOutcome, Supervisor, calls::bounded},
     watch::{ChangeQueue, Signature, signature},
 };
 
@@ -134,10 +142,21 @@ impl CatalogSettings {
     }
 }
 
-/// The version serving a channel, and what its file looked like when it was taken.
+/// The version serving a channel, the supervisor's registration of it, and what its file looked
+/// like when it was taken.
 struct Current {
     loaded: LoadedPlugin,
+    /// The registration new starts use (same plugin as `loaded`; a reload swaps it).
+    channel: Arc<Channel>,
     seen: Option<Signature>,
+}
+
+/// A channel whose file was removed.
+struct Removed {
+    file: PathBuf,
+    version: String,
+    /// Its accounts, kept in the snapshot marked removed.
+    accounts: Vec<String>,
 }
 
 /// A file whose last change was refused.
@@ -155,8 +174,8 @@ struct State {
     refused: BTreeMap<PathBuf, Refusal>,
     /// Versions mapped per channel (current, retired and refused ones).
     mapped: BTreeMap<String, usize>,
-    /// Channels whose file was removed, with their last file and version.
-    removed: BTreeMap<String, (PathBuf, String)>,
+    /// Channels whose file was removed, with their last file, version and accounts.
+    removed: BTreeMap<String, Removed>,
     reconciles: u64,
     last_reconcile_ms: Option<i64>,
 }
@@ -172,7 +191,7 @@ pub struct Catalog {
     settings: CatalogSettings,
     /// One step at a time.
     turn: tokio::sync::Mutex<()>,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     tasks: TaskTracker,
     closed: CancellationToken,
     /// The idle loader thread's job queue.
@@ -218,6 +237,8 @@ impl Catalog {
             path: dir.clone(),
             error,
         })?;
+        let state = Arc::new(Mutex::new(State::default()));
+        supervisor.set_serving(Arc::new(Answers(state.clone())));
         Ok(Arc::new(Self {
             dir,
             settings: CatalogSettings::of(&config),
@@ -226,7 +247,7 @@ impl Catalog {
             supervisor,
             clock,
             turn: tokio::sync::Mutex::new(()),
-            state: Mutex::default(),
+            state,
             tasks: TaskTracker::new(),
             closed: CancellationToken::new(),
             loader_thread: Mutex::new(None),
@@ -282,7 +303,7 @@ impl Catalog {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// The version serving `channel`.
@@ -666,16 +687,19 @@ impl Catalog {
         let path = new.staged.source.clone();
         let section = self.config().channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
-        if let Err(e) = self
+        let registered = match self
             .supervisor
-            .add_channel(new.plugin.clone(), section)
+            .register_channel(new.plugin.clone(), section)
             .await
         {
-            let error = format!("{}: channel {channel} {version}: {e}", path.display());
-            tracing::error!(channel = %channel, "plugin file refused: {error}");
-            self.retire(new).await;
-            return self.refuse(&path, Some(channel), "channel-failed", error, seen);
-        }
+            Ok(registered) => registered,
+            Err(e) => {
+                let error = format!("{}: channel {channel} {version}: {e}", path.display());
+                tracing::error!(channel = %channel, "plugin file refused: {error}");
+                self.retire(new).await;
+                return self.refuse(&path, Some(channel), "channel-failed", error, seen);
+            }
+        };
         {
             let mut state = self.state();
             state.refused.remove(&path);
@@ -684,6 +708,7 @@ impl Catalog {
                 channel.clone(),
                 Current {
                     loaded: new.clone(),
+                    channel: registered,
                     seen,
                 },
             );
@@ -723,19 +748,30 @@ impl Catalog {
         let section = self.config().channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
         tracing::info!(channel = %channel, from = %from, to = %to, "replacing plugin");
-        match self
-            .supervisor
-            .replace_channel(new.plugin.clone(), section)
-            .await
-        {
-            Ok(restarted) => {
-                {
+        let registered = self.supervisor.register(new.plugin.clone(), section).await;
+        match registered {
+            Ok(registered) => {
+                // From here on every start, revival and reconfigure uses the new version.
+                let previous = {
                     let mut state = self.state();
                     state.refused.remove(&path);
-                    state
-                        .current
-                        .insert(channel.clone(), Current { loaded: new, seen });
-                }
+                    state.current.insert(
+                        channel.clone(),
+                        Current {
+                            loaded: new,
+                            channel: registered.clone(),
+                            seen,
+                        },
+                    )
+                };
+                let restarted = match previous {
+                    Some(previous) => {
+                        self.supervisor
+                            .switch_over(&previous.channel, &registered)
+                            .await
+                    }
+                    None => Vec::new(),
+                };
                 tracing::info!(
                     channel = %channel,
                     from = %from,
@@ -764,17 +800,27 @@ impl Catalog {
 
     async fn remove(&self, old: LoadedPlugin) -> Change {
         let channel = old.info.channel_id.clone();
-        if let Err(e) = self.supervisor.remove_channel(&channel).await {
-            tracing::error!(channel = %channel, "removing the channel: {e}");
-        }
-        {
+        // Removed first: from here on no start finds the channel, and the snapshot keeps its
+        // accounts marked removed while they stop.
+        let registered = {
             let mut state = self.state();
-            state.current.remove(&channel);
+            let current = state.current.remove(&channel);
             state.refused.remove(&old.staged.source);
             state.removed.insert(
                 channel.clone(),
-                (old.staged.source.clone(), old.info.plugin_version.clone()),
+                Removed {
+                    file: old.staged.source.clone(),
+                    version: old.info.plugin_version.clone(),
+                    accounts: current
+                        .as_ref()
+                        .map(|c| c.channel.accounts.clone())
+                        .unwrap_or_default(),
+                },
             );
+            current.map(|c| c.channel)
+        };
+        if let Some(registered) = registered {
+            self.supervisor.stop_removed(&registered).await;
         }
         tracing::info!(channel = %channel, file = %old.staged.source.display(), "plugin removed");
         self.retire(old).await;
@@ -833,12 +879,12 @@ impl Catalog {
                 });
             }
         }
-        for (channel, (file, version)) in &state.removed {
+        for (channel, removed) in &state.removed {
             plugins.push(PluginListing {
                 channel: channel.clone(),
                 state: "removed",
-                version: Some(version.clone()),
-                file: file.display().to_string(),
+                version: Some(removed.version.clone()),
+                file: removed.file.display().to_string(),
                 hash: None,
                 loaded_at: None,
                 load_error: None,
@@ -850,6 +896,48 @@ impl Catalog {
             plugins,
             reconciles: state.reconciles,
             last_reconcile_at: state.last_reconcile_ms,
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The catalog's answers to the supervisor ([`Serving`]): read from the catalog's own state,
+/// under its lock only (never the supervisor's, never across a call).
+struct Answers(Arc<Mutex<State>>);
+
+impl Serving for Answers {
+    fn serving(&self, channel: &str) -> Option<Arc<Channel>> {
+        lock(&self.0)
+            .current
+            .get(channel)
+            .map(|c| c.channel.clone())
+    }
+
+    fn served(&self) -> Vec<Arc<Channel>> {
+        lock(&self.0)
+            .current
+            .values()
+            .map(|c| c.channel.clone())
+            .collect()
+    }
+
+    fn removed(&self) -> Vec<(String, Vec<String>)> {
+        lock(&self.0)
+            .removed
+            .iter()
+            .map(|(id, r)| (id.clone(), r.accounts.clone()))
+            .collect()
+    }
+
+    fn reconfigured(&self, channel: Arc<Channel>) {
+        let mut state = lock(&self.0);
+        if let Some(current) = state.current.get_mut(&channel.id)
+            && Arc::ptr_eq(&current.channel.plugin, &channel.plugin)
+        {
+            current.channel = channel;
         }
     }
 }

@@ -11,6 +11,10 @@
 //! blocking pool with time bounds ([`calls`]). Each lifecycle has its own cancellation token;
 //! lifecycles are tracked so shutdown is close, cancel, wait.
 //!
+//! Which registration (plugin version, config, accounts) serves a channel, and which channels were
+//! removed, are not the supervisor's to keep: it asks its [`Serving`] source every time (the
+//! catalog in the daemon, see [`serving`]).
+//!
 //! The `tests` module checks every rule with a paused clock against an in-process plugin double.
 //!
 //! The rules are those of docs/behaviour.md (starting, stopping, backoff, giving up), including
@@ -25,6 +29,7 @@ mod monitor;
 pub mod policy;
 mod reconfigure;
 mod restart_log;
+pub mod serving;
 #[cfg(test)]
 mod tests;
 
@@ -42,7 +47,13 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use self::reconfigure::ChannelReload;
-use self::{calls::bounded, policy::Jitter, restart_log::RestartLog};
+pub use self::serving::Serving;
+use self::{
+    calls::bounded,
+    policy::Jitter,
+    restart_log::RestartLog,
+    serving::{Source, Table},
+};
 use crate::{
     clock::Clock,
     config::{ChannelSection, SupervisorConfig},
@@ -278,12 +289,9 @@ pub const BLOCKING_CALLS_PER_PLUGIN: usize = 8;
 
 #[derive(Default)]
 struct State {
-    channels: BTreeMap<String, Arc<Channel>>,
     /// Channels whose registration failed, with why (start-all reports them).
     failed_channels: BTreeMap<String, String>,
     accounts: HashMap<AccountKey, AccountEntry>,
-    /// Channels whose plugin file was removed, with their accounts (shown in the snapshot).
-    removed: BTreeMap<String, Vec<String>>,
     next_lifecycle: u64,
 }
 
@@ -321,6 +329,8 @@ struct Inner {
     /// Decides, right before each boot calls the plugin, whether the account may start here
     /// (the cluster: only while this node holds the account and its lease is safe).
     gate: std::sync::RwLock<Option<StartGate>>,
+    /// Where the supervisor asks which registration serves each channel ([`serving`]).
+    serving: std::sync::RwLock<Source>,
 }
 
 /// Asked before every boot calls into the plugin: `Some(reason)` refuses the start (the account
@@ -355,6 +365,7 @@ impl Supervisor {
                 closing: CancellationToken::new(),
                 restart_log,
                 gate: std::sync::RwLock::new(None),
+                serving: std::sync::RwLock::new(Source::Own(Arc::default())),
             }),
         }
     }
@@ -362,6 +373,33 @@ impl Supervisor {
     /// Installs the gate every boot asks before it calls the plugin ([`StartGate`]).
     pub fn set_start_gate(&self, gate: StartGate) {
         *self.inner.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// Makes `serving` (the catalog) the one source of which registration serves each channel
+    /// and which channels were removed. The supervisor's own table goes: from here on
+    /// `add_channel`, `replace_channel` and `remove_channel` are refused, and channels come and
+    /// go only through the source (see [`serving`]).
+    pub fn set_serving(&self, serving: Arc<dyn Serving>) {
+        *self
+            .inner
+            .serving
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Source::From(serving);
+    }
+
+    /// The source of which registration serves each channel (never asked under the state lock).
+    fn serving(&self) -> Arc<dyn Serving> {
+        self.inner.serving()
+    }
+
+    /// The supervisor's own table, where no catalog is the source.
+    fn table(&self) -> Result<Arc<Table>, SupervisorError> {
+        match &*self.inner.serving.read().unwrap_or_else(|p| p.into_inner()) {
+            Source::Own(table) => Ok(table.clone()),
+            Source::From(_) => Err(SupervisorError::Plugin(
+                "channels are added, replaced and removed through the plugin catalog".into(),
+            )),
+        }
     }
 
     /// The status board.
@@ -390,8 +428,23 @@ impl Supervisor {
     /// that normalise to the same account are an error naming both. Each account's `enabled`
     /// (and `configured`, when the plugin's description gives it) goes to the status board, so
     /// the snapshot shows a disabled or unconfigured account with its reason before any start.
-    /// A failure is remembered for start-all's summary.
+    /// A failure is remembered for start-all's summary. The channel then serves from the
+    /// supervisor's own table (where no catalog is the source: see [`serving`]).
     pub async fn add_channel(
+        &self,
+        plugin: Arc<dyn Plugin>,
+        section: ChannelSection,
+    ) -> Result<Arc<Channel>, SupervisorError> {
+        let table = self.table()?;
+        let channel = self.register_channel(plugin, section).await?;
+        table.insert(channel.clone());
+        Ok(channel)
+    }
+
+    /// Registers a channel as [`Supervisor::add_channel`] does, and returns the registration for
+    /// its owner (the catalog) to record: the supervisor keeps no copy, and nothing starts on it
+    /// until the owner answers it for its channel.
+    pub async fn register_channel(
         &self,
         plugin: Arc<dyn Plugin>,
         section: ChannelSection,
@@ -399,10 +452,7 @@ impl Supervisor {
         let id = plugin.info().channel_id.clone();
         match self.register(plugin, section).await {
             Ok(channel) => {
-                let mut state = self.lock();
-                state.failed_channels.remove(&id);
-                state.removed.remove(&id);
-                state.channels.insert(id, channel.clone());
+                self.lock().failed_channels.remove(&id);
                 Ok(channel)
             }
             Err(e) => {
@@ -412,7 +462,9 @@ impl Supervisor {
         }
     }
 
-    async fn register(
+    /// Registers a version of a channel: the plugin checks and takes the table and lists its
+    /// accounts. A failure changes nothing (a replace's old version keeps serving).
+    pub async fn register(
         &self,
         plugin: Arc<dyn Plugin>,
         section: ChannelSection,
@@ -473,18 +525,16 @@ impl Supervisor {
         }))
     }
 
-    /// The channel with this id.
+    /// The registration serving this channel now (asked of the source, see [`serving`]).
     pub fn channel(&self, id: &str) -> Result<Arc<Channel>, SupervisorError> {
-        self.lock()
-            .channels
-            .get(id)
-            .cloned()
+        self.serving()
+            .serving(id)
             .ok_or_else(|| SupervisorError::UnknownChannel(id.to_owned()))
     }
 
-    /// Every channel, by id.
+    /// Every channel served now, by id (asked of the source).
     pub fn channels(&self) -> Vec<Arc<Channel>> {
-        self.lock().channels.values().cloned().collect()
+        self.serving().served()
     }
 
     /// The accounts an operation on `channel` (and maybe one account) applies to.
@@ -535,11 +585,8 @@ impl Supervisor {
     /// Starts every account of every channel; one channel's failure does not stop the others.
     /// The summary has every channel, including those whose registration failed (with why).
     pub async fn start_all(&self) -> BTreeMap<String, ChannelStartSummary> {
-        let (channels, failed) = {
-            let state = self.lock();
-            let channels: Vec<_> = state.channels.values().cloned().collect();
-            (channels, state.failed_channels.clone())
-        };
+        let channels = self.channels();
+        let failed = self.lock().failed_channels.clone();
         let limit = Arc::new(Semaphore::new(self.inner.policy().startup_channels));
         let runs = channels.into_iter().map(|ch| {
             let this = self.clone();
@@ -868,11 +915,8 @@ impl Supervisor {
     /// Every listed account of every channel (plus each channel's default account), from the
     /// status board: no plugin is called.
     pub fn snapshot(&self) -> Snapshot {
-        let (channels, removed) = {
-            let state = self.lock();
-            let channels: Vec<_> = state.channels.values().cloned().collect();
-            (channels, state.removed.clone())
-        };
+        let serving = self.serving();
+        let (channels, removed) = (serving.served(), serving.removed());
         let board = &self.inner.board;
         let mut out = Snapshot::new();
         for ch in channels {
@@ -907,14 +951,13 @@ impl Supervisor {
         account: &str,
     ) -> Result<AccountSnapshot, SupervisorError> {
         let id = channeld_plugin_abi::normalize_account_id(account);
-        let (ch, removed) = {
-            let state = self.lock();
-            let removed = state
-                .removed
-                .get(channel)
-                .is_some_and(|ids| ids.contains(&id));
-            (state.channels.get(channel).cloned(), removed)
-        };
+        let serving = self.serving();
+        let ch = serving.serving(channel);
+        let removed = ch.is_none()
+            && serving
+                .removed()
+                .iter()
+                .any(|(c, ids)| c == channel && ids.contains(&id));
         let entry = || self.inner.board.get(&AccountKey::new(channel, id.as_str()));
         let found = match &ch {
             Some(ch) if ch.accounts.contains(&id) || default_account_of(ch) == id => {
@@ -949,6 +992,10 @@ impl Supervisor {
 }
 
 impl Inner {
+    fn serving(&self) -> Arc<dyn Serving> {
+        self.serving.read().unwrap_or_else(|p| p.into_inner()).get()
+    }
+
     /// Why the gate refuses to start `key` now, if it does.
     fn gate_refuses(&self, key: &AccountKey) -> Option<String> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner()).clone();

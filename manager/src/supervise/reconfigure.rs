@@ -120,7 +120,8 @@ impl Supervisor {
         });
         let after = self.resolve_all(&new, &accounts).await?;
         // From here on, starts (a user's, the health monitor's) use the new table.
-        self.lock().channels.insert(id.to_owned(), new.clone());
+        // The owner records it only if `old`'s version still serves (see [`super::serving`]).
+        self.serving().reconfigured(new.clone());
 
         let mut report = ChannelReload::default();
         for account in &old.accounts {

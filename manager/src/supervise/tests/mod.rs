@@ -21,6 +21,8 @@ mod failures;
 mod health;
 /// Logout, mark logged out, the health-monitor gate, the snapshot.
 mod operations;
+/// The supervisor asks its source which version serves a channel and which were removed.
+mod serving;
 /// Rule 7: start-all's summary, and the startup fan-out limits.
 mod start_all;
 /// Rules 2–5 and the stop: joining starts, disabled accounts, stops in every phase, slow starts.
