@@ -91,8 +91,14 @@ async fn the_removed_marking_comes_and_goes_with_the_sources_listing() {
     owner.insert(r1.clone());
     assert_eq!(start(&sup, "c", "a").await, StartOutcome::Started);
 
-    // Removed by the owner: `a` stops and shows under `c`, marked removed.
+    // Removed by the owner: from that moment `a` shows under `c` (still running until stopped),
+    // then stops and is marked removed.
     owner.remove("c");
+    assert!(sup.channel("c").is_err());
+    let snapshot = sup.snapshot();
+    let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
+    assert_eq!(ids, ["a"], "listed while it stops");
+    assert!(sup.account_snapshot("c", "a").is_ok());
     sup.stop_removed(&r1).await;
     assert!(sup.channel("c").is_err());
     let s = sup
@@ -104,8 +110,12 @@ async fn the_removed_marking_comes_and_goes_with_the_sources_listing() {
     let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
     assert_eq!(ids, ["a"]);
 
-    // Back, listing only `b`: the removed marking goes with the owner's listing.
+    // Back, listing only `b`: the removed marking goes with the owner's listing, not before.
     let r2 = register(&sup, &v2).await;
+    assert!(
+        sup.account_snapshot("c", "a").is_ok(),
+        "still removed until the owner serves the new registration"
+    );
     owner.insert(r2);
     let snapshot = sup.snapshot();
     let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
