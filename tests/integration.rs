@@ -42,6 +42,10 @@ mod supervisor;
 /// disconnected rescans, refused replacements, blocking constructors).
 mod hot;
 
+/// The catalog as the one owner of which version serves a channel and of removed channels:
+/// the supervisor answers what the catalog lists through add, replace, refusal, removal, return.
+mod catalog_serving;
+
 /// The health monitor with the real daemon: a disconnected account restarted, with its reason.
 mod health;
 
