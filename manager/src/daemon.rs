@@ -327,7 +327,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         daemon.supervisor.clone(),
     )
     .map_err(|e| DaemonError::Api(e.to_string()))?;
-    daemon.gateways.attach(outbox.clone());
+    daemon.gateways.attach(outbox.clone(), daemon.journal.clone());
     daemon.reloader.on_account_removed(outbox.clone());
     {
         // A reload's gateways route the messages that arrive after it.
@@ -382,6 +382,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 tracing::error!("plugins directory: {e}");
             }
             daemon.gateways.warn_unloaded(&daemon.supervisor);
+            // Before any account starts: bridge what a crash left unbridged (gateway.rs).
+            crate::outbox::gateway::recover_at_start(daemon.gateways.clone()).await;
             observe.readiness.plugins_loaded();
             let summary = if daemon.config.cluster.is_none() {
                 daemon.supervisor.start_all().await
