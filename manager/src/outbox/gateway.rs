@@ -256,7 +256,7 @@ impl Gateways {
     }
 
     /// A routing begins (before its message goes to the journal): its ticket.
-    fn begin(&self) -> u64 {
+    pub(crate) fn begin(&self) -> u64 {
         let mut marks = lock(&self.marks);
         let ticket = marks.next;
         marks.next += 1;
@@ -268,7 +268,7 @@ impl Gateways {
 
     /// A routing ended (routed, or its message refused): the mark moves up to just below the
     /// oldest routing still in progress, or to the journal's end when none is.
-    fn end(&self, ticket: u64) {
+    pub(crate) fn end(&self, ticket: u64) {
         let mut marks = lock(&self.marks);
         marks.in_flight.remove(&ticket);
         let mark = match marks.in_flight.values().next() {
