@@ -805,11 +805,22 @@ fn a_crash_between_the_journal_and_the_bridging_is_repaired_at_the_next_start() 
     let once = [("room".to_owned(), "[fixture] <fixture> one".to_owned())];
     assert_eq!(sends(&daemon, "b"), once);
     assert!(sends(&daemon, "a").is_empty(), "never back to where it came from");
-    // A further restart routes nothing new: still exactly one copy.
+    // A message bridged live, then a restart: the mark written lags behind it (it goes with
+    // the outbox's next commit), so it is routed again at the start, and the copy's
+    // idempotency key keeps it from being queued twice.
     daemon.terminate();
+    fs::write(&daemon.config, config("mode = \"deliver_one\"")).unwrap();
     daemon.start_again(&[]);
+    let stats = settled(&daemon, 2);
+    assert_eq!(stats["bridged"], 1, "{stats}");
+    daemon.terminate();
+    fs::write(&daemon.config, config("")).unwrap();
+    daemon.start_again(&[]);
+    // Accounts start only after the routing again: once `b` runs, any copy is queued.
     daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
-    let stats = settled(&daemon, 1);
+    let log = daemon.wait_for_log("routed again at startup");
+    assert!(log.contains("queued=0 duplicates=1"), "{log}");
+    let stats = settled(&daemon, 2);
     assert_eq!(stats["bridged"], 0, "{stats}");
-    assert_eq!(sends(&daemon, "b"), once);
+    assert_eq!(sends(&daemon, "b"), [once[0].clone(), once[0].clone()]);
 }
