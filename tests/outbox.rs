@@ -805,22 +805,39 @@ fn a_crash_between_the_journal_and_the_bridging_is_repaired_at_the_next_start() 
     let once = [("room".to_owned(), "[fixture] <fixture> one".to_owned())];
     assert_eq!(sends(&daemon, "b"), once);
     assert!(sends(&daemon, "a").is_empty(), "never back to where it came from");
-    // A message bridged live, then a restart: the mark written lags behind it (it goes with
-    // the outbox's next commit), so it is routed again at the start, and the copy's
-    // idempotency key keeps it from being queued twice.
+    // A message bridged live, then a clean stop: the mark is written at the shutdown, so the
+    // next start routes nothing again.
+    let live = |daemon: &mut Daemon, sent: usize| {
+        daemon.terminate();
+        fs::write(&daemon.config, config("mode = \"deliver_one\"")).unwrap();
+        daemon.start_again(&[]);
+        // Waiting for none waiting: the send's outcome is committed (not sent again).
+        let stats = settled(daemon, sent);
+        assert_eq!(stats["bridged"], 1, "{stats}");
+    };
+    let quiet_start = |daemon: &mut Daemon| {
+        fs::write(&daemon.config, config("")).unwrap();
+        daemon.start_again(&[]);
+        // Accounts start only after the routing again: once `b` runs, any copy is queued.
+        daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
+    };
+    live(&mut daemon, 2);
     daemon.terminate();
-    fs::write(&daemon.config, config("mode = \"deliver_one\"")).unwrap();
-    daemon.start_again(&[]);
-    let stats = settled(&daemon, 2);
-    assert_eq!(stats["bridged"], 1, "{stats}");
-    daemon.terminate();
-    fs::write(&daemon.config, config("")).unwrap();
-    daemon.start_again(&[]);
-    // Accounts start only after the routing again: once `b` runs, any copy is queued.
-    daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
+    quiet_start(&mut daemon);
+    assert!(
+        !daemon.log().contains("routed again at startup"),
+        "{}",
+        daemon.log()
+    );
+    // The same, then `kill -9`: the mark written lags behind the message (it goes with the
+    // outbox's next commit), so it is routed again at the start, and the copy's idempotency key
+    // keeps it from being queued twice.
+    live(&mut daemon, 3);
+    daemon.kill();
+    quiet_start(&mut daemon);
     let log = daemon.wait_for_log("routed again at startup");
     assert!(log.contains("queued=0 duplicates=1"), "{log}");
-    let stats = settled(&daemon, 2);
+    let stats = settled(&daemon, 3);
     assert_eq!(stats["bridged"], 0, "{stats}");
-    assert_eq!(sends(&daemon, "b"), [once[0].clone(), once[0].clone()]);
+    assert_eq!(sends(&daemon, "b"), vec![once[0].clone(); 3]);
 }

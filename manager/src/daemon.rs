@@ -498,7 +498,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout_at(deadline, api_task).await;
     // Every account is stopped (or reported): commit what is queued and close the journal.
     let journal = daemon.journal.clone();
-    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    let gateways = daemon.gateways.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        // The gateways' bridging mark, as far as the routings that ended allow.
+        if let Err(e) = gateways.flush_mark() {
+            tracing::warn!("gateways: writing the bridging mark: {e}");
+        }
+        journal.close()
+    })
+    .await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
     let plugin_threads = plugin_runtime_threads();

@@ -28,7 +28,7 @@
 //! again queues nothing new. The journal's database keeps a bridging mark (meta
 //! `bridged_through`): every journal message up to it has been routed. It advances as routings
 //! complete (the lowest journal position any routing still in progress could have) and is
-//! written with the outbox's next commit; at startup, once the plugins are loaded and before
+//! written with the outbox's next commit and at shutdown ([`Gateways::flush_mark`]); at startup, once the plugins are loaded and before
 //! any account starts, [`Gateways::recover`] routes again every journal message after it. A
 //! crash between the journal's commit and the outbox's insert is thus repaired at the next
 //! start, each copy queued once.
@@ -271,16 +271,37 @@ impl Gateways {
     pub(crate) fn end(&self, ticket: u64) {
         let mut marks = lock(&self.marks);
         marks.in_flight.remove(&ticket);
-        let mark = match marks.in_flight.values().next() {
-            Some(&floor) => floor,
-            None => self.last_seq(),
-        };
+        let mark = self.safe_mark(&marks);
         if mark > marks.done {
             marks.done = mark;
             if let Some(outbox) = self.outbox.get() {
                 outbox.note_bridged_through(mark);
             }
         }
+    }
+
+    /// The highest mark the routings allow now: just below the oldest one in progress, or the
+    /// journal's end when none is.
+    fn safe_mark(&self, marks: &Marks) -> u64 {
+        match marks.in_flight.values().next() {
+            Some(&floor) => floor,
+            None => self.last_seq(),
+        }
+    }
+
+    /// Writes the bridging mark as far as the routings allow now (at shutdown, once the
+    /// accounts stopped). Blocking.
+    pub fn flush_mark(&self) -> Result<(), OutboxError> {
+        let Some(outbox) = self.outbox.get() else {
+            return Ok(());
+        };
+        let mark = {
+            let mut marks = lock(&self.marks);
+            let mark = self.safe_mark(&marks);
+            marks.done = marks.done.max(mark);
+            mark
+        };
+        outbox.write_bridged_through(mark)
     }
 
     /// Routes again, through the gateways in force, every journal message after the bridging
