@@ -804,7 +804,10 @@ fn a_crash_between_the_journal_and_the_bridging_is_repaired_at_the_next_start() 
     assert_eq!(stats["bridged"], 1, "{stats}");
     let once = [("room".to_owned(), "[fixture] <fixture> one".to_owned())];
     assert_eq!(sends(&daemon, "b"), once);
-    assert!(sends(&daemon, "a").is_empty(), "never back to where it came from");
+    assert!(
+        sends(&daemon, "a").is_empty(),
+        "never back to where it came from"
+    );
     // A message bridged live, then a clean stop: the mark is written at the shutdown, so the
     // next start routes nothing again.
     let live = |daemon: &mut Daemon, sent: usize| {

@@ -327,7 +327,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         daemon.supervisor.clone(),
     )
     .map_err(|e| DaemonError::Api(e.to_string()))?;
-    daemon.gateways.attach(outbox.clone(), daemon.journal.clone());
+    daemon
+        .gateways
+        .attach(outbox.clone(), daemon.journal.clone());
     daemon.reloader.on_account_removed(outbox.clone());
     {
         // A reload's gateways route the messages that arrive after it.

@@ -157,7 +157,7 @@ struct Marks {
     done: u64,
 }
 
-/// What [`Gateways::route`] did with one journal message.
+/// What routing one journal message through the gateways did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Routed {
     /// Copies newly queued in the outbox.
@@ -519,7 +519,10 @@ impl MessageSink for GatewaySink {
                 }
             };
             if gateways.exit_before_bridging {
-                tracing::error!(seq, "{EXIT_BEFORE_BRIDGING} is set: exiting before bridging");
+                tracing::error!(
+                    seq,
+                    "{EXIT_BEFORE_BRIDGING} is set: exiting before bridging"
+                );
                 crate::exit::exit_now(EXIT_BEFORE_BRIDGING_STATUS);
             }
             gateways.route(seq, &key, &conversation, &sender, &text, extra.as_ref());

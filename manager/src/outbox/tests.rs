@@ -380,7 +380,12 @@ fn bridged_keys(outbox: &Outbox) -> Vec<(String, Option<String>)> {
         .list(None, 100)
         .unwrap()
         .into_iter()
-        .map(|m| (format!("{}:{}/{}", m.channel, m.account, m.text), m.idempotency_key))
+        .map(|m| {
+            (
+                format!("{}:{}/{}", m.channel, m.account, m.text),
+                m.idempotency_key,
+            )
+        })
         .collect();
     all.sort();
     all
@@ -400,9 +405,21 @@ async fn routing_the_same_journal_message_twice_queues_each_copy_once() {
         tokio::task::spawn_blocking(move || gateways.route(seq, &a, "room", "ada", "hi", None))
     };
     let first = route(7).await.unwrap();
-    assert_eq!(first, Routed { queued: 1, duplicates: 0 });
+    assert_eq!(
+        first,
+        Routed {
+            queued: 1,
+            duplicates: 0
+        }
+    );
     let again = route(7).await.unwrap();
-    assert_eq!(again, Routed { queued: 0, duplicates: 1 });
+    assert_eq!(
+        again,
+        Routed {
+            queued: 0,
+            duplicates: 1
+        }
+    );
     // Another journal message is another copy.
     assert_eq!(route(8).await.unwrap().queued, 1);
     assert_eq!(
@@ -431,7 +448,14 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
     // Routed in full: the mark moves past it once the routing ends.
     let ticket = gateways.begin();
     let one = journal_one(&journal, "a", "one").await;
-    gateways.route(one, &AccountKey::new("double", "a"), "room", "ada", "one", None);
+    gateways.route(
+        one,
+        &AccountKey::new("double", "a"),
+        "room",
+        "ada",
+        "one",
+        None,
+    );
     gateways.end(ticket);
     assert_eq!(outbox.bridged_through.load(Ordering::Relaxed), one);
     // A routing in progress holds the mark below its message, whatever ends after it began.
@@ -442,8 +466,9 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
     gateways.end(later);
     assert_eq!(outbox.bridged_through.load(Ordering::Relaxed), one);
     // The crash: "two" is journaled, never routed, and "three" (not a gateway's) after it. The
-    // mark written so far is below "two" (the outbox's next commit would have written `one`).
-    drop(held);
+    // mark written so far is below "two" (the outbox's next commit would have written `one`);
+    // `held` never ends.
+    let _ = held;
     assert!(three > two);
     let reopened = Outbox::open(&journal, OutboxConfig::default(), supervisor.clone()).unwrap();
     assert!(reopened.bridged_through().unwrap() < two);
@@ -463,8 +488,14 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
     );
     assert_eq!(recovered.through, three);
     assert_eq!(reopened.bridged_through().unwrap(), three);
-    let texts: Vec<_> = bridged_keys(&reopened).into_iter().map(|(t, _)| t).collect();
-    assert_eq!(texts, ["double:b/[double] <ada> one", "double:b/[double] <ada> two"]);
+    let texts: Vec<_> = bridged_keys(&reopened)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        texts,
+        ["double:b/[double] <ada> one", "double:b/[double] <ada> two"]
+    );
     // The next start finds nothing left to route.
     let again = tokio::task::spawn_blocking(move || restarted.recover())
         .await
