@@ -27,11 +27,12 @@
 //! `gateway:<gateway>:<target member>:<journal seq>`, so routing the same journal message
 //! again queues nothing new. The journal's database keeps a bridging mark (meta
 //! `bridged_through`): every journal message up to it has been routed. It advances as routings
-//! complete (the lowest journal position any routing still in progress could have) and is
-//! written with the outbox's next commit and at shutdown ([`Gateways::flush_mark`]); at startup, once the plugins are loaded and before
-//! any account starts, [`Gateways::recover`] routes again every journal message after it. A
-//! crash between the journal's commit and the outbox's insert is thus repaired at the next
-//! start, each copy queued once.
+//! complete (to just below the oldest routing still in progress) and is written with the
+//! outbox's next commit and at shutdown ([`Gateways::flush_mark`]). At startup, once the
+//! plugins are loaded and before any account starts, [`Gateways::recover`] routes again every
+//! journal message after it. A crash between the journal's commit and the outbox's insert is
+//! thus repaired at the next start, each copy queued once. (Routing again is safe at any time,
+//! even beside live routings: it only finds the copies already queued.)
 //!
 //! Test only: with the environment variable [`EXIT_BEFORE_BRIDGING`] set, the daemon ends
 //! (`_exit`, status [`EXIT_BEFORE_BRIDGING_STATUS`]) right after the journal committed a message
