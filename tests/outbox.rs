@@ -749,3 +749,98 @@ fn concurrent_accepts_each_get_their_own_message_and_every_one_is_sent_once_in_o
         }
     }
 }
+
+/// The crash between the journal's commit of a gateway member's message and the outbox's
+/// insert of its bridged copies, forced with the daemon's test-only exit hook: the next start
+/// routes the journal again after the bridging mark, and the copy is sent exactly once (also
+/// after a further restart).
+#[test]
+fn a_crash_between_the_journal_and_the_bridging_is_repaired_at_the_next_start() {
+    let mut daemon = Daemon::prepare(
+        &[("fixture.so", util::plugin_file("channeld-plugin-fixture"))],
+        "",
+        "",
+    );
+    let root = daemon.root().to_owned();
+    let config = |a_mode: &str| {
+        format!(
+            "[host]\napi_address = \"127.0.0.1:0\"\n[supervisor]\nstop_timeout = \"2s\"\n\
+             [channels.fixture.accounts.a]\nsend_log = \"{a}\"\n{a_mode}\n\
+             [channels.fixture.accounts.b]\nsend_log = \"{b}\"\n\
+             [[gateways]]\nname = \"pair\"\nmembers = [\n\
+             {{ account = \"fixture:a\", conversation = \"room\" }},\n\
+             {{ account = \"fixture:b\", conversation = \"room\" }},\n]\n",
+            a = root.join("a.sends").display(),
+            b = root.join("b.sends").display(),
+        )
+    };
+    // `a` delivers one message at its start; the daemon ends once the journal has it.
+    fs::write(&daemon.config, config("mode = \"deliver_one\"")).unwrap();
+    daemon.start_again(&[("CHANNELD_TEST_EXIT_BEFORE_BRIDGING", "1")]);
+    let status = daemon.wait_for_exit();
+    assert_eq!(status.code(), Some(86), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("exiting before bridging"),
+        "{}",
+        daemon.log()
+    );
+    assert!(sends(&daemon, "b").is_empty(), "nothing was bridged");
+    // The next start (where `a` delivers nothing) bridges the journaled message once.
+    fs::write(&daemon.config, config("")).unwrap();
+    daemon.start_again(&[]);
+    daemon.wait_for_log("routed again at startup");
+    let settled = |daemon: &Daemon, sent: usize| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let stats = api(daemon, "GET", "/v1/outbox", None).1["outbox"].clone();
+            if stats["waiting"] == 0 && sends(daemon, "b").len() >= sent {
+                return stats;
+            }
+            assert!(Instant::now() < deadline, "{stats}\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let stats = settled(&daemon, 1);
+    assert_eq!(stats["bridged"], 1, "{stats}");
+    let once = [("room".to_owned(), "[fixture] <fixture> one".to_owned())];
+    assert_eq!(sends(&daemon, "b"), once);
+    assert!(
+        sends(&daemon, "a").is_empty(),
+        "never back to where it came from"
+    );
+    // A message bridged live, then a clean stop: the mark is written at the shutdown, so the
+    // next start routes nothing again.
+    let live = |daemon: &mut Daemon, sent: usize| {
+        daemon.terminate();
+        fs::write(&daemon.config, config("mode = \"deliver_one\"")).unwrap();
+        daemon.start_again(&[]);
+        // Waiting for none waiting: the send's outcome is committed (not sent again).
+        let stats = settled(daemon, sent);
+        assert_eq!(stats["bridged"], 1, "{stats}");
+    };
+    let quiet_start = |daemon: &mut Daemon| {
+        fs::write(&daemon.config, config("")).unwrap();
+        daemon.start_again(&[]);
+        // Accounts start only after the routing again: once `b` runs, any copy is queued.
+        daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
+    };
+    live(&mut daemon, 2);
+    daemon.terminate();
+    quiet_start(&mut daemon);
+    assert!(
+        !daemon.log().contains("routed again at startup"),
+        "{}",
+        daemon.log()
+    );
+    // The same, then `kill -9`: the mark written lags behind the message (it goes with the
+    // outbox's next commit), so it is routed again at the start, and the copy's idempotency key
+    // keeps it from being queued twice.
+    live(&mut daemon, 3);
+    daemon.kill();
+    quiet_start(&mut daemon);
+    let log = daemon.wait_for_log("routed again at startup");
+    assert!(log.contains("queued=0 duplicates=1"), "{log}");
+    let stats = settled(&daemon, 3);
+    assert_eq!(stats["bridged"], 0, "{stats}");
+    assert_eq!(sends(&daemon, "b"), vec![once[0].clone(); 3]);
+}

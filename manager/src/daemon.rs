@@ -327,7 +327,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         daemon.supervisor.clone(),
     )
     .map_err(|e| DaemonError::Api(e.to_string()))?;
-    daemon.gateways.attach(outbox.clone());
+    daemon
+        .gateways
+        .attach(outbox.clone(), daemon.journal.clone());
     daemon.reloader.on_account_removed(outbox.clone());
     {
         // A reload's gateways route the messages that arrive after it.
@@ -382,6 +384,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 tracing::error!("plugins directory: {e}");
             }
             daemon.gateways.warn_unloaded(&daemon.supervisor);
+            // Before any account starts: bridge what a crash left unbridged (gateway.rs).
+            crate::outbox::gateway::recover_at_start(daemon.gateways.clone()).await;
             observe.readiness.plugins_loaded();
             let summary = if daemon.config.cluster.is_none() {
                 daemon.supervisor.start_all().await
@@ -496,7 +500,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _ = tokio::time::timeout_at(deadline, api_task).await;
     // Every account is stopped (or reported): commit what is queued and close the journal.
     let journal = daemon.journal.clone();
-    let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    let gateways = daemon.gateways.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        // The gateways' bridging mark, as far as the routings that ended allow.
+        if let Err(e) = gateways.flush_mark() {
+            tracing::warn!("gateways: writing the bridging mark: {e}");
+        }
+        journal.close()
+    })
+    .await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
     let plugin_threads = plugin_runtime_threads();

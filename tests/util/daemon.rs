@@ -315,6 +315,23 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "channeld did not exit by itself:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit (up to [`PATIENCE`]).
     pub fn terminate(&mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().unwrap();

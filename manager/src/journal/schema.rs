@@ -6,7 +6,7 @@
 use rusqlite::{Connection, TransactionBehavior};
 
 /// The schema version this build writes.
-pub const CURRENT: u32 = 3;
+pub const CURRENT: u32 = 4;
 
 /// Migration `i` takes version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -51,12 +51,20 @@ const MIGRATIONS: &[&str] = &[
     // change) gives way to a narrow one on the unfinished messages' ids.
     "DROP INDEX outbox_open;
     CREATE INDEX outbox_unfinished ON outbox (id) WHERE state IN ('queued', 'sending');",
+    // 3 -> 4: the gateways' bridging mark (crate::outbox::gateway): every journal message up to
+    // it has been routed through the gateways. An upgraded database starts at its high-water
+    // mark: what an older channeld journaled was bridged (or not) by it.
+    "INSERT INTO meta (key, value) SELECT 'bridged_through', value FROM meta WHERE key = 'high_water';",
 ];
 
 /// The meta key of the highest sequence number ever committed.
 pub const HIGH_WATER: &str = "high_water";
 /// The meta key of the highest sequence number ever pruned.
 pub const PRUNED_THROUGH: &str = "pruned_through";
+
+/// The meta key of the highest sequence number up to which every journal message has been
+/// routed through the gateways (their copies are in the outbox).
+pub const BRIDGED_THROUGH: &str = "bridged_through";
 
 /// What [`migrate`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +142,24 @@ mod tests {
         assert_eq!(version(&conn).unwrap(), CURRENT);
         assert_eq!(migrate(&mut conn).unwrap(), Migrated::Current);
         assert_eq!(meta(&conn, HIGH_WATER).unwrap(), 0);
+        assert_eq!(meta(&conn, BRIDGED_THROUGH).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_version_3_database_gets_a_bridging_mark_at_its_high_water_mark() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        set_meta(&conn, HIGH_WATER, 41).unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), Migrated::Upgraded(3));
+        assert_eq!(version(&conn).unwrap(), 4);
+        // What the older channeld journaled is not bridged again.
+        assert_eq!(meta(&conn, BRIDGED_THROUGH).unwrap(), 41);
+        assert_eq!(meta(&conn, HIGH_WATER).unwrap(), 41);
+        set_meta(&conn, BRIDGED_THROUGH, 42).unwrap();
+        assert_eq!(meta(&conn, BRIDGED_THROUGH).unwrap(), 42);
     }
 
     #[test]
@@ -152,7 +178,7 @@ mod tests {
             .unwrap();
         }
         assert_eq!(migrate(&mut conn).unwrap(), Migrated::Upgraded(2));
-        assert_eq!(version(&conn).unwrap(), 3);
+        assert_eq!(version(&conn).unwrap(), CURRENT);
         let indexes: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")
             .unwrap()

@@ -23,17 +23,44 @@
 //! (`hopLimitStops` in `GET /v1/outbox`), which stops cycles that run through the outside world.
 //!
 //! Delivery: the bridged messages are accepted into the outbox right after the journal
-//! acknowledged the inbound one, before the plugin hears back; a crash between the two loses
-//! the bridging of that one message (the inbound message itself is in the journal).
+//! acknowledged the inbound one, before the plugin hears back. Each copy's idempotency key is
+//! `gateway:<gateway>:<target member>:<journal seq>`, so routing the same journal message
+//! again queues nothing new. The journal's database keeps a bridging mark (meta
+//! `bridged_through`): every journal message up to it has been routed. It advances as routings
+//! complete (to just below the oldest routing still in progress) and is written with the
+//! outbox's next commit and at shutdown ([`Gateways::flush_mark`]). At startup, once the
+//! plugins are loaded and before any account starts, [`Gateways::recover`] routes again every
+//! journal message after it. A crash between the journal's commit and the outbox's insert is
+//! thus repaired at the next start, each copy queued once. (Routing again is safe at any time,
+//! even beside live routings: it only finds the copies already queued.)
+//!
+//! Test only: with the environment variable [`EXIT_BEFORE_BRIDGING`] set, the daemon ends
+//! (`_exit`, status [`EXIT_BEFORE_BRIDGING_STATUS`]) right after the journal committed a message
+//! a gateway wants and before it is bridged, the crash the integration test forces.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use channeld_plugin_abi::abi::InboundMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{NewMessage, Outbox};
-use crate::{host::AccountKey, inbound::MessageSink, plugin::BoxFuture, supervise::Supervisor};
+use super::{NewMessage, Outbox, OutboxError, lock};
+use crate::{
+    host::AccountKey,
+    inbound::MessageSink,
+    journal::{Filter, Journal, JournalError},
+    plugin::BoxFuture,
+    supervise::Supervisor,
+};
+
+/// Test only: set (to anything), the daemon ends right after the journal committed a message a
+/// gateway wants, before bridging it (the crash between the two, forced).
+pub const EXIT_BEFORE_BRIDGING: &str = "CHANNELD_TEST_EXIT_BEFORE_BRIDGING";
+/// The exit status of [`EXIT_BEFORE_BRIDGING`]'s forced crash.
+pub const EXIT_BEFORE_BRIDGING_STATUS: u8 = 86;
 
 /// The default template of a member.
 pub const DEFAULT_TEMPLATE: &str = "[{channel}] <{sender}> {text}";
@@ -114,6 +141,56 @@ pub struct Gateways {
     list: std::sync::RwLock<Arc<Vec<GatewayConfig>>>,
     hop_limit: u32,
     outbox: OnceLock<Arc<Outbox>>,
+    journal: OnceLock<Arc<Journal>>,
+    marks: Mutex<Marks>,
+    exit_before_bridging: bool,
+}
+
+/// The routings in progress, for the bridging mark.
+#[derive(Debug, Default)]
+struct Marks {
+    /// The next routing's ticket.
+    next: u64,
+    /// Each routing in progress (by ticket, so in the order they began) and the journal's
+    /// last sequence number when it began: its message's number is higher.
+    in_flight: BTreeMap<u64, u64>,
+    /// The mark handed to the outbox so far.
+    done: u64,
+}
+
+/// What routing one journal message through the gateways did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Copies newly queued in the outbox.
+    pub queued: u64,
+    /// Copies the outbox already had (the same journal message routed before).
+    pub duplicates: u64,
+}
+
+/// What [`Gateways::recover`] did at startup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The bridging mark it found.
+    pub from: u64,
+    /// The journal's last sequence number, the mark it wrote.
+    pub through: u64,
+    /// Journal messages a gateway wants, routed again.
+    pub messages: u64,
+    /// Their copies newly queued (the crash had lost them).
+    pub queued: u64,
+    /// Their copies the outbox already had.
+    pub duplicates: u64,
+}
+
+/// Why [`Gateways::recover`] could not route the journal again.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    /// The outbox's database.
+    #[error("gateways: reading or writing the bridging mark: {0}")]
+    Outbox(#[from] OutboxError),
+    /// The journal.
+    #[error("gateways: reading the journal after the bridging mark: {0}")]
+    Journal(#[from] JournalError),
 }
 
 impl std::fmt::Debug for Gateways {
@@ -146,6 +223,9 @@ impl Gateways {
             list: std::sync::RwLock::new(Arc::new(list)),
             hop_limit,
             outbox: OnceLock::new(),
+            journal: OnceLock::new(),
+            marks: Mutex::default(),
+            exit_before_bridging: std::env::var_os(EXIT_BEFORE_BRIDGING).is_some(),
         })
     }
 
@@ -165,9 +245,109 @@ impl Gateways {
         self.list().is_empty()
     }
 
-    /// Connects the outbox bridged messages go to (until then nothing is bridged).
-    pub fn attach(&self, outbox: Arc<Outbox>) {
+    /// Connects the outbox bridged messages go to (until then nothing is bridged) and the journal
+    /// whose messages they are (its sequence numbers give the bridging mark).
+    pub fn attach(&self, outbox: Arc<Outbox>, journal: Arc<Journal>) {
+        let _ = self.journal.set(journal);
         let _ = self.outbox.set(outbox);
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.journal.get().map_or(0, |j| j.last_seq())
+    }
+
+    /// A routing begins (before its message goes to the journal): its ticket.
+    pub(crate) fn begin(&self) -> u64 {
+        let mut marks = lock(&self.marks);
+        let ticket = marks.next;
+        marks.next += 1;
+        // Read under the lock: a routing that begins later has a higher number than this.
+        let floor = self.last_seq();
+        marks.in_flight.insert(ticket, floor);
+        ticket
+    }
+
+    /// A routing ended (routed, or its message refused): the mark moves up to just below the
+    /// oldest routing still in progress, or to the journal's end when none is.
+    pub(crate) fn end(&self, ticket: u64) {
+        let mut marks = lock(&self.marks);
+        marks.in_flight.remove(&ticket);
+        let mark = self.safe_mark(&marks);
+        if mark > marks.done {
+            marks.done = mark;
+            if let Some(outbox) = self.outbox.get() {
+                outbox.note_bridged_through(mark);
+            }
+        }
+    }
+
+    /// The highest mark the routings allow now: just below the oldest one in progress, or the
+    /// journal's end when none is.
+    fn safe_mark(&self, marks: &Marks) -> u64 {
+        match marks.in_flight.values().next() {
+            Some(&floor) => floor,
+            None => self.last_seq(),
+        }
+    }
+
+    /// Writes the bridging mark as far as the routings allow now (at shutdown, once the
+    /// accounts stopped). Blocking.
+    pub fn flush_mark(&self) -> Result<(), OutboxError> {
+        let Some(outbox) = self.outbox.get() else {
+            return Ok(());
+        };
+        let mark = {
+            let mut marks = lock(&self.marks);
+            let mark = self.safe_mark(&marks);
+            marks.done = marks.done.max(mark);
+            mark
+        };
+        outbox.write_bridged_through(mark)
+    }
+
+    /// Routes again, through the gateways in force, every journal message after the bridging
+    /// mark, then writes the mark at the journal's end. Call it once the outbox is attached and
+    /// the plugins are loaded, before any account starts (no message arrives meanwhile).
+    /// Blocking (journal reads, outbox commits).
+    pub fn recover(&self) -> Result<Recovered, RecoverError> {
+        let (Some(outbox), Some(journal)) = (self.outbox.get(), self.journal.get()) else {
+            return Ok(Recovered::default());
+        };
+        let from = outbox.bridged_through()?;
+        let through = journal.last_seq();
+        let mut done = Recovered {
+            from,
+            through,
+            ..Recovered::default()
+        };
+        let mut after = from;
+        while after < through && !self.is_empty() {
+            let batch = journal.read_after(after, through, &Filter::default(), 512)?;
+            for m in &batch.messages {
+                if !self.wants(&AccountKey::new(&m.channel, &m.account), &m.conversation) {
+                    continue;
+                }
+                let routed = self.route(
+                    m.seq,
+                    &AccountKey::new(&m.channel, &m.account),
+                    &m.conversation,
+                    &m.sender,
+                    &m.text,
+                    m.extra.as_ref(),
+                );
+                done.messages += 1;
+                done.queued += routed.queued;
+                done.duplicates += routed.duplicates;
+            }
+            if batch.cursor <= after {
+                break;
+            }
+            after = batch.cursor;
+        }
+        outbox.write_bridged_through(through)?;
+        let mut marks = lock(&self.marks);
+        marks.done = marks.done.max(through);
+        Ok(done)
     }
 
     /// Warns, naming the gateway, about every member whose channel no plugin provides.
@@ -199,17 +379,21 @@ impl Gateways {
         })
     }
 
-    /// Bridges one inbound message (already in the journal). Blocking (outbox commits).
-    fn route(
+    /// Bridges one inbound message, journal sequence number `seq`. Blocking (outbox commits).
+    /// Each copy's idempotency key comes from the gateway, the target member and `seq`: routing
+    /// the same journal message again queues each copy once.
+    pub(crate) fn route(
         &self,
+        seq: u64,
         key: &AccountKey,
         conversation: &str,
         sender: &str,
         text: &str,
         extra: Option<&Value>,
-    ) {
+    ) -> Routed {
+        let mut routed = Routed::default();
         let Some(outbox) = self.outbox.get() else {
-            return;
+            return routed;
         };
         let tag = extra.and_then(|e| e.get("gateway"));
         let hops = tag
@@ -257,10 +441,15 @@ impl Gateways {
                         "origin": origin,
                         "hops": hops + 1,
                     }})),
+                    idempotency_key: Some(format!("gateway:{}:{}:{seq}", gateway.name, to.id())),
                     ..NewMessage::default()
                 };
                 match outbox.submit(message) {
-                    Ok(_) => outbox.count_bridged(),
+                    Ok(accepted) if accepted.duplicate => routed.duplicates += 1,
+                    Ok(_) => {
+                        routed.queued += 1;
+                        outbox.count_bridged();
+                    }
                     Err(e) => tracing::warn!(
                         gateway = %gateway.name,
                         "gateway {:?}: {} -> {} not bridged: {e}",
@@ -271,6 +460,31 @@ impl Gateways {
                 }
             }
         }
+        routed
+    }
+}
+
+/// Runs [`Gateways::recover`] on a blocking thread and logs what it did; a failure is logged
+/// (the messages stay after the mark, for the next start).
+///
+/// # Cancellation safety
+/// Dropping the future does not stop the routing already under way on its blocking thread.
+pub async fn recover_at_start(gateways: Arc<Gateways>) {
+    match tokio::task::spawn_blocking(move || gateways.recover()).await {
+        Ok(Ok(r)) if r.messages > 0 => tracing::warn!(
+            from = r.from,
+            through = r.through,
+            messages = r.messages,
+            queued = r.queued,
+            duplicates = r.duplicates,
+            "gateways: {} journal message(s) after the bridging mark routed again at startup; \
+             {} bridged copy(ies) were missing and are queued now",
+            r.messages,
+            r.queued
+        ),
+        Ok(Ok(r)) => tracing::debug!(through = r.through, "gateways: bridging complete"),
+        Ok(Err(e)) => tracing::error!("{e}"),
+        Err(e) => tracing::error!("gateways: routing the journal again failed: {e}"),
     }
 }
 
@@ -292,11 +506,28 @@ impl MessageSink for GatewaySink {
         let sender = message.sender.to_string();
         let text = message.text.to_string();
         let extra: Option<Value> = serde_json::from_str(message.extra.as_str()).ok();
+        let ticket = self.gateways.begin();
         let accepted = self.inner.accept(key, message);
         let (gateways, key) = (self.gateways.clone(), key.clone());
         Box::pin(async move {
-            let seq = accepted.await?;
-            gateways.route(&key, &conversation, &sender, &text, extra.as_ref());
+            // A future dropped before it routed leaves its ticket open: the mark stays below its
+            // message until the next start routes it again.
+            let seq = match accepted.await {
+                Ok(seq) => seq,
+                Err(refused) => {
+                    gateways.end(ticket);
+                    return Err(refused);
+                }
+            };
+            if gateways.exit_before_bridging {
+                tracing::error!(
+                    seq,
+                    "{EXIT_BEFORE_BRIDGING} is set: exiting before bridging"
+                );
+                crate::exit::exit_now(EXIT_BEFORE_BRIDGING_STATUS);
+            }
+            gateways.route(seq, &key, &conversation, &sender, &text, extra.as_ref());
+            gateways.end(ticket);
             Ok(seq)
         })
     }

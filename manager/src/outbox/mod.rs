@@ -221,6 +221,9 @@ pub struct Outbox {
     outcomes: Mutex<Vec<Outcome>>,
     /// Set once the sender has stopped: a send ending after that records its own outcome.
     stopped: std::sync::atomic::AtomicBool,
+    /// The gateways' bridging mark not yet written (0: none); the next group commit writes it
+    /// (`gateway.rs`).
+    bridged_through: AtomicU64,
 }
 
 /// The outbox's connection and what is kept in memory beside it.
@@ -387,6 +390,7 @@ impl Outbox {
             pending: Mutex::new(Vec::new()),
             outcomes: Mutex::new(Vec::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            bridged_through: AtomicU64::new(0),
         }))
     }
 
@@ -496,6 +500,10 @@ impl Outbox {
                 .iter()
                 .map(|p| admit(&tx, settings, heads, &mut added, p))
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mark = self.bridged_through.load(Ordering::Relaxed);
+            if mark > 0 {
+                write_mark(&tx, mark)?;
+            }
             tx.commit()?;
             Ok::<_, rusqlite::Error>(admissions)
         });
@@ -537,6 +545,24 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Notes that every journal message up to `seq` has been routed through the gateways; the
+    /// next group commit writes it (a mark written late only means more messages routed again,
+    /// idempotently, at the next start).
+    pub(crate) fn note_bridged_through(&self, seq: u64) {
+        self.bridged_through.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// The gateways' bridging mark as written. Blocking.
+    pub(crate) fn bridged_through(&self) -> Result<u64, OutboxError> {
+        self.db(|conn| crate::journal::schema::meta(conn, crate::journal::schema::BRIDGED_THROUGH))
+    }
+
+    /// Writes the gateways' bridging mark now (it never goes back). Blocking.
+    pub(crate) fn write_bridged_through(&self, seq: u64) -> Result<(), OutboxError> {
+        self.note_bridged_through(seq);
+        self.db(|conn| write_mark(conn, seq))
     }
 
     /// One message. Blocking.
@@ -1195,6 +1221,13 @@ fn finish_with(
          error = coalesce(?5, error), updated_ms = ?6 WHERE id = ?1",
     )?
     .execute(params![id as i64, to, attempts, message_id, error, now])?;
+    Ok(())
+}
+
+/// Raises the gateways' bridging mark to `seq` (never lowers it).
+fn write_mark(conn: &Connection, seq: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE meta SET value = ?2 WHERE key = ?1 AND value < ?2")?
+        .execute(params![crate::journal::schema::BRIDGED_THROUGH, seq as i64])?;
     Ok(())
 }
 

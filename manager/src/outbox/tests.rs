@@ -4,7 +4,7 @@
 //! message failed for its removed account) and after a restart.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     NewMessage, Outbox, OutboxConfig,
+    gateway::{Gateways, Routed},
     heads::{Conversation, Heads, Open},
     lock,
 };
@@ -20,7 +21,7 @@ use crate::{
     clock::SystemClock,
     config::{ChannelSection, SupervisorConfig},
     host::{AccountKey, AccountLink},
-    journal::{Journal, JournalConfig},
+    journal::{Journal, JournalConfig, Record},
     plugin::{BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo, RunningTask},
     status::StatusBoard,
     supervise::{Supervisor, policy::FixedJitter},
@@ -340,4 +341,165 @@ async fn the_caps_count_the_unfinished_messages_in_memory_and_in_the_same_commit
     reopened.cancel(1).unwrap();
     send(&reopened, "a", "x", "4");
     in_step(&reopened);
+}
+
+/// A gateway between `double:a` and `double:b` (room `room`) attached to `outbox` and `journal`.
+fn gateways(outbox: &Arc<Outbox>, journal: &Arc<Journal>) -> Arc<Gateways> {
+    let config = crate::config::Config::parse(
+        "[[gateways]]\nname = \"g\"\nmembers = [\n\
+         { account = \"double:a\", conversation = \"room\" },\n\
+         { account = \"double:b\", conversation = \"room\" },\n]\n",
+        std::path::Path::new("/test.toml"),
+    )
+    .unwrap();
+    let gateways = Gateways::new(config.gateways, 3);
+    gateways.attach(outbox.clone(), journal.clone());
+    gateways
+}
+
+/// Journals one message of `double:account` in `room`; its sequence number.
+async fn journal_one(journal: &Journal, account: &str, text: &str) -> u64 {
+    journal
+        .append(Record {
+            channel: "double".into(),
+            account: account.into(),
+            conversation: "room".into(),
+            sender: "ada".into(),
+            text: text.into(),
+            message_id: None,
+            sent_ms: 1,
+            received_ms: 1,
+            extra: None,
+        })
+        .await
+        .unwrap()
+}
+
+fn bridged_keys(outbox: &Outbox) -> Vec<(String, Option<String>)> {
+    let mut all: Vec<_> = outbox
+        .list(None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            (
+                format!("{}:{}/{}", m.channel, m.account, m.text),
+                m.idempotency_key,
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_the_same_journal_message_twice_queues_each_copy_once() {
+    let (supervisor, _double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor).unwrap();
+    let gateways = gateways(&outbox, &journal);
+    let a = AccountKey::new("double", "a");
+    let route = |seq| {
+        let gateways = gateways.clone();
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || gateways.route(seq, &a, "room", "ada", "hi", None))
+    };
+    let first = route(7).await.unwrap();
+    assert_eq!(
+        first,
+        Routed {
+            queued: 1,
+            duplicates: 0
+        }
+    );
+    let again = route(7).await.unwrap();
+    assert_eq!(
+        again,
+        Routed {
+            queued: 0,
+            duplicates: 1
+        }
+    );
+    // Another journal message is another copy.
+    assert_eq!(route(8).await.unwrap().queued, 1);
+    assert_eq!(
+        bridged_keys(&outbox),
+        [
+            (
+                "double:b/[double] <ada> hi".to_owned(),
+                Some("gateway:g:double:b/room:7".to_owned())
+            ),
+            (
+                "double:b/[double] <ada> hi".to_owned(),
+                Some("gateway:g:double:b/room:8".to_owned())
+            ),
+        ]
+    );
+    assert_eq!(outbox.stats()["bridged"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start() {
+    let (supervisor, _double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor.clone()).unwrap();
+    let gateways = gateways(&outbox, &journal);
+    // Routed in full: the mark moves past it once the routing ends.
+    let ticket = gateways.begin();
+    let one = journal_one(&journal, "a", "one").await;
+    gateways.route(
+        one,
+        &AccountKey::new("double", "a"),
+        "room",
+        "ada",
+        "one",
+        None,
+    );
+    gateways.end(ticket);
+    assert_eq!(outbox.bridged_through.load(Ordering::Relaxed), one);
+    // A routing in progress holds the mark below its message, whatever ends after it began.
+    let held = gateways.begin();
+    let two = journal_one(&journal, "a", "two").await;
+    let later = gateways.begin();
+    let three = journal_one(&journal, "c", "no gateway's").await;
+    gateways.end(later);
+    assert_eq!(outbox.bridged_through.load(Ordering::Relaxed), one);
+    // The crash: "two" is journaled, never routed, and "three" (not a gateway's) after it. The
+    // mark written so far is below "two" (the outbox's next commit would have written `one`);
+    // `held` never ends.
+    let _ = held;
+    assert!(three > two);
+    let reopened = Outbox::open(&journal, OutboxConfig::default(), supervisor.clone()).unwrap();
+    assert!(reopened.bridged_through().unwrap() < two);
+    let restarted = self::gateways(&reopened, &journal);
+    let recovered = tokio::task::spawn_blocking({
+        let restarted = restarted.clone();
+        move || restarted.recover()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // "one" again (its copy is there: a duplicate) and "two" (its copy was lost: queued now).
+    assert_eq!(
+        (recovered.messages, recovered.queued, recovered.duplicates),
+        (2, 1, 1),
+        "{recovered:?}"
+    );
+    assert_eq!(recovered.through, three);
+    assert_eq!(reopened.bridged_through().unwrap(), three);
+    let texts: Vec<_> = bridged_keys(&reopened)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(
+        texts,
+        ["double:b/[double] <ada> one", "double:b/[double] <ada> two"]
+    );
+    // The next start finds nothing left to route.
+    let again = tokio::task::spawn_blocking(move || restarted.recover())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.from, again.messages), (three, 0));
 }
