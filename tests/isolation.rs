@@ -1067,7 +1067,12 @@ fn patches_heard(
 /// Waits until `key`'s status has `field` = `value`.
 fn wait_for_status(board: &StatusBoard, key: &AccountKey, field: &str, value: &Value) {
     let deadline = Instant::now() + PATIENCE;
-    while board.get(key).and_then(|s| s.extra.get(field).cloned()).as_ref() != Some(value) {
+    while board
+        .get(key)
+        .and_then(|s| s.extra.get(field).cloned())
+        .as_ref()
+        != Some(value)
+    {
         assert!(
             Instant::now() < deadline,
             "{key}: {field} never became {value}"

@@ -747,7 +747,10 @@ pub(crate) fn stale_error(key: &AccountKey) -> String {
 
 /// Refuses a status patch that sets a host-owned key (before the generation check), with the
 /// error the plugin hears.
-pub(crate) fn refuse_host_owned(key: &AccountKey, patch: &Map<String, Value>) -> Result<(), String> {
+pub(crate) fn refuse_host_owned(
+    key: &AccountKey,
+    patch: &Map<String, Value>,
+) -> Result<(), String> {
     match patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
         Some(owned) => Err(format!("{key}: status key {owned:?} is owned by the host")),
         None => Ok(()),
@@ -757,7 +760,10 @@ pub(crate) fn refuse_host_owned(key: &AccountKey, patch: &Map<String, Value>) ->
 /// Checks the typed fields of a status patch as applying it checks them (after the generation
 /// check), with the error the plugin hears, without a snapshot: an isolated child answers its
 /// plugin with this and sends the patch to the host one way.
-pub(crate) fn check_patch_types(key: &AccountKey, patch: &Map<String, Value>) -> Result<(), String> {
+pub(crate) fn check_patch_types(
+    key: &AccountKey,
+    patch: &Map<String, Value>,
+) -> Result<(), String> {
     apply_patch(&mut AccountSnapshot::default(), patch.clone()).map_err(|e| format!("{key}: {e}"))
 }
 

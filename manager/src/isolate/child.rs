@@ -639,7 +639,11 @@ impl HostSink for ChildSink {
             return Err(status::stale_error(key));
         }
         let checked = status::check_patch_types(key, &patch);
-        self.service(key, generation, Service::Patch(Value::Object(patch).to_string()));
+        self.service(
+            key,
+            generation,
+            Service::Patch(Value::Object(patch).to_string()),
+        );
         checked
     }
 
