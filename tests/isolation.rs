@@ -13,8 +13,10 @@ use std::{
 
 use channeld::{
     clock::SystemClock,
-    host::{AccountKey, AccountLink},
+    ffi::FfiPlugin,
+    host::{AccountKey, AccountLink, HostSink},
     isolate::{ChildSpec, IsolatedPlugin},
+    load::load_root_module,
     plugin::{BootStep, Check, Outbound, Plugin},
     status::StatusBoard,
 };
@@ -1024,4 +1026,119 @@ fn a_start_that_hangs_after_its_stop_has_its_child_killed_at_the_stop_timeout() 
         serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
     assert_eq!(isolation_of(&listing, "fixture")["childrenStarted"], 2);
     assert_no_zombie(&daemon);
+}
+
+/// What the fixture's account `a` hears for each of `patches`, sent through its running task's
+/// host handle, and then for one more patch through the same handle after its task has ended
+/// and the host has retired its generation (as the supervisor does when a task ends).
+fn patches_heard(
+    plugin: &dyn Plugin,
+    board: &Arc<StatusBoard>,
+    runtime: &tokio::runtime::Runtime,
+    patches: &[Value],
+) -> Vec<String> {
+    let key = AccountKey::new("fixture", "a");
+    let generation = board.begin_generation(&key);
+    let link = AccountLink::for_account(key.clone(), generation, board.clone());
+    let task = plugin.start_account("a", link).expect("a starts");
+    wait_for_status(board, &key, "fixtureStarts", &json!(1));
+    let send = |patch: &Value| {
+        runtime
+            .block_on(plugin.send(Outbound {
+                account: "a".into(),
+                conversation: "c".into(),
+                text: format!("patch:{patch}"),
+                reply_to: None,
+                extra: None,
+            }))
+            .expect("the send hook answers")
+    };
+    let mut heard: Vec<String> = patches.iter().map(send).collect();
+    assert!(plugin.abort_task(task.id));
+    runtime
+        .block_on(async { tokio::time::timeout(PATIENCE, task.done).await })
+        .expect("an aborted task ends")
+        .expect("cleanly");
+    board.retire_generation(&key);
+    heard.push(send(&json!({ "fixtureNote": "late" })));
+    heard
+}
+
+/// Waits until `key`'s status has `field` = `value`.
+fn wait_for_status(board: &StatusBoard, key: &AccountKey, field: &str, value: &Value) {
+    let deadline = Instant::now() + PATIENCE;
+    while board
+        .get(key)
+        .and_then(|s| s.extra.get(field).cloned())
+        .as_ref()
+        != Some(value)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{key}: {field} never became {value}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The same fixture in-process (its own copy of the library), on its own board.
+fn in_process_fixture(dir: &std::path::Path, board: &Arc<StatusBoard>, table: &Value) -> FfiPlugin {
+    let copy = util::copy_plugin(
+        &util::plugin_file("channeld-plugin-fixture"),
+        dir,
+        "fixture-in-process.so",
+    );
+    let module = load_root_module(&copy).expect("load the fixture");
+    let plugin = FfiPlugin::new(module, &copy).expect("metadata");
+    let sink: Arc<dyn HostSink> = board.clone();
+    plugin.init(1, LogLevel::Info, sink).expect("init");
+    plugin.configure(table).expect("configure");
+    plugin
+}
+
+/// An isolated plugin's status patches are answered in its child (no round trip to the host per
+/// patch) and reach the host one way, and the plugin hears exactly what it hears in-process: ok
+/// for a valid patch, which then shows in the status; the host's error for a host-owned key and
+/// for a value of the wrong type; the stale error for a patch from a task that has ended.
+#[test]
+fn an_isolated_plugins_status_patches_are_heard_as_in_process() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let table = json!({ "accounts": { "a": {} } });
+    let patches = [
+        json!({ "fixtureNote": "hi" }),
+        json!({ "fixtureOther": 1, "state": "running" }),
+        json!({ "busy": "very" }),
+    ];
+    let key = AccountKey::new("fixture", "a");
+
+    let board = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    let isolated = isolated_fixture(&runtime, &board, &table);
+    let heard = patches_heard(&isolated, &board, &runtime, &patches);
+    isolated.shutdown().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let reference = Arc::new(StatusBoard::new(Arc::new(SystemClock)));
+    let in_process = in_process_fixture(dir.path(), &reference, &table);
+    let expected = patches_heard(&in_process, &reference, &runtime, &patches);
+
+    assert_eq!(
+        expected,
+        [
+            "patched".to_owned(),
+            "refused:fixture:a: status key \"state\" is owned by the host".to_owned(),
+            "refused:fixture:a: bad status patch for \"busy\": invalid type: string \"very\", \
+             expected a boolean"
+                .to_owned(),
+            "refused:fixture:a: this task has been replaced; the call was dropped".to_owned(),
+        ],
+        "in-process"
+    );
+    assert_eq!(heard, expected, "isolated");
+    // The valid patch shows in the status; the refused ones and the late one left no trace.
+    for board in [&board, &reference] {
+        let status = board.get(&key).expect("a has a status");
+        assert_eq!(status.extra.get("fixtureNote"), Some(&json!("hi")));
+        assert_eq!(status.extra.get("fixtureOther"), None);
+        assert!(!status.busy);
+    }
 }

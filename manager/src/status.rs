@@ -740,8 +740,31 @@ fn new_entry(key: &AccountKey) -> Entry {
     }
 }
 
-fn stale_error(key: &AccountKey) -> String {
+/// The error a plugin hears for a call from a task that has been replaced or has ended.
+pub(crate) fn stale_error(key: &AccountKey) -> String {
     format!("{key}: this task has been replaced; the call was dropped")
+}
+
+/// Refuses a status patch that sets a host-owned key (before the generation check), with the
+/// error the plugin hears.
+pub(crate) fn refuse_host_owned(
+    key: &AccountKey,
+    patch: &Map<String, Value>,
+) -> Result<(), String> {
+    match patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
+        Some(owned) => Err(format!("{key}: status key {owned:?} is owned by the host")),
+        None => Ok(()),
+    }
+}
+
+/// Checks the typed fields of a status patch as applying it checks them (after the generation
+/// check), with the error the plugin hears, without a snapshot: an isolated child answers its
+/// plugin with this and sends the patch to the host one way.
+pub(crate) fn check_patch_types(
+    key: &AccountKey,
+    patch: &Map<String, Value>,
+) -> Result<(), String> {
+    apply_patch(&mut AccountSnapshot::default(), patch.clone()).map_err(|e| format!("{key}: {e}"))
 }
 
 /// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
@@ -817,9 +840,7 @@ impl HostSink for StatusBoard {
         generation: u64,
         patch: Map<String, Value>,
     ) -> Result<(), String> {
-        if let Some(owned) = patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
-            return Err(format!("{key}: status key {owned:?} is owned by the host"));
-        }
+        refuse_host_owned(key, &patch)?;
         self.if_current(
             key,
             generation,

@@ -27,6 +27,7 @@ use crate::{
     host::{AccountKey, AccountLink, HostSink},
     load::{isolation_sys, load_root_module_named},
     plugin::{BootStep, BoxFuture, Check, Outbound, Plugin, RunningTask},
+    status,
 };
 
 /// What the host tells the child on its command line.
@@ -117,6 +118,7 @@ async fn serve(socket: std::os::unix::net::UnixStream, args: ChildArgs) -> i32 {
         out: out.clone(),
         next: AtomicU64::new(1),
         waiting: Mutex::default(),
+        runs: Mutex::default(),
     });
     let loaded = {
         let sink = sink.clone();
@@ -215,6 +217,7 @@ fn link_for(
     generation: u64,
 ) -> AccountLink {
     let key = AccountKey::new(channel, account);
+    sink.begun(account, generation);
     let link = AccountLink::for_account(key, generation, sink.clone());
     if !plugin.reports_task_polled() {
         return link;
@@ -236,12 +239,20 @@ fn link_for(
     link.with_polled_signal(polled)
 }
 
-/// Reports a started task's end to the host; its id.
-fn report_end(out: &mpsc::UnboundedSender<FromChild>, started: RunningTask) -> u64 {
+/// Reports a started task's end to the host; its id. The end is noted first, so a status patch
+/// from the ended task gets the stale error, and one sent before it reaches the host first.
+fn report_end(
+    out: &mpsc::UnboundedSender<FromChild>,
+    sink: &Arc<ChildSink>,
+    (account, generation): (String, u64),
+    started: RunningTask,
+) -> u64 {
     let task = started.id;
     let out = out.clone();
+    let sink = sink.clone();
     tokio::spawn(async move {
         let result = started.done.await;
+        sink.ended(&account, generation);
         let _ = out.send(FromChild::TaskDone { task, result });
     });
     task
@@ -345,23 +356,37 @@ async fn answer(
             let link = link_for(&plugin, &sink, channel, out, &account, generation);
             let started = tokio::task::spawn_blocking({
                 let plugin = plugin.clone();
+                let account = account.clone();
                 move || plugin.start_account(&account, link)
             })
             .await
-            .map_err(|e| format!("the call failed in the plugin process: {e}"))?
-            .map_err(|e| e.message)?;
-            Ok(Answer::Task(report_end(out, started)))
+            .map_err(|e| format!("the call failed in the plugin process: {e}"));
+            match started {
+                Ok(Ok(started)) => Ok(Answer::Task(report_end(
+                    out,
+                    &sink,
+                    (account, generation),
+                    started,
+                ))),
+                Ok(Err(e)) => {
+                    sink.ended(&account, generation);
+                    Err(e.message)
+                }
+                Err(e) => {
+                    sink.ended(&account, generation);
+                    Err(e)
+                }
+            }
         }
         Call::Boot(accounts) | Call::StartMany(accounts) => {
             let boot = matches!(call_kind, Kind::Boot);
             let batch: Vec<(String, AccountLink)> = accounts
-                .into_iter()
+                .iter()
                 .map(|(account, generation)| {
-                    let link = link_for(&plugin, &sink, channel, out, &account, generation);
-                    (account, link)
+                    let link = link_for(&plugin, &sink, channel, out, account, *generation);
+                    (account.clone(), link)
                 })
                 .collect();
-            let count = batch.len();
             // The checks and the plugin's own batch entry, in one go on the blocking pool.
             let steps = tokio::task::spawn_blocking({
                 let plugin = plugin.clone();
@@ -378,19 +403,33 @@ async fn answer(
                 }
             })
             .await
-            .map_err(|e| format!("the call failed in the plugin process: {e}"))?;
-            let mut steps: Vec<Result<Booted, String>> = steps
+            .map_err(|e| {
+                for (account, generation) in &accounts {
+                    sink.ended(account, *generation);
+                }
+                format!("the call failed in the plugin process: {e}")
+            })?;
+            let mut steps = steps.into_iter();
+            // One outcome per account, in order; a failed start leaves no task (its generation is
+            // retired by the host, so it is stale here too).
+            let steps: Vec<Result<Booted, String>> = accounts
                 .into_iter()
-                .map(|step| match step {
-                    Ok(BootStep::Disabled(reason)) => Ok(Booted::Disabled(reason)),
-                    Ok(BootStep::NotConfigured(reason)) => Ok(Booted::NotConfigured(reason)),
-                    Ok(BootStep::Started(task)) => Ok(Booted::Started(report_end(out, task))),
-                    Err(e) => Err(e.message),
+                .map(|run| match steps.next() {
+                    Some(Ok(BootStep::Disabled(reason))) => Ok(Booted::Disabled(reason)),
+                    Some(Ok(BootStep::NotConfigured(reason))) => Ok(Booted::NotConfigured(reason)),
+                    Some(Ok(BootStep::Started(task))) => {
+                        Ok(Booted::Started(report_end(out, &sink, run, task)))
+                    }
+                    Some(Err(e)) => {
+                        sink.ended(&run.0, run.1);
+                        Err(e.message)
+                    }
+                    None => {
+                        sink.ended(&run.0, run.1);
+                        Err("the plugin returned no result for this account".into())
+                    }
                 })
                 .collect();
-            steps.resize_with(count, || {
-                Err("the plugin returned no result for this account".into())
-            });
             Ok(Answer::Booted(steps))
         }
         Call::CheckMany(accounts) => {
@@ -481,9 +520,55 @@ struct ChildSink {
     out: mpsc::UnboundedSender<FromChild>,
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, oneshot::Sender<QueryAnswer>>>,
+    /// Per account, the generation the child last started and whether its task has ended: what
+    /// `patch_status` judges staleness by, without asking the host.
+    runs: Mutex<HashMap<String, Run>>,
+}
+
+/// The last generation the child started for an account.
+#[derive(Clone, Copy)]
+struct Run {
+    generation: u64,
+    ended: bool,
 }
 
 impl ChildSink {
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Run>> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A link for `account`'s `generation` was made (the host's generations only grow).
+    fn begun(&self, account: &str, generation: u64) {
+        let run = Run {
+            generation,
+            ended: false,
+        };
+        let mut runs = self.runs();
+        match runs.get_mut(account) {
+            Some(last) if last.generation >= generation => {}
+            Some(last) => *last = run,
+            None => {
+                runs.insert(account.to_owned(), run);
+            }
+        }
+    }
+
+    /// `account`'s task of `generation` has ended, or its start failed.
+    fn ended(&self, account: &str, generation: u64) {
+        if let Some(run) = self.runs().get_mut(account)
+            && run.generation == generation
+        {
+            run.ended = true;
+        }
+    }
+
+    /// Whether `generation` is `account`'s latest and its task has not ended.
+    fn is_live(&self, account: &str, generation: u64) -> bool {
+        self.runs()
+            .get(account)
+            .is_some_and(|run| run.generation == generation && !run.ended)
+    }
+
     fn service(&self, key: &AccountKey, generation: u64, service: Service) {
         let _ = self.out.send(FromChild::Service {
             account: key.account.clone(),
@@ -545,11 +630,21 @@ impl HostSink for ChildSink {
         generation: u64,
         patch: Map<String, Value>,
     ) -> Result<(), String> {
-        let patch = Value::Object(patch).to_string();
-        match self.query_blocking(key, generation, Query::Patch(patch)) {
-            Some(QueryAnswer::Patched(result)) => result,
-            _ => Err("the host is gone".into()),
+        // Answered here with the host's own checks, in the host's order (host-owned keys, then
+        // the generation, then the typed fields), and sent one way: the host applies it with its
+        // own generation check, in order with the account's other services. A type error is
+        // sent too, since the host applies the fields before the bad one, as in-process.
+        status::refuse_host_owned(key, &patch)?;
+        if !self.is_live(&key.account, generation) {
+            return Err(status::stale_error(key));
         }
+        let checked = status::check_patch_types(key, &patch);
+        self.service(
+            key,
+            generation,
+            Service::Patch(Value::Object(patch).to_string()),
+        );
+        checked
     }
 
     fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {

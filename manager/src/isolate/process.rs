@@ -506,6 +506,13 @@ fn on_message(
                         link.task_polled();
                     }
                 }
+                Service::Patch(patch) => {
+                    // The child answered its plugin; a stale generation is dropped and counted
+                    // here, as for every other one-way service.
+                    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&patch) {
+                        let _ = sink.patch_status(&key, generation, map);
+                    }
+                }
             }
         }
         FromChild::Query {
@@ -522,13 +529,6 @@ fn on_message(
             match query {
                 Query::IsCurrent => answer(QueryAnswer::Bool(sink.is_current(&key, generation))),
                 Query::Status => answer(QueryAnswer::Json(sink.status_json(&key).to_string())),
-                Query::Patch(patch) => {
-                    let result = match serde_json::from_str::<Value>(&patch) {
-                        Ok(Value::Object(map)) => sink.patch_status(&key, generation, map),
-                        _ => Err("a status patch must be a JSON object".into()),
-                    };
-                    answer(QueryAnswer::Patched(result));
-                }
                 Query::Deliver(message) => {
                     let accepted = sink.deliver(
                         &key,

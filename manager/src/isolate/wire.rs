@@ -173,6 +173,9 @@ pub enum Service {
     Busy(u32),
     /// The plugin's runtime polled the task for the first time.
     TaskPolled,
+    /// `patch_status` (a JSON object), already answered in the child: the host applies it with
+    /// its own checks and drops it (counted) if its generation is no longer current.
+    Patch(String),
 }
 
 /// A host service that answers.
@@ -182,8 +185,6 @@ pub enum Query {
     IsCurrent,
     /// `status`.
     Status,
-    /// `patch_status` (a JSON object).
-    Patch(String),
     /// `deliver`.
     Deliver(Inbound),
 }
@@ -195,8 +196,6 @@ pub enum QueryAnswer {
     Bool(bool),
     /// `status` as JSON.
     Json(String),
-    /// `patch_status`.
-    Patched(Result<(), String>),
     /// `deliver`: the sequence number.
     Delivered(Result<u64, String>),
 }
