@@ -6,25 +6,11 @@ use std::{fs, path::Path, sync::Arc, time::Instant};
 
 use channeld::{
     catalog::{Catalog, Change},
-    clock::SystemClock,
     config::Config,
-    registry::Loader,
-    stage::StagingDir,
-    status::StatusBoard,
-    supervise::{Supervisor, policy::RandomJitter},
+    supervise::Supervisor,
 };
 
 use crate::util;
-
-fn private_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
-    dir
-}
 
 fn config(dir: &Path, state: &Path, extra: &str) -> Arc<Config> {
     let text = format!(
@@ -72,28 +58,11 @@ fn wait_running(supervisor: &Supervisor) {
 
 #[test]
 fn the_supervisor_answers_what_the_catalog_lists_through_replace_refusal_removal_and_return() {
-    let dir = private_dir();
-    let state = private_dir();
+    let dir = util::private_dir();
+    let state = util::private_dir();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (catalog, supervisor) = runtime.block_on(async {
-        let config = config(dir.path(), state.path(), "");
-        let clock = Arc::new(SystemClock);
-        let board = Arc::new(StatusBoard::new(clock.clone()));
-        let loader = Loader::new(
-            StagingDir::open(&state.path().join("staging")).unwrap(),
-            board.clone(),
-            clock.clone(),
-        );
-        let supervisor = Supervisor::new(
-            config.supervisor.clone(),
-            config.host.plugin_call_timeout,
-            board,
-            clock.clone(),
-            Arc::new(RandomJitter),
-        );
-        let catalog = Catalog::open(config, Arc::new(loader), supervisor.clone(), clock).unwrap();
-        (catalog, supervisor)
-    });
+    let (catalog, supervisor) = runtime
+        .block_on(async { util::open_catalog(config(dir.path(), state.path(), ""), state.path()) });
     let path = dir.path().join("fixture.so");
     let (v1, v2) = (
         util::plugin_file("channeld-plugin-fixture"),

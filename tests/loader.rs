@@ -13,21 +13,11 @@ use std::{
 
 use channeld::{
     catalog::{Catalog, Change},
-    clock::SystemClock,
     config::Config,
-    registry::Loader,
     stage::StagingDir,
-    status::StatusBoard,
-    supervise::{Supervisor, policy::RandomJitter},
 };
 
 use crate::util;
-
-fn private_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
-    dir
-}
 
 fn write_cut(source: &Path, dest: &Path, percent: usize) {
     let bytes = fs::read(source).unwrap();
@@ -55,21 +45,7 @@ fn in_process_catalog(dir: &Path, state: &Path) -> (tokio::runtime::Runtime, Arc
             &state.join("channeld.toml"),
         )
         .unwrap();
-        let clock = Arc::new(SystemClock);
-        let board = Arc::new(StatusBoard::new(clock.clone()));
-        let loader = Loader::new(
-            StagingDir::open(&state.join("staging")).unwrap(),
-            board.clone(),
-            clock.clone(),
-        );
-        let supervisor = Supervisor::new(
-            config.supervisor.clone(),
-            config.host.plugin_call_timeout,
-            board,
-            clock.clone(),
-            Arc::new(RandomJitter),
-        );
-        Catalog::open(Arc::new(config), Arc::new(loader), supervisor, clock).unwrap()
+        util::open_catalog(Arc::new(config), state).0
     });
     (runtime, catalog)
 }
@@ -139,8 +115,8 @@ fn bad_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
 
 #[test]
 fn every_bad_file_gets_one_warning_line_and_the_good_plugin_loads() {
-    let dir = private_dir();
-    let state = private_dir();
+    let dir = util::private_dir();
+    let state = util::private_dir();
     fs::copy(
         util::plugin_file("channeld-plugin-fixture"),
         dir.path().join("a-good.so"),
@@ -218,7 +194,7 @@ fn every_bad_file_gets_one_warning_line_and_the_good_plugin_loads() {
     }
 
     // In-process: the same directory through the catalog; the good plugin is callable.
-    let state = private_dir();
+    let state = util::private_dir();
     let (runtime, catalog) = in_process_catalog(dir.path(), state.path());
     runtime.block_on(catalog.load_initial()).unwrap();
     let listing = catalog.listing();
@@ -252,8 +228,8 @@ fn every_bad_file_gets_one_warning_line_and_the_good_plugin_loads() {
 
 #[test]
 fn a_plugin_written_in_chunks_never_loads_half_written_and_loads_once_complete() {
-    let dir = private_dir();
-    let state = private_dir();
+    let dir = util::private_dir();
+    let state = util::private_dir();
     let (runtime, catalog) = in_process_catalog(dir.path(), state.path());
     let bytes = fs::read(util::plugin_file("channeld-plugin-fixture")).unwrap();
     let path = dir.path().join("slow.so");
@@ -298,8 +274,8 @@ fn a_plugin_written_in_chunks_never_loads_half_written_and_loads_once_complete()
 
 #[test]
 fn a_plugins_directory_writable_by_others_is_refused_whole() {
-    let dir = private_dir();
-    let state = private_dir();
+    let dir = util::private_dir();
+    let state = util::private_dir();
     fs::copy(
         util::plugin_file("channeld-plugin-fixture"),
         dir.path().join("good.so"),
@@ -342,7 +318,7 @@ fn a_plugins_directory_writable_by_others_is_refused_whole() {
 
 #[test]
 fn stale_staged_copies_are_removed_at_start_and_the_staging_dir_is_private() {
-    let state = private_dir();
+    let state = util::private_dir();
     let staging = state.path().join("staging");
     fs::create_dir(&staging).unwrap();
     fs::write(staging.join("leftover.so"), b"old").unwrap();
@@ -357,9 +333,9 @@ fn stale_staged_copies_are_removed_at_start_and_the_staging_dir_is_private() {
 /// still checked, and the exit code is 1 (it used to hang `check` for good).
 #[test]
 fn check_reports_a_constructor_that_never_returns_by_its_file_within_the_load_timeout() {
-    let dir = private_dir();
-    let state = private_dir();
-    let etc = private_dir();
+    let dir = util::private_dir();
+    let state = util::private_dir();
+    let etc = util::private_dir();
     fs::copy(
         util::plugin_file("channeld-plugin-fixture"),
         dir.path().join("a-good.so"),

@@ -14,9 +14,51 @@ use std::{
 };
 
 use channeld::{
-    clock::SystemClock, ffi::FfiPlugin, host::HostSink, load::load_root_module, status::StatusBoard,
+    catalog::Catalog,
+    clock::SystemClock,
+    config::Config,
+    ffi::FfiPlugin,
+    host::HostSink,
+    load::load_root_module,
+    registry::Loader,
+    stage::StagingDir,
+    status::StatusBoard,
+    supervise::{Supervisor, policy::RandomJitter},
 };
 use channeld_plugin_abi::abi::LogLevel;
+
+/// A temporary directory only its owner may use (the loader refuses a plugins directory or a
+/// state directory others can write to).
+pub fn private_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    dir
+}
+
+/// The daemon's catalog and supervisor for `config`, in-process, staging under `state`: the
+/// daemon's own load path. Call it inside a tokio runtime.
+pub fn open_catalog(config: Arc<Config>, state: &Path) -> (Arc<Catalog>, Supervisor) {
+    let clock = Arc::new(SystemClock);
+    let board = Arc::new(StatusBoard::new(clock.clone()));
+    let loader = Loader::new(
+        StagingDir::open(&state.join("staging")).unwrap(),
+        board.clone(),
+        clock.clone(),
+    );
+    let supervisor = Supervisor::new(
+        config.supervisor.clone(),
+        config.host.plugin_call_timeout,
+        board,
+        clock.clone(),
+        Arc::new(RandomJitter),
+    );
+    let catalog = Catalog::open(config, Arc::new(loader), supervisor.clone(), clock).unwrap();
+    (catalog, supervisor)
+}
 
 /// The workspace root (the parent of `manager/`).
 pub fn workspace_root() -> PathBuf {
