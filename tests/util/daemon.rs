@@ -318,6 +318,11 @@ impl Daemon {
     /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status.
     pub fn wait_for_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
+        self.reap(&mut child, "by itself")
+    }
+
+    /// Waits (up to [`PATIENCE`]) for `child` to exit; fails naming `how` it should have.
+    fn reap(&self, child: &mut std::process::Child, how: &str) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -325,7 +330,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "channeld did not exit by itself:\n{}",
+                "channeld did not exit {how}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -338,18 +343,7 @@ impl Daemon {
         let pid = child.id() as i32;
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "channeld did not exit after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = self.reap(&mut child, "after SIGTERM");
         // Let the reader thread drain the pipe.
         let (lock, cv) = &*self.log;
         let mut log = lock.lock().unwrap();

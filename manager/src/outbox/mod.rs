@@ -790,11 +790,7 @@ impl Outbox {
                         Turn::NotReady | Turn::Ready(_) => {}
                     }
                     if now >= head.created_ms + deadline {
-                        let last: Option<String> = tx
-                            .prepare_cached("SELECT error FROM outbox WHERE id = ?1")?
-                            .query_row([id as i64], |r| r.get(0))
-                            .optional()?
-                            .flatten();
+                        let last = last_error(&tx, id)?;
                         let why = match last {
                             Some(e) => format!("not sent within the deadline; last error: {e}"),
                             None => {
@@ -1079,11 +1075,7 @@ impl Outbox {
                 let next = at + self.settings.backoff(attempts).as_millis() as i64;
                 if next >= created + self.settings.deadline.as_millis() as i64 {
                     // An attempt the deadline cut short keeps the plugin's last error in view.
-                    let last: Option<String> = tx
-                        .prepare_cached("SELECT error FROM outbox WHERE id = ?1")?
-                        .query_row([id as i64], |r| r.get(0))
-                        .optional()?
-                        .flatten();
+                    let last = last_error(tx, id)?;
                     let error = match last {
                         Some(last) if error == TIMED_OUT => format!("{last} ({error})"),
                         _ => error.clone(),
@@ -1199,6 +1191,15 @@ fn handed_row(
 }
 
 /// Marks a message failed with `why`, keeping its attempts.
+/// The error the message's last attempt recorded, if any.
+fn last_error(tx: &Connection, id: u64) -> rusqlite::Result<Option<String>> {
+    Ok(tx
+        .prepare_cached("SELECT error FROM outbox WHERE id = ?1")?
+        .query_row([id as i64], |r| r.get(0))
+        .optional()?
+        .flatten())
+}
+
 fn fail(tx: &Connection, id: u64, why: &str, now: i64) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE outbox SET state = 'failed', error = ?2, updated_ms = ?3 WHERE id = ?1",
