@@ -311,24 +311,35 @@ fn libc_sigsegv() -> i32 {
 fn killing_the_daemon_takes_its_plugin_processes_with_it() {
     let mut daemon = isolated_daemon("[channels.crashy.accounts.a]\n", &[]);
     daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let pid = child_pid(&daemon, "crashy");
     assert!(alive(pid), "the plugin process {pid} runs");
     let table = String::from_utf8(daemon.cli(&["plugins"]).stdout).unwrap();
     assert!(table.contains(&format!("process pid {pid}")), "{table}");
     daemon.kill();
-    let deadline = Instant::now() + Duration::from_secs(1);
+    wait_gone(
+        pid,
+        Duration::from_secs(1),
+        &format!("plugin process {pid} outlived the daemon by 1 s"),
+    );
+}
+
+/// Whether `pid` runs (a zombie has ended: it holds no memory and no connection).
+/// The pid of `channel`'s plugin process, from `channeld plugins --json`.
+fn child_pid(daemon: &Daemon, channel: &str) -> u64 {
+    let listing: Value =
+        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
+    isolation_of(&listing, channel)["pid"].as_u64().unwrap()
+}
+
+/// Waits until process `pid` is gone (or a zombie), failing with `what` after `within`.
+fn wait_gone(pid: u64, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
     while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "plugin process {pid} outlived the daemon by 1 s"
-        );
+        assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// Whether `pid` runs (a zombie has ended: it holds no memory and no connection).
 fn alive(pid: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
@@ -374,9 +385,7 @@ fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
         &[],
     );
     daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let old = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    let old = child_pid(&daemon, "fixture");
     let staged = daemon.plugins_dir().join("fixture.so.new");
     std::fs::copy(util::plugin_file("channeld-plugin-fixture-v2"), &staged).unwrap();
     std::fs::rename(&staged, daemon.plugins_dir().join("fixture.so")).unwrap();
@@ -384,18 +393,13 @@ fn an_isolated_plugin_is_replaced_hot_in_a_new_child() {
     daemon.wait_for_account("fixture", "a", |s| {
         s["running"] == true && s["fixtureStarts"] == 1
     });
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let new = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    let new = child_pid(&daemon, "fixture");
     assert_ne!(new, old);
-    let deadline = Instant::now() + PATIENCE;
-    while alive(old) {
-        assert!(
-            Instant::now() < deadline,
-            "the old plugin process {old} still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(
+        old,
+        PATIENCE,
+        &format!("the old plugin process {old} still runs"),
+    );
     assert_no_zombie(&daemon);
 }
 
@@ -421,9 +425,7 @@ fn a_child_that_does_not_answer_a_stop_is_killed_at_the_stop_timeout() {
     );
     daemon.wait_for_account("crashy", "bad", |s| s["crashyStarts"].is_u64());
     daemon.wait_for_account("crashy", "other", |s| s["running"] == true);
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let pid = child_pid(&daemon, "crashy");
     let asked = Instant::now();
     let stop = daemon.cli(&["stop", "crashy:bad"]);
     let took = asked.elapsed();
@@ -450,14 +452,11 @@ fn a_child_that_does_not_answer_a_stop_is_killed_at_the_stop_timeout() {
         "{other}"
     );
     assert!(daemon.log().contains(reason), "{}", daemon.log());
-    let deadline = Instant::now() + PATIENCE;
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the plugin process {pid} still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(
+        pid,
+        PATIENCE,
+        &format!("the plugin process {pid} still runs"),
+    );
     assert_steady(&daemon);
     assert_no_zombie(&daemon);
 }
@@ -587,14 +586,11 @@ fn process_per_account_keeps_a_crash_and_a_hang_to_their_own_account() {
             .contains("plugin process killed: account hung did not stop"),
         "{hung_now}"
     );
-    let deadline = Instant::now() + PATIENCE;
-    while alive(hung) {
-        assert!(
-            Instant::now() < deadline,
-            "the hung account's process {hung} still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(
+        hung,
+        PATIENCE,
+        &format!("the hung account's process {hung} still runs"),
+    );
     assert!(alive(other_pid) && alive(control));
     unmoved(&daemon.account("crashy", "other"));
     assert_steady(&daemon);
@@ -647,9 +643,7 @@ fn a_child_that_hangs_whole_is_killed_at_the_stop_timeout() {
         &[],
     );
     daemon.wait_for_account("crashy", "a", |s| s["running"] == true);
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let pid = isolation_of(&listing, "crashy")["pid"].as_u64().unwrap();
+    let pid = child_pid(&daemon, "crashy");
     let stopped = std::process::Command::new("kill")
         .args(["-STOP", &pid.to_string()])
         .status()
@@ -671,14 +665,11 @@ fn a_child_that_hangs_whole_is_killed_at_the_stop_timeout() {
             .contains("plugin process killed: account a did not stop within the stop timeout"),
         "{a}"
     );
-    let deadline = Instant::now() + PATIENCE;
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the plugin process {pid} still runs"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(
+        pid,
+        PATIENCE,
+        &format!("the plugin process {pid} still runs"),
+    );
     assert_no_zombie(&daemon);
 }
 
@@ -905,9 +896,7 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
         assert!(Instant::now() < deadline, "two starts did not begin");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    let pid = child_pid(&daemon, "fixture");
     util::servers::signal_pid(pid as u32, libc::SIGKILL);
     // Every account runs again, in the new child.
     let mut failed = Vec::new();
@@ -968,9 +957,7 @@ fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
         &[],
     );
     daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
-    let listing: Value =
-        serde_json::from_slice(&daemon.cli(&["plugins", "--json"]).stdout).unwrap();
-    let pid = isolation_of(&listing, "fixture")["pid"].as_u64().unwrap();
+    let pid = child_pid(&daemon, "fixture");
     // A worker names itself when it first runs: poll with a deadline.
     let deadline = Instant::now() + PATIENCE;
     loop {
