@@ -289,12 +289,7 @@ impl Node {
                 .lease_ttl
                 .saturating_sub(self.config.fence_margin()),
         );
-        let channels = self
-            .supervisor
-            .channels()
-            .iter()
-            .map(|c| c.id.clone())
-            .collect();
+        let channels = self.loaded_channels();
         let info = NodeInfo {
             node: self.config.node.clone(),
             api: self.api.map(|a| a.to_string()),
@@ -332,12 +327,7 @@ impl Node {
                 Ok(()) => {
                     // Channels loaded after joining (plugins load in the background): when the
                     // registration etcd holds (just read) lists other channels, register again.
-                    let loaded: Vec<String> = self
-                        .supervisor
-                        .channels()
-                        .iter()
-                        .map(|c| c.id.clone())
-                        .collect();
+                    let loaded = self.loaded_channels();
                     let registered = lock(&self.view)
                         .nodes
                         .get(&self.config.node)
@@ -360,13 +350,17 @@ impl Node {
         }
     }
 
-    async fn reregister(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
-        let channels = self
-            .supervisor
+    /// The ids of the channels loaded here, as this node registers them.
+    fn loaded_channels(&self) -> Vec<String> {
+        self.supervisor
             .channels()
             .iter()
             .map(|c| c.id.clone())
-            .collect();
+            .collect()
+    }
+
+    async fn reregister(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
+        let channels = self.loaded_channels();
         let since_ms = lock(&self.view)
             .nodes
             .get(&self.config.node)
