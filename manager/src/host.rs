@@ -86,51 +86,14 @@ pub trait HostSink: Send + Sync + 'static {
     }
 }
 
-/// Where a handle reports the first poll of its task.
-#[derive(Clone)]
-enum PolledSignal {
-    Watch(Arc<watch::Sender<bool>>),
-    Flag(Arc<PolledFlag>),
-}
-
-/// A one-way "the plugin's runtime has polled the task" signal (the 1.1 `task_polled` service):
-/// a flag and a waiter, a few dozen bytes per account instead of a watch channel.
-#[derive(Default)]
-pub struct PolledFlag {
-    polled: std::sync::atomic::AtomicBool,
-    raised: tokio::sync::Notify,
-}
-
-impl PolledFlag {
-    /// Raises the flag (once; later calls change nothing) and wakes whoever waits for it.
-    pub fn raise(&self) {
-        if !self.polled.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            self.raised.notify_waiters();
-        }
-    }
-
-    /// Whether the flag is raised.
-    pub fn is_raised(&self) -> bool {
-        self.polled.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Completes once the flag is raised.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel-safe: dropping it loses nothing (the flag stays raised for the next wait).
-    pub async fn raised(&self) {
-        loop {
-            let notified = self.raised.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a raise between the two is not missed.
-            notified.as_mut().enable();
-            if self.is_raised() {
-                return;
-            }
-            notified.await;
-        }
-    }
+/// What the supervisor gives one account's links, shared by all of them for the life of the
+/// account's lifecycle (one object per account instead of a flag and a token per boot): where a
+/// link reports the first poll of its task, and where a boot reads whether a stop has landed.
+pub trait TaskSignals: Send + Sync + 'static {
+    /// The plugin's runtime has polled the task of `generation` for the first time.
+    fn task_polled(&self, generation: u64);
+    /// Whether a stop of the account has landed since its lifecycle began.
+    fn stop_requested(&self) -> bool;
 }
 
 /// The host-services handle for one account task (or, with no account, for a whole plugin).
@@ -140,10 +103,11 @@ pub struct AccountLink {
     key: Option<AccountKey>,
     generation: u64,
     sink: Arc<dyn HostSink>,
-    polled: Option<PolledSignal>,
-    /// Fired by a stop of the account while its boot is under way (see
-    /// [`stop_requested`](Self::stop_requested)).
-    stop: Option<tokio_util::sync::CancellationToken>,
+    /// Told when the plugin reports its runtime's first poll of the task (the isolated child's
+    /// form of [`TaskSignals::task_polled`]).
+    polled: Option<Arc<watch::Sender<bool>>>,
+    /// The supervisor's signals for the account (see [`with_signals`](Self::with_signals)).
+    signals: Option<Arc<dyn TaskSignals>>,
 }
 
 impl AccountLink {
@@ -155,36 +119,30 @@ impl AccountLink {
             generation,
             sink,
             polled: None,
-            stop: None,
+            signals: None,
         }
     }
 
-    /// This handle, saying through [`stop_requested`](Self::stop_requested) whether `stop` (the
-    /// account's stop signal) has fired: a batch boot asks it right before the plugin's start, so
-    /// a stop that lands while the batch checks its accounts still means no start.
-    pub fn with_stop_signal(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
-        self.stop = Some(stop);
+    /// This handle, reporting its task's first poll to `signals` (the 1.1 `task_polled` service:
+    /// the supervisor waits for it before showing `running`) and answering
+    /// [`stop_requested`](Self::stop_requested) from them: a batch boot asks it right before the
+    /// plugin's start, so a stop that lands while the batch checks its accounts still means no
+    /// start.
+    pub fn with_signals(mut self, signals: Arc<dyn TaskSignals>) -> Self {
+        self.signals = Some(signals);
         self
     }
 
-    /// Whether the account was stopped since this handle was made (always `false` for a handle
-    /// without a stop signal).
+    /// Whether the account was stopped since its lifecycle began (always `false` for a handle
+    /// without the supervisor's signals).
     pub fn stop_requested(&self) -> bool {
-        self.stop.as_ref().is_some_and(|stop| stop.is_cancelled())
+        self.signals.as_ref().is_some_and(|s| s.stop_requested())
     }
 
     /// This handle, telling `polled` when the plugin reports that its runtime polled the task
     /// (the 1.1 `task_polled` service): the supervisor waits for it before showing `running`.
     pub fn with_polled_signal(mut self, polled: watch::Sender<bool>) -> Self {
-        self.polled = Some(PolledSignal::Watch(Arc::new(polled)));
-        self
-    }
-
-    /// This handle, raising `polled` when the plugin reports that its runtime polled the task: the
-    /// compact form of [`with_polled_signal`](Self::with_polled_signal) the supervisor uses (a flag
-    /// and a waiter, no watch channel per account).
-    pub fn with_polled_flag(mut self, polled: Arc<PolledFlag>) -> Self {
-        self.polled = Some(PolledSignal::Flag(polled));
+        self.polled = Some(Arc::new(polled));
         self
     }
 
@@ -196,7 +154,7 @@ impl AccountLink {
             generation: 0,
             sink,
             polled: None,
-            stop: None,
+            signals: None,
         }
     }
 
@@ -315,12 +273,11 @@ impl AccountLink {
 
     /// The plugin's runtime has polled this handle's task for the first time.
     pub fn task_polled(&self) {
-        match &self.polled {
-            Some(PolledSignal::Watch(polled)) => {
-                polled.send_replace(true);
-            }
-            Some(PolledSignal::Flag(polled)) => polled.raise(),
-            None => {}
+        if let Some(polled) = &self.polled {
+            polled.send_replace(true);
+        }
+        if let Some(signals) = &self.signals {
+            signals.task_polled(self.generation);
         }
     }
 
@@ -447,34 +404,5 @@ impl v1_0::HostServices for AccountLink {
     }
     fn is_current(&self) -> bool {
         AccountLink::is_current(self)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::PolledFlag;
-
-    /// A wait sees a raise that came before it and one that comes while it waits; raising twice
-    /// changes nothing.
-    #[tokio::test]
-    async fn a_polled_flag_is_seen_whether_raised_before_or_during_the_wait() {
-        let flag = Arc::new(PolledFlag::default());
-        assert!(!flag.is_raised());
-        let waiting = tokio::spawn({
-            let flag = flag.clone();
-            async move { flag.raised().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        flag.raise();
-        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
-            .await
-            .expect("the wait did not see the raise")
-            .unwrap();
-        flag.raise();
-        assert!(flag.is_raised());
-        flag.raised().await;
     }
 }

@@ -584,6 +584,18 @@ impl StatusBoard {
         generation
     }
 
+    /// [`begin_generation`](Self::begin_generation) and [`update`](Self::update) with `f`, under
+    /// one lock (a boot's first write).
+    pub fn begin_generation_and(
+        &self,
+        key: &AccountKey,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) -> u64 {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.write(key, |entry| entry.generation = generation, f);
+        generation
+    }
+
     /// Makes every handle of `key` stale (the host gave up on its task).
     pub fn retire_generation(&self, key: &AccountKey) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -592,11 +604,31 @@ impl StatusBoard {
         }
     }
 
+    /// [`retire_generation`](Self::retire_generation) and [`update`](Self::update) with `f`,
+    /// under one lock (the write at the end of a run).
+    pub fn retire_generation_and(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        self.write(key, |entry| entry.generation = generation, f);
+    }
+
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.write(key, |_| {}, f);
+    }
+
+    /// Under one lock: `entry` on `key`'s entry (created if needed), then `f` on its snapshot,
+    /// then the state change published.
+    fn write(
+        &self,
+        key: &AccountKey,
+        entry: impl FnOnce(&mut Entry),
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
         let mut entries = self.lock();
         let before = entries.get(key).map(|entry| derive(&entry.snapshot));
-        let snapshot = entries.entry(key).snapshot_mut();
+        let written = entries.entry(key);
+        entry(written);
+        let snapshot = written.snapshot_mut();
         f(snapshot);
         // The publish hook of every `set_state`: under the lock, so changes go out in order.
         self.states.publish(key, before, snapshot);
@@ -667,14 +699,18 @@ impl StatusBoard {
         self.lock().get(key).map(|e| e.snapshot.clone())
     }
 
-    /// Marks the start of a run: stamps `lastStartAt` and the monotonic start the health monitor
-    /// measures from.
-    pub fn mark_started(&self, key: &AccountKey) {
+    /// Marks the start of a run (stamps `lastStartAt` and the monotonic start the health monitor
+    /// measures from) and applies `f` to the snapshot, under one lock.
+    pub fn mark_started(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
         let (now, wall) = (self.clock.now(), self.clock.wall_ms());
-        let mut entries = self.lock();
-        let entry = entries.entry(key);
-        entry.liveness.started_at = Some(now);
-        entry.snapshot_mut().last_start_at = Some(wall);
+        self.write(
+            key,
+            |entry| entry.liveness.started_at = Some(now),
+            |s| {
+                s.last_start_at = Some(wall);
+                f(s);
+            },
+        );
     }
 
     /// `key`'s snapshot and run times together (one lock).

@@ -67,7 +67,7 @@ impl Supervisor {
                 .collect();
             (running, user_stopped)
         };
-        let stops = join_all(running.iter().map(|key| self.stop_account(key))).await;
+        let stops = self.stop_accounts(&running).await;
         for (key, outcome) in running.iter().zip(&stops) {
             if let StopOutcome::Stuck(reason) = outcome {
                 tracing::error!(account = %key, "old version's task is stuck: {reason}");
@@ -122,7 +122,7 @@ impl Supervisor {
             .iter()
             .map(|a| AccountKey::new(ch.id.clone(), a.clone()))
             .collect();
-        join_all(keys.iter().map(|key| self.stop_account(key))).await;
+        self.stop_accounts(&keys).await;
         {
             let mut state = self.lock();
             for key in &keys {

@@ -8,11 +8,10 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::oneshot, time::timeout};
-use tokio_util::sync::CancellationToken;
 
 use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
-    host::{AccountKey, AccountLink, HostSink, PolledFlag},
+    host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
     status::{AccountSnapshot, AccountState},
 };
@@ -29,13 +28,12 @@ pub(super) struct AccountCtx {
 pub(super) struct Lifecycle {
     pub(super) ctx: AccountCtx,
     pub(super) id: u64,
-    pub(super) token: CancellationToken,
     pub(super) shared: Arc<Shared>,
 }
 
-/// Tells a lifecycle when the plugin's runtime first polled the task (`None`: the plugin does not
-/// report it, a 1.0 plugin, and "running" means "start returned").
-type Polled = Option<Arc<PolledFlag>>;
+/// The generation whose first poll a lifecycle waits for before it shows the account running
+/// (`None`: the plugin does not report it, a 1.0 plugin, and "running" means "start returned").
+type Polled = Option<u64>;
 
 /// What one boot produced.
 pub(super) enum Boot {
@@ -87,7 +85,7 @@ pub(super) struct BootJob {
     plugin: Arc<dyn Plugin>,
     key: AccountKey,
     link: AccountLink,
-    token: CancellationToken,
+    shared: Arc<Shared>,
     polled: Polled,
     reply: oneshot::Sender<Result<Boot, String>>,
 }
@@ -111,7 +109,7 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
     let mut accounts = Vec::with_capacity(jobs.len());
     let mut waiting = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if job.token.is_cancelled() {
+        if job.shared.stop_requested() {
             let _ = job.reply.send(Ok(Boot::Stopped));
             continue;
         }
@@ -120,13 +118,13 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
             continue;
         }
         accounts.push((job.key.account, job.link));
-        waiting.push((job.reply, job.polled, job.token));
+        waiting.push((job.reply, job.polled, job.shared));
     }
     if accounts.is_empty() {
         return;
     }
     let mut steps = plugin.boot_accounts(accounts).into_iter();
-    for (reply, polled, token) in waiting {
+    for (reply, polled, shared) in waiting {
         let boot = match steps.next() {
             Some(Ok(BootStep::Started(task))) => {
                 crate::metrics::record_start();
@@ -140,7 +138,7 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
             )),
             // No task, and a stop has landed: the stop wins (the plugin's start was not called,
             // or failed).
-            Some(Err(_)) if token.is_cancelled() => Ok(Boot::Stopped),
+            Some(Err(_)) if shared.stop_requested() => Ok(Boot::Stopped),
             Some(Err(error)) => Err(error.to_string()),
             None => Err(format!(
                 "channel {}: boot_accounts returned fewer results than accounts",
@@ -156,8 +154,13 @@ impl Lifecycle {
         let ctx = &self.ctx;
         loop {
             self.set_phase(Phase::Booting);
-            ctx.set_state(AccountState::Starting, |_| {});
-            let (result, ran_for) = match self.boot().await {
+            // A new generation with the `starting` state, in one write: handles of the last task
+            // are stale from here.
+            let generation = ctx
+                .inner
+                .board
+                .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
+            let (result, ran_for) = match self.boot(generation).await {
                 Boot::Stopped => {
                     self.publish(StartOutcome::Stopped);
                     ctx.record_stopped();
@@ -192,18 +195,17 @@ impl Lifecycle {
                 }
                 Boot::Failed(error) => {
                     tracing::warn!(account = %ctx.key, "start failed: {error}");
-                    ctx.inner.board.retire_generation(&ctx.key);
                     // Still `starting` until the restart is scheduled (or the stop recorded).
-                    ctx.inner.board.update(&ctx.key, |s| {
+                    ctx.inner.board.retire_generation_and(&ctx.key, |s| {
                         s.last_error = Some(error.clone());
                     });
                     self.publish(StartOutcome::Failed(error.clone()));
                     (Err(error), Duration::ZERO)
                 }
-                Boot::Started(task, _) if self.token.is_cancelled() => {
+                Boot::Started(task, _) if self.shared.stop_requested() => {
                     // The start returned its task after a stop arrived: the stop wins, and the
                     // task gets the whole stop sequence (it never counts as running).
-                    Box::pin(ctx.stop_task(task)).await;
+                    Box::pin(ctx.stop_task(task, false)).await;
                     self.publish(StartOutcome::Stopped);
                     break;
                 }
@@ -212,7 +214,7 @@ impl Lifecycle {
                     RunEnd::Exited(result, ran_for) => (result, ran_for),
                 },
             };
-            if self.token.is_cancelled() {
+            if self.shared.stop_requested() {
                 // A stop raced with the end of the task: the stop wins, and says so.
                 ctx.record_stopped();
                 break;
@@ -233,9 +235,9 @@ impl Lifecycle {
     /// (see `Supervisor::start_account`), but the lifecycle keeps the call, because a start that
     /// returns late still hands over a task, and a second boot beside it would start a second
     /// one. A stop bounds the wait by the stop timeout (then [`Boot::Stuck`]).
-    async fn boot(&self) -> Boot {
+    async fn boot(&self, generation: u64) -> Boot {
         let ctx = &self.ctx;
-        if self.token.is_cancelled() {
+        if self.shared.stop_requested() {
             return Boot::Stopped;
         }
         if let Some(reason) = ctx.inner.gate_refuses(&ctx.key) {
@@ -245,18 +247,11 @@ impl Lifecycle {
             // The host's own `enabled = false`: the plugin is not asked.
             return Boot::Disabled("disabled".into());
         }
-        let board = &ctx.inner.board;
-        let generation = board.begin_generation(&ctx.key);
-        let sink: Arc<dyn HostSink> = board.clone();
+        let sink: Arc<dyn HostSink> = ctx.inner.board.clone();
         let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
-        let (link, polled) = if plugin.reports_task_polled() {
-            let polled = Arc::new(PolledFlag::default());
-            (link.with_polled_flag(polled.clone()), Some(polled))
-        } else {
-            (link, None)
-        };
-        let link = link.with_stop_signal(self.token.clone());
+        let polled = plugin.reports_task_polled().then_some(generation);
+        let link = link.with_signals(self.shared.clone());
         let (reply, mut call): (_, BootCall) = oneshot::channel();
         // Queued on the channel's boot pool, which boots up to the startup fan-out of accounts at
         // once, in batches: a thread of the pool taking it is the slot reservation.
@@ -265,14 +260,14 @@ impl Lifecycle {
             plugin,
             key: ctx.key.clone(),
             link,
-            token: self.token.clone(),
+            shared: self.shared.clone(),
             polled,
             reply,
         });
         let joined = tokio::select! {
             biased;
             joined = &mut call => joined,
-            () = self.token.cancelled() => {
+            () = self.shared.stopped() => {
                 if ticket.withdraw() {
                     // Still waiting for a thread of the pool: no plugin call was made.
                     return Boot::Stopped;
@@ -299,17 +294,23 @@ impl Lifecycle {
     /// plugin's runtime never polls (its workers are all blocked) is never shown running.
     async fn run_task(&self, mut task: RunningTask, polled: Polled) -> RunEnd {
         let ctx = &self.ctx;
+        let id = task.id;
+        // A stop from here on aborts it in its batch; cleared however this run ends.
+        self.shared.set_task(id);
+        let _clear = ClearTask(&self.shared);
         // A task that ends before its first poll is reported (it ended, polled or not): its end,
         // seen here, is handled below as if seen while running.
         let mut ended_early = None;
-        if let Some(polled) = polled {
+        if let Some(generation) = polled {
+            let shared = &self.shared;
             tokio::select! {
                 biased;
-                () = self.token.cancelled() => {
-                    Box::pin(ctx.stop_task(task)).await;
-                    return RunEnd::Stopped;
+                () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
+                    if shared.stop_requested() {
+                        Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
+                        return RunEnd::Stopped;
+                    }
                 }
-                () = polled.raised() => {}
                 result = &mut task.done => ended_early = Some(result),
             }
         }
@@ -320,8 +321,8 @@ impl Lifecycle {
             .get(&ctx.key)
             .map_or(0, |e| e.attempts);
         // Stamps lastStartAt and the monotonic start the health monitor measures from.
-        ctx.inner.board.mark_started(&ctx.key);
-        ctx.set_state(AccountState::Running, |s| {
+        ctx.inner.board.mark_started(&ctx.key, |s| {
+            s.set_state(AccountState::Running);
             s.last_error = None;
             s.reconnect_attempts = attempts;
         });
@@ -333,17 +334,16 @@ impl Lifecycle {
             None => tokio::select! {
                 // A stop that coincides with the end of the task still runs the stop sequence.
                 biased;
-                () = self.token.cancelled() => {
+                () = self.shared.stopped() => {
                     // Boxed, here and at every stop: a running account's future does not carry
                     // the stop sequence's state.
-                    Box::pin(ctx.stop_task(task)).await;
+                    Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
                     return RunEnd::Stopped;
                 }
                 result = &mut task.done => result,
             },
         };
         let ran_for = ctx.inner.clock.now().duration_since(started);
-        ctx.inner.board.retire_generation(&ctx.key);
         let now = ctx.inner.clock.wall_ms();
         let error = match &result {
             Ok(()) => "channel exited without an error".to_owned(),
@@ -351,8 +351,8 @@ impl Lifecycle {
         };
         // Why it ended, without a state of its own: what follows at once (restart-pending,
         // gave-up, or stopped when a stop raced the end) is the state the stream shows, with no
-        // `stopped` flashing before a restart.
-        ctx.inner.board.update(&ctx.key, |s| {
+        // `stopped` flashing before a restart. Handles of the task are stale from here.
+        ctx.inner.board.retire_generation_and(&ctx.key, |s| {
             s.last_stop_at = Some(now);
             s.last_error = Some(error.clone());
         });
@@ -408,7 +408,7 @@ impl Lifecycle {
             // sleep ends at the same moment (an unconsumed one would stay stored in the `Notify`
             // and cut the next backoff short).
             biased;
-            () = self.token.cancelled() => {
+            () = self.shared.stopped() => {
                 ctx.record_stopped();
                 false
             }
@@ -441,6 +441,15 @@ impl Lifecycle {
             }
         }
         self.shared.publish(|event| event.ended = true);
+    }
+}
+
+/// Clears the running task's id from the shared cell when a run ends.
+struct ClearTask<'a>(&'a Shared);
+
+impl Drop for ClearTask<'_> {
+    fn drop(&mut self) {
+        self.0.set_task(0);
     }
 }
 
@@ -477,10 +486,13 @@ impl AccountCtx {
     /// The stop sequence: fire the abort, call the plugin's stop hook (bounded), wait for the task
     /// up to the stop timeout, then cancel it on the plugin's runtime; a task that still does not
     /// end is reported stuck, and its slot frees itself when it finally ends.
-    async fn stop_task(&self, mut task: RunningTask) {
+    /// `aborted`: a stop has fired the task's abort already (in a batch with other accounts').
+    async fn stop_task(&self, mut task: RunningTask, aborted: bool) {
         let plugin = self.channel.plugin.clone();
         let stop_timeout = self.inner.policy().stop_timeout;
-        plugin.abort_task(task.id);
+        if !aborted {
+            plugin.abort_task(task.id);
+        }
         let hook_plugin = plugin.clone();
         let account = self.key.account.clone();
         let key = self.key.clone();
@@ -656,7 +668,7 @@ impl AccountCtx {
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {
             match call.await {
-                Ok(Ok(Boot::Started(task, _))) => Box::pin(ctx.stop_task(task)).await,
+                Ok(Ok(Boot::Started(task, _))) => Box::pin(ctx.stop_task(task, false)).await,
                 _ => ctx.inner.board.retire_generation(&ctx.key),
             }
             ctx.clear_stuck(&reason, "the stuck start has returned");

@@ -8,7 +8,7 @@
 //! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
 //! (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
 //! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other synchronous plugin calls run on the
-//! blocking pool with time bounds ([`calls`]). Each lifecycle has its own cancellation token;
+//! blocking pool with time bounds ([`calls`]). Each lifecycle has its own stop signal (in `Shared`);
 //! lifecycles are tracked so shutdown is close, cancel, wait.
 //!
 //! Which registration (plugin version, config, accounts) serves a channel, and which channels were
@@ -158,26 +158,40 @@ enum Phase {
     Stopping,
 }
 
-/// What a lifecycle and its handle share: the phase (written by the lifecycle without taking the
-/// state's lock; a stop's `Stopping` is final) and the wake-up a user start gives a backoff.
+/// What a lifecycle, its handle and its account's links share: the phase (written by the
+/// lifecycle without taking the state's lock; a stop's `Stopping` is final), the stop signal, the
+/// first-poll report of the current task, what the lifecycle publishes, and the wake-up a user start
+/// gives a backoff. One allocation per account for all of it: no cancellation token (a child of
+/// one shared parent, whose lock every account's start, stop and end would take), no flag per boot.
 #[derive(Debug)]
 struct Shared {
     phase: std::sync::atomic::AtomicU8,
+    /// A stop has landed (set once: a later start makes a new lifecycle).
+    stop: std::sync::atomic::AtomicBool,
+    /// The generation whose task the plugin's runtime has polled (0: none yet).
+    polled: std::sync::atomic::AtomicU64,
+    /// The plugin's id of the account's running task (0: none).
+    task: std::sync::atomic::AtomicU64,
+    /// The task a stop has aborted already (0: none), so its stop sequence skips the abort.
+    aborted: std::sync::atomic::AtomicU64,
     wake: Notify,
-    /// What the lifecycle publishes (its boot outcomes and its end), and the wake-up of those who
-    /// wait for it: a cell and a `Notify` beside the phase, a few hundred bytes lighter per
-    /// account than a watch channel.
+    /// What the lifecycle publishes (its boot outcomes and its end).
     event: Mutex<BootEvent>,
-    published: Notify,
+    /// Wakes every waiter at any change: a publish, the stop, a first poll.
+    changed: Notify,
 }
 
 impl Shared {
     fn new() -> Self {
         Self {
             phase: std::sync::atomic::AtomicU8::new(Phase::Booting as u8),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            polled: std::sync::atomic::AtomicU64::new(0),
+            task: std::sync::atomic::AtomicU64::new(0),
+            aborted: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
             event: Mutex::new(BootEvent::default()),
-            published: Notify::new(),
+            changed: Notify::new(),
         }
     }
 
@@ -189,7 +203,69 @@ impl Shared {
     /// Changes the published event and wakes every waiter.
     fn publish(&self, f: impl FnOnce(&mut BootEvent)) {
         f(&mut self.event());
-        self.published.notify_waiters();
+        self.changed.notify_waiters();
+    }
+
+    /// Fires the stop signal (once) and wakes every waiter.
+    fn request_stop(&self) {
+        if !self.stop.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records the running task's id (0: none), for a stop's batched abort.
+    fn set_task(&self, task: u64) {
+        self.task.store(task, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The running task, which the caller is about to abort: recorded as aborted.
+    fn take_task_for_abort(&self) -> Option<u64> {
+        let task = self.task.load(std::sync::atomic::Ordering::Acquire);
+        (task != 0).then(|| {
+            self.aborted.store(task, std::sync::atomic::Ordering::Release);
+            task
+        })
+    }
+
+    /// Whether a stop has aborted `task` already.
+    fn aborted(&self, task: u64) -> bool {
+        self.aborted.load(std::sync::atomic::Ordering::Acquire) == task
+    }
+
+    /// Whether the task of `generation` has been polled.
+    fn polled(&self, generation: u64) -> bool {
+        self.polled.load(std::sync::atomic::Ordering::Acquire) == generation
+    }
+
+    /// Completes once `done` holds (checked at every change).
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: it changes nothing.
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so a change between the two is not missed.
+            changed.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Completes once a stop has landed.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: the signal stays set for the next wait.
+    async fn stopped(&self) {
+        self.until(Self::stop_requested).await;
     }
 
     /// Waits until `done` holds for the published event; returns a copy of it.
@@ -199,17 +275,17 @@ impl Shared {
     /// Cancel-safe: it changes nothing.
     async fn wait_for(&self, done: impl Fn(&BootEvent) -> bool) -> BootEvent {
         loop {
-            let published = self.published.notified();
-            tokio::pin!(published);
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
             // Registered before the check, so a publish between the two is not missed.
-            published.as_mut().enable();
+            changed.as_mut().enable();
             {
                 let event = self.event();
                 if done(&event) {
                     return event.clone();
                 }
             }
-            published.await;
+            changed.await;
         }
     }
 
@@ -232,6 +308,21 @@ impl Shared {
     }
 }
 
+impl crate::host::TaskSignals for Shared {
+    fn task_polled(&self, generation: u64) {
+        let before = self
+            .polled
+            .swap(generation, std::sync::atomic::Ordering::AcqRel);
+        if before != generation {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        Shared::stop_requested(self)
+    }
+}
+
 /// What a lifecycle publishes: its boot outcomes, numbered so a joining start waits for the next
 /// one, and its end (one channel for both: a lifecycle is a few hundred bytes lighter per account).
 #[derive(Debug, Clone, Default)]
@@ -245,8 +336,9 @@ struct BootEvent {
 /// A running lifecycle, as the state sees it.
 struct LifecycleHandle {
     id: u64,
-    token: CancellationToken,
     shared: Arc<Shared>,
+    /// The registration the lifecycle runs on (its task's plugin version).
+    channel: Arc<Channel>,
 }
 
 /// Bookkeeping for one account.
@@ -715,20 +807,26 @@ impl Supervisor {
     }
 
     fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: AccountKey) -> LifecycleHandle {
-        let token = self.inner.closing.child_token();
         let shared = Arc::new(Shared::new());
+        if self.inner.closing.is_cancelled() {
+            // Shutting down: this one stops before it boots (shutdown stops the ones it finds).
+            shared.request_stop();
+        }
         let run = lifecycle::Lifecycle {
             ctx: lifecycle::AccountCtx {
                 inner: self.inner.clone(),
-                channel: ch,
+                channel: ch.clone(),
                 key,
             },
             id,
-            token: token.clone(),
             shared: shared.clone(),
         };
         self.inner.tracker.spawn(run.run());
-        LifecycleHandle { id, token, shared }
+        LifecycleHandle {
+            id,
+            shared,
+            channel: ch,
+        }
     }
 
     /// Stops one account, or every account of a channel, as a user: marks them manually stopped
@@ -739,70 +837,105 @@ impl Supervisor {
         account: Option<&str>,
     ) -> Result<Vec<(AccountKey, StopOutcome)>, SupervisorError> {
         let (ch, ids) = self.targets(channel, account)?;
-        let stops = ids.into_iter().map(|id| {
-            let this = self.clone();
-            let key = AccountKey::new(ch.id.clone(), id);
-            async move {
-                let outcome = this.stop_account(&key).await;
-                (key, outcome)
-            }
-        });
-        Ok(join_all(stops).await)
+        let keys: Vec<AccountKey> = ids
+            .into_iter()
+            .map(|id| AccountKey::new(ch.id.clone(), id))
+            .collect();
+        let outcomes = self.stop_accounts(&keys).await;
+        Ok(keys.into_iter().zip(outcomes).collect())
     }
 
     async fn stop_account(&self, key: &AccountKey) -> StopOutcome {
-        let ended = {
+        let mut outcomes = self.stop_accounts(std::slice::from_ref(key)).await;
+        outcomes.pop().unwrap_or(StopOutcome::Stopped)
+    }
+
+    /// Stops `keys` as a user, together: marks them manually stopped under one lock, fires the
+    /// abort of every running task with one call per plugin version, then signals each lifecycle
+    /// (whose stop sequence finds its task aborted already), and returns each one's outcome, in
+    /// order, once each has ended or been reported stuck.
+    async fn stop_accounts(&self, keys: &[AccountKey]) -> Vec<StopOutcome> {
+        let mut outcomes: Vec<Option<StopOutcome>> = vec![None; keys.len()];
+        let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
+        let mut idle = Vec::new();
+        // The running tasks to abort, by the plugin version each runs on.
+        let mut aborts: Vec<(Arc<Channel>, Vec<u64>)> = Vec::new();
+        {
             let mut state = self.lock();
-            let entry = state.account(key);
-            entry.manual_stop = true;
-            entry.last_stop_cancelled = false;
-            entry.last_stop_hook_failure = None;
-            match &mut entry.lifecycle {
-                Some(lc) => {
-                    // From here on a start waits for this stop to finish, then starts anew.
-                    lc.shared.set_phase(Phase::Stopping);
-                    // Before the cancel, so the lifecycle's own `stopped` (written once it sees
-                    // the cancel) always lands after this.
-                    self.inner
-                        .board
-                        .update(key, |s| s.set_state(AccountState::Stopping));
-                    lc.token.cancel();
-                    lc.shared.clone()
-                }
-                None => {
-                    if let Some(reason) = &entry.stuck {
-                        return StopOutcome::Stuck(reason.clone());
-                    }
-                    drop(state);
-                    let now = self.inner.clock.wall_ms();
-                    self.inner.board.update(key, |s| {
-                        // A disabled, unconfigured or logged-out account says so still.
-                        if !matches!(
-                            s.state,
-                            AccountState::Disabled
-                                | AccountState::NotConfigured
-                                | AccountState::LoggedOut
-                        ) {
-                            s.set_state(AccountState::Stopped);
+            for (i, key) in keys.iter().enumerate() {
+                let entry = state.account(key);
+                entry.manual_stop = true;
+                entry.last_stop_cancelled = false;
+                entry.last_stop_hook_failure = None;
+                match &entry.lifecycle {
+                    Some(lc) => {
+                        // From here on a start waits for this stop to finish, then starts anew.
+                        lc.shared.set_phase(Phase::Stopping);
+                        // Before the signal, so the lifecycle's own `stopped` (written once it
+                        // sees it) always lands after this.
+                        self.inner
+                            .board
+                            .update(key, |s| s.set_state(AccountState::Stopping));
+                        if let Some(task) = lc.shared.take_task_for_abort() {
+                            match aborts.iter_mut().find(|(ch, _)| Arc::ptr_eq(ch, &lc.channel)) {
+                                Some((_, tasks)) => tasks.push(task),
+                                None => aborts.push((lc.channel.clone(), vec![task])),
+                            }
                         }
-                        s.last_stop_at = Some(now);
-                    });
-                    return StopOutcome::Stopped;
+                        stopping.push((i, lc.shared.clone()));
+                    }
+                    None => match &entry.stuck {
+                        Some(reason) => outcomes[i] = Some(StopOutcome::Stuck(reason.clone())),
+                        None => idle.push(i),
+                    },
                 }
             }
-        };
-        ended.wait_for(|e| e.ended).await;
-        let state = self.lock();
-        let entry = state.accounts.get(key);
-        match entry {
-            Some(e) if e.stuck.is_some() => StopOutcome::Stuck(e.stuck.clone().unwrap_or_default()),
-            Some(AccountEntry {
-                last_stop_hook_failure: Some(failure),
-                ..
-            }) => StopOutcome::HookFailed(failure.clone()),
-            Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
-            _ => StopOutcome::Stopped,
         }
+        // The aborts land before any lifecycle sees its stop (its stop sequence then skips its
+        // own abort call), so the order stays abort, then stop hook.
+        for (ch, tasks) in &aborts {
+            ch.plugin.abort_tasks(tasks);
+        }
+        for (_, shared) in &stopping {
+            shared.request_stop();
+        }
+        if !idle.is_empty() {
+            let now = self.inner.clock.wall_ms();
+            for &i in &idle {
+                self.inner.board.update(&keys[i], |s| {
+                    // A disabled, unconfigured or logged-out account says so still.
+                    if !matches!(
+                        s.state,
+                        AccountState::Disabled | AccountState::NotConfigured | AccountState::LoggedOut
+                    ) {
+                        s.set_state(AccountState::Stopped);
+                    }
+                    s.last_stop_at = Some(now);
+                });
+                outcomes[i] = Some(StopOutcome::Stopped);
+            }
+        }
+        join_all(stopping.iter().map(|(_, shared)| shared.wait_for(|e| e.ended))).await;
+        {
+            let state = self.lock();
+            for (i, _) in &stopping {
+                outcomes[*i] = Some(match state.accounts.get(&keys[*i]) {
+                    Some(e) if e.stuck.is_some() => {
+                        StopOutcome::Stuck(e.stuck.clone().unwrap_or_default())
+                    }
+                    Some(AccountEntry {
+                        last_stop_hook_failure: Some(failure),
+                        ..
+                    }) => StopOutcome::HookFailed(failure.clone()),
+                    Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
+                    _ => StopOutcome::Stopped,
+                });
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(StopOutcome::Stopped))
+            .collect()
     }
 
     /// Stops, then starts, as a user.
@@ -978,6 +1111,13 @@ impl Supervisor {
         let stops = channels.iter().map(|ch| self.stop(&ch.id, None));
         join_all(stops).await;
         self.inner.closing.cancel();
+        // Lifecycles the stops above did not reach (started meanwhile by the health monitor or a
+        // hot change): taken under the state lock, as every spawn is, so none is missed.
+        for entry in self.lock().accounts.values() {
+            if let Some(lc) = &entry.lifecycle {
+                lc.shared.request_stop();
+            }
+        }
         self.inner.tracker.wait().await;
         self.inner.restart_log.flush();
         let mut stuck: Vec<(AccountKey, String)> = self
