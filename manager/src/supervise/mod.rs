@@ -333,6 +333,19 @@ struct BootEvent {
     ended: bool,
 }
 
+/// Where a start stands after a step under the state lock.
+enum StartStep {
+    /// It has its outcome.
+    Done(StartOutcome),
+    /// It waits for the lifecycle `shared`: for a boot outcome published after `seen`, or, while
+    /// `stopping`, for the end of the stop in progress (then it steps again).
+    Wait {
+        shared: Arc<Shared>,
+        seen: u64,
+        stopping: bool,
+    },
+}
+
 /// A running lifecycle, as the state sees it.
 struct LifecycleHandle {
     id: u64,
@@ -662,16 +675,12 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let (ch, ids) = self.targets(channel, account)?;
-        let starts = ids.into_iter().map(|id| {
-            let this = self.clone();
-            let ch = ch.clone();
-            async move {
-                let key = AccountKey::new(ch.id.clone(), id);
-                let outcome = this.start_account(&ch, &key, StartMode::User).await;
-                (key, outcome)
-            }
-        });
-        Ok(join_all(starts).await)
+        let keys: Vec<AccountKey> = ids
+            .into_iter()
+            .map(|id| AccountKey::new(ch.id.clone(), id))
+            .collect();
+        let outcomes = self.start_accounts(&ch, &keys, StartMode::User).await;
+        Ok(keys.into_iter().zip(outcomes).collect())
     }
 
     /// Starts every account of every channel; one channel's failure does not stop the others.
@@ -725,84 +734,147 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
+        let mut outcomes = self.start_accounts(ch, std::slice::from_ref(key), mode).await;
+        outcomes.pop().unwrap_or(StartOutcome::Stopped)
+    }
+
+    /// Starts `keys` of `ch` together (as [`start_account`](Self::start_account) does each): the
+    /// first step of every start runs under one lock (spawning the lifecycles it needs), then
+    /// each start waits for its outcome. One deadline bounds them all: a start still waiting at
+    /// the start timeout returns [`StartOutcome::TimedOut`] (its boot goes on).
+    async fn start_accounts(
+        &self,
+        ch: &Arc<Channel>,
+        keys: &[AccountKey],
+        mode: StartMode,
+    ) -> Vec<StartOutcome> {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
-        loop {
-            let (shared, seen, stopping) = {
-                let mut state = self.lock();
-                let next_id = state.next_lifecycle + 1;
-                let entry = state.account(key);
-                if let Some(reason) = &entry.stuck {
-                    // Refused: nothing changes, not even the manual-stop mark.
-                    return StartOutcome::Refused(reason.clone());
-                }
-                match mode {
-                    StartMode::User => {
-                        entry.manual_stop = false;
-                        entry.attempts = 0;
-                    }
-                    StartMode::Revive { reset_counter } => {
-                        entry.manual_stop = false;
-                        if reset_counter {
-                            entry.attempts = 0;
-                        }
-                    }
-                }
-                match &entry.lifecycle {
-                    Some(lc) if lc.shared.phase() == Phase::Stopping => {
-                        (lc.shared.clone(), 0, true)
-                    }
-                    Some(lc) if lc.shared.phase() == Phase::Running => {
-                        return StartOutcome::AlreadyRunning;
-                    }
-                    Some(lc) => {
-                        if lc.shared.phase() == Phase::Backoff {
-                            // A user start does not wait out the backoff.
-                            lc.shared.wake.notify_one();
-                        }
-                        // Join the boot in flight (or the one the wake-up starts).
-                        let seen = lc.shared.event().seq;
-                        (lc.shared.clone(), seen, false)
-                    }
-                    None => {
-                        // The slot is reserved here, before any await.
-                        let handle = self.spawn_lifecycle(next_id, ch.clone(), key.clone());
-                        let shared = handle.shared.clone();
-                        entry.lifecycle = Some(handle);
-                        state.next_lifecycle = next_id;
-                        (shared, 0, false)
-                    }
-                }
-            };
-            let waited = if stopping {
-                // A stop is in progress: the stop finishes first, then this start runs.
-                tokio::time::timeout_at(deadline, shared.wait_for(|e| e.ended))
-                    .await
-                    .map(|_| None)
-            } else {
-                let published = |event: &BootEvent| event.seq > seen && event.outcome.is_some();
-                tokio::time::timeout_at(
-                    deadline,
-                    shared.wait_for(|event| published(event) || event.ended),
-                )
-                .await
-                .map(|event| {
-                    // The lifecycle ended without publishing (a stop during the backoff): stopped.
-                    Some(match event.outcome {
-                        Some(outcome) if published(&event) => outcome,
-                        _ => StartOutcome::Stopped,
-                    })
-                })
-            };
-            match waited {
-                Ok(Some(outcome)) => return outcome,
-                Ok(None) => continue,
-                Err(_) => {
-                    return StartOutcome::TimedOut(format!(
+        let steps: Vec<StartStep> = {
+            let mut state = self.lock();
+            keys.iter()
+                .map(|key| self.start_step(&mut state, ch, key, mode))
+                .collect()
+        };
+        // Each start's outcome, written as it arrives (the deadline reads what has arrived).
+        let outcomes: Vec<std::sync::OnceLock<StartOutcome>> =
+            keys.iter().map(|_| std::sync::OnceLock::new()).collect();
+        let waits = keys.iter().zip(steps).zip(&outcomes).map(|((key, step), out)| async move {
+            let outcome = self.finish_start(ch, key, mode, step).await;
+            let _ = out.set(outcome);
+        });
+        tokio::select! {
+            biased;
+            _ = join_all(waits) => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        outcomes
+            .into_iter()
+            .map(|out| {
+                out.into_inner().unwrap_or_else(|| {
+                    StartOutcome::TimedOut(format!(
                         "the start did not hand over its task within {}",
                         humantime::format_duration(self.inner.policy().start_timeout)
-                    ));
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// A start from its first step on: waits for what the step says, and steps again after a
+    /// stop in progress has finished.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: dropping it abandons only the wait (a lifecycle it spawned goes on).
+    async fn finish_start(
+        &self,
+        ch: &Arc<Channel>,
+        key: &AccountKey,
+        mode: StartMode,
+        mut step: StartStep,
+    ) -> StartOutcome {
+        loop {
+            let (shared, seen, stopping) = match step {
+                StartStep::Done(outcome) => return outcome,
+                StartStep::Wait {
+                    shared,
+                    seen,
+                    stopping,
+                } => (shared, seen, stopping),
+            };
+            if stopping {
+                // A stop is in progress: the stop finishes first, then this start runs.
+                shared.wait_for(|e| e.ended).await;
+                step = self.start_step(&mut self.lock(), ch, key, mode);
+                continue;
+            }
+            let published = |event: &BootEvent| event.seq > seen && event.outcome.is_some();
+            let event = shared
+                .wait_for(|event| published(event) || event.ended)
+                .await;
+            // The lifecycle ended without publishing (a stop during the backoff): stopped.
+            return match event.outcome {
+                Some(outcome) if published(&event) => outcome,
+                _ => StartOutcome::Stopped,
+            };
+        }
+    }
+
+    /// A start's step under the state lock: refuse it, find the account running, join the
+    /// lifecycle's boot in flight (waking a backoff), wait for a stop in progress, or reserve the
+    /// account's slot by spawning its lifecycle.
+    fn start_step(
+        &self,
+        state: &mut State,
+        ch: &Arc<Channel>,
+        key: &AccountKey,
+        mode: StartMode,
+    ) -> StartStep {
+        let next_id = state.next_lifecycle + 1;
+        let entry = state.account(key);
+        if let Some(reason) = &entry.stuck {
+            // Refused: nothing changes, not even the manual-stop mark.
+            return StartStep::Done(StartOutcome::Refused(reason.clone()));
+        }
+        match mode {
+            StartMode::User => {
+                entry.manual_stop = false;
+                entry.attempts = 0;
+            }
+            StartMode::Revive { reset_counter } => {
+                entry.manual_stop = false;
+                if reset_counter {
+                    entry.attempts = 0;
                 }
             }
+        }
+        let (shared, seen, stopping) = match &entry.lifecycle {
+            Some(lc) if lc.shared.phase() == Phase::Stopping => (lc.shared.clone(), 0, true),
+            Some(lc) if lc.shared.phase() == Phase::Running => {
+                return StartStep::Done(StartOutcome::AlreadyRunning);
+            }
+            Some(lc) => {
+                if lc.shared.phase() == Phase::Backoff {
+                    // A user start does not wait out the backoff.
+                    lc.shared.wake.notify_one();
+                }
+                // Join the boot in flight (or the one the wake-up starts).
+                let seen = lc.shared.event().seq;
+                (lc.shared.clone(), seen, false)
+            }
+            None => {
+                // The slot is reserved here, before any await.
+                let handle = self.spawn_lifecycle(next_id, ch.clone(), key.clone());
+                let shared = handle.shared.clone();
+                entry.lifecycle = Some(handle);
+                state.next_lifecycle = next_id;
+                (shared, 0, false)
+            }
+        };
+        StartStep::Wait {
+            shared,
+            seen,
+            stopping,
         }
     }
 
