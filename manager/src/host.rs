@@ -99,8 +99,10 @@ pub trait TaskSignals: Send + Sync + 'static {
 /// The host-services handle for one account task (or, with no account, for a whole plugin).
 #[derive(Clone)]
 pub struct AccountLink {
-    channel: Arc<str>,
-    key: Option<AccountKey>,
+    /// The channel, for the plugin-wide handle (an account's handle reads it from `key`).
+    channel: Option<Arc<str>>,
+    /// The account, shared with the supervisor's lifecycle of it (no copy per boot).
+    key: Option<Arc<AccountKey>>,
     generation: u64,
     sink: Arc<dyn HostSink>,
     /// Told when the plugin reports its runtime's first poll of the task (the isolated child's
@@ -113,8 +115,17 @@ pub struct AccountLink {
 impl AccountLink {
     /// The handle for `key`'s task of `generation`.
     pub fn for_account(key: AccountKey, generation: u64, sink: Arc<dyn HostSink>) -> Self {
+        Self::for_shared_account(Arc::new(key), generation, sink)
+    }
+
+    /// [`for_account`](Self::for_account) with the key shared with its owner.
+    pub fn for_shared_account(
+        key: Arc<AccountKey>,
+        generation: u64,
+        sink: Arc<dyn HostSink>,
+    ) -> Self {
         Self {
-            channel: key.channel.as_str().into(),
+            channel: None,
             key: Some(key),
             generation,
             sink,
@@ -149,7 +160,7 @@ impl AccountLink {
     /// The plugin-wide handle given at `init` (log only; account calls are refused).
     pub fn for_plugin(channel: &str, sink: Arc<dyn HostSink>) -> Self {
         Self {
-            channel: channel.into(),
+            channel: Some(channel.into()),
             key: None,
             generation: 0,
             sink,
@@ -160,7 +171,16 @@ impl AccountLink {
 
     /// The account this handle is for.
     pub fn key(&self) -> Option<&AccountKey> {
-        self.key.as_ref()
+        self.key.as_deref()
+    }
+
+    /// The channel this handle is for.
+    fn channel(&self) -> &str {
+        match (&self.key, &self.channel) {
+            (Some(key), _) => &key.channel,
+            (None, Some(channel)) => channel,
+            (None, None) => "",
+        }
     }
 
     /// The generation this handle is for.
@@ -188,13 +208,13 @@ impl AccountLink {
                 || (),
                 || {
                     self.sink
-                        .runtime_report(&self.channel, record.fields.as_str())
+                        .runtime_report(self.channel(), record.fields.as_str())
                 },
             );
         }
         never_panic(
             || (),
-            || emit_plugin_log(&self.channel, self.key.as_ref(), &record),
+            || emit_plugin_log(self.channel(), self.key.as_deref(), &record),
         );
     }
 

@@ -22,7 +22,8 @@ use crate::{
 pub(super) struct AccountCtx {
     pub(super) inner: Arc<Inner>,
     pub(super) channel: Arc<Channel>,
-    pub(super) key: AccountKey,
+    /// Shared with the account's links (no copy per boot).
+    pub(super) key: Arc<AccountKey>,
 }
 
 pub(super) struct Lifecycle {
@@ -83,7 +84,7 @@ impl std::fmt::Display for HookEnd {
 pub(super) struct BootJob {
     inner: Arc<Inner>,
     plugin: Arc<dyn Plugin>,
-    key: AccountKey,
+    key: Arc<AccountKey>,
     link: AccountLink,
     shared: Arc<Shared>,
     polled: Polled,
@@ -117,7 +118,7 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
             let _ = job.reply.send(Ok(Boot::Held(reason)));
             continue;
         }
-        accounts.push((job.key.account, job.link));
+        accounts.push((job.key.account.clone(), job.link));
         waiting.push((job.reply, job.polled, job.shared));
     }
     if accounts.is_empty() {
@@ -248,7 +249,7 @@ impl Lifecycle {
             return Boot::Disabled("disabled".into());
         }
         let sink: Arc<dyn HostSink> = ctx.inner.board.clone();
-        let link = AccountLink::for_account(ctx.key.clone(), generation, sink);
+        let link = AccountLink::for_shared_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
         let polled = plugin.reports_task_polled().then_some(generation);
         let link = link.with_signals(self.shared.clone());

@@ -888,7 +888,7 @@ impl Supervisor {
             ctx: lifecycle::AccountCtx {
                 inner: self.inner.clone(),
                 channel: ch.clone(),
-                key,
+                key: Arc::new(key),
             },
             id,
             shared: shared.clone(),
