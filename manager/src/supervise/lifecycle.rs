@@ -161,7 +161,7 @@ impl Lifecycle {
                 .inner
                 .board
                 .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
-            let (result, ran_for) = match self.boot(generation).await {
+            let (result, ran_for) = match Box::pin(self.boot(generation)).await {
                 Boot::Stopped => {
                     self.publish(StartOutcome::Stopped);
                     ctx.record_stopped();
@@ -220,7 +220,7 @@ impl Lifecycle {
                 ctx.record_stopped();
                 break;
             }
-            if !self.schedule_restart(result, ran_for).await {
+            if !Box::pin(self.schedule_restart(result, ran_for)).await {
                 break;
             }
         }

@@ -177,8 +177,11 @@ struct Shared {
     wake: Notify,
     /// What the lifecycle publishes (its boot outcomes and its end).
     event: Mutex<BootEvent>,
-    /// Wakes every waiter at any change: a publish, the stop, a first poll.
+    /// Wakes those who wait for what the lifecycle publishes.
     changed: Notify,
+    /// Wakes the lifecycle itself at the stop or a first poll (it alone waits for those: a
+    /// waker slot, a few bytes in its future where a `Notify` wait would take dozens).
+    lifecycle: futures_util::task::AtomicWaker,
 }
 
 impl Shared {
@@ -192,6 +195,7 @@ impl Shared {
             wake: Notify::new(),
             event: Mutex::new(BootEvent::default()),
             changed: Notify::new(),
+            lifecycle: futures_util::task::AtomicWaker::new(),
         }
     }
 
@@ -206,10 +210,10 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    /// Fires the stop signal (once) and wakes every waiter.
+    /// Fires the stop signal (once) and wakes the lifecycle.
     fn request_stop(&self) {
         if !self.stop.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            self.changed.notify_waiters();
+            self.lifecycle.wake();
         }
     }
 
@@ -241,31 +245,34 @@ impl Shared {
         self.polled.load(std::sync::atomic::Ordering::Acquire) == generation
     }
 
-    /// Completes once `done` holds (checked at every change).
+    /// Completes once `done` holds, checked whenever the lifecycle is woken (by the stop or a
+    /// first poll). Only the lifecycle's own task waits with it (one waker slot).
     ///
     /// # Cancellation safety
     ///
     /// Cancel-safe: it changes nothing.
-    async fn until(&self, done: impl Fn(&Self) -> bool) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
+    fn until<'a>(
+        &'a self,
+        done: impl Fn(&Self) -> bool + 'a,
+    ) -> impl std::future::Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
             // Registered before the check, so a change between the two is not missed.
-            changed.as_mut().enable();
+            self.lifecycle.register(cx.waker());
             if done(self) {
-                return;
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
             }
-            changed.await;
-        }
+        })
     }
 
-    /// Completes once a stop has landed.
+    /// Completes once a stop has landed (the lifecycle's own wait, see [`until`](Self::until)).
     ///
     /// # Cancellation safety
     ///
     /// Cancel-safe: the signal stays set for the next wait.
-    async fn stopped(&self) {
-        self.until(Self::stop_requested).await;
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.until(Self::stop_requested)
     }
 
     /// Waits until `done` holds for the published event; returns a copy of it.
@@ -314,7 +321,7 @@ impl crate::host::TaskSignals for Shared {
             .polled
             .swap(generation, std::sync::atomic::Ordering::AcqRel);
         if before != generation {
-            self.changed.notify_waiters();
+            self.lifecycle.wake();
         }
     }
 
