@@ -26,6 +26,9 @@ use std::{
 
 /// One queued boot: the job, and the mark that says who has it (a thread of the pool, or the
 /// lifecycle that withdrew it). Whoever sets the mark first owns the boot.
+/// The most queue slots an empty queue keeps (more are freed once it has drained).
+const IDLE_QUEUE_CAPACITY: usize = 64;
+
 struct Queued<J> {
     claimed: Arc<AtomicBool>,
     job: J,
@@ -141,6 +144,11 @@ fn drain<J: Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runne
                 if !queued.claimed.swap(true, Ordering::AcqRel) {
                     batch.push(queued.job);
                 }
+            }
+            if q.waiting.is_empty() && q.waiting.capacity() > IDLE_QUEUE_CAPACITY {
+                // A start-all's queue held every account of the channel once: its buffer is not
+                // kept for the life of the channel.
+                q.waiting = VecDeque::new();
             }
             if batch.is_empty() {
                 q.threads -= 1;

@@ -63,7 +63,7 @@ impl Supervisor {
                 .accounts
                 .iter()
                 .filter(|(k, e)| k.channel == *id && e.manual_stop)
-                .map(|(k, _)| k.clone())
+                .map(|(k, _)| AccountKey::clone(k))
                 .collect();
             (running, user_stopped)
         };

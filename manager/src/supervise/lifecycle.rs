@@ -151,80 +151,88 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
 }
 
 impl Lifecycle {
-    pub(super) async fn run(self) {
-        let ctx = &self.ctx;
-        loop {
-            self.set_phase(Phase::Booting);
-            // A new generation with the `starting` state, in one write: handles of the last task
-            // are stale from here.
-            let generation = ctx
-                .inner
-                .board
-                .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
-            let (result, ran_for) = match Box::pin(self.boot(generation)).await {
-                Boot::Stopped => {
-                    self.publish(StartOutcome::Stopped);
+    /// The lifecycle's future. A plain function returning an `async move` block (not an
+    /// `async fn`, whose future would hold `self` twice: as its argument and as the block's
+    /// copy); it is the bulk of a running account's memory, so its states stay small.
+    pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let ctx = &self.ctx;
+            loop {
+                self.set_phase(Phase::Booting);
+                // A new generation with the `starting` state, in one write: handles of the last task
+                // are stale from here.
+                let generation = ctx
+                    .inner
+                    .board
+                    .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
+                let boot = Box::pin(self.boot(generation)).await;
+                let (result, ran_for) = match boot {
+                    Boot::Stopped => {
+                        self.publish(StartOutcome::Stopped);
+                        ctx.record_stopped();
+                        break;
+                    }
+                    Boot::Stuck => {
+                        self.publish(StartOutcome::Stopped);
+                        break;
+                    }
+                    Boot::Held(reason) => {
+                        let now = ctx.inner.clock.wall_ms();
+                        ctx.set_state(AccountState::Stopped, |s| {
+                            s.last_stop_at = Some(now);
+                            s.last_error = Some(reason.clone());
+                        });
+                        self.publish(StartOutcome::Refused(reason));
+                        break;
+                    }
+                    Boot::Disabled(reason) => {
+                        ctx.set_state(AccountState::Disabled, |s| {
+                            s.last_error = Some(reason.clone());
+                        });
+                        self.publish(StartOutcome::Disabled(reason));
+                        break;
+                    }
+                    Boot::NotConfigured(reason) => {
+                        ctx.set_state(AccountState::NotConfigured, |s| {
+                            s.last_error = Some(reason.clone());
+                        });
+                        self.publish(StartOutcome::NotConfigured(reason));
+                        break;
+                    }
+                    Boot::Failed(error) => {
+                        tracing::warn!(account = %ctx.key, "start failed: {error}");
+                        // Still `starting` until the restart is scheduled (or the stop recorded).
+                        ctx.inner.board.retire_generation_and(&ctx.key, |s| {
+                            s.last_error = Some(error.clone());
+                        });
+                        self.publish(StartOutcome::Failed(error.clone()));
+                        (Err(error), Duration::ZERO)
+                    }
+                    Boot::Started(task, polled) => {
+                        if self.shared.stop_requested() {
+                            // The start returned its task after a stop arrived: the stop wins, and
+                            // the task gets the whole stop sequence (it never counts as running).
+                            Box::pin(ctx.stop_task(task, false)).await;
+                            self.publish(StartOutcome::Stopped);
+                            break;
+                        }
+                        match self.run_task(task, polled).await {
+                            RunEnd::Stopped => break,
+                            RunEnd::Exited(result, ran_for) => (result, ran_for),
+                        }
+                    }
+                };
+                if self.shared.stop_requested() {
+                    // A stop raced with the end of the task: the stop wins, and says so.
                     ctx.record_stopped();
                     break;
                 }
-                Boot::Stuck => {
-                    self.publish(StartOutcome::Stopped);
+                if !Box::pin(self.schedule_restart(result, ran_for)).await {
                     break;
                 }
-                Boot::Held(reason) => {
-                    let now = ctx.inner.clock.wall_ms();
-                    ctx.set_state(AccountState::Stopped, |s| {
-                        s.last_stop_at = Some(now);
-                        s.last_error = Some(reason.clone());
-                    });
-                    self.publish(StartOutcome::Refused(reason));
-                    break;
-                }
-                Boot::Disabled(reason) => {
-                    ctx.set_state(AccountState::Disabled, |s| {
-                        s.last_error = Some(reason.clone());
-                    });
-                    self.publish(StartOutcome::Disabled(reason));
-                    break;
-                }
-                Boot::NotConfigured(reason) => {
-                    ctx.set_state(AccountState::NotConfigured, |s| {
-                        s.last_error = Some(reason.clone());
-                    });
-                    self.publish(StartOutcome::NotConfigured(reason));
-                    break;
-                }
-                Boot::Failed(error) => {
-                    tracing::warn!(account = %ctx.key, "start failed: {error}");
-                    // Still `starting` until the restart is scheduled (or the stop recorded).
-                    ctx.inner.board.retire_generation_and(&ctx.key, |s| {
-                        s.last_error = Some(error.clone());
-                    });
-                    self.publish(StartOutcome::Failed(error.clone()));
-                    (Err(error), Duration::ZERO)
-                }
-                Boot::Started(task, _) if self.shared.stop_requested() => {
-                    // The start returned its task after a stop arrived: the stop wins, and the
-                    // task gets the whole stop sequence (it never counts as running).
-                    Box::pin(ctx.stop_task(task, false)).await;
-                    self.publish(StartOutcome::Stopped);
-                    break;
-                }
-                Boot::Started(task, polled) => match self.run_task(task, polled).await {
-                    RunEnd::Stopped => break,
-                    RunEnd::Exited(result, ran_for) => (result, ran_for),
-                },
-            };
-            if self.shared.stop_requested() {
-                // A stop raced with the end of the task: the stop wins, and says so.
-                ctx.record_stopped();
-                break;
             }
-            if !Box::pin(self.schedule_restart(result, ran_for)).await {
-                break;
-            }
+            // `finish` runs when `self` drops here, as it does on a panic anywhere above.
         }
-        // `finish` runs when `self` drops here, as it does on a panic anywhere above.
     }
 
     /// Queues the boot on the channel's boot pool, which asks the plugin (off the async workers,
@@ -293,71 +301,78 @@ impl Lifecycle {
     /// Runs a started task until it ends or a user stops it. With a plugin that reports the first
     /// poll of its tasks, the account counts as running only from that report: a task the
     /// plugin's runtime never polls (its workers are all blocked) is never shown running.
-    async fn run_task(&self, mut task: RunningTask, polled: Polled) -> RunEnd {
-        let ctx = &self.ctx;
-        let id = task.id;
-        // A stop from here on aborts it in its batch; cleared however this run ends.
-        self.shared.set_task(id);
-        let _clear = ClearTask(&self.shared);
-        // A task that ends before its first poll is reported (it ended, polled or not): its end,
-        // seen here, is handled below as if seen while running.
-        let mut ended_early = None;
-        if let Some(generation) = polled {
-            let shared = &self.shared;
-            tokio::select! {
-                biased;
-                () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
-                    if shared.stop_requested() {
-                        Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
+    fn run_task(
+        &self,
+        mut task: RunningTask,
+        polled: Polled,
+    ) -> impl std::future::Future<Output = RunEnd> + Send + '_ {
+        // Not an `async fn`: its arguments are moved into the block once, not held twice.
+        async move {
+            let ctx = &self.ctx;
+            let id = task.id;
+            // A stop from here on aborts it in its batch; cleared however this run ends.
+            self.shared.set_task(id);
+            let _clear = ClearTask(&self.shared);
+            // A task that ends before its first poll is reported (it ended, polled or not): its end,
+            // seen here, is handled below as if seen while running.
+            let mut ended_early = None;
+            if let Some(generation) = polled {
+                let shared = &self.shared;
+                tokio::select! {
+                    biased;
+                    () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
+                        if shared.stop_requested() {
+                            Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
+                            return RunEnd::Stopped;
+                        }
+                    }
+                    result = &mut task.done => ended_early = Some(result),
+                }
+            }
+            let attempts = ctx
+                .inner
+                .lock()
+                .accounts
+                .get(&ctx.key)
+                .map_or(0, |e| e.attempts);
+            // Stamps lastStartAt and the monotonic start the health monitor measures from.
+            ctx.inner.board.mark_started(&ctx.key, |s| {
+                s.set_state(AccountState::Running);
+                s.last_error = None;
+                s.reconnect_attempts = attempts;
+            });
+            self.set_phase(Phase::Running);
+            self.publish(StartOutcome::Started);
+            let started = ctx.inner.clock.now();
+            let result = match ended_early {
+                Some(result) => result,
+                None => tokio::select! {
+                    // A stop that coincides with the end of the task still runs the stop sequence.
+                    biased;
+                    () = self.shared.stopped() => {
+                        // Boxed, here and at every stop: a running account's future does not carry
+                        // the stop sequence's state.
+                        Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
                         return RunEnd::Stopped;
                     }
-                }
-                result = &mut task.done => ended_early = Some(result),
-            }
+                    result = &mut task.done => result,
+                },
+            };
+            let ran_for = ctx.inner.clock.now().duration_since(started);
+            let now = ctx.inner.clock.wall_ms();
+            let error = match &result {
+                Ok(()) => "channel exited without an error".to_owned(),
+                Err(e) => e.clone(),
+            };
+            // Why it ended, without a state of its own: what follows at once (restart-pending,
+            // gave-up, or stopped when a stop raced the end) is the state the stream shows, with no
+            // `stopped` flashing before a restart. Handles of the task are stale from here.
+            ctx.inner.board.retire_generation_and(&ctx.key, |s| {
+                s.last_stop_at = Some(now);
+                s.last_error = Some(error.clone());
+            });
+            RunEnd::Exited(result, ran_for)
         }
-        let attempts = ctx
-            .inner
-            .lock()
-            .accounts
-            .get(&ctx.key)
-            .map_or(0, |e| e.attempts);
-        // Stamps lastStartAt and the monotonic start the health monitor measures from.
-        ctx.inner.board.mark_started(&ctx.key, |s| {
-            s.set_state(AccountState::Running);
-            s.last_error = None;
-            s.reconnect_attempts = attempts;
-        });
-        self.set_phase(Phase::Running);
-        self.publish(StartOutcome::Started);
-        let started = ctx.inner.clock.now();
-        let result = match ended_early {
-            Some(result) => result,
-            None => tokio::select! {
-                // A stop that coincides with the end of the task still runs the stop sequence.
-                biased;
-                () = self.shared.stopped() => {
-                    // Boxed, here and at every stop: a running account's future does not carry
-                    // the stop sequence's state.
-                    Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
-                    return RunEnd::Stopped;
-                }
-                result = &mut task.done => result,
-            },
-        };
-        let ran_for = ctx.inner.clock.now().duration_since(started);
-        let now = ctx.inner.clock.wall_ms();
-        let error = match &result {
-            Ok(()) => "channel exited without an error".to_owned(),
-            Err(e) => e.clone(),
-        };
-        // Why it ended, without a state of its own: what follows at once (restart-pending,
-        // gave-up, or stopped when a stop raced the end) is the state the stream shows, with no
-        // `stopped` flashing before a restart. Handles of the task are stale from here.
-        ctx.inner.board.retire_generation_and(&ctx.key, |s| {
-            s.last_stop_at = Some(now);
-            s.last_error = Some(error.clone());
-        });
-        RunEnd::Exited(result, ran_for)
     }
 
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.

@@ -230,7 +230,8 @@ impl Shared {
     fn take_task_for_abort(&self) -> Option<u64> {
         let task = self.task.load(std::sync::atomic::Ordering::Acquire);
         (task != 0).then(|| {
-            self.aborted.store(task, std::sync::atomic::Ordering::Release);
+            self.aborted
+                .store(task, std::sync::atomic::Ordering::Release);
             task
         })
     }
@@ -403,19 +404,34 @@ pub const BLOCKING_CALLS_PER_PLUGIN: usize = 8;
 struct State {
     /// Channels whose registration failed, with why (start-all reports them).
     failed_channels: BTreeMap<String, String>,
-    accounts: HashMap<AccountKey, AccountEntry>,
+    /// Keyed by the account's shared key, which its lifecycle and links hold too (one copy of
+    /// the ids per account).
+    accounts: HashMap<Arc<AccountKey>, AccountEntry>,
     next_lifecycle: u64,
 }
 
 impl State {
     /// `key`'s bookkeeping, created if needed (the key is cloned only then).
     fn account(&mut self, key: &AccountKey) -> &mut AccountEntry {
-        if !self.accounts.contains_key(key) {
-            self.accounts.insert(key.clone(), AccountEntry::default());
-        }
-        self.accounts
+        self.account_with_key(key).1
+    }
+
+    /// [`account`](Self::account), with the shared key it is kept under.
+    fn account_with_key(&mut self, key: &AccountKey) -> (Arc<AccountKey>, &mut AccountEntry) {
+        let shared = match self.accounts.get_key_value(key) {
+            Some((shared, _)) => shared.clone(),
+            None => {
+                let shared = Arc::new(key.clone());
+                self.accounts
+                    .insert(shared.clone(), AccountEntry::default());
+                shared
+            }
+        };
+        let entry = self
+            .accounts
             .get_mut(key)
-            .expect("the account was just inserted")
+            .expect("the account was just found or inserted");
+        (shared, entry)
     }
 }
 
@@ -741,7 +757,9 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let mut outcomes = self.start_accounts(ch, std::slice::from_ref(key), mode).await;
+        let mut outcomes = self
+            .start_accounts(ch, std::slice::from_ref(key), mode)
+            .await;
         outcomes.pop().unwrap_or(StartOutcome::Stopped)
     }
 
@@ -765,10 +783,14 @@ impl Supervisor {
         // Each start's outcome, written as it arrives (the deadline reads what has arrived).
         let outcomes: Vec<std::sync::OnceLock<StartOutcome>> =
             keys.iter().map(|_| std::sync::OnceLock::new()).collect();
-        let waits = keys.iter().zip(steps).zip(&outcomes).map(|((key, step), out)| async move {
-            let outcome = self.finish_start(ch, key, mode, step).await;
-            let _ = out.set(outcome);
-        });
+        let waits = keys
+            .iter()
+            .zip(steps)
+            .zip(&outcomes)
+            .map(|((key, step), out)| async move {
+                let outcome = self.finish_start(ch, key, mode, step).await;
+                let _ = out.set(outcome);
+            });
         tokio::select! {
             biased;
             _ = join_all(waits) => {}
@@ -838,7 +860,7 @@ impl Supervisor {
         mode: StartMode,
     ) -> StartStep {
         let next_id = state.next_lifecycle + 1;
-        let entry = state.account(key);
+        let (shared_key, entry) = state.account_with_key(key);
         if let Some(reason) = &entry.stuck {
             // Refused: nothing changes, not even the manual-stop mark.
             return StartStep::Done(StartOutcome::Refused(reason.clone()));
@@ -871,7 +893,7 @@ impl Supervisor {
             }
             None => {
                 // The slot is reserved here, before any await.
-                let handle = self.spawn_lifecycle(next_id, ch.clone(), key.clone());
+                let handle = self.spawn_lifecycle(next_id, ch.clone(), shared_key);
                 let shared = handle.shared.clone();
                 entry.lifecycle = Some(handle);
                 state.next_lifecycle = next_id;
@@ -885,7 +907,7 @@ impl Supervisor {
         }
     }
 
-    fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: AccountKey) -> LifecycleHandle {
+    fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: Arc<AccountKey>) -> LifecycleHandle {
         let shared = Arc::new(Shared::new());
         if self.inner.closing.is_cancelled() {
             // Shutting down: this one stops before it boots (shutdown stops the ones it finds).
@@ -895,7 +917,7 @@ impl Supervisor {
             ctx: lifecycle::AccountCtx {
                 inner: self.inner.clone(),
                 channel: ch.clone(),
-                key: Arc::new(key),
+                key,
             },
             id,
             shared: shared.clone(),
@@ -956,7 +978,10 @@ impl Supervisor {
                             .board
                             .update(key, |s| s.set_state(AccountState::Stopping));
                         if let Some(task) = lc.shared.take_task_for_abort() {
-                            match aborts.iter_mut().find(|(ch, _)| Arc::ptr_eq(ch, &lc.channel)) {
+                            match aborts
+                                .iter_mut()
+                                .find(|(ch, _)| Arc::ptr_eq(ch, &lc.channel))
+                            {
                                 Some((_, tasks)) => tasks.push(task),
                                 None => aborts.push((lc.channel.clone(), vec![task])),
                             }
@@ -985,7 +1010,9 @@ impl Supervisor {
                     // A disabled, unconfigured or logged-out account says so still.
                     if !matches!(
                         s.state,
-                        AccountState::Disabled | AccountState::NotConfigured | AccountState::LoggedOut
+                        AccountState::Disabled
+                            | AccountState::NotConfigured
+                            | AccountState::LoggedOut
                     ) {
                         s.set_state(AccountState::Stopped);
                     }
@@ -994,7 +1021,12 @@ impl Supervisor {
                 outcomes[i] = Some(StopOutcome::Stopped);
             }
         }
-        join_all(stopping.iter().map(|(_, shared)| shared.wait_for(|e| e.ended))).await;
+        join_all(
+            stopping
+                .iter()
+                .map(|(_, shared)| shared.wait_for(|e| e.ended)),
+        )
+        .await;
         {
             let state = self.lock();
             for (i, _) in &stopping {
@@ -1203,7 +1235,7 @@ impl Supervisor {
             .lock()
             .accounts
             .iter()
-            .filter_map(|(key, e)| e.stuck.clone().map(|reason| (key.clone(), reason)))
+            .filter_map(|(key, e)| e.stuck.clone().map(|reason| (AccountKey::clone(key), reason)))
             .collect();
         stuck.sort_by_key(|(key, _)| key.to_string());
         stuck
