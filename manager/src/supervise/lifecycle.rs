@@ -154,6 +154,10 @@ impl Lifecycle {
     /// The lifecycle's future. A plain function returning an `async move` block (not an
     /// `async fn`, whose future would hold `self` twice: as its argument and as the block's
     /// copy); it is the bulk of a running account's memory, so its states stay small.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's future holds its arguments twice"
+    )]
     pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
             let ctx = &self.ctx;
@@ -301,6 +305,10 @@ impl Lifecycle {
     /// Runs a started task until it ends or a user stops it. With a plugin that reports the first
     /// poll of its tasks, the account counts as running only from that report: a task the
     /// plugin's runtime never polls (its workers are all blocked) is never shown running.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn's future holds its arguments twice"
+    )]
     fn run_task(
         &self,
         mut task: RunningTask,
