@@ -80,6 +80,20 @@ impl std::fmt::Display for HookEnd {
     }
 }
 
+/// How a stop hook's call went, as the stop reports it: a hook that hung past its bound is not a
+/// failure of the stop.
+fn hook_end(
+    result: Result<Result<(), crate::plugin::PluginCallError>, super::calls::CallError>,
+) -> HookEnd {
+    use super::calls::CallError;
+    match result {
+        Ok(Ok(())) | Err(CallError::TimedOut(_)) => HookEnd::Done,
+        Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
+        Err(e @ CallError::Saturated(_)) => HookEnd::Skipped(format!("stop hook {e}")),
+        Err(e) => HookEnd::Failed(format!("stop hook {e}")),
+    }
+}
+
 /// One account's boot, as the channel's boot pool queues it.
 pub(super) struct BootJob {
     inner: Arc<Inner>,
@@ -512,156 +526,162 @@ impl AccountCtx {
     /// end is reported stuck, and its slot frees itself when it finally ends.
     /// `aborted`: a stop has fired the task's abort already (in a batch with other accounts').
     async fn stop_task(&self, mut task: RunningTask, aborted: bool) {
-        let plugin = self.channel.plugin.clone();
-        let stop_timeout = self.inner.policy().stop_timeout;
+        let plugin = &self.channel.plugin;
+        let (stop_timeout, cancel_grace) = {
+            let policy = self.inner.policy();
+            (policy.stop_timeout, policy.cancel_grace)
+        };
         if !aborted {
             plugin.abort_task(task.id);
         }
-        let hook_plugin = plugin.clone();
-        let account = self.key.account.clone();
-        let key = self.key.clone();
-        let permits = self.channel.blocking_permits.clone();
         // The hook runs beside the wait, and the stop waits for it only until the stop's own
         // deadline: a hook that hangs cannot delay the stop past its bound, and one that returns
         // in time has finished before the account counts as stopped (and before a retired
         // version's runtime is shut down under it).
         let deadline = self.inner.clock.now() + stop_timeout;
-        // A 1.1 plugin's hook is a future on its own runtime (dropped, and so cancelled, at the
-        // deadline); a 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
-        // calls in flight.
         // Set while a 1.0 hook waits for one of the plugin's blocking slots: a stop whose deadline
         // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
         // instant, so the flag decides, not which timer fires first).
-        let waiting_for_slot = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let waiting = waiting_for_slot.clone();
+        let mut waiting_for_slot = None;
         // Polled beside the wait for the task, in this task (no task of its own per stop).
-        let mut hook = Box::pin(async move {
-            use super::calls::CallError;
-            let result = match hook_plugin.stop_account_async(&account) {
-                Some(hook) => timeout(stop_timeout, hook)
-                    .await
-                    .map_err(|_| CallError::TimedOut(stop_timeout)),
+        let mut hook: std::pin::Pin<Box<dyn std::future::Future<Output = HookEnd> + Send>> =
+            match plugin.stop_account_async(&self.key.account) {
+                // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
+                // below (dropped, and so cancelled, past it).
+                Some(hook) => Box::pin(async move { hook_end(Ok(hook.await)) }),
+                // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
+                // calls in flight.
                 None => {
-                    waiting.store(true, std::sync::atomic::Ordering::SeqCst);
-                    super::calls::bounded_with_permit_then(
-                        &permits,
-                        stop_timeout,
-                        move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
-                        move || hook_plugin.stop_account(&account),
-                    )
-                    .await
+                    let waiting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                    waiting_for_slot = Some(waiting.clone());
+                    let (hook_plugin, account) = (plugin.clone(), self.key.account.clone());
+                    let permits = self.channel.blocking_permits.clone();
+                    Box::pin(async move {
+                        let result = super::calls::bounded_with_permit_then(
+                            &permits,
+                            stop_timeout,
+                            move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
+                            move || hook_plugin.stop_account(&account),
+                        )
+                        .await;
+                        hook_end(result)
+                    })
                 }
             };
-            // A failed hook (an error, a panic the plugin's layer caught) is the stop's news: it
-            // goes to `lastError` and to the stop's outcome. A hook that hangs is not waited for
-            // past the stop's bound, and is not a failure of the stop.
-            let end = match result {
-                Ok(Ok(())) | Err(CallError::TimedOut(_)) => return HookEnd::Done,
-                Ok(Err(e)) => HookEnd::Failed(format!("stop hook failed: {e}")),
-                Err(e @ CallError::Saturated(_)) => HookEnd::Skipped(format!("stop hook {e}")),
-                Err(e) => HookEnd::Failed(format!("stop hook {e}")),
-            };
-            tracing::warn!(account = %key, "{end}");
-            end
-        });
-        let cancel_grace = self.inner.policy().cancel_grace;
         let mut hook_end = None;
-        // An isolated plugin's cancel kills its process: the task then ends saying so (`killed`).
-        let (ended, cancelled, killed) = {
-            let wait = async {
-                match timeout(stop_timeout, &mut task.done).await {
-                    Ok(_) => (true, false, None),
-                    Err(_) => {
-                        plugin.cancel_task(task.id);
-                        match timeout(cancel_grace, &mut task.done).await {
-                            Ok(end) => (
-                                true,
-                                true,
-                                end.err().filter(|_| plugin.isolation().is_some()),
-                            ),
-                            Err(_) => (false, true, None),
-                        }
-                    }
-                }
-            };
-            tokio::pin!(wait);
+        let mut ended = None;
+        {
+            let until_deadline = tokio::time::sleep_until(deadline);
+            tokio::pin!(until_deadline);
             loop {
                 tokio::select! {
                     biased;
-                    waited = &mut wait => break waited,
-                    end = &mut hook, if hook_end.is_none() => hook_end = Some(end),
+                    end = &mut task.done, if ended.is_none() => {
+                        ended = Some(end);
+                        if hook_end.is_some() {
+                            break;
+                        }
+                    }
+                    end = &mut hook, if hook_end.is_none() => {
+                        hook_end = Some(end);
+                        if ended.is_some() {
+                            break;
+                        }
+                    }
+                    () = &mut until_deadline => break,
+                }
+            }
+        }
+        // Past the deadline, a hook still going is not waited for: still without a slot, it was
+        // not called at all (1.0).
+        let hook_done = hook_end.is_some();
+        let hook_end = hook_end.unwrap_or_else(|| {
+            if waiting_for_slot.is_some_and(|w| w.load(std::sync::atomic::Ordering::SeqCst)) {
+                HookEnd::Skipped(format!(
+                    "stop hook {}",
+                    super::calls::CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN)
+                ))
+            } else {
+                HookEnd::Done
+            }
+        });
+        if let HookEnd::Failed(why) | HookEnd::Skipped(why) = &hook_end {
+            tracing::warn!(account = %self.key, "{why}");
+        }
+        // An isolated plugin's cancel kills its process: the task then ends saying so (`killed`).
+        let (ended, cancelled, killed) = match ended {
+            Some(_) => (true, false, None),
+            None => {
+                plugin.cancel_task(task.id);
+                match timeout(cancel_grace, &mut task.done).await {
+                    Ok(end) => (
+                        true,
+                        true,
+                        end.err().filter(|_| plugin.isolation().is_some()),
+                    ),
+                    Err(_) => (false, true, None),
                 }
             }
         };
-        self.inner.board.retire_generation(&self.key);
-        if !ended && hook_end.is_none() {
-            // The hook goes on by itself while the task is reported stuck.
-            tokio::spawn(hook);
-        } else if ended {
-            let end = match hook_end {
-                Some(end) => Ok(end),
-                None => tokio::time::timeout_at(deadline, &mut hook).await,
-            };
-            let end = match end {
-                Ok(end) => end,
-                // Past the stop's own bound, still without a slot: the hook was not called.
-                Err(_) if waiting_for_slot.load(std::sync::atomic::Ordering::SeqCst) => {
-                    HookEnd::Skipped(format!(
-                        "stop hook {}",
-                        super::calls::CallError::Saturated(super::BLOCKING_CALLS_PER_PLUGIN)
-                    ))
-                }
-                // Past the stop's own bound, the hook still running: not waited for.
-                Err(_) => HookEnd::Done,
-            };
-            let (hook_failure, skipped) = match end {
-                HookEnd::Done => (None, None),
-                HookEnd::Failed(failure) => (Some(failure), None),
-                HookEnd::Skipped(reason) => (None, Some(reason)),
-            };
-            let now = self.inner.clock.wall_ms();
-            let cancelled_note = cancelled.then(|| {
-                format!(
-                    "did not stop within {} of its abort; {}",
-                    humantime::format_duration(stop_timeout),
-                    killed.as_deref().unwrap_or("cancelled")
-                )
+        if !ended {
+            self.inner.board.retire_generation(&self.key);
+            if !hook_done {
+                // The hook goes on by itself while the task is reported stuck (bounded as the
+                // stop was).
+                tokio::spawn(timeout(stop_timeout, hook));
+            }
+            let reason = format!(
+                "stuck: the task did not end within {} of its abort nor when cancelled (it blocks \
+                 its thread); starts are refused until it ends",
+                humantime::format_duration(stop_timeout)
+            );
+            tracing::error!(account = %self.key, "{reason}");
+            self.set_state(AccountState::Stuck, |s| {
+                s.last_error = Some(reason.clone());
             });
-            let error = [cancelled_note, hook_failure.clone(), skipped]
-                .into_iter()
-                .flatten()
-                .reduce(|a, b| format!("{a}; {b}"));
-            self.set_state(AccountState::Stopped, |s| {
-                s.last_stop_at = Some(now);
-                if let Some(error) = error {
-                    s.last_error = Some(error);
-                }
+            if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+                entry.stuck = Some(reason.clone());
+                entry.last_stop_cancelled = true;
+            }
+            let ctx = self.clone();
+            // Not tracked: shutdown must not wait on a thread that may never return.
+            tokio::spawn(async move {
+                let _ = task.done.await;
+                ctx.clear_stuck(&reason, "the stuck task has ended");
             });
+            return;
+        }
+        let (hook_failure, skipped) = match hook_end {
+            HookEnd::Done => (None, None),
+            HookEnd::Failed(failure) => (Some(failure), None),
+            HookEnd::Skipped(reason) => (None, Some(reason)),
+        };
+        let now = self.inner.clock.wall_ms();
+        let cancelled_note = cancelled.then(|| {
+            format!(
+                "did not stop within {} of its abort; {}",
+                humantime::format_duration(stop_timeout),
+                killed.as_deref().unwrap_or("cancelled")
+            )
+        });
+        let error = [cancelled_note, hook_failure.clone(), skipped]
+            .into_iter()
+            .flatten()
+            .reduce(|a, b| format!("{a}; {b}"));
+        // Handles of the task are stale from here, in the same write as `stopped`.
+        self.inner.board.retire_generation_and(&self.key, |s| {
+            s.set_state(AccountState::Stopped);
+            s.last_stop_at = Some(now);
+            if let Some(error) = error {
+                s.last_error = Some(error);
+            }
+        });
+        if cancelled || hook_failure.is_some() {
             if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
                 entry.last_stop_cancelled = cancelled;
                 entry.last_stop_hook_failure = hook_failure;
             }
-            return;
         }
-        let reason = format!(
-            "stuck: the task did not end within {} of its abort nor when cancelled (it blocks \
-             its thread); starts are refused until it ends",
-            humantime::format_duration(stop_timeout)
-        );
-        tracing::error!(account = %self.key, "{reason}");
-        self.set_state(AccountState::Stuck, |s| {
-            s.last_error = Some(reason.clone());
-        });
-        if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-            entry.stuck = Some(reason.clone());
-            entry.last_stop_cancelled = true;
-        }
-        let ctx = self.clone();
-        // Not tracked: shutdown must not wait on a thread that may never return.
-        tokio::spawn(async move {
-            let _ = task.done.await;
-            ctx.clear_stuck(&reason, "the stuck task has ended");
-        });
     }
 
     /// A stop arrived while the plugin's start was running, and the start has not returned within

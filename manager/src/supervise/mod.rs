@@ -1235,7 +1235,11 @@ impl Supervisor {
             .lock()
             .accounts
             .iter()
-            .filter_map(|(key, e)| e.stuck.clone().map(|reason| (AccountKey::clone(key), reason)))
+            .filter_map(|(key, e)| {
+                e.stuck
+                    .clone()
+                    .map(|reason| (AccountKey::clone(key), reason))
+            })
             .collect();
         stuck.sort_by_key(|(key, _)| key.to_string());
         stuck
