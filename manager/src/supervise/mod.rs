@@ -210,11 +210,17 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    /// Fires the stop signal (once) and wakes the lifecycle.
+    /// Fires the stop signal and wakes the lifecycle.
     fn request_stop(&self) {
-        if !self.stop.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            self.lifecycle.wake();
-        }
+        self.mark_stop();
+        self.lifecycle.wake();
+    }
+
+    /// Sets the stop signal without waking the lifecycle yet: a stop of many accounts sets every
+    /// signal before it fires their tasks' aborts, so a lifecycle woken by its task's end (the
+    /// abort) sees the stop, not a task that ended by itself.
+    fn mark_stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn stop_requested(&self) -> bool {
@@ -226,17 +232,18 @@ impl Shared {
         self.task.store(task, std::sync::atomic::Ordering::Release);
     }
 
-    /// The running task, which the caller is about to abort: recorded as aborted.
-    fn take_task_for_abort(&self) -> Option<u64> {
-        let task = self.task.load(std::sync::atomic::Ordering::Acquire);
-        (task != 0).then(|| {
-            self.aborted
-                .store(task, std::sync::atomic::Ordering::Release);
-            task
-        })
+    /// The running task (0: none).
+    fn task(&self) -> u64 {
+        self.task.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Whether a stop has aborted `task` already.
+    /// Records that a stop has fired `task`'s abort (so its stop sequence skips its own).
+    fn mark_aborted(&self, task: u64) {
+        self.aborted
+            .store(task, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a stop has fired `task`'s abort already.
     fn aborted(&self, task: u64) -> bool {
         self.aborted.load(std::sync::atomic::Ordering::Acquire) == task
     }
@@ -960,7 +967,7 @@ impl Supervisor {
         let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
         let mut idle = Vec::new();
         // The running tasks to abort, by the plugin version each runs on.
-        let mut aborts: Vec<(Arc<Channel>, Vec<u64>)> = Vec::new();
+        let mut aborts: Vec<(Arc<Channel>, Vec<(u64, Arc<Shared>)>)> = Vec::new();
         {
             let mut state = self.lock();
             for (i, key) in keys.iter().enumerate() {
@@ -977,13 +984,17 @@ impl Supervisor {
                         self.inner
                             .board
                             .update(key, |s| s.set_state(AccountState::Stopping));
-                        if let Some(task) = lc.shared.take_task_for_abort() {
+                        // Set now, woken below once the aborts are out.
+                        lc.shared.mark_stop();
+                        let task = lc.shared.task();
+                        if task != 0 {
+                            let entry = (task, lc.shared.clone());
                             match aborts
                                 .iter_mut()
                                 .find(|(ch, _)| Arc::ptr_eq(ch, &lc.channel))
                             {
-                                Some((_, tasks)) => tasks.push(task),
-                                None => aborts.push((lc.channel.clone(), vec![task])),
+                                Some((_, tasks)) => tasks.push(entry),
+                                None => aborts.push((lc.channel.clone(), vec![entry])),
                             }
                         }
                         stopping.push((i, lc.shared.clone()));
@@ -995,10 +1006,16 @@ impl Supervisor {
                 }
             }
         }
-        // The aborts land before any lifecycle sees its stop (its stop sequence then skips its
-        // own abort call), so the order stays abort, then stop hook.
+        // Every stop signal is set before any abort fires, so a lifecycle woken by its task's end
+        // sees a stop, never a task that ended by itself. A stop sequence that begins before its
+        // task's batched abort is marked fired aborts the task itself (twice is harmless), so the
+        // order stays abort, then stop hook.
         for (ch, tasks) in &aborts {
-            ch.plugin.abort_tasks(tasks);
+            let ids: Vec<u64> = tasks.iter().map(|(task, _)| *task).collect();
+            ch.plugin.abort_tasks(&ids);
+            for (task, shared) in tasks {
+                shared.mark_aborted(*task);
+            }
         }
         for (_, shared) in &stopping {
             shared.request_stop();

@@ -255,6 +255,8 @@ pub(super) struct TestPlugin {
     booting: watch::Sender<usize>,
     /// The most accounts ever inside `boot_accounts` calls at once.
     max_booting: AtomicU64,
+    /// How long `abort_task` keeps its caller after firing the abort (the task ends meanwhile).
+    abort_linger: Mutex<Duration>,
 }
 
 impl TestPlugin {
@@ -275,7 +277,14 @@ impl TestPlugin {
             epoch: Instant::now(),
             booting: watch::channel(0).0,
             max_booting: AtomicU64::new(0),
+            abort_linger: Mutex::new(Duration::ZERO),
         })
+    }
+
+    /// Makes `abort_task` keep its caller's thread for `linger` after it fires the abort (real
+    /// time: for a multi-threaded runtime, where the task's end is seen meanwhile).
+    pub(super) fn linger_in_abort(&self, linger: Duration) {
+        *self.abort_linger.lock().unwrap() = linger;
     }
 
     /// Waits (without letting time pass) until at least `n` accounts are inside `boot_accounts`
@@ -630,6 +639,10 @@ impl Plugin for TestPlugin {
         self.with(&account, |a| a.calls.abort += 1);
         if let Some(t) = self.shared().tasks.get(&task) {
             t.abort.cancel();
+        }
+        let linger = *self.abort_linger.lock().unwrap();
+        if !linger.is_zero() {
+            std::thread::sleep(linger);
         }
         true
     }

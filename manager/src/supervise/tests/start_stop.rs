@@ -311,6 +311,31 @@ async fn a_failing_stop_hook_shows_in_the_outcome_and_last_error() {
     assert_eq!(stop(&sup, "c", "a").await, StopOutcome::Stopped);
 }
 
+/// Regression: a stop of many accounts fired their tasks' aborts before it signalled their
+/// lifecycles, so a lifecycle that saw its task end first (the abort) took it for a task that
+/// ended by itself: no stop hook, a restart scheduled, and the stop reported `stopped`. The stop
+/// signal is set before any abort now. Here the abort keeps the stopping thread while the task
+/// ends and the other worker runs the lifecycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_ended_by_a_stops_abort_still_gets_the_stop_sequence() {
+    let plugin = TestPlugin::new("c", &["a"]);
+    let _release = plugin.release_on_drop();
+    plugin.fail_entry("a", Entry::Stop, "hook broke");
+    let sup = supervisor();
+    add(&sup, &plugin).await;
+    assert_eq!(start(&sup, "c", "a").await, StartOutcome::Started);
+    plugin.linger_in_abort(Duration::from_millis(300));
+    let outcome = stop(&sup, "c", "a").await;
+    assert!(
+        matches!(&outcome, StopOutcome::HookFailed(reason) if reason.contains("hook broke")),
+        "{outcome:?}"
+    );
+    assert_eq!(plugin.calls("a").stop, 1);
+    let s = snap(&sup, "c", "a");
+    assert_eq!(s.state, crate::status::AccountState::Stopped);
+    assert_eq!(s.reconnect_attempts, 0, "{s:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn restart_stops_then_starts_with_one_task_at_a_time() {
     let plugin = TestPlugin::new("c", &["a"]);
