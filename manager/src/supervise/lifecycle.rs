@@ -676,11 +676,13 @@ impl AccountCtx {
                 s.last_error = Some(error);
             }
         });
-        if cancelled || hook_failure.is_some() {
-            if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-                entry.last_stop_cancelled = cancelled;
-                entry.last_stop_hook_failure = hook_failure;
-            }
+        // Both start out false/none at every stop (see `Supervisor::stop_accounts`): the lock is
+        // taken only for news.
+        if (cancelled || hook_failure.is_some())
+            && let Some(entry) = self.inner.lock().accounts.get_mut(&self.key)
+        {
+            entry.last_stop_cancelled = cancelled;
+            entry.last_stop_hook_failure = hook_failure;
         }
     }
 

@@ -348,6 +348,9 @@ struct BootEvent {
     ended: bool,
 }
 
+/// A running task's id and the lifecycle that runs it (a stop's batched abort marks it).
+type TaskOf = (u64, Arc<Shared>);
+
 /// Where a start stands after a step under the state lock.
 enum StartStep {
     /// It has its outcome.
@@ -967,7 +970,7 @@ impl Supervisor {
         let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
         let mut idle = Vec::new();
         // The running tasks to abort, by the plugin version each runs on.
-        let mut aborts: Vec<(Arc<Channel>, Vec<(u64, Arc<Shared>)>)> = Vec::new();
+        let mut aborts: Vec<(Arc<Channel>, Vec<TaskOf>)> = Vec::new();
         {
             let mut state = self.lock();
             for (i, key) in keys.iter().enumerate() {
