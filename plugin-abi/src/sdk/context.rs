@@ -191,6 +191,13 @@ impl AccountContext {
         &self.account
     }
 
+    /// The account being started, shared: for a plugin that keeps it beyond the task (a map of
+    /// each account's last config, say) without copying it. The SDK hands the same account to
+    /// every start until the host configures the channel anew.
+    pub fn shared_account(&self) -> Arc<Account> {
+        self.account.clone()
+    }
+
     /// The host's services for this account.
     pub fn host(&self) -> &Host {
         &self.host
@@ -299,7 +306,7 @@ impl AccountContext {
         };
         self.runtime
             .spawn(self.tracker.track_future(super::watchdog::watched(
-                &self.account.id,
+                super::watchdog::Owner::Account(self.account.clone()),
                 "spawned task",
                 super::log::in_scope(self.scope.clone(), task),
             )));

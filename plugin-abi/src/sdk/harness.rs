@@ -54,9 +54,10 @@ pub fn account_context(
 ) -> (AccountContext, Controls) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let scope = log::AccountScope::new(&account.channel, &account.id);
+    let account = Arc::new(account);
+    let scope = log::AccountScope::new(account.clone());
     let context = AccountContext {
-        account: Arc::new(account),
+        account,
         host: Host::new(host),
         abort: AbortSignal(abort.clone()),
         tracker: tracker.clone(),

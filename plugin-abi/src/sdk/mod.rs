@@ -11,6 +11,7 @@ mod fence;
 mod harness;
 mod log;
 mod outbound;
+mod resolved;
 mod runtime;
 mod tasks;
 mod watchdog;
@@ -114,6 +115,10 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     }
 
     /// The account's config. Default: its table under `accounts` (empty if absent).
+    ///
+    /// The SDK resolves each account once per config the host installs and hands the same
+    /// [`Account`] to every later hook and start, until the host configures the channel anew: the
+    /// answer must depend on `channel` and `account_id` alone. A resolve that fails is not kept.
     fn resolve_account(&self, channel: &ChannelConfig, account_id: &str) -> PluginResult<Account> {
         Ok(channel.account(account_id))
     }
@@ -142,11 +147,12 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     /// [`AccountContext::aborted`] and return soon after it fires.
     fn start(&self, ctx: AccountContext) -> impl Future<Output = PluginResult> + Send;
 
-    /// Called after the abort signal when the host stops an account. Default: nothing. It runs
-    /// on the plugin's runtime and holds no host thread; the host waits for it at most its stop
-    /// timeout, then drops it.
+    /// Called after the abort signal when the host stops an account. Default: nothing (and the
+    /// SDK, seeing the default, runs nothing: a stop costs no task). It runs on the plugin's
+    /// runtime and holds no host thread; the host waits for it at most its stop timeout, then
+    /// drops it.
     fn stop(&self, _account: Account) -> impl Future<Output = PluginResult> + Send {
-        async { Ok(()) }
+        entries::DefaultStop
     }
 
     /// Clears the account's stored credentials; returns whether anything was cleared.
