@@ -428,21 +428,9 @@ fn start_one<P: ChannelPlugin>(
         outbound: outbound::Registry::process(),
     };
     let task = ChannelPlugin::start(plugin, ctx);
-    let children_abort = abort.clone();
+    let task = tasks::AccountTask::new(id, task, polled, abort.clone(), tracker);
     let join = tasks::register(id, abort, || {
-        let task = log::in_scope(scope, async move {
-            let _unregister = tasks::Unregister(id);
-            // The runtime is polling the task: only now is the account running.
-            polled.task_polled();
-            drop(polled);
-            let result = task.await;
-            // Tasks the account spawned end with it, and it ends once they have.
-            children_abort.cancel();
-            tracker.close();
-            tracker.wait().await;
-            result
-        });
-        let join = handle.spawn(watched(owner, "task", task));
+        let join = handle.spawn(watched(owner, "task", log::in_scope(scope, task)));
         (join.abort_handle(), join)
     });
     Ok(StartedTask {

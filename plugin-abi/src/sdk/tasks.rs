@@ -4,14 +4,20 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll, ready},
 };
 
+use pin_project_lite::pin_project;
 use tokio::task::AbortHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::abi::HostHandle;
 
 struct Control {
     abort: CancellationToken,
@@ -82,5 +88,93 @@ pub(crate) struct Unregister(pub(crate) u64);
 impl Drop for Unregister {
     fn drop(&mut self) {
         unregister(self.0);
+    }
+}
+
+pin_project! {
+    /// One account's task as the runtime runs it: the author's future, polled in place (no
+    /// second copy of it, as an `async` block that awaits a captured future would hold), with the
+    /// SDK's part around it. At the first poll it tells the host the task is polled and puts the
+    /// task's [`Unregister`] in place; once the author's future has ended (and been dropped), it
+    /// fires the abort for the tasks the account spawned and ends when they have.
+    pub(crate) struct AccountTask<F, T> {
+        #[pin]
+        stage: Stage<F, T>,
+        id: u64,
+        polled: Option<HostHandle>,
+        unregister: Option<Unregister>,
+        abort: CancellationToken,
+        tracker: TaskTracker,
+    }
+}
+
+pin_project! {
+    #[project = StageProj]
+    enum Stage<F, T> {
+        Running { #[pin] task: F },
+        /// The author's future has ended with `result`; `children` waits for the spawned tasks
+        /// (boxed, and only made if there are any).
+        Ending {
+            result: Option<T>,
+            children: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        },
+    }
+}
+
+impl<F, T> AccountTask<F, T> {
+    /// The task `id` running `task`; `polled` is told at its first poll; `abort` and `tracker`
+    /// are the account's (its spawned tasks').
+    pub(crate) fn new(
+        id: u64,
+        task: F,
+        polled: HostHandle,
+        abort: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            stage: Stage::Running { task },
+            id,
+            polled: Some(polled),
+            unregister: None,
+            abort,
+            tracker,
+        }
+    }
+}
+
+impl<F: Future<Output = T>, T> Future for AccountTask<F, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut this = self.project();
+        if let Some(polled) = this.polled.take() {
+            *this.unregister = Some(Unregister(*this.id));
+            // The runtime is polling the task: only now is the account running.
+            polled.task_polled();
+        }
+        loop {
+            match this.stage.as_mut().project() {
+                StageProj::Running { task } => {
+                    let result = ready!(task.poll(cx));
+                    // Tasks the account spawned end with it, and it ends once they have.
+                    this.abort.cancel();
+                    this.tracker.close();
+                    this.stage.set(Stage::Ending {
+                        result: Some(result),
+                        children: None,
+                    });
+                }
+                StageProj::Ending { result, children } => {
+                    if children.is_none() && !this.tracker.is_empty() {
+                        let tracker = this.tracker.clone();
+                        *children = Some(Box::pin(async move { tracker.wait().await }));
+                    }
+                    if let Some(wait) = children {
+                        ready!(wait.as_mut().poll(cx));
+                    }
+                    return Poll::Ready(result.take().expect("an account task polled after it ended"));
+                }
+            }
+        }
     }
 }
