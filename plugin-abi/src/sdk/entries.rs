@@ -47,6 +47,7 @@ trait ErasedPlugin: Send + Sync + 'static {
     fn start_task(&'static self, account: &str, host: HostHandle) -> Result<StartedTask, String>;
     /// Whether `stop` is the trait's default, which does nothing: then there is nothing to run.
     fn stop_is_default(&self) -> bool;
+    fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>>;
     fn stop(&'static self, account: Account) -> BoxFuture<()>;
     fn logout(&'static self, account: Account) -> BoxFuture<bool>;
     fn send(&'static self, message: Outbound) -> BoxFuture<String>;
@@ -82,6 +83,9 @@ impl<P: ChannelPlugin> ErasedPlugin for P {
     }
     fn start_task(&'static self, account: &str, host: HostHandle) -> Result<StartedTask, String> {
         start_one(self, account, host)
+    }
+    fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>> {
+        stop_one(self, account)
     }
     fn stop_is_default(&self) -> bool {
         /// The type of the future a `stop` of `P` returns, without calling it.
@@ -334,7 +338,9 @@ extern "C" fn resolve_account(account: RStr<'_>) -> RResult<RString, RString> {
 
 extern "C" fn is_enabled(account: RStr<'_>) -> RResult<RVerdict, RString> {
     fenced("is_enabled", || {
-        Ok(to_rverdict(plugin().is_enabled(&*resolve(account.as_str())?)))
+        Ok(to_rverdict(
+            plugin().is_enabled(&*resolve(account.as_str())?),
+        ))
     })
 }
 
@@ -516,15 +522,22 @@ extern "C" fn logout(account: RStr<'_>) -> RResult<bool, RString> {
     })
 }
 
-/// Spawns a hook on the plugin's runtime and hands the host a future that waits for it.
-fn spawn_hook<T: Send + 'static, U: Send + 'static>(
+/// Spawns a hook on the plugin's runtime and hands the host a future that waits for it. `hook`
+/// builds the hook's future (on the calling thread, inside the fence) for the account it resolved
+/// (which the watchdog names it by).
+fn spawn_hook<T, U, F>(
     what: &'static str,
-    account: &str,
-    hook: impl FnOnce() -> Result<BoxFuture<T>, String>,
+    hook: impl FnOnce() -> Result<(Arc<Account>, F), String>,
     map: fn(T) -> U,
-) -> FfiFuture<RResult<U, RString>> {
+) -> FfiFuture<RResult<U, RString>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    F: Future<Output = Result<T, PluginError>> + Send + 'static,
+{
     let started = fenced(what, || {
-        Ok(rt()?.spawn(watched(account.into(), hook_label(what), hook()?)))
+        let (account, future) = hook()?;
+        Ok(rt()?.spawn(watched(Owner::Account(account), hook_label(what), future)))
     });
     match started {
         RResult::ROk(join) => await_task(join, what, map),
@@ -532,24 +545,42 @@ fn spawn_hook<T: Send + 'static, U: Send + 'static>(
     }
 }
 
-extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {
-    // The trait's default stop does nothing: no account to resolve, no task to run.
-    if fenced_or(false, || plugin().stop_is_default()) {
+/// The async stop hook for `account`: nothing for the trait's default (no account to resolve,
+/// no task to run), else the author's `stop` spawned on the plugin's runtime. Generic over the
+/// plugin, so the hook's future lives in the runtime's task itself (no box of its own).
+fn stop_one<P: ChannelPlugin>(
+    plugin: &'static P,
+    account: &str,
+) -> FfiFuture<RResult<(), RString>> {
+    if plugin.stop_is_default() {
         return std::future::ready(RResult::ROk(())).into_ffi();
     }
     spawn_hook(
         "stop_account",
-        account.as_str(),
-        || Ok(plugin().stop(resolve_owned(account.as_str())?)),
+        || {
+            let account = resolve(account)?;
+            let hook = ChannelPlugin::stop(plugin, Account::clone(&account));
+            Ok((account, hook))
+        },
         |()| (),
     )
+}
+
+extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {
+    match fenced("stop_account", || Ok(plugin())) {
+        RResult::ROk(plugin) => plugin.stop_async(account.as_str()),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
 }
 
 extern "C" fn logout_async(account: RStr<'_>) -> FfiFuture<RResult<bool, RString>> {
     spawn_hook(
         "logout",
-        account.as_str(),
-        || Ok(plugin().logout(resolve_owned(account.as_str())?)),
+        || {
+            let resolved = resolve(account.as_str())?;
+            let hook = plugin().logout(Account::clone(&resolved));
+            Ok((resolved, hook))
+        },
         |b| b,
     )
 }

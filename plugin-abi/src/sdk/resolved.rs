@@ -71,7 +71,8 @@ pub(crate) static CURRENT: Current = Current(RwLock::new(None));
 impl Current {
     /// Installs `config`, with no account resolved from it yet.
     pub(crate) fn install(&self, config: ChannelConfig) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Configured::new(config)));
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Configured::new(config)));
     }
 
     /// The current config; before any `configure`, `unconfigured()`'s (kept until one).
@@ -119,16 +120,25 @@ mod tests {
         let current = Current(RwLock::new(None));
         let calls = AtomicUsize::new(0);
         current.install(config("one"));
-        let first = current.get(ChannelConfig::default).resolve("a", counting(&calls));
-        let again = current.get(ChannelConfig::default).resolve("a", counting(&calls));
+        let first = current
+            .get(ChannelConfig::default)
+            .resolve("a", counting(&calls));
+        let again = current
+            .get(ChannelConfig::default)
+            .resolve("a", counting(&calls));
         let (first, again) = (first.unwrap(), again.unwrap());
-        assert!(Arc::ptr_eq(&first, &again), "the second resolve was not kept");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second resolve was not kept"
+        );
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         assert_eq!(token(&first), "one");
 
         // A new config: what was resolved from the old one is never handed out again.
         current.install(config("two"));
-        let after = current.get(ChannelConfig::default).resolve("a", counting(&calls));
+        let after = current
+            .get(ChannelConfig::default)
+            .resolve("a", counting(&calls));
         assert_eq!(token(&after.unwrap()), "two");
         assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
@@ -140,7 +150,10 @@ mod tests {
         assert!(failed.is_err());
         let calls = AtomicUsize::new(0);
         let resolved = configured.resolve("a", counting(&calls)).unwrap();
-        assert_eq!((token(&resolved), calls.load(Ordering::Relaxed)), ("one", 1));
+        assert_eq!(
+            (token(&resolved), calls.load(Ordering::Relaxed)),
+            ("one", 1)
+        );
     }
 
     #[test]

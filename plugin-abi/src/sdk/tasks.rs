@@ -65,7 +65,9 @@ pub(crate) fn unregister(id: u64) {
 
 /// Fires the task's abort signal.
 pub(crate) fn abort(id: u64) -> bool {
-    with_tasks(id, |tasks| tasks.get(&id).map(|c| c.abort.cancel()).is_some())
+    with_tasks(id, |tasks| {
+        tasks.get(&id).map(|c| c.abort.cancel()).is_some()
+    })
 }
 
 /// Cancels the task at its next await point.
@@ -172,7 +174,11 @@ impl<F: Future<Output = T>, T> Future for AccountTask<F, T> {
                     if let Some(wait) = children {
                         ready!(wait.as_mut().poll(cx));
                     }
-                    return Poll::Ready(result.take().expect("an account task polled after it ended"));
+                    return Poll::Ready(
+                        result
+                            .take()
+                            .expect("an account task polled after it ended"),
+                    );
                 }
             }
         }
