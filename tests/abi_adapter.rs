@@ -44,6 +44,37 @@ fn status(loaded: &Loaded, account: &str) -> channeld::status::AccountSnapshot {
     loaded.board.get(&key).expect("account has a status")
 }
 
+/// The SDK resolves each account once per config: a reconfigure must change what the next
+/// hooks and the next start see (an account resolved from the old table is never handed out).
+#[tokio::test]
+async fn a_reconfigure_changes_what_the_next_hooks_and_start_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = fresh_fixture(&dir, "fixture-reconfigure.so");
+    let plugin = &loaded.plugin;
+    let table = |connected: bool| {
+        json!({ "accounts": { "a": {
+            "mode": "exit", "after_ms": 1, "connected": connected, "configured": connected,
+        } } })
+    };
+
+    plugin.configure(&table(true)).unwrap();
+    assert_eq!(plugin.resolve_account("a").unwrap()["connected"], true);
+    assert_eq!(plugin.is_configured("a").unwrap(), Check::Yes);
+    let task = plugin.start_account("a", link(&loaded, "a")).unwrap();
+    assert_eq!(timeout(PROMPT, task.done).await.unwrap(), Ok(()));
+    assert_eq!(status(&loaded, "a").connected, Some(true));
+
+    plugin.configure(&table(false)).unwrap();
+    assert_eq!(plugin.resolve_account("a").unwrap()["connected"], false);
+    assert_eq!(
+        plugin.is_configured("a").unwrap(),
+        Check::No(Some("missing token".into()))
+    );
+    let task = plugin.start_account("a", link(&loaded, "a")).unwrap();
+    assert_eq!(timeout(PROMPT, task.done).await.unwrap(), Ok(()));
+    assert_eq!(status(&loaded, "a").connected, Some(false));
+}
+
 #[tokio::test]
 async fn every_entry_point_works() {
     let dir = tempfile::tempdir().unwrap();

@@ -615,3 +615,54 @@ extern "C" fn shutdown() -> RResult<(), RString> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl ChannelPlugin for Quiet {
+        const CHANNEL_ID: &'static str = "quiet";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    struct Stopping;
+
+    impl ChannelPlugin for Stopping {
+        const CHANNEL_ID: &'static str = "stopping";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        async fn stop(&self, _account: Account) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    struct ReadyStop;
+
+    impl ChannelPlugin for ReadyStop {
+        const CHANNEL_ID: &'static str = "ready";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        fn stop(&self, account: Account) -> impl Future<Output = Result<(), PluginError>> + Send {
+            std::future::ready(Err(PluginError::new(account.id)))
+        }
+    }
+
+    /// Only the trait's own default is skipped: any override, even one that is done at once, runs.
+    #[test]
+    fn only_the_default_stop_is_known_to_do_nothing() {
+        assert!(ErasedPlugin::stop_is_default(&Quiet));
+        assert!(!ErasedPlugin::stop_is_default(&Stopping));
+        assert!(!ErasedPlugin::stop_is_default(&ReadyStop));
+    }
+}

@@ -309,6 +309,24 @@ mod tests {
         assert!(holders(now_ms()).iter().all(|(a, _)| a != "blocker"));
     }
 
+    #[test]
+    fn a_poll_that_panics_leaves_its_thread_free_and_the_next_poll_is_seen() {
+        let panicked = std::panic::catch_unwind(|| {
+            futures_executor_lite(watched("panicker".into(), "task", async {
+                if true {
+                    panic!("a panic in a watched poll");
+                }
+            }))
+        });
+        assert!(panicked.is_err());
+        let held = holders(now_ms());
+        assert!(held.iter().all(|(a, _)| a != "panicker"), "{held:?}");
+        // The thread's next watched poll is recorded as usual.
+        let seen =
+            futures_executor_lite(watched("next".into(), "send", async { holders(now_ms()) }));
+        assert!(seen.contains(&("next".to_owned(), "send")), "{seen:?}");
+    }
+
     /// Polls a future to completion on this thread (it never waits for a wake-up here).
     fn futures_executor_lite<F: Future>(future: F) -> F::Output {
         let mut future = Box::pin(future);
