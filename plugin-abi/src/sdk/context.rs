@@ -181,8 +181,11 @@ pub struct AccountContext {
     pub(crate) abort: AbortSignal,
     pub(crate) tracker: TaskTracker,
     pub(crate) scope: AccountScope,
-    pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) outbound: Registry,
+    /// The runtime [`spawn`](Self::spawn) uses; `None`: the SDK's own (looked up at the spawn,
+    /// so a start does not touch the runtime handle's shared count).
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
+    /// The map [`outbound`](Self::outbound) opens the queue in; `None`: the library's own.
+    pub(crate) outbound: Option<Registry>,
 }
 
 impl AccountContext {
@@ -273,7 +276,10 @@ impl AccountContext {
     /// # fn main() {}
     /// ```
     pub fn outbound(&self) -> OutboundQueue {
-        self.outbound.open(&self.account.id)
+        match &self.outbound {
+            Some(registry) => registry.open(&self.account.id),
+            None => Registry::process().open(&self.account.id),
+        }
     }
 
     /// Hands an inbound message to the host; completes once the host has made it durable, with
@@ -304,11 +310,15 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime
-            .spawn(self.tracker.track_future(super::watchdog::watched(
-                super::watchdog::Owner::Account(self.account.clone()),
-                "spawned task",
-                super::log::in_scope(self.scope.clone(), task),
-            )));
+        let task = self.tracker.track_future(super::watchdog::watched(
+            super::watchdog::Owner::Account(self.account.clone()),
+            "spawned task",
+            super::log::in_scope(self.scope.clone(), task),
+        ));
+        // A runtime that has shut down runs nothing more: the task is dropped, as spawning on
+        // it would.
+        if let Some(runtime) = self.runtime.clone().or_else(super::runtime::running) {
+            runtime.spawn(task);
+        }
     }
 }

@@ -21,7 +21,7 @@ use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
     context::AbortSignal,
     fence::{fenced, fenced_or, panic_message},
-    log, outbound,
+    log,
     resolved::{CURRENT, Configured},
     runtime, tasks,
     watchdog::{Owner, watched},
@@ -200,9 +200,14 @@ fn plugin() -> &'static dyn ErasedPlugin {
     loaded().plugin
 }
 
+/// The table before any `configure`: empty.
+fn unconfigured() -> ChannelConfig {
+    ChannelConfig::from_json(plugin().channel_id(), "").unwrap_or_default()
+}
+
 /// The config the host installed last (an empty table before any).
 fn configured() -> Arc<Configured> {
-    CURRENT.get(|| ChannelConfig::from_json(plugin().channel_id(), "").unwrap_or_default())
+    CURRENT.get(unconfigured)
 }
 
 fn config() -> Arc<ChannelConfig> {
@@ -211,8 +216,10 @@ fn config() -> Arc<ChannelConfig> {
 
 /// The account, resolved once per installed config (see [`super::resolved`]).
 fn resolve(account: &str) -> Result<Arc<Account>, String> {
-    configured()
-        .resolve(account, |config, id| plugin().resolve_account(config, id))
+    CURRENT
+        .resolve(account, unconfigured, |config, id| {
+            plugin().resolve_account(config, id)
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -430,8 +437,8 @@ fn start_one<P: ChannelPlugin>(
         abort: AbortSignal(abort.clone()),
         tracker: tracker.clone(),
         scope: scope.clone(),
-        runtime: handle.clone(),
-        outbound: outbound::Registry::process(),
+        runtime: None,
+        outbound: None,
     };
     let task = ChannelPlugin::start(plugin, ctx);
     let task = tasks::AccountTask::new(id, task, polled, abort.clone(), tracker);

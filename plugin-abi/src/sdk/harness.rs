@@ -62,8 +62,8 @@ pub fn account_context(
         abort: AbortSignal(abort.clone()),
         tracker: tracker.clone(),
         scope: scope.clone(),
-        runtime: tokio::runtime::Handle::current(),
-        outbound: sends.0.clone(),
+        runtime: Some(tokio::runtime::Handle::current()),
+        outbound: Some(sends.0.clone()),
     };
     (
         context,

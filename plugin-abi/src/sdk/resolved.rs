@@ -40,6 +40,16 @@ impl Configured {
         &self.config
     }
 
+    fn shard(&self, id: &str) -> &Mutex<HashMap<String, Arc<Account>>> {
+        &self.resolved[(self.hasher.hash_one(id) % SHARDS as u64) as usize]
+    }
+
+    /// The account `id` if it was resolved from this config already.
+    fn kept(&self, id: &str) -> Option<Arc<Account>> {
+        let shard = self.shard(id).lock().unwrap_or_else(|p| p.into_inner());
+        shard.get(id).cloned()
+    }
+
     /// The account `id` resolved from this config: the one kept, else `resolve`'s (then kept).
     /// `resolve` runs without any lock held.
     pub(crate) fn resolve<E>(
@@ -47,10 +57,10 @@ impl Configured {
         id: &str,
         resolve: impl FnOnce(&ChannelConfig, &str) -> Result<Account, E>,
     ) -> Result<Arc<Account>, E> {
-        let shard = &self.resolved[(self.hasher.hash_one(id) % SHARDS as u64) as usize];
-        if let Some(account) = shard.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-            return Ok(account.clone());
+        if let Some(account) = self.kept(id) {
+            return Ok(account);
         }
+        let shard = self.shard(id);
         let account = Arc::new(resolve(&self.config, id)?);
         // Two callers that raced both resolved; the first one kept is the one every caller gets.
         Ok(shard
@@ -73,6 +83,22 @@ impl Current {
     pub(crate) fn install(&self, config: ChannelConfig) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) =
             Some(Arc::new(Configured::new(config)));
+    }
+
+    /// The account `id` resolved from the current config (see [`Configured::resolve`]). One
+    /// kept already is found under the read lock, without taking a count on the config.
+    pub(crate) fn resolve<E>(
+        &self,
+        id: &str,
+        unconfigured: impl FnOnce() -> ChannelConfig,
+        resolve: impl FnOnce(&ChannelConfig, &str) -> Result<Account, E>,
+    ) -> Result<Arc<Account>, E> {
+        if let Some(current) = &*self.0.read().unwrap_or_else(|p| p.into_inner())
+            && let Some(account) = current.kept(id)
+        {
+            return Ok(account);
+        }
+        self.get(unconfigured).resolve(id, resolve)
     }
 
     /// The current config; before any `configure`, `unconfigured()`'s (kept until one).
@@ -120,12 +146,8 @@ mod tests {
         let current = Current(RwLock::new(None));
         let calls = AtomicUsize::new(0);
         current.install(config("one"));
-        let first = current
-            .get(ChannelConfig::default)
-            .resolve("a", counting(&calls));
-        let again = current
-            .get(ChannelConfig::default)
-            .resolve("a", counting(&calls));
+        let first = current.resolve("a", ChannelConfig::default, counting(&calls));
+        let again = current.resolve("a", ChannelConfig::default, counting(&calls));
         let (first, again) = (first.unwrap(), again.unwrap());
         assert!(
             Arc::ptr_eq(&first, &again),
@@ -136,9 +158,7 @@ mod tests {
 
         // A new config: what was resolved from the old one is never handed out again.
         current.install(config("two"));
-        let after = current
-            .get(ChannelConfig::default)
-            .resolve("a", counting(&calls));
+        let after = current.resolve("a", ChannelConfig::default, counting(&calls));
         assert_eq!(token(&after.unwrap()), "two");
         assert_eq!(calls.load(Ordering::Relaxed), 2);
     }

@@ -98,6 +98,11 @@ pub(crate) fn handle(thread_name: impl FnOnce() -> String) -> Result<Handle, Str
     }
 }
 
+/// The runtime's handle if it is running (never builds it).
+pub(crate) fn running() -> Option<Handle> {
+    HANDLE.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Drops the runtime: every task is cancelled and every runtime thread is joined, up to the
 /// shutdown timeout.
 pub(crate) fn shutdown() {
