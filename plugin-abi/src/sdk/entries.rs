@@ -47,6 +47,7 @@ trait ErasedPlugin: Send + Sync + 'static {
     fn start_task(&'static self, account: &str, host: HostHandle) -> Result<StartedTask, String>;
     /// Whether `stop` is the trait's default, which does nothing: then there is nothing to run.
     fn stop_is_default(&self) -> bool;
+    fn stop_needed(&self, account: &Account) -> bool;
     fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>>;
     fn stop(&'static self, account: Account) -> BoxFuture<()>;
     fn logout(&'static self, account: Account) -> BoxFuture<bool>;
@@ -86,6 +87,9 @@ impl<P: ChannelPlugin> ErasedPlugin for P {
     }
     fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>> {
         stop_one(self, account)
+    }
+    fn stop_needed(&self, account: &Account) -> bool {
+        ChannelPlugin::stop_needed(self, account)
     }
     fn stop_is_default(&self) -> bool {
         /// The type of the future a `stop` of `P` returns, without calling it.
@@ -511,9 +515,13 @@ extern "C" fn stop_account(account: RStr<'_>) -> RResult<(), RString> {
         if plugin().stop_is_default() {
             return Ok(());
         }
+        let resolved = resolve(account.as_str())?;
+        if !plugin().stop_needed(&resolved) {
+            return Ok(());
+        }
         block_on_hook(
             account.as_str(),
-            plugin().stop(resolve_owned(account.as_str())?),
+            plugin().stop(Arc::unwrap_or_clone(resolved)),
             "stop_account",
         )
     })
@@ -562,15 +570,24 @@ fn stop_one<P: ChannelPlugin>(
     if plugin.stop_is_default() {
         return std::future::ready(RResult::ROk(())).into_ffi();
     }
-    spawn_hook(
-        "stop_account",
-        || {
-            let account = resolve(account)?;
-            let hook = ChannelPlugin::stop(plugin, Account::clone(&account));
-            Ok((account, hook))
-        },
-        |()| (),
-    )
+    let started = fenced("stop_account", || {
+        let account = resolve(account)?;
+        if !ChannelPlugin::stop_needed(plugin, &account) {
+            return Ok(None);
+        }
+        let hook = ChannelPlugin::stop(plugin, Account::clone(&account));
+        let label = hook_label("stop_account");
+        Ok(Some(rt()?.spawn(watched(
+            Owner::Account(account),
+            label,
+            hook,
+        ))))
+    });
+    match started {
+        RResult::ROk(Some(join)) => await_task(join, "stop_account", |()| ()),
+        RResult::ROk(None) => std::future::ready(RResult::ROk(())).into_ffi(),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
 }
 
 extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {

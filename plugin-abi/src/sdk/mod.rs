@@ -155,6 +155,15 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
         entries::DefaultStop
     }
 
+    /// Whether [`stop`](Self::stop) has anything to do for this account: when it answers false,
+    /// the SDK does not run `stop` for it (no task on the runtime, nothing for the host to wait
+    /// for). Default: true. It runs on a host thread, like [`is_enabled`](Self::is_enabled):
+    /// keep it quick. (Added in 1.1; a plugin that does not override `stop` needs no answer: the
+    /// SDK knows the default does nothing.)
+    fn stop_needed(&self, _account: &Account) -> bool {
+        true
+    }
+
     /// Clears the account's stored credentials; returns whether anything was cleared.
     /// Default: nothing to clear. Runs on the plugin's runtime, like [`stop`](Self::stop).
     fn logout(&self, _account: Account) -> impl Future<Output = PluginResult<bool>> + Send {
