@@ -44,6 +44,88 @@ fn status(loaded: &Loaded, account: &str) -> channeld::status::AccountSnapshot {
     loaded.board.get(&key).expect("account has a status")
 }
 
+/// The SDK resolves each account once per config: a reconfigure must change what the next
+/// hooks and the next start see (an account resolved from the old table is never handed out).
+#[tokio::test]
+async fn a_reconfigure_changes_what_the_next_hooks_and_start_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = fresh_fixture(&dir, "fixture-reconfigure.so");
+    let plugin = &loaded.plugin;
+    let table = |connected: bool| {
+        json!({ "accounts": { "a": {
+            "mode": "exit", "after_ms": 1, "connected": connected, "configured": connected,
+        } } })
+    };
+
+    plugin.configure(&table(true)).unwrap();
+    assert_eq!(plugin.resolve_account("a").unwrap()["connected"], true);
+    assert_eq!(plugin.is_configured("a").unwrap(), Check::Yes);
+    let task = plugin.start_account("a", link(&loaded, "a")).unwrap();
+    assert_eq!(timeout(PROMPT, task.done).await.unwrap(), Ok(()));
+    assert_eq!(status(&loaded, "a").connected, Some(true));
+
+    plugin.configure(&table(false)).unwrap();
+    assert_eq!(plugin.resolve_account("a").unwrap()["connected"], false);
+    assert_eq!(
+        plugin.is_configured("a").unwrap(),
+        Check::No(Some("missing token".into()))
+    );
+    let task = plugin.start_account("a", link(&loaded, "a")).unwrap();
+    assert_eq!(timeout(PROMPT, task.done).await.unwrap(), Ok(()));
+    assert_eq!(status(&loaded, "a").connected, Some(false));
+}
+
+/// A stop hook the plugin says has nothing to do for an account is not run: the host's stop is
+/// done at its first poll, even while every worker of the plugin's runtime is blocked (a hook
+/// that ran would need one). One that has something to do still runs on the plugin's runtime
+/// once a worker is free (its panic still reaches the host as an error).
+#[tokio::test]
+async fn a_stop_hook_with_nothing_to_do_for_the_account_is_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = fresh_fixture(&dir, "fixture-stop-needed.so");
+    let plugin = &loaded.plugin;
+    let blocker = json!({ "mode": "block_thread", "block_ms": 1000 });
+    plugin
+        .configure(&json!({ "accounts": {
+            "b1": blocker, "b2": blocker,
+            "plain": {},
+            "panicky": { "panic_in": ["stop"] },
+        } }))
+        .unwrap();
+    // Both workers (the test loader gives the plugin two) block in the blockers' tasks, which
+    // patch their status just before.
+    let blockers: Vec<_> = ["b1", "b2"]
+        .into_iter()
+        .map(|b| plugin.start_account(b, link(&loaded, b)).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + PROMPT;
+    while !["b1", "b2"].iter().all(|b| {
+        let key = AccountKey::new("fixture", *b);
+        loaded
+            .board
+            .get(&key)
+            .is_some_and(|s| s.extra.get("fixtureStarts").is_some())
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blockers never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    let plain = plugin.stop_account_async("plain").expect("a 1.1 stop hook");
+    let first_poll = timeout(Duration::ZERO, plain).await;
+    assert!(matches!(first_poll, Ok(Ok(()))), "{first_poll:?}");
+    let panicky = plugin
+        .stop_account_async("panicky")
+        .expect("a 1.1 stop hook");
+    let error = timeout(PROMPT, panicky).await.unwrap().unwrap_err();
+    assert!(error.message.contains("fixture panic in stop"), "{error}");
+    for blocker in blockers {
+        assert_eq!(timeout(PROMPT, blocker.done).await.unwrap(), Ok(()));
+    }
+}
+
 #[tokio::test]
 async fn every_entry_point_works() {
     let dir = tempfile::tempdir().unwrap();

@@ -181,14 +181,24 @@ pub struct AccountContext {
     pub(crate) abort: AbortSignal,
     pub(crate) tracker: TaskTracker,
     pub(crate) scope: AccountScope,
-    pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) outbound: Registry,
+    /// The runtime [`spawn`](Self::spawn) uses; `None`: the SDK's own (looked up at the spawn,
+    /// so a start does not touch the runtime handle's shared count).
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
+    /// The map [`outbound`](Self::outbound) opens the queue in; `None`: the library's own.
+    pub(crate) outbound: Option<Registry>,
 }
 
 impl AccountContext {
     /// The account being started.
     pub fn account(&self) -> &Account {
         &self.account
+    }
+
+    /// The account being started, shared: for a plugin that keeps it beyond the task (a map of
+    /// each account's last config, say) without copying it. The SDK hands the same account to
+    /// every start until the host configures the channel anew.
+    pub fn shared_account(&self) -> Arc<Account> {
+        self.account.clone()
     }
 
     /// The host's services for this account.
@@ -266,7 +276,10 @@ impl AccountContext {
     /// # fn main() {}
     /// ```
     pub fn outbound(&self) -> OutboundQueue {
-        self.outbound.open(&self.account.id)
+        match &self.outbound {
+            Some(registry) => registry.open(&self.account.id),
+            None => Registry::process().open(&self.account.id),
+        }
     }
 
     /// Hands an inbound message to the host; completes once the host has made it durable, with
@@ -297,11 +310,15 @@ impl AccountContext {
                 }
             }
         };
-        self.runtime
-            .spawn(self.tracker.track_future(super::watchdog::watched(
-                &self.account.id,
-                "spawned task",
-                super::log::in_scope(self.scope.clone(), task),
-            )));
+        let task = self.tracker.track_future(super::watchdog::watched(
+            super::watchdog::Owner::Account(self.account.clone()),
+            "spawned task",
+            super::log::in_scope(self.scope.clone(), task),
+        ));
+        // A runtime that has shut down runs nothing more: the task is dropped, as spawning on
+        // it would.
+        if let Some(runtime) = self.runtime.clone().or_else(super::runtime::running) {
+            runtime.spawn(task);
+        }
     }
 }

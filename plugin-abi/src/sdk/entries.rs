@@ -3,9 +3,10 @@
 //! entry runs inside the panic fence.
 
 use std::{
+    any::TypeId,
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock},
 };
 
 use abi_stable::{
@@ -20,8 +21,10 @@ use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
     context::AbortSignal,
     fence::{fenced, fenced_or, panic_message},
-    log, outbound, runtime, tasks,
-    watchdog::watched,
+    log,
+    resolved::{CURRENT, Configured},
+    runtime, tasks,
+    watchdog::{Owner, watched},
 };
 use crate::abi::{
     AccountStart, HOST_ABI_VERSION_KEY, HostHandle, InitSettings, OutboundMessage, PluginMetadata,
@@ -41,7 +44,11 @@ trait ErasedPlugin: Send + Sync + 'static {
     fn is_configured(&self, account: &Account) -> Verdict;
     fn describe_account(&self, account: &Account) -> Option<serde_json::Value>;
     fn validate(&self, channel: &ChannelConfig) -> Result<(), PluginError>;
-    fn start(&'static self, ctx: AccountContext) -> BoxFuture<()>;
+    fn start_task(&'static self, account: &str, host: HostHandle) -> Result<StartedTask, String>;
+    /// Whether `stop` is the trait's default, which does nothing: then there is nothing to run.
+    fn stop_is_default(&self) -> bool;
+    fn stop_needed(&self, account: &Account) -> bool;
+    fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>>;
     fn stop(&'static self, account: Account) -> BoxFuture<()>;
     fn logout(&'static self, account: Account) -> BoxFuture<bool>;
     fn send(&'static self, message: Outbound) -> BoxFuture<String>;
@@ -75,8 +82,23 @@ impl<P: ChannelPlugin> ErasedPlugin for P {
     fn validate(&self, channel: &ChannelConfig) -> Result<(), PluginError> {
         ChannelPlugin::validate(self, channel)
     }
-    fn start(&'static self, ctx: AccountContext) -> BoxFuture<()> {
-        Box::pin(ChannelPlugin::start(self, ctx))
+    fn start_task(&'static self, account: &str, host: HostHandle) -> Result<StartedTask, String> {
+        start_one(self, account, host)
+    }
+    fn stop_async(&'static self, account: &str) -> FfiFuture<RResult<(), RString>> {
+        stop_one(self, account)
+    }
+    fn stop_needed(&self, account: &Account) -> bool {
+        ChannelPlugin::stop_needed(self, account)
+    }
+    fn stop_is_default(&self) -> bool {
+        /// The type of the future a `stop` of `P` returns, without calling it.
+        fn returned<P, F: 'static>(_: fn(&'static P, Account) -> F) -> TypeId {
+            TypeId::of::<F>()
+        }
+        // Only the trait's default returns the SDK's own `DefaultStop`, which authors cannot
+        // name: an override, whatever it does, returns another type.
+        returned::<P, _>(<P as ChannelPlugin>::stop) == TypeId::of::<DefaultStop>()
     }
     fn stop(&'static self, account: Account) -> BoxFuture<()> {
         Box::pin(ChannelPlugin::stop(self, account))
@@ -96,7 +118,21 @@ struct Loaded {
 }
 
 static LOADED: OnceLock<Loaded> = OnceLock::new();
-static CONFIG: RwLock<Option<Arc<ChannelConfig>>> = RwLock::new(None);
+
+/// What the trait's default [`ChannelPlugin::stop`] returns: done at once. The SDK recognises it
+/// by its type and does not run it (a stop hook that does nothing costs no task).
+pub(crate) struct DefaultStop;
+
+impl Future for DefaultStop {
+    type Output = Result<(), PluginError>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
 
 /// Builds the plugin (once) and the root module. Called by the loader `export_plugin!` emits; a
 /// panic in `constructor` is caught here and returned to the host as a failed load carrying the
@@ -168,24 +204,41 @@ fn plugin() -> &'static dyn ErasedPlugin {
     loaded().plugin
 }
 
-fn config() -> Arc<ChannelConfig> {
-    let guard = CONFIG.read().unwrap_or_else(|p| p.into_inner());
-    guard.clone().unwrap_or_else(|| {
-        Arc::new(ChannelConfig::from_json(plugin().channel_id(), "").unwrap_or_default())
-    })
+/// The table before any `configure`: empty.
+fn unconfigured() -> ChannelConfig {
+    ChannelConfig::from_json(plugin().channel_id(), "").unwrap_or_default()
 }
 
-fn resolve(account: RStr<'_>) -> Result<Account, String> {
-    plugin()
-        .resolve_account(&config(), account.as_str())
+/// The config the host installed last (an empty table before any).
+fn configured() -> Arc<Configured> {
+    CURRENT.get(unconfigured)
+}
+
+fn config() -> Arc<ChannelConfig> {
+    configured().config().clone()
+}
+
+/// The account, resolved once per installed config (see [`super::resolved`]).
+fn resolve(account: &str) -> Result<Arc<Account>, String> {
+    CURRENT
+        .resolve(account, unconfigured, |config, id| {
+            plugin().resolve_account(config, id)
+        })
         .map_err(|e| e.to_string())
 }
 
+/// The account as the author's hooks that take it by value want it.
+fn resolve_owned(account: &str) -> Result<Account, String> {
+    resolve(account).map(Arc::unwrap_or_clone)
+}
+
 fn rt() -> Result<tokio::runtime::Handle, String> {
-    // Thread names show up in `top -H` and /proc/<pid>/task/*/comm (15 bytes kept).
-    let mut name = format!("chd-{}", plugin().channel_id());
-    name.truncate(15);
-    runtime::handle(&name)
+    runtime::handle(|| {
+        // Thread names show up in `top -H` and /proc/<pid>/task/*/comm (15 bytes kept).
+        let mut name = format!("chd-{}", plugin().channel_id());
+        name.truncate(15);
+        name
+    })
 }
 
 fn to_rverdict(verdict: Verdict) -> RVerdict {
@@ -265,7 +318,7 @@ extern "C" fn configure(channel_config: RStr<'_>) -> RResult<(), RString> {
     fenced("configure", || {
         let parsed = ChannelConfig::from_json(plugin().channel_id(), channel_config.as_str())
             .map_err(|e| e.to_string())?;
-        *CONFIG.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(parsed));
+        CURRENT.install(parsed);
         Ok(())
     })
 }
@@ -290,25 +343,29 @@ extern "C" fn default_account_id() -> RResult<ROption<RString>, RString> {
 
 extern "C" fn resolve_account(account: RStr<'_>) -> RResult<RString, RString> {
     fenced("resolve_account", || {
-        Ok(resolve(account)?.config.to_string().into())
+        Ok(resolve(account.as_str())?.config.to_string().into())
     })
 }
 
 extern "C" fn is_enabled(account: RStr<'_>) -> RResult<RVerdict, RString> {
     fenced("is_enabled", || {
-        Ok(to_rverdict(plugin().is_enabled(&resolve(account)?)))
+        Ok(to_rverdict(
+            plugin().is_enabled(&*resolve(account.as_str())?),
+        ))
     })
 }
 
 extern "C" fn is_configured(account: RStr<'_>) -> RResult<RVerdict, RString> {
     fenced("is_configured", || {
-        Ok(to_rverdict(plugin().is_configured(&resolve(account)?)))
+        Ok(to_rverdict(
+            plugin().is_configured(&*resolve(account.as_str())?),
+        ))
     })
 }
 
 extern "C" fn describe_account(account: RStr<'_>) -> RResult<ROption<RString>, RString> {
     fenced("describe_account", || {
-        let described = plugin().describe_account(&resolve(account)?);
+        let described = plugin().describe_account(&*resolve(account.as_str())?);
         Ok(described.map(|v| RString::from(v.to_string())).into())
     })
 }
@@ -358,42 +415,39 @@ fn join_error(error: JoinError, what: &str) -> String {
 }
 
 /// Starts one account's task: the author's future runs on the plugin's runtime inside the
-/// account's log scope (which tags its events from the host link; no tracing span per task); the host is told when the runtime first polls it (`task_polled`), and the
-/// task counts as ended only once the tasks it spawned with [`AccountContext::spawn`] have ended.
-fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
-    let account = resolve(account.into())?;
+/// account's log scope (which tags its events from the host link; no tracing span per task); the
+/// host is told when the runtime first polls it (`task_polled`), and the task counts as ended
+/// only once the tasks it spawned with [`AccountContext::spawn`] have ended.
+///
+/// Generic over the plugin, so the author's future lives in the runtime's task itself (no box of
+/// its own); the account is the one resolved for this config, shared with the log scope and the
+/// watchdog's record of the task.
+fn start_one<P: ChannelPlugin>(
+    plugin: &'static P,
+    account: &str,
+    host: HostHandle,
+) -> Result<StartedTask, String> {
+    let account = resolve(account)?;
     let handle = rt()?;
     let abort = CancellationToken::new();
     let id = tasks::next_id();
-    let scope = log::AccountScope::new(&account.channel, &account.id);
-    let account_id = account.id.clone();
+    let scope = log::AccountScope::new(account.clone());
+    let owner = Owner::Account(account.clone());
     let tracker = TaskTracker::new();
     let polled = host.clone();
     let ctx = AccountContext {
-        account: Arc::new(account),
+        account,
         host: Host::new(host),
         abort: AbortSignal(abort.clone()),
         tracker: tracker.clone(),
         scope: scope.clone(),
-        runtime: handle.clone(),
-        outbound: outbound::Registry::process(),
+        runtime: None,
+        outbound: None,
     };
-    let task = plugin().start(ctx);
-    let children_abort = abort.clone();
+    let task = ChannelPlugin::start(plugin, ctx);
+    let task = tasks::AccountTask::new(id, task, polled, abort.clone(), tracker);
     let join = tasks::register(id, abort, || {
-        let task = log::in_scope(scope, async move {
-            let _unregister = tasks::Unregister(id);
-            // The runtime is polling the task: only now is the account running.
-            polled.task_polled();
-            drop(polled);
-            let result = task.await;
-            // Tasks the account spawned end with it, and it ends once they have.
-            children_abort.cancel();
-            tracker.close();
-            tracker.wait().await;
-            result
-        });
-        let join = handle.spawn(watched(&account_id, "task", task));
+        let join = handle.spawn(watched(owner, "task", log::in_scope(scope, task)));
         (join.abort_handle(), join)
     });
     Ok(StartedTask {
@@ -403,7 +457,9 @@ fn start_one(account: &str, host: HostHandle) -> Result<StartedTask, String> {
 }
 
 extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<StartedTask, RString> {
-    fenced("start_account", || start_one(account.as_str(), host))
+    fenced("start_account", || {
+        plugin().start_task(account.as_str(), host)
+    })
 }
 
 extern "C" fn start_accounts(batch: RVec<AccountStart>) -> RVec<RResult<StartedTask, RString>> {
@@ -411,7 +467,7 @@ extern "C" fn start_accounts(batch: RVec<AccountStart>) -> RVec<RResult<StartedT
         .into_iter()
         .map(|item| {
             fenced("start_accounts", || {
-                start_one(item.account.as_str(), item.host)
+                plugin().start_task(item.account.as_str(), item.host)
             })
         })
         .collect()
@@ -447,7 +503,7 @@ fn block_on_hook<T: Send + 'static>(
     what: &'static str,
 ) -> Result<T, String> {
     let handle = rt()?;
-    let join = handle.spawn(watched(account, hook_label(what), future));
+    let join = handle.spawn(watched(account.into(), hook_label(what), future));
     match handle.block_on(join) {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(e) => Err(join_error(e, what)),
@@ -456,9 +512,16 @@ fn block_on_hook<T: Send + 'static>(
 
 extern "C" fn stop_account(account: RStr<'_>) -> RResult<(), RString> {
     fenced("stop_account", || {
+        if plugin().stop_is_default() {
+            return Ok(());
+        }
+        let resolved = resolve(account.as_str())?;
+        if !plugin().stop_needed(&resolved) {
+            return Ok(());
+        }
         block_on_hook(
             account.as_str(),
-            plugin().stop(resolve(account)?),
+            plugin().stop(Arc::unwrap_or_clone(resolved)),
             "stop_account",
         )
     })
@@ -468,21 +531,28 @@ extern "C" fn logout(account: RStr<'_>) -> RResult<bool, RString> {
     fenced("logout", || {
         block_on_hook(
             account.as_str(),
-            plugin().logout(resolve(account)?),
+            plugin().logout(resolve_owned(account.as_str())?),
             "logout",
         )
     })
 }
 
-/// Spawns a hook on the plugin's runtime and hands the host a future that waits for it.
-fn spawn_hook<T: Send + 'static, U: Send + 'static>(
+/// Spawns a hook on the plugin's runtime and hands the host a future that waits for it. `hook`
+/// builds the hook's future (on the calling thread, inside the fence) for the account it resolved
+/// (which the watchdog names it by).
+fn spawn_hook<T, U, F>(
     what: &'static str,
-    account: &str,
-    hook: impl FnOnce() -> Result<BoxFuture<T>, String>,
+    hook: impl FnOnce() -> Result<(Arc<Account>, F), String>,
     map: fn(T) -> U,
-) -> FfiFuture<RResult<U, RString>> {
+) -> FfiFuture<RResult<U, RString>>
+where
+    T: Send + 'static,
+    U: Send + 'static,
+    F: Future<Output = Result<T, PluginError>> + Send + 'static,
+{
     let started = fenced(what, || {
-        Ok(rt()?.spawn(watched(account, hook_label(what), hook()?)))
+        let (account, future) = hook()?;
+        Ok(rt()?.spawn(watched(Owner::Account(account), hook_label(what), future)))
     });
     match started {
         RResult::ROk(join) => await_task(join, what, map),
@@ -490,20 +560,51 @@ fn spawn_hook<T: Send + 'static, U: Send + 'static>(
     }
 }
 
+/// The async stop hook for `account`: nothing for the trait's default (no account to resolve,
+/// no task to run), else the author's `stop` spawned on the plugin's runtime. Generic over the
+/// plugin, so the hook's future lives in the runtime's task itself (no box of its own).
+fn stop_one<P: ChannelPlugin>(
+    plugin: &'static P,
+    account: &str,
+) -> FfiFuture<RResult<(), RString>> {
+    if plugin.stop_is_default() {
+        return std::future::ready(RResult::ROk(())).into_ffi();
+    }
+    let started = fenced("stop_account", || {
+        let account = resolve(account)?;
+        if !ChannelPlugin::stop_needed(plugin, &account) {
+            return Ok(None);
+        }
+        let hook = ChannelPlugin::stop(plugin, Account::clone(&account));
+        let label = hook_label("stop_account");
+        Ok(Some(rt()?.spawn(watched(
+            Owner::Account(account),
+            label,
+            hook,
+        ))))
+    });
+    match started {
+        RResult::ROk(Some(join)) => await_task(join, "stop_account", |()| ()),
+        RResult::ROk(None) => std::future::ready(RResult::ROk(())).into_ffi(),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
+}
+
 extern "C" fn stop_account_async(account: RStr<'_>) -> FfiFuture<RResult<(), RString>> {
-    spawn_hook(
-        "stop_account",
-        account.as_str(),
-        || Ok(plugin().stop(resolve(account)?)),
-        |()| (),
-    )
+    match fenced("stop_account", || Ok(plugin())) {
+        RResult::ROk(plugin) => plugin.stop_async(account.as_str()),
+        RResult::RErr(e) => std::future::ready(RResult::RErr(e)).into_ffi(),
+    }
 }
 
 extern "C" fn logout_async(account: RStr<'_>) -> FfiFuture<RResult<bool, RString>> {
     spawn_hook(
         "logout",
-        account.as_str(),
-        || Ok(plugin().logout(resolve(account)?)),
+        || {
+            let resolved = resolve(account.as_str())?;
+            let hook = plugin().logout(Account::clone(&resolved));
+            Ok((resolved, hook))
+        },
         |b| b,
     )
 }
@@ -523,8 +624,8 @@ extern "C" fn send(message: OutboundMessage) -> FfiFuture<RResult<RString, RStri
             extra,
         };
         let handle = rt()?;
-        let account = outbound.account.clone();
-        Ok(handle.spawn(watched(&account, "send", plugin().send(outbound))))
+        let owner = Owner::from(outbound.account.as_str());
+        Ok(handle.spawn(watched(owner, "send", plugin().send(outbound))))
     });
     match started {
         RResult::ROk(join) => await_task(join, "send", RString::from),
@@ -537,4 +638,55 @@ extern "C" fn shutdown() -> RResult<(), RString> {
         runtime::shutdown();
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+
+    impl ChannelPlugin for Quiet {
+        const CHANNEL_ID: &'static str = "quiet";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    struct Stopping;
+
+    impl ChannelPlugin for Stopping {
+        const CHANNEL_ID: &'static str = "stopping";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        async fn stop(&self, _account: Account) -> Result<(), PluginError> {
+            Ok(())
+        }
+    }
+
+    struct ReadyStop;
+
+    impl ChannelPlugin for ReadyStop {
+        const CHANNEL_ID: &'static str = "ready";
+
+        async fn start(&self, _ctx: AccountContext) -> Result<(), PluginError> {
+            Ok(())
+        }
+
+        fn stop(&self, account: Account) -> impl Future<Output = Result<(), PluginError>> + Send {
+            std::future::ready(Err(PluginError::new(account.id)))
+        }
+    }
+
+    /// Only the trait's own default is skipped: any override, even one that is done at once, runs.
+    #[test]
+    fn only_the_default_stop_is_known_to_do_nothing() {
+        assert!(ErasedPlugin::stop_is_default(&Quiet));
+        assert!(!ErasedPlugin::stop_is_default(&Stopping));
+        assert!(!ErasedPlugin::stop_is_default(&ReadyStop));
+    }
 }

@@ -54,15 +54,16 @@ pub fn account_context(
 ) -> (AccountContext, Controls) {
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let scope = log::AccountScope::new(&account.channel, &account.id);
+    let account = Arc::new(account);
+    let scope = log::AccountScope::new(account.clone());
     let context = AccountContext {
-        account: Arc::new(account),
+        account,
         host: Host::new(host),
         abort: AbortSignal(abort.clone()),
         tracker: tracker.clone(),
         scope: scope.clone(),
-        runtime: tokio::runtime::Handle::current(),
-        outbound: sends.0.clone(),
+        runtime: Some(tokio::runtime::Handle::current()),
+        outbound: Some(sends.0.clone()),
     };
     (
         context,

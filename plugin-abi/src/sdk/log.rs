@@ -40,6 +40,7 @@ use tracing::{
 };
 use tracing_subscriber::{Layer, layer::Context, prelude::*, registry::LookupSpan};
 
+use super::Account;
 use crate::abi::{HostHandle, LogLevel, LogRecord};
 
 /// The span name that tags the events inside it with its `channel` and `account` fields.
@@ -138,13 +139,18 @@ pub(crate) fn chain_panic_hook() {
     }));
 }
 
-/// The channel and account a task belongs to, for tagging its log events.
+/// The channel and account a task belongs to, for tagging its log events: the account its
+/// context holds, shared (a scope allocates nothing).
 #[derive(Clone, Debug)]
-pub(crate) struct AccountScope(Arc<(String, String)>);
+pub(crate) struct AccountScope(Arc<Account>);
 
 impl AccountScope {
-    pub(crate) fn new(channel: &str, account: &str) -> Self {
-        Self(Arc::new((channel.to_owned(), account.to_owned())))
+    pub(crate) fn new(account: Arc<Account>) -> Self {
+        Self(account)
+    }
+
+    fn tag(&self) -> (String, String) {
+        (self.0.channel.clone(), self.0.id.clone())
     }
 }
 
@@ -162,7 +168,7 @@ pub(crate) fn in_scope<F: Future>(
 
 /// The channel and account of the scope the current task runs in, if any.
 pub(crate) fn current_scope() -> Option<(String, String)> {
-    SCOPE.try_with(|s| (s.0.0.clone(), s.0.1.clone())).ok()
+    SCOPE.try_with(AccountScope::tag).ok()
 }
 
 /// The location of the last panic on this thread, if the hook saw one.
@@ -218,7 +224,7 @@ where
         let Some(host) = HOST.get() else { return };
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let scoped = SCOPE.try_with(|s| (s.0.0.clone(), s.0.1.clone())).ok();
+        let scoped = SCOPE.try_with(AccountScope::tag).ok();
         let (channel, account) = scoped
             .or_else(|| {
                 ctx.event_scope(event).and_then(|scope| {

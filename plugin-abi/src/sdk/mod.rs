@@ -11,6 +11,7 @@ mod fence;
 mod harness;
 mod log;
 mod outbound;
+mod resolved;
 mod runtime;
 mod tasks;
 mod watchdog;
@@ -114,6 +115,10 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     }
 
     /// The account's config. Default: its table under `accounts` (empty if absent).
+    ///
+    /// The SDK resolves each account once per config the host installs and hands the same
+    /// [`Account`] to every later hook and start, until the host configures the channel anew: the
+    /// answer must depend on `channel` and `account_id` alone. A resolve that fails is not kept.
     fn resolve_account(&self, channel: &ChannelConfig, account_id: &str) -> PluginResult<Account> {
         Ok(channel.account(account_id))
     }
@@ -142,11 +147,21 @@ pub trait ChannelPlugin: Send + Sync + Sized + 'static {
     /// [`AccountContext::aborted`] and return soon after it fires.
     fn start(&self, ctx: AccountContext) -> impl Future<Output = PluginResult> + Send;
 
-    /// Called after the abort signal when the host stops an account. Default: nothing. It runs
-    /// on the plugin's runtime and holds no host thread; the host waits for it at most its stop
-    /// timeout, then drops it.
+    /// Called after the abort signal when the host stops an account. Default: nothing (and the
+    /// SDK, seeing the default, runs nothing: a stop costs no task). It runs on the plugin's
+    /// runtime and holds no host thread; the host waits for it at most its stop timeout, then
+    /// drops it.
     fn stop(&self, _account: Account) -> impl Future<Output = PluginResult> + Send {
-        async { Ok(()) }
+        entries::DefaultStop
+    }
+
+    /// Whether [`stop`](Self::stop) has anything to do for this account: when it answers false,
+    /// the SDK does not run `stop` for it (no task on the runtime, nothing for the host to wait
+    /// for). Default: true. It runs on a host thread, like [`is_enabled`](Self::is_enabled):
+    /// keep it quick. (Added in 1.1; a plugin that does not override `stop` needs no answer: the
+    /// SDK knows the default does nothing.)
+    fn stop_needed(&self, _account: &Account) -> bool {
+        true
     }
 
     /// Clears the account's stored credentials; returns whether anything was cleared.

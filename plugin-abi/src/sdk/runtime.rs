@@ -9,7 +9,7 @@
 
 use std::{
     sync::{
-        Mutex,
+        Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
@@ -40,6 +40,9 @@ enum State {
 }
 
 static STATE: Mutex<State> = Mutex::new(State::NotBuilt);
+/// The running runtime's handle, for the calls after the first (readers do not wait for one
+/// another); set when it is built, taken at `shutdown` (so no handle outlives it here).
+static HANDLE: RwLock<Option<Handle>> = RwLock::new(None);
 
 /// Sets the worker count for a runtime not yet built (0 keeps the default).
 pub(crate) fn set_worker_threads(workers: u32) {
@@ -65,13 +68,19 @@ pub(crate) fn configure(extra: &serde_json::Value) {
     }
 }
 
-/// A handle to the runtime, building it (and starting its watchdog) on first use.
-pub(crate) fn handle(thread_name: &str) -> Result<Handle, String> {
+/// A handle to the runtime, building it (and starting its watchdog, its threads named
+/// `thread_name()`) on first use.
+pub(crate) fn handle(thread_name: impl FnOnce() -> String) -> Result<Handle, String> {
+    if let Some(handle) = &*HANDLE.read().unwrap_or_else(|p| p.into_inner()) {
+        return Ok(handle.clone());
+    }
     let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
     match &*state {
         State::Running(rt, _) => Ok(rt.handle().clone()),
         State::ShutDown => Err("the plugin has been shut down".to_owned()),
         State::NotBuilt => {
+            let thread_name = thread_name();
+            let thread_name = thread_name.as_str();
             let workers = WORKERS.load(Ordering::Relaxed);
             let rt = Builder::new_multi_thread()
                 .worker_threads(workers as usize)
@@ -83,9 +92,15 @@ pub(crate) fn handle(thread_name: &str) -> Result<Handle, String> {
             let threshold = Duration::from_millis(STARVATION_MS.load(Ordering::Relaxed));
             let watchdog = Watchdog::start(handle.clone(), workers, threshold, thread_name);
             *state = State::Running(rt, watchdog);
+            *HANDLE.write().unwrap_or_else(|p| p.into_inner()) = Some(handle.clone());
             Ok(handle)
         }
     }
+}
+
+/// The runtime's handle if it is running (never builds it).
+pub(crate) fn running() -> Option<Handle> {
+    HANDLE.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Drops the runtime: every task is cancelled and every runtime thread is joined, up to the
@@ -93,6 +108,7 @@ pub(crate) fn handle(thread_name: &str) -> Result<Handle, String> {
 pub(crate) fn shutdown() {
     let previous = {
         let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+        *HANDLE.write().unwrap_or_else(|p| p.into_inner()) = None;
         std::mem::replace(&mut *state, State::ShutDown)
     };
     if let State::Running(rt, watchdog) = previous {

@@ -2,8 +2,10 @@
 //! its own runtime and reports through an existing host service:
 //!
 //! * every future the SDK runs for an account (its task, the tasks it spawns, its stop and logout
-//!   hooks, its sends) is [`Watched`]: it records, while it is being polled, since when, so a poll
-//!   that never returns (the author's code blocks its thread) names its account;
+//!   hooks, its sends) is [`Watched`]: while it is being polled, its thread's slot records since
+//!   when and for which account, so a poll that never returns (the author's code blocks its
+//!   thread) names its account. The slots are per thread, not per future: watching a future
+//!   registers nothing and allocates nothing;
 //! * a watchdog thread, outside the runtime, spawns a probe task on the runtime every tick. The
 //!   probe does nothing but say it ran, so when it has waited past the threshold, no worker was
 //!   free for that long: the runtime is starved. The watchdog then reports, through the
@@ -13,11 +15,11 @@
 //!   has run.
 
 use std::{
-    collections::HashMap,
+    cell::Cell,
     future::Future,
     pin::Pin,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex, OnceLock, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
@@ -26,82 +28,148 @@ use std::{
     time::{Duration, Instant},
 };
 
+use pin_project_lite::pin_project;
 use serde_json::{Value, json};
 use tokio::runtime::Handle;
 
-/// What a watched future is, for the report: `task`, `spawned task`, `stop hook`, …
-struct Slot {
-    account: String,
-    what: &'static str,
-    /// Milliseconds since [`BASE`] (plus one) when its current poll began; 0 outside a poll.
-    polling_since: AtomicU64,
+use super::Account;
+
+/// Whose future a watched one is, for the report: an account task's account (shared with its
+/// context, so watching it allocates nothing), or the account id a hook or send was called for.
+#[derive(Clone, Debug)]
+pub(crate) enum Owner {
+    /// An account task, or a task it spawned.
+    Account(Arc<Account>),
+    /// A hook or send, by the account id the host named.
+    Id(Arc<str>),
+}
+
+impl Owner {
+    fn id(&self) -> &str {
+        match self {
+            Self::Account(account) => &account.id,
+            Self::Id(id) => id,
+        }
+    }
+}
+
+impl From<&str> for Owner {
+    fn from(id: &str) -> Self {
+        Self::Id(id.into())
+    }
+}
+
+/// What one thread is polling: the watchdog looks at threads, not futures (a future that blocks
+/// in its poll holds its thread), so watching a future costs no registration of its own.
+struct ThreadSlot {
+    /// Milliseconds since [`BASE`] (plus one) when the thread's current watched poll began; 0
+    /// outside one.
+    since: AtomicU64,
+    /// Whose poll that is (and since when, to tell it from a later poll): left in place after the
+    /// poll, and read only while `since` says a poll is under way.
+    current: Mutex<Option<(u64, Owner, &'static str)>>,
 }
 
 static BASE: OnceLock<Instant> = OnceLock::new();
-static NEXT_SLOT: AtomicU64 = AtomicU64::new(1);
-static SLOTS: Mutex<Option<HashMap<u64, Arc<Slot>>>> = Mutex::new(None);
+/// Every thread that has polled a watched future (a thread that has exited no longer upgrades).
+static THREADS: Mutex<Vec<Weak<ThreadSlot>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static SLOT: Arc<ThreadSlot> = register_thread();
+    /// Whether this thread is inside a watched poll already (a nested one keeps the outer's).
+    static IN_POLL: Cell<bool> = const { Cell::new(false) };
+}
+
+fn register_thread() -> Arc<ThreadSlot> {
+    let slot = Arc::new(ThreadSlot {
+        since: AtomicU64::new(0),
+        current: Mutex::new(None),
+    });
+    let mut threads = THREADS.lock().unwrap_or_else(|p| p.into_inner());
+    threads.retain(|t| t.strong_count() > 0);
+    threads.push(Arc::downgrade(&slot));
+    slot
+}
 
 fn now_ms() -> u64 {
     BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-fn with_slots<R>(f: impl FnOnce(&mut HashMap<u64, Arc<Slot>>) -> R) -> R {
-    let mut guard = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
-    f(guard.get_or_insert_with(HashMap::new))
+pin_project! {
+    /// A future whose polls are visible to the watchdog.
+    pub(crate) struct Watched<F> {
+        #[pin]
+        inner: F,
+        owner: Owner,
+        what: &'static str,
+    }
 }
 
-/// A future whose polls are visible to the watchdog.
-pub(crate) struct Watched<F> {
-    inner: Pin<Box<F>>,
-    slot: Arc<Slot>,
-    id: u64,
-}
-
-/// Wraps `future` (run for `account`, as `what`) so the watchdog sees its polls.
-pub(crate) fn watched<F: Future>(account: &str, what: &'static str, future: F) -> Watched<F> {
-    let slot = Arc::new(Slot {
-        account: account.to_owned(),
-        what,
-        polling_since: AtomicU64::new(0),
-    });
-    let id = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
-    with_slots(|slots| slots.insert(id, slot.clone()));
+/// Wraps `future` (run for `owner`, as `what`) so the watchdog sees its polls.
+pub(crate) fn watched<F: Future>(owner: Owner, what: &'static str, future: F) -> Watched<F> {
     Watched {
-        inner: Box::pin(future),
-        slot,
-        id,
+        inner: future,
+        owner,
+        what,
+    }
+}
+
+/// Marks the thread as out of its watched poll when the poll returns or unwinds.
+struct PollGuard<'a>(&'a ThreadSlot);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.0.since.store(0, Ordering::Relaxed);
+        let _ = IN_POLL.try_with(|p| p.set(false));
     }
 }
 
 impl<F: Future> Future for Watched<F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.slot.polling_since.store(now_ms(), Ordering::Relaxed);
-        let result = self.inner.as_mut().poll(cx);
-        self.slot.polling_since.store(0, Ordering::Relaxed);
-        result
-    }
-}
-
-impl<F> Drop for Watched<F> {
-    fn drop(&mut self) {
-        with_slots(|slots| slots.remove(&self.id));
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let outer = IN_POLL.try_with(|p| !p.replace(true)).unwrap_or(false);
+        if !outer {
+            return this.inner.poll(cx);
+        }
+        let Ok(slot) = SLOT.try_with(Arc::clone) else {
+            let _ = IN_POLL.try_with(|p| p.set(false));
+            return this.inner.poll(cx);
+        };
+        let since = now_ms();
+        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((since, this.owner.clone(), *this.what));
+        slot.since.store(since, Ordering::Relaxed);
+        let _guard = PollGuard(&slot);
+        this.inner.poll(cx)
     }
 }
 
 /// The futures that have been in one poll since before `since_ms`: `(account, what)`, sorted.
 fn holders(since_ms: u64) -> Vec<(String, &'static str)> {
-    let mut held: Vec<(String, &'static str)> = with_slots(|slots| {
-        slots
-            .values()
-            .filter(|slot| {
-                let since = slot.polling_since.load(Ordering::Relaxed);
-                since != 0 && since <= since_ms
-            })
-            .map(|slot| (slot.account.clone(), slot.what))
-            .collect()
-    });
+    let threads: Vec<Arc<ThreadSlot>> = THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    let mut held: Vec<(String, &'static str)> = threads
+        .iter()
+        .filter_map(|slot| {
+            let since = slot.since.load(Ordering::Relaxed);
+            if since == 0 || since > since_ms {
+                return None;
+            }
+            let current = slot.current.lock().unwrap_or_else(|p| p.into_inner());
+            match &*current {
+                Some((began, owner, what)) if *began == since => {
+                    Some((owner.id().to_owned(), *what))
+                }
+                _ => None,
+            }
+        })
+        .collect();
     held.sort();
     held.dedup();
     held
@@ -223,13 +291,13 @@ mod tests {
         let (entered, wait) = mpsc::channel();
         let (release, released) = mpsc::channel::<()>();
         let blocker = std::thread::spawn(move || {
-            let future = watched("blocker", "task", async move {
+            let future = watched("blocker".into(), "task", async move {
                 entered.send(()).unwrap();
                 released.recv().unwrap();
             });
             futures_executor_lite(future);
         });
-        let idle = watched("idle", "task", std::future::pending::<()>());
+        let idle = watched("idle".into(), "task", std::future::pending::<()>());
         wait.recv().unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let held = holders(now_ms());
@@ -239,6 +307,24 @@ mod tests {
         blocker.join().unwrap();
         drop(idle);
         assert!(holders(now_ms()).iter().all(|(a, _)| a != "blocker"));
+    }
+
+    #[test]
+    fn a_poll_that_panics_leaves_its_thread_free_and_the_next_poll_is_seen() {
+        let panicked = std::panic::catch_unwind(|| {
+            futures_executor_lite(watched("panicker".into(), "task", async {
+                if true {
+                    panic!("a panic in a watched poll");
+                }
+            }))
+        });
+        assert!(panicked.is_err());
+        let held = holders(now_ms());
+        assert!(held.iter().all(|(a, _)| a != "panicker"), "{held:?}");
+        // The thread's next watched poll is recorded as usual.
+        let seen =
+            futures_executor_lite(watched("next".into(), "send", async { holders(now_ms()) }));
+        assert!(seen.contains(&("next".to_owned(), "send")), "{seen:?}");
     }
 
     /// Polls a future to completion on this thread (it never waits for a wake-up here).
