@@ -340,6 +340,8 @@ impl Lifecycle {
             let mut ended_early = None;
             if let Some(generation) = polled {
                 let shared = &self.shared;
+                shared.await_poll(generation);
+                let _done_waiting = AwaitPoll(shared);
                 tokio::select! {
                     biased;
                     () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
@@ -479,6 +481,15 @@ impl Lifecycle {
             }
         }
         self.shared.publish(|event| event.ended = true);
+    }
+}
+
+/// Ends the lifecycle's wait for a first poll, however it ends.
+struct AwaitPoll<'a>(&'a Shared);
+
+impl Drop for AwaitPoll<'_> {
+    fn drop(&mut self) {
+        self.0.await_poll(0);
     }
 }
 

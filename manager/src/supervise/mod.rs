@@ -170,6 +170,10 @@ struct Shared {
     stop: std::sync::atomic::AtomicBool,
     /// The generation whose task the plugin's runtime has polled (0: none yet).
     polled: std::sync::atomic::AtomicU64,
+    /// The generation whose first poll the lifecycle is waiting for (0: none): a first poll wakes
+    /// the lifecycle only then (one reported while the boot is still being answered needs no
+    /// wake-up, the lifecycle sees it when it gets there).
+    awaiting_poll: std::sync::atomic::AtomicU64,
     /// The plugin's id of the account's running task (0: none).
     task: std::sync::atomic::AtomicU64,
     /// The task a stop has aborted already (0: none), so its stop sequence skips the abort.
@@ -190,6 +194,7 @@ impl Shared {
             phase: std::sync::atomic::AtomicU8::new(Phase::Booting as u8),
             stop: std::sync::atomic::AtomicBool::new(false),
             polled: std::sync::atomic::AtomicU64::new(0),
+            awaiting_poll: std::sync::atomic::AtomicU64::new(0),
             task: std::sync::atomic::AtomicU64::new(0),
             aborted: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
@@ -250,7 +255,15 @@ impl Shared {
 
     /// Whether the task of `generation` has been polled.
     fn polled(&self, generation: u64) -> bool {
-        self.polled.load(std::sync::atomic::Ordering::Acquire) == generation
+        // SeqCst, with `await_poll` and `task_polled`: either this load sees the report, or the
+        // report sees the lifecycle waiting and wakes it.
+        self.polled.load(std::sync::atomic::Ordering::SeqCst) == generation
+    }
+
+    /// The lifecycle waits for the first poll of `generation`'s task from here (0: no more).
+    fn await_poll(&self, generation: u64) {
+        self.awaiting_poll
+            .store(generation, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Completes once `done` holds, checked whenever the lifecycle is woken (by the stop or a
@@ -327,8 +340,10 @@ impl crate::host::TaskSignals for Shared {
     fn task_polled(&self, generation: u64) {
         let before = self
             .polled
-            .swap(generation, std::sync::atomic::Ordering::AcqRel);
-        if before != generation {
+            .swap(generation, std::sync::atomic::Ordering::SeqCst);
+        if before != generation
+            && self.awaiting_poll.load(std::sync::atomic::Ordering::SeqCst) == generation
+        {
             self.lifecycle.wake();
         }
     }
