@@ -3,13 +3,17 @@
 //! stopped for good when a user says so (a manual stop always wins).
 //!
 //! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`), kept
-//! small (one shared cell for its phase, its backoff wake-up, its boot outcomes and its end, with
-//! no watch channel; the stop sequence boxed), and one lock over all accounts' bookkeeping
-//! (`State`), never held across a plugin call or an await. A channel's boots run on its boot pool
-//! (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
-//! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other synchronous plugin calls run on the
-//! blocking pool with time bounds ([`calls`]). Each lifecycle has its own stop signal (in `Shared`);
-//! lifecycles are tracked so shutdown is close, cancel, wait.
+//! small: its future is a few hundred bytes (the boot, the backoff and the stop sequence boxed, as
+//! they are passing states), and one shared cell (`Shared`) carries its phase, its stop signal,
+//! the first-poll report of its task, its boot outcomes and its end, with no watch channel,
+//! cancellation token or flag per boot. One lock covers all accounts' bookkeeping (`State`),
+//! never held across a plugin call or an await. A start or stop of many accounts is one batch:
+//! its first steps run under one lock of `State`, one deadline bounds its starts, and its stops
+//! fire their tasks' aborts with one call per plugin version. A channel's boots run on its boot
+//! pool (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
+//! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other
+//! synchronous plugin calls run on the blocking pool with time bounds ([`calls`]). Lifecycles are
+//! tracked so shutdown is close, cancel, wait.
 //!
 //! Which registration (plugin version, config, accounts) serves a channel, and which channels were
 //! removed, are not the supervisor's to keep: it asks its [`Serving`] source every time (the
