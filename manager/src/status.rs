@@ -616,6 +616,22 @@ impl StatusBoard {
         self.write(key, |_| {}, f);
     }
 
+    /// [`update`](Self::update) with `f` for each of `keys`, under one lock (a stop of many
+    /// accounts).
+    pub fn update_each<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k AccountKey>,
+        f: impl Fn(&mut AccountSnapshot),
+    ) {
+        let mut entries = self.lock();
+        for key in keys {
+            let before = entries.get(key).map(|entry| derive(&entry.snapshot));
+            let snapshot = entries.entry(key).snapshot_mut();
+            f(snapshot);
+            self.states.publish(key, before, snapshot);
+        }
+    }
+
     /// Under one lock: `entry` on `key`'s entry (created if needed), then `f` on its snapshot,
     /// then the state change published.
     fn write(

@@ -992,6 +992,18 @@ impl Supervisor {
         let mut aborts: Vec<(Arc<Channel>, Vec<TaskOf>)> = Vec::new();
         {
             let mut state = self.lock();
+            // Every running one shows `stopping` first, in one write of the board, before its
+            // signal is set: the lifecycle's own `stopped` (written once it sees the signal)
+            // always lands after this.
+            self.inner.board.update_each(
+                keys.iter().filter(|key| {
+                    state
+                        .accounts
+                        .get(*key)
+                        .is_some_and(|e| e.lifecycle.is_some())
+                }),
+                |s| s.set_state(AccountState::Stopping),
+            );
             for (i, key) in keys.iter().enumerate() {
                 let entry = state.account(key);
                 entry.manual_stop = true;
@@ -1001,11 +1013,6 @@ impl Supervisor {
                     Some(lc) => {
                         // From here on a start waits for this stop to finish, then starts anew.
                         lc.shared.set_phase(Phase::Stopping);
-                        // Before the signal, so the lifecycle's own `stopped` (written once it
-                        // sees it) always lands after this.
-                        self.inner
-                            .board
-                            .update(key, |s| s.set_state(AccountState::Stopping));
                         // Set now, woken below once the aborts are out.
                         lc.shared.mark_stop();
                         let task = lc.shared.task();
