@@ -175,7 +175,7 @@ impl Lifecycle {
     pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
             let ctx = &self.ctx;
-            loop {
+            'life: loop {
                 self.set_phase(Phase::Booting);
                 // A new generation with the `starting` state, in one write: handles of the last task
                 // are stale from here.
@@ -183,70 +183,74 @@ impl Lifecycle {
                     .inner
                     .board
                     .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
-                let boot = Box::pin(self.boot(generation)).await;
-                let (result, ran_for) = match boot {
-                    Boot::Stopped => {
-                        self.publish(StartOutcome::Stopped);
-                        ctx.record_stopped();
-                        break;
-                    }
-                    Boot::Stuck => {
-                        self.publish(StartOutcome::Stopped);
-                        break;
-                    }
-                    Boot::Held(reason) => {
-                        let now = ctx.inner.clock.wall_ms();
-                        ctx.set_state(AccountState::Stopped, |s| {
-                            s.last_stop_at = Some(now);
-                            s.last_error = Some(reason.clone());
-                        });
-                        self.publish(StartOutcome::Refused(reason));
-                        break;
-                    }
-                    Boot::Disabled(reason) => {
-                        ctx.set_state(AccountState::Disabled, |s| {
-                            s.last_error = Some(reason.clone());
-                        });
-                        self.publish(StartOutcome::Disabled(reason));
-                        break;
-                    }
-                    Boot::NotConfigured(reason) => {
-                        ctx.set_state(AccountState::NotConfigured, |s| {
-                            s.last_error = Some(reason.clone());
-                        });
-                        self.publish(StartOutcome::NotConfigured(reason));
-                        break;
-                    }
-                    Boot::Failed(error) => {
-                        tracing::warn!(account = %ctx.key, "start failed: {error}");
-                        // Still `starting` until the restart is scheduled (or the stop recorded).
-                        ctx.inner.board.retire_generation_and(&ctx.key, |s| {
-                            s.last_error = Some(error.clone());
-                        });
-                        self.publish(StartOutcome::Failed(error.clone()));
-                        (Err(error), Duration::ZERO)
-                    }
-                    Boot::Started(task, polled) => {
-                        if self.shared.stop_requested() {
-                            // The start returned its task after a stop arrived: the stop wins, and
-                            // the task gets the whole stop sequence (it never counts as running).
-                            Box::pin(ctx.stop_task(task, false)).await;
-                            self.publish(StartOutcome::Stopped);
-                            break;
+                // The boot's value lives only in this block (not beside the running task's wait).
+                let (result, ran_for) = 'ran: {
+                    let (task, polled) = {
+                        let boot = Box::pin(self.boot(generation)).await;
+                        match boot {
+                            Boot::Stopped => {
+                                self.publish(StartOutcome::Stopped);
+                                ctx.record_stopped();
+                                break 'life;
+                            }
+                            Boot::Stuck => {
+                                self.publish(StartOutcome::Stopped);
+                                break 'life;
+                            }
+                            Boot::Held(reason) => {
+                                let now = ctx.inner.clock.wall_ms();
+                                ctx.set_state(AccountState::Stopped, |s| {
+                                    s.last_stop_at = Some(now);
+                                    s.last_error = Some(reason.clone());
+                                });
+                                self.publish(StartOutcome::Refused(reason));
+                                break 'life;
+                            }
+                            Boot::Disabled(reason) => {
+                                ctx.set_state(AccountState::Disabled, |s| {
+                                    s.last_error = Some(reason.clone());
+                                });
+                                self.publish(StartOutcome::Disabled(reason));
+                                break 'life;
+                            }
+                            Boot::NotConfigured(reason) => {
+                                ctx.set_state(AccountState::NotConfigured, |s| {
+                                    s.last_error = Some(reason.clone());
+                                });
+                                self.publish(StartOutcome::NotConfigured(reason));
+                                break 'life;
+                            }
+                            Boot::Failed(error) => {
+                                tracing::warn!(account = %ctx.key, "start failed: {error}");
+                                // Still `starting` until the restart is scheduled (or the stop recorded).
+                                ctx.inner.board.retire_generation_and(&ctx.key, |s| {
+                                    s.last_error = Some(error.clone());
+                                });
+                                self.publish(StartOutcome::Failed(error.clone()));
+                                break 'ran (Err(error), Duration::ZERO);
+                            }
+                            Boot::Started(task, polled) => (task, polled),
                         }
-                        match self.run_task(task, polled).await {
-                            RunEnd::Stopped => break,
-                            RunEnd::Exited(result, ran_for) => (result, ran_for),
-                        }
+                    };
+                    if self.shared.stop_requested() {
+                        // The start returned its task after a stop arrived: the stop wins, and
+                        // the task gets the whole stop sequence (it never counts as running).
+                        Box::pin(ctx.stop_task(task, false)).await;
+                        self.publish(StartOutcome::Stopped);
+                        break 'life;
+                    }
+                    match self.run_task(task, polled).await {
+                        RunEnd::Stopped => break 'life,
+                        RunEnd::Exited(result, ran_for) => (result, ran_for),
                     }
                 };
                 if self.shared.stop_requested() {
                     // A stop raced with the end of the task: the stop wins, and says so.
                     ctx.record_stopped();
-                    break;
+                    break 'life;
                 }
                 if !Box::pin(self.schedule_restart(result, ran_for)).await {
-                    break;
+                    break 'life;
                 }
             }
             // `finish` runs when `self` drops here, as it does on a panic anywhere above.
@@ -342,15 +346,19 @@ impl Lifecycle {
                 let shared = &self.shared;
                 shared.await_poll(generation);
                 let _done_waiting = AwaitPoll(shared);
-                tokio::select! {
+                let stopped = tokio::select! {
                     biased;
                     () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
-                        if shared.stop_requested() {
-                            Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
-                            return RunEnd::Stopped;
-                        }
+                        shared.stop_requested()
                     }
-                    result = &mut task.done => ended_early = Some(result),
+                    result = &mut task.done => {
+                        ended_early = Some(result);
+                        false
+                    }
+                };
+                if stopped {
+                    Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
+                    return RunEnd::Stopped;
                 }
             }
             let attempts = ctx
@@ -370,17 +378,24 @@ impl Lifecycle {
             let started = ctx.inner.clock.now();
             let result = match ended_early {
                 Some(result) => result,
-                None => tokio::select! {
-                    // A stop that coincides with the end of the task still runs the stop sequence.
-                    biased;
-                    () = self.shared.stopped() => {
-                        // Boxed, here and at every stop: a running account's future does not carry
-                        // the stop sequence's state.
-                        Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
-                        return RunEnd::Stopped;
+                None => {
+                    let ended = tokio::select! {
+                        // A stop that coincides with the end of the task still runs the stop
+                        // sequence.
+                        biased;
+                        () = self.shared.stopped() => None,
+                        result = &mut task.done => Some(result),
+                    };
+                    match ended {
+                        Some(result) => result,
+                        None => {
+                            // Boxed, here and at every stop: a running account's future does not
+                            // carry the stop sequence's state.
+                            Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
+                            return RunEnd::Stopped;
+                        }
                     }
-                    result = &mut task.done => result,
-                },
+                }
             };
             let ran_for = ctx.inner.clock.now().duration_since(started);
             let now = ctx.inner.clock.wall_ms();
