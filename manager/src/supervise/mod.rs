@@ -215,7 +215,11 @@ impl Shared {
 
     /// Changes the published event and wakes every waiter.
     fn publish(&self, f: impl FnOnce(&mut BootEvent)) {
-        f(&mut self.event());
+        {
+            let mut event = self.event();
+            f(&mut event);
+            event.report();
+        }
         self.changed.notify_waiters();
     }
 
@@ -365,6 +369,109 @@ struct BootEvent {
     outcome: Option<StartOutcome>,
     /// The lifecycle has ended (its slot is free).
     ended: bool,
+    /// Batches of starts or stops waiting for this lifecycle (see [`Batch`]).
+    waiting: Vec<Waiter>,
+}
+
+impl BootEvent {
+    /// Reports to every waiting batch this event satisfies (and forgets them).
+    fn report(&mut self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let (seq, ended) = (self.seq, self.ended);
+        let outcome = &self.outcome;
+        self.waiting.retain(|w| {
+            let result = match w.after {
+                // A start: the first boot outcome after `seen`, or `stopped` if the lifecycle
+                // ended without one (a stop during the backoff).
+                Some(seen) => match outcome {
+                    Some(outcome) if seq > seen => Some(outcome.clone()),
+                    _ if ended => Some(StartOutcome::Stopped),
+                    _ => return true,
+                },
+                // A stop: the end.
+                None if ended => None,
+                None => return true,
+            };
+            w.batch.arrive(w.index, result);
+            false
+        });
+    }
+}
+
+/// A lifecycle's place in a [`Batch`].
+#[derive(Debug, Clone)]
+struct Waiter {
+    batch: Arc<Batch>,
+    index: usize,
+    /// `Some(seen)`: a start waiting for a boot outcome published after `seen` (or the end);
+    /// `None`: a stop waiting for the end.
+    after: Option<u64>,
+}
+
+/// One wait for many lifecycles (a start or stop of many accounts): each reports to it when its
+/// event satisfies the wait, instead of one waiting future per account.
+#[derive(Debug)]
+struct Batch {
+    left: std::sync::atomic::AtomicUsize,
+    /// What each start's lifecycle published (`None` for a stop, or not yet).
+    results: Mutex<Vec<Option<StartOutcome>>>,
+    done: Notify,
+}
+
+impl Batch {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            left: std::sync::atomic::AtomicUsize::new(0),
+            results: Mutex::new(vec![None; size]),
+            done: Notify::new(),
+        })
+    }
+
+    /// Makes `shared` report to this batch as member `index` (`after` as in [`Waiter`]), or
+    /// counts it as arrived at once if its event satisfies the wait already.
+    fn join(self: &Arc<Self>, shared: &Shared, index: usize, after: Option<u64>) {
+        self.left.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut event = shared.event();
+        event.waiting.push(Waiter {
+            batch: self.clone(),
+            index,
+            after,
+        });
+        event.report();
+    }
+
+    fn arrive(&self, index: usize, result: Option<StartOutcome>) {
+        if result.is_some()
+            && let Some(slot) = self
+                .results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(index)
+        {
+            *slot = result;
+        }
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    /// Completes once every member has arrived.
+    ///
+    /// # Cancellation safety
+    ///
+    /// Cancel-safe: it changes nothing.
+    async fn arrived(&self) {
+        while self.left.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+    }
+
+    /// What each start's lifecycle published (`None`: not yet).
+    fn results(&self) -> Vec<Option<StartOutcome>> {
+        std::mem::take(&mut *self.results.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A running task's id and the lifecycle that runs it (a stop's batched abort marks it).
@@ -809,26 +916,54 @@ impl Supervisor {
                 .map(|key| self.start_step(&mut state, ch, key, mode))
                 .collect()
         };
-        // Each start's outcome, written as it arrives (the deadline reads what has arrived).
-        let outcomes: Vec<std::sync::OnceLock<StartOutcome>> =
-            keys.iter().map(|_| std::sync::OnceLock::new()).collect();
-        let waits = keys
+        // One wait for the starts that join a lifecycle's boot; a start that must first wait for
+        // a stop in progress (rare) waits by itself.
+        let batch = Batch::new(keys.len());
+        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; keys.len()];
+        let mut after_stops = Vec::new();
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
+                StartStep::Done(outcome) => outcomes[i] = Some(outcome),
+                StartStep::Wait {
+                    shared,
+                    seen,
+                    stopping: false,
+                } => batch.join(&shared, i, Some(seen)),
+                step => after_stops.push((i, step)),
+            }
+        }
+        let finished: Vec<(usize, std::sync::OnceLock<StartOutcome>)> = after_stops
             .iter()
-            .zip(steps)
-            .zip(&outcomes)
-            .map(|((key, step), out)| async move {
-                let outcome = self.finish_start(ch, key, mode, step).await;
-                let _ = out.set(outcome);
-            });
+            .map(|(i, _)| (*i, std::sync::OnceLock::new()))
+            .collect();
+        let waits =
+            after_stops
+                .into_iter()
+                .zip(&finished)
+                .map(|((i, step), (_, out))| async move {
+                    let outcome = self.finish_start(ch, &keys[i], mode, step).await;
+                    let _ = out.set(outcome);
+                });
+        let after_stops = join_all(waits);
         tokio::select! {
             biased;
-            _ = join_all(waits) => {}
+            _ = async { tokio::join!(batch.arrived(), after_stops) } => {}
             () = tokio::time::sleep_until(deadline) => {}
+        }
+        for (i, result) in batch.results().into_iter().enumerate() {
+            if result.is_some() {
+                outcomes[i] = result;
+            }
+        }
+        for (i, out) in finished {
+            if let Some(outcome) = out.into_inner() {
+                outcomes[i] = Some(outcome);
+            }
         }
         outcomes
             .into_iter()
             .map(|out| {
-                out.into_inner().unwrap_or_else(|| {
+                out.unwrap_or_else(|| {
                     StartOutcome::TimedOut(format!(
                         "the start did not hand over its task within {}",
                         humantime::format_duration(self.inner.policy().start_timeout)
@@ -1067,12 +1202,12 @@ impl Supervisor {
                 outcomes[i] = Some(StopOutcome::Stopped);
             }
         }
-        join_all(
-            stopping
-                .iter()
-                .map(|(_, shared)| shared.wait_for(|e| e.ended)),
-        )
-        .await;
+        // One wait for every lifecycle's end.
+        let batch = Batch::new(0);
+        for (i, shared) in &stopping {
+            batch.join(shared, *i, None);
+        }
+        batch.arrived().await;
         {
             let state = self.lock();
             for (i, _) in &stopping {
