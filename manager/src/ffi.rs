@@ -102,10 +102,9 @@ impl FfiPlugin {
     }
 
     fn running_task(started: StartedTask) -> RunningTask {
-        let done = started.done;
         RunningTask {
             id: started.id,
-            done: Box::pin(async move { done.await.into_result().map_err(RString::into_string) }),
+            done: crate::plugin::TaskEnd::ffi(started.done),
         }
     }
 

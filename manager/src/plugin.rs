@@ -53,7 +53,45 @@ pub struct RunningTask {
     pub id: u64,
     /// Completes when the task ends: `Ok` for a clean exit, `Err` with its message otherwise.
     /// Dropping it cancels the task inside the plugin.
-    pub done: BoxFuture<Result<(), String>>,
+    pub done: TaskEnd,
+}
+
+/// The future a [`RunningTask`] completes with: a loaded plugin's own FFI future, held as it is
+/// (no box of the host's around it: one allocation less per running account), or any boxed
+/// future (test doubles, isolated plugins).
+pub struct TaskEnd(EndFuture);
+
+enum EndFuture {
+    Ffi(channeld_plugin_abi::abi::TaskDone),
+    Boxed(BoxFuture<Result<(), String>>),
+}
+
+impl TaskEnd {
+    /// Wraps any future.
+    pub fn boxed(done: impl Future<Output = Result<(), String>> + Send + 'static) -> Self {
+        Self(EndFuture::Boxed(Box::pin(done)))
+    }
+
+    /// A loaded plugin's future for its task.
+    pub(crate) fn ffi(done: channeld_plugin_abi::abi::TaskDone) -> Self {
+        Self(EndFuture::Ffi(done))
+    }
+}
+
+impl Future for TaskEnd {
+    type Output = Result<(), String>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            EndFuture::Ffi(done) => Pin::new(done)
+                .poll(cx)
+                .map(|end| end.into_result().map_err(|e| e.into_string())),
+            EndFuture::Boxed(done) => done.as_mut().poll(cx),
+        }
+    }
 }
 
 /// What booting one account did (see [`Plugin::boot_accounts`]).

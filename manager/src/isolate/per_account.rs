@@ -213,7 +213,7 @@ impl Plugin for PerAccountPlugin {
         let inner = self.inner.clone();
         Ok(RunningTask {
             id,
-            done: Box::pin(async move {
+            done: crate::plugin::TaskEnd::boxed(async move {
                 let result = started.done.await;
                 lock(&inner.tasks).remove(&id);
                 result

@@ -731,7 +731,7 @@ impl IsolatedPlugin {
         let inner = self.inner.clone();
         RunningTask {
             id: task,
-            done: Box::pin(async move {
+            done: crate::plugin::TaskEnd::boxed(async move {
                 let result = match done {
                     Some(done) => done
                         .await

@@ -76,7 +76,7 @@ impl Plugin for Double {
     ) -> Result<RunningTask, PluginCallError> {
         Ok(RunningTask {
             id: 1,
-            done: Box::pin(std::future::pending()),
+            done: crate::plugin::TaskEnd::boxed(std::future::pending()),
         })
     }
     fn abort_task(&self, _task: u64) -> bool {

@@ -531,7 +531,7 @@ impl TestPlugin {
         };
         RunningTask {
             id,
-            done: Box::pin(done),
+            done: crate::plugin::TaskEnd::boxed(done),
         }
     }
 }
