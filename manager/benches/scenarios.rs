@@ -17,6 +17,10 @@
 //! Sizes can be lowered for profiling (e.g. under callgrind) with `CHANNELD_BENCH_MESSAGES`,
 //! `CHANNELD_BENCH_CALLS`, `CHANNELD_BENCH_ROUNDS` and `CHANNELD_BENCH_ACCOUNTS`.
 //!
+//! The fixture's accounts have no stop work by default (its stop hook is not run for them, as the
+//! SDK skips a hook with nothing to do); `CHANNELD_BENCH_STOP_HOOK=1` gives S1's and S3's accounts
+//! a stop hook that runs (and returns at once), to measure stop-all with a hook per account.
+//!
 //! To add a scenario: write `fn name(bench: &Bench) -> anyhow::Result<String>` returning the JSON
 //! line (a `Serialize` struct whose first field is `scenario`) and list it in [`SCENARIOS`].
 
@@ -1280,7 +1284,12 @@ fn s1(bench: &Bench) -> anyhow::Result<String> {
 /// the `channeld` binary `child` (the `isolation` scenario compares the two).
 fn s1_figures(bench: &Bench, child: Option<PathBuf>) -> anyhow::Result<S1Report> {
     let label = if child.is_some() { "S1 isolated" } else { "S1" };
-    let fleet = Fleet::new_in(bench, json!({}), SupervisorConfig::default(), child)?;
+    let account = if std::env::var_os("CHANNELD_BENCH_STOP_HOOK").is_some_and(|v| v == "1") {
+        json!({ "block_in_stop_ms": 0 })
+    } else {
+        json!({})
+    };
+    let fleet = Fleet::new_in(bench, account, SupervisorConfig::default(), child)?;
     let n = bench.accounts;
     let rss_before = rss_bytes()?;
 
