@@ -186,7 +186,7 @@ impl Lifecycle {
                 // The boot's value lives only in this block (not beside the running task's wait).
                 let (result, ran_for) = 'ran: {
                     let (task, polled) = {
-                        let boot = Box::pin(self.boot(generation)).await;
+                        let boot = self.boot(generation).await;
                         match boot {
                             Boot::Stopped => {
                                 self.publish(StartOutcome::Stopped);
@@ -295,16 +295,22 @@ impl Lifecycle {
             polled,
             reply,
         });
+        // The arms only say what happened: the rare wait after a stop (with its timer) is boxed,
+        // so a booting account's future stays small.
         let joined = tokio::select! {
             biased;
-            joined = &mut call => joined,
-            () = self.shared.stopped() => {
+            joined = &mut call => Some(joined),
+            () = self.shared.stopped() => None,
+        };
+        let joined = match joined {
+            Some(joined) => joined,
+            None => {
                 if ticket.withdraw() {
                     // Still waiting for a thread of the pool: no plugin call was made.
                     return Boot::Stopped;
                 }
                 let limit = ctx.inner.policy().stop_timeout;
-                match timeout(limit, &mut call).await {
+                match Box::pin(timeout(limit, &mut call)).await {
                     Ok(joined) => joined,
                     Err(_) => {
                         ctx.detach_stuck_start(call);
@@ -456,18 +462,21 @@ impl Lifecycle {
         ctx.set_state(AccountState::RestartPending, |s| {
             s.reconnect_attempts = attempt;
         });
+        self.shared.clear_woken();
         self.set_phase(Phase::Backoff);
         let deadline = ctx.inner.clock.now() + delay;
+        let shared = &self.shared;
         tokio::select! {
-            // Biased: a stop wins over everything, and a user's wake-up is consumed even when the
-            // sleep ends at the same moment (an unconsumed one would stay stored in the `Notify`
-            // and cut the next backoff short).
+            // Biased: a stop wins over everything.
             biased;
-            () = self.shared.stopped() => {
-                ctx.record_stopped();
-                false
+            () = shared.until(|s| s.stop_requested() || s.woken()) => {
+                if shared.stop_requested() {
+                    ctx.record_stopped();
+                    false
+                } else {
+                    true
+                }
             }
-            () = self.shared.wake.notified() => true,
             () = tokio::time::sleep_until(deadline) => true,
         }
     }

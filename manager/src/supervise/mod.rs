@@ -182,7 +182,8 @@ struct Shared {
     task: std::sync::atomic::AtomicU64,
     /// The task a stop has aborted already (0: none), so its stop sequence skips the abort.
     aborted: std::sync::atomic::AtomicU64,
-    wake: Notify,
+    /// A user start asked the lifecycle to cut its backoff short (see `wake_backoff`).
+    woken: std::sync::atomic::AtomicBool,
     /// What the lifecycle publishes (its boot outcomes and its end).
     event: Mutex<BootEvent>,
     /// Wakes those who wait for what the lifecycle publishes.
@@ -201,7 +202,7 @@ impl Shared {
             awaiting_poll: std::sync::atomic::AtomicU64::new(0),
             task: std::sync::atomic::AtomicU64::new(0),
             aborted: std::sync::atomic::AtomicU64::new(0),
-            wake: Notify::new(),
+            woken: std::sync::atomic::AtomicBool::new(false),
             event: Mutex::new(BootEvent::default()),
             changed: Notify::new(),
             lifecycle: futures_util::task::AtomicWaker::new(),
@@ -221,6 +222,24 @@ impl Shared {
             event.report();
         }
         self.changed.notify_waiters();
+    }
+
+    /// Cuts the lifecycle's backoff short (a user start does not wait it out).
+    fn wake_backoff(&self) {
+        self.woken.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.lifecycle.wake();
+    }
+
+    /// Whether a user start asked to cut the backoff short.
+    fn woken(&self) -> bool {
+        self.woken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forgets a wake-up left from an earlier backoff: called before a backoff begins, so a start
+    /// that saw that backoff ending cannot cut the next one short (a start wakes only a lifecycle
+    /// whose phase says backoff, which is set after this).
+    fn clear_woken(&self) {
+        self.woken.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Fires the stop signal and wakes the lifecycle.
@@ -1049,7 +1068,7 @@ impl Supervisor {
             Some(lc) => {
                 if lc.shared.phase() == Phase::Backoff {
                     // A user start does not wait out the backoff.
-                    lc.shared.wake.notify_one();
+                    lc.shared.wake_backoff();
                 }
                 // Join the boot in flight (or the one the wake-up starts).
                 let seen = lc.shared.event().seq;
