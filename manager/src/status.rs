@@ -625,10 +625,7 @@ impl StatusBoard {
     ) {
         let mut entries = self.lock();
         for key in keys {
-            let before = entries.get(key).map(|entry| derive(&entry.snapshot));
-            let snapshot = entries.entry(key).snapshot_mut();
-            f(snapshot);
-            self.states.publish(key, before, snapshot);
+            self.write_locked(&mut entries, key, |_| {}, &f);
         }
     }
 
@@ -640,7 +637,17 @@ impl StatusBoard {
         entry: impl FnOnce(&mut Entry),
         f: impl FnOnce(&mut AccountSnapshot),
     ) {
-        let mut entries = self.lock();
+        self.write_locked(&mut self.lock(), key, entry, f);
+    }
+
+    /// [`write`](Self::write), under a lock the caller holds.
+    fn write_locked(
+        &self,
+        entries: &mut Entries,
+        key: &AccountKey,
+        entry: impl FnOnce(&mut Entry),
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
         let before = entries.get(key).map(|entry| derive(&entry.snapshot));
         let written = entries.entry(key);
         entry(written);

@@ -82,7 +82,7 @@ impl std::fmt::Display for HookEnd {
 
 /// How a stop hook's call went, as the stop reports it: a hook that hung past its bound is not a
 /// failure of the stop.
-fn hook_end(
+fn hook_outcome(
     result: Result<Result<(), crate::plugin::PluginCallError>, super::calls::CallError>,
 ) -> HookEnd {
     use super::calls::CallError;
@@ -583,7 +583,7 @@ impl AccountCtx {
             match plugin.stop_account_async(&self.key.account) {
                 // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
                 // below (dropped, and so cancelled, past it).
-                Some(hook) => Box::pin(async move { hook_end(Ok(hook.await)) }),
+                Some(hook) => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
                 // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
                 // calls in flight.
                 None => {
@@ -599,7 +599,7 @@ impl AccountCtx {
                             move || hook_plugin.stop_account(&account),
                         )
                         .await;
-                        hook_end(result)
+                        hook_outcome(result)
                     })
                 }
             };
