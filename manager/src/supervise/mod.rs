@@ -184,10 +184,9 @@ struct Shared {
     aborted: std::sync::atomic::AtomicU64,
     /// A user start asked the lifecycle to cut its backoff short (see `wake_backoff`).
     woken: std::sync::atomic::AtomicBool,
-    /// What the lifecycle publishes (its boot outcomes and its end).
+    /// What the lifecycle publishes (its boot outcomes and its end), and the batches waiting for
+    /// it (see [`Batch`]: every wait for a lifecycle is one).
     event: Mutex<BootEvent>,
-    /// Wakes those who wait for what the lifecycle publishes.
-    changed: Notify,
     /// Wakes the lifecycle itself at the stop or a first poll (it alone waits for those: a
     /// waker slot, a few bytes in its future where a `Notify` wait would take dozens).
     lifecycle: futures_util::task::AtomicWaker,
@@ -204,7 +203,6 @@ impl Shared {
             aborted: std::sync::atomic::AtomicU64::new(0),
             woken: std::sync::atomic::AtomicBool::new(false),
             event: Mutex::new(BootEvent::default()),
-            changed: Notify::new(),
             lifecycle: futures_util::task::AtomicWaker::new(),
         }
     }
@@ -214,14 +212,11 @@ impl Shared {
         self.event.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Changes the published event and wakes every waiter.
+    /// Changes the published event and reports to every batch it satisfies.
     fn publish(&self, f: impl FnOnce(&mut BootEvent)) {
-        {
-            let mut event = self.event();
-            f(&mut event);
-            event.report();
-        }
-        self.changed.notify_waiters();
+        let mut event = self.event();
+        f(&mut event);
+        event.report();
     }
 
     /// Cuts the lifecycle's backoff short (a user start does not wait it out).
@@ -323,27 +318,6 @@ impl Shared {
         self.until(Self::stop_requested)
     }
 
-    /// Waits until `done` holds for the published event; returns a copy of it.
-    ///
-    /// # Cancellation safety
-    ///
-    /// Cancel-safe: it changes nothing.
-    async fn wait_for(&self, done: impl Fn(&BootEvent) -> bool) -> BootEvent {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the check, so a publish between the two is not missed.
-            changed.as_mut().enable();
-            {
-                let event = self.event();
-                if done(&event) {
-                    return event.clone();
-                }
-            }
-            changed.await;
-        }
-    }
-
     fn phase(&self) -> Phase {
         match self.phase.load(std::sync::atomic::Ordering::Acquire) {
             0 => Phase::Booting,
@@ -381,8 +355,9 @@ impl crate::host::TaskSignals for Shared {
 }
 
 /// What a lifecycle publishes: its boot outcomes, numbered so a joining start waits for the next
-/// one, and its end (one channel for both: a lifecycle is a few hundred bytes lighter per account).
-#[derive(Debug, Clone, Default)]
+/// one, and its end; those waiting for either are batches registered here, told when it is
+/// published.
+#[derive(Debug, Default)]
 struct BootEvent {
     seq: u64,
     outcome: Option<StartOutcome>,
@@ -420,7 +395,7 @@ impl BootEvent {
 }
 
 /// A lifecycle's place in a [`Batch`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Waiter {
     batch: Arc<Batch>,
     index: usize,
@@ -997,7 +972,8 @@ impl Supervisor {
     ///
     /// # Cancellation safety
     ///
-    /// Cancel-safe: dropping it abandons only the wait (a lifecycle it spawned goes on).
+    /// Cancel-safe: dropping it abandons only the wait (a lifecycle it spawned goes on; its
+    /// registration in the lifecycle's event is dropped at the next publish that satisfies it).
     async fn finish_start(
         &self,
         ch: &Arc<Channel>,
@@ -1014,21 +990,21 @@ impl Supervisor {
                     stopping,
                 } => (shared, seen, stopping),
             };
+            // A batch of one: while `stopping`, the stop in progress finishes first (then this
+            // start steps again); otherwise the boot outcome after `seen`, as `BootEvent::report`
+            // decides it.
+            let batch = Batch::new(1);
+            batch.join(&shared, 0, (!stopping).then_some(seen));
+            batch.arrived().await;
             if stopping {
-                // A stop is in progress: the stop finishes first, then this start runs.
-                shared.wait_for(|e| e.ended).await;
                 step = self.start_step(&mut self.lock(), ch, key, mode);
                 continue;
             }
-            let published = |event: &BootEvent| event.seq > seen && event.outcome.is_some();
-            let event = shared
-                .wait_for(|event| published(event) || event.ended)
-                .await;
-            // The lifecycle ended without publishing (a stop during the backoff): stopped.
-            return match event.outcome {
-                Some(outcome) if published(&event) => outcome,
-                _ => StartOutcome::Stopped,
-            };
+            return batch
+                .results()
+                .pop()
+                .flatten()
+                .unwrap_or(StartOutcome::Stopped);
         }
     }
 
@@ -1205,8 +1181,9 @@ impl Supervisor {
         }
         if !idle.is_empty() {
             let now = self.inner.clock.wall_ms();
-            for &i in &idle {
-                self.inner.board.update(&keys[i], |s| {
+            self.inner
+                .board
+                .update_each(idle.iter().map(|&i| &keys[i]), |s| {
                     // A disabled, unconfigured or logged-out account says so still.
                     if !matches!(
                         s.state,
@@ -1218,6 +1195,7 @@ impl Supervisor {
                     }
                     s.last_stop_at = Some(now);
                 });
+            for &i in &idle {
                 outcomes[i] = Some(StopOutcome::Stopped);
             }
         }
