@@ -76,6 +76,9 @@ mod mqtt;
 /// started, retries and failure, order under retries, cancel, the caps, `kill -9` mid-send.
 mod outbox;
 
+/// Gateways with the real daemon: added and removed by a config reload, a refused copy held and
+/// retried until its target's channel is loaded.
+mod bridge;
 /// Observability and service integration: `/metrics` (a crash storm's exact counts), `/healthz`
 /// and `/readyz` during a slow start, sd_notify messages and the watchdog, completions, the
 /// manual page, the systemd unit.

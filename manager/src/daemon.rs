@@ -154,17 +154,17 @@ impl Daemon {
             reason: e.to_string(),
         })?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        // Where plugins' inbound messages go (both deliver and deliver_async): the journal.
+        // The config in force: the reloader swaps it, and the gateways read theirs from it.
+        let current = CurrentConfig::new(config.clone());
+        // Where plugins' inbound messages go (both deliver and deliver_async): the journal,
+        // through the gateways in force (none at start, some after a reload: gateway.rs).
         let gateways =
-            crate::outbox::gateway::Gateways::new(config.gateways.clone(), config.outbox.hop_limit);
-        let sink: Arc<dyn crate::inbound::MessageSink> = if gateways.is_empty() {
-            journal.clone()
-        } else {
+            crate::outbox::gateway::Gateways::new(current.clone(), config.outbox.hop_limit);
+        let sink: Arc<dyn crate::inbound::MessageSink> =
             Arc::new(crate::outbox::gateway::GatewaySink {
                 inner: journal.clone(),
                 gateways: gateways.clone(),
-            })
-        };
+            });
         let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), sink));
         let mut loader = Loader::new(staging, board.clone(), clock.clone());
         loader.worker_threads = config.host.plugin_worker_threads;
@@ -185,11 +185,7 @@ impl Daemon {
             supervisor.clone(),
             clock,
         )?;
-        let reloader = Reloader::new(
-            CurrentConfig::new(config.clone()),
-            catalog.clone(),
-            supervisor.clone(),
-        );
+        let reloader = Reloader::new(current, catalog.clone(), supervisor.clone());
         Ok(Self {
             config,
             board,
@@ -332,11 +328,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .attach(outbox.clone(), daemon.journal.clone());
     daemon.reloader.on_account_removed(outbox.clone());
     {
-        // A reload's gateways route the messages that arrive after it.
-        let gateways = daemon.gateways.clone();
-        daemon.reloader.on_applied(Arc::new(move |config| {
-            gateways.set_list(config.gateways.clone())
-        }));
+        // A reload's gateways (read from the config in force) route the messages that arrive
+        // after it; a member naming a channel no plugin provides is warned about again.
+        let (gateways, supervisor) = (daemon.gateways.clone(), daemon.supervisor.clone());
+        daemon
+            .reloader
+            .on_applied(Arc::new(move |_| gateways.warn_unloaded(&supervisor)));
     }
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));

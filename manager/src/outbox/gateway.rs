@@ -16,6 +16,11 @@
 //! `[{channel}] <{sender}> {text}`). Gateways do not chain inside channeld: a message the outbox
 //! sends is not an inbound message.
 //!
+//! The gateways in force are those of the config in force ([`CurrentConfig`], the one owner):
+//! every inbound message goes through [`GatewaySink`], which reads them from it, so a gateway a
+//! config reload adds, changes or removes takes effect with the next message, whether or not the
+//! config had gateways at start.
+//!
 //! No loops: each bridged message carries `extra.gateway = {name, origin, hops}`; a plugin that
 //! can carry metadata hands `extra` back on inbound (the webhook in its body). A message never
 //! goes back to the member it came from, nor to the member it first came from (`origin`); and
@@ -49,10 +54,12 @@ use serde_json::{Value, json};
 
 use super::{NewMessage, Outbox, OutboxError, lock};
 use crate::{
+    config::Config,
     host::AccountKey,
     inbound::MessageSink,
     journal::{Filter, Journal, JournalError},
     plugin::BoxFuture,
+    reload::CurrentConfig,
     supervise::Supervisor,
 };
 
@@ -135,10 +142,11 @@ pub struct GatewayConfig {
     pub members: Vec<Member>,
 }
 
-/// The gateways of the config, routing inbound messages into the outbox.
+/// The gateways of the config in force, routing inbound messages into the outbox.
 pub struct Gateways {
-    /// The gateways in force: swapped whole by a config reload.
-    list: std::sync::RwLock<Arc<Vec<GatewayConfig>>>,
+    /// The config in force, the one owner of the gateway set: a config reload swaps it whole, and
+    /// every routing reads the gateways from it.
+    config: Arc<CurrentConfig>,
     hop_limit: u32,
     outbox: OnceLock<Arc<Outbox>>,
     journal: OnceLock<Arc<Journal>>,
@@ -196,7 +204,7 @@ pub enum RecoverError {
 impl std::fmt::Debug for Gateways {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateways")
-            .field("list", &self.list())
+            .field("list", &self.in_force().gateways)
             .finish_non_exhaustive()
     }
 }
@@ -217,10 +225,11 @@ fn render(
 }
 
 impl Gateways {
-    /// The config's gateways, with `[outbox] hop_limit`.
-    pub fn new(list: Vec<GatewayConfig>, hop_limit: u32) -> Arc<Self> {
+    /// The gateways of `config` (the config in force, followed through reloads), with
+    /// `[outbox] hop_limit` (restart only).
+    pub fn new(config: Arc<CurrentConfig>, hop_limit: u32) -> Arc<Self> {
         Arc::new(Self {
-            list: std::sync::RwLock::new(Arc::new(list)),
+            config,
             hop_limit,
             outbox: OnceLock::new(),
             journal: OnceLock::new(),
@@ -229,20 +238,14 @@ impl Gateways {
         })
     }
 
-    /// The gateways in force.
-    fn list(&self) -> Arc<Vec<GatewayConfig>> {
-        self.list.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The config in force (its `gateways` are the gateways in force).
+    fn in_force(&self) -> Arc<Config> {
+        self.config.get()
     }
 
-    /// Replaces the gateways (a config reload): messages arriving from now on are routed by
-    /// `list`; messages already in the outbox keep their sends.
-    pub fn set_list(&self, list: Vec<GatewayConfig>) {
-        *self.list.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(list);
-    }
-
-    /// Whether there are any.
+    /// Whether there are none in force.
     pub fn is_empty(&self) -> bool {
-        self.list().is_empty()
+        self.in_force().gateways.is_empty()
     }
 
     /// Connects the outbox bridged messages go to (until then nothing is bridged) and the journal
@@ -352,7 +355,7 @@ impl Gateways {
 
     /// Warns, naming the gateway, about every member whose channel no plugin provides.
     pub fn warn_unloaded(&self, supervisor: &Supervisor) {
-        for gateway in self.list().iter() {
+        for gateway in &self.in_force().gateways {
             for member in &gateway.members {
                 if supervisor.channel(&member.account.0.channel).is_err() {
                     tracing::warn!(
@@ -370,7 +373,7 @@ impl Gateways {
     }
 
     fn wants(&self, key: &AccountKey, conversation: &str) -> bool {
-        self.list().iter().any(|g| {
+        self.in_force().gateways.iter().any(|g| {
             g.members.iter().any(|m| {
                 m.direction != Direction::Out
                     && m.account.0 == *key
@@ -404,7 +407,7 @@ impl Gateways {
             .and_then(|t| t.get("origin"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        for gateway in self.list().iter() {
+        for gateway in &self.in_force().gateways {
             let Some(from) = gateway.members.iter().find(|m| {
                 m.direction != Direction::Out
                     && m.account.0 == *key

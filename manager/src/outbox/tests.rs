@@ -352,7 +352,7 @@ fn gateways(outbox: &Arc<Outbox>, journal: &Arc<Journal>) -> Arc<Gateways> {
         std::path::Path::new("/test.toml"),
     )
     .unwrap();
-    let gateways = Gateways::new(config.gateways, 3);
+    let gateways = Gateways::new(crate::reload::CurrentConfig::new(config), 3);
     gateways.attach(outbox.clone(), journal.clone());
     gateways
 }

@@ -1,0 +1,181 @@
+//! Gateways end to end with the real daemon: a webhook account (`webhook:ain`, inbound over real
+//! HTTP) bridged to a fixture account (`fixture:b`, whose send hook records what it takes in a
+//! file). Gateways added and removed by a config reload take effect without a restart; a copy
+//! the outbox refuses for a transient reason (its target's channel not loaded yet) is held and
+//! retried, not dropped.
+
+use std::{
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::util::{
+    self,
+    daemon::{Daemon, PATIENCE},
+};
+
+/// The gateway `pair`: `webhook:ain` (in) to `fixture:b` (out), the text alone.
+const PAIR: &str = "[[gateways]]\nname = \"pair\"\nmembers = [\n\
+                    { account = \"webhook:ain\", conversation = \"c\", direction = \"in\" },\n\
+                    { account = \"fixture:b\", conversation = \"room\", direction = \"out\", template = \"{text}\" },\n]\n";
+
+/// The config: `webhook:ain`, `fixture:b` (its sends logged) and `gateways`.
+fn config(daemon: &Daemon, host_extra: &str, gateways: &str) -> String {
+    format!(
+        "[host]\napi_address = \"127.0.0.1:0\"\nwatch_config = false\n{host_extra}\n\
+         [supervisor]\nstop_timeout = \"2s\"\n[health]\ninterval = \"0s\"\n\
+         [channels.webhook.accounts.ain]\nlisten = \"127.0.0.1:0\"\nsecret = \"ain-secret\"\n\
+         [channels.fixture.accounts.b]\nsend_log = \"{}\"\n{gateways}",
+        send_log(daemon).display()
+    )
+}
+
+fn send_log(daemon: &Daemon) -> PathBuf {
+    daemon.root().join("b.sends")
+}
+
+/// Replaces the config file as an editor does: a new file renamed over the old one.
+fn rewrite(daemon: &Daemon, text: &str) {
+    let temp = daemon.config.with_extension("toml.new");
+    fs::write(&temp, text).unwrap();
+    fs::rename(&temp, &daemon.config).unwrap();
+}
+
+/// The texts `fixture:b`'s send hook took, in order.
+fn sent_to_b(daemon: &Daemon) -> Vec<String> {
+    fs::read_to_string(send_log(daemon))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split('\t').nth(2).unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// `GET` or `POST` (empty body) on the daemon's API; the status and JSON body.
+fn api(daemon: &Daemon, method: &str, path: &str) -> (u16, Value) {
+    let (addr, token) = daemon.api();
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {token}");
+    let agent = agent();
+    let mut response = match method {
+        "GET" => agent.get(&url).header("Authorization", &auth).call(),
+        _ => agent.post(&url).header("Authorization", &auth).send_empty(),
+    }
+    .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_json().unwrap_or(Value::Null),
+    )
+}
+
+/// The outbox's figures (`GET /v1/outbox`).
+fn outbox(daemon: &Daemon) -> Value {
+    let (status, body) = api(daemon, "GET", "/v1/outbox");
+    assert_eq!(status, 200, "{body}");
+    body["outbox"].clone()
+}
+
+/// Polls the outbox's figures until `done` holds; those figures.
+fn outbox_until(daemon: &Daemon, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats = outbox(daemon);
+        if done(&stats) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "{stats}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls until `fixture:b`'s send hook took `n` messages; their texts.
+fn wait_sent_to_b(daemon: &Daemon, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let sent = sent_to_b(daemon);
+        if sent.len() >= n {
+            return sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fixture:b took {sent:?}, not {n} messages\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `webhook:ain`'s listening address, once it runs.
+fn ain(daemon: &Daemon) -> String {
+    let s = daemon.wait_for_account("webhook", "ain", |s| s["listen_addr"].is_string());
+    s["listen_addr"].as_str().unwrap().to_owned()
+}
+
+/// A message into `webhook:ain`, conversation `c`; its `202` means the journal has it and the
+/// gateways routed it (the webhook answers once its delivery completed).
+fn inbound(listen: &str, text: &str) {
+    let mut r = agent()
+        .post(format!("http://{listen}/messages"))
+        .header("Authorization", "Bearer ain-secret")
+        .send(json!({ "conversation": "c", "sender": "ada", "text": text }).to_string())
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(status, 202, "{body}");
+}
+
+fn plugins() -> [(&'static str, PathBuf); 2] {
+    [
+        ("webhook.so", util::plugin_file("channeld-plugin-webhook")),
+        ("fixture.so", util::plugin_file("channeld-plugin-fixture")),
+    ]
+}
+
+#[test]
+fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
+    let mut daemon = Daemon::prepare(&plugins(), "", "");
+    fs::write(&daemon.config, config(&daemon, "", "")).unwrap();
+    daemon.start_again(&[]);
+    daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
+    let listen = ain(&daemon);
+    // No gateway yet: journaled, not bridged.
+    inbound(&listen, "zero");
+    assert_eq!(outbox(&daemon)["accepted"], 0);
+
+    // A gateway added by `channeld reload` bridges the next message, without a restart.
+    rewrite(&daemon, &config(&daemon, "", PAIR));
+    let out = daemon.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    inbound(&listen, "one");
+    assert_eq!(wait_sent_to_b(&daemon, 1), ["one"]);
+    let stats = outbox_until(&daemon, |s| s["waiting"] == 0);
+    assert_eq!((&stats["bridged"], &stats["sent"]), (&json!(1), &json!(1)));
+
+    // Removed by a reload (the API's this time): the next message is not bridged. Its `202`
+    // comes after its routing, so nothing can still be on its way.
+    rewrite(&daemon, &config(&daemon, "", ""));
+    let (status, body) = api(&daemon, "POST", "/v1/reload");
+    assert_eq!(status, 200, "{body}");
+    inbound(&listen, "two");
+    let stats = outbox(&daemon);
+    assert_eq!(
+        (&stats["bridged"], &stats["accepted"]),
+        (&json!(1), &json!(1)),
+        "{stats}"
+    );
+    assert_eq!(sent_to_b(&daemon), ["one"]);
+}
