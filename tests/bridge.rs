@@ -179,3 +179,73 @@ fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
     );
     assert_eq!(sent_to_b(&daemon), ["one"]);
 }
+
+#[test]
+fn a_copy_refused_while_its_targets_plugin_is_missing_is_held_across_a_kill_and_bridged_once_it_loads()
+ {
+    // Only the webhook plugin at first; only `channeld rescan` finds a new file.
+    let mut daemon = Daemon::prepare(&plugins()[..1], "", "");
+    let host = "watch = false\nrescan_interval = \"0s\"\n\
+                [outbox]\nretry_initial = \"20ms\"\nretry_max = \"100ms\"";
+    fs::write(&daemon.config, config(&daemon, host, PAIR)).unwrap();
+    daemon.start_again(&[]);
+    inbound(&ain(&daemon), "one");
+    // Refused (`fixture` is configured, its plugin not loaded): held, visible, retried.
+    let stats = outbox_until(&daemon, |s| s["bridgeRetries"].as_u64() >= Some(2));
+    assert_eq!(
+        (
+            &stats["bridgeHeld"],
+            &stats["bridgeRefused"],
+            &stats["bridgeDropped"]
+        ),
+        (&json!(1), &json!(1), &json!(0)),
+        "{stats}"
+    );
+    let line = daemon.wait_for_log("was refused");
+    for part in ["\"pair\"", "fixture:b/room", "held and retried"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    // A kill -9 while it is held: the next start routes it again and holds it again.
+    daemon.kill();
+    daemon.start_again(&[]);
+    daemon.wait_for_log("routed again at startup");
+    outbox_until(&daemon, |s| s["bridgeHeld"] == 1);
+    // Its plugin arrives: the next retry bridges it, once.
+    let tmp = daemon.plugins_dir().join(".fixture.so.tmp");
+    fs::copy(&plugins()[1].1, &tmp).unwrap();
+    fs::rename(&tmp, daemon.plugins_dir().join("fixture.so")).unwrap();
+    let out = daemon.cli(&["rescan"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_sent_to_b(&daemon, 1), ["one"]);
+    let stats = outbox_until(&daemon, |s| s["bridgeHeld"] == 0 && s["waiting"] == 0);
+    assert_eq!((&stats["bridged"], &stats["sent"]), (&json!(1), &json!(1)));
+    daemon.wait_for_log("is bridged after");
+    assert_eq!(sent_to_b(&daemon), ["one"]);
+}
+
+#[test]
+fn a_held_copy_whose_gateway_a_reload_removed_is_let_go_and_logged() {
+    let mut daemon = Daemon::prepare(&plugins()[..1], "", "");
+    let host = "[outbox]\nretry_initial = \"20ms\"\nretry_max = \"100ms\"";
+    fs::write(&daemon.config, config(&daemon, host, PAIR)).unwrap();
+    daemon.start_again(&[]);
+    inbound(&ain(&daemon), "one");
+    outbox_until(&daemon, |s| s["bridgeHeld"] == 1);
+    rewrite(&daemon, &config(&daemon, host, ""));
+    let (status, body) = api(&daemon, "POST", "/v1/reload");
+    assert_eq!(status, 200, "{body}");
+    let stats = outbox_until(&daemon, |s| s["bridgeHeld"] == 0);
+    assert_eq!(
+        (&stats["bridgeDropped"], &stats["bridged"]),
+        (&json!(1), &json!(0)),
+        "{stats}"
+    );
+    let line = daemon.wait_for_log("a config reload removed its gateway or target member");
+    for part in ["\"pair\"", "journal entry 1 ", "fixture:b/room"] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+}

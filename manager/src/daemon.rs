@@ -337,6 +337,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));
+    // Bridged copies the outbox refused for a transient reason, retried (gateway.rs).
+    tokio::spawn(daemon.gateways.clone().retry_held(background.clone()));
     let observe = crate::service::Observe::new(daemon.config.metrics.clone());
     let stop_api = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(

@@ -51,8 +51,13 @@ use std::{
 use channeld_plugin_abi::abi::InboundMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
-use super::{NewMessage, Outbox, OutboxError, lock};
+use super::{
+    NewMessage, Outbox, OutboxError,
+    held::{Held, Hold, RetryQueue},
+    lock,
+};
 use crate::{
     config::Config,
     host::AccountKey,
@@ -151,6 +156,8 @@ pub struct Gateways {
     outbox: OnceLock<Arc<Outbox>>,
     journal: OnceLock<Arc<Journal>>,
     marks: Mutex<Marks>,
+    /// Told when a copy is held (the retry task's next wake may be sooner).
+    held_changed: tokio::sync::Notify,
     exit_before_bridging: bool,
 }
 
@@ -164,6 +171,8 @@ struct Marks {
     in_flight: BTreeMap<u64, u64>,
     /// The mark handed to the outbox so far.
     done: u64,
+    /// Copies the outbox refused for a transient reason: the mark stays below each.
+    held: RetryQueue,
 }
 
 /// What routing one journal message through the gateways did.
@@ -173,7 +182,25 @@ pub struct Routed {
     pub queued: u64,
     /// Copies the outbox already had (the same journal message routed before).
     pub duplicates: u64,
+    /// Copies the outbox refused for a transient reason, held for a retry.
+    pub held: u64,
+    /// Copies the outbox refused for good: logged and let go.
+    pub dropped: u64,
 }
+
+/// How the gateways treat a copy the outbox refused (docs/outbox.md, "Refused copies").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It may take it later: the copy is held and retried, the mark stays below it.
+    Transient,
+    /// It never will: the copy is logged and let go.
+    Permanent,
+}
+
+/// How many refusals a copy gets, when its target's channel is loaded but does not list the
+/// target's account, before it is let go (a reload that adds an account and a gateway to it
+/// swaps the gateways before the account is added).
+pub const UNLISTED_ACCOUNT_REFUSALS: u32 = 5;
 
 /// What [`Gateways::recover`] did at startup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -188,6 +215,9 @@ pub struct Recovered {
     pub queued: u64,
     /// Their copies the outbox already had.
     pub duplicates: u64,
+    /// Their copies the outbox refused for a transient reason, held for a retry (the mark
+    /// written stays below the oldest).
+    pub held: u64,
 }
 
 /// Why [`Gateways::recover`] could not route the journal again.
@@ -234,6 +264,7 @@ impl Gateways {
             outbox: OnceLock::new(),
             journal: OnceLock::new(),
             marks: Mutex::default(),
+            held_changed: tokio::sync::Notify::new(),
             exit_before_bridging: std::env::var_os(EXIT_BEFORE_BRIDGING).is_some(),
         })
     }
@@ -275,7 +306,12 @@ impl Gateways {
     pub(crate) fn end(&self, ticket: u64) {
         let mut marks = lock(&self.marks);
         marks.in_flight.remove(&ticket);
-        let mark = self.safe_mark(&marks);
+        self.advance(&mut marks);
+    }
+
+    /// Moves the mark up as far as [`Gateways::safe_mark`] allows now.
+    fn advance(&self, marks: &mut Marks) {
+        let mark = self.safe_mark(marks);
         if mark > marks.done {
             marks.done = mark;
             if let Some(outbox) = self.outbox.get() {
@@ -284,12 +320,17 @@ impl Gateways {
         }
     }
 
-    /// The highest mark the routings allow now: just below the oldest one in progress, or the
-    /// journal's end when none is.
+    /// The highest mark the routings and the held copies allow now: just below the oldest
+    /// routing in progress, or the journal's end when none is; and below every held copy's
+    /// journal message.
     fn safe_mark(&self, marks: &Marks) -> u64 {
-        match marks.in_flight.values().next() {
+        let routed = match marks.in_flight.values().next() {
             Some(&floor) => floor,
             None => self.last_seq(),
+        };
+        match marks.held.oldest_seq() {
+            Some(seq) => routed.min(seq.saturating_sub(1)),
+            None => routed,
         }
     }
 
@@ -341,15 +382,24 @@ impl Gateways {
                 done.messages += 1;
                 done.queued += routed.queued;
                 done.duplicates += routed.duplicates;
+                done.held += routed.held;
             }
             if batch.cursor <= after {
                 break;
             }
             after = batch.cursor;
         }
-        outbox.write_bridged_through(through)?;
-        let mut marks = lock(&self.marks);
-        marks.done = marks.done.max(through);
+        // Not past a copy held for a retry: the next start routes it again if it is still held.
+        let mark = {
+            let mut marks = lock(&self.marks);
+            let mark = match marks.held.oldest_seq() {
+                Some(seq) => through.min(seq.saturating_sub(1)),
+                None => through,
+            };
+            marks.done = marks.done.max(mark);
+            mark
+        };
+        outbox.write_bridged_through(mark)?;
         Ok(done)
     }
 
@@ -447,24 +497,255 @@ impl Gateways {
                     idempotency_key: Some(format!("gateway:{}:{}:{seq}", gateway.name, to.id())),
                     ..NewMessage::default()
                 };
-                match outbox.submit(message) {
+                match outbox.submit(message.clone()) {
                     Ok(accepted) if accepted.duplicate => routed.duplicates += 1,
                     Ok(_) => {
                         routed.queued += 1;
                         outbox.count_bridged();
                     }
-                    Err(e) => tracing::warn!(
-                        gateway = %gateway.name,
-                        "gateway {:?}: {} -> {} not bridged: {e}",
-                        gateway.name,
-                        from.id(),
-                        to.id()
-                    ),
+                    Err(e) => {
+                        let copy = Held {
+                            seq,
+                            gateway: gateway.name.clone(),
+                            target: to.id(),
+                            message,
+                            refusals: 1,
+                            why: e.to_string(),
+                        };
+                        match self.refused(outbox, copy, &e) {
+                            Refusal::Transient => routed.held += 1,
+                            Refusal::Permanent => routed.dropped += 1,
+                        }
+                    }
                 }
             }
         }
         routed
     }
+
+    /// How to treat `error`, the outbox's refusal of a copy to `to`, refused `refusals` times
+    /// (docs/outbox.md, "Refused copies").
+    fn classify(
+        &self,
+        outbox: &Outbox,
+        error: &OutboxError,
+        to: &AccountKey,
+        refusals: u32,
+    ) -> Refusal {
+        match error {
+            // The caps free up as messages are sent; a database error may pass.
+            OutboxError::Full { .. } | OutboxError::Database { .. } => Refusal::Transient,
+            OutboxError::Unknown(_) => match outbox.supervisor.channel(&to.channel) {
+                // Configured, its plugin not loaded (yet, or being replaced, or its file bad):
+                // the catalog can load it at any time.
+                Err(_) if self.in_force().channels.contains_key(&to.channel) => Refusal::Transient,
+                // No plugin and no `[channels.<channel>]`: not configured at all.
+                Err(_) => Refusal::Permanent,
+                // Its plugin does not list the account: a grace for a reload in progress.
+                Ok(_) if refusals < UNLISTED_ACCOUNT_REFUSALS => Refusal::Transient,
+                Ok(_) => Refusal::Permanent,
+            },
+            // The copy itself is malformed for its target: it would be refused every time.
+            OutboxError::Invalid(_)
+            | OutboxError::NotFound(_)
+            | OutboxError::NotCancellable { .. } => Refusal::Permanent,
+        }
+    }
+
+    /// A copy the outbox refused (`error`) when first routed: held for a retry, or let go.
+    fn refused(&self, outbox: &Outbox, copy: Held, error: &OutboxError) -> Refusal {
+        let to = target_key(&copy.message);
+        let refusal = self.classify(outbox, error, &to, copy.refusals);
+        if refusal == Refusal::Permanent {
+            self.let_go(outbox, &copy, "refused for good");
+            return refusal;
+        }
+        let hold = {
+            let mut marks = lock(&self.marks);
+            let hold =
+                marks
+                    .held
+                    .hold(copy.clone(), tokio::time::Instant::now(), outbox.settings());
+            outbox.set_bridge_held(marks.held.len());
+            hold
+        };
+        match hold {
+            Hold::Held(_) => {
+                outbox.count_bridge_refused();
+                self.held_changed.notify_one();
+                tracing::warn!(
+                    gateway = %copy.gateway,
+                    target = %copy.target,
+                    seq = copy.seq,
+                    "gateway {:?}: the copy of journal entry {} to {} was refused ({}); \
+                     held and retried (the bridging mark stays below it)",
+                    copy.gateway,
+                    copy.seq,
+                    copy.target,
+                    copy.why
+                );
+            }
+            Hold::Already => {}
+            Hold::Overflow => {
+                outbox.count_bridge_refused();
+                tracing::error!(
+                    gateway = %copy.gateway,
+                    target = %copy.target,
+                    seq = copy.seq,
+                    "gateway {:?}: the copy of journal entry {} to {} was refused ({}) and {} \
+                     copies are held already: it is bridged at the next start",
+                    copy.gateway,
+                    copy.seq,
+                    copy.target,
+                    copy.why,
+                    super::held::MAX_HELD
+                );
+            }
+        }
+        refusal
+    }
+
+    /// Logs and counts a copy that is not bridged, and lets it go if it was held.
+    fn let_go(&self, outbox: &Outbox, copy: &Held, what: &str) {
+        outbox.count_bridge_dropped();
+        tracing::warn!(
+            gateway = %copy.gateway,
+            target = %copy.target,
+            seq = copy.seq,
+            "gateway {:?}: the copy of journal entry {} to {} is not bridged: {what} ({})",
+            copy.gateway,
+            copy.seq,
+            copy.target,
+            copy.why
+        );
+        self.release(outbox, copy);
+    }
+
+    /// Stops holding `copy` (if it was held); the mark moves up as far as it may now.
+    fn release(&self, outbox: &Outbox, copy: &Held) {
+        let mut marks = lock(&self.marks);
+        if marks.held.release(&copy_key(copy)).is_some() {
+            outbox.set_bridge_held(marks.held.len());
+            self.advance(&mut marks);
+        }
+    }
+
+    /// Whether the gateways in force still bridge to `copy`'s target through its gateway.
+    fn still_bridges(&self, copy: &Held) -> bool {
+        self.in_force().gateways.iter().any(|g| {
+            g.name == copy.gateway
+                && g.members
+                    .iter()
+                    .any(|m| m.direction != Direction::In && m.id() == copy.target)
+        })
+    }
+
+    /// Retries the held copies `due`. Blocking (outbox commits).
+    fn retry(&self, due: Vec<Held>) {
+        let Some(outbox) = self.outbox.get() else {
+            return;
+        };
+        for copy in due {
+            if !self.still_bridges(&copy) {
+                self.let_go(
+                    outbox,
+                    &copy,
+                    "a config reload removed its gateway or target member",
+                );
+                continue;
+            }
+            outbox.count_bridge_retry();
+            match outbox.submit(copy.message.clone()) {
+                Ok(accepted) => {
+                    if !accepted.duplicate {
+                        outbox.count_bridged();
+                    }
+                    tracing::info!(
+                        gateway = %copy.gateway,
+                        target = %copy.target,
+                        seq = copy.seq,
+                        "gateway {:?}: the copy of journal entry {} to {} is bridged after {} \
+                         refusal(s)",
+                        copy.gateway,
+                        copy.seq,
+                        copy.target,
+                        copy.refusals
+                    );
+                    self.release(outbox, &copy);
+                }
+                Err(e) => {
+                    let to = target_key(&copy.message);
+                    match self.classify(outbox, &e, &to, copy.refusals + 1) {
+                        Refusal::Transient => {
+                            let mut marks = lock(&self.marks);
+                            marks.held.refused_again(
+                                &copy_key(&copy),
+                                e.to_string(),
+                                tokio::time::Instant::now(),
+                                outbox.settings(),
+                            );
+                        }
+                        Refusal::Permanent => {
+                            let copy = Held {
+                                why: e.to_string(),
+                                refusals: copy.refusals + 1,
+                                ..copy
+                            };
+                            self.let_go(outbox, &copy, "refused for good");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Retries the held copies as they fall due, until `stop` fires. Copies still held then stay
+    /// below the bridging mark: the next start routes them again.
+    ///
+    /// # Cancellation safety
+    /// Dropping it stops the retries; a retry under way on its blocking thread completes, and a
+    /// copy it had taken stays held (below the mark).
+    pub async fn retry_held(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let changed = self.held_changed.notified();
+            let next = lock(&self.marks).held.next_due();
+            let due = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = changed => continue,
+                () = due => {}
+            }
+            let due = lock(&self.marks).held.take_due(tokio::time::Instant::now());
+            if due.is_empty() {
+                continue;
+            }
+            let me = self.clone();
+            if tokio::task::spawn_blocking(move || me.retry(due))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// A held copy's key: its idempotency key.
+fn copy_key(copy: &Held) -> String {
+    copy.message.idempotency_key.clone().unwrap_or_default()
+}
+
+/// The account a copy goes to.
+fn target_key(message: &NewMessage) -> AccountKey {
+    AccountKey::new(
+        &message.channel,
+        channeld_plugin_abi::normalize_account_id(&message.account),
+    )
 }
 
 /// Runs [`Gateways::recover`] on a blocking thread and logs what it did; a failure is logged
@@ -480,10 +761,12 @@ pub async fn recover_at_start(gateways: Arc<Gateways>) {
             messages = r.messages,
             queued = r.queued,
             duplicates = r.duplicates,
+            held = r.held,
             "gateways: {} journal message(s) after the bridging mark routed again at startup; \
-             {} bridged copy(ies) were missing and are queued now",
+             {} bridged copy(ies) were missing and are queued now, {} held for a retry",
             r.messages,
-            r.queued
+            r.queued,
+            r.held
         ),
         Ok(Ok(r)) => tracing::debug!(through = r.through, "gateways: bridging complete"),
         Ok(Err(e)) => tracing::error!("{e}"),

@@ -36,6 +36,7 @@
 pub mod cli;
 pub mod gateway;
 mod heads;
+mod held;
 pub mod http;
 pub mod settings;
 
@@ -202,6 +203,14 @@ struct Counters {
     resent_after_restart: AtomicU64,
     bridged: AtomicU64,
     hop_limit_stops: AtomicU64,
+    /// Bridged copies refused for a transient reason and held for a retry (each counted once).
+    bridge_refused: AtomicU64,
+    /// Retries of held copies.
+    bridge_retries: AtomicU64,
+    /// Bridged copies let go without being queued (refused for good, or their gateway removed).
+    bridge_dropped: AtomicU64,
+    /// Copies held for a retry now.
+    bridge_held: AtomicU64,
 }
 
 /// The outbox. Share it in an `Arc`; [`Outbox::run`] is its sender task.
@@ -635,6 +644,26 @@ impl Outbox {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a bridged copy refused for a transient reason, now held for a retry.
+    pub(crate) fn count_bridge_refused(&self) {
+        self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a retry of a held copy.
+    pub(crate) fn count_bridge_retry(&self) {
+        self.counters.bridge_retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a bridged copy let go without being queued.
+    pub(crate) fn count_bridge_dropped(&self) {
+        self.counters.bridge_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many copies the gateways hold for a retry now.
+    pub(crate) fn set_bridge_held(&self, n: usize) {
+        self.counters.bridge_held.store(n as u64, Ordering::Relaxed);
+    }
+
     /// How many messages the outbox holds in each state (every state of [`state`], 0 when
     /// none; finished messages count until they are pruned). Blocking.
     pub fn counts_by_state(&self) -> Result<Vec<(&'static str, i64)>, OutboxError> {
@@ -676,6 +705,10 @@ impl Outbox {
             "resentAfterRestart": c.resent_after_restart.load(Ordering::Relaxed),
             "bridged": c.bridged.load(Ordering::Relaxed),
             "hopLimitStops": c.hop_limit_stops.load(Ordering::Relaxed),
+            "bridgeHeld": c.bridge_held.load(Ordering::Relaxed),
+            "bridgeRefused": c.bridge_refused.load(Ordering::Relaxed),
+            "bridgeRetries": c.bridge_retries.load(Ordering::Relaxed),
+            "bridgeDropped": c.bridge_dropped.load(Ordering::Relaxed),
         })
     }
 

@@ -345,13 +345,18 @@ async fn the_caps_count_the_unfinished_messages_in_memory_and_in_the_same_commit
 
 /// A gateway between `double:a` and `double:b` (room `room`) attached to `outbox` and `journal`.
 fn gateways(outbox: &Arc<Outbox>, journal: &Arc<Journal>) -> Arc<Gateways> {
-    let config = crate::config::Config::parse(
+    gateways_of(
+        outbox,
+        journal,
         "[[gateways]]\nname = \"g\"\nmembers = [\n\
          { account = \"double:a\", conversation = \"room\" },\n\
          { account = \"double:b\", conversation = \"room\" },\n]\n",
-        std::path::Path::new("/test.toml"),
     )
-    .unwrap();
+}
+
+/// The gateways of the config `text`, attached to `outbox` and `journal`.
+fn gateways_of(outbox: &Arc<Outbox>, journal: &Arc<Journal>, text: &str) -> Arc<Gateways> {
+    let config = crate::config::Config::parse(text, std::path::Path::new("/test.toml")).unwrap();
     let gateways = Gateways::new(crate::reload::CurrentConfig::new(config), 3);
     gateways.attach(outbox.clone(), journal.clone());
     gateways
@@ -409,15 +414,15 @@ async fn routing_the_same_journal_message_twice_queues_each_copy_once() {
         first,
         Routed {
             queued: 1,
-            duplicates: 0
+            ..Routed::default()
         }
     );
     let again = route(7).await.unwrap();
     assert_eq!(
         again,
         Routed {
-            queued: 0,
-            duplicates: 1
+            duplicates: 1,
+            ..Routed::default()
         }
     );
     // Another journal message is another copy.
@@ -502,4 +507,141 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
         .unwrap()
         .unwrap();
     assert_eq!((again.from, again.messages), (three, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_the_full_outbox_refused_is_held_below_the_mark_and_bridged_once_there_is_room() {
+    let (supervisor, _double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let settings = OutboxConfig {
+        max_queued_per_account: 1,
+        retry_initial: Duration::from_millis(5),
+        retry_max: Duration::from_millis(20),
+        ..OutboxConfig::default()
+    };
+    // No sender runs: what is queued stays queued.
+    let outbox = Outbox::open(&journal, settings, supervisor).unwrap();
+    let gateways = gateways(&outbox, &journal);
+    let filler = send(&outbox, "b", "elsewhere", "first");
+    let ticket = gateways.begin();
+    let seq = journal_one(&journal, "a", "one").await;
+    let routed = tokio::task::spawn_blocking({
+        let gateways = gateways.clone();
+        move || {
+            gateways.route(
+                seq,
+                &AccountKey::new("double", "a"),
+                "room",
+                "ada",
+                "one",
+                None,
+            )
+        }
+    })
+    .await
+    .unwrap();
+    gateways.end(ticket);
+    assert_eq!(
+        routed,
+        Routed {
+            held: 1,
+            ..Routed::default()
+        }
+    );
+    // The mark stays below it, in memory and as written at shutdown.
+    assert!(outbox.bridged_through.load(Ordering::Relaxed) < seq);
+    gateways.flush_mark().unwrap();
+    assert_eq!(outbox.bridged_through().unwrap(), seq - 1);
+    let stats = outbox.stats();
+    assert_eq!(
+        (
+            &stats["bridgeHeld"],
+            &stats["bridgeRefused"],
+            &stats["bridged"]
+        ),
+        (&json!(1), &json!(1), &json!(0)),
+        "{stats}"
+    );
+    // Retried with its backoff, refused while the outbox stays full, held all along.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let retries = tokio::spawn(gateways.clone().retry_held(stop.clone()));
+    wait_for("retries", || {
+        outbox.stats()["bridgeRetries"].as_u64() >= Some(3)
+    })
+    .await;
+    assert_eq!(outbox.stats()["bridgeHeld"], 1);
+    assert!(outbox.bridged_through.load(Ordering::Relaxed) < seq);
+    // Room: the next retry queues it, once, and the mark passes it.
+    outbox.cancel(filler).unwrap();
+    wait_for("bridged", || outbox.stats()["bridgeHeld"] == 0).await;
+    let stats = outbox.stats();
+    assert_eq!(
+        (&stats["bridged"], &stats["bridgeDropped"]),
+        (&json!(1), &json!(0)),
+        "{stats}"
+    );
+    assert_eq!(outbox.bridged_through.load(Ordering::Relaxed), seq);
+    assert!(
+        bridged_keys(&outbox).contains(&(
+            "double:b/[double] <ada> one".to_owned(),
+            Some(format!("gateway:g:double:b/room:{seq}"))
+        )),
+        "{:?}",
+        bridged_keys(&outbox)
+    );
+    stop.cancel();
+    retries.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_to_a_configured_channel_not_loaded_is_held_and_one_to_no_channel_is_let_go() {
+    let (supervisor, _double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor).unwrap();
+    // `ghost` is configured (its plugin not loaded); `nowhere` is not configured at all.
+    let gateways = gateways_of(
+        &outbox,
+        &journal,
+        "[channels.ghost.accounts.x]\n\
+         [[gateways]]\nname = \"g\"\nmembers = [\n\
+         { account = \"double:a\", conversation = \"room\", direction = \"in\" },\n\
+         { account = \"ghost:x\", conversation = \"room\" },\n\
+         { account = \"nowhere:y\", conversation = \"room\" },\n]\n",
+    );
+    let seq = journal_one(&journal, "a", "one").await;
+    // The crash's repair at start routes it: the mark it writes stays below the held copy.
+    let recovered = tokio::task::spawn_blocking({
+        let gateways = gateways.clone();
+        move || gateways.recover()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (recovered.messages, recovered.queued, recovered.held),
+        (1, 0, 1),
+        "{recovered:?}"
+    );
+    assert_eq!(outbox.bridged_through().unwrap(), seq - 1);
+    let stats = outbox.stats();
+    assert_eq!(
+        (&stats["bridgeHeld"], &stats["bridgeDropped"]),
+        (&json!(1), &json!(1)),
+        "{stats}"
+    );
+    // Routed again (beside the held one): held once.
+    let again = gateways.route(
+        seq,
+        &AccountKey::new("double", "a"),
+        "room",
+        "ada",
+        "one",
+        None,
+    );
+    assert_eq!((again.held, again.dropped), (1, 1));
+    assert_eq!(outbox.stats()["bridgeHeld"], 1);
+    gateways.flush_mark().unwrap();
+    assert_eq!(outbox.bridged_through().unwrap(), seq - 1);
 }
