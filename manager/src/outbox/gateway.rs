@@ -39,6 +39,14 @@
 //! thus repaired at the next start, each copy queued once. (Routing again is safe at any time,
 //! even beside live routings: it only finds the copies already queued.)
 //!
+//! Refused copies: a copy the outbox refuses for a transient reason ([`Refusal`]: the outbox
+//! full, the target's configured channel not loaded, its account not listed yet, a database
+//! error) is held (`held.rs`) and retried by [`Gateways::retry_held`] with the outbox's backoff;
+//! the mark stays below it until it is queued. A permanent refusal (the copy malformed, the
+//! target's channel not configured at all), or a held copy whose gateway or target member a
+//! reload removed, is logged with the gateway, the target and the journal entry, counted
+//! (`bridgeDropped`), and passed.
+//!
 //! Test only: with the environment variable [`EXIT_BEFORE_BRIDGING`] set, the daemon ends
 //! (`_exit`, status [`EXIT_BEFORE_BRIDGING_STATUS`]) right after the journal committed a message
 //! a gateway wants and before it is bridged, the crash the integration test forces.
