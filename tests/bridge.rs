@@ -201,6 +201,13 @@ fn a_copy_refused_while_its_targets_plugin_is_missing_is_held_across_a_kill_and_
         (&json!(1), &json!(1), &json!(0)),
         "{stats}"
     );
+    // The CLI shows them too.
+    let out = daemon.cli(&["messages", "--figures"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}");
+    for line in ["bridgeHeld\t1", "bridgeRefused\t1", "bridgeDropped\t0"] {
+        assert!(printed.lines().any(|l| l == line), "{line:?} in\n{printed}");
+    }
     let line = daemon.wait_for_log("was refused");
     for part in ["\"pair\"", "fixture:b/room", "held and retried"] {
         assert!(line.contains(part), "{part} in {line}");

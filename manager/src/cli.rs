@@ -200,6 +200,10 @@ pub enum Command {
         /// Cancel message ID (only a queued message can be cancelled).
         #[arg(long, requires = "id")]
         cancel: bool,
+        /// Print the outbox's figures instead (`GET /v1/outbox`), the gateways' refused copies
+        /// among them.
+        #[arg(long, conflicts_with_all = ["id", "state"])]
+        figures: bool,
         /// Print the API's JSON.
         #[arg(long)]
         json: bool,

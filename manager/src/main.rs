@@ -242,10 +242,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             state,
             cancel,
+            figures,
             json,
         } => {
             let client = Client::from_config(&load_client_config(&config)?)?;
-            let code = channeld::outbox::cli::messages(&client, id, state, cancel, json)?;
+            let code = if figures {
+                channeld::outbox::cli::figures(&client, json)?
+            } else {
+                channeld::outbox::cli::messages(&client, id, state, cancel, json)?
+            };
             Ok(ExitCode::from(code))
         }
         Command::IsolateChild {

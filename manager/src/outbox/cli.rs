@@ -1,5 +1,5 @@
 //! The outbox's CLI verbs: `channeld send CHANNEL:ACCOUNT CONVERSATION TEXT [--wait] [--key K]`
-//! and `channeld messages [ID] [--state STATE] [--cancel]`.
+//! and `channeld messages [ID] [--state STATE] [--cancel]`, `channeld messages --figures`.
 
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,25 @@ pub fn messages(
     };
     for m in &list {
         print_one(m, json);
+    }
+    Ok(0)
+}
+
+/// `channeld messages --figures`: the outbox's figures (`GET /v1/outbox`), one `name value` line
+/// each, sorted; the exit code.
+pub fn figures(client: &Client, json: bool) -> Result<u8, ClientError> {
+    let answer: serde_json::Value = client.get("/v1/outbox")?;
+    let figures = &answer["outbox"];
+    if json {
+        println!("{figures}");
+        return Ok(0);
+    }
+    if let Some(all) = figures.as_object() {
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        for name in names {
+            println!("{name}\t{}", all[name]);
+        }
     }
     Ok(0)
 }
