@@ -1,6 +1,7 @@
 //! Gateways end to end with the real daemon: a webhook account (`webhook:ain`, inbound over real
 //! HTTP) bridged to a fixture account (`fixture:b`, whose send hook records what it takes in a
-//! file). Gateways added and removed by a config reload take effect without a restart; a copy
+//! file). Gateways added and removed by a config reload (`channeld reload`, `POST /v1/reload`,
+//! `SIGHUP`) take effect without a restart; a copy
 //! the outbox refuses for a transient reason (its target's channel not loaded yet) is held and
 //! retried, not dropped.
 
@@ -178,6 +179,17 @@ fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
         "{stats}"
     );
     assert_eq!(sent_to_b(&daemon), ["one"]);
+
+    // Added again by SIGHUP: bridged again.
+    rewrite(&daemon, &config(&daemon, "", PAIR));
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    daemon.wait_for_log_count("config reloaded", 3);
+    inbound(&listen, "three");
+    assert_eq!(wait_sent_to_b(&daemon, 2), ["one", "three"]);
 }
 
 #[test]
