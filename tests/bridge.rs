@@ -1,9 +1,8 @@
 //! Gateways end to end with the real daemon: a webhook account (`webhook:ain`, inbound over real
 //! HTTP) bridged to a fixture account (`fixture:b`, whose send hook records what it takes in a
 //! file). Gateways added and removed by a config reload (`channeld reload`, `POST /v1/reload`,
-//! `SIGHUP`) take effect without a restart; a copy
-//! the outbox refuses for a transient reason (its target's channel not loaded yet) is held and
-//! retried, not dropped.
+//! `SIGHUP`) take effect without a restart; a copy the outbox refuses for a transient reason (its
+//! target's channel not loaded yet) is held and retried, not dropped.
 
 use std::{
     fs,
