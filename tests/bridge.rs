@@ -192,6 +192,31 @@ fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
 }
 
 #[test]
+fn a_message_journaled_before_a_reload_added_a_gateway_is_not_bridged_after_a_kill() {
+    let mut daemon = Daemon::prepare(&plugins(), "", "");
+    fs::write(&daemon.config, config(&daemon, "", "")).unwrap();
+    daemon.start_again(&[]);
+    inbound(&ain(&daemon), "zero");
+    rewrite(&daemon, &config(&daemon, "", PAIR));
+    let out = daemon.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "zero" was routed by the gateways in force when it came (none): the mark passes it.
+    daemon.wait_for_log("bridging mark written at journal entry 1 (config reload)");
+    daemon.kill();
+    daemon.start_again(&[]);
+    daemon.wait_for_account("fixture", "b", |s| s["running"] == true);
+    inbound(&ain(&daemon), "one");
+    assert_eq!(wait_sent_to_b(&daemon, 1), ["one"]);
+    let stats = outbox_until(&daemon, |s| s["waiting"] == 0);
+    assert_eq!(stats["bridged"], 1, "{stats}");
+    assert!(!daemon.log().contains("routed again at startup"));
+}
+
+#[test]
 fn a_copy_refused_while_its_targets_plugin_is_missing_is_held_across_a_kill_and_bridged_once_it_loads()
  {
     // Only the webhook plugin at first; only `channeld rescan` finds a new file.

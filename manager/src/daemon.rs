@@ -329,11 +329,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     daemon.reloader.on_account_removed(outbox.clone());
     {
         // A reload's gateways (read from the config in force) route the messages that arrive
-        // after it; a member naming a channel no plugin provides is warned about again.
+        // after it; the bridging mark is written (gateway.rs).
         let (gateways, supervisor) = (daemon.gateways.clone(), daemon.supervisor.clone());
         daemon
             .reloader
-            .on_applied(Arc::new(move |_| gateways.warn_unloaded(&supervisor)));
+            .on_applied(Arc::new(move |_| gateways.reloaded(&supervisor)));
     }
     let sends = TaskTracker::new();
     tokio::spawn(outbox.clone().run(background.clone(), sends.clone()));

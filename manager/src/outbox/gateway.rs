@@ -343,10 +343,10 @@ impl Gateways {
     }
 
     /// Writes the bridging mark as far as the routings allow now (at shutdown, once the
-    /// accounts stopped). Blocking.
-    pub fn flush_mark(&self) -> Result<(), OutboxError> {
+    /// accounts stopped, and after a reload); the mark. Blocking.
+    pub fn flush_mark(&self) -> Result<u64, OutboxError> {
         let Some(outbox) = self.outbox.get() else {
-            return Ok(());
+            return Ok(0);
         };
         let mark = {
             let mut marks = lock(&self.marks);
@@ -354,7 +354,8 @@ impl Gateways {
             marks.done = marks.done.max(mark);
             mark
         };
-        outbox.write_bridged_through(mark)
+        outbox.write_bridged_through(mark)?;
+        Ok(mark)
     }
 
     /// Routes again, through the gateways in force, every journal message after the bridging
@@ -409,6 +410,23 @@ impl Gateways {
         };
         outbox.write_bridged_through(mark)?;
         Ok(done)
+    }
+
+    /// A config reload applied (the gateways in force may have changed): warns again about
+    /// members whose channel no plugin provides, and writes the bridging mark as far as the
+    /// routings allow now, on a blocking thread (every message journaled so far was routed, or is
+    /// being routed, by the gateways in force before: a restart after a crash must not route it
+    /// again through the new ones). Call it from within the runtime.
+    pub fn reloaded(self: &Arc<Self>, supervisor: &Supervisor) {
+        self.warn_unloaded(supervisor);
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || match me.flush_mark() {
+            Ok(mark) => tracing::info!(
+                mark,
+                "gateways: bridging mark written at journal entry {mark} (config reload)"
+            ),
+            Err(e) => tracing::warn!("gateways: writing the bridging mark after a reload: {e}"),
+        });
     }
 
     /// Warns, naming the gateway, about every member whose channel no plugin provides.
