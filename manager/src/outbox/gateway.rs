@@ -33,7 +33,8 @@
 //! again queues nothing new. The journal's database keeps a bridging mark (meta
 //! `bridged_through`): every journal message up to it has been routed. It advances as routings
 //! complete (to just below the oldest routing still in progress) and is written with the
-//! outbox's next commit and at shutdown ([`Gateways::flush_mark`]). At startup, once the
+//! outbox's next commit, after a config reload ([`Gateways::reloaded`]) and at shutdown
+//! ([`Gateways::flush_mark`]). At startup, once the
 //! plugins are loaded and before any account starts, [`Gateways::recover`] routes again every
 //! journal message after it. A crash between the journal's commit and the outbox's insert is
 //! thus repaired at the next start, each copy queued once. (Routing again is safe at any time,
