@@ -4,7 +4,7 @@
 
 use std::{
     any::Any,
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
@@ -292,10 +292,12 @@ impl Entry {
 }
 
 /// Every account's entry, by channel and then by account: a channel's accounts are found (and
-/// read for a snapshot) without building a key per account.
+/// read for a snapshot) without building a key per account. The maps hash with hashbrown's
+/// default (foldhash, seeded per process) rather than SipHash: ids come from the config and the
+/// plugins, and an account's start and stop look them up several times.
 #[derive(Default)]
 struct Entries {
-    channels: HashMap<String, ChannelEntries>,
+    channels: hashbrown::HashMap<String, ChannelEntries>,
 }
 
 /// One channel's entries: kept in a vector (entries are never removed), found by account id
@@ -303,7 +305,7 @@ struct Entries {
 #[derive(Default)]
 struct ChannelEntries {
     slots: Vec<Entry>,
-    index: HashMap<String, u32>,
+    index: hashbrown::HashMap<String, u32>,
     view: Option<View>,
 }
 

@@ -2,9 +2,11 @@
 //! restarted with exponential backoff and jitter when it ends, given up on after the maximum, and
 //! stopped for good when a user says so (a manual stop always wins).
 //!
-//! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`), kept
-//! small: its future is a few hundred bytes (the boot, the backoff and the stop sequence boxed, as
-//! they are passing states), and one shared cell (`Shared`) carries its phase, its stop signal,
+//! Shape: one lifecycle per account (boot → run → backoff → boot …, in `lifecycle.rs`), a future
+//! run by one of a few lifecycle drivers (`driver.rs`: one task per core polling its lifecycles,
+//! woken once for many of them), not a tokio task each. It is kept small: its future is a few
+//! hundred bytes (the boot, the backoff and the stop sequence boxed, as they are passing states),
+//! and one shared cell (`Shared`) carries its phase, its stop signal,
 //! the first-poll report of its task, its boot outcomes and its end, with no watch channel,
 //! cancellation token or flag per boot. One lock covers all accounts' bookkeeping (`State`),
 //! never held across a plugin call or an await. A start or stop of many accounts is one batch:
@@ -12,8 +14,9 @@
 //! fire their tasks' aborts with one call per plugin version. A channel's boots run on its boot
 //! pool (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
 //! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other
-//! synchronous plugin calls run on the blocking pool with time bounds ([`calls`]). Lifecycles are
-//! tracked so shutdown is close, cancel, wait.
+//! synchronous plugin calls run on the blocking pool with time bounds ([`calls`]). The drivers are
+//! tracked, and a driver lives exactly as long as it has lifecycles, so shutdown is close, cancel,
+//! wait.
 //!
 //! Which registration (plugin version, config, accounts) serves a channel, and which channels were
 //! removed, are not the supervisor's to keep: it asks its [`Serving`] source every time (the
@@ -27,6 +30,7 @@
 
 mod boot;
 pub mod calls;
+mod driver;
 mod hot;
 mod lifecycle;
 mod monitor;
@@ -535,8 +539,8 @@ struct State {
     /// Channels whose registration failed, with why (start-all reports them).
     failed_channels: BTreeMap<String, String>,
     /// Keyed by the account's shared key, which its lifecycle and links hold too (one copy of
-    /// the ids per account).
-    accounts: HashMap<Arc<AccountKey>, AccountEntry>,
+    /// the ids per account). Hashed as the status board's maps are (foldhash).
+    accounts: hashbrown::HashMap<Arc<AccountKey>, AccountEntry>,
     next_lifecycle: u64,
 }
 
@@ -584,6 +588,8 @@ struct Inner {
     tracker: TaskTracker,
     closing: CancellationToken,
     restart_log: RestartLog,
+    /// Run the lifecycles ([`driver`]).
+    drivers: driver::Drivers,
     /// Decides, right before each boot calls the plugin, whether the account may start here
     /// (the cluster: only while this node holds the account and its lease is safe).
     gate: std::sync::RwLock<Option<StartGate>>,
@@ -622,6 +628,7 @@ impl Supervisor {
                 tracker: TaskTracker::new(),
                 closing: CancellationToken::new(),
                 restart_log,
+                drivers: driver::Drivers::per_core(),
                 gate: std::sync::RwLock::new(None),
                 serving: std::sync::RwLock::new(Source::Own(Arc::default())),
             }),
@@ -1081,7 +1088,7 @@ impl Supervisor {
             id,
             shared: shared.clone(),
         };
-        self.inner.tracker.spawn(run.run());
+        self.inner.drivers.submit(run, &self.inner.tracker);
         LifecycleHandle {
             id,
             shared,
