@@ -381,25 +381,23 @@ impl Entries {
 
     /// `key`'s entry, created if needed (allocating only then).
     fn entry(&mut self, key: &AccountKey) -> &mut Entry {
-        if !self.channels.contains_key(&key.channel) {
-            self.channels
-                .insert(key.channel.clone(), ChannelEntries::default());
-        }
-        let channel = self
-            .channels
-            .get_mut(&key.channel)
-            .expect("the channel was just inserted");
-        let slot = match channel.index.get(&key.account) {
-            Some(&slot) => slot,
+        self.entry_or_new(key).0
+    }
+
+    /// `key`'s entry, created if needed, and whether it was (one lookup either way).
+    fn entry_or_new(&mut self, key: &AccountKey) -> (&mut Entry, bool) {
+        let channel = self.channels.entry_ref(key.channel.as_str()).or_default();
+        let (slot, new) = match channel.index.get(key.account.as_str()) {
+            Some(&slot) => (slot, false),
             None => {
                 let slot = u32::try_from(channel.slots.len())
                     .expect("fewer than 2^32 accounts in a channel");
                 channel.slots.push(new_entry(key));
                 channel.index.insert(key.account.clone(), slot);
-                slot
+                (slot, true)
             }
         };
-        &mut channel.slots[slot as usize]
+        (&mut channel.slots[slot as usize], new)
     }
 }
 
@@ -650,8 +648,8 @@ impl StatusBoard {
         entry: impl FnOnce(&mut Entry),
         f: impl FnOnce(&mut AccountSnapshot),
     ) {
-        let before = entries.get(key).map(|entry| derive(&entry.snapshot));
-        let written = entries.entry(key);
+        let (written, new) = entries.entry_or_new(key);
+        let before = (!new).then(|| derive(&written.snapshot));
         entry(written);
         let snapshot = written.snapshot_mut();
         f(snapshot);

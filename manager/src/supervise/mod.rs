@@ -395,6 +395,10 @@ impl BootEvent {
             w.batch.arrive(w.index, result);
             false
         });
+        if self.waiting.is_empty() {
+            // Not kept for the life of the account: most accounts are waited for once or twice.
+            self.waiting = Vec::new();
+        }
     }
 }
 
@@ -552,20 +556,17 @@ impl State {
 
     /// [`account`](Self::account), with the shared key it is kept under.
     fn account_with_key(&mut self, key: &AccountKey) -> (Arc<AccountKey>, &mut AccountEntry) {
-        let shared = match self.accounts.get_key_value(key) {
-            Some((shared, _)) => shared.clone(),
-            None => {
-                let shared = Arc::new(key.clone());
-                self.accounts
-                    .insert(shared.clone(), AccountEntry::default());
-                shared
+        // One lookup, found or inserted.
+        match self.accounts.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(found) => {
+                (found.key().clone(), found.into_mut())
             }
-        };
-        let entry = self
-            .accounts
-            .get_mut(key)
-            .expect("the account was just found or inserted");
-        (shared, entry)
+            hashbrown::hash_map::EntryRef::Vacant(vacant) => {
+                let shared = Arc::new(key.clone());
+                let entry = vacant.insert_with_key(shared.clone(), AccountEntry::default());
+                (shared, entry)
+            }
+        }
     }
 }
 
