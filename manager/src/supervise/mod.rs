@@ -551,22 +551,53 @@ struct State {
 impl State {
     /// `key`'s bookkeeping, created if needed (the key is cloned only then).
     fn account(&mut self, key: &AccountKey) -> &mut AccountEntry {
-        self.account_with_key(key).1
+        self.account_with_key(KeyRef::of(key)).1
     }
 
     /// [`account`](Self::account), with the shared key it is kept under.
-    fn account_with_key(&mut self, key: &AccountKey) -> (Arc<AccountKey>, &mut AccountEntry) {
+    fn account_with_key(&mut self, key: KeyRef<'_>) -> (Arc<AccountKey>, &mut AccountEntry) {
         // One lookup, found or inserted.
-        match self.accounts.entry_ref(key) {
+        match self.accounts.entry_ref(&key) {
             hashbrown::hash_map::EntryRef::Occupied(found) => {
                 (found.key().clone(), found.into_mut())
             }
             hashbrown::hash_map::EntryRef::Vacant(vacant) => {
-                let shared = Arc::new(key.clone());
+                let shared = Arc::new(AccountKey::new(key.channel, key.account));
                 let entry = vacant.insert_with_key(shared.clone(), AccountEntry::default());
                 (shared, entry)
             }
         }
+    }
+}
+
+/// An account's key, borrowed: the supervisor's state is looked up with it without building an
+/// [`AccountKey`] (it hashes as one, field by field).
+#[derive(Clone, Copy)]
+struct KeyRef<'a> {
+    channel: &'a str,
+    account: &'a str,
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(key: &'a AccountKey) -> Self {
+        Self {
+            channel: &key.channel,
+            account: &key.account,
+        }
+    }
+}
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `AccountKey`'s derived hash: its fields in order (a `String` hashes as its `str`).
+        self.channel.hash(state);
+        self.account.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<Arc<AccountKey>> for KeyRef<'_> {
+    fn equivalent(&self, key: &Arc<AccountKey>) -> bool {
+        key.channel == self.channel && key.account == self.account
     }
 }
 
@@ -836,12 +867,12 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let (ch, ids) = self.targets(channel, account)?;
-        let keys: Vec<AccountKey> = ids
+        let outcomes = self.start_accounts(&ch, &ids, StartMode::User).await;
+        Ok(ids
             .into_iter()
             .map(|id| AccountKey::new(ch.id.clone(), id))
-            .collect();
-        let outcomes = self.start_accounts(&ch, &keys, StartMode::User).await;
-        Ok(keys.into_iter().zip(outcomes).collect())
+            .zip(outcomes)
+            .collect())
     }
 
     /// Starts every account of every channel; one channel's failure does not stop the others.
@@ -856,9 +887,17 @@ impl Supervisor {
             async move {
                 let _permit = limit.acquire().await;
                 let mut summary = ChannelStartSummary::default();
-                match this.start(&ch.id, None).await {
+                // The channel's own listing: no copy of its ids, no key per account.
+                let started = if this.inner.closing.is_cancelled() {
+                    Err(SupervisorError::ShuttingDown)
+                } else {
+                    Ok(this
+                        .start_accounts(&ch, &ch.accounts, StartMode::User)
+                        .await)
+                };
+                match started {
                     Ok(outcomes) => {
-                        for (_, outcome) in outcomes {
+                        for outcome in outcomes {
                             summary.attempted += 1;
                             match outcome {
                                 StartOutcome::Started | StartOutcome::AlreadyRunning => {
@@ -895,33 +934,33 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let mut outcomes = self
-            .start_accounts(ch, std::slice::from_ref(key), mode)
-            .await;
+        let mut outcomes = self.start_accounts(ch, &[key.account.as_str()], mode).await;
         outcomes.pop().unwrap_or(StartOutcome::Stopped)
     }
 
-    /// Starts `keys` of `ch` together (as [`start_account`](Self::start_account) does each): the
-    /// first step of every start runs under one lock (spawning the lifecycles it needs), then
-    /// each start waits for its outcome. One deadline bounds them all: a start still waiting at
-    /// the start timeout returns [`StartOutcome::TimedOut`] (its boot goes on).
-    async fn start_accounts(
+    /// Starts the accounts `ids` of `ch` together (as [`start_account`](Self::start_account)
+    /// does each): the first step of every start runs under one lock (spawning the lifecycles it
+    /// needs), then each start waits for its outcome. One deadline bounds them all: a start
+    /// still waiting at the start timeout returns [`StartOutcome::TimedOut`] (its boot goes on).
+    /// The accounts are looked up by borrowed ids: no key is built for an account the
+    /// supervisor knows already.
+    async fn start_accounts<S: AsRef<str> + Sync>(
         &self,
         ch: &Arc<Channel>,
-        keys: &[AccountKey],
+        ids: &[S],
         mode: StartMode,
     ) -> Vec<StartOutcome> {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
         let steps: Vec<StartStep> = {
             let mut state = self.lock();
-            keys.iter()
-                .map(|key| self.start_step(&mut state, ch, key, mode))
+            ids.iter()
+                .map(|id| self.start_step(&mut state, ch, id.as_ref(), mode))
                 .collect()
         };
         // One wait for the starts that join a lifecycle's boot; a start that must first wait for
         // a stop in progress (rare) waits by itself.
-        let batch = Batch::new(keys.len());
-        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; keys.len()];
+        let batch = Batch::new(ids.len());
+        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; ids.len()];
         let mut after_stops = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
             match step {
@@ -943,7 +982,7 @@ impl Supervisor {
                 .into_iter()
                 .zip(&finished)
                 .map(|((i, step), (_, out))| async move {
-                    let outcome = self.finish_start(ch, &keys[i], mode, step).await;
+                    let outcome = self.finish_start(ch, ids[i].as_ref(), mode, step).await;
                     let _ = out.set(outcome);
                 });
         let after_stops = join_all(waits);
@@ -985,7 +1024,7 @@ impl Supervisor {
     async fn finish_start(
         &self,
         ch: &Arc<Channel>,
-        key: &AccountKey,
+        account: &str,
         mode: StartMode,
         mut step: StartStep,
     ) -> StartOutcome {
@@ -1005,7 +1044,7 @@ impl Supervisor {
             batch.join(&shared, 0, (!stopping).then_some(seen));
             batch.arrived().await;
             if stopping {
-                step = self.start_step(&mut self.lock(), ch, key, mode);
+                step = self.start_step(&mut self.lock(), ch, account, mode);
                 continue;
             }
             return batch
@@ -1023,11 +1062,14 @@ impl Supervisor {
         &self,
         state: &mut State,
         ch: &Arc<Channel>,
-        key: &AccountKey,
+        account: &str,
         mode: StartMode,
     ) -> StartStep {
         let next_id = state.next_lifecycle + 1;
-        let (shared_key, entry) = state.account_with_key(key);
+        let (shared_key, entry) = state.account_with_key(KeyRef {
+            channel: &ch.id,
+            account,
+        });
         if let Some(reason) = &entry.stuck {
             // Refused: nothing changes, not even the manual-stop mark.
             return StartStep::Done(StartOutcome::Refused(reason.clone()));
