@@ -4,7 +4,7 @@
 
 use std::{
     any::Any,
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
@@ -292,10 +292,12 @@ impl Entry {
 }
 
 /// Every account's entry, by channel and then by account: a channel's accounts are found (and
-/// read for a snapshot) without building a key per account.
+/// read for a snapshot) without building a key per account. The maps hash with hashbrown's
+/// default (foldhash, seeded per process) rather than SipHash: ids come from the config and the
+/// plugins, and an account's start and stop look them up several times.
 #[derive(Default)]
 struct Entries {
-    channels: HashMap<String, ChannelEntries>,
+    channels: hashbrown::HashMap<String, ChannelEntries>,
 }
 
 /// One channel's entries: kept in a vector (entries are never removed), found by account id
@@ -303,7 +305,7 @@ struct Entries {
 #[derive(Default)]
 struct ChannelEntries {
     slots: Vec<Entry>,
-    index: HashMap<String, u32>,
+    index: hashbrown::HashMap<String, u32>,
     view: Option<View>,
 }
 
@@ -379,25 +381,23 @@ impl Entries {
 
     /// `key`'s entry, created if needed (allocating only then).
     fn entry(&mut self, key: &AccountKey) -> &mut Entry {
-        if !self.channels.contains_key(&key.channel) {
-            self.channels
-                .insert(key.channel.clone(), ChannelEntries::default());
-        }
-        let channel = self
-            .channels
-            .get_mut(&key.channel)
-            .expect("the channel was just inserted");
-        let slot = match channel.index.get(&key.account) {
-            Some(&slot) => slot,
+        self.entry_or_new(key).0
+    }
+
+    /// `key`'s entry, created if needed, and whether it was (one lookup either way).
+    fn entry_or_new(&mut self, key: &AccountKey) -> (&mut Entry, bool) {
+        let channel = self.channels.entry_ref(key.channel.as_str()).or_default();
+        let (slot, new) = match channel.index.get(key.account.as_str()) {
+            Some(&slot) => (slot, false),
             None => {
                 let slot = u32::try_from(channel.slots.len())
                     .expect("fewer than 2^32 accounts in a channel");
                 channel.slots.push(new_entry(key));
                 channel.index.insert(key.account.clone(), slot);
-                slot
+                (slot, true)
             }
         };
-        &mut channel.slots[slot as usize]
+        (&mut channel.slots[slot as usize], new)
     }
 }
 
@@ -648,8 +648,8 @@ impl StatusBoard {
         entry: impl FnOnce(&mut Entry),
         f: impl FnOnce(&mut AccountSnapshot),
     ) {
-        let before = entries.get(key).map(|entry| derive(&entry.snapshot));
-        let written = entries.entry(key);
+        let (written, new) = entries.entry_or_new(key);
+        let before = (!new).then(|| derive(&written.snapshot));
         entry(written);
         let snapshot = written.snapshot_mut();
         f(snapshot);

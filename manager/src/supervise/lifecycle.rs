@@ -1,9 +1,9 @@
-//! One account's lifecycle task: boot → run → (crash) backoff → boot …, until a user stops it, it
-//! is given up on, or it is disabled / not configured. It is the only code that starts or ends
-//! the account's plugin task, which is how "at most one task per account, ever" holds: a boot
-//! never abandons the plugin's start call (its result may be a task), and a task is only replaced
-//! once it has ended, been cancelled and seen to end, or been reported stuck (which refuses starts
-//! until it ends).
+//! One account's lifecycle (a future its driver polls, see `driver.rs`): boot → run → (crash)
+//! backoff → boot …, until a user stops it, it is given up on, or it is disabled / not configured.
+//! It is the only code that starts or ends the account's plugin task, which is how "at most one
+//! task per account, ever" holds: a boot never abandons the plugin's start call (its result may be
+//! a task), and a task is only replaced once it has ended, been cancelled and seen to end, or been
+//! reported stuck (which refuses starts until it ends).
 
 use std::{sync::Arc, time::Duration};
 

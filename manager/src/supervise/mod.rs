@@ -2,9 +2,11 @@
 //! restarted with exponential backoff and jitter when it ends, given up on after the maximum, and
 //! stopped for good when a user says so (a manual stop always wins).
 //!
-//! Shape: one lifecycle task per account (boot → run → backoff → boot …, in `lifecycle.rs`), kept
-//! small: its future is a few hundred bytes (the boot, the backoff and the stop sequence boxed, as
-//! they are passing states), and one shared cell (`Shared`) carries its phase, its stop signal,
+//! Shape: one lifecycle per account (boot → run → backoff → boot …, in `lifecycle.rs`), a future
+//! run by one of a few lifecycle drivers (`driver.rs`: one task per core polling its lifecycles,
+//! woken once for many of them), not a tokio task each. It is kept small: its future is a few
+//! hundred bytes (the boot, the backoff and the stop sequence boxed, as they are passing states),
+//! and one shared cell (`Shared`) carries its phase, its stop signal,
 //! the first-poll report of its task, its boot outcomes and its end, with no watch channel,
 //! cancellation token or flag per boot. One lock covers all accounts' bookkeeping (`State`),
 //! never held across a plugin call or an await. A start or stop of many accounts is one batch:
@@ -12,8 +14,9 @@
 //! fire their tasks' aborts with one call per plugin version. A channel's boots run on its boot
 //! pool (`boot.rs`): a few blocking threads that take queued boots in batches, at most the startup
 //! fan-out of accounts booting at once, each batch one `Plugin::boot_accounts` call. Other
-//! synchronous plugin calls run on the blocking pool with time bounds ([`calls`]). Lifecycles are
-//! tracked so shutdown is close, cancel, wait.
+//! synchronous plugin calls run on the blocking pool with time bounds ([`calls`]). The drivers are
+//! tracked, and a driver lives exactly as long as it has lifecycles, so shutdown is close, cancel,
+//! wait.
 //!
 //! Which registration (plugin version, config, accounts) serves a channel, and which channels were
 //! removed, are not the supervisor's to keep: it asks its [`Serving`] source every time (the
@@ -27,6 +30,7 @@
 
 mod boot;
 pub mod calls;
+mod driver;
 mod hot;
 mod lifecycle;
 mod monitor;
@@ -391,6 +395,10 @@ impl BootEvent {
             w.batch.arrive(w.index, result);
             false
         });
+        if self.waiting.is_empty() {
+            // Not kept for the life of the account: most accounts are waited for once or twice.
+            self.waiting = Vec::new();
+        }
     }
 }
 
@@ -535,33 +543,61 @@ struct State {
     /// Channels whose registration failed, with why (start-all reports them).
     failed_channels: BTreeMap<String, String>,
     /// Keyed by the account's shared key, which its lifecycle and links hold too (one copy of
-    /// the ids per account).
-    accounts: HashMap<Arc<AccountKey>, AccountEntry>,
+    /// the ids per account). Hashed as the status board's maps are (foldhash).
+    accounts: hashbrown::HashMap<Arc<AccountKey>, AccountEntry>,
     next_lifecycle: u64,
 }
 
 impl State {
     /// `key`'s bookkeeping, created if needed (the key is cloned only then).
     fn account(&mut self, key: &AccountKey) -> &mut AccountEntry {
-        self.account_with_key(key).1
+        self.account_with_key(KeyRef::of(key)).1
     }
 
     /// [`account`](Self::account), with the shared key it is kept under.
-    fn account_with_key(&mut self, key: &AccountKey) -> (Arc<AccountKey>, &mut AccountEntry) {
-        let shared = match self.accounts.get_key_value(key) {
-            Some((shared, _)) => shared.clone(),
-            None => {
-                let shared = Arc::new(key.clone());
-                self.accounts
-                    .insert(shared.clone(), AccountEntry::default());
-                shared
+    fn account_with_key(&mut self, key: KeyRef<'_>) -> (Arc<AccountKey>, &mut AccountEntry) {
+        // One lookup, found or inserted.
+        match self.accounts.entry_ref(&key) {
+            hashbrown::hash_map::EntryRef::Occupied(found) => {
+                (found.key().clone(), found.into_mut())
             }
-        };
-        let entry = self
-            .accounts
-            .get_mut(key)
-            .expect("the account was just found or inserted");
-        (shared, entry)
+            hashbrown::hash_map::EntryRef::Vacant(vacant) => {
+                let shared = Arc::new(AccountKey::new(key.channel, key.account));
+                let entry = vacant.insert_with_key(shared.clone(), AccountEntry::default());
+                (shared, entry)
+            }
+        }
+    }
+}
+
+/// An account's key, borrowed: the supervisor's state is looked up with it without building an
+/// [`AccountKey`] (it hashes as one, field by field).
+#[derive(Clone, Copy)]
+struct KeyRef<'a> {
+    channel: &'a str,
+    account: &'a str,
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(key: &'a AccountKey) -> Self {
+        Self {
+            channel: &key.channel,
+            account: &key.account,
+        }
+    }
+}
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `AccountKey`'s derived hash: its fields in order (a `String` hashes as its `str`).
+        self.channel.hash(state);
+        self.account.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<Arc<AccountKey>> for KeyRef<'_> {
+    fn equivalent(&self, key: &Arc<AccountKey>) -> bool {
+        key.channel == self.channel && key.account == self.account
     }
 }
 
@@ -584,6 +620,8 @@ struct Inner {
     tracker: TaskTracker,
     closing: CancellationToken,
     restart_log: RestartLog,
+    /// Run the lifecycles ([`driver`]).
+    drivers: driver::Drivers,
     /// Decides, right before each boot calls the plugin, whether the account may start here
     /// (the cluster: only while this node holds the account and its lease is safe).
     gate: std::sync::RwLock<Option<StartGate>>,
@@ -622,6 +660,7 @@ impl Supervisor {
                 tracker: TaskTracker::new(),
                 closing: CancellationToken::new(),
                 restart_log,
+                drivers: driver::Drivers::per_core(),
                 gate: std::sync::RwLock::new(None),
                 serving: std::sync::RwLock::new(Source::Own(Arc::default())),
             }),
@@ -828,12 +867,12 @@ impl Supervisor {
             return Err(SupervisorError::ShuttingDown);
         }
         let (ch, ids) = self.targets(channel, account)?;
-        let keys: Vec<AccountKey> = ids
+        let outcomes = self.start_accounts(&ch, &ids, StartMode::User).await;
+        Ok(ids
             .into_iter()
             .map(|id| AccountKey::new(ch.id.clone(), id))
-            .collect();
-        let outcomes = self.start_accounts(&ch, &keys, StartMode::User).await;
-        Ok(keys.into_iter().zip(outcomes).collect())
+            .zip(outcomes)
+            .collect())
     }
 
     /// Starts every account of every channel; one channel's failure does not stop the others.
@@ -848,9 +887,17 @@ impl Supervisor {
             async move {
                 let _permit = limit.acquire().await;
                 let mut summary = ChannelStartSummary::default();
-                match this.start(&ch.id, None).await {
+                // The channel's own listing: no copy of its ids, no key per account.
+                let started = if this.inner.closing.is_cancelled() {
+                    Err(SupervisorError::ShuttingDown)
+                } else {
+                    Ok(this
+                        .start_accounts(&ch, &ch.accounts, StartMode::User)
+                        .await)
+                };
+                match started {
                     Ok(outcomes) => {
-                        for (_, outcome) in outcomes {
+                        for outcome in outcomes {
                             summary.attempted += 1;
                             match outcome {
                                 StartOutcome::Started | StartOutcome::AlreadyRunning => {
@@ -887,33 +934,33 @@ impl Supervisor {
         key: &AccountKey,
         mode: StartMode,
     ) -> StartOutcome {
-        let mut outcomes = self
-            .start_accounts(ch, std::slice::from_ref(key), mode)
-            .await;
+        let mut outcomes = self.start_accounts(ch, &[key.account.as_str()], mode).await;
         outcomes.pop().unwrap_or(StartOutcome::Stopped)
     }
 
-    /// Starts `keys` of `ch` together (as [`start_account`](Self::start_account) does each): the
-    /// first step of every start runs under one lock (spawning the lifecycles it needs), then
-    /// each start waits for its outcome. One deadline bounds them all: a start still waiting at
-    /// the start timeout returns [`StartOutcome::TimedOut`] (its boot goes on).
-    async fn start_accounts(
+    /// Starts the accounts `ids` of `ch` together (as [`start_account`](Self::start_account)
+    /// does each): the first step of every start runs under one lock (spawning the lifecycles it
+    /// needs), then each start waits for its outcome. One deadline bounds them all: a start
+    /// still waiting at the start timeout returns [`StartOutcome::TimedOut`] (its boot goes on).
+    /// The accounts are looked up by borrowed ids: no key is built for an account the
+    /// supervisor knows already.
+    async fn start_accounts<S: AsRef<str> + Sync>(
         &self,
         ch: &Arc<Channel>,
-        keys: &[AccountKey],
+        ids: &[S],
         mode: StartMode,
     ) -> Vec<StartOutcome> {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
         let steps: Vec<StartStep> = {
             let mut state = self.lock();
-            keys.iter()
-                .map(|key| self.start_step(&mut state, ch, key, mode))
+            ids.iter()
+                .map(|id| self.start_step(&mut state, ch, id.as_ref(), mode))
                 .collect()
         };
         // One wait for the starts that join a lifecycle's boot; a start that must first wait for
         // a stop in progress (rare) waits by itself.
-        let batch = Batch::new(keys.len());
-        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; keys.len()];
+        let batch = Batch::new(ids.len());
+        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; ids.len()];
         let mut after_stops = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
             match step {
@@ -935,7 +982,7 @@ impl Supervisor {
                 .into_iter()
                 .zip(&finished)
                 .map(|((i, step), (_, out))| async move {
-                    let outcome = self.finish_start(ch, &keys[i], mode, step).await;
+                    let outcome = self.finish_start(ch, ids[i].as_ref(), mode, step).await;
                     let _ = out.set(outcome);
                 });
         let after_stops = join_all(waits);
@@ -977,7 +1024,7 @@ impl Supervisor {
     async fn finish_start(
         &self,
         ch: &Arc<Channel>,
-        key: &AccountKey,
+        account: &str,
         mode: StartMode,
         mut step: StartStep,
     ) -> StartOutcome {
@@ -997,7 +1044,7 @@ impl Supervisor {
             batch.join(&shared, 0, (!stopping).then_some(seen));
             batch.arrived().await;
             if stopping {
-                step = self.start_step(&mut self.lock(), ch, key, mode);
+                step = self.start_step(&mut self.lock(), ch, account, mode);
                 continue;
             }
             return batch
@@ -1015,11 +1062,14 @@ impl Supervisor {
         &self,
         state: &mut State,
         ch: &Arc<Channel>,
-        key: &AccountKey,
+        account: &str,
         mode: StartMode,
     ) -> StartStep {
         let next_id = state.next_lifecycle + 1;
-        let (shared_key, entry) = state.account_with_key(key);
+        let (shared_key, entry) = state.account_with_key(KeyRef {
+            channel: &ch.id,
+            account,
+        });
         if let Some(reason) = &entry.stuck {
             // Refused: nothing changes, not even the manual-stop mark.
             return StartStep::Done(StartOutcome::Refused(reason.clone()));
@@ -1081,7 +1131,7 @@ impl Supervisor {
             id,
             shared: shared.clone(),
         };
-        self.inner.tracker.spawn(run.run());
+        self.inner.drivers.submit(run, &self.inner.tracker);
         LifecycleHandle {
             id,
             shared,
