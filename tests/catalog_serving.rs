@@ -127,3 +127,36 @@ fn the_supervisor_answers_what_the_catalog_lists_through_replace_refusal_removal
         catalog.shutdown_plugins().await;
     });
 }
+
+/// Which channels failed to register is the catalog's fact too: start-all's summary reports a
+/// channel whose file the catalog refused, with the catalog's reason, until a version serves it.
+#[test]
+fn start_all_reports_the_channel_whose_file_the_catalog_refused_until_a_version_serves() {
+    let dir = util::private_dir();
+    let state = util::private_dir();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refusing = config(dir.path(), state.path(), "refuse_version = \"0.1.0\"");
+    let (catalog, supervisor) =
+        runtime.block_on(async { util::open_catalog(refusing, state.path()) });
+    let path = dir.path().join("fixture.so");
+
+    install(dir.path(), &util::plugin_file("channeld-plugin-fixture"));
+    let change = runtime.block_on(catalog.reconcile(&path));
+    assert!(matches!(change, Change::Failed { .. }), "{change:?}");
+    let summary = runtime.block_on(supervisor.start_all());
+    let error = summary["fixture"].error.as_deref().unwrap_or_default();
+    assert!(error.contains("refuses this config"), "{summary:?}");
+    assert_eq!(summary["fixture"].attempted, 0, "{summary:?}");
+
+    install(dir.path(), &util::plugin_file("channeld-plugin-fixture-v2"));
+    let change = runtime.block_on(catalog.reconcile(&path));
+    assert!(matches!(change, Change::Added { .. }), "{change:?}");
+    let summary = runtime.block_on(supervisor.start_all());
+    assert_eq!(summary["fixture"].error, None, "{summary:?}");
+    assert_eq!(summary["fixture"].started, 1, "{summary:?}");
+    runtime.block_on(async {
+        catalog.close().await;
+        supervisor.shutdown().await;
+        catalog.shutdown_plugins().await;
+    });
+}

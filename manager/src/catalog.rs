@@ -687,11 +687,7 @@ impl Catalog {
         let path = new.staged.source.clone();
         let section = self.config().channel(&channel);
         *self.state().mapped.entry(channel.clone()).or_default() += 1;
-        let registered = match self
-            .supervisor
-            .register_channel(new.plugin.clone(), section)
-            .await
-        {
+        let registered = match self.supervisor.register(new.plugin.clone(), section).await {
             Ok(registered) => registered,
             Err(e) => {
                 let error = format!("{}: channel {channel} {version}: {e}", path.display());
@@ -929,6 +925,15 @@ impl Serving for Answers {
             .removed
             .iter()
             .map(|(id, r)| (id.clone(), r.accounts.clone()))
+            .collect()
+    }
+
+    fn failed(&self) -> Vec<(String, String)> {
+        // The refusals of files whose channel failed to register (or to replace a version).
+        lock(&self.0)
+            .refused
+            .values()
+            .filter_map(|r| Some((r.channel.clone()?, r.error.clone())))
             .collect()
     }
 

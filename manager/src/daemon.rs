@@ -392,6 +392,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 Default::default()
             };
             for (channel, s) in &summary {
+                if let Some(error) = &s.error {
+                    tracing::error!(channel = %channel, "start-all: {error}");
+                }
                 tracing::info!(
                     channel = %channel,
                     attempted = s.attempted,

@@ -7,6 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures_util::FutureExt as _;
 use tokio::{sync::oneshot, time::timeout};
 
 use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
@@ -605,7 +606,19 @@ impl AccountCtx {
             };
         let mut hook_end = None;
         let mut ended = None;
-        {
+        // One look first: a task that has ended already (its abort went out in a stop's batch)
+        // and a hook with nothing to do need no deadline timer.
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(end) = task.done.poll_unpin(cx) {
+                ended = Some(end);
+            }
+            if let std::task::Poll::Ready(end) = hook.as_mut().poll(cx) {
+                hook_end = Some(end);
+            }
+            std::task::Poll::Ready(())
+        })
+        .await;
+        if ended.is_none() || hook_end.is_none() {
             let until_deadline = tokio::time::sleep_until(deadline);
             tokio::pin!(until_deadline);
             loop {

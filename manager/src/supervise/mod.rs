@@ -540,8 +540,6 @@ pub const BLOCKING_CALLS_PER_PLUGIN: usize = 8;
 
 #[derive(Default)]
 struct State {
-    /// Channels whose registration failed, with why (start-all reports them).
-    failed_channels: BTreeMap<String, String>,
     /// Keyed by the account's shared key, which its lifecycle and links hold too (one copy of
     /// the ids per account). Hashed as the status board's maps are (foldhash).
     accounts: hashbrown::HashMap<Arc<AccountKey>, AccountEntry>,
@@ -733,34 +731,25 @@ impl Supervisor {
         section: ChannelSection,
     ) -> Result<Arc<Channel>, SupervisorError> {
         let table = self.table()?;
-        let channel = self.register_channel(plugin, section).await?;
-        table.insert(channel.clone());
-        Ok(channel)
-    }
-
-    /// Registers a channel as [`Supervisor::add_channel`] does, and returns the registration for
-    /// its owner (the catalog) to record: the supervisor keeps no copy, and nothing starts on it
-    /// until the owner answers it for its channel.
-    pub async fn register_channel(
-        &self,
-        plugin: Arc<dyn Plugin>,
-        section: ChannelSection,
-    ) -> Result<Arc<Channel>, SupervisorError> {
         let id = plugin.info().channel_id.clone();
         match self.register(plugin, section).await {
             Ok(channel) => {
-                self.lock().failed_channels.remove(&id);
+                table.insert(channel.clone());
                 Ok(channel)
             }
             Err(e) => {
-                self.lock().failed_channels.insert(id, e.to_string());
+                // The table owns the failure too: start-all's summary lists it.
+                table.fail(&id, e.to_string());
                 Err(e)
             }
         }
     }
 
     /// Registers a version of a channel: the plugin checks and takes the table and lists its
-    /// accounts. A failure changes nothing (a replace's old version keeps serving).
+    /// accounts, and the registration goes back to its owner (the catalog) to record: the
+    /// supervisor keeps no copy, and nothing starts on it until the owner answers it for its
+    /// channel. A failure changes nothing (a replace's old version keeps serving); the owner
+    /// records it too, and answers it as [`Serving::failed`].
     pub async fn register(
         &self,
         plugin: Arc<dyn Plugin>,
@@ -879,7 +868,7 @@ impl Supervisor {
     /// The summary has every channel, including those whose registration failed (with why).
     pub async fn start_all(&self) -> BTreeMap<String, ChannelStartSummary> {
         let channels = self.channels();
-        let failed = self.lock().failed_channels.clone();
+        let failed = self.serving().failed();
         let limit = Arc::new(Semaphore::new(self.inner.policy().startup_channels));
         let runs = channels.into_iter().map(|ch| {
             let this = self.clone();

@@ -36,12 +36,17 @@ pub trait Serving: Send + Sync {
     /// A config reload made `channel` the registration of its channel (same version, new table
     /// and accounts): the owner records it if that version still serves the channel.
     fn reconfigured(&self, channel: Arc<Channel>);
+    /// Channels whose last registration failed, with why, by id (start-all's summary lists
+    /// those that no version serves).
+    fn failed(&self) -> Vec<(String, String)>;
 }
 
 #[derive(Default)]
 struct TableState {
     channels: BTreeMap<String, Arc<Channel>>,
     removed: BTreeMap<String, Vec<String>>,
+    /// Channels whose last `add_channel` failed, with why.
+    failed: BTreeMap<String, String>,
 }
 
 /// The owner of the channel map where no catalog exists (see the module docs).
@@ -59,7 +64,13 @@ impl Table {
     pub(super) fn insert(&self, channel: Arc<Channel>) {
         let mut state = self.lock();
         state.removed.remove(&channel.id);
+        state.failed.remove(&channel.id);
         state.channels.insert(channel.id.clone(), channel);
+    }
+
+    /// Registering the channel `id` failed with `why`.
+    pub(super) fn fail(&self, id: &str, why: String) {
+        self.lock().failed.insert(id.to_owned(), why);
     }
 
     /// The channel `id` is gone, its accounts kept as removed.
@@ -97,6 +108,14 @@ impl Serving for Table {
         {
             *current = channel;
         }
+    }
+
+    fn failed(&self) -> Vec<(String, String)> {
+        self.lock()
+            .failed
+            .iter()
+            .map(|(id, why)| (id.clone(), why.clone()))
+            .collect()
     }
 }
 

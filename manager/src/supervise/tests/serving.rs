@@ -14,7 +14,7 @@ fn owned_by(owner: &Arc<Table>) -> Supervisor {
 
 async fn register(sup: &Supervisor, plugin: &Arc<TestPlugin>) -> Arc<crate::supervise::Channel> {
     let plugin: Arc<dyn Plugin> = plugin.clone();
-    sup.register_channel(plugin, ChannelSection { table: json!({}) })
+    sup.register(plugin, ChannelSection { table: json!({}) })
         .await
         .expect("the channel registers")
 }
