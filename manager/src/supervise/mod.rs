@@ -824,6 +824,7 @@ impl Supervisor {
     }
 
     /// The accounts an operation on `channel` (and maybe one account) applies to.
+    /// [`target_ids`] without a copy of the channel's listing is for the hot paths.
     fn targets(
         &self,
         channel: &str,
@@ -855,11 +856,13 @@ impl Supervisor {
         if self.inner.closing.is_cancelled() {
             return Err(SupervisorError::ShuttingDown);
         }
-        let (ch, ids) = self.targets(channel, account)?;
-        let outcomes = self.start_accounts(&ch, &ids, StartMode::User).await;
+        let ch = self.channel(channel)?;
+        let mut one = Vec::new();
+        let ids = target_ids(&ch, account, &mut one)?;
+        let outcomes = self.start_accounts(&ch, ids, StartMode::User).await;
         Ok(ids
-            .into_iter()
-            .map(|id| AccountKey::new(ch.id.clone(), id))
+            .iter()
+            .map(|id| AccountKey::new(ch.id.clone(), id.clone()))
             .zip(outcomes)
             .collect())
     }
@@ -1135,17 +1138,27 @@ impl Supervisor {
         channel: &str,
         account: Option<&str>,
     ) -> Result<Vec<(AccountKey, StopOutcome)>, SupervisorError> {
-        let (ch, ids) = self.targets(channel, account)?;
-        let keys: Vec<AccountKey> = ids
-            .into_iter()
-            .map(|id| AccountKey::new(ch.id.clone(), id))
+        let ch = self.channel(channel)?;
+        let mut one = Vec::new();
+        let ids = target_ids(&ch, account, &mut one)?;
+        let keys: Vec<KeyRef<'_>> = ids
+            .iter()
+            .map(|id| KeyRef {
+                channel: &ch.id,
+                account: id,
+            })
             .collect();
         let outcomes = self.stop_accounts(&keys).await;
-        Ok(keys.into_iter().zip(outcomes).collect())
+        // The keys of the answer are built once the stops are done, not before the aborts.
+        Ok(ids
+            .iter()
+            .map(|id| AccountKey::new(ch.id.clone(), id.clone()))
+            .zip(outcomes)
+            .collect())
     }
 
     async fn stop_account(&self, key: &AccountKey) -> StopOutcome {
-        let mut outcomes = self.stop_accounts(std::slice::from_ref(key)).await;
+        let mut outcomes = self.stop_accounts(&[KeyRef::of(key)]).await;
         outcomes.pop().unwrap_or(StopOutcome::Stopped)
     }
 
@@ -1153,24 +1166,32 @@ impl Supervisor {
     /// abort of every running task with one call per plugin version, then signals each lifecycle
     /// (whose stop sequence finds its task aborted already), and returns each one's outcome, in
     /// order, once each has ended or been reported stuck.
-    async fn stop_accounts(&self, keys: &[AccountKey]) -> Vec<StopOutcome> {
-        let mut outcomes: Vec<Option<StopOutcome>> = vec![None; keys.len()];
+    async fn stop_accounts(&self, asked: &[KeyRef<'_>]) -> Vec<StopOutcome> {
+        let mut outcomes: Vec<Option<StopOutcome>> = vec![None; asked.len()];
         let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
         let mut idle = Vec::new();
         // The running tasks to abort, by the plugin version each runs on.
         let mut aborts: Vec<(Arc<Channel>, Vec<TaskOf>)> = Vec::new();
+        // The keys the state keeps its accounts under (shared, not built per stop).
+        let keys: Vec<Arc<AccountKey>>;
         {
             let mut state = self.lock();
+            keys = asked
+                .iter()
+                .map(|key| state.account_with_key(*key).0)
+                .collect();
             // Every running one shows `stopping` first, in one write of the board, before its
             // signal is set: the lifecycle's own `stopped` (written once it sees the signal)
             // always lands after this.
             self.inner.board.update_each(
-                keys.iter().filter(|key| {
-                    state
-                        .accounts
-                        .get(*key)
-                        .is_some_and(|e| e.lifecycle.is_some())
-                }),
+                keys.iter()
+                    .filter(|key| {
+                        state
+                            .accounts
+                            .get(&***key)
+                            .is_some_and(|e| e.lifecycle.is_some())
+                    })
+                    .map(|key| &**key),
                 |s| s.set_state(AccountState::Stopping),
             );
             for (i, key) in keys.iter().enumerate() {
@@ -1222,7 +1243,7 @@ impl Supervisor {
             let now = self.inner.clock.wall_ms();
             self.inner
                 .board
-                .update_each(idle.iter().map(|&i| &keys[i]), |s| {
+                .update_each(idle.iter().map(|&i| &*keys[i]), |s| {
                     // A disabled, unconfigured or logged-out account says so still.
                     if !matches!(
                         s.state,
@@ -1247,7 +1268,7 @@ impl Supervisor {
         {
             let state = self.lock();
             for (i, _) in &stopping {
-                outcomes[*i] = Some(match state.accounts.get(&keys[*i]) {
+                outcomes[*i] = Some(match state.accounts.get(&*keys[*i]) {
                     Some(e) if e.stuck.is_some() => {
                         StopOutcome::Stuck(e.stuck.clone().unwrap_or_default())
                     }
@@ -1485,6 +1506,27 @@ impl Inner {
         // A panic while holding the lock leaves plain bookkeeping behind; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The accounts an operation on `ch` applies to: its own listing (not copied), or `account`,
+/// checked and normalised, kept in `one`.
+fn target_ids<'a>(
+    ch: &'a Channel,
+    account: Option<&str>,
+    one: &'a mut Vec<String>,
+) -> Result<&'a [String], SupervisorError> {
+    let Some(raw) = account else {
+        return Ok(&ch.accounts);
+    };
+    let id = normalize_account_id(raw);
+    if !ch.accounts.contains(&id) {
+        return Err(SupervisorError::UnknownAccount(AccountKey::new(
+            ch.id.clone(),
+            raw,
+        )));
+    }
+    one.push(id);
+    Ok(one)
 }
 
 /// What the snapshot shows for a listed account the board has no entry for yet.
