@@ -15,7 +15,6 @@ use abi_stable::{
 };
 use async_ffi::{FfiFuture, FutureExt};
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
@@ -23,7 +22,9 @@ use super::{
     fence::{fenced, fenced_or, panic_message},
     log,
     resolved::{CURRENT, Configured},
-    runtime, tasks,
+    runtime,
+    signal::TaskState,
+    tasks,
     watchdog::{Owner, watched},
 };
 use crate::abi::{
@@ -429,25 +430,19 @@ fn start_one<P: ChannelPlugin>(
 ) -> Result<StartedTask, String> {
     let account = resolve(account)?;
     let handle = rt()?;
-    let abort = CancellationToken::new();
+    let state = Arc::new(TaskState::default());
     let id = tasks::next_id();
-    let scope = log::AccountScope::new(account.clone());
-    let owner = Owner::Account(account.clone());
-    let tracker = TaskTracker::new();
     let polled = host.clone();
     let ctx = AccountContext {
-        account,
+        account: account.clone(),
         host: Host::new(host),
-        abort: AbortSignal(abort.clone()),
-        tracker: tracker.clone(),
-        scope: scope.clone(),
-        runtime: None,
-        outbound: None,
+        abort: AbortSignal(state.clone()),
+        harnessed: None,
     };
     let task = ChannelPlugin::start(plugin, ctx);
-    let task = tasks::AccountTask::new(id, task, polled, abort.clone(), tracker);
-    let join = tasks::register(id, abort, || {
-        let join = handle.spawn(watched(owner, "task", log::in_scope(scope, task)));
+    let task = tasks::AccountTask::new(id, task, polled, state.clone(), account);
+    let join = tasks::register(id, state, || {
+        let join = handle.spawn(task);
         (join.abort_handle(), join)
     });
     Ok(StartedTask {

@@ -22,15 +22,20 @@
 //! constructor is kept and called after the SDK's; a hook installed later replaces the SDK's.
 
 use std::{
+    cell::RefCell,
     fmt::Write as _,
     future::Future,
+    pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU8, AtomicUsize, Ordering},
     },
 };
 
+use std::task::{Context as TaskContext, Poll};
+
 use abi_stable::std_types::RString;
+use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tracing::{
     Event, Level, Subscriber,
@@ -149,26 +154,92 @@ impl AccountScope {
         Self(account)
     }
 
+    /// The account.
+    pub(crate) fn account(&self) -> &Arc<Account> {
+        &self.0
+    }
+
     fn tag(&self) -> (String, String) {
         (self.0.channel.clone(), self.0.id.clone())
     }
 }
 
-tokio::task_local! {
-    static SCOPE: AccountScope;
+thread_local! {
+    /// The scope of the task being polled on this thread (a task-local, kept by hand so that
+    /// the account task can hold its scope in its own fields).
+    static SCOPE: RefCell<Option<AccountScope>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `slot`'s scope as the thread's current one (`slot` holds the one it replaced
+/// meanwhile), and puts both back when `f` returns or unwinds. With `None` in `slot`, `f` runs
+/// outside any scope.
+pub(crate) fn enter_scope<R>(slot: &mut Option<AccountScope>, f: impl FnOnce() -> R) -> R {
+    struct Back<'a>(&'a mut Option<AccountScope>);
+
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let _ = SCOPE.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+        }
+    }
+
+    if SCOPE
+        .try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot))
+        .is_err()
+    {
+        return f();
+    }
+    let _back = Back(slot);
+    f()
+}
+
+pin_project! {
+    /// A future run in an account's log scope: each poll, and its drop, happen in the scope.
+    pub(crate) struct Scoped<F> {
+        scope: Option<AccountScope>,
+        #[pin]
+        inner: Option<F>,
+    }
+
+    impl<F> PinnedDrop for Scoped<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let mut inner = this.inner;
+            if inner.as_ref().get_ref().is_some() {
+                enter_scope(this.scope, || inner.set(None));
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        enter_scope(this.scope, || {
+            inner
+                .as_pin_mut()
+                .expect("a scoped future polled after it was dropped")
+                .poll(cx)
+        })
+    }
 }
 
 /// Runs `future` in `scope`: its events are tagged with the scope's account.
-pub(crate) fn in_scope<F: Future>(
-    scope: AccountScope,
-    future: F,
-) -> impl Future<Output = F::Output> {
-    SCOPE.scope(scope, future)
+pub(crate) fn in_scope<F: Future>(scope: AccountScope, future: F) -> Scoped<F> {
+    Scoped {
+        scope: Some(scope),
+        inner: Some(future),
+    }
 }
 
 /// The channel and account of the scope the current task runs in, if any.
 pub(crate) fn current_scope() -> Option<(String, String)> {
-    SCOPE.try_with(AccountScope::tag).ok()
+    SCOPE
+        .try_with(|current| current.borrow().as_ref().map(AccountScope::tag))
+        .ok()
+        .flatten()
 }
 
 /// The location of the last panic on this thread, if the hook saw one.
@@ -224,7 +295,7 @@ where
         let Some(host) = HOST.get() else { return };
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let scoped = SCOPE.try_with(AccountScope::tag).ok();
+        let scoped = current_scope();
         let (channel, account) = scoped
             .or_else(|| {
                 ctx.event_scope(event).and_then(|scope| {

@@ -129,21 +129,31 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let outer = IN_POLL.try_with(|p| !p.replace(true)).unwrap_or(false);
-        if !outer {
-            return this.inner.poll(cx);
-        }
-        let Ok(slot) = SLOT.try_with(Arc::clone) else {
-            let _ = IN_POLL.try_with(|p| p.set(false));
-            return this.inner.poll(cx);
-        };
-        let since = now_ms();
-        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((since, this.owner.clone(), *this.what));
-        slot.since.store(since, Ordering::Relaxed);
-        let _guard = PollGuard(&slot);
-        this.inner.poll(cx)
+        let inner = this.inner;
+        watch_poll(|| this.owner.clone(), this.what, || inner.poll(cx))
     }
+}
+
+/// Runs `poll` (one poll of a future run for `owner`, as `what`) so that the watchdog sees it,
+/// as a [`Watched`] future's poll: for a future that cannot be wrapped in one.
+pub(crate) fn watch_poll<R>(
+    owner: impl FnOnce() -> Owner,
+    what: &'static str,
+    poll: impl FnOnce() -> R,
+) -> R {
+    let outer = IN_POLL.try_with(|p| !p.replace(true)).unwrap_or(false);
+    if !outer {
+        return poll();
+    }
+    let Ok(slot) = SLOT.try_with(Arc::clone) else {
+        let _ = IN_POLL.try_with(|p| p.set(false));
+        return poll();
+    };
+    let since = now_ms();
+    *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((since, owner(), what));
+    slot.since.store(since, Ordering::Relaxed);
+    let _guard = PollGuard(&slot);
+    poll()
 }
 
 /// The futures that have been in one poll since before `since_ms`: `(account, what)`, sorted.
