@@ -422,7 +422,9 @@ fn join_error(error: JoinError, what: &str) -> String {
 ///
 /// Generic over the plugin, so the author's future lives in the runtime's task itself (no box of
 /// its own); the account is the one resolved for this config, shared with the log scope and the
-/// watchdog's record of the task.
+/// watchdog's record of the task. What a running account costs the plugin is that task (the
+/// author's future and [`tasks::AccountTask`]'s few fields around it), one [`TaskState`] (its
+/// abort signal and spawned-task count), its registry entry and the [`TaskDone`] the host awaits.
 fn start_one<P: ChannelPlugin>(
     plugin: &'static P,
     account: &str,
@@ -447,8 +449,35 @@ fn start_one<P: ChannelPlugin>(
     });
     Ok(StartedTask {
         id,
-        done: await_task(join, "the account task", |()| ()),
+        done: TaskDone(join).into_ffi(),
     })
+}
+
+/// What the host awaits for an account task: its end, as the ABI's result. As small as its
+/// handle (the host keeps one per running account); dropping it aborts the task, as
+/// [`await_task`]'s future does.
+struct TaskDone(JoinHandle<Result<(), PluginError>>);
+
+impl Drop for TaskDone {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for TaskDone {
+    type Output = RResult<(), RString>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let ended = std::task::ready!(Pin::new(&mut self.0).poll(cx));
+        std::task::Poll::Ready(match ended {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(e.to_string().into()),
+            Err(e) => RResult::RErr(join_error(e, "the account task").into()),
+        })
+    }
 }
 
 extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<StartedTask, RString> {

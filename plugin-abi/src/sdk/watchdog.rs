@@ -2,7 +2,8 @@
 //! its own runtime and reports through an existing host service:
 //!
 //! * every future the SDK runs for an account (its task, the tasks it spawns, its stop and logout
-//!   hooks, its sends) is [`Watched`]: while it is being polled, its thread's slot records since
+//!   hooks, its sends) is [`Watched`] (the account task calls [`watch_poll`] itself, so as not
+//!   to nest one more wrapper in its runtime task): while it is being polled, its thread's slot records since
 //!   when and for which account, so a poll that never returns (the author's code blocks its
 //!   thread) names its account. The slots are per thread, not per future: watching a future
 //!   registers nothing and allocates nothing;
@@ -145,15 +146,27 @@ pub(crate) fn watch_poll<R>(
     if !outer {
         return poll();
     }
-    let Ok(slot) = SLOT.try_with(Arc::clone) else {
+    // Taken by whichever of the two paths below runs it (the slot's, unless the thread's slot
+    // is gone).
+    let mut poll = Some(poll);
+    let mut run = || (poll.take().expect("a watched poll runs once"))();
+    let watched = SLOT.try_with(|slot| {
+        let since = now_ms();
+        let previous = slot
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((since, owner(), what));
+        // The previous poll's owner is let go outside the slot's lock.
+        drop(previous);
+        slot.since.store(since, Ordering::Relaxed);
+        let _guard = PollGuard(slot);
+        run()
+    });
+    watched.unwrap_or_else(|_| {
         let _ = IN_POLL.try_with(|p| p.set(false));
-        return poll();
-    };
-    let since = now_ms();
-    *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((since, owner(), what));
-    slot.since.store(since, Ordering::Relaxed);
-    let _guard = PollGuard(&slot);
-    poll()
+        run()
+    })
 }
 
 /// The futures that have been in one poll since before `since_ms`: `(account, what)`, sorted.
