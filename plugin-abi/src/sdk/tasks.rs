@@ -180,16 +180,11 @@ impl<F: Future<Output = T>, T> Future for AccountTask<F, T> {
             polled.task_polled();
         }
         let (mut stage, state, scope) = (this.stage, this.state, this.scope);
-        let owner = || {
-            Owner::Account(
-                scope
-                    .as_ref()
-                    .expect("an account task's scope is in place between polls")
-                    .account()
-                    .clone(),
-            )
+        // The scope is in place between polls (`enter_scope` puts it back even when a poll
+        // unwinds); were it not, the task would still be polled, unwatched and untagged.
+        let Some(owner) = scope.as_ref().map(|s| Owner::Account(s.account().clone())) else {
+            return poll_stage(stage.as_mut(), state, cx);
         };
-        let owner = owner();
         watchdog::watch_poll(
             || owner,
             "task",
@@ -231,5 +226,40 @@ fn poll_stage<F: Future<Output = T>, T>(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+    use crate::sdk::{AccountContext, PluginError};
+
+    /// An author's future of a given size (the fixture's `run` task is about this big).
+    struct Author([u64; 25]);
+
+    impl Future for Author {
+        type Output = Result<(), PluginError>;
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What a running account costs the plugin, beyond the author's future, stays small: the
+    /// runtime's task cell grows in steps of 128 bytes, so a few bytes more can cost 128.
+    #[test]
+    fn an_account_costs_few_bytes_beyond_the_authors_future() {
+        let task = size_of::<AccountTask<Author, Result<(), PluginError>>>();
+        assert!(
+            task <= size_of::<Author>() + 64,
+            "the account task adds {} bytes to the author's future",
+            task - size_of::<Author>()
+        );
+        // Every author's future holds its context.
+        assert!(size_of::<AccountContext>() <= 48, "{}", size_of::<AccountContext>());
+        // With the `Arc`'s counts, 56 bytes: one 64-byte allocation.
+        assert!(size_of::<TaskState>() <= 40, "{}", size_of::<TaskState>());
     }
 }
