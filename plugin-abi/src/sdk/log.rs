@@ -374,9 +374,44 @@ impl Visit for Fields {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::{Mutex, atomic::AtomicBool};
 
     use super::*;
+
+    /// Records the log scope it is dropped in.
+    struct DroppedIn(Arc<Mutex<Vec<Option<(String, String)>>>>);
+
+    impl Drop for DroppedIn {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(current_scope());
+        }
+    }
+
+    /// A scoped future's polls and its drop (the author's `Drop` code may log) happen in its
+    /// scope, and the thread is back outside it between polls.
+    #[test]
+    fn a_scoped_future_is_polled_and_dropped_in_its_scope() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let account = Arc::new(Account {
+            channel: "chat".into(),
+            id: "a".into(),
+            config: Value::Null,
+        });
+        let dropped = DroppedIn(seen.clone());
+        let polled = seen.clone();
+        let mut future = Box::pin(in_scope(AccountScope::new(account), async move {
+            let _dropped = dropped;
+            polled.lock().unwrap().push(current_scope());
+            std::future::pending::<()>().await;
+        }));
+        let mut cx = TaskContext::from_waker(std::task::Waker::noop());
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(current_scope(), None, "the scope outlived the poll");
+        drop(future);
+        assert_eq!(current_scope(), None, "the scope outlived the drop");
+        let tag = Some(("chat".to_owned(), "a".to_owned()));
+        assert_eq!(*seen.lock().unwrap(), vec![tag.clone(), tag]);
+    }
 
     /// An author's hook set after the SDK's (in the constructor, say) is kept and runs after the
     /// SDK's, which still records the panic's location.

@@ -184,7 +184,10 @@ mod tests {
         assert_eq!(state.children(), 1);
         state.abort();
         state.close();
-        state.children_ended().await;
+        // A bound, not a timing: without the child's wake-up this would wait forever.
+        tokio::time::timeout(std::time::Duration::from_secs(30), state.children_ended())
+            .await
+            .expect("the last child to end did not wake the closed task");
         assert_eq!(state.children(), 0);
         child.await.unwrap();
     }

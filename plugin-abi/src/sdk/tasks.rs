@@ -258,7 +258,11 @@ mod tests {
             task - size_of::<Author>()
         );
         // Every author's future holds its context.
-        assert!(size_of::<AccountContext>() <= 48, "{}", size_of::<AccountContext>());
+        assert!(
+            size_of::<AccountContext>() <= 48,
+            "{}",
+            size_of::<AccountContext>()
+        );
         // With the `Arc`'s counts, 56 bytes: one 64-byte allocation.
         assert!(size_of::<TaskState>() <= 40, "{}", size_of::<TaskState>());
     }
