@@ -378,8 +378,11 @@ mod tests {
 
     use super::*;
 
+    /// The scopes a test saw, in order.
+    type Seen = Arc<Mutex<Vec<Option<(String, String)>>>>;
+
     /// Records the log scope it is dropped in.
-    struct DroppedIn(Arc<Mutex<Vec<Option<(String, String)>>>>);
+    struct DroppedIn(Seen);
 
     impl Drop for DroppedIn {
         fn drop(&mut self) {
@@ -391,7 +394,7 @@ mod tests {
     /// scope, and the thread is back outside it between polls.
     #[test]
     fn a_scoped_future_is_polled_and_dropped_in_its_scope() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Seen = Arc::default();
         let account = Arc::new(Account {
             channel: "chat".into(),
             id: "a".into(),

@@ -237,7 +237,7 @@ mod tests {
     use crate::sdk::{AccountContext, PluginError};
 
     /// An author's future of a given size (the fixture's `run` task is about this big).
-    struct Author([u64; 25]);
+    struct Author(#[allow(dead_code)] [u64; 25]);
 
     impl Future for Author {
         type Output = Result<(), PluginError>;
