@@ -3,9 +3,10 @@
 //! SDK installs this layer inside the plugin at `init`.
 //!
 //! Each account task, and every task spawned with
-//! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (a
-//! tokio task-local holding its channel and account, taken from the host link when the task
-//! starts), so its events reach the host tagged with that account. The SDK opens no tracing span
+//! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (its
+//! account, shared with its context, which each poll and the task's drop put in a thread-local
+//! and take back after, as a tokio task-local would; the account task keeps it in its own
+//! fields, so no wrapper future per task), so its events reach the host tagged with that account. The SDK opens no tracing span
 //! per task (a span per account cost memory and time at every start); events outside a scope are
 //! tagged from an enclosing span named [`ACCOUNT_SPAN`] with `channel` and `account` fields, if
 //! the author opened one.
