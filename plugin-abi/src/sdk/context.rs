@@ -4,15 +4,18 @@ use std::{future::Future, sync::Arc};
 
 use abi_stable::std_types::{RResult, RString};
 use serde_json::Value;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
-use super::{Account, OutboundQueue, PluginError, log::AccountScope, outbound::Registry};
+use super::{
+    Account, OutboundQueue, PluginError, log::AccountScope, outbound::Registry, signal::TaskState,
+};
 use crate::abi::{EventKind, HostHandle, InboundMessage};
 
 /// The signal the host fires when it wants an account's task (and everything it spawned) to
 /// stop. Cheap to clone; the SDK's own type, so the SDK can change how it is built.
+/// (It shares one allocation with the count of the tasks the account spawned.)
 #[derive(Clone, Debug, Default)]
-pub struct AbortSignal(pub(crate) CancellationToken);
+pub struct AbortSignal(pub(crate) Arc<TaskState>);
 
 impl AbortSignal {
     /// Completes when the host asks the task to stop.
@@ -20,12 +23,12 @@ impl AbortSignal {
     /// # Cancellation safety
     /// Cancel-safe: dropping the future loses nothing.
     pub async fn aborted(&self) {
-        self.0.cancelled().await;
+        self.0.aborted().await;
     }
 
     /// Whether the host has asked the task to stop.
     pub fn is_aborted(&self) -> bool {
-        self.0.is_cancelled()
+        self.0.is_aborted()
     }
 }
 
@@ -175,17 +178,25 @@ fn into_result(result: RResult<(), RString>) -> Result<(), PluginError> {
 }
 
 /// Everything an account's task gets from [`ChannelPlugin::start`](super::ChannelPlugin::start).
+///
+/// Kept small, as every running account's task holds one: the account (which also names the log
+/// scope), the host's services, the abort signal (which also counts the spawned tasks), and, only
+/// for the test harness, its own runtime and outbound queues.
 pub struct AccountContext {
     pub(crate) account: Arc<Account>,
     pub(crate) host: Host,
     pub(crate) abort: AbortSignal,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) scope: AccountScope,
-    /// The runtime [`spawn`](Self::spawn) uses; `None`: the SDK's own (looked up at the spawn,
-    /// so a start does not touch the runtime handle's shared count).
-    pub(crate) runtime: Option<tokio::runtime::Handle>,
-    /// The map [`outbound`](Self::outbound) opens the queue in; `None`: the library's own.
-    pub(crate) outbound: Option<Registry>,
+    /// `None`: the SDK's own runtime (looked up at the spawn, so a start does not touch the
+    /// runtime handle's shared count) and the library's own queues.
+    pub(crate) harnessed: Option<Box<Harnessed>>,
+}
+
+/// What a context the test harness builds uses instead of the library's own.
+pub(crate) struct Harnessed {
+    /// The runtime [`spawn`](AccountContext::spawn) uses.
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// The map [`outbound`](AccountContext::outbound) opens the queue in.
+    pub(crate) outbound: Registry,
 }
 
 impl AccountContext {
@@ -231,7 +242,7 @@ impl AccountContext {
         note = "use `AccountContext::abort` (the SDK's own `AbortSignal`), or `AccountContext::spawn`"
     )]
     pub fn abort_signal(&self) -> CancellationToken {
-        self.abort.0.clone()
+        self.abort.0.linked_token()
     }
 
     /// Opens the account's queue of messages to send: from now until the returned
@@ -276,8 +287,8 @@ impl AccountContext {
     /// # fn main() {}
     /// ```
     pub fn outbound(&self) -> OutboundQueue {
-        match &self.outbound {
-            Some(registry) => registry.open(&self.account.id),
+        match &self.harnessed {
+            Some(harnessed) => harnessed.outbound.open(&self.account.id),
             None => Registry::process().open(&self.account.id),
         }
     }
@@ -310,14 +321,18 @@ impl AccountContext {
                 }
             }
         };
-        let task = self.tracker.track_future(super::watchdog::watched(
+        let task = self.abort.0.track(super::watchdog::watched(
             super::watchdog::Owner::Account(self.account.clone()),
             "spawned task",
-            super::log::in_scope(self.scope.clone(), task),
+            super::log::in_scope(AccountScope::new(self.account.clone()), task),
         ));
         // A runtime that has shut down runs nothing more: the task is dropped, as spawning on
         // it would.
-        if let Some(runtime) = self.runtime.clone().or_else(super::runtime::running) {
+        let runtime = match &self.harnessed {
+            Some(harnessed) => Some(harnessed.runtime.clone()),
+            None => super::runtime::running(),
+        };
+        if let Some(runtime) = runtime {
             runtime.spawn(task);
         }
     }

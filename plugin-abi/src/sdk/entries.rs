@@ -15,7 +15,6 @@ use abi_stable::{
 };
 use async_ffi::{FfiFuture, FutureExt};
 use tokio::task::{AbortHandle, JoinError, JoinHandle};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     Account, AccountContext, ChannelConfig, ChannelPlugin, Host, Outbound, PluginError, Verdict,
@@ -23,7 +22,9 @@ use super::{
     fence::{fenced, fenced_or, panic_message},
     log,
     resolved::{CURRENT, Configured},
-    runtime, tasks,
+    runtime,
+    signal::TaskState,
+    tasks,
     watchdog::{Owner, watched},
 };
 use crate::abi::{
@@ -421,7 +422,9 @@ fn join_error(error: JoinError, what: &str) -> String {
 ///
 /// Generic over the plugin, so the author's future lives in the runtime's task itself (no box of
 /// its own); the account is the one resolved for this config, shared with the log scope and the
-/// watchdog's record of the task.
+/// watchdog's record of the task. What a running account costs the plugin is that task (the
+/// author's future and [`tasks::AccountTask`]'s few fields around it), one [`TaskState`] (its
+/// abort signal and spawned-task count), its registry entry and the [`TaskDone`] the host awaits.
 fn start_one<P: ChannelPlugin>(
     plugin: &'static P,
     account: &str,
@@ -429,31 +432,52 @@ fn start_one<P: ChannelPlugin>(
 ) -> Result<StartedTask, String> {
     let account = resolve(account)?;
     let handle = rt()?;
-    let abort = CancellationToken::new();
+    let state = Arc::new(TaskState::default());
     let id = tasks::next_id();
-    let scope = log::AccountScope::new(account.clone());
-    let owner = Owner::Account(account.clone());
-    let tracker = TaskTracker::new();
     let polled = host.clone();
     let ctx = AccountContext {
-        account,
+        account: account.clone(),
         host: Host::new(host),
-        abort: AbortSignal(abort.clone()),
-        tracker: tracker.clone(),
-        scope: scope.clone(),
-        runtime: None,
-        outbound: None,
+        abort: AbortSignal(state.clone()),
+        harnessed: None,
     };
     let task = ChannelPlugin::start(plugin, ctx);
-    let task = tasks::AccountTask::new(id, task, polled, abort.clone(), tracker);
-    let join = tasks::register(id, abort, || {
-        let join = handle.spawn(watched(owner, "task", log::in_scope(scope, task)));
+    let task = tasks::AccountTask::new(id, task, polled, state.clone(), account);
+    let join = tasks::register(id, state, || {
+        let join = handle.spawn(task);
         (join.abort_handle(), join)
     });
     Ok(StartedTask {
         id,
-        done: await_task(join, "the account task", |()| ()),
+        done: TaskDone(join).into_ffi(),
     })
+}
+
+/// What the host awaits for an account task: its end, as the ABI's result. As small as its
+/// handle (the host keeps one per running account); dropping it aborts the task, as
+/// [`await_task`]'s future does.
+struct TaskDone(JoinHandle<Result<(), PluginError>>);
+
+impl Drop for TaskDone {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Future for TaskDone {
+    type Output = RResult<(), RString>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let ended = std::task::ready!(Pin::new(&mut self.0).poll(cx));
+        std::task::Poll::Ready(match ended {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(e.to_string().into()),
+            Err(e) => RResult::RErr(join_error(e, "the account task").into()),
+        })
+    }
 }
 
 extern "C" fn start_account(account: RStr<'_>, host: HostHandle) -> RResult<StartedTask, RString> {

@@ -16,16 +16,16 @@ use std::{future::Future, sync::Arc};
 
 pub use super::log::Fields as LogFields;
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-use super::{AbortSignal, Account, AccountContext, Host, log, outbound::Registry};
+use super::{
+    AbortSignal, Account, AccountContext, Host, context::Harnessed, log, outbound::Registry,
+    signal::TaskState,
+};
 use crate::abi::HostHandle;
 
 /// What the harness keeps of an account it started: the abort, the spawned tasks, the log scope.
 #[derive(Clone, Debug)]
 pub struct Controls {
-    abort: CancellationToken,
-    tracker: TaskTracker,
+    abort: Arc<TaskState>,
     scope: log::AccountScope,
 }
 
@@ -52,38 +52,30 @@ pub fn account_context(
     host: HostHandle,
     sends: &SendScope,
 ) -> (AccountContext, Controls) {
-    let abort = CancellationToken::new();
-    let tracker = TaskTracker::new();
+    let abort = Arc::new(TaskState::default());
     let account = Arc::new(account);
     let scope = log::AccountScope::new(account.clone());
     let context = AccountContext {
         account,
         host: Host::new(host),
         abort: AbortSignal(abort.clone()),
-        tracker: tracker.clone(),
-        scope: scope.clone(),
-        runtime: Some(tokio::runtime::Handle::current()),
-        outbound: Some(sends.0.clone()),
+        harnessed: Some(Box::new(Harnessed {
+            runtime: tokio::runtime::Handle::current(),
+            outbound: sends.0.clone(),
+        })),
     };
-    (
-        context,
-        Controls {
-            abort,
-            tracker,
-            scope,
-        },
-    )
+    (context, Controls { abort, scope })
 }
 
 impl Controls {
     /// Fires the account's abort signal, as the host does when it stops the account.
     pub fn abort(&self) {
-        self.abort.cancel();
+        self.abort.abort();
     }
 
     /// Tasks spawned with [`AccountContext::spawn`] that have not ended yet.
     pub fn spawned_running(&self) -> usize {
-        self.tracker.len()
+        self.abort.children()
     }
 
     /// `task` (the future `start` returned) run as the SDK runs it for the host: in the account's
@@ -94,12 +86,11 @@ impl Controls {
     /// Dropping the future drops the account's task; spawned tasks keep running until the abort.
     pub fn run<F: Future>(&self, task: F) -> impl Future<Output = F::Output> + use<F> {
         let abort = self.abort.clone();
-        let tracker = self.tracker.clone();
         log::in_scope(self.scope.clone(), async move {
             let result = task.await;
-            abort.cancel();
-            tracker.close();
-            tracker.wait().await;
+            abort.abort();
+            abort.close();
+            abort.children_ended().await;
             result
         })
     }

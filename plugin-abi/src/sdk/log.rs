@@ -3,9 +3,10 @@
 //! SDK installs this layer inside the plugin at `init`.
 //!
 //! Each account task, and every task spawned with
-//! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (a
-//! tokio task-local holding its channel and account, taken from the host link when the task
-//! starts), so its events reach the host tagged with that account. The SDK opens no tracing span
+//! [`AccountContext::spawn`](super::AccountContext::spawn), runs in the account's log scope (its
+//! account, shared with its context, which each poll and the task's drop put in a thread-local
+//! and take back after, as a tokio task-local would; the account task keeps it in its own
+//! fields, so no wrapper future per task), so its events reach the host tagged with that account. The SDK opens no tracing span
 //! per task (a span per account cost memory and time at every start); events outside a scope are
 //! tagged from an enclosing span named [`ACCOUNT_SPAN`] with `channel` and `account` fields, if
 //! the author opened one.
@@ -22,15 +23,20 @@
 //! constructor is kept and called after the SDK's; a hook installed later replaces the SDK's.
 
 use std::{
+    cell::RefCell,
     fmt::Write as _,
     future::Future,
+    pin::Pin,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU8, AtomicUsize, Ordering},
     },
 };
 
+use std::task::{Context as TaskContext, Poll};
+
 use abi_stable::std_types::RString;
+use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tracing::{
     Event, Level, Subscriber,
@@ -149,26 +155,92 @@ impl AccountScope {
         Self(account)
     }
 
+    /// The account.
+    pub(crate) fn account(&self) -> &Arc<Account> {
+        &self.0
+    }
+
     fn tag(&self) -> (String, String) {
         (self.0.channel.clone(), self.0.id.clone())
     }
 }
 
-tokio::task_local! {
-    static SCOPE: AccountScope;
+thread_local! {
+    /// The scope of the task being polled on this thread (a task-local, kept by hand so that
+    /// the account task can hold its scope in its own fields).
+    static SCOPE: RefCell<Option<AccountScope>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `slot`'s scope as the thread's current one (`slot` holds the one it replaced
+/// meanwhile), and puts both back when `f` returns or unwinds. With `None` in `slot`, `f` runs
+/// outside any scope.
+pub(crate) fn enter_scope<R>(slot: &mut Option<AccountScope>, f: impl FnOnce() -> R) -> R {
+    struct Back<'a>(&'a mut Option<AccountScope>);
+
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let _ = SCOPE.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+        }
+    }
+
+    if SCOPE
+        .try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot))
+        .is_err()
+    {
+        return f();
+    }
+    let _back = Back(slot);
+    f()
+}
+
+pin_project! {
+    /// A future run in an account's log scope: each poll, and its drop, happen in the scope.
+    pub(crate) struct Scoped<F> {
+        scope: Option<AccountScope>,
+        #[pin]
+        inner: Option<F>,
+    }
+
+    impl<F> PinnedDrop for Scoped<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            let mut inner = this.inner;
+            if inner.as_ref().get_ref().is_some() {
+                enter_scope(this.scope, || inner.set(None));
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        enter_scope(this.scope, || {
+            inner
+                .as_pin_mut()
+                .expect("a scoped future polled after it was dropped")
+                .poll(cx)
+        })
+    }
 }
 
 /// Runs `future` in `scope`: its events are tagged with the scope's account.
-pub(crate) fn in_scope<F: Future>(
-    scope: AccountScope,
-    future: F,
-) -> impl Future<Output = F::Output> {
-    SCOPE.scope(scope, future)
+pub(crate) fn in_scope<F: Future>(scope: AccountScope, future: F) -> Scoped<F> {
+    Scoped {
+        scope: Some(scope),
+        inner: Some(future),
+    }
 }
 
 /// The channel and account of the scope the current task runs in, if any.
 pub(crate) fn current_scope() -> Option<(String, String)> {
-    SCOPE.try_with(AccountScope::tag).ok()
+    SCOPE
+        .try_with(|current| current.borrow().as_ref().map(AccountScope::tag))
+        .ok()
+        .flatten()
 }
 
 /// The location of the last panic on this thread, if the hook saw one.
@@ -224,7 +296,7 @@ where
         let Some(host) = HOST.get() else { return };
         let mut fields = Fields::default();
         event.record(&mut fields);
-        let scoped = SCOPE.try_with(AccountScope::tag).ok();
+        let scoped = current_scope();
         let (channel, account) = scoped
             .or_else(|| {
                 ctx.event_scope(event).and_then(|scope| {
@@ -303,9 +375,47 @@ impl Visit for Fields {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::{Mutex, atomic::AtomicBool};
 
     use super::*;
+
+    /// The scopes a test saw, in order.
+    type Seen = Arc<Mutex<Vec<Option<(String, String)>>>>;
+
+    /// Records the log scope it is dropped in.
+    struct DroppedIn(Seen);
+
+    impl Drop for DroppedIn {
+        fn drop(&mut self) {
+            self.0.lock().unwrap().push(current_scope());
+        }
+    }
+
+    /// A scoped future's polls and its drop (the author's `Drop` code may log) happen in its
+    /// scope, and the thread is back outside it between polls.
+    #[test]
+    fn a_scoped_future_is_polled_and_dropped_in_its_scope() {
+        let seen: Seen = Arc::default();
+        let account = Arc::new(Account {
+            channel: "chat".into(),
+            id: "a".into(),
+            config: Value::Null,
+        });
+        let dropped = DroppedIn(seen.clone());
+        let polled = seen.clone();
+        let mut future = Box::pin(in_scope(AccountScope::new(account), async move {
+            let _dropped = dropped;
+            polled.lock().unwrap().push(current_scope());
+            std::future::pending::<()>().await;
+        }));
+        let mut cx = TaskContext::from_waker(std::task::Waker::noop());
+        assert!(future.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(current_scope(), None, "the scope outlived the poll");
+        drop(future);
+        assert_eq!(current_scope(), None, "the scope outlived the drop");
+        let tag = Some(("chat".to_owned(), "a".to_owned()));
+        assert_eq!(*seen.lock().unwrap(), vec![tag.clone(), tag]);
+    }
 
     /// An author's hook set after the SDK's (in the constructor, say) is kept and runs after the
     /// SDK's, which still records the panic's location.

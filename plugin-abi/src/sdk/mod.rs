@@ -13,6 +13,7 @@ mod log;
 mod outbound;
 mod resolved;
 mod runtime;
+mod signal;
 mod tasks;
 mod watchdog;
 

@@ -2,7 +2,8 @@
 //! its own runtime and reports through an existing host service:
 //!
 //! * every future the SDK runs for an account (its task, the tasks it spawns, its stop and logout
-//!   hooks, its sends) is [`Watched`]: while it is being polled, its thread's slot records since
+//!   hooks, its sends) is [`Watched`] (the account task calls [`watch_poll`] itself, so as not
+//!   to nest one more wrapper in its runtime task): while it is being polled, its thread's slot records since
 //!   when and for which account, so a poll that never returns (the author's code blocks its
 //!   thread) names its account. The slots are per thread, not per future: watching a future
 //!   registers nothing and allocates nothing;
@@ -129,21 +130,43 @@ impl<F: Future> Future for Watched<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let outer = IN_POLL.try_with(|p| !p.replace(true)).unwrap_or(false);
-        if !outer {
-            return this.inner.poll(cx);
-        }
-        let Ok(slot) = SLOT.try_with(Arc::clone) else {
-            let _ = IN_POLL.try_with(|p| p.set(false));
-            return this.inner.poll(cx);
-        };
-        let since = now_ms();
-        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((since, this.owner.clone(), *this.what));
-        slot.since.store(since, Ordering::Relaxed);
-        let _guard = PollGuard(&slot);
-        this.inner.poll(cx)
+        let inner = this.inner;
+        watch_poll(|| this.owner.clone(), this.what, || inner.poll(cx))
     }
+}
+
+/// Runs `poll` (one poll of a future run for `owner`, as `what`) so that the watchdog sees it,
+/// as a [`Watched`] future's poll: for a future that cannot be wrapped in one.
+pub(crate) fn watch_poll<R>(
+    owner: impl FnOnce() -> Owner,
+    what: &'static str,
+    poll: impl FnOnce() -> R,
+) -> R {
+    let outer = IN_POLL.try_with(|p| !p.replace(true)).unwrap_or(false);
+    if !outer {
+        return poll();
+    }
+    // Taken by whichever of the two paths below runs it (the slot's, unless the thread's slot
+    // is gone).
+    let mut poll = Some(poll);
+    let mut run = || (poll.take().expect("a watched poll runs once"))();
+    let watched = SLOT.try_with(|slot| {
+        let since = now_ms();
+        let previous = slot
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((since, owner(), what));
+        // The previous poll's owner is let go outside the slot's lock.
+        drop(previous);
+        slot.since.store(since, Ordering::Relaxed);
+        let _guard = PollGuard(slot);
+        run()
+    });
+    watched.unwrap_or_else(|_| {
+        let _ = IN_POLL.try_with(|p| p.set(false));
+        run()
+    })
 }
 
 /// The futures that have been in one poll since before `since_ms`: `(account, what)`, sorted.
