@@ -945,6 +945,12 @@ impl Supervisor {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
         let steps: Vec<StartStep> = {
             let mut state = self.lock();
+            // A channel's first start-all adds all its accounts at once: the map is sized once
+            // (not doubled, and its old tables freed, a dozen times on the way).
+            let known = state.accounts.len();
+            if known < ids.len() {
+                state.accounts.reserve(ids.len() - known);
+            }
             ids.iter()
                 .map(|id| self.start_step(&mut state, ch, id.as_ref(), mode))
                 .collect()
