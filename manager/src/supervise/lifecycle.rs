@@ -500,7 +500,10 @@ impl Lifecycle {
         {
             let mut state = self.ctx.inner.lock();
             if let Some(entry) = state.accounts.get_mut(&self.ctx.key)
-                && entry.lifecycle.as_ref().is_some_and(|lc| lc.id == self.id)
+                && entry
+                    .lifecycle
+                    .as_ref()
+                    .is_some_and(|lc| Arc::ptr_eq(&lc.shared, &self.shared))
             {
                 entry.lifecycle = None;
             }
@@ -688,7 +691,7 @@ impl AccountCtx {
                 s.last_error = Some(reason.clone());
             });
             if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-                entry.stuck = Some(reason.clone());
+                entry.set_stuck(Some(reason.clone()));
                 entry.last_stop_cancelled = true;
             }
             let ctx = self.clone();
@@ -730,7 +733,7 @@ impl AccountCtx {
             && let Some(entry) = self.inner.lock().accounts.get_mut(&self.key)
         {
             entry.last_stop_cancelled = cancelled;
-            entry.last_stop_hook_failure = hook_failure;
+            entry.set_last_stop_hook_failure(hook_failure);
         }
     }
 
@@ -754,7 +757,7 @@ impl AccountCtx {
             s.last_error = Some(reason.clone());
         });
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-            entry.stuck = Some(reason.clone());
+            entry.set_stuck(Some(reason.clone()));
         }
         // An isolated plugin kills the start's process, so the start returns now.
         self.channel.plugin.abandon_start(&self.key.account);
@@ -774,7 +777,7 @@ impl AccountCtx {
         {
             let mut state = self.inner.lock();
             match state.accounts.get_mut(&self.key) {
-                Some(entry) if entry.stuck.as_deref() == Some(reason) => entry.stuck = None,
+                Some(entry) if entry.stuck() == Some(reason) => entry.set_stuck(None),
                 _ => return,
             }
         }
