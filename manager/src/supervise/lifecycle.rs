@@ -582,12 +582,22 @@ impl AccountCtx {
         // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
         // instant, so the flag decides, not which timer fires first).
         let mut waiting_for_slot = None;
+        // What the hook ended with, once it has.
+        let mut hook_end = None;
         // Polled beside the wait for the task, in this task (no task of its own per stop).
         let mut hook: std::pin::Pin<Box<dyn std::future::Future<Output = HookEnd> + Send>> =
             match plugin.stop_account_async(&self.key.account) {
                 // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
-                // below (dropped, and so cancelled, past it).
-                Some(hook) => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
+                // below (dropped, and so cancelled, past it); one done at once (most have nothing
+                // to do) is not wrapped.
+                Some(mut hook) => match hook.as_mut().now_or_never() {
+                    Some(done) => {
+                        hook_end = Some(hook_outcome(Ok(done)));
+                        // Never polled (its outcome is in): a box of nothing allocates nothing.
+                        Box::pin(std::future::pending())
+                    }
+                    None => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
+                },
                 // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
                 // calls in flight.
                 None => {
@@ -607,7 +617,6 @@ impl AccountCtx {
                     })
                 }
             };
-        let mut hook_end = None;
         let mut ended = None;
         // One look first: a task that has ended already (its abort went out in a stop's batch)
         // and a hook with nothing to do need no deadline timer.
@@ -615,7 +624,9 @@ impl AccountCtx {
             if let std::task::Poll::Ready(end) = task.done.poll_unpin(cx) {
                 ended = Some(end);
             }
-            if let std::task::Poll::Ready(end) = hook.as_mut().poll(cx) {
+            if hook_end.is_none()
+                && let std::task::Poll::Ready(end) = hook.as_mut().poll(cx)
+            {
                 hook_end = Some(end);
             }
             std::task::Poll::Ready(())
