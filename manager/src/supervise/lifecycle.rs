@@ -500,7 +500,10 @@ impl Lifecycle {
         {
             let mut state = self.ctx.inner.lock();
             if let Some(entry) = state.accounts.get_mut(&self.ctx.key)
-                && entry.lifecycle.as_ref().is_some_and(|lc| lc.id == self.id)
+                && entry
+                    .lifecycle
+                    .as_ref()
+                    .is_some_and(|lc| Arc::ptr_eq(&lc.shared, &self.shared))
             {
                 entry.lifecycle = None;
             }
@@ -579,12 +582,22 @@ impl AccountCtx {
         // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
         // instant, so the flag decides, not which timer fires first).
         let mut waiting_for_slot = None;
+        // What the hook ended with, once it has.
+        let mut hook_end = None;
         // Polled beside the wait for the task, in this task (no task of its own per stop).
         let mut hook: std::pin::Pin<Box<dyn std::future::Future<Output = HookEnd> + Send>> =
             match plugin.stop_account_async(&self.key.account) {
                 // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
-                // below (dropped, and so cancelled, past it).
-                Some(hook) => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
+                // below (dropped, and so cancelled, past it); one done at once (most have nothing
+                // to do) is not wrapped.
+                Some(mut hook) => match hook.as_mut().now_or_never() {
+                    Some(done) => {
+                        hook_end = Some(hook_outcome(Ok(done)));
+                        // Never polled (its outcome is in): a box of nothing allocates nothing.
+                        Box::pin(std::future::pending())
+                    }
+                    None => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
+                },
                 // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
                 // calls in flight.
                 None => {
@@ -604,7 +617,6 @@ impl AccountCtx {
                     })
                 }
             };
-        let mut hook_end = None;
         let mut ended = None;
         // One look first: a task that has ended already (its abort went out in a stop's batch)
         // and a hook with nothing to do need no deadline timer.
@@ -612,7 +624,9 @@ impl AccountCtx {
             if let std::task::Poll::Ready(end) = task.done.poll_unpin(cx) {
                 ended = Some(end);
             }
-            if let std::task::Poll::Ready(end) = hook.as_mut().poll(cx) {
+            if hook_end.is_none()
+                && let std::task::Poll::Ready(end) = hook.as_mut().poll(cx)
+            {
                 hook_end = Some(end);
             }
             std::task::Poll::Ready(())
@@ -688,7 +702,7 @@ impl AccountCtx {
                 s.last_error = Some(reason.clone());
             });
             if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-                entry.stuck = Some(reason.clone());
+                entry.set_stuck(Some(reason.clone()));
                 entry.last_stop_cancelled = true;
             }
             let ctx = self.clone();
@@ -730,7 +744,7 @@ impl AccountCtx {
             && let Some(entry) = self.inner.lock().accounts.get_mut(&self.key)
         {
             entry.last_stop_cancelled = cancelled;
-            entry.last_stop_hook_failure = hook_failure;
+            entry.set_last_stop_hook_failure(hook_failure);
         }
     }
 
@@ -754,7 +768,7 @@ impl AccountCtx {
             s.last_error = Some(reason.clone());
         });
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-            entry.stuck = Some(reason.clone());
+            entry.set_stuck(Some(reason.clone()));
         }
         // An isolated plugin kills the start's process, so the start returns now.
         self.channel.plugin.abandon_start(&self.key.account);
@@ -774,7 +788,7 @@ impl AccountCtx {
         {
             let mut state = self.inner.lock();
             match state.accounts.get_mut(&self.key) {
-                Some(entry) if entry.stuck.as_deref() == Some(reason) => entry.stuck = None,
+                Some(entry) if entry.stuck() == Some(reason) => entry.set_stuck(None),
                 _ => return,
             }
         }

@@ -492,26 +492,62 @@ enum StartStep {
     },
 }
 
-/// A running lifecycle, as the state sees it.
+/// A running lifecycle, as the state sees it (its shared cell tells it from a later one).
 struct LifecycleHandle {
-    id: u64,
     shared: Arc<Shared>,
     /// The registration the lifecycle runs on (its task's plugin version).
     channel: Arc<Channel>,
 }
 
-/// Bookkeeping for one account.
+/// Bookkeeping for one account: 32 bytes in the map's slot (the map keeps room for more
+/// accounts than it has, so its slots stay small; what is rarely set lives behind one box).
 #[derive(Default)]
 struct AccountEntry {
     manual_stop: bool,
-    attempts: u32,
-    lifecycle: Option<LifecycleHandle>,
-    /// Why the last task could not be ended; a start is refused while it is set.
-    stuck: Option<String>,
     /// Whether the last stop had to cancel the task.
     last_stop_cancelled: bool,
+    attempts: u32,
+    lifecycle: Option<LifecycleHandle>,
+    /// What is rarely set (`None`: nothing is).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of an account's bookkeeping that are rarely set.
+#[derive(Default)]
+struct Rare {
+    /// Why the last task could not be ended; a start is refused while it is set.
+    stuck: Option<String>,
     /// Why the last stop's hook failed (its error or panic), if it did.
     last_stop_hook_failure: Option<String>,
+}
+
+impl AccountEntry {
+    /// Why the last task could not be ended, if it could not (a start is refused meanwhile).
+    fn stuck(&self) -> Option<&str> {
+        self.rare.as_ref()?.stuck.as_deref()
+    }
+
+    fn set_stuck(&mut self, reason: Option<String>) {
+        self.set_rare(|rare| rare.stuck = reason);
+    }
+
+    /// Why the last stop's hook failed, if it did.
+    fn last_stop_hook_failure(&self) -> Option<&str> {
+        self.rare.as_ref()?.last_stop_hook_failure.as_deref()
+    }
+
+    fn set_last_stop_hook_failure(&mut self, failure: Option<String>) {
+        self.set_rare(|rare| rare.last_stop_hook_failure = failure);
+    }
+
+    /// Changes the rare parts; the box goes once nothing is set in it.
+    fn set_rare(&mut self, f: impl FnOnce(&mut Rare)) {
+        let mut rare = self.rare.take().unwrap_or_default();
+        f(&mut rare);
+        if rare.stuck.is_some() || rare.last_stop_hook_failure.is_some() {
+            self.rare = Some(rare);
+        }
+    }
 }
 
 /// A channel the supervisor runs.
@@ -1068,9 +1104,9 @@ impl Supervisor {
             channel: &ch.id,
             account,
         });
-        if let Some(reason) = &entry.stuck {
+        if let Some(reason) = entry.stuck() {
             // Refused: nothing changes, not even the manual-stop mark.
-            return StartStep::Done(StartOutcome::Refused(reason.clone()));
+            return StartStep::Done(StartOutcome::Refused(reason.to_owned()));
         }
         match mode {
             StartMode::User => {
@@ -1131,7 +1167,6 @@ impl Supervisor {
         };
         self.inner.drivers.submit(run, &self.inner.tracker);
         LifecycleHandle {
-            id,
             shared,
             channel: ch,
         }
@@ -1204,7 +1239,7 @@ impl Supervisor {
                 let entry = state.account(key);
                 entry.manual_stop = true;
                 entry.last_stop_cancelled = false;
-                entry.last_stop_hook_failure = None;
+                entry.set_last_stop_hook_failure(None);
                 match &entry.lifecycle {
                     Some(lc) => {
                         // From here on a start waits for this stop to finish, then starts anew.
@@ -1224,8 +1259,8 @@ impl Supervisor {
                         }
                         stopping.push((i, lc.shared.clone()));
                     }
-                    None => match &entry.stuck {
-                        Some(reason) => outcomes[i] = Some(StopOutcome::Stuck(reason.clone())),
+                    None => match entry.stuck() {
+                        Some(reason) => outcomes[i] = Some(StopOutcome::Stuck(reason.to_owned())),
                         None => idle.push(i),
                     },
                 }
@@ -1275,13 +1310,12 @@ impl Supervisor {
             let state = self.lock();
             for (i, _) in &stopping {
                 outcomes[*i] = Some(match state.accounts.get(&*keys[*i]) {
-                    Some(e) if e.stuck.is_some() => {
-                        StopOutcome::Stuck(e.stuck.clone().unwrap_or_default())
+                    Some(e) if e.stuck().is_some() => {
+                        StopOutcome::Stuck(e.stuck().unwrap_or_default().to_owned())
                     }
-                    Some(AccountEntry {
-                        last_stop_hook_failure: Some(failure),
-                        ..
-                    }) => StopOutcome::HookFailed(failure.clone()),
+                    Some(e) if e.last_stop_hook_failure().is_some() => StopOutcome::HookFailed(
+                        e.last_stop_hook_failure().unwrap_or_default().to_owned(),
+                    ),
                     Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
                     _ => StopOutcome::Stopped,
                 });
@@ -1480,9 +1514,8 @@ impl Supervisor {
             .accounts
             .iter()
             .filter_map(|(key, e)| {
-                e.stuck
-                    .clone()
-                    .map(|reason| (AccountKey::clone(key), reason))
+                e.stuck()
+                    .map(|reason| (AccountKey::clone(key), reason.to_owned()))
             })
             .collect();
         stuck.sort_by_key(|(key, _)| key.to_string());

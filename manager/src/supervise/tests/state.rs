@@ -135,3 +135,14 @@ async fn a_stop_in_progress_shows_stopping() {
     assert_eq!(stopping.await.unwrap(), StopOutcome::Cancelled);
     assert_eq!(snap(&sup, "c", "a").state, AccountState::Stopped);
 }
+
+/// The map of accounts keeps room for more accounts than it has, each slot the size of an
+/// account's bookkeeping: what is rarely set lives behind a box, so a slot stays 32 bytes.
+#[test]
+fn an_accounts_bookkeeping_stays_small() {
+    assert!(
+        std::mem::size_of::<crate::supervise::AccountEntry>() <= 32,
+        "{} bytes",
+        std::mem::size_of::<crate::supervise::AccountEntry>()
+    );
+}
