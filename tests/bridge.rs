@@ -13,7 +13,7 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::util::{
-    self,
+    self, agent,
     daemon::{Daemon, PATIENCE},
 };
 
@@ -51,13 +51,6 @@ fn sent_to_b(daemon: &Daemon) -> Vec<String> {
         .lines()
         .map(|l| l.split('\t').nth(2).unwrap_or_default().to_owned())
         .collect()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// `GET` or `POST` (empty body) on the daemon's API; the status and JSON body.
@@ -141,6 +134,16 @@ fn plugins() -> [(&'static str, PathBuf); 2] {
     ]
 }
 
+/// `channeld reload`, which must succeed.
+fn reload_by_cli(daemon: &Daemon) {
+    let out = daemon.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
     let mut daemon = Daemon::prepare(&plugins(), "", "");
@@ -154,12 +157,7 @@ fn a_gateway_added_by_a_reload_bridges_and_one_removed_by_a_reload_stops() {
 
     // A gateway added by `channeld reload` bridges the next message, without a restart.
     rewrite(&daemon, &config(&daemon, "", PAIR));
-    let out = daemon.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    reload_by_cli(&daemon);
     inbound(&listen, "one");
     assert_eq!(wait_sent_to_b(&daemon, 1), ["one"]);
     let stats = outbox_until(&daemon, |s| s["waiting"] == 0);
@@ -198,12 +196,7 @@ fn a_message_journaled_before_a_reload_added_a_gateway_is_not_bridged_after_a_ki
     daemon.start_again(&[]);
     inbound(&ain(&daemon), "zero");
     rewrite(&daemon, &config(&daemon, "", PAIR));
-    let out = daemon.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    reload_by_cli(&daemon);
     // "zero" was routed by the gateways in force when it came (none): the mark passes it.
     daemon.wait_for_log("bridging mark written at journal entry 1 (config reload)");
     daemon.kill();

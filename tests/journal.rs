@@ -14,7 +14,7 @@ use channeld::journal::{Filter, Journal, JournalConfig};
 use serde_json::Value;
 
 use crate::util::{
-    self,
+    self, agent,
     daemon::{Daemon, PATIENCE, channeld},
 };
 
@@ -35,13 +35,6 @@ fn webhook_config(extra: &str) -> String {
         "{extra}\n\n[supervisor]\nstop_timeout = \"2s\"\n\n\
          [channels.webhook.accounts.main]\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\n"
     )
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// The webhook account's address, once it listens.

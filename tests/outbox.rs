@@ -12,7 +12,7 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::util::{
-    self,
+    self, agent,
     daemon::{Daemon, PATIENCE},
 };
 
@@ -57,13 +57,6 @@ fn sends(daemon: &Daemon, account: &str) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
 }
 
 /// An API call; its status and JSON body.

@@ -27,6 +27,15 @@ use channeld::{
 };
 use channeld_plugin_abi::abi::LogLevel;
 
+/// An HTTP client for the daemon's API that hands back error statuses as answers (the tests
+/// look at them) instead of as errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
 /// A temporary directory only its owner may use (the loader refuses a plugins directory or a
 /// state directory others can write to).
 pub fn private_dir() -> tempfile::TempDir {

@@ -363,6 +363,15 @@ fn gateways_of(outbox: &Arc<Outbox>, journal: &Arc<Journal>, text: &str) -> Arc<
 }
 
 /// Journals one message of `double:account` in `room`; its sequence number.
+/// The repair a start runs (`Gateways::recover`), on a blocking thread as the daemon runs it.
+async fn recover(gateways: &Arc<Gateways>) -> crate::outbox::gateway::Recovered {
+    let gateways = gateways.clone();
+    tokio::task::spawn_blocking(move || gateways.recover())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn journal_one(journal: &Journal, account: &str, text: &str) -> u64 {
     journal
         .append(Record {
@@ -478,13 +487,7 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
     let reopened = Outbox::open(&journal, OutboxConfig::default(), supervisor.clone()).unwrap();
     assert!(reopened.bridged_through().unwrap() < two);
     let restarted = self::gateways(&reopened, &journal);
-    let recovered = tokio::task::spawn_blocking({
-        let restarted = restarted.clone();
-        move || restarted.recover()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let recovered = recover(&restarted).await;
     // "one" again (its copy is there: a duplicate) and "two" (its copy was lost: queued now).
     assert_eq!(
         (recovered.messages, recovered.queued, recovered.duplicates),
@@ -502,10 +505,7 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
         ["double:b/[double] <ada> one", "double:b/[double] <ada> two"]
     );
     // The next start finds nothing left to route.
-    let again = tokio::task::spawn_blocking(move || restarted.recover())
-        .await
-        .unwrap()
-        .unwrap();
+    let again = recover(&restarted).await;
     assert_eq!((again.from, again.messages), (three, 0));
 }
 
@@ -612,13 +612,7 @@ async fn a_copy_to_a_configured_channel_not_loaded_is_held_and_one_to_no_channel
     );
     let seq = journal_one(&journal, "a", "one").await;
     // The crash's repair at start routes it: the mark it writes stays below the held copy.
-    let recovered = tokio::task::spawn_blocking({
-        let gateways = gateways.clone();
-        move || gateways.recover()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let recovered = recover(&gateways).await;
     assert_eq!(
         (recovered.messages, recovered.queued, recovered.held),
         (1, 0, 1),
