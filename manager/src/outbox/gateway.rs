@@ -50,7 +50,8 @@
 //!
 //! Test only: with the environment variable [`EXIT_BEFORE_BRIDGING`] set, the daemon ends
 //! (`_exit`, status [`EXIT_BEFORE_BRIDGING_STATUS`]) right after the journal committed a message
-//! a gateway wants and before it is bridged, the crash the integration test forces.
+//! a gateway wants and before it is bridged, the crash the integration test forces. Release builds
+//! ignore the variable.
 
 use std::{
     collections::BTreeMap,
@@ -274,7 +275,9 @@ impl Gateways {
             journal: OnceLock::new(),
             marks: Mutex::default(),
             held_changed: tokio::sync::Notify::new(),
-            exit_before_bridging: std::env::var_os(EXIT_BEFORE_BRIDGING).is_some(),
+            // A test hook: release builds ignore it.
+            exit_before_bridging: cfg!(debug_assertions)
+                && std::env::var_os(EXIT_BEFORE_BRIDGING).is_some(),
         })
     }
 
