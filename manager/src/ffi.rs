@@ -263,15 +263,7 @@ impl Plugin for FfiPlugin {
         let PluginModule::V1_1(m) = &self.module else {
             return None;
         };
-        let mut future = (m.stop_account_async()?)(account.into());
-        // Most accounts' hooks have nothing to do and are done at once (a stop of many accounts
-        // takes this path for each): their outcome goes back without a wrapping future.
-        if let Some(done) = futures_util::FutureExt::now_or_never(&mut future) {
-            let done = done
-                .into_result()
-                .map_err(|e| call_error(&self.info.channel_id, "stop_account", e));
-            return Some(Box::pin(std::future::ready(done)));
-        }
+        let future = (m.stop_account_async()?)(account.into());
         let channel = self.info.channel_id.clone();
         Some(Box::pin(async move {
             future

@@ -7,7 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, future::Either};
 use tokio::{sync::oneshot, time::timeout};
 
 use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
@@ -582,41 +582,32 @@ impl AccountCtx {
         // passes meanwhile reports the hook as skipped (the wait and the deadline are the same
         // instant, so the flag decides, not which timer fires first).
         let mut waiting_for_slot = None;
-        // What the hook ended with, once it has.
-        let mut hook_end = None;
         // Polled beside the wait for the task, in this task (no task of its own per stop).
-        let mut hook: std::pin::Pin<Box<dyn std::future::Future<Output = HookEnd> + Send>> =
-            match plugin.stop_account_async(&self.key.account) {
-                // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
-                // below (dropped, and so cancelled, past it); one done at once (most have nothing
-                // to do) is not wrapped.
-                Some(mut hook) => match hook.as_mut().now_or_never() {
-                    Some(done) => {
-                        hook_end = Some(hook_outcome(Ok(done)));
-                        // Never polled (its outcome is in): a box of nothing allocates nothing.
-                        Box::pin(std::future::pending())
-                    }
-                    None => Box::pin(async move { hook_outcome(Ok(hook.await)) }),
-                },
-                // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
-                // calls in flight.
-                None => {
-                    let waiting = Arc::new(std::sync::atomic::AtomicBool::new(true));
-                    waiting_for_slot = Some(waiting.clone());
-                    let (hook_plugin, account) = (plugin.clone(), self.key.account.clone());
-                    let permits = self.channel.blocking_permits.clone();
-                    Box::pin(async move {
-                        let result = super::calls::bounded_with_permit_then(
-                            &permits,
-                            stop_timeout,
-                            move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
-                            move || hook_plugin.stop_account(&account),
-                        )
-                        .await;
-                        hook_outcome(result)
-                    })
-                }
-            };
+        let mut hook = match plugin.stop_account_async(&self.key.account) {
+            // A 1.1 plugin's hook is a future on its own runtime, bounded by the deadline
+            // below (dropped, and so cancelled, past it); mapped to its outcome in place
+            // (no box of its own).
+            Some(hook) => Either::Left(hook.map(|result| hook_outcome(Ok(result)))),
+            // A 1.0 plugin's runs on a host thread, under the plugin's limit of blocking
+            // calls in flight.
+            None => {
+                let waiting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                waiting_for_slot = Some(waiting.clone());
+                let (hook_plugin, account) = (plugin.clone(), self.key.account.clone());
+                let permits = self.channel.blocking_permits.clone();
+                Either::Right(Box::pin(async move {
+                    let result = super::calls::bounded_with_permit_then(
+                        &permits,
+                        stop_timeout,
+                        move || waiting.store(false, std::sync::atomic::Ordering::SeqCst),
+                        move || hook_plugin.stop_account(&account),
+                    )
+                    .await;
+                    hook_outcome(result)
+                }))
+            }
+        };
+        let mut hook_end = None;
         let mut ended = None;
         // One look first: a task that has ended already (its abort went out in a stop's batch)
         // and a hook with nothing to do need no deadline timer.
@@ -624,9 +615,7 @@ impl AccountCtx {
             if let std::task::Poll::Ready(end) = task.done.poll_unpin(cx) {
                 ended = Some(end);
             }
-            if hook_end.is_none()
-                && let std::task::Poll::Ready(end) = hook.as_mut().poll(cx)
-            {
+            if let std::task::Poll::Ready(end) = hook.poll_unpin(cx) {
                 hook_end = Some(end);
             }
             std::task::Poll::Ready(())
