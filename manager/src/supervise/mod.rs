@@ -859,29 +859,6 @@ impl Supervisor {
         self.serving().served()
     }
 
-    /// The accounts an operation on `channel` (and maybe one account) applies to.
-    /// [`target_ids`] without a copy of the channel's listing is for the hot paths.
-    fn targets(
-        &self,
-        channel: &str,
-        account: Option<&str>,
-    ) -> Result<(Arc<Channel>, Vec<String>), SupervisorError> {
-        let ch = self.channel(channel)?;
-        let ids = match account {
-            None => ch.accounts.clone(),
-            Some(raw) => {
-                let id = normalize_account_id(raw);
-                if !ch.accounts.contains(&id) {
-                    return Err(SupervisorError::UnknownAccount(AccountKey::new(
-                        channel, raw,
-                    )));
-                }
-                vec![id]
-            }
-        };
-        Ok((ch, ids))
-    }
-
     /// Starts one account, or every account of a channel, as a user: clears the manual-stop mark
     /// and the restart counter. Returns once each start has taken effect.
     pub async fn start(
@@ -889,9 +866,7 @@ impl Supervisor {
         channel: &str,
         account: Option<&str>,
     ) -> Result<Vec<(AccountKey, StartOutcome)>, SupervisorError> {
-        if self.inner.closing.is_cancelled() {
-            return Err(SupervisorError::ShuttingDown);
-        }
+        self.refuse_if_closing()?;
         let ch = self.channel(channel)?;
         let mut one = Vec::new();
         let ids = target_ids(&ch, account, &mut one)?;
@@ -901,6 +876,14 @@ impl Supervisor {
             .map(|id| AccountKey::new(ch.id.clone(), id.clone()))
             .zip(outcomes)
             .collect())
+    }
+
+    /// A user's start is refused once shutdown has begun.
+    fn refuse_if_closing(&self) -> Result<(), SupervisorError> {
+        if self.inner.closing.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        Ok(())
     }
 
     /// Starts every account of every channel; one channel's failure does not stop the others.
@@ -916,12 +899,11 @@ impl Supervisor {
                 let _permit = limit.acquire().await;
                 let mut summary = ChannelStartSummary::default();
                 // The channel's own listing: no copy of its ids, no key per account.
-                let started = if this.inner.closing.is_cancelled() {
-                    Err(SupervisorError::ShuttingDown)
-                } else {
-                    Ok(this
+                let started = match this.refuse_if_closing() {
+                    Ok(()) => Ok(this
                         .start_accounts(&ch, &ch.accounts, StartMode::User)
-                        .await)
+                        .await),
+                    Err(e) => Err(e),
                 };
                 match started {
                     Ok(outcomes) => {
@@ -1309,16 +1291,15 @@ impl Supervisor {
         {
             let state = self.lock();
             for (i, _) in &stopping {
-                outcomes[*i] = Some(match state.accounts.get(&*keys[*i]) {
-                    Some(e) if e.stuck().is_some() => {
-                        StopOutcome::Stuck(e.stuck().unwrap_or_default().to_owned())
-                    }
-                    Some(e) if e.last_stop_hook_failure().is_some() => StopOutcome::HookFailed(
-                        e.last_stop_hook_failure().unwrap_or_default().to_owned(),
-                    ),
-                    Some(e) if e.last_stop_cancelled => StopOutcome::Cancelled,
-                    _ => StopOutcome::Stopped,
-                });
+                let entry = state.accounts.get(&*keys[*i]);
+                outcomes[*i] = Some(
+                    match entry.map(|e| (e.stuck(), e.last_stop_hook_failure())) {
+                        Some((Some(reason), _)) => StopOutcome::Stuck(reason.to_owned()),
+                        Some((None, Some(failure))) => StopOutcome::HookFailed(failure.to_owned()),
+                        _ if entry.is_some_and(|e| e.last_stop_cancelled) => StopOutcome::Cancelled,
+                        _ => StopOutcome::Stopped,
+                    },
+                );
             }
         }
         outcomes
@@ -1333,7 +1314,7 @@ impl Supervisor {
         channel: &str,
         account: Option<&str>,
     ) -> Result<Vec<(AccountKey, StartOutcome)>, SupervisorError> {
-        self.targets(channel, account)?;
+        target_ids(&*self.channel(channel)?, account, &mut Vec::new())?;
         self.stop(channel, account).await?;
         self.start(channel, account).await
     }
@@ -1341,8 +1322,12 @@ impl Supervisor {
     /// Stops the account, asks the plugin to clear its credentials, and marks it logged out. It
     /// stays stopped until a user starts it.
     pub async fn logout(&self, channel: &str, account: &str) -> Result<bool, SupervisorError> {
-        let (ch, ids) = self.targets(channel, Some(account))?;
-        let id = ids.into_iter().next().unwrap_or_default();
+        let ch = self.channel(channel)?;
+        let mut one = Vec::new();
+        let id = target_ids(&ch, Some(account), &mut one)?
+            .first()
+            .cloned()
+            .unwrap_or_default();
         self.stop(channel, Some(&id)).await?;
         let cleared = match ch.plugin.logout_async(&id) {
             // 1.1: the hook runs on the plugin's runtime; no host thread waits for it.
