@@ -105,6 +105,15 @@ impl Plugin for Double {
     }
 }
 
+/// A supervisor with the double's accounts running, and an empty journal in a directory of its
+/// own (kept while the returned directory lives).
+async fn double_and_journal() -> (Supervisor, Arc<Double>, tempfile::TempDir, Arc<Journal>) {
+    let (supervisor, double) = running_double().await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    (supervisor, double, dir, journal)
+}
+
 /// A supervisor with the double's accounts running.
 async fn running_double() -> (Supervisor, Arc<Double>) {
     let clock = Arc::new(SystemClock);
@@ -213,9 +222,7 @@ async fn pass(outbox: &Arc<Outbox>, tasks: &TaskTracker) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_heads_in_memory_match_the_database_after_accept_cancel_outcomes_and_a_restart() {
-    let (supervisor, double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, double, _dir, journal) = double_and_journal().await;
     let settings = OutboxConfig {
         retry_initial: Duration::from_secs(3600),
         retry_max: Duration::from_secs(3600),
@@ -308,9 +315,7 @@ async fn the_heads_in_memory_match_the_database_after_accept_cancel_outcomes_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_caps_count_the_unfinished_messages_in_memory_and_in_the_same_commit() {
-    let (supervisor, _double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, _double, _dir, journal) = double_and_journal().await;
     let settings = OutboxConfig {
         max_queued_per_account: 2,
         max_queued: 3,
@@ -407,9 +412,7 @@ fn bridged_keys(outbox: &Outbox) -> Vec<(String, Option<String>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_the_same_journal_message_twice_queues_each_copy_once() {
-    let (supervisor, _double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, _double, _dir, journal) = double_and_journal().await;
     let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor).unwrap();
     let gateways = gateways(&outbox, &journal);
     let a = AccountKey::new("double", "a");
@@ -454,9 +457,7 @@ async fn routing_the_same_journal_message_twice_queues_each_copy_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start() {
-    let (supervisor, _double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, _double, _dir, journal) = double_and_journal().await;
     let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor.clone()).unwrap();
     let gateways = gateways(&outbox, &journal);
     // Routed in full: the mark moves past it once the routing ends.
@@ -511,9 +512,7 @@ async fn a_message_journaled_but_not_bridged_is_bridged_once_at_the_next_start()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_the_full_outbox_refused_is_held_below_the_mark_and_bridged_once_there_is_room() {
-    let (supervisor, _double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, _double, _dir, journal) = double_and_journal().await;
     let settings = OutboxConfig {
         max_queued_per_account: 1,
         retry_initial: Duration::from_millis(5),
@@ -596,9 +595,7 @@ async fn a_copy_the_full_outbox_refused_is_held_below_the_mark_and_bridged_once_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_to_a_configured_channel_not_loaded_is_held_and_one_to_no_channel_is_let_go() {
-    let (supervisor, _double) = running_double().await;
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(dir.path(), JournalConfig::default()).unwrap();
+    let (supervisor, _double, _dir, journal) = double_and_journal().await;
     let outbox = Outbox::open(&journal, OutboxConfig::default(), supervisor).unwrap();
     // `ghost` is configured (its plugin not loaded); `nowhere` is not configured at all.
     let gateways = gateways_of(
