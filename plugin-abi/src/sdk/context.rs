@@ -162,7 +162,11 @@ impl Host {
 
     /// Merges plugin-owned fields into the account's status.
     pub fn patch_status(&self, patch: &Value) -> Result<(), PluginError> {
-        into_result(self.handle.patch_status(patch.to_string().as_str().into()))
+        // Written straight into a buffer sized for a typical patch (`Display` would grow one
+        // from nothing through the formatter, a few reallocations per patch).
+        let text = serde_json::to_string(patch)
+            .map_err(|e| PluginError::new(format!("cannot encode the status patch: {e}")))?;
+        into_result(self.handle.patch_status(text.as_str().into()))
     }
 
     /// False once the host has given up on this task (see [`HostServices`](crate::abi::HostServices)).
