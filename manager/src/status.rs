@@ -163,14 +163,27 @@ impl Extra {
 
     /// Sets `key` to `value`; the value it had.
     pub fn insert(&mut self, key: String, value: Value) -> Option<Value> {
+        let old = self.insert_keeping_room(key, value);
+        self.shrink();
+        old
+    }
+
+    /// [`insert`](Self::insert) without giving back spare room: for several keys in a row,
+    /// followed by one [`shrink`](Self::shrink).
+    fn insert_keeping_room(&mut self, key: String, value: Value) -> Option<Value> {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
                 self.0.insert(i, (key, value));
-                // New keys are rare (a plugin sets the same few over and over): no spare room.
-                self.0.shrink_to_fit();
                 None
             }
+        }
+    }
+
+    /// Gives back spare room: new keys are rare (a plugin sets the same few over and over).
+    fn shrink(&mut self) {
+        if self.0.capacity() > self.0.len() {
+            self.0.shrink_to_fit();
         }
     }
 
@@ -756,25 +769,22 @@ impl StatusBoard {
     }
 
     /// Runs `f` on `key`'s snapshot if `generation` is current; counts the call otherwise and
-    /// returns `stale()` (built only then: this is the hot path of every message).
+    /// returns `stale()` (built only then: this is the hot path of every message). `f` reads the
+    /// clock only for what it stamps (a patch stamps nothing).
     fn if_current<T>(
         &self,
         key: &AccountKey,
         generation: u64,
         stale: impl FnOnce() -> T,
-        f: impl FnOnce(&mut AccountSnapshot, &mut Liveness, Stamp) -> T,
+        f: impl FnOnce(&mut AccountSnapshot, &mut Liveness, &dyn Clock) -> T,
     ) -> T {
-        let now = Stamp {
-            wall: self.clock.wall_ms(),
-            mono: self.clock.now(),
-        };
         let mut entries = self.lock();
         match entries.get_mut(key) {
             Some(entry) if entry.generation == generation => {
                 let Entry {
                     snapshot, liveness, ..
                 } = entry;
-                f(Arc::make_mut(snapshot), liveness, now)
+                f(Arc::make_mut(snapshot), liveness, &*self.clock)
             }
             _ => {
                 drop(entries);
@@ -835,7 +845,7 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Res
     fn typed<T: serde::de::DeserializeOwned>(key: &str, value: Value) -> Result<T, String> {
         serde_json::from_value(value).map_err(|e| format!("bad status patch for {key:?}: {e}"))
     }
-    for (key, value) in patch {
+    let applied = patch.into_iter().try_for_each(|(key, value)| {
         match key.as_str() {
             "connected" => snapshot.connected = typed(&key, value)?,
             "lastConnectedAt" => snapshot.last_connected_at = typed(&key, value)?,
@@ -847,11 +857,14 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Res
             "activeRuns" => snapshot.active_runs = typed(&key, value)?,
             "lastRunActivityAt" => snapshot.last_run_activity_at = typed(&key, value)?,
             _ => {
-                snapshot.extra.insert(key, value);
+                snapshot.extra.insert_keeping_room(key, value);
             }
         }
-    }
-    Ok(())
+        Ok(())
+    });
+    // Once for the whole patch (also when a bad field ended it early).
+    snapshot.extra.shrink();
+    applied
 }
 
 /// The time of a host-service call, in both clocks.
@@ -859,6 +872,15 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Res
 struct Stamp {
     wall: i64,
     mono: Instant,
+}
+
+impl Stamp {
+    fn read(clock: &dyn Clock) -> Self {
+        Self {
+            wall: clock.wall_ms(),
+            mono: clock.now(),
+        }
+    }
 }
 
 fn mark_event(
@@ -918,11 +940,11 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, _, now| {
+            |snapshot, _, clock| {
                 let before = derive(snapshot);
                 snapshot.connected = Some(connected);
                 if connected {
-                    snapshot.last_connected_at = Some(now.wall);
+                    snapshot.last_connected_at = Some(clock.wall_ms());
                 }
                 self.states.publish(key, Some(before), snapshot);
             },
@@ -934,9 +956,9 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, liveness, now| {
+            |snapshot, liveness, clock| {
                 snapshot.reports_events = true;
-                mark_event(snapshot, liveness, kind, now)
+                mark_event(snapshot, liveness, kind, Stamp::read(clock))
             },
         );
     }
@@ -946,7 +968,8 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || (),
-            |snapshot, liveness, now| {
+            |snapshot, liveness, clock| {
+                let now = Stamp::read(clock);
                 snapshot.active_runs = active_runs;
                 snapshot.busy = active_runs > 0;
                 snapshot.last_run_activity_at = Some(now.wall);
@@ -965,9 +988,9 @@ impl HostSink for StatusBoard {
             key,
             generation,
             || Err(stale_error(key)),
-            |snapshot, liveness, now| {
+            |snapshot, liveness, clock| {
                 snapshot.inbound_messages += 1;
-                mark_event(snapshot, liveness, EventKind::Inbound, now);
+                mark_event(snapshot, liveness, EventKind::Inbound, Stamp::read(clock));
                 Ok(())
             },
         );
