@@ -103,7 +103,13 @@ pub fn start(
         return None;
     }
     let gate_node = node.clone();
-    supervisor.set_start_gate(Arc::new(move |key| gate_node.refuses(key)));
+    if supervisor
+        .set_start_gate(Arc::new(move |key| gate_node.refuses(key)))
+        .is_err()
+    {
+        tracing::error!("cluster: the supervisor has a start gate already");
+        return None;
+    }
     tokio::spawn(node.clone().watchdog(stop.clone()));
     Some(tokio::spawn(node.run(stop)))
 }

@@ -18,24 +18,23 @@
 use std::{
     collections::VecDeque,
     panic::{AssertUnwindSafe, catch_unwind},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
-/// One queued boot: the job, and the mark that says who has it (a thread of the pool, or the
-/// lifecycle that withdrew it). Whoever sets the mark first owns the boot.
 /// The most queue slots an empty queue keeps (more are freed once it has drained).
 const IDLE_QUEUE_CAPACITY: usize = 64;
 
-struct Queued<J> {
-    claimed: Arc<AtomicBool>,
-    job: J,
+/// A boot the pool can run: it carries the mark that says who has it (a thread of the pool, or
+/// the submitter that withdrew it). Whoever sets the mark first owns the boot. The mark lives
+/// where the submitter can reach it (a lifecycle's shared cell, which has one boot queued at a
+/// time), so a boot allocates no mark of its own.
+pub(super) trait Claim {
+    /// Sets the mark; returns whether this call set it (then the caller owns the boot).
+    fn claim(&self) -> bool;
 }
 
 struct Queue<J> {
-    waiting: VecDeque<Queued<J>>,
+    waiting: VecDeque<J>,
     /// Threads of the pool alive.
     threads: usize,
     /// Threads inside a batch's call.
@@ -65,20 +64,7 @@ pub(super) struct BootPool<J: Send + 'static> {
     run: Runner<J>,
 }
 
-/// A queued boot, as the lifecycle that submitted it holds it.
-pub(super) struct Ticket {
-    claimed: Arc<AtomicBool>,
-}
-
-impl Ticket {
-    /// Withdraws the boot if no thread has taken it yet; returns whether it did (then its calls
-    /// are never made).
-    pub(super) fn withdraw(&self) -> bool {
-        !self.claimed.swap(true, Ordering::AcqRel)
-    }
-}
-
-impl<J: Send + 'static> BootPool<J> {
+impl<J: Claim + Send + 'static> BootPool<J> {
     /// A pool with at most `max` accounts booting at once (at least one), whose batches `run`
     /// boots.
     pub(super) fn new(max: usize, run: Runner<J>) -> Self {
@@ -94,16 +80,12 @@ impl<J: Send + 'static> BootPool<J> {
         }
     }
 
-    /// Queues `job`; a thread of the pool runs it (in a batch) unless the returned ticket
-    /// withdraws it first.
-    pub(super) fn submit(&self, job: J) -> Ticket {
-        let claimed = Arc::new(AtomicBool::new(false));
+    /// Queues `job`, whose mark must be clear; a thread of the pool runs it (in a batch) unless
+    /// the submitter claims the mark first (withdrawing it: then its calls are never made).
+    pub(super) fn submit(&self, job: J) {
         let spawn = {
             let mut queue = lock(&self.queue);
-            queue.waiting.push_back(Queued {
-                claimed: claimed.clone(),
-                job,
-            });
+            queue.waiting.push_back(job);
             let spawn = queue.wants_thread(self.max);
             if spawn {
                 queue.threads += 1;
@@ -113,7 +95,6 @@ impl<J: Send + 'static> BootPool<J> {
         if spawn {
             self.spawn_thread();
         }
-        Ticket { claimed }
     }
 
     fn spawn_thread(&self) {
@@ -128,7 +109,7 @@ fn lock<J>(queue: &Mutex<Queue<J>>) -> std::sync::MutexGuard<'_, Queue<J>> {
 }
 
 /// One thread of the pool: takes batches of queued boots until it has nothing to take.
-fn drain<J: Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runner<J>) {
+fn drain<J: Claim + Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runner<J>) {
     loop {
         let (batch, spawn) = {
             let mut q = lock(queue);
@@ -137,12 +118,12 @@ fn drain<J: Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runne
             let size = free.min(q.waiting.len().div_ceil(max));
             let mut batch = Vec::with_capacity(size);
             while batch.len() < size {
-                let Some(queued) = q.waiting.pop_front() else {
+                let Some(job) = q.waiting.pop_front() else {
                     break;
                 };
                 // A claimed one was withdrawn by a stop while it waited.
-                if !queued.claimed.swap(true, Ordering::AcqRel) {
-                    batch.push(queued.job);
+                if job.claim() {
+                    batch.push(job);
                 }
             }
             if q.waiting.is_empty() && q.waiting.capacity() > IDLE_QUEUE_CAPACITY {
@@ -185,12 +166,12 @@ mod tests {
         panic::{AssertUnwindSafe, catch_unwind},
         sync::{
             Arc, Condvar, Mutex,
-            atomic::{AtomicUsize, Ordering},
+            atomic::{AtomicBool, AtomicUsize, Ordering},
         },
         time::Duration,
     };
 
-    use super::BootPool;
+    use super::{BootPool, Claim};
 
     /// A gate boots wait at until it opens; it opens when dropped too, so a failing assertion
     /// does not leave the pool's threads (and the runtime's shutdown) waiting for good.
@@ -221,7 +202,26 @@ mod tests {
         }
     }
 
-    type Job = Box<dyn FnOnce() + Send>;
+    /// A test boot: its mark (shared with the test, which withdraws through it) and its work.
+    struct Job {
+        mark: Arc<AtomicBool>,
+        run: Box<dyn FnOnce() + Send>,
+    }
+
+    impl Job {
+        fn new(run: impl FnOnce() + Send + 'static) -> Self {
+            Self {
+                mark: Arc::default(),
+                run: Box::new(run),
+            }
+        }
+    }
+
+    impl Claim for Job {
+        fn claim(&self) -> bool {
+            !self.mark.swap(true, Ordering::AcqRel)
+        }
+    }
 
     /// The pool has at most its size of boots in its batches' calls at once (a batch of k counts
     /// k), runs every queued one, skips a withdrawn one, goes on past a panicking one, and keeps
@@ -238,7 +238,7 @@ mod tests {
                 most.fetch_max(now, Ordering::SeqCst);
                 let size = batch.len();
                 for job in batch {
-                    let _ = catch_unwind(AssertUnwindSafe(job));
+                    let _ = catch_unwind(AssertUnwindSafe(job.run));
                 }
                 booting.fetch_sub(size, Ordering::SeqCst);
             })
@@ -246,20 +246,24 @@ mod tests {
         let ran = Arc::new(Mutex::new(Vec::new()));
         // Closed until the test opens it: a boot inside holds its thread (and its batch).
         let gate = Gate(Arc::new((Mutex::new(false), Condvar::new())));
-        let mut tickets = Vec::new();
+        let mut marks = Vec::new();
         for i in 0..6 {
             let (ran, gate) = (ran.clone(), gate.0.clone());
-            tickets.push(pool.submit(Box::new(move || {
+            let job = Job::new(move || {
                 let (open, opened) = &*gate;
                 let open = open.lock().unwrap_or_else(|p| p.into_inner());
                 drop(opened.wait_while(open, |open| !*open));
                 ran.lock().unwrap().push(i);
                 assert_ne!(i, 3, "boot 3 panics");
-            }) as Job));
+            });
+            marks.push(job.mark.clone());
+            pool.submit(job);
         }
+        // Withdrawing is claiming the mark first, as a lifecycle's stop does.
+        let withdraw = |i: usize| !marks[i].swap(true, Ordering::AcqRel);
         until("two boots booting", || booting.load(Ordering::SeqCst) == 2).await;
         // Both slots are held: the last boot still waits in the queue and is withdrawn.
-        assert!(tickets[5].withdraw(), "boot 5 was still queued");
+        assert!(withdraw(5), "boot 5 was still queued");
         gate.open();
         until("every boot but the withdrawn one ran", || {
             ran.lock().unwrap().len() == 5
@@ -274,11 +278,11 @@ mod tests {
         assert_eq!(ran, [0, 1, 2, 3, 4]);
         assert_eq!(most.load(Ordering::SeqCst), 2);
         // A boot that a thread took cannot be withdrawn any more.
-        assert!(!tickets[0].withdraw());
+        assert!(!withdraw(0));
         // An empty pool starts a thread again for the next boot.
         let again = Arc::new(AtomicUsize::new(0));
         let counted = again.clone();
-        pool.submit(Box::new(move || {
+        pool.submit(Job::new(move || {
             counted.fetch_add(1, Ordering::SeqCst);
         }));
         until("the next boot ran", || again.load(Ordering::SeqCst) == 1).await;
@@ -294,7 +298,7 @@ mod tests {
             Arc::new(move |batch: Vec<Job>| {
                 sizes.lock().unwrap().push(batch.len());
                 for job in batch {
-                    job();
+                    (job.run)();
                 }
             })
         });
@@ -304,16 +308,13 @@ mod tests {
             let mut queue = pool.queue.lock().unwrap();
             for _ in 0..12 {
                 let ran = ran.clone();
-                queue.waiting.push_back(super::Queued {
-                    claimed: Arc::default(),
-                    job: Box::new(move || {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                    }) as Job,
-                });
+                queue.waiting.push_back(Job::new(move || {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                }));
             }
         }
         let last = ran.clone();
-        pool.submit(Box::new(move || {
+        pool.submit(Job::new(move || {
             last.fetch_add(1, Ordering::SeqCst);
         }));
         until("every boot ran", || ran.load(Ordering::SeqCst) == 13).await;

@@ -54,10 +54,22 @@ pub(super) enum Boot {
 
 /// How a run ended.
 enum RunEnd {
-    /// The task ended by itself, after running this long.
-    Exited(Result<(), String>, Duration),
+    /// The task ended by itself.
+    Exited(Ended),
     /// A user stopped it (the stop sequence has run).
     Stopped,
+}
+
+/// A run that ended without a stop (its task ended, or its boot failed), as the one write that
+/// follows records it: that write retires the run's generation, says why it ended, and sets the
+/// state that comes next (restart-pending, gave-up, or stopped when a stop raced the end).
+struct Ended {
+    /// The task's error, or "channel exited without an error" (a clean end is a crash too).
+    error: String,
+    /// How long the task ran (zero for a failed boot).
+    ran_for: Duration,
+    /// When the task ended, for `lastStopAt` (`None` for a failed boot: no task stopped).
+    at: Option<i64>,
 }
 
 type BootCall = oneshot::Receiver<Result<Boot, String>>;
@@ -104,6 +116,12 @@ pub(super) struct BootJob {
     shared: Arc<Shared>,
     polled: Polled,
     reply: oneshot::Sender<Result<Boot, String>>,
+}
+
+impl super::boot::Claim for BootJob {
+    fn claim(&self) -> bool {
+        self.shared.claim_boot()
+    }
 }
 
 /// A channel's boot pool: at most `max` accounts booting at once, each batch booted by
@@ -185,7 +203,7 @@ impl Lifecycle {
                     .board
                     .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
                 // The boot's value lives only in this block (not beside the running task's wait).
-                let (result, ran_for) = 'ran: {
+                let ended = 'ran: {
                     let (task, polled) = {
                         let boot = self.boot(generation).await;
                         match boot {
@@ -223,12 +241,14 @@ impl Lifecycle {
                             }
                             Boot::Failed(error) => {
                                 tracing::warn!(account = %ctx.key, "start failed: {error}");
-                                // Still `starting` until the restart is scheduled (or the stop recorded).
-                                ctx.inner.board.retire_generation_and(&ctx.key, |s| {
-                                    s.last_error = Some(error.clone());
-                                });
+                                // Still `starting` until the restart is scheduled (or the stop
+                                // recorded), in one write with why.
                                 self.publish(StartOutcome::Failed(error.clone()));
-                                break 'ran (Err(error), Duration::ZERO);
+                                break 'ran Ended {
+                                    error,
+                                    ran_for: Duration::ZERO,
+                                    at: None,
+                                };
                             }
                             Boot::Started(task, polled) => (task, polled),
                         }
@@ -242,15 +262,20 @@ impl Lifecycle {
                     }
                     match self.run_task(task, polled).await {
                         RunEnd::Stopped => break 'life,
-                        RunEnd::Exited(result, ran_for) => (result, ran_for),
+                        RunEnd::Exited(ended) => ended,
                     }
                 };
                 if self.shared.stop_requested() {
                     // A stop raced with the end of the task: the stop wins, and says so.
-                    ctx.record_stopped();
+                    let now = ctx.inner.clock.wall_ms();
+                    ctx.inner.board.retire_generation_and(&ctx.key, |s| {
+                        s.set_state(AccountState::Stopped);
+                        s.last_stop_at = Some(now);
+                        s.last_error = Some(ended.error.clone());
+                    });
                     break 'life;
                 }
-                if !Box::pin(self.schedule_restart(result, ran_for)).await {
+                if !Box::pin(self.schedule_restart(ended)).await {
                     break 'life;
                 }
             }
@@ -286,8 +311,10 @@ impl Lifecycle {
         let link = link.with_signals(self.shared.clone());
         let (reply, mut call): (_, BootCall) = oneshot::channel();
         // Queued on the channel's boot pool, which boots up to the startup fan-out of accounts at
-        // once, in batches: a thread of the pool taking it is the slot reservation.
-        let ticket = ctx.channel.boots.submit(BootJob {
+        // once, in batches: a thread of the pool taking it (claiming its mark) is the slot
+        // reservation.
+        self.shared.unclaim_boot();
+        ctx.channel.boots.submit(BootJob {
             inner: ctx.inner.clone(),
             plugin,
             key: ctx.key.clone(),
@@ -306,7 +333,7 @@ impl Lifecycle {
         let joined = match joined {
             Some(joined) => joined,
             None => {
-                if ticket.withdraw() {
+                if self.shared.claim_boot() {
                     // Still waiting for a thread of the pool: no plugin call was made.
                     return Boot::Stopped;
                 }
@@ -405,25 +432,24 @@ impl Lifecycle {
                 }
             };
             let ran_for = ctx.inner.clock.now().duration_since(started);
-            let now = ctx.inner.clock.wall_ms();
-            let error = match &result {
-                Ok(()) => "channel exited without an error".to_owned(),
-                Err(e) => e.clone(),
-            };
-            // Why it ended, without a state of its own: what follows at once (restart-pending,
-            // gave-up, or stopped when a stop raced the end) is the state the stream shows, with no
-            // `stopped` flashing before a restart. Handles of the task are stale from here.
-            ctx.inner.board.retire_generation_and(&ctx.key, |s| {
-                s.last_stop_at = Some(now);
-                s.last_error = Some(error.clone());
-            });
-            RunEnd::Exited(result, ran_for)
+            // Why it ended is written with the state that follows at once (restart-pending,
+            // gave-up, or stopped when a stop raced the end), in one write: the stream shows no
+            // `stopped` flashing before a restart.
+            RunEnd::Exited(Ended {
+                error: result
+                    .err()
+                    .unwrap_or_else(|| "channel exited without an error".to_owned()),
+                ran_for,
+                at: Some(ctx.inner.clock.wall_ms()),
+            })
         }
     }
 
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
-    /// Returns whether to boot again. Every way out records why.
-    async fn schedule_restart(&self, result: Result<(), String>, ran_for: Duration) -> bool {
+    /// Returns whether to boot again. Every way out records why; the first write also retires
+    /// the run's generation and says why it ended (handles of the task are stale from there).
+    async fn schedule_restart(&self, ended: Ended) -> bool {
+        let Ended { error, ran_for, at } = ended;
         let ctx = &self.ctx;
         let policy = ctx.inner.policy();
         crate::metrics::record_crash();
@@ -436,19 +462,25 @@ impl Lifecycle {
             entry.attempts += 1;
             entry.attempts
         };
-        let error = result
-            .err()
-            .unwrap_or_else(|| "channel exited without an error".into());
         let now = ctx.inner.clock.now();
+        // Why the run ended, with the state that follows, in one write.
+        let ended = |s: &mut AccountSnapshot, state: AccountState, error: String| {
+            s.set_state(state);
+            s.reconnect_attempts = attempt;
+            s.last_error = Some(error);
+            if let Some(at) = at {
+                s.last_stop_at = Some(at);
+            }
+        };
         if attempt > policy.max_restarts {
             crate::metrics::record_give_up();
             let message = format!("giving up after {} restart attempts", policy.max_restarts);
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);
-            ctx.set_state(AccountState::GaveUp, |s| {
-                s.reconnect_attempts = attempt;
-                s.last_error = Some(format!("{error}; {message}"));
-            });
+            let why = format!("{error}; {message}");
+            ctx.inner
+                .board
+                .retire_generation_and(&ctx.key, |s| ended(s, AccountState::GaveUp, why));
             return false;
         }
         let delay = backoff_delay(&policy, attempt, ctx.inner.jitter.next());
@@ -460,9 +492,9 @@ impl Lifecycle {
             "task ended ({error}); restarting after backoff"
         );
         ctx.inner.restart_log.record(&ctx.key.channel, false, now);
-        ctx.set_state(AccountState::RestartPending, |s| {
-            s.reconnect_attempts = attempt;
-        });
+        ctx.inner
+            .board
+            .retire_generation_and(&ctx.key, |s| ended(s, AccountState::RestartPending, error));
         self.shared.clear_woken();
         self.set_phase(Phase::Backoff);
         let deadline = ctx.inner.clock.now() + delay;

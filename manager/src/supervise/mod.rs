@@ -188,6 +188,10 @@ struct Shared {
     aborted: std::sync::atomic::AtomicU64,
     /// A user start asked the lifecycle to cut its backoff short (see `wake_backoff`).
     woken: std::sync::atomic::AtomicBool,
+    /// The mark of the lifecycle's boot queued on the channel's boot pool (it has at most one
+    /// there): set by the pool's thread that takes it, or by the lifecycle withdrawing it
+    /// (`boot::Claim`); cleared before each boot is queued.
+    boot_claimed: std::sync::atomic::AtomicBool,
     /// What the lifecycle publishes (its boot outcomes and its end), and the batches waiting for
     /// it (see [`Batch`]: every wait for a lifecycle is one).
     event: Mutex<BootEvent>,
@@ -206,6 +210,7 @@ impl Shared {
             task: std::sync::atomic::AtomicU64::new(0),
             aborted: std::sync::atomic::AtomicU64::new(0),
             woken: std::sync::atomic::AtomicBool::new(false),
+            boot_claimed: std::sync::atomic::AtomicBool::new(false),
             event: Mutex::new(BootEvent::default()),
             lifecycle: futures_util::task::AtomicWaker::new(),
         }
@@ -227,6 +232,19 @@ impl Shared {
     fn wake_backoff(&self) {
         self.woken.store(true, std::sync::atomic::Ordering::SeqCst);
         self.lifecycle.wake();
+    }
+
+    /// Clears the boot mark, before a boot is queued.
+    fn unclaim_boot(&self) {
+        self.boot_claimed
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Sets the boot mark; whether this call set it (then the caller owns the queued boot).
+    fn claim_boot(&self) -> bool {
+        !self
+            .boot_claimed
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Whether a user start asked to cut the backoff short.
@@ -540,13 +558,30 @@ impl AccountEntry {
         self.set_rare(|rare| rare.last_stop_hook_failure = failure);
     }
 
-    /// Changes the rare parts; the box goes once nothing is set in it.
+    /// Changes the rare parts; the box is made only when something is set in it (clearing an
+    /// unset part, as every stop does, allocates nothing), and goes once nothing is.
     fn set_rare(&mut self, f: impl FnOnce(&mut Rare)) {
-        let mut rare = self.rare.take().unwrap_or_default();
-        f(&mut rare);
-        if rare.stuck.is_some() || rare.last_stop_hook_failure.is_some() {
-            self.rare = Some(rare);
+        match &mut self.rare {
+            Some(rare) => {
+                f(rare);
+                if !rare.is_set() {
+                    self.rare = None;
+                }
+            }
+            None => {
+                let mut rare = Rare::default();
+                f(&mut rare);
+                if rare.is_set() {
+                    self.rare = Some(Box::new(rare));
+                }
+            }
         }
+    }
+}
+
+impl Rare {
+    fn is_set(&self) -> bool {
+        self.stuck.is_some() || self.last_stop_hook_failure.is_some()
     }
 }
 
@@ -657,8 +692,9 @@ struct Inner {
     /// Run the lifecycles ([`driver`]).
     drivers: driver::Drivers,
     /// Decides, right before each boot calls the plugin, whether the account may start here
-    /// (the cluster: only while this node holds the account and its lease is safe).
-    gate: std::sync::RwLock<Option<StartGate>>,
+    /// (the cluster: only while this node holds the account and its lease is safe). Set once, so
+    /// a boot reads it without a lock or a count.
+    gate: std::sync::OnceLock<StartGate>,
     /// Where the supervisor asks which registration serves each channel ([`serving`]).
     serving: std::sync::RwLock<Source>,
 }
@@ -695,15 +731,16 @@ impl Supervisor {
                 closing: CancellationToken::new(),
                 restart_log,
                 drivers: driver::Drivers::per_core(),
-                gate: std::sync::RwLock::new(None),
+                gate: std::sync::OnceLock::new(),
                 serving: std::sync::RwLock::new(Source::Own(Arc::default())),
             }),
         }
     }
 
-    /// Installs the gate every boot asks before it calls the plugin ([`StartGate`]).
-    pub fn set_start_gate(&self, gate: StartGate) {
-        *self.inner.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    /// Installs the gate every boot asks before it calls the plugin ([`StartGate`]). A
+    /// supervisor has one gate for its life: a second is refused (and returned).
+    pub fn set_start_gate(&self, gate: StartGate) -> Result<(), StartGate> {
+        self.inner.gate.set(gate)
     }
 
     /// Makes `serving` (the catalog) the one source of which registration serves each channel
@@ -1515,8 +1552,7 @@ impl Inner {
 
     /// Why the gate refuses to start `key` now, if it does.
     fn gate_refuses(&self, key: &AccountKey) -> Option<String> {
-        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner()).clone();
-        gate.and_then(|gate| gate(key))
+        self.gate.get().and_then(|gate| gate(key))
     }
 
     fn policy(&self) -> Arc<SupervisorConfig> {
