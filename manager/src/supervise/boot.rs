@@ -7,7 +7,10 @@
 //! batch of k counting as k: a boot is booting from the moment a thread takes it until its batch's
 //! call has returned. A thread takes at most the free slots, and no more than its share of the
 //! queue (a queue of at most n boots goes out one boot per thread, so one slow start holds up no
-//! other account; a long queue goes out in batches of n). A boot still waiting in the queue can be
+//! other account). A long queue goes out in batches that split the fan-out over as many threads
+//! as the machine has cores (at most n): on two cores, two threads boot batches of n/2 side by
+//! side, so the chain of boots a start-all or a crash storm queues runs on both cores instead of
+//! one. More threads than cores only take turns on them. A boot still waiting in the queue can be
 //! withdrawn (a stop) without any plugin call.
 //!
 //! A thread leaves as soon as it has nothing to take, so an idle channel holds no thread (and a
@@ -60,14 +63,34 @@ pub(super) type Runner<J> = Arc<dyn Fn(Vec<J>) + Send + Sync>;
 /// The boot pool of one channel.
 pub(super) struct BootPool<J: Send + 'static> {
     queue: Arc<Mutex<Queue<J>>>,
-    max: usize,
+    limits: Limits,
     run: Runner<J>,
+}
+
+/// How many accounts a pool boots at once, and the largest batch one thread takes.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max: usize,
+    batch: usize,
+}
+
+/// The machine's cores (asked once: on Linux the answer reads the cgroup's quota).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl<J: Claim + Send + 'static> BootPool<J> {
     /// A pool with at most `max` accounts booting at once (at least one), whose batches `run`
-    /// boots.
+    /// boots, on as many threads side by side as the machine has cores.
     pub(super) fn new(max: usize, run: Runner<J>) -> Self {
+        Self::with_lanes(max, cores(), run)
+    }
+
+    /// [`new`](Self::new) with a long queue split over `lanes` threads (batches of
+    /// `max / lanes`, rounded up).
+    fn with_lanes(max: usize, lanes: usize, run: Runner<J>) -> Self {
+        let max = max.max(1);
         Self {
             queue: Arc::new(Mutex::new(Queue {
                 waiting: VecDeque::new(),
@@ -75,7 +98,10 @@ impl<J: Claim + Send + 'static> BootPool<J> {
                 busy: 0,
                 booting: 0,
             })),
-            max: max.max(1),
+            limits: Limits {
+                max,
+                batch: max.div_ceil(lanes.clamp(1, max)),
+            },
             run,
         }
     }
@@ -86,7 +112,7 @@ impl<J: Claim + Send + 'static> BootPool<J> {
         let spawn = {
             let mut queue = lock(&self.queue);
             queue.waiting.push_back(job);
-            let spawn = queue.wants_thread(self.max);
+            let spawn = queue.wants_thread(self.limits.max);
             if spawn {
                 queue.threads += 1;
             }
@@ -98,8 +124,8 @@ impl<J: Claim + Send + 'static> BootPool<J> {
     }
 
     fn spawn_thread(&self) {
-        let (queue, max, run) = (self.queue.clone(), self.max, self.run.clone());
-        tokio::task::spawn_blocking(move || drain(&queue, max, run));
+        let (queue, limits, run) = (self.queue.clone(), self.limits, self.run.clone());
+        tokio::task::spawn_blocking(move || drain(&queue, limits, run));
     }
 }
 
@@ -109,13 +135,18 @@ fn lock<J>(queue: &Mutex<Queue<J>>) -> std::sync::MutexGuard<'_, Queue<J>> {
 }
 
 /// One thread of the pool: takes batches of queued boots until it has nothing to take.
-fn drain<J: Claim + Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, run: Runner<J>) {
+fn drain<J: Claim + Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, limits: Limits, run: Runner<J>) {
+    let Limits {
+        max,
+        batch: largest,
+    } = limits;
     loop {
         let (batch, spawn) = {
             let mut q = lock(queue);
             let free = max.saturating_sub(q.booting);
-            // Its share: a short queue goes out one boot per thread, a long one in full batches.
-            let size = free.min(q.waiting.len().div_ceil(max));
+            // Its share: a short queue goes out one boot per thread, a long one in batches of
+            // its lane's share of the fan-out.
+            let size = free.min(q.waiting.len().div_ceil(max)).min(largest);
             let mut batch = Vec::with_capacity(size);
             while batch.len() < size {
                 let Some(job) = q.waiting.pop_front() else {
@@ -146,7 +177,7 @@ fn drain<J: Claim + Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, max: usize, ru
         };
         if spawn {
             let (queue, run) = (queue.clone(), run.clone());
-            tokio::task::spawn_blocking(move || drain(&queue, max, run));
+            tokio::task::spawn_blocking(move || drain(&queue, limits, run));
         }
         let size = batch.len();
         let began = std::time::Instant::now();
@@ -231,7 +262,8 @@ mod tests {
         // Accounts inside a batch's call, and the most ever.
         let booting = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
-        let pool = BootPool::<Job>::new(2, {
+        // One lane: a thread may take both slots (what this test looks at is the slots).
+        let pool = BootPool::<Job>::with_lanes(2, 1, {
             let (booting, most) = (booting.clone(), most.clone());
             Arc::new(move |batch: Vec<Job>| {
                 let now = booting.fetch_add(batch.len(), Ordering::SeqCst) + batch.len();
@@ -288,22 +320,11 @@ mod tests {
         until("the next boot ran", || again.load(Ordering::SeqCst) == 1).await;
     }
 
-    /// A long queue goes out in batches of the pool's size, and every boot in it runs once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_long_queue_goes_out_in_batches_of_the_fan_out() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
+    /// Twelve boots queued before any thread looks (as when start-all queues a channel's accounts
+    /// faster than the pool takes them), then one more, which starts the pool; returns how many
+    /// ran, once every one has.
+    async fn a_long_queue(pool: &BootPool<Job>) -> usize {
         let ran = Arc::new(AtomicUsize::new(0));
-        let pool = BootPool::<Job>::new(4, {
-            let sizes = sizes.clone();
-            Arc::new(move |batch: Vec<Job>| {
-                sizes.lock().unwrap().push(batch.len());
-                for job in batch {
-                    (job.run)();
-                }
-            })
-        });
-        // Twelve boots queued before any thread looks (as when start-all queues a channel's
-        // accounts faster than the pool takes them), then one more, which starts the pool.
         {
             let mut queue = pool.queue.lock().unwrap();
             for _ in 0..12 {
@@ -318,9 +339,63 @@ mod tests {
             last.fetch_add(1, Ordering::SeqCst);
         }));
         until("every boot ran", || ran.load(Ordering::SeqCst) == 13).await;
+        ran.load(Ordering::SeqCst)
+    }
+
+    /// With one lane, a long queue goes out in batches of the pool's size, and every boot in it
+    /// runs once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_queue_goes_out_in_batches_of_the_fan_out() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let pool = BootPool::<Job>::with_lanes(4, 1, {
+            let sizes = sizes.clone();
+            Arc::new(move |batch: Vec<Job>| {
+                sizes.lock().unwrap().push(batch.len());
+                for job in batch {
+                    (job.run)();
+                }
+            })
+        });
+        assert_eq!(a_long_queue(&pool).await, 13);
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 13, "{sizes:?}");
         assert_eq!(sizes[0], 4, "{sizes:?}");
         assert!(sizes.iter().all(|size| *size <= 4), "{sizes:?}");
+    }
+
+    /// Split over two lanes (a two-core machine), a long queue goes out in batches of half the
+    /// fan-out, two of them in their calls at once, and every boot in it runs once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_queue_over_two_lanes_boots_two_batches_side_by_side() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let (in_call, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let pool = BootPool::<Job>::with_lanes(4, 2, {
+            let (sizes, in_call, most) = (sizes.clone(), in_call.clone(), most.clone());
+            Arc::new(move |batch: Vec<Job>| {
+                sizes.lock().unwrap().push(batch.len());
+                let now = in_call.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Each batch holds its thread until a second batch is in its call too (or 10 s
+                // have passed: with one thread only, `most` stays 1 and the test fails).
+                let limit = std::time::Instant::now() + Duration::from_secs(10);
+                while most.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < limit {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                for job in batch {
+                    (job.run)();
+                }
+                in_call.fetch_sub(1, Ordering::SeqCst);
+            })
+        });
+        assert_eq!(a_long_queue(&pool).await, 13);
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 13, "{sizes:?}");
+        assert_eq!(sizes[0], 2, "{sizes:?}");
+        assert!(sizes.iter().all(|size| *size <= 2), "{sizes:?}");
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "two batches were in their calls at once"
+        );
     }
 }
