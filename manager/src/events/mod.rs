@@ -254,7 +254,7 @@ struct Consumer {
     /// The cursor as the metrics see it.
     position: Arc<std::sync::atomic::AtomicU64>,
     latest: watch::Receiver<u64>,
-    states: Option<broadcast::Receiver<StateChange>>,
+    states: Option<state::StateReceiver>,
     pending: VecDeque<Event>,
 }
 
@@ -362,9 +362,7 @@ impl Consumer {
 ///
 /// # Cancellation safety
 /// `broadcast::Receiver::recv` is cancellation safe: a change not returned stays queued.
-async fn recv_state(
-    states: &mut Option<broadcast::Receiver<StateChange>>,
-) -> Option<Result<StateChange, u64>> {
+async fn recv_state(states: &mut Option<state::StateReceiver>) -> Option<Result<StateChange, u64>> {
     let Some(receiver) = states else {
         return std::future::pending().await;
     };

@@ -7,9 +7,15 @@
 //! short it lasts (`starting` may last microseconds).
 //!
 //! Publishing never waits: the changes go into a bounded broadcast ring of [`CAPACITY`]. With no
-//! stream listening it costs one comparison and one uncontended lock. A stream that falls more
+//! stream listening it costs one atomic load (the publisher counts its receivers itself: the
+//! broadcast channel's own count takes its lock, at every write of every account). A stream that falls more
 //! than [`CAPACITY`] changes behind loses the oldest ones and is told so with one
 //! `event: resync` carrying every matching account's current state ([`resync_event`]).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use axum::response::sse::Event;
 use serde::Serialize;
@@ -60,20 +66,56 @@ pub fn derive(snapshot: &AccountSnapshot) -> (&'static str, Option<bool>) {
 #[derive(Debug, Clone)]
 pub struct StatePublisher {
     sender: broadcast::Sender<StateChange>,
+    /// Receivers alive (each [`StateReceiver`] counts itself in and out).
+    listeners: Arc<AtomicUsize>,
 }
 
 impl Default for StatePublisher {
     fn default() -> Self {
         Self {
             sender: broadcast::channel(CAPACITY).0,
+            listeners: Arc::default(),
         }
+    }
+}
+
+/// A receiver of state changes: a broadcast receiver that the publisher counts while it lives.
+#[derive(Debug)]
+pub struct StateReceiver {
+    receiver: broadcast::Receiver<StateChange>,
+    listeners: Arc<AtomicUsize>,
+}
+
+impl std::ops::Deref for StateReceiver {
+    type Target = broadcast::Receiver<StateChange>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.receiver
+    }
+}
+
+impl std::ops::DerefMut for StateReceiver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.receiver
+    }
+}
+
+impl Drop for StateReceiver {
+    fn drop(&mut self) {
+        self.listeners.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl StatePublisher {
     /// A receiver of every change published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<StateChange> {
-        self.sender.subscribe()
+    pub fn subscribe(&self) -> StateReceiver {
+        // Counted before it subscribes: a publish in between sends to nobody, which is harmless;
+        // the other order could skip a change a receiver was already there for.
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        StateReceiver {
+            receiver: self.sender.subscribe(),
+            listeners: self.listeners.clone(),
+        }
     }
 
     /// Publishes `key`'s change if `snapshot` differs from `before` (what [`derive()`] said before
@@ -85,8 +127,11 @@ impl StatePublisher {
         before: Option<(&'static str, Option<bool>)>,
         snapshot: &AccountSnapshot,
     ) {
+        if self.listeners.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let now = derive(snapshot);
-        if before == Some(now) || self.sender.receiver_count() == 0 {
+        if before == Some(now) {
             return;
         }
         // Err only when the last receiver went away meanwhile: nobody to tell.
@@ -185,6 +230,21 @@ mod tests {
                 (Some("starting"), "running"),
             ]
         );
+    }
+
+    /// The publisher's own count of receivers (what lets a publish with no stream skip all
+    /// work) follows them in and out.
+    #[test]
+    fn the_publisher_counts_its_receivers_in_and_out() {
+        let publisher = StatePublisher::default();
+        let count = || publisher.listeners.load(Ordering::Relaxed);
+        assert_eq!(count(), 0);
+        let (first, second) = (publisher.subscribe(), publisher.clone().subscribe());
+        assert_eq!(count(), 2);
+        drop(first);
+        assert_eq!(count(), 1);
+        drop(second);
+        assert_eq!(count(), 0);
     }
 
     #[test]
