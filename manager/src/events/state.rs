@@ -8,8 +8,8 @@
 //!
 //! Publishing never waits: the changes go into a bounded broadcast ring of [`CAPACITY`]. With no
 //! stream listening it costs one atomic load (the publisher counts its receivers itself: the
-//! broadcast channel's own count takes its lock, at every write of every account). A stream that falls more
-//! than [`CAPACITY`] changes behind loses the oldest ones and is told so with one
+//! broadcast channel's own count takes its lock, at every write of every account). A stream that
+//! falls more than [`CAPACITY`] changes behind loses the oldest ones and is told so with one
 //! `event: resync` carrying every matching account's current state ([`resync_event`]).
 
 use std::sync::{
