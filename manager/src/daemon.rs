@@ -59,6 +59,10 @@ pub enum DaemonError {
     NotEveryAccountStopped(Vec<String>),
 }
 
+/// How long a complete shutdown waits for the plugin threads it joined to be gone from the
+/// process (see [`plugin_runtime_threads_settled`]).
+const PLUGIN_THREADS_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The name of the generated API token file in the state directory.
 pub const TOKEN_FILE: &str = "api-token";
 
@@ -67,14 +71,39 @@ pub const ADDRESS_FILE: &str = "api-address";
 
 /// Threads of plugin runtimes still alive in this process (the SDK names them `chd-<channel>`).
 pub fn plugin_runtime_threads() -> usize {
+    threads_named("chd-")
+}
+
+/// [`plugin_runtime_threads`] once the threads a runtime's shutdown has joined are gone, waiting
+/// at most `limit`. A joined thread can still be listed for a moment: the kernel wakes the thread
+/// that joins it before it has finished exiting, which a loaded machine can stretch to
+/// milliseconds. Read at once, the count could then call a clean shutdown blocked.
+pub async fn plugin_runtime_threads_settled(limit: std::time::Duration) -> usize {
+    threads_settled("chd-", limit).await
+}
+
+/// Threads of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .map(|tasks| {
             tasks
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|name| name.starts_with("chd-"))
+                .filter(|name| name.starts_with(prefix))
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// [`threads_named`] polled until none is left or `limit` has passed.
+async fn threads_settled(prefix: &str, limit: std::time::Duration) -> usize {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = threads_named(prefix);
+        if left == 0 || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// The API token: the config's, or a fresh random one written (mode 0600) to the state directory.
@@ -513,7 +542,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     .await;
     // The address is no longer ours: a client must not reach whoever binds the port next.
     let _ = fs::remove_file(daemon.config.host.state_dir.join(ADDRESS_FILE));
-    let plugin_threads = plugin_runtime_threads();
+    // Only a complete shutdown waits for its joined threads to be gone; after an incomplete one
+    // some are known to be blocked.
+    let plugin_threads = if complete {
+        plugin_runtime_threads_settled(PLUGIN_THREADS_SETTLE).await
+    } else {
+        plugin_runtime_threads()
+    };
     if complete && plugin_threads == 0 {
         tracing::info!(
             plugin_threads,
@@ -546,5 +581,37 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Err(DaemonError::NotEveryAccountStopped(
             stuck.into_iter().map(|(key, _)| key.to_string()).collect(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{threads_named, threads_settled};
+
+    /// A thread that was let go is counted until it has exited; the settled count waits for that
+    /// (bounded), where one read right after letting it go would still see it.
+    #[tokio::test]
+    async fn the_settled_count_waits_for_a_thread_that_is_exiting() {
+        // A name no other test gives a thread (names are cut at 15 bytes).
+        const NAME: &str = "settle-probe";
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(NAME.into())
+            .spawn(move || {
+                let _ = wait.recv();
+                // Still alive a while after it was let go, as a thread whose exit the kernel is
+                // still finishing is.
+                std::thread::sleep(Duration::from_millis(50));
+            })
+            .expect("a thread");
+        let named = std::time::Instant::now() + Duration::from_secs(30);
+        while threads_named(NAME) != 1 {
+            assert!(std::time::Instant::now() < named, "the thread never ran");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(go);
+        assert_eq!(threads_settled(NAME, Duration::from_secs(30)).await, 0);
     }
 }
