@@ -1233,56 +1233,47 @@ impl Supervisor {
         // The running tasks to abort, by the plugin version each runs on.
         let mut aborts: Vec<(Arc<Channel>, Vec<TaskOf>)> = Vec::new();
         // The keys the state keeps its accounts under (shared, not built per stop).
-        let keys: Vec<Arc<AccountKey>>;
+        let mut keys: Vec<Arc<AccountKey>> = Vec::with_capacity(asked.len());
         {
             let mut state = self.lock();
-            keys = asked
-                .iter()
-                .map(|key| state.account_with_key(*key).0)
-                .collect();
-            // Every running one shows `stopping` first, in one write of the board, before its
-            // signal is set: the lifecycle's own `stopped` (written once it sees the signal)
-            // always lands after this.
-            self.inner.board.update_each(
-                keys.iter()
-                    .filter(|key| {
-                        state
-                            .accounts
-                            .get(&***key)
-                            .is_some_and(|e| e.lifecycle.is_some())
-                    })
-                    .map(|key| &**key),
-                |s| s.set_state(AccountState::Stopping),
-            );
-            for (i, key) in keys.iter().enumerate() {
-                let entry = state.account(key);
+            // One lookup per account: its marks, and what it has running.
+            let mut running: Vec<(usize, Arc<Shared>, Arc<Channel>)> = Vec::new();
+            for (i, asked) in asked.iter().enumerate() {
+                let (key, entry) = state.account_with_key(*asked);
+                keys.push(key);
                 entry.manual_stop = true;
                 entry.last_stop_cancelled = false;
                 entry.set_last_stop_hook_failure(None);
                 match &entry.lifecycle {
-                    Some(lc) => {
-                        // From here on a start waits for this stop to finish, then starts anew.
-                        lc.shared.set_phase(Phase::Stopping);
-                        // Set now, woken below once the aborts are out.
-                        lc.shared.mark_stop();
-                        let task = lc.shared.task();
-                        if task != 0 {
-                            let entry = (task, lc.shared.clone());
-                            match aborts
-                                .iter_mut()
-                                .find(|(ch, _)| Arc::ptr_eq(ch, &lc.channel))
-                            {
-                                Some((_, tasks)) => tasks.push(entry),
-                                None => aborts.push((lc.channel.clone(), vec![entry])),
-                            }
-                        }
-                        stopping.push((i, lc.shared.clone()));
-                    }
+                    Some(lc) => running.push((i, lc.shared.clone(), lc.channel.clone())),
                     None => match entry.stuck() {
                         Some(reason) => outcomes[i] = Some(StopOutcome::Stuck(reason.to_owned())),
                         None => idle.push(i),
                     },
                 }
+            }
+            // Every running one shows `stopping` first, in one write of the board, before its
+            // signal is set: the lifecycle's own `stopped` (written once it sees the signal)
+            // always lands after this.
+            self.inner
+                .board
+                .update_each(running.iter().map(|(i, _, _)| &*keys[*i]), |s| {
+                    s.set_state(AccountState::Stopping)
+                });
+            for (i, shared, channel) in running {
+                // From here on a start waits for this stop to finish, then starts anew.
+                shared.set_phase(Phase::Stopping);
+                // Set now, woken below once the aborts are out.
+                shared.mark_stop();
+                let task = shared.task();
+                if task != 0 {
+                    let entry = (task, shared.clone());
+                    match aborts.iter_mut().find(|(ch, _)| Arc::ptr_eq(ch, &channel)) {
+                        Some((_, tasks)) => tasks.push(entry),
+                        None => aborts.push((channel, vec![entry])),
+                    }
+                }
+                stopping.push((i, shared));
             }
         }
         // Every stop signal is set before any abort fires, so a lifecycle woken by its task's end
