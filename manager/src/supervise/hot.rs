@@ -67,9 +67,7 @@ impl Supervisor {
                 .collect();
             (running, user_stopped)
         };
-        let stops = self
-            .stop_accounts(&running.iter().map(super::KeyRef::of).collect::<Vec<_>>())
-            .await;
+        let stops = self.stop_keys(&running).await;
         for (key, outcome) in running.iter().zip(&stops) {
             if let StopOutcome::Stuck(reason) = outcome {
                 tracing::error!(account = %key, "old version's task is stuck: {reason}");
@@ -124,8 +122,7 @@ impl Supervisor {
             .iter()
             .map(|a| AccountKey::new(ch.id.clone(), a.clone()))
             .collect();
-        self.stop_accounts(&keys.iter().map(super::KeyRef::of).collect::<Vec<_>>())
-            .await;
+        self.stop_keys(&keys).await;
         {
             let mut state = self.lock();
             for key in &keys {

@@ -1217,6 +1217,12 @@ impl Supervisor {
             .collect())
     }
 
+    /// [`stop_accounts`](Self::stop_accounts) for keys the caller owns.
+    async fn stop_keys(&self, keys: &[AccountKey]) -> Vec<StopOutcome> {
+        let keys: Vec<KeyRef<'_>> = keys.iter().map(KeyRef::of).collect();
+        self.stop_accounts(&keys).await
+    }
+
     async fn stop_account(&self, key: &AccountKey) -> StopOutcome {
         let mut outcomes = self.stop_accounts(&[KeyRef::of(key)]).await;
         outcomes.pop().unwrap_or(StopOutcome::Stopped)
