@@ -74,17 +74,11 @@ struct Limits {
     batch: usize,
 }
 
-/// The machine's cores (asked once: on Linux the answer reads the cgroup's quota).
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 impl<J: Claim + Send + 'static> BootPool<J> {
     /// A pool with at most `max` accounts booting at once (at least one), whose batches `run`
     /// boots, on as many threads side by side as the machine has cores.
     pub(super) fn new(max: usize, run: Runner<J>) -> Self {
-        Self::with_lanes(max, cores(), run)
+        Self::with_lanes(max, super::cores().unwrap_or(1), run)
     }
 
     /// [`new`](Self::new) with a long queue split over `lanes` threads (batches of

@@ -80,7 +80,7 @@ impl Drivers {
 
     /// One driver per worker the machine can run at once.
     pub(super) fn per_core() -> Self {
-        Self::new(std::thread::available_parallelism().map_or(2, |n| n.get().min(16)))
+        Self::new(super::cores().map_or(2, |n| n.min(16)))
     }
 
     /// Runs `lifecycle` on its driver (by its id), spawning the driver's task (tracked by

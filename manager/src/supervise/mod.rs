@@ -1565,6 +1565,13 @@ impl Inner {
     }
 }
 
+/// The cores the machine lets this process run on, if it says (asked once: on Linux the answer
+/// reads the cgroup's quota). The lifecycle drivers and the boot pools size themselves by it.
+fn cores() -> Option<usize> {
+    static CORES: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+}
+
 /// The accounts an operation on `ch` applies to: its own listing (not copied), or `account`,
 /// checked and normalised, kept in `one`.
 fn target_ids<'a>(
