@@ -19,10 +19,10 @@ use channeld_plugin_abi::abi::{
     EventKind, HostServices, InboundMessage, LogLevel, LogRecord, v1_0,
 };
 use futures_util::FutureExt as _;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::plugin::BoxFuture;
+use crate::{plugin::BoxFuture, status_patch::StatusPatch};
 
 /// `channel:account`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -61,7 +61,7 @@ pub trait HostSink: Send + Sync + 'static {
         &self,
         key: &AccountKey,
         generation: u64,
-        patch: Map<String, Value>,
+        patch: StatusPatch<'_>,
     ) -> Result<(), String>;
     /// Connected or not.
     fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool);
@@ -227,10 +227,9 @@ impl AccountLink {
     pub fn patch_status(&self, patch: &str) -> Result<(), String> {
         self.with_key(
             || Err("this handle belongs to no account".into()),
-            |key| match serde_json::from_str::<Value>(patch) {
-                Ok(Value::Object(map)) => self.sink.patch_status(key, self.generation, map),
-                Ok(_) => Err("a status patch must be a JSON object".into()),
-                Err(e) => Err(format!("a status patch must be JSON: {e}")),
+            |key| {
+                let patch = StatusPatch::parse(patch)?;
+                self.sink.patch_status(key, self.generation, patch)
             },
         )
     }

@@ -35,6 +35,7 @@ pub mod service;
 pub mod stage;
 pub mod state_lock;
 pub mod status;
+pub mod status_patch;
 pub mod status_table;
 pub mod supervise;
 pub mod tail;

@@ -4,6 +4,7 @@
 
 use std::{
     any::Any,
+    borrow::Cow,
     collections::BTreeMap,
     sync::{
         Arc, Mutex, Weak,
@@ -22,6 +23,7 @@ use crate::{
     host::{AccountKey, HostSink},
     inbound::{CountingSink, MessageSink},
     plugin::BoxFuture,
+    status_patch::StatusPatch,
 };
 
 /// An account's run state, as the supervisor (its one owner) decides it at each change. The older
@@ -163,21 +165,27 @@ impl Extra {
 
     /// Sets `key` to `value`; the value it had.
     pub fn insert(&mut self, key: String, value: Value) -> Option<Value> {
-        let old = self.insert_keeping_room(key, value);
+        let old = self.set(Cow::Owned(key), value);
         self.shrink();
         old
     }
 
-    /// [`insert`](Self::insert) without giving back spare room: for several keys in a row,
-    /// followed by one [`shrink`](Self::shrink).
-    fn insert_keeping_room(&mut self, key: String, value: Value) -> Option<Value> {
+    /// Sets `key` to `value` without giving back spare room, copying the key only when it is new
+    /// here; the value it had. For several keys in a row: room for the new ones first
+    /// ([`reserve_exact`](Self::reserve_exact)), one [`shrink`](Self::shrink) after.
+    fn set(&mut self, key: Cow<'_, str>, value: Value) -> Option<Value> {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
-                self.0.insert(i, (key, value));
+                self.0.insert(i, (key.into_owned(), value));
                 None
             }
         }
+    }
+
+    /// Room for `more` keys, exactly.
+    fn reserve_exact(&mut self, more: usize) {
+        self.0.reserve_exact(more);
     }
 
     /// Gives back spare room: new keys are rare (a plugin sets the same few over and over).
@@ -185,6 +193,11 @@ impl Extra {
         if self.0.capacity() > self.0.len() {
             self.0.shrink_to_fit();
         }
+    }
+
+    /// Whether `key` is set.
+    fn contains(&self, key: &str) -> bool {
+        self.find(key).is_ok()
     }
 
     /// Removes `key`; the value it had.
@@ -816,11 +829,8 @@ pub(crate) fn stale_error(key: &AccountKey) -> String {
 
 /// Refuses a status patch that sets a host-owned key (before the generation check), with the
 /// error the plugin hears.
-pub(crate) fn refuse_host_owned(
-    key: &AccountKey,
-    patch: &Map<String, Value>,
-) -> Result<(), String> {
-    match patch.keys().find(|k| HOST_OWNED_KEYS.contains(&k.as_str())) {
+pub(crate) fn refuse_host_owned(key: &AccountKey, patch: &StatusPatch<'_>) -> Result<(), String> {
+    match patch.keys().find(|k| HOST_OWNED_KEYS.contains(k)) {
         Some(owned) => Err(format!("{key}: status key {owned:?} is owned by the host")),
         None => Ok(()),
     }
@@ -829,24 +839,26 @@ pub(crate) fn refuse_host_owned(
 /// Checks the typed fields of a status patch as applying it checks them (after the generation
 /// check), with the error the plugin hears, without a snapshot: an isolated child answers its
 /// plugin with this and sends the patch to the host one way.
-pub(crate) fn check_patch_types(
-    key: &AccountKey,
-    patch: &Map<String, Value>,
-) -> Result<(), String> {
+pub(crate) fn check_patch_types(key: &AccountKey, patch: &StatusPatch<'_>) -> Result<(), String> {
     apply_patch(&mut AccountSnapshot::default(), patch.clone()).map_err(|e| format!("{key}: {e}"))
 }
 
-/// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
-/// (`reportsEvents`): a delivered message is traffic too, but a quiet chat is not a dead socket.
 /// Merges a plugin's status patch into the snapshot, key by key (no JSON round trip of the whole
 /// snapshot under the board's lock): the plugin-settable typed fields are checked and set; every
-/// other key is the plugin's own. Host-owned keys were refused before.
-fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Result<(), String> {
+/// other key is the plugin's own, copied only when it is new to the account (the plugin's own
+/// fields get room for the new ones at once, and keep none spare). Host-owned keys were refused
+/// before.
+fn apply_patch(snapshot: &mut AccountSnapshot, patch: StatusPatch<'_>) -> Result<(), String> {
     fn typed<T: serde::de::DeserializeOwned>(key: &str, value: Value) -> Result<T, String> {
         serde_json::from_value(value).map_err(|e| format!("bad status patch for {key:?}: {e}"))
     }
-    let applied = patch.into_iter().try_for_each(|(key, value)| {
-        match key.as_str() {
+    let new_keys = patch
+        .keys()
+        .filter(|key| !is_typed_status_key(key) && !snapshot.extra.contains(key))
+        .count();
+    snapshot.extra.reserve_exact(new_keys);
+    let applied = patch.into_fields().try_for_each(|(key, value)| {
+        match key.as_ref() {
             "connected" => snapshot.connected = typed(&key, value)?,
             "lastConnectedAt" => snapshot.last_connected_at = typed(&key, value)?,
             "lastEventAt" => snapshot.last_event_at = typed(&key, value)?,
@@ -857,14 +869,30 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: Map<String, Value>) -> Res
             "activeRuns" => snapshot.active_runs = typed(&key, value)?,
             "lastRunActivityAt" => snapshot.last_run_activity_at = typed(&key, value)?,
             _ => {
-                snapshot.extra.insert_keeping_room(key, value);
+                snapshot.extra.set(key, value);
             }
         }
         Ok(())
     });
-    // Once for the whole patch (also when a bad field ended it early).
+    // Spare room is left only by a key given twice, or a bad field that ended the patch early.
     snapshot.extra.shrink();
     applied
+}
+
+/// Whether `key` is one of the snapshot's typed fields a plugin may set (see [`apply_patch`]).
+fn is_typed_status_key(key: &str) -> bool {
+    matches!(
+        key,
+        "connected"
+            | "lastConnectedAt"
+            | "lastEventAt"
+            | "lastInboundAt"
+            | "lastOutboundAt"
+            | "mode"
+            | "busy"
+            | "activeRuns"
+            | "lastRunActivityAt"
+    )
 }
 
 /// The time of a host-service call, in both clocks.
@@ -883,6 +911,8 @@ impl Stamp {
     }
 }
 
+/// Stamps traffic. Only an explicit `record_event` opts the account into stale-socket checks
+/// (`reportsEvents`): a delivered message is traffic too, but a quiet chat is not a dead socket.
 fn mark_event(
     snapshot: &mut AccountSnapshot,
     liveness: &mut Liveness,
@@ -919,7 +949,7 @@ impl HostSink for StatusBoard {
         &self,
         key: &AccountKey,
         generation: u64,
-        patch: Map<String, Value>,
+        patch: StatusPatch<'_>,
     ) -> Result<(), String> {
         refuse_host_owned(key, &patch)?;
         self.if_current(
@@ -1027,6 +1057,42 @@ mod tests {
             last_error: Some("unwritten".into()),
             ..AccountSnapshot::default()
         })
+    }
+
+    /// A patch sets the typed fields it names and merges the plugin's own keys in key order (a
+    /// key given twice: the last value); the plugin's fields keep no spare room, also when a bad
+    /// typed field ends the patch early (the fields before it stay applied).
+    #[test]
+    fn a_patch_merges_its_fields_in_order_and_leaves_no_spare_room() {
+        fn patch(text: &str) -> StatusPatch<'_> {
+            StatusPatch::parse(text).unwrap()
+        }
+        let mut snapshot = AccountSnapshot::default();
+        snapshot.extra.insert("b".into(), json!(0));
+        apply_patch(
+            &mut snapshot,
+            patch(r#"{"b": 1, "connected": true, "a": 2, "c": 3, "c": 4}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&snapshot.extra).unwrap(),
+            json!({"a": 2, "b": 1, "c": 4})
+        );
+        assert_eq!(snapshot.connected, Some(true));
+        assert_eq!(snapshot.extra.0.capacity(), snapshot.extra.len());
+        // Only keys already there: nothing to make room for.
+        apply_patch(&mut snapshot, patch(r#"{"a": 5, "b": 6}"#)).unwrap();
+        assert_eq!(snapshot.extra["a"], json!(5));
+        assert_eq!(snapshot.extra.0.capacity(), 3);
+
+        let bad = apply_patch(&mut snapshot, patch(r#"{"n": 1, "busy": "no", "m": 2}"#));
+        assert!(
+            bad.unwrap_err()
+                .starts_with("bad status patch for \"busy\"")
+        );
+        assert_eq!(snapshot.extra["n"], json!(1));
+        assert_eq!(snapshot.extra.get("m"), None);
+        assert_eq!(snapshot.extra.0.capacity(), snapshot.extra.len());
     }
 
     /// A snapshot shares the board's values, yet a later write on the board (which copies the

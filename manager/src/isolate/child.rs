@@ -14,7 +14,7 @@ use std::{
 
 use channeld_plugin_abi::abi::{EventKind, InboundMessage, LogLevel};
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -28,6 +28,7 @@ use crate::{
     load::{isolation_sys, load_root_module_named},
     plugin::{BootStep, BoxFuture, Check, Outbound, Plugin, RunningTask},
     status,
+    status_patch::StatusPatch,
 };
 
 /// What the host tells the child on its command line.
@@ -628,7 +629,7 @@ impl HostSink for ChildSink {
         &self,
         key: &AccountKey,
         generation: u64,
-        patch: Map<String, Value>,
+        patch: StatusPatch<'_>,
     ) -> Result<(), String> {
         // Answered here with the host's own checks, in the host's order (host-owned keys, then
         // the generation, then the typed fields), and sent one way: the host applies it with its
@@ -642,7 +643,7 @@ impl HostSink for ChildSink {
         self.service(
             key,
             generation,
-            Service::Patch(Value::Object(patch).to_string()),
+            Service::Patch(serde_json::to_string(&patch).unwrap_or_default()),
         );
         checked
     }

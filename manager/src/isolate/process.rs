@@ -32,6 +32,7 @@ use crate::{
         AccountFacts, BootStep, BoxFuture, Check, Outbound, Plugin, PluginCallError, PluginInfo,
         RunningTask, STOPPED_BEFORE_START,
     },
+    status_patch::StatusPatch,
 };
 
 /// How long a new child may take to load its plugin and answer, unless told otherwise
@@ -509,8 +510,8 @@ fn on_message(
                 Service::Patch(patch) => {
                     // The child answered its plugin; a stale generation is dropped and counted
                     // here, as for every other one-way service.
-                    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&patch) {
-                        let _ = sink.patch_status(&key, generation, map);
+                    if let Ok(patch) = StatusPatch::parse(&patch) {
+                        let _ = sink.patch_status(&key, generation, patch);
                     }
                 }
             }
