@@ -317,7 +317,7 @@ async fn journal(State(state): State<ApiState>) -> Result<Json<Value>, ApiError>
     Ok(Json(json!({ "journal": hub.journal().stats() })))
 }
 
-fn keyed<T: serde::Serialize>(results: Vec<(AccountKey, T)>) -> Value {
+fn keyed<K: std::fmt::Display, T: serde::Serialize>(results: Vec<(K, T)>) -> Value {
     let map: BTreeMap<String, T> = results
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

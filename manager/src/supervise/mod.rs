@@ -1197,7 +1197,7 @@ impl Supervisor {
         &self,
         channel: &str,
         account: Option<&str>,
-    ) -> Result<Vec<(AccountKey, StopOutcome)>, SupervisorError> {
+    ) -> Result<Vec<(Arc<AccountKey>, StopOutcome)>, SupervisorError> {
         let ch = self.channel(channel)?;
         let mut one = Vec::new();
         let ids = target_ids(&ch, account, &mut one)?;
@@ -1208,31 +1208,29 @@ impl Supervisor {
                 account: id,
             })
             .collect();
-        let outcomes = self.stop_accounts(&keys).await;
-        // The keys of the answer are built once the stops are done, not before the aborts.
-        Ok(ids
-            .iter()
-            .map(|id| AccountKey::new(ch.id.clone(), id.clone()))
-            .zip(outcomes)
-            .collect())
+        Ok(self.stop_accounts(&keys).await)
     }
 
-    /// [`stop_accounts`](Self::stop_accounts) for keys the caller owns.
+    /// [`stop_accounts`](Self::stop_accounts) for keys the caller owns; the outcomes, in order.
     async fn stop_keys(&self, keys: &[AccountKey]) -> Vec<StopOutcome> {
         let keys: Vec<KeyRef<'_>> = keys.iter().map(KeyRef::of).collect();
-        self.stop_accounts(&keys).await
+        let stopped = self.stop_accounts(&keys).await;
+        stopped.into_iter().map(|(_, outcome)| outcome).collect()
     }
 
     async fn stop_account(&self, key: &AccountKey) -> StopOutcome {
-        let mut outcomes = self.stop_accounts(&[KeyRef::of(key)]).await;
-        outcomes.pop().unwrap_or(StopOutcome::Stopped)
+        let mut stopped = self.stop_accounts(&[KeyRef::of(key)]).await;
+        stopped
+            .pop()
+            .map_or(StopOutcome::Stopped, |(_, outcome)| outcome)
     }
 
     /// Stops `keys` as a user, together: marks them manually stopped under one lock, fires the
     /// abort of every running task with one call per plugin version, then signals each lifecycle
     /// (whose stop sequence finds its task aborted already), and returns each one's outcome, in
-    /// order, once each has ended or been reported stuck.
-    async fn stop_accounts(&self, asked: &[KeyRef<'_>]) -> Vec<StopOutcome> {
+    /// order, once each has ended or been reported stuck, with the key the state keeps the
+    /// account under (shared: the answer copies no key).
+    async fn stop_accounts(&self, asked: &[KeyRef<'_>]) -> Vec<(Arc<AccountKey>, StopOutcome)> {
         let mut outcomes: Vec<Option<StopOutcome>> = vec![None; asked.len()];
         let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
         let mut idle = Vec::new();
@@ -1336,9 +1334,9 @@ impl Supervisor {
                 );
             }
         }
-        outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(StopOutcome::Stopped))
+        keys.into_iter()
+            .zip(outcomes)
+            .map(|(key, o)| (key, o.unwrap_or(StopOutcome::Stopped)))
             .collect()
     }
 
