@@ -37,6 +37,9 @@ macro_rules! entry {
 pub struct FfiPlugin {
     module: PluginModule,
     info: PluginInfo,
+    /// The channel id, shared with the futures of its async entries (a stop hook's or a send's
+    /// error names it; taking it copies nothing).
+    channel: Arc<str>,
 }
 
 impl FfiPlugin {
@@ -59,7 +62,12 @@ impl FfiPlugin {
                 reason: "the plugin reports no channel id".into(),
             });
         }
-        Ok(Self { module, info })
+        let channel = info.channel_id.as_str().into();
+        Ok(Self {
+            module,
+            info,
+            channel,
+        })
     }
 
     /// Whether the plugin was built against plugin-abi 1.0 (and is driven the 1.0 way).
@@ -241,17 +249,13 @@ impl Plugin for FfiPlugin {
             reply_to: message.reply_to.unwrap_or_default().into(),
             extra: message.extra.unwrap_or_default().into(),
         });
-        let channel = self.info.channel_id.clone();
+        let channel = self.channel.clone();
         Box::pin(async move {
             future
                 .await
                 .into_result()
                 .map(RString::into_string)
-                .map_err(|e| PluginCallError {
-                    channel,
-                    entry: "send",
-                    message: e.into_string(),
-                })
+                .map_err(|e| call_error(&channel, "send", e))
         })
     }
 
@@ -264,7 +268,7 @@ impl Plugin for FfiPlugin {
             return None;
         };
         let future = (m.stop_account_async()?)(account.into());
-        let channel = self.info.channel_id.clone();
+        let channel = self.channel.clone();
         Some(Box::pin(async move {
             future
                 .await
@@ -278,7 +282,7 @@ impl Plugin for FfiPlugin {
             return None;
         };
         let future = (m.logout_async()?)(account.into());
-        let channel = self.info.channel_id.clone();
+        let channel = self.channel.clone();
         Some(Box::pin(async move {
             future
                 .await
