@@ -395,12 +395,8 @@ impl Lifecycle {
                     return RunEnd::Stopped;
                 }
             }
-            let attempts = ctx
-                .inner
-                .lock()
-                .accounts
-                .get(&ctx.key)
-                .map_or(0, |e| e.attempts);
+            // Read without the state's lock: its owner mirrors every change into `shared`.
+            let attempts = self.shared.attempts();
             // Stamps lastStartAt and the monotonic start the health monitor measures from.
             ctx.inner.board.mark_started(&ctx.key, |s| {
                 s.set_state(AccountState::Running);
@@ -456,11 +452,13 @@ impl Lifecycle {
         let attempt = {
             let mut state = ctx.inner.lock();
             let entry = state.account(&ctx.key);
-            if ran_for >= policy.stable_run {
-                entry.attempts = 0;
-            }
-            entry.attempts += 1;
-            entry.attempts
+            let attempt = if ran_for >= policy.stable_run {
+                1
+            } else {
+                entry.attempts + 1
+            };
+            entry.set_attempts(attempt);
+            attempt
         };
         let now = ctx.inner.clock.now();
         // Why the run ended, with the state that follows, in one write.

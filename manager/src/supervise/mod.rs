@@ -192,6 +192,10 @@ struct Shared {
     /// there): set by the pool's thread that takes it, or by the lifecycle withdrawing it
     /// (`boot::Claim`); cleared before each boot is queued.
     boot_claimed: std::sync::atomic::AtomicBool,
+    /// The account's restart count as its bookkeeping has it (`AccountEntry::attempts`, the
+    /// owner, writes it here whenever it changes; see `AccountEntry::set_attempts`), for the
+    /// lifecycle to read without the state's lock each time its task runs.
+    attempts: std::sync::atomic::AtomicU32,
     /// What the lifecycle publishes (its boot outcomes and its end), and the batches waiting for
     /// it (see [`Batch`]: every wait for a lifecycle is one).
     event: Mutex<BootEvent>,
@@ -201,8 +205,10 @@ struct Shared {
 }
 
 impl Shared {
-    fn new() -> Self {
+    /// A lifecycle's cell, for an account whose restart count is `attempts`.
+    fn new(attempts: u32) -> Self {
         Self {
+            attempts: std::sync::atomic::AtomicU32::new(attempts),
             phase: std::sync::atomic::AtomicU8::new(Phase::Booting as u8),
             stop: std::sync::atomic::AtomicBool::new(false),
             polled: std::sync::atomic::AtomicU64::new(0),
@@ -214,6 +220,11 @@ impl Shared {
             event: Mutex::new(BootEvent::default()),
             lifecycle: futures_util::task::AtomicWaker::new(),
         }
+    }
+
+    /// The account's restart count (see the field).
+    fn attempts(&self) -> u32 {
+        self.attempts.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn event(&self) -> MutexGuard<'_, BootEvent> {
@@ -524,6 +535,7 @@ struct AccountEntry {
     manual_stop: bool,
     /// Whether the last stop had to cancel the task.
     last_stop_cancelled: bool,
+    /// The restart count; changed only through [`set_attempts`](Self::set_attempts).
     attempts: u32,
     lifecycle: Option<LifecycleHandle>,
     /// What is rarely set (`None`: nothing is).
@@ -556,6 +568,17 @@ impl AccountEntry {
 
     fn set_last_stop_hook_failure(&mut self, failure: Option<String>) {
         self.set_rare(|rare| rare.last_stop_hook_failure = failure);
+    }
+
+    /// Sets the restart count, and tells the account's lifecycle (which reads it without the
+    /// state's lock when its task runs).
+    fn set_attempts(&mut self, attempts: u32) {
+        self.attempts = attempts;
+        if let Some(lc) = &self.lifecycle {
+            lc.shared
+                .attempts
+                .store(attempts, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Changes the rare parts; the box is made only when something is set in it (clearing an
@@ -1130,12 +1153,12 @@ impl Supervisor {
         match mode {
             StartMode::User => {
                 entry.manual_stop = false;
-                entry.attempts = 0;
+                entry.set_attempts(0);
             }
             StartMode::Revive { reset_counter } => {
                 entry.manual_stop = false;
                 if reset_counter {
-                    entry.attempts = 0;
+                    entry.set_attempts(0);
                 }
             }
         }
@@ -1155,7 +1178,7 @@ impl Supervisor {
             }
             None => {
                 // The slot is reserved here, before any await.
-                let handle = self.spawn_lifecycle(next_id, ch.clone(), shared_key);
+                let handle = self.spawn_lifecycle(next_id, ch.clone(), shared_key, entry.attempts);
                 let shared = handle.shared.clone();
                 entry.lifecycle = Some(handle);
                 state.next_lifecycle = next_id;
@@ -1169,8 +1192,14 @@ impl Supervisor {
         }
     }
 
-    fn spawn_lifecycle(&self, id: u64, ch: Arc<Channel>, key: Arc<AccountKey>) -> LifecycleHandle {
-        let shared = Arc::new(Shared::new());
+    fn spawn_lifecycle(
+        &self,
+        id: u64,
+        ch: Arc<Channel>,
+        key: Arc<AccountKey>,
+        attempts: u32,
+    ) -> LifecycleHandle {
+        let shared = Arc::new(Shared::new(attempts));
         if self.inner.closing.is_cancelled() {
             // Shutting down: this one stops before it boots (shutdown stops the ones it finds).
             shared.request_stop();
@@ -1432,7 +1461,7 @@ impl Supervisor {
     /// Clears the account's restart counter.
     pub fn reset_restart_attempts(&self, key: &AccountKey) {
         if let Some(entry) = self.lock().accounts.get_mut(key) {
-            entry.attempts = 0;
+            entry.set_attempts(0);
         }
         self.inner.board.update(key, |s| s.reconnect_attempts = 0);
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::supervise::StartOutcome;
+use crate::supervise::{StartOutcome, StopOutcome};
 
 fn secs(list: &[u64]) -> Vec<Duration> {
     list.iter().map(|s| Duration::from_secs(*s)).collect()
@@ -12,6 +12,39 @@ fn secs(list: &[u64]) -> Vec<Duration> {
 
 fn millis(list: &[u64]) -> Vec<Duration> {
     list.iter().map(|ms| Duration::from_millis(*ms)).collect()
+}
+
+/// A running account shows how many restarts brought it there (the lifecycle reads the count
+/// its bookkeeping keeps, as that count changes), and a user start sets it back to 0.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_account_runs_with_its_restart_count_and_a_user_start_clears_it() {
+    let plugin = TestPlugin::new("c", &["a"]);
+    let _release = plugin.release_on_drop();
+    plugin.script(
+        "a",
+        vec![
+            Run::Err(SEC, "boom".into()),
+            Run::Err(SEC, "boom".into()),
+            Run::UntilAborted,
+        ],
+    );
+    plugin.set_default_run("a", Run::UntilAborted);
+    let sup = supervisor();
+    add(&sup, &plugin).await;
+    assert_eq!(start(&sup, "c", "a").await, StartOutcome::Started);
+    // Crashes at 1 s and (after the 5 s backoff) at 7 s; the third start (after 10 s more)
+    // runs.
+    sleep(Duration::from_secs(30)).await;
+    assert_eq!(plugin.calls("a").start, 3);
+    let s = snap(&sup, "c", "a");
+    assert!(s.running, "{s:?}");
+    assert_eq!(s.reconnect_attempts, 2, "{s:?}");
+
+    assert_eq!(stop(&sup, "c", "a").await, StopOutcome::Stopped);
+    assert_eq!(start(&sup, "c", "a").await, StartOutcome::Started);
+    let s = snap(&sup, "c", "a");
+    assert!(s.running, "{s:?}");
+    assert_eq!(s.reconnect_attempts, 0, "{s:?}");
 }
 
 #[tokio::test(start_paused = true)]
