@@ -396,8 +396,9 @@ struct BootEvent {
     outcome: Option<StartOutcome>,
     /// The lifecycle has ended (its slot is free).
     ended: bool,
-    /// Batches of starts or stops waiting for this lifecycle (see [`Batch`]).
-    waiting: Vec<Waiter>,
+    /// Batches of starts or stops waiting for this lifecycle (see [`Batch`]): usually one, kept
+    /// in place (no allocation per start or stop waited for).
+    waiting: smallvec::SmallVec<[Waiter; 1]>,
 }
 
 impl BootEvent {
@@ -424,9 +425,9 @@ impl BootEvent {
             w.batch.arrive(w.index, result);
             false
         });
-        if self.waiting.is_empty() {
+        if self.waiting.spilled() && self.waiting.is_empty() {
             // Not kept for the life of the account: most accounts are waited for once or twice.
-            self.waiting = Vec::new();
+            self.waiting = smallvec::SmallVec::new();
         }
     }
 }
@@ -446,8 +447,9 @@ struct Waiter {
 #[derive(Debug)]
 struct Batch {
     left: std::sync::atomic::AtomicUsize,
-    /// What each start's lifecycle published (`None` for a stop, or not yet).
-    results: Mutex<Vec<Option<StartOutcome>>>,
+    /// What each start's lifecycle published (unset for a stop, or not yet): one slot per
+    /// member, set without a lock shared by the members.
+    results: Box<[std::sync::OnceLock<StartOutcome>]>,
     done: Notify,
 }
 
@@ -455,7 +457,7 @@ impl Batch {
     fn new(size: usize) -> Arc<Self> {
         Arc::new(Self {
             left: std::sync::atomic::AtomicUsize::new(0),
-            results: Mutex::new(vec![None; size]),
+            results: (0..size).map(|_| std::sync::OnceLock::new()).collect(),
             done: Notify::new(),
         })
     }
@@ -474,14 +476,10 @@ impl Batch {
     }
 
     fn arrive(&self, index: usize, result: Option<StartOutcome>) {
-        if result.is_some()
-            && let Some(slot) = self
-                .results
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(index)
+        if let Some(result) = result
+            && let Some(slot) = self.results.get(index)
         {
-            *slot = result;
+            let _ = slot.set(result);
         }
         if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
             self.done.notify_one();
@@ -501,7 +499,10 @@ impl Batch {
 
     /// What each start's lifecycle published (`None`: not yet).
     fn results(&self) -> Vec<Option<StartOutcome>> {
-        std::mem::take(&mut *self.results.lock().unwrap_or_else(|p| p.into_inner()))
+        self.results
+            .iter()
+            .map(|slot| slot.get().cloned())
+            .collect()
     }
 }
 
