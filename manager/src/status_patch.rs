@@ -1,7 +1,7 @@
 //! A plugin's status patch (`patch_status`'s JSON object) as the host reads it: the object's
 //! fields in the order they came, each key borrowed from the JSON text when it needs no
 //! unescaping. A plugin patches the same few keys over and over, so reading a patch allocates
-//! nothing for a patch of up to [`INLINE`] fields whose keys the account already has (the status
+//! nothing for a patch of up to four fields whose keys the account already has (the status
 //! board copies a key only when it is new to the account).
 
 use std::borrow::Cow;
