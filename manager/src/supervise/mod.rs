@@ -227,6 +227,12 @@ impl Shared {
         self.attempts.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Hands the lifecycle a new restart count (only `AccountEntry::set_attempts` does).
+    fn set_attempts(&self, attempts: u32) {
+        self.attempts
+            .store(attempts, std::sync::atomic::Ordering::Release);
+    }
+
     fn event(&self) -> MutexGuard<'_, BootEvent> {
         // Plain fields: a poisoned lock only means a panic between two plain updates.
         self.event.lock().unwrap_or_else(|p| p.into_inner())
@@ -576,9 +582,7 @@ impl AccountEntry {
     fn set_attempts(&mut self, attempts: u32) {
         self.attempts = attempts;
         if let Some(lc) = &self.lifecycle {
-            lc.shared
-                .attempts
-                .store(attempts, std::sync::atomic::Ordering::Release);
+            lc.shared.set_attempts(attempts);
         }
     }
 
