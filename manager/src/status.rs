@@ -849,26 +849,17 @@ pub(crate) fn check_patch_types(key: &AccountKey, patch: &StatusPatch<'_>) -> Re
 /// fields get room for the new ones at once, and keep none spare). Host-owned keys were refused
 /// before.
 fn apply_patch(snapshot: &mut AccountSnapshot, patch: StatusPatch<'_>) -> Result<(), String> {
-    fn typed<T: serde::de::DeserializeOwned>(key: &str, value: Value) -> Result<T, String> {
-        serde_json::from_value(value).map_err(|e| format!("bad status patch for {key:?}: {e}"))
-    }
     let new_keys = patch
         .keys()
-        .filter(|key| !is_typed_status_key(key) && !snapshot.extra.contains(key))
+        .filter(|key| typed_status_field(key).is_none() && !snapshot.extra.contains(key))
         .count();
     snapshot.extra.reserve_exact(new_keys);
     let applied = patch.into_fields().try_for_each(|(key, value)| {
-        match key.as_ref() {
-            "connected" => snapshot.connected = typed(&key, value)?,
-            "lastConnectedAt" => snapshot.last_connected_at = typed(&key, value)?,
-            "lastEventAt" => snapshot.last_event_at = typed(&key, value)?,
-            "lastInboundAt" => snapshot.last_inbound_at = typed(&key, value)?,
-            "lastOutboundAt" => snapshot.last_outbound_at = typed(&key, value)?,
-            "mode" => snapshot.mode = typed(&key, value)?,
-            "busy" => snapshot.busy = typed(&key, value)?,
-            "activeRuns" => snapshot.active_runs = typed(&key, value)?,
-            "lastRunActivityAt" => snapshot.last_run_activity_at = typed(&key, value)?,
-            _ => {
+        match typed_status_field(&key) {
+            Some(set) => {
+                set(snapshot, value).map_err(|e| format!("bad status patch for {key:?}: {e}"))?
+            }
+            None => {
                 snapshot.extra.set(key, value);
             }
         }
@@ -879,20 +870,55 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: StatusPatch<'_>) -> Result
     applied
 }
 
-/// Whether `key` is one of the snapshot's typed fields a plugin may set (see [`apply_patch`]).
-fn is_typed_status_key(key: &str) -> bool {
-    matches!(
-        key,
-        "connected"
-            | "lastConnectedAt"
-            | "lastEventAt"
-            | "lastInboundAt"
-            | "lastOutboundAt"
-            | "mode"
-            | "busy"
-            | "activeRuns"
-            | "lastRunActivityAt"
-    )
+/// How a typed field of the snapshot is set from a patch's value (refused if of the wrong type).
+type SetTyped = fn(&mut AccountSnapshot, Value) -> serde_json::Result<()>;
+
+/// The snapshot's typed fields a plugin may set, by their key in a patch.
+const TYPED_STATUS_FIELDS: [(&str, SetTyped); 9] = [
+    ("connected", |s, v| {
+        s.connected = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("lastConnectedAt", |s, v| {
+        s.last_connected_at = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("lastEventAt", |s, v| {
+        s.last_event_at = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("lastInboundAt", |s, v| {
+        s.last_inbound_at = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("lastOutboundAt", |s, v| {
+        s.last_outbound_at = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("mode", |s, v| {
+        s.mode = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("busy", |s, v| {
+        s.busy = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("activeRuns", |s, v| {
+        s.active_runs = serde_json::from_value(v)?;
+        Ok(())
+    }),
+    ("lastRunActivityAt", |s, v| {
+        s.last_run_activity_at = serde_json::from_value(v)?;
+        Ok(())
+    }),
+];
+
+/// How the typed field `key` is set, if `key` is one (see [`TYPED_STATUS_FIELDS`]).
+fn typed_status_field(key: &str) -> Option<SetTyped> {
+    TYPED_STATUS_FIELDS
+        .iter()
+        .find(|(name, _)| *name == key)
+        .map(|(_, set)| *set)
 }
 
 /// The time of a host-service call, in both clocks.
