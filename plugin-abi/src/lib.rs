@@ -89,4 +89,8 @@ pub mod sdk;
 /// plugin needs no version of its own to match.
 pub use serde_json;
 
+/// The `serde` this SDK's API uses (a status patch may be any [`Serialize`](serde::Serialize)
+/// value), so a plugin's derives match it.
+pub use serde;
+
 pub use normalize::{DEFAULT_ACCOUNT_ID, MAX_ACCOUNT_ID_LEN, normalize_account_id};

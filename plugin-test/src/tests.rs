@@ -104,6 +104,68 @@ async fn refusals_name_the_account_and_the_reason() {
     assert!(bad.starts_with("channel ticker: the test's TOML:"), "{bad}");
 }
 
+/// Patches its status with a struct, a `json!` object, a long one, a short one after it, and a
+/// value that is not an object.
+#[derive(Default)]
+struct Patcher;
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Counters {
+    starts: u32,
+    last_room: &'static str,
+}
+
+impl ChannelPlugin for Patcher {
+    const CHANNEL_ID: &'static str = "patcher";
+
+    async fn start(&self, ctx: AccountContext) -> PluginResult {
+        let host = ctx.host();
+        host.patch_status(&Counters {
+            starts: 1,
+            last_room: "lobby",
+        })?;
+        host.patch_status(&json!({ "mode": "patching" }))?;
+        // Longer than the buffer a thread keeps; the next patch must not see any of it.
+        host.patch_status(&json!({ "long": "x".repeat(4000) }))?;
+        host.patch_status(&Counters {
+            starts: 2,
+            last_room: "hall",
+        })?;
+        let refused = host.patch_status(&42).unwrap_err().to_string();
+        host.patch_status(&json!({ "refused": refused }))?;
+        ctx.aborted().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_patch_may_be_a_struct_or_a_json_object_and_must_be_an_object() {
+    let harness = Harness::new(Patcher, "").unwrap();
+    let mut account = harness.start("main").unwrap();
+    account
+        .wait_until(secs(5), |r| r.patches.len() == 5)
+        .await
+        .unwrap();
+    let record = account.record();
+    assert_eq!(
+        record.patches[0],
+        json!({ "starts": 1, "lastRoom": "lobby" })
+    );
+    assert_eq!(record.patches[1], json!({ "mode": "patching" }));
+    assert_eq!(record.patches[2]["long"].as_str().map(str::len), Some(4000));
+    assert_eq!(
+        record.patches[3],
+        json!({ "starts": 2, "lastRoom": "hall" })
+    );
+    assert_eq!(
+        record.patches[4],
+        json!({ "refused": "a status patch must be a JSON object" })
+    );
+    assert_eq!(record.status["starts"], 2);
+    account.abort_within(secs(5)).await.unwrap().unwrap();
+}
+
 /// Ignores the abort: the harness must say so instead of hanging.
 #[derive(Default)]
 struct Stubborn;

@@ -1,8 +1,9 @@
 //! What an account's task receives: its account, its abort signal, and the host's services.
 
-use std::{future::Future, sync::Arc};
+use std::{cell::RefCell, future::Future, sync::Arc};
 
 use abi_stable::std_types::{RResult, RString};
+use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -160,18 +161,55 @@ impl Host {
         serde_json::from_str(self.handle.status().as_str()).unwrap_or(Value::Null)
     }
 
-    /// Merges plugin-owned fields into the account's status.
-    pub fn patch_status(&self, patch: &Value) -> Result<(), PluginError> {
-        // Written straight into a buffer sized for a typical patch (`Display` would grow one
-        // from nothing through the formatter, a few reallocations per patch).
-        let text = serde_json::to_string(patch)
-            .map_err(|e| PluginError::new(format!("cannot encode the status patch: {e}")))?;
-        into_result(self.handle.patch_status(text.as_str().into()))
+    /// Merges plugin-owned fields into the account's status: a JSON object, given as a [`Value`]
+    /// (`&json!({ "room": room })`) or as any value that serialises to an object, such as a
+    /// `#[derive(Serialize)]` struct of the fields. A struct builds no map: its fields are
+    /// written straight into the text the host reads, which is the cheaper way for a patch made
+    /// at every start or on every message.
+    pub fn patch_status<P: Serialize + ?Sized>(&self, patch: &P) -> Result<(), PluginError> {
+        // The text is written into this thread's buffer, kept between patches (a thread that is
+        // inside a patch already, or is ending, writes into a fresh one).
+        with_buffer(|text| {
+            serde_json::to_writer(&mut *text, patch)
+                .map_err(|e| PluginError::new(format!("cannot encode the status patch: {e}")))?;
+            // `serde_json` writes only UTF-8.
+            let text = std::str::from_utf8(text)
+                .map_err(|e| PluginError::new(format!("cannot encode the status patch: {e}")))?;
+            into_result(self.handle.patch_status(text.into()))
+        })
     }
 
     /// False once the host has given up on this task (see [`HostServices`](crate::abi::HostServices)).
     pub fn is_current(&self) -> bool {
         self.handle.is_current()
+    }
+}
+
+/// The most a patch buffer keeps between patches (a larger one is freed after its patch).
+const PATCH_BUFFER_KEPT: usize = 1024;
+
+thread_local! {
+    /// The text of this thread's last status patch, cleared and reused by the next.
+    static PATCH_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with an empty buffer: this thread's own if it is free, else a fresh one.
+fn with_buffer<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut f = Some(f);
+    let kept = PATCH_BUFFER.try_with(|cell| {
+        let mut buffer = cell.try_borrow_mut().ok()?;
+        buffer.clear();
+        let out = f.take()?(&mut buffer);
+        if buffer.capacity() > PATCH_BUFFER_KEPT {
+            *buffer = Vec::new();
+        }
+        Some(out)
+    });
+    match (kept, f) {
+        (Ok(Some(out)), _) => out,
+        // The buffer was taken (or the thread is ending): `f` has not run.
+        (_, Some(f)) => f(&mut Vec::new()),
+        (_, None) => unreachable!("`f` ran, so it returned"),
     }
 }
 
