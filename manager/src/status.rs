@@ -320,10 +320,20 @@ impl Entry {
 /// Every account's entry, by channel and then by account: a channel's accounts are found (and
 /// read for a snapshot) without building a key per account. The maps hash with hashbrown's
 /// default (foldhash, seeded per process) rather than SipHash: ids come from the config and the
-/// plugins, and an account's start and stop look them up several times.
+/// plugins, and an account's start and stop look them up several times. Channels and entries are
+/// kept in vectors and never removed, so an entry's [`Place`] stays valid for the life of the
+/// board: an account's lifecycle finds it once and writes through it without a lookup.
 #[derive(Default)]
 struct Entries {
-    channels: hashbrown::HashMap<String, ChannelEntries>,
+    index: hashbrown::HashMap<String, u32>,
+    channels: Vec<ChannelEntries>,
+}
+
+/// Where an account's entry is on its board (see [`Entries`]).
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    channel: u32,
+    slot: u32,
 }
 
 /// One channel's entries: kept in a vector (entries are never removed), found by account id
@@ -397,33 +407,57 @@ enum Item {
 }
 
 impl Entries {
+    fn channel(&self, channel: &str) -> Option<&ChannelEntries> {
+        self.index.get(channel).map(|&i| &self.channels[i as usize])
+    }
+
+    fn channel_mut(&mut self, channel: &str) -> Option<&mut ChannelEntries> {
+        let i = *self.index.get(channel)?;
+        Some(&mut self.channels[i as usize])
+    }
+
     fn get(&self, key: &AccountKey) -> Option<&Entry> {
-        self.channels.get(&key.channel)?.get(&key.account)
+        self.channel(&key.channel)?.get(&key.account)
     }
 
     fn get_mut(&mut self, key: &AccountKey) -> Option<&mut Entry> {
-        self.channels.get_mut(&key.channel)?.get_mut(&key.account)
+        self.channel_mut(&key.channel)?.get_mut(&key.account)
+    }
+
+    /// The entry at `place` (a place this board handed out: entries are never removed).
+    fn at(&mut self, place: Place) -> &mut Entry {
+        &mut self.channels[place.channel as usize].slots[place.slot as usize]
     }
 
     /// `key`'s entry, created if needed (allocating only then).
     fn entry(&mut self, key: &AccountKey) -> &mut Entry {
-        self.entry_or_new(key).0
+        let (place, _) = self.place_or_new(key);
+        self.at(place)
     }
 
-    /// `key`'s entry, created if needed, and whether it was (one lookup either way).
-    fn entry_or_new(&mut self, key: &AccountKey) -> (&mut Entry, bool) {
-        let channel = self.channels.entry_ref(key.channel.as_str()).or_default();
-        let (slot, new) = match channel.index.get(key.account.as_str()) {
+    /// Where `key`'s entry is, created if needed, and whether it was (one lookup either way).
+    fn place_or_new(&mut self, key: &AccountKey) -> (Place, bool) {
+        let channel = match self.index.get(key.channel.as_str()) {
+            Some(&i) => i,
+            None => {
+                let i = u32::try_from(self.channels.len()).expect("fewer than 2^32 channels");
+                self.channels.push(ChannelEntries::default());
+                self.index.insert(key.channel.clone(), i);
+                i
+            }
+        };
+        let entries = &mut self.channels[channel as usize];
+        let (slot, new) = match entries.index.get(key.account.as_str()) {
             Some(&slot) => (slot, false),
             None => {
-                let slot = u32::try_from(channel.slots.len())
+                let slot = u32::try_from(entries.slots.len())
                     .expect("fewer than 2^32 accounts in a channel");
-                channel.slots.push(new_entry(key));
-                channel.index.insert(key.account.clone(), slot);
+                entries.slots.push(new_entry(key));
+                entries.index.insert(key.account.clone(), slot);
                 (slot, true)
             }
         };
-        (&mut channel.slots[slot as usize], new)
+        (Place { channel, slot }, new)
     }
 }
 
@@ -617,9 +651,34 @@ impl StatusBoard {
         key: &AccountKey,
         f: impl FnOnce(&mut AccountSnapshot),
     ) -> u64 {
+        self.begin_generation_at(key, None, f).0
+    }
+
+    /// [`begin_generation_and`](Self::begin_generation_and), which also hands out the account's
+    /// part of the board: its later writes and its tasks' host calls go straight to its entry.
+    pub(crate) fn begin_first_generation(
+        self: &Arc<Self>,
+        key: &AccountKey,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) -> (u64, Arc<AccountBoard>) {
+        let (generation, place) = self.begin_generation_at(key, None, f);
+        let board = AccountBoard {
+            board: self.clone(),
+            place,
+        };
+        (generation, Arc::new(board))
+    }
+
+    /// [`begin_generation_and`](Self::begin_generation_and) at `place` (else found by `key`).
+    fn begin_generation_at(
+        &self,
+        key: &AccountKey,
+        place: Option<Place>,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) -> (u64, Place) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.write(key, |entry| entry.generation = generation, f);
-        generation
+        let place = self.write(key, place, |entry| entry.generation = generation, f);
+        (generation, place)
     }
 
     /// Makes every handle of `key` stale (the host gave up on its task).
@@ -633,13 +692,23 @@ impl StatusBoard {
     /// [`retire_generation`](Self::retire_generation) and [`update`](Self::update) with `f`,
     /// under one lock (the write at the end of a run).
     pub fn retire_generation_and(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.retire_generation_at(key, None, f);
+    }
+
+    /// [`retire_generation_and`](Self::retire_generation_and) at `place` (else found by `key`).
+    fn retire_generation_at(
+        &self,
+        key: &AccountKey,
+        place: Option<Place>,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.write(key, |entry| entry.generation = generation, f);
+        self.write(key, place, |entry| entry.generation = generation, f);
     }
 
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
     pub fn update(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
-        self.write(key, |_| {}, f);
+        self.write(key, None, |_| {}, f);
     }
 
     /// [`update`](Self::update) with `f` for each of `keys`, under one lock (a stop of many
@@ -651,19 +720,20 @@ impl StatusBoard {
     ) {
         let mut entries = self.lock();
         for key in keys {
-            self.write_locked(&mut entries, key, |_| {}, &f);
+            self.write_locked(&mut entries, key, None, |_| {}, &f);
         }
     }
 
-    /// Under one lock: `entry` on `key`'s entry (created if needed), then `f` on its snapshot,
-    /// then the state change published.
+    /// Under one lock: `entry` on `key`'s entry (at `place`, else found by `key` and created if
+    /// needed), then `f` on its snapshot, then the state change published. Returns the place.
     fn write(
         &self,
         key: &AccountKey,
+        place: Option<Place>,
         entry: impl FnOnce(&mut Entry),
         f: impl FnOnce(&mut AccountSnapshot),
-    ) {
-        self.write_locked(&mut self.lock(), key, entry, f);
+    ) -> Place {
+        self.write_locked(&mut self.lock(), key, place, entry, f)
     }
 
     /// [`write`](Self::write), under a lock the caller holds.
@@ -671,16 +741,22 @@ impl StatusBoard {
         &self,
         entries: &mut Entries,
         key: &AccountKey,
+        place: Option<Place>,
         entry: impl FnOnce(&mut Entry),
         f: impl FnOnce(&mut AccountSnapshot),
-    ) {
-        let (written, new) = entries.entry_or_new(key);
+    ) -> Place {
+        let (place, new) = match place {
+            Some(place) => (place, false),
+            None => entries.place_or_new(key),
+        };
+        let written = entries.at(place);
         let before = (!new).then(|| derive(&written.snapshot));
         entry(written);
         let snapshot = written.snapshot_mut();
         f(snapshot);
         // The publish hook of every `set_state`: under the lock, so changes go out in order.
         self.states.publish(key, before, snapshot);
+        place
     }
 
     /// The snapshots of `channel`'s accounts `ids`, read under one lock, keyed by account id;
@@ -706,7 +782,7 @@ impl StatusBoard {
         missing: impl Fn(&str) -> Option<AccountSnapshot>,
     ) -> ChannelSnapshot {
         let entries = self.lock();
-        match entries.channels.get(channel) {
+        match entries.channel(channel) {
             Some(accounts) => accounts.materialise(&accounts.sorted_view(ids, missing)),
             None => ChannelSnapshot::unwritten(ids, missing),
         }
@@ -725,7 +801,7 @@ impl StatusBoard {
         missing: impl Fn(&str) -> Option<AccountSnapshot>,
     ) -> ChannelSnapshot {
         let mut entries = self.lock();
-        let Some(accounts) = entries.channels.get_mut(channel) else {
+        let Some(accounts) = entries.channel_mut(channel) else {
             return ChannelSnapshot::unwritten(ids(), missing);
         };
         let fresh = accounts.view.as_ref().is_some_and(|view| {
@@ -751,9 +827,20 @@ impl StatusBoard {
     /// Marks the start of a run (stamps `lastStartAt` and the monotonic start the health monitor
     /// measures from) and applies `f` to the snapshot, under one lock.
     pub fn mark_started(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.mark_started_at(key, None, f);
+    }
+
+    /// [`mark_started`](Self::mark_started) at `place` (else found by `key`).
+    fn mark_started_at(
+        &self,
+        key: &AccountKey,
+        place: Option<Place>,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
         let (now, wall) = (self.clock.now(), self.clock.wall_ms());
         self.write(
             key,
+            place,
             |entry| entry.liveness.started_at = Some(now),
             |s| {
                 s.last_start_at = Some(wall);
@@ -786,13 +873,18 @@ impl StatusBoard {
     /// clock only for what it stamps (a patch stamps nothing).
     fn if_current<T>(
         &self,
-        key: &AccountKey,
+        at: At<'_>,
         generation: u64,
         stale: impl FnOnce() -> T,
         f: impl FnOnce(&mut AccountSnapshot, &mut Liveness, &dyn Clock) -> T,
     ) -> T {
+        let key = at.key;
         let mut entries = self.lock();
-        match entries.get_mut(key) {
+        let entry = match at.place {
+            Some(place) => Some(entries.at(place)),
+            None => entries.get_mut(key),
+        };
+        match entry {
             Some(entry) if entry.generation == generation => {
                 let Entry {
                     snapshot, liveness, ..
@@ -954,32 +1046,36 @@ fn mark_event(
     }
 }
 
-impl HostSink for StatusBoard {
-    fn runtime_report(&self, channel: &str, fields: &str) {
-        self.runtimes.report(channel, fields, self.clock.wall_ms());
+/// An account a host call is for: its key, and its place on the board when the caller knows it
+/// (then no lookup is made).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    key: &'a AccountKey,
+    place: Option<Place>,
+}
+
+/// The host services' work on the board, for an account found by key or at its place.
+impl StatusBoard {
+    fn is_current_at(&self, at: At<'_>, generation: u64) -> bool {
+        let mut entries = self.lock();
+        match at.place {
+            Some(place) => entries.at(place).generation == generation,
+            None => entries
+                .get(at.key)
+                .is_some_and(|e| e.generation == generation),
+        }
     }
 
-    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
-        self.lock()
-            .get(key)
-            .is_some_and(|e| e.generation == generation)
-    }
-
-    fn status_json(&self, key: &AccountKey) -> Value {
-        self.get(key)
-            .and_then(|s| serde_json::to_value(s).ok())
-            .unwrap_or(Value::Null)
-    }
-
-    fn patch_status(
+    fn patch_status_at(
         &self,
-        key: &AccountKey,
+        at: At<'_>,
         generation: u64,
         patch: StatusPatch<'_>,
     ) -> Result<(), String> {
+        let key = at.key;
         refuse_host_owned(key, &patch)?;
         self.if_current(
-            key,
+            at,
             generation,
             || Err(stale_error(key)),
             |snapshot, _, _| {
@@ -991,9 +1087,9 @@ impl HostSink for StatusBoard {
         )
     }
 
-    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+    fn set_connected_at(&self, at: At<'_>, generation: u64, connected: bool) {
         self.if_current(
-            key,
+            at,
             generation,
             || (),
             |snapshot, _, clock| {
@@ -1002,14 +1098,14 @@ impl HostSink for StatusBoard {
                 if connected {
                     snapshot.last_connected_at = Some(clock.wall_ms());
                 }
-                self.states.publish(key, Some(before), snapshot);
+                self.states.publish(at.key, Some(before), snapshot);
             },
         );
     }
 
-    fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
+    fn record_event_at(&self, at: At<'_>, generation: u64, kind: EventKind) {
         self.if_current(
-            key,
+            at,
             generation,
             || (),
             |snapshot, liveness, clock| {
@@ -1019,9 +1115,9 @@ impl HostSink for StatusBoard {
         );
     }
 
-    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+    fn set_busy_at(&self, at: At<'_>, generation: u64, active_runs: u32) {
         self.if_current(
-            key,
+            at,
             generation,
             || (),
             |snapshot, liveness, clock| {
@@ -1034,14 +1130,15 @@ impl HostSink for StatusBoard {
         );
     }
 
-    fn deliver(
+    fn deliver_at(
         &self,
-        key: &AccountKey,
+        at: At<'_>,
         generation: u64,
         message: InboundMessage,
     ) -> BoxFuture<Result<u64, String>> {
+        let key = at.key;
         let current = self.if_current(
-            key,
+            at,
             generation,
             || Err(stale_error(key)),
             |snapshot, liveness, clock| {
@@ -1064,6 +1161,141 @@ impl HostSink for StatusBoard {
     }
 }
 
+impl HostSink for StatusBoard {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.runtimes.report(channel, fields, self.clock.wall_ms());
+    }
+
+    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
+        self.is_current_at(At { key, place: None }, generation)
+    }
+
+    fn status_json(&self, key: &AccountKey) -> Value {
+        self.get(key)
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn patch_status(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        patch: StatusPatch<'_>,
+    ) -> Result<(), String> {
+        self.patch_status_at(At { key, place: None }, generation, patch)
+    }
+
+    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+        self.set_connected_at(At { key, place: None }, generation, connected);
+    }
+
+    fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
+        self.record_event_at(At { key, place: None }, generation, kind);
+    }
+
+    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+        self.set_busy_at(At { key, place: None }, generation, active_runs);
+    }
+
+    fn deliver(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        message: InboundMessage,
+    ) -> BoxFuture<Result<u64, String>> {
+        self.deliver_at(At { key, place: None }, generation, message)
+    }
+}
+
+/// One account's part of the status board, handed out at its lifecycle's first boot
+/// ([`StatusBoard::begin_first_generation`]): the lifecycle's later writes and the host calls of
+/// the account's tasks (it is their links' sink) go straight to the account's entry, without
+/// looking it up by key under the board's lock. The board stays the entry's one owner; this only
+/// knows where the entry is. Every call is for the account the board handed it out for: the key
+/// a call brings names the account in errors and published changes.
+pub(crate) struct AccountBoard {
+    board: Arc<StatusBoard>,
+    place: Place,
+}
+
+impl AccountBoard {
+    fn at<'a>(&self, key: &'a AccountKey) -> At<'a> {
+        At {
+            key,
+            place: Some(self.place),
+        }
+    }
+
+    /// [`StatusBoard::begin_generation_and`], for this account.
+    pub(crate) fn begin_generation_and(
+        &self,
+        key: &AccountKey,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) -> u64 {
+        self.board.begin_generation_at(key, Some(self.place), f).0
+    }
+
+    /// [`StatusBoard::mark_started`], for this account.
+    pub(crate) fn mark_started(&self, key: &AccountKey, f: impl FnOnce(&mut AccountSnapshot)) {
+        self.board.mark_started_at(key, Some(self.place), f);
+    }
+
+    /// [`StatusBoard::retire_generation_and`], for this account.
+    pub(crate) fn retire_generation_and(
+        &self,
+        key: &AccountKey,
+        f: impl FnOnce(&mut AccountSnapshot),
+    ) {
+        self.board.retire_generation_at(key, Some(self.place), f);
+    }
+}
+
+impl HostSink for AccountBoard {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.board.runtime_report(channel, fields);
+    }
+
+    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
+        self.board.is_current_at(self.at(key), generation)
+    }
+
+    fn status_json(&self, key: &AccountKey) -> Value {
+        self.board.status_json(key)
+    }
+
+    fn patch_status(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        patch: StatusPatch<'_>,
+    ) -> Result<(), String> {
+        self.board.patch_status_at(self.at(key), generation, patch)
+    }
+
+    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+        self.board
+            .set_connected_at(self.at(key), generation, connected);
+    }
+
+    fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
+        self.board.record_event_at(self.at(key), generation, kind);
+    }
+
+    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+        self.board
+            .set_busy_at(self.at(key), generation, active_runs);
+    }
+
+    fn deliver(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        message: InboundMessage,
+    ) -> BoxFuture<Result<u64, String>> {
+        self.board.deliver_at(self.at(key), generation, message)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -1075,6 +1307,56 @@ mod tests {
 
     fn board() -> StatusBoard {
         StatusBoard::new(Arc::new(SystemClock))
+    }
+
+    /// An account's part of the board writes to that account's entry (among others of its
+    /// channel and of another channel), and drops and counts a call from a generation it has
+    /// retired, as the board does for a call by key.
+    #[test]
+    fn an_account_board_writes_its_own_entry_and_drops_stale_calls() {
+        let board = Arc::new(board());
+        let (a, b) = (AccountKey::new("ch", "a"), AccountKey::new("ch", "b"));
+        let other = AccountKey::new("other", "a");
+        board.update(&b, |s| s.last_error = Some("b".into()));
+        board.update(&other, |s| s.last_error = Some("other".into()));
+        let (first, account) =
+            board.begin_first_generation(&a, |s| s.set_state(AccountState::Starting));
+        assert_eq!(board.generation(&a), Some(first));
+        account
+            .patch_status(&a, first, StatusPatch::parse(r#"{"x": 1}"#).unwrap())
+            .unwrap();
+        account.set_connected(&a, first, true);
+        account.mark_started(&a, |s| s.set_state(AccountState::Running));
+        let snapshot = board.get(&a).unwrap();
+        assert_eq!(snapshot.extra.get("x"), Some(&serde_json::json!(1)));
+        assert_eq!(snapshot.connected, Some(true));
+        assert_eq!(snapshot.state, AccountState::Running);
+        assert!(account.is_current(&a, first));
+        // The next run: the first run's calls are stale from here.
+        account.retire_generation_and(&a, |s| s.set_state(AccountState::RestartPending));
+        let second = account.begin_generation_and(&a, |s| s.set_state(AccountState::Starting));
+        assert_eq!(board.generation(&a), Some(second));
+        assert!(!account.is_current(&a, first));
+        let stale = account
+            .patch_status(&a, first, StatusPatch::parse(r#"{"x": 2}"#).unwrap())
+            .unwrap_err();
+        assert_eq!(
+            stale,
+            "ch:a: this task has been replaced; the call was dropped"
+        );
+        // (The end of the run reported the connection down.)
+        account.set_connected(&a, first, true);
+        assert_eq!(board.stale_calls(), 2);
+        let snapshot = board.get(&a).unwrap();
+        assert_eq!(snapshot.extra.get("x"), Some(&serde_json::json!(1)));
+        assert_eq!(snapshot.connected, Some(false));
+        // The other entries were not written.
+        assert_eq!(board.get(&b).unwrap().last_error.as_deref(), Some("b"));
+        assert_eq!(
+            board.get(&other).unwrap().last_error.as_deref(),
+            Some("other")
+        );
+        assert_eq!(board.get(&b).unwrap().extra.get("x"), None);
     }
 
     fn unwritten(id: &str) -> Option<AccountSnapshot> {

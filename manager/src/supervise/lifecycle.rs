@@ -14,7 +14,7 @@ use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
-    status::{AccountSnapshot, AccountState},
+    status::{AccountBoard, AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -194,18 +194,25 @@ impl Lifecycle {
     pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
             let ctx = &self.ctx;
+            // The account's part of the status board, from its first boot on.
+            let mut board: Option<Arc<AccountBoard>> = None;
             'life: loop {
                 self.set_phase(Phase::Booting);
                 // A new generation with the `starting` state, in one write: handles of the last task
                 // are stale from here.
-                let generation = ctx
-                    .inner
-                    .board
-                    .begin_generation_and(&ctx.key, |s| s.set_state(AccountState::Starting));
+                let starting = |s: &mut AccountSnapshot| s.set_state(AccountState::Starting);
+                let (generation, board) = match &board {
+                    Some(board) => (board.begin_generation_and(&ctx.key, starting), board),
+                    None => {
+                        let (generation, first) =
+                            ctx.inner.board.begin_first_generation(&ctx.key, starting);
+                        (generation, &*board.insert(first))
+                    }
+                };
                 // The boot's value lives only in this block (not beside the running task's wait).
                 let ended = 'ran: {
                     let (task, polled) = {
-                        let boot = self.boot(generation).await;
+                        let boot = self.boot(generation, board).await;
                         match boot {
                             Boot::Stopped => {
                                 self.publish(StartOutcome::Stopped);
@@ -260,7 +267,7 @@ impl Lifecycle {
                         self.publish(StartOutcome::Stopped);
                         break 'life;
                     }
-                    match self.run_task(task, polled).await {
+                    match self.run_task(task, polled, board).await {
                         RunEnd::Stopped => break 'life,
                         RunEnd::Exited(ended) => ended,
                     }
@@ -268,14 +275,14 @@ impl Lifecycle {
                 if self.shared.stop_requested() {
                     // A stop raced with the end of the task: the stop wins, and says so.
                     let now = ctx.inner.clock.wall_ms();
-                    ctx.inner.board.retire_generation_and(&ctx.key, |s| {
+                    board.retire_generation_and(&ctx.key, |s| {
                         s.set_state(AccountState::Stopped);
                         s.last_stop_at = Some(now);
                         s.last_error = Some(ended.error.clone());
                     });
                     break 'life;
                 }
-                if !Box::pin(self.schedule_restart(ended)).await {
+                if !Box::pin(self.schedule_restart(ended, board)).await {
                     break 'life;
                 }
             }
@@ -292,7 +299,7 @@ impl Lifecycle {
     /// (see `Supervisor::start_account`), but the lifecycle keeps the call, because a start that
     /// returns late still hands over a task, and a second boot beside it would start a second
     /// one. A stop bounds the wait by the stop timeout (then [`Boot::Stuck`]).
-    async fn boot(&self, generation: u64) -> Boot {
+    async fn boot(&self, generation: u64, board: &Arc<AccountBoard>) -> Boot {
         let ctx = &self.ctx;
         if self.shared.stop_requested() {
             return Boot::Stopped;
@@ -304,7 +311,8 @@ impl Lifecycle {
             // The host's own `enabled = false`: the plugin is not asked.
             return Boot::Disabled("disabled".into());
         }
-        let sink: Arc<dyn HostSink> = ctx.inner.board.clone();
+        // The link's host calls go straight to the account's entry on the board.
+        let sink: Arc<dyn HostSink> = board.clone();
         let link = AccountLink::for_shared_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
         let polled = plugin.reports_task_polled().then_some(generation);
@@ -361,11 +369,12 @@ impl Lifecycle {
         clippy::manual_async_fn,
         reason = "an async fn's future holds its arguments twice"
     )]
-    fn run_task(
-        &self,
+    fn run_task<'a>(
+        &'a self,
         mut task: RunningTask,
         polled: Polled,
-    ) -> impl std::future::Future<Output = RunEnd> + Send + '_ {
+        board: &'a AccountBoard,
+    ) -> impl std::future::Future<Output = RunEnd> + Send + 'a {
         // Not an `async fn`: its arguments are moved into the block once, not held twice.
         async move {
             let ctx = &self.ctx;
@@ -398,7 +407,7 @@ impl Lifecycle {
             // Read without the state's lock: its owner mirrors every change into `shared`.
             let attempts = self.shared.attempts();
             // Stamps lastStartAt and the monotonic start the health monitor measures from.
-            ctx.inner.board.mark_started(&ctx.key, |s| {
+            board.mark_started(&ctx.key, |s| {
                 s.set_state(AccountState::Running);
                 s.last_error = None;
                 s.reconnect_attempts = attempts;
@@ -444,7 +453,7 @@ impl Lifecycle {
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
     /// Returns whether to boot again. Every way out records why; the first write also retires
     /// the run's generation and says why it ended (handles of the task are stale from there).
-    async fn schedule_restart(&self, ended: Ended) -> bool {
+    async fn schedule_restart(&self, ended: Ended, board: &Arc<AccountBoard>) -> bool {
         let Ended { error, ran_for, at } = ended;
         let ctx = &self.ctx;
         let policy = ctx.inner.policy();
@@ -476,9 +485,7 @@ impl Lifecycle {
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);
             let why = format!("{error}; {message}");
-            ctx.inner
-                .board
-                .retire_generation_and(&ctx.key, |s| ended(s, AccountState::GaveUp, why));
+            board.retire_generation_and(&ctx.key, |s| ended(s, AccountState::GaveUp, why));
             return false;
         }
         let delay = backoff_delay(&policy, attempt, ctx.inner.jitter.next());
@@ -490,9 +497,7 @@ impl Lifecycle {
             "task ended ({error}); restarting after backoff"
         );
         ctx.inner.restart_log.record(&ctx.key.channel, false, now);
-        ctx.inner
-            .board
-            .retire_generation_and(&ctx.key, |s| ended(s, AccountState::RestartPending, error));
+        board.retire_generation_and(&ctx.key, |s| ended(s, AccountState::RestartPending, error));
         self.shared.clear_woken();
         self.set_phase(Phase::Backoff);
         let deadline = ctx.inner.clock.now() + delay;
