@@ -660,13 +660,13 @@ impl StatusBoard {
         self: &Arc<Self>,
         key: &AccountKey,
         f: impl FnOnce(&mut AccountSnapshot),
-    ) -> (u64, Arc<AccountBoard>) {
+    ) -> (u64, AccountBoard) {
         let (generation, place) = self.begin_generation_at(key, None, f);
         let board = AccountBoard {
             board: self.clone(),
             place,
         };
-        (generation, Arc::new(board))
+        (generation, board)
     }
 
     /// [`begin_generation_and`](Self::begin_generation_and) at `place` (else found by `key`).
@@ -718,9 +718,20 @@ impl StatusBoard {
         keys: impl IntoIterator<Item = &'k AccountKey>,
         f: impl Fn(&mut AccountSnapshot),
     ) {
+        self.update_each_at(keys.into_iter().map(|key| (key, None)), f);
+    }
+
+    /// [`update_each`](Self::update_each) for accounts given with their part of this board when
+    /// it is known (then no lookup is made).
+    pub(crate) fn update_each_at<'k>(
+        &self,
+        accounts: impl IntoIterator<Item = (&'k AccountKey, Option<&'k AccountBoard>)>,
+        f: impl Fn(&mut AccountSnapshot),
+    ) {
         let mut entries = self.lock();
-        for key in keys {
-            self.write_locked(&mut entries, key, None, |_| {}, &f);
+        for (key, account) in accounts {
+            let place = account.and_then(|a| std::ptr::eq(&*a.board, self).then_some(a.place));
+            self.write_locked(&mut entries, key, place, |_| {}, &f);
         }
     }
 
@@ -1208,14 +1219,22 @@ impl HostSink for StatusBoard {
 }
 
 /// One account's part of the status board, handed out at its lifecycle's first boot
-/// ([`StatusBoard::begin_first_generation`]): the lifecycle's later writes and the host calls of
-/// the account's tasks (it is their links' sink) go straight to the account's entry, without
-/// looking it up by key under the board's lock. The board stays the entry's one owner; this only
-/// knows where the entry is. Every call is for the account the board handed it out for: the key
-/// a call brings names the account in errors and published changes.
+/// ([`StatusBoard::begin_first_generation`]): the lifecycle's later writes, its stops and the
+/// host calls of the account's tasks go straight to the account's entry, without looking it up
+/// by key under the board's lock. The board stays the entry's one owner; this only knows where
+/// the entry is. Every call is for the account the board handed it out for: the key a call brings
+/// names the account in errors and published changes.
 pub(crate) struct AccountBoard {
     board: Arc<StatusBoard>,
     place: Place,
+}
+
+impl std::fmt::Debug for AccountBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountBoard")
+            .field("place", &self.place)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AccountBoard {

@@ -194,25 +194,25 @@ impl Lifecycle {
     pub(super) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         async move {
             let ctx = &self.ctx;
-            // The account's part of the status board, from its first boot on.
-            let mut board: Option<Arc<AccountBoard>> = None;
             'life: loop {
                 self.set_phase(Phase::Booting);
                 // A new generation with the `starting` state, in one write: handles of the last task
-                // are stale from here.
+                // are stale from here. The first one hands out the account's part of the board.
                 let starting = |s: &mut AccountSnapshot| s.set_state(AccountState::Starting);
-                let (generation, board) = match &board {
-                    Some(board) => (board.begin_generation_and(&ctx.key, starting), board),
+                let generation = match self.shared.account_board() {
+                    Some(board) => board.begin_generation_and(&ctx.key, starting),
                     None => {
-                        let (generation, first) =
+                        let (generation, board) =
                             ctx.inner.board.begin_first_generation(&ctx.key, starting);
-                        (generation, &*board.insert(first))
+                        self.shared.set_account_board(board);
+                        generation
                     }
                 };
+                let board = self.shared.link_board();
                 // The boot's value lives only in this block (not beside the running task's wait).
                 let ended = 'ran: {
                     let (task, polled) = {
-                        let boot = self.boot(generation, board).await;
+                        let boot = self.boot(generation).await;
                         match boot {
                             Boot::Stopped => {
                                 self.publish(StartOutcome::Stopped);
@@ -299,7 +299,7 @@ impl Lifecycle {
     /// (see `Supervisor::start_account`), but the lifecycle keeps the call, because a start that
     /// returns late still hands over a task, and a second boot beside it would start a second
     /// one. A stop bounds the wait by the stop timeout (then [`Boot::Stuck`]).
-    async fn boot(&self, generation: u64, board: &Arc<AccountBoard>) -> Boot {
+    async fn boot(&self, generation: u64) -> Boot {
         let ctx = &self.ctx;
         if self.shared.stop_requested() {
             return Boot::Stopped;
@@ -311,8 +311,8 @@ impl Lifecycle {
             // The host's own `enabled = false`: the plugin is not asked.
             return Boot::Disabled("disabled".into());
         }
-        // The link's host calls go straight to the account's entry on the board.
-        let sink: Arc<dyn HostSink> = board.clone();
+        // The link's host calls go straight to the account's entry on the board (this cell's).
+        let sink: Arc<dyn HostSink> = self.shared.clone();
         let link = AccountLink::for_shared_account(ctx.key.clone(), generation, sink);
         let plugin = ctx.channel.plugin.clone();
         let polled = plugin.reports_task_polled().then_some(generation);
@@ -453,7 +453,7 @@ impl Lifecycle {
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
     /// Returns whether to boot again. Every way out records why; the first write also retires
     /// the run's generation and says why it ended (handles of the task are stale from there).
-    async fn schedule_restart(&self, ended: Ended, board: &Arc<AccountBoard>) -> bool {
+    async fn schedule_restart(&self, ended: Ended, board: &AccountBoard) -> bool {
         let Ended { error, ran_for, at } = ended;
         let ctx = &self.ctx;
         let policy = ctx.inner.policy();

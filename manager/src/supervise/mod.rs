@@ -67,7 +67,7 @@ use crate::{
     config::{ChannelSection, SupervisorConfig},
     host::AccountKey,
     plugin::{Check, Plugin},
-    status::{AccountSnapshot, AccountState, Snapshot, StatusBoard},
+    status::{AccountBoard, AccountSnapshot, AccountState, Snapshot, StatusBoard},
 };
 
 /// What a start did, per account.
@@ -196,6 +196,10 @@ struct Shared {
     /// owner, writes it here whenever it changes; see `AccountEntry::set_attempts`), for the
     /// lifecycle to read without the state's lock each time its task runs.
     attempts: std::sync::atomic::AtomicU32,
+    /// The account's part of the status board, from the lifecycle's first boot on (the account's
+    /// entry may not exist before: an account never written shows as unwritten). Its task's links
+    /// report through it, with this cell as their sink.
+    board: std::sync::OnceLock<AccountBoard>,
     /// What the lifecycle publishes (its boot outcomes and its end), and the batches waiting for
     /// it (see [`Batch`]: every wait for a lifecycle is one).
     event: Mutex<BootEvent>,
@@ -217,6 +221,7 @@ impl Shared {
             aborted: std::sync::atomic::AtomicU64::new(0),
             woken: std::sync::atomic::AtomicBool::new(false),
             boot_claimed: std::sync::atomic::AtomicBool::new(false),
+            board: std::sync::OnceLock::new(),
             event: Mutex::new(BootEvent::default()),
             lifecycle: futures_util::task::AtomicWaker::new(),
         }
@@ -373,6 +378,78 @@ impl Shared {
             std::sync::atomic::Ordering::Acquire,
             |now| (now != Phase::Stopping as u8 || phase == Phase::Stopping).then_some(phase as u8),
         );
+    }
+}
+
+impl Shared {
+    /// The account's part of the status board, once the lifecycle's first boot has begun.
+    fn account_board(&self) -> Option<&AccountBoard> {
+        self.board.get()
+    }
+
+    /// Keeps the account's part of the status board (handed out at the lifecycle's first boot).
+    fn set_account_board(&self, board: AccountBoard) {
+        // Set once: only the lifecycle's first boot hands one out.
+        let _ = self.board.set(board);
+    }
+
+    /// The account's part of the status board, for the lifecycle's writes after its first boot
+    /// began and for its task's links (made after that).
+    fn link_board(&self) -> &AccountBoard {
+        self.board
+            .get()
+            .expect("a lifecycle's link is made after its first boot began")
+    }
+}
+
+/// A lifecycle's cell is its task's links' sink: their host calls go to the account's entry on
+/// the board (see [`AccountBoard`]) without a lookup.
+impl crate::host::HostSink for Shared {
+    fn runtime_report(&self, channel: &str, fields: &str) {
+        self.link_board().runtime_report(channel, fields);
+    }
+
+    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
+        self.link_board().is_current(key, generation)
+    }
+
+    fn status_json(&self, key: &AccountKey) -> serde_json::Value {
+        self.link_board().status_json(key)
+    }
+
+    fn patch_status(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        patch: crate::status_patch::StatusPatch<'_>,
+    ) -> Result<(), String> {
+        self.link_board().patch_status(key, generation, patch)
+    }
+
+    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
+        self.link_board().set_connected(key, generation, connected);
+    }
+
+    fn record_event(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        kind: channeld_plugin_abi::abi::EventKind,
+    ) {
+        self.link_board().record_event(key, generation, kind);
+    }
+
+    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
+        self.link_board().set_busy(key, generation, active_runs);
+    }
+
+    fn deliver(
+        &self,
+        key: &AccountKey,
+        generation: u64,
+        message: channeld_plugin_abi::abi::InboundMessage,
+    ) -> crate::plugin::BoxFuture<Result<u64, String>> {
+        self.link_board().deliver(key, generation, message)
     }
 }
 
@@ -1293,11 +1370,12 @@ impl Supervisor {
             // Every running one shows `stopping` first, in one write of the board, before its
             // signal is set: the lifecycle's own `stopped` (written once it sees the signal)
             // always lands after this.
-            self.inner
-                .board
-                .update_each(running.iter().map(|(i, _, _)| &*keys[*i]), |s| {
-                    s.set_state(AccountState::Stopping)
-                });
+            self.inner.board.update_each_at(
+                running
+                    .iter()
+                    .map(|(i, shared, _)| (&*keys[*i], shared.account_board())),
+                |s| s.set_state(AccountState::Stopping),
+            );
             for (i, shared, channel) in running {
                 // From here on a start waits for this stop to finish, then starts anew.
                 shared.set_phase(Phase::Stopping);
