@@ -1279,17 +1279,32 @@ impl AccountBoard {
     }
 }
 
-impl HostSink for AccountBoard {
+/// What holds an account's part of the board ([`AccountBoard`]; the supervisor's cell of the
+/// account's lifecycle holds one): it is the sink of the account's task links, and their calls go
+/// to the account's entry.
+pub(crate) trait HoldsAccountBoard: Send + Sync + 'static {
+    /// The account's part of the board.
+    fn account_board(&self) -> &AccountBoard;
+}
+
+impl HoldsAccountBoard for AccountBoard {
+    fn account_board(&self) -> &AccountBoard {
+        self
+    }
+}
+
+impl<T: HoldsAccountBoard> HostSink for T {
     fn runtime_report(&self, channel: &str, fields: &str) {
-        self.board.runtime_report(channel, fields);
+        self.account_board().board.runtime_report(channel, fields);
     }
 
     fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
-        self.board.is_current_at(self.at(key), generation)
+        let account = self.account_board();
+        account.board.is_current_at(account.at(key), generation)
     }
 
     fn status_json(&self, key: &AccountKey) -> Value {
-        self.board.status_json(key)
+        self.account_board().board.status_json(key)
     }
 
     fn patch_status(
@@ -1298,21 +1313,31 @@ impl HostSink for AccountBoard {
         generation: u64,
         patch: StatusPatch<'_>,
     ) -> Result<(), String> {
-        self.board.patch_status_at(self.at(key), generation, patch)
+        let account = self.account_board();
+        account
+            .board
+            .patch_status_at(account.at(key), generation, patch)
     }
 
     fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
-        self.board
-            .set_connected_at(self.at(key), generation, connected);
+        let account = self.account_board();
+        account
+            .board
+            .set_connected_at(account.at(key), generation, connected);
     }
 
     fn record_event(&self, key: &AccountKey, generation: u64, kind: EventKind) {
-        self.board.record_event_at(self.at(key), generation, kind);
+        let account = self.account_board();
+        account
+            .board
+            .record_event_at(account.at(key), generation, kind);
     }
 
     fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
-        self.board
-            .set_busy_at(self.at(key), generation, active_runs);
+        let account = self.account_board();
+        account
+            .board
+            .set_busy_at(account.at(key), generation, active_runs);
     }
 
     fn deliver(
@@ -1321,7 +1346,10 @@ impl HostSink for AccountBoard {
         generation: u64,
         message: InboundMessage,
     ) -> BoxFuture<Result<u64, String>> {
-        self.board.deliver_at(self.at(key), generation, message)
+        let account = self.account_board();
+        account
+            .board
+            .deliver_at(account.at(key), generation, message)
     }
 }
 

@@ -199,7 +199,7 @@ impl Lifecycle {
                 // A new generation with the `starting` state, in one write: handles of the last task
                 // are stale from here. The first one hands out the account's part of the board.
                 let starting = |s: &mut AccountSnapshot| s.set_state(AccountState::Starting);
-                let generation = match self.shared.account_board() {
+                let generation = match self.shared.board_after_first_boot() {
                     Some(board) => board.begin_generation_and(&ctx.key, starting),
                     None => {
                         let (generation, board) =

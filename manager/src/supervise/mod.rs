@@ -383,7 +383,7 @@ impl Shared {
 
 impl Shared {
     /// The account's part of the status board, once the lifecycle's first boot has begun.
-    fn account_board(&self) -> Option<&AccountBoard> {
+    fn board_after_first_boot(&self) -> Option<&AccountBoard> {
         self.board.get()
     }
 
@@ -404,52 +404,9 @@ impl Shared {
 
 /// A lifecycle's cell is its task's links' sink: their host calls go to the account's entry on
 /// the board (see [`AccountBoard`]) without a lookup.
-impl crate::host::HostSink for Shared {
-    fn runtime_report(&self, channel: &str, fields: &str) {
-        self.link_board().runtime_report(channel, fields);
-    }
-
-    fn is_current(&self, key: &AccountKey, generation: u64) -> bool {
-        self.link_board().is_current(key, generation)
-    }
-
-    fn status_json(&self, key: &AccountKey) -> serde_json::Value {
-        self.link_board().status_json(key)
-    }
-
-    fn patch_status(
-        &self,
-        key: &AccountKey,
-        generation: u64,
-        patch: crate::status_patch::StatusPatch<'_>,
-    ) -> Result<(), String> {
-        self.link_board().patch_status(key, generation, patch)
-    }
-
-    fn set_connected(&self, key: &AccountKey, generation: u64, connected: bool) {
-        self.link_board().set_connected(key, generation, connected);
-    }
-
-    fn record_event(
-        &self,
-        key: &AccountKey,
-        generation: u64,
-        kind: channeld_plugin_abi::abi::EventKind,
-    ) {
-        self.link_board().record_event(key, generation, kind);
-    }
-
-    fn set_busy(&self, key: &AccountKey, generation: u64, active_runs: u32) {
-        self.link_board().set_busy(key, generation, active_runs);
-    }
-
-    fn deliver(
-        &self,
-        key: &AccountKey,
-        generation: u64,
-        message: channeld_plugin_abi::abi::InboundMessage,
-    ) -> crate::plugin::BoxFuture<Result<u64, String>> {
-        self.link_board().deliver(key, generation, message)
+impl crate::status::HoldsAccountBoard for Shared {
+    fn account_board(&self) -> &AccountBoard {
+        self.link_board()
     }
 }
 
@@ -1373,7 +1330,7 @@ impl Supervisor {
             self.inner.board.update_each_at(
                 running
                     .iter()
-                    .map(|(i, shared, _)| (&*keys[*i], shared.account_board())),
+                    .map(|(i, shared, _)| (&*keys[*i], shared.board_after_first_boot())),
                 |s| s.set_state(AccountState::Stopping),
             );
             for (i, shared, channel) in running {
