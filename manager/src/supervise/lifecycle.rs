@@ -14,7 +14,7 @@ use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
-    status::{AccountBoard, AccountSnapshot, AccountState},
+    status::{AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -208,7 +208,6 @@ impl Lifecycle {
                         generation
                     }
                 };
-                let board = self.shared.link_board();
                 // The boot's value lives only in this block (not beside the running task's wait).
                 let ended = 'ran: {
                     let (task, polled) = {
@@ -267,7 +266,7 @@ impl Lifecycle {
                         self.publish(StartOutcome::Stopped);
                         break 'life;
                     }
-                    match self.run_task(task, polled, board).await {
+                    match self.run_task(task, polled).await {
                         RunEnd::Stopped => break 'life,
                         RunEnd::Exited(ended) => ended,
                     }
@@ -275,14 +274,16 @@ impl Lifecycle {
                 if self.shared.stop_requested() {
                     // A stop raced with the end of the task: the stop wins, and says so.
                     let now = ctx.inner.clock.wall_ms();
-                    board.retire_generation_and(&ctx.key, |s| {
-                        s.set_state(AccountState::Stopped);
-                        s.last_stop_at = Some(now);
-                        s.last_error = Some(ended.error.clone());
-                    });
+                    self.shared
+                        .link_board()
+                        .retire_generation_and(&ctx.key, |s| {
+                            s.set_state(AccountState::Stopped);
+                            s.last_stop_at = Some(now);
+                            s.last_error = Some(ended.error.clone());
+                        });
                     break 'life;
                 }
-                if !Box::pin(self.schedule_restart(ended, board)).await {
+                if !Box::pin(self.schedule_restart(ended)).await {
                     break 'life;
                 }
             }
@@ -369,12 +370,11 @@ impl Lifecycle {
         clippy::manual_async_fn,
         reason = "an async fn's future holds its arguments twice"
     )]
-    fn run_task<'a>(
-        &'a self,
+    fn run_task(
+        &self,
         mut task: RunningTask,
         polled: Polled,
-        board: &'a AccountBoard,
-    ) -> impl std::future::Future<Output = RunEnd> + Send + 'a {
+    ) -> impl std::future::Future<Output = RunEnd> + Send + '_ {
         // Not an `async fn`: its arguments are moved into the block once, not held twice.
         async move {
             let ctx = &self.ctx;
@@ -407,7 +407,7 @@ impl Lifecycle {
             // Read without the state's lock: its owner mirrors every change into `shared`.
             let attempts = self.shared.attempts();
             // Stamps lastStartAt and the monotonic start the health monitor measures from.
-            board.mark_started(&ctx.key, |s| {
+            self.shared.link_board().mark_started(&ctx.key, |s| {
                 s.set_state(AccountState::Running);
                 s.last_error = None;
                 s.reconnect_attempts = attempts;
@@ -453,7 +453,7 @@ impl Lifecycle {
     /// After an unrequested end: count it, give up past the maximum, else wait the backoff.
     /// Returns whether to boot again. Every way out records why; the first write also retires
     /// the run's generation and says why it ended (handles of the task are stale from there).
-    async fn schedule_restart(&self, ended: Ended, board: &AccountBoard) -> bool {
+    async fn schedule_restart(&self, ended: Ended) -> bool {
         let Ended { error, ran_for, at } = ended;
         let ctx = &self.ctx;
         let policy = ctx.inner.policy();
@@ -485,7 +485,9 @@ impl Lifecycle {
             tracing::debug!(account = %ctx.key, "{error}; {message}");
             ctx.inner.restart_log.record(&ctx.key.channel, true, now);
             let why = format!("{error}; {message}");
-            board.retire_generation_and(&ctx.key, |s| ended(s, AccountState::GaveUp, why));
+            self.shared
+                .link_board()
+                .retire_generation_and(&ctx.key, |s| ended(s, AccountState::GaveUp, why));
             return false;
         }
         let delay = backoff_delay(&policy, attempt, ctx.inner.jitter.next());
@@ -497,7 +499,9 @@ impl Lifecycle {
             "task ended ({error}); restarting after backoff"
         );
         ctx.inner.restart_log.record(&ctx.key.channel, false, now);
-        board.retire_generation_and(&ctx.key, |s| ended(s, AccountState::RestartPending, error));
+        self.shared
+            .link_board()
+            .retire_generation_and(&ctx.key, |s| ended(s, AccountState::RestartPending, error));
         self.shared.clear_woken();
         self.set_phase(Phase::Backoff);
         let deadline = ctx.inner.clock.now() + delay;

@@ -398,7 +398,7 @@ impl Shared {
     fn link_board(&self) -> &AccountBoard {
         self.board
             .get()
-            .expect("a lifecycle's link is made after its first boot began")
+            .expect("the lifecycle's first boot has begun")
     }
 }
 
