@@ -14,7 +14,7 @@ use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
-    status::{AccountSnapshot, AccountState},
+    status::{AccountBoard, AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -262,7 +262,7 @@ impl Lifecycle {
                     if self.shared.stop_requested() {
                         // The start returned its task after a stop arrived: the stop wins, and
                         // the task gets the whole stop sequence (it never counts as running).
-                        Box::pin(ctx.stop_task(task, false)).await;
+                        Box::pin(ctx.stop_task(task, false, self.shared.link_board())).await;
                         self.publish(StartOutcome::Stopped);
                         break 'life;
                     }
@@ -400,7 +400,7 @@ impl Lifecycle {
                     }
                 };
                 if stopped {
-                    Box::pin(ctx.stop_task(task, shared.aborted(id))).await;
+                    Box::pin(ctx.stop_task(task, shared.aborted(id), shared.link_board())).await;
                     return RunEnd::Stopped;
                 }
             }
@@ -430,7 +430,8 @@ impl Lifecycle {
                         None => {
                             // Boxed, here and at every stop: a running account's future does not
                             // carry the stop sequence's state.
-                            Box::pin(ctx.stop_task(task, self.shared.aborted(id))).await;
+                            let aborted = self.shared.aborted(id);
+                            Box::pin(ctx.stop_task(task, aborted, self.shared.link_board())).await;
                             return RunEnd::Stopped;
                         }
                     }
@@ -603,7 +604,24 @@ impl AccountCtx {
     /// up to the stop timeout, then cancel it on the plugin's runtime; a task that still does not
     /// end is reported stuck, and its slot frees itself when it finally ends.
     /// `aborted`: a stop has fired the task's abort already (in a batch with other accounts').
-    async fn stop_task(&self, mut task: RunningTask, aborted: bool) {
+    async fn stop_task(&self, task: RunningTask, aborted: bool, board: &AccountBoard) {
+        self.stop_task_at(task, aborted, Some(board)).await;
+    }
+
+    /// [`stop_task`](Self::stop_task) for a task whose lifecycle has gone (a start that returned
+    /// after its stop gave up on it): the account's entry is found by key.
+    async fn stop_task_by_key(&self, task: RunningTask) {
+        self.stop_task_at(task, false, None).await;
+    }
+
+    /// [`stop_task`](Self::stop_task), writing the end to the account's entry at its place on the
+    /// board when `board` is known, else by key.
+    async fn stop_task_at(
+        &self,
+        mut task: RunningTask,
+        aborted: bool,
+        board: Option<&AccountBoard>,
+    ) {
         let plugin = &self.channel.plugin;
         let (stop_timeout, cancel_grace) = {
             let policy = self.inner.policy();
@@ -759,13 +777,17 @@ impl AccountCtx {
             .flatten()
             .reduce(|a, b| format!("{a}; {b}"));
         // Handles of the task are stale from here, in the same write as `stopped`.
-        self.inner.board.retire_generation_and(&self.key, |s| {
+        let stopped = |s: &mut AccountSnapshot| {
             s.set_state(AccountState::Stopped);
             s.last_stop_at = Some(now);
             if let Some(error) = error {
                 s.last_error = Some(error);
             }
-        });
+        };
+        match board {
+            Some(board) => board.retire_generation_and(&self.key, stopped),
+            None => self.inner.board.retire_generation_and(&self.key, stopped),
+        }
         // Both start out false/none at every stop (see `Supervisor::stop_accounts`): the lock is
         // taken only for news.
         if (cancelled || hook_failure.is_some())
@@ -804,7 +826,7 @@ impl AccountCtx {
         // Not tracked, like a stuck task's watcher.
         tokio::spawn(async move {
             match call.await {
-                Ok(Ok(Boot::Started(task, _))) => Box::pin(ctx.stop_task(task, false)).await,
+                Ok(Ok(Boot::Started(task, _))) => Box::pin(ctx.stop_task_by_key(task)).await,
                 _ => ctx.inner.board.retire_generation(&ctx.key),
             }
             ctx.clear_stuck(&reason, "the stuck start has returned");
