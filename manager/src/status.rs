@@ -179,11 +179,7 @@ impl Extra {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
-                let key = match key {
-                    Cow::Borrowed(key) => CompactString::from(key),
-                    Cow::Owned(key) => CompactString::from(key),
-                };
-                self.0.insert(i, (key, value));
+                self.0.insert(i, (CompactString::from(key), value));
                 None
             }
         }
@@ -986,44 +982,27 @@ fn apply_patch(snapshot: &mut AccountSnapshot, patch: StatusPatch<'_>) -> Result
 /// How a typed field of the snapshot is set from a patch's value (refused if of the wrong type).
 type SetTyped = fn(&mut AccountSnapshot, Value) -> serde_json::Result<()>;
 
+/// The entries of [`TYPED_STATUS_FIELDS`]: each key with the setter of its field.
+macro_rules! typed_status_fields {
+    ($($key:literal => $field:ident),* $(,)?) => {
+        [$(($key, |s: &mut AccountSnapshot, v| {
+            s.$field = serde_json::from_value(v)?;
+            Ok(())
+        })),*]
+    };
+}
+
 /// The snapshot's typed fields a plugin may set, by their key in a patch.
-const TYPED_STATUS_FIELDS: [(&str, SetTyped); 9] = [
-    ("connected", |s, v| {
-        s.connected = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("lastConnectedAt", |s, v| {
-        s.last_connected_at = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("lastEventAt", |s, v| {
-        s.last_event_at = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("lastInboundAt", |s, v| {
-        s.last_inbound_at = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("lastOutboundAt", |s, v| {
-        s.last_outbound_at = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("mode", |s, v| {
-        s.mode = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("busy", |s, v| {
-        s.busy = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("activeRuns", |s, v| {
-        s.active_runs = serde_json::from_value(v)?;
-        Ok(())
-    }),
-    ("lastRunActivityAt", |s, v| {
-        s.last_run_activity_at = serde_json::from_value(v)?;
-        Ok(())
-    }),
+const TYPED_STATUS_FIELDS: [(&str, SetTyped); 9] = typed_status_fields![
+    "connected" => connected,
+    "lastConnectedAt" => last_connected_at,
+    "lastEventAt" => last_event_at,
+    "lastInboundAt" => last_inbound_at,
+    "lastOutboundAt" => last_outbound_at,
+    "mode" => mode,
+    "busy" => busy,
+    "activeRuns" => active_runs,
+    "lastRunActivityAt" => last_run_activity_at,
 ];
 
 /// How the typed field `key` is set, if `key` is one (see [`TYPED_STATUS_FIELDS`]).
