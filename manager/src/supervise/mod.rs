@@ -396,8 +396,7 @@ impl Shared {
     /// The account's part of the status board, for the lifecycle's writes after its first boot
     /// began and for its task's links (made after that).
     fn link_board(&self) -> &AccountBoard {
-        self.board
-            .get()
+        self.board_after_first_boot()
             .expect("the lifecycle's first boot has begun")
     }
 }
