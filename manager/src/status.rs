@@ -309,18 +309,49 @@ pub struct Liveness {
     pub last_run_activity_at: Option<Instant>,
 }
 
+/// An account's entry beside its snapshot: the task generation its host calls must carry, and the
+/// monotonic times of its run.
 struct Entry {
     generation: u64,
-    /// Shared with the snapshots that read it; a write copies it only while one still holds it.
-    snapshot: Arc<AccountSnapshot>,
     liveness: Liveness,
 }
 
-impl Entry {
-    /// The snapshot to write to (copied first if a snapshot still shares it).
-    fn snapshot_mut(&mut self) -> &mut AccountSnapshot {
-        Arc::make_mut(&mut self.snapshot)
+/// How many accounts' snapshots one [`Chunk`] holds.
+const CHUNK: usize = 64;
+
+/// The snapshots of [`CHUNK`] consecutive slots of a channel. A chunk is shared with the
+/// snapshots taken while it was unchanged, and so is each account's snapshot in it: taking a
+/// channel's snapshot clones one reference per chunk, not one per account. A write copies the
+/// chunk (its references, not the accounts) only while a snapshot still holds it, and then the
+/// account's snapshot only while a snapshot still holds that.
+type Chunk = Vec<Arc<AccountSnapshot>>;
+
+/// An entry being written: its fields, and its snapshot in its chunk.
+struct EntryMut<'a> {
+    generation: &'a mut u64,
+    liveness: &'a mut Liveness,
+    chunk: &'a mut Arc<Chunk>,
+    i: usize,
+}
+
+impl EntryMut<'_> {
+    /// The snapshot as it stands.
+    fn snapshot(&self) -> &AccountSnapshot {
+        &self.chunk[self.i]
     }
+
+    /// The snapshot to write to (its chunk, then itself, copied first if a snapshot still shares
+    /// them).
+    fn snapshot_mut(&mut self) -> &mut AccountSnapshot {
+        Arc::make_mut(&mut Arc::make_mut(self.chunk)[self.i])
+    }
+}
+
+/// An entry being read.
+struct EntryRef<'a> {
+    generation: u64,
+    liveness: Liveness,
+    snapshot: &'a Arc<AccountSnapshot>,
 }
 
 /// Every account's entry, by channel and then by account: a channel's accounts are found (and
@@ -342,23 +373,61 @@ struct Place {
     slot: u32,
 }
 
-/// One channel's entries: kept in a vector (entries are never removed), found by account id
-/// through an index, with the sorted view its last snapshot used.
+/// One channel's entries: kept in slots (entries are never removed), the snapshots in chunks of
+/// [`CHUNK`] slots, found by account id through an index, with the sorted view its last snapshot
+/// used.
 #[derive(Default)]
 struct ChannelEntries {
     slots: Vec<Entry>,
+    chunks: Vec<Arc<Chunk>>,
     index: hashbrown::HashMap<String, u32>,
     view: Option<View>,
 }
 
 impl ChannelEntries {
-    fn get(&self, account: &str) -> Option<&Entry> {
-        self.index.get(account).map(|&i| &self.slots[i as usize])
+    fn read(&self, slot: u32) -> EntryRef<'_> {
+        let (slot, entry) = (slot as usize, &self.slots[slot as usize]);
+        EntryRef {
+            generation: entry.generation,
+            liveness: entry.liveness,
+            snapshot: &self.chunks[slot / CHUNK][slot % CHUNK],
+        }
     }
 
-    fn get_mut(&mut self, account: &str) -> Option<&mut Entry> {
-        let i = *self.index.get(account)?;
-        Some(&mut self.slots[i as usize])
+    fn write(&mut self, slot: u32) -> EntryMut<'_> {
+        let (slot, entry) = (slot as usize, &mut self.slots[slot as usize]);
+        EntryMut {
+            generation: &mut entry.generation,
+            liveness: &mut entry.liveness,
+            chunk: &mut self.chunks[slot / CHUNK],
+            i: slot % CHUNK,
+        }
+    }
+
+    fn get(&self, account: &str) -> Option<EntryRef<'_>> {
+        self.index.get(account).map(|&slot| self.read(slot))
+    }
+
+    fn get_mut(&mut self, account: &str) -> Option<EntryMut<'_>> {
+        let slot = *self.index.get(account)?;
+        Some(self.write(slot))
+    }
+
+    /// Adds `account`'s entry in the next slot; returns the slot.
+    fn push(&mut self, account: &str, snapshot: AccountSnapshot) -> u32 {
+        let slot = self.slots.len();
+        let id = u32::try_from(slot).expect("fewer than 2^32 accounts in a channel");
+        if slot.is_multiple_of(CHUNK) {
+            self.chunks.push(Arc::new(Vec::with_capacity(CHUNK)));
+        }
+        let chunk = self.chunks.last_mut().expect("a chunk has room");
+        Arc::make_mut(chunk).push(Arc::new(snapshot));
+        self.slots.push(Entry {
+            generation: 0,
+            liveness: Liveness::default(),
+        });
+        self.index.insert(account.to_owned(), id);
+        id
     }
 
     /// The channel's accounts `ids` in account-id order (each once), as slots of this channel or
@@ -367,7 +436,7 @@ impl ChannelEntries {
         &self,
         ids: impl IntoIterator<Item = S>,
         missing: impl Fn(&str) -> Option<AccountSnapshot>,
-    ) -> Vec<Item> {
+    ) -> Arc<[Item]> {
         let mut items: Vec<(S, Item)> = ids
             .into_iter()
             .filter_map(|id| {
@@ -384,16 +453,11 @@ impl ChannelEntries {
         items.into_iter().map(|(_, item)| item).collect()
     }
 
-    /// The snapshots of `items`, in their order (reference clones).
-    fn materialise(&self, items: &[Item]) -> ChannelSnapshot {
+    /// The snapshot of `items` (in their order): a reference to each chunk and to the items.
+    fn materialise(&self, items: &Arc<[Item]>) -> ChannelSnapshot {
         ChannelSnapshot {
-            accounts: items
-                .iter()
-                .map(|item| match item {
-                    Item::Slot(slot) => self.slots[*slot as usize].snapshot.clone(),
-                    Item::Unwritten(snapshot) => snapshot.clone(),
-                })
-                .collect(),
+            chunks: self.chunks.clone(),
+            items: items.clone(),
         }
     }
 }
@@ -403,10 +467,11 @@ impl ChannelEntries {
 struct View {
     listing: Weak<dyn Any + Send + Sync>,
     slots: usize,
-    items: Vec<Item>,
+    items: Arc<[Item]>,
 }
 
 /// One account of a view: its entry's slot, or the snapshot shown before it has an entry.
+#[derive(Debug)]
 enum Item {
     Slot(u32),
     Unwritten(Arc<AccountSnapshot>),
@@ -422,21 +487,21 @@ impl Entries {
         Some(&mut self.channels[i as usize])
     }
 
-    fn get(&self, key: &AccountKey) -> Option<&Entry> {
+    fn get(&self, key: &AccountKey) -> Option<EntryRef<'_>> {
         self.channel(&key.channel)?.get(&key.account)
     }
 
-    fn get_mut(&mut self, key: &AccountKey) -> Option<&mut Entry> {
+    fn get_mut(&mut self, key: &AccountKey) -> Option<EntryMut<'_>> {
         self.channel_mut(&key.channel)?.get_mut(&key.account)
     }
 
     /// The entry at `place` (a place this board handed out: entries are never removed).
-    fn at(&mut self, place: Place) -> &mut Entry {
-        &mut self.channels[place.channel as usize].slots[place.slot as usize]
+    fn at(&mut self, place: Place) -> EntryMut<'_> {
+        self.channels[place.channel as usize].write(place.slot)
     }
 
     /// `key`'s entry, created if needed (allocating only then).
-    fn entry(&mut self, key: &AccountKey) -> &mut Entry {
+    fn entry(&mut self, key: &AccountKey) -> EntryMut<'_> {
         let (place, _) = self.place_or_new(key);
         self.at(place)
     }
@@ -455,63 +520,71 @@ impl Entries {
         let entries = &mut self.channels[channel as usize];
         let (slot, new) = match entries.index.get(key.account.as_str()) {
             Some(&slot) => (slot, false),
-            None => {
-                let slot = u32::try_from(entries.slots.len())
-                    .expect("fewer than 2^32 accounts in a channel");
-                entries.slots.push(new_entry(key));
-                entries.index.insert(key.account.clone(), slot);
-                (slot, true)
-            }
+            None => (entries.push(&key.account, new_snapshot(key)), true),
         };
         (Place { channel, slot }, new)
     }
 }
 
-/// One channel's accounts in a snapshot, in account-id order, keyed by their `accountId`. Each
-/// account's snapshot is shared with the status board (taking one copies no account); a later
-/// change on the board does not change a snapshot already taken. Serialises as a JSON object
-/// `{account: snapshot, …}`.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// One channel's accounts in a snapshot, in account-id order, keyed by their `accountId`. It
+/// shares the status board's chunks of account snapshots (taking one copies no account, and
+/// clones one reference per chunk of 64 accounts); a later change on the board does not change a
+/// snapshot already taken. Serialises as a JSON object `{account: snapshot, …}`.
+#[derive(Clone, Default)]
 pub struct ChannelSnapshot {
-    accounts: Vec<Arc<AccountSnapshot>>,
+    /// The channel's chunks as they were when it was taken.
+    chunks: Vec<Arc<Chunk>>,
+    /// Its accounts, in order: slots of `chunks`, or a snapshot of their own.
+    items: Arc<[Item]>,
 }
 
 impl ChannelSnapshot {
+    fn item<'a>(&'a self, item: &'a Item) -> &'a AccountSnapshot {
+        match item {
+            Item::Slot(slot) => {
+                let slot = *slot as usize;
+                &self.chunks[slot / CHUNK][slot % CHUNK]
+            }
+            Item::Unwritten(snapshot) => snapshot,
+        }
+    }
+
     /// How many accounts.
     pub fn len(&self) -> usize {
-        self.accounts.len()
+        self.items.len()
     }
 
     /// Whether it has no account.
     pub fn is_empty(&self) -> bool {
-        self.accounts.is_empty()
+        self.items.is_empty()
     }
 
     /// `account`'s snapshot (a binary search by account id).
     pub fn get(&self, account: &str) -> Option<&AccountSnapshot> {
-        self.accounts
-            .binary_search_by(|s| s.account_id.as_str().cmp(account))
+        self.items
+            .binary_search_by(|item| self.item(item).account_id.as_str().cmp(account))
             .ok()
-            .map(|i| &*self.accounts[i])
+            .map(|i| self.item(&self.items[i]))
     }
 
     /// The account ids, in order.
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.accounts.iter().map(|s| &s.account_id)
+        self.values().map(|s| &s.account_id)
     }
 
     /// The snapshots, in account-id order.
     pub fn values(&self) -> impl Iterator<Item = &AccountSnapshot> {
-        self.accounts.iter().map(|s| &**s)
+        self.items.iter().map(|item| self.item(item))
     }
 
     /// `(account id, snapshot)` pairs, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &AccountSnapshot)> {
-        self.accounts.iter().map(|s| (&s.account_id, &**s))
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            snapshot: self,
+            items: self.items.iter(),
+        }
     }
-}
 
-impl ChannelSnapshot {
     /// The snapshots `missing(id)` of `ids` (a channel without any entry yet), sorted, each once.
     fn unwritten<S: AsRef<str>>(
         ids: impl IntoIterator<Item = S>,
@@ -519,6 +592,39 @@ impl ChannelSnapshot {
     ) -> Self {
         let empty = ChannelEntries::default();
         empty.materialise(&empty.sorted_view(ids, missing))
+    }
+}
+
+/// The `(account id, snapshot)` pairs of a [`ChannelSnapshot`], in order.
+pub struct Iter<'a> {
+    snapshot: &'a ChannelSnapshot,
+    items: std::slice::Iter<'a, Item>,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a String, &'a AccountSnapshot);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = self.snapshot.item(self.items.next()?);
+        Some((&s.account_id, s))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.items.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
+
+impl std::fmt::Debug for ChannelSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for ChannelSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.values().eq(other.values())
     }
 }
 
@@ -533,40 +639,29 @@ impl std::ops::Index<&str> for ChannelSnapshot {
 
 impl IntoIterator for ChannelSnapshot {
     type Item = (String, AccountSnapshot);
-    type IntoIter = std::iter::Map<
-        std::vec::IntoIter<Arc<AccountSnapshot>>,
-        fn(Arc<AccountSnapshot>) -> (String, AccountSnapshot),
-    >;
+    type IntoIter = std::vec::IntoIter<(String, AccountSnapshot)>;
 
-    /// Owned pairs: each snapshot is copied unless nothing else shares it.
+    /// Owned pairs: each snapshot is copied (the board shares it).
     fn into_iter(self) -> Self::IntoIter {
-        self.accounts.into_iter().map(|s| {
-            let s = Arc::unwrap_or_clone(s);
-            (s.account_id.clone(), s)
-        })
+        self.iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 }
 
 impl<'a> IntoIterator for &'a ChannelSnapshot {
     type Item = (&'a String, &'a AccountSnapshot);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, Arc<AccountSnapshot>>,
-        fn(&'a Arc<AccountSnapshot>) -> (&'a String, &'a AccountSnapshot),
-    >;
+    type IntoIter = Iter<'a>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.accounts.iter().map(|s| (&s.account_id, &**s))
+        self.iter()
     }
 }
 
 impl Serialize for ChannelSnapshot {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        let mut map = serializer.serialize_map(Some(self.accounts.len()))?;
-        for s in &self.accounts {
-            map.serialize_entry(&s.account_id, &**s)?;
-        }
-        map.end()
+        serializer.collect_map(self.iter())
     }
 }
 
@@ -623,10 +718,10 @@ impl StatusBoard {
         generation: u64,
         f: impl FnOnce(&mut AccountSnapshot),
     ) {
-        if let Some(entry) = self.lock().get_mut(key)
-            && entry.generation == generation
+        if let Some(mut entry) = self.lock().get_mut(key)
+            && *entry.generation == generation
         {
-            let before = derive(&entry.snapshot);
+            let before = derive(entry.snapshot());
             let snapshot = entry.snapshot_mut();
             f(snapshot);
             self.states.publish(key, Some(before), snapshot);
@@ -646,7 +741,7 @@ impl StatusBoard {
     /// Starts a new task generation for `key`: handles of earlier generations become stale.
     pub fn begin_generation(&self, key: &AccountKey) -> u64 {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.lock().entry(key).generation = generation;
+        *self.lock().entry(key).generation = generation;
         generation
     }
 
@@ -683,7 +778,7 @@ impl StatusBoard {
         f: impl FnOnce(&mut AccountSnapshot),
     ) -> (u64, Place) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let place = self.write(key, place, |entry| entry.generation = generation, f);
+        let place = self.write(key, place, |entry| *entry.generation = generation, f);
         (generation, place)
     }
 
@@ -691,7 +786,7 @@ impl StatusBoard {
     pub fn retire_generation(&self, key: &AccountKey) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         if let Some(entry) = self.lock().get_mut(key) {
-            entry.generation = generation;
+            *entry.generation = generation;
         }
     }
 
@@ -709,7 +804,7 @@ impl StatusBoard {
         f: impl FnOnce(&mut AccountSnapshot),
     ) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.write(key, place, |entry| entry.generation = generation, f);
+        self.write(key, place, |entry| *entry.generation = generation, f);
     }
 
     /// Applies `f` to `key`'s snapshot (creating it if needed) and returns the result.
@@ -747,7 +842,7 @@ impl StatusBoard {
         &self,
         key: &AccountKey,
         place: Option<Place>,
-        entry: impl FnOnce(&mut Entry),
+        entry: impl FnOnce(&mut EntryMut<'_>),
         f: impl FnOnce(&mut AccountSnapshot),
     ) -> Place {
         self.write_locked(&mut self.lock(), key, place, entry, f)
@@ -759,16 +854,16 @@ impl StatusBoard {
         entries: &mut Entries,
         key: &AccountKey,
         place: Option<Place>,
-        entry: impl FnOnce(&mut Entry),
+        entry: impl FnOnce(&mut EntryMut<'_>),
         f: impl FnOnce(&mut AccountSnapshot),
     ) -> Place {
         let (place, new) = match place {
             Some(place) => (place, false),
             None => entries.place_or_new(key),
         };
-        let written = entries.at(place);
-        let before = (!new).then(|| derive(&written.snapshot));
-        entry(written);
+        let mut written = entries.at(place);
+        let before = (!new).then(|| derive(written.snapshot()));
+        entry(&mut written);
         let snapshot = written.snapshot_mut();
         f(snapshot);
         // The publish hook of every `set_state`: under the lock, so changes go out in order.
@@ -808,8 +903,8 @@ impl StatusBoard {
     /// [`StatusBoard::channel_snapshot`] for one listing of the channel's accounts: `listing`
     /// stands for the list (`ids` must give the same accounts as long as it lives). The sorted
     /// view of that list is kept and reused until the listing is dropped or the channel gains an
-    /// entry, so a snapshot costs one reference clone per account; `ids` is read only to build
-    /// a new view.
+    /// entry, so a snapshot costs one reference clone per chunk of accounts; `ids` is read only
+    /// to build a new view.
     pub fn listed_snapshot<S: AsRef<str>, I: IntoIterator<Item = S>>(
         &self,
         channel: &str,
@@ -870,14 +965,14 @@ impl StatusBoard {
     pub fn get_with_liveness(&self, key: &AccountKey) -> Option<(AccountSnapshot, Liveness)> {
         self.lock()
             .get(key)
-            .map(|e| (AccountSnapshot::clone(&e.snapshot), e.liveness))
+            .map(|e| (AccountSnapshot::clone(e.snapshot), e.liveness))
     }
 
     /// `key`'s snapshot.
     pub fn get(&self, key: &AccountKey) -> Option<AccountSnapshot> {
         self.lock()
             .get(key)
-            .map(|e| AccountSnapshot::clone(&e.snapshot))
+            .map(|e| AccountSnapshot::clone(e.snapshot))
     }
 
     /// Host-service calls dropped because they came from a stale generation.
@@ -902,11 +997,15 @@ impl StatusBoard {
             None => entries.get_mut(key),
         };
         match entry {
-            Some(entry) if entry.generation == generation => {
-                let Entry {
-                    snapshot, liveness, ..
+            Some(entry) if *entry.generation == generation => {
+                let EntryMut {
+                    liveness, chunk, i, ..
                 } = entry;
-                f(Arc::make_mut(snapshot), liveness, &*self.clock)
+                f(
+                    Arc::make_mut(&mut Arc::make_mut(chunk)[i]),
+                    liveness,
+                    &*self.clock,
+                )
             }
             _ => {
                 drop(entries);
@@ -918,16 +1017,13 @@ impl StatusBoard {
     }
 }
 
-fn new_entry(key: &AccountKey) -> Entry {
-    Entry {
-        generation: 0,
-        liveness: Liveness::default(),
-        snapshot: Arc::new(AccountSnapshot {
-            account_id: key.account.clone(),
-            enabled: true,
-            configured: true,
-            ..AccountSnapshot::default()
-        }),
+/// The snapshot of an account the board has just met.
+fn new_snapshot(key: &AccountKey) -> AccountSnapshot {
+    AccountSnapshot {
+        account_id: key.account.clone(),
+        enabled: true,
+        configured: true,
+        ..AccountSnapshot::default()
     }
 }
 
@@ -1059,7 +1155,7 @@ impl StatusBoard {
     fn is_current_at(&self, at: At<'_>, generation: u64) -> bool {
         let mut entries = self.lock();
         match at.place {
-            Some(place) => entries.at(place).generation == generation,
+            Some(place) => *entries.at(place).generation == generation,
             None => entries
                 .get(at.key)
                 .is_some_and(|e| e.generation == generation),
@@ -1505,6 +1601,65 @@ mod tests {
         // A channel the board has no entry of: every id from `missing`.
         let none = board.listed_snapshot("d", Arc::downgrade(&other), || ["z", "y"], unwritten);
         assert_eq!(none.keys().collect::<Vec<_>>(), ["y", "z"]);
+    }
+
+    /// A snapshot shares the board's chunks of snapshots: taking one copies no chunk; a write to an
+    /// account copies only its chunk (its references; the other accounts' snapshots stay shared)
+    /// and only while a snapshot holds it, and the snapshot taken before keeps the old values and
+    /// the accounts it had, also after an account is added to its last chunk.
+    #[test]
+    fn a_snapshot_shares_the_boards_chunks_and_a_write_copies_only_its_own() {
+        let board = board();
+        let ids: Vec<String> = (0..3 * CHUNK + 5).map(|i| format!("a{i:04}")).collect();
+        for id in &ids {
+            board.update(&AccountKey::new("c", id), |s| s.reconnect_attempts = 1);
+        }
+        let listing: Arc<dyn Any + Send + Sync> = Arc::new(());
+        let take = || board.listed_snapshot("c", Arc::downgrade(&listing), || &ids, unwritten);
+        let first = take();
+        assert_eq!(first.chunks.len(), 4);
+        let again = take();
+        let shared = |a: &ChannelSnapshot, b: &ChannelSnapshot, chunk: usize| {
+            Arc::ptr_eq(&a.chunks[chunk], &b.chunks[chunk])
+        };
+        assert!((0..4).all(|chunk| shared(&first, &again, chunk)));
+        drop(again);
+
+        // A write to an account of the second chunk, and a new account in the last.
+        let written = &ids[CHUNK + 3];
+        board.update(&AccountKey::new("c", written), |s| s.reconnect_attempts = 2);
+        board.update(&AccountKey::new("c", "b"), |s| s.reconnect_attempts = 3);
+        let second = board.listed_snapshot(
+            "c",
+            Arc::downgrade(&listing),
+            || ids.iter().map(String::as_str).chain(["b"]),
+            unwritten,
+        );
+        assert_eq!(
+            (0..4)
+                .map(|c| shared(&first, &second, c))
+                .collect::<Vec<_>>(),
+            [true, false, true, false]
+        );
+        // The copied chunk still shares the snapshots of its other accounts.
+        let (old, new) = (&first.chunks[1], &second.chunks[1]);
+        assert!(Arc::ptr_eq(&old[0], &new[0]));
+        assert!(!Arc::ptr_eq(&old[3], &new[3]));
+        assert_eq!(first[written.as_str()].reconnect_attempts, 1);
+        assert_eq!(second[written.as_str()].reconnect_attempts, 2);
+        assert_eq!((first.len(), second.len()), (ids.len(), ids.len() + 1));
+        assert!(first.get("b").is_none());
+        assert_eq!(second["b"].reconnect_attempts, 3);
+        assert!(first.values().all(|s| s.reconnect_attempts == 1));
+
+        // With no snapshot left, a write copies nothing.
+        drop((first, second));
+        let chunk = Arc::as_ptr(&board.lock().channel("c").unwrap().chunks[1]);
+        board.update(&AccountKey::new("c", written), |s| s.reconnect_attempts = 4);
+        assert_eq!(
+            Arc::as_ptr(&board.lock().channel("c").unwrap().chunks[1]),
+            chunk
+        );
     }
 
     /// A channel's snapshot serialises exactly as the map of account id to snapshot it replaces.
