@@ -7,11 +7,20 @@
 //! from: `configure` installs a new config with an empty set of resolved accounts, so an account
 //! resolved from an older config is never handed out again. A resolve that fails (or panics) is
 //! not kept: the next call runs the author's hook again.
+//!
+//! The questions of one boot come one after the other on one thread, so each thread also keeps
+//! the few accounts it resolved last ([`RECENT`]): a boot's later questions find their account
+//! there by comparing its id, without hashing it or taking a lock. What a thread keeps is
+//! dropped at its next resolve once a new config is installed.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use super::{Account, ChannelConfig};
@@ -73,27 +82,107 @@ impl Configured {
 }
 
 /// Where the current [`Configured`] lives (one per library: [`CURRENT`]).
-pub(crate) struct Current(RwLock<Option<Arc<Configured>>>);
+pub(crate) struct Current {
+    configured: RwLock<Option<Arc<Configured>>>,
+    /// Counts the installs: a thread's [`Recent`] accounts are of the install they name.
+    installs: AtomicU64,
+}
 
 /// The library's current config.
-pub(crate) static CURRENT: Current = Current(RwLock::new(None));
+pub(crate) static CURRENT: Current = Current::new();
 
-impl Current {
-    /// Installs `config`, with no account resolved from it yet.
-    pub(crate) fn install(&self, config: ChannelConfig) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Configured::new(config)));
+/// How many accounts a thread keeps of those it resolved last.
+const RECENT: usize = 4;
+
+/// The accounts a thread resolved last, of one [`Current`] and one install of it.
+struct Recent {
+    /// The [`Current`] (its address) and the install the accounts were resolved from.
+    of: (usize, u64),
+    accounts: [Option<Arc<Account>>; RECENT],
+    /// The slot the next account takes.
+    next: usize,
+}
+
+thread_local! {
+    static RECENT_ACCOUNTS: RefCell<Recent> = const {
+        RefCell::new(Recent {
+            of: (0, 0),
+            accounts: [const { None }; RECENT],
+            next: 0,
+        })
+    };
+}
+
+impl Recent {
+    fn get(&self, of: (usize, u64), id: &str) -> Option<Arc<Account>> {
+        if self.of != of {
+            return None;
+        }
+        self.accounts.iter().flatten().find(|a| a.id == id).cloned()
     }
 
-    /// The account `id` resolved from the current config (see [`Configured::resolve`]). One
-    /// kept already is found under the read lock, without taking a count on the config.
+    fn keep(&mut self, of: (usize, u64), account: &Arc<Account>) {
+        if self.of != of {
+            *self = Recent {
+                of,
+                accounts: Default::default(),
+                next: 0,
+            };
+        }
+        self.accounts[self.next] = Some(account.clone());
+        self.next = (self.next + 1) % RECENT;
+    }
+}
+
+impl Current {
+    const fn new() -> Self {
+        Self {
+            configured: RwLock::new(None),
+            installs: AtomicU64::new(0),
+        }
+    }
+
+    /// Installs `config`, with no account resolved from it yet.
+    pub(crate) fn install(&self, config: ChannelConfig) {
+        let mut configured = self.configured.write().unwrap_or_else(|p| p.into_inner());
+        *configured = Some(Arc::new(Configured::new(config)));
+        // Under the lock, after the config: a thread that reads this count finds this config.
+        self.installs.fetch_add(1, Ordering::Release);
+    }
+
+    /// The account `id` resolved from the current config (see [`Configured::resolve`]): one this
+    /// thread resolved last, else one kept already (found under the read lock, without taking a
+    /// count on the config), else the author's.
     pub(crate) fn resolve<E>(
         &self,
         id: &str,
         unconfigured: impl FnOnce() -> ChannelConfig,
         resolve: impl FnOnce(&ChannelConfig, &str) -> Result<Account, E>,
     ) -> Result<Arc<Account>, E> {
-        if let Some(current) = &*self.0.read().unwrap_or_else(|p| p.into_inner())
+        let of = (
+            std::ptr::from_ref(self) as usize,
+            self.installs.load(Ordering::Acquire),
+        );
+        let recent = RECENT_ACCOUNTS.with_borrow(|recent| recent.get(of, id));
+        if let Some(account) = recent {
+            return Ok(account);
+        }
+        let account = self.resolve_kept(id, unconfigured, resolve)?;
+        // Kept only under the id it was asked by (an author's resolve may name it otherwise).
+        if account.id == id {
+            RECENT_ACCOUNTS.with_borrow_mut(|recent| recent.keep(of, &account));
+        }
+        Ok(account)
+    }
+
+    /// [`resolve`](Self::resolve) without the thread's recent accounts.
+    fn resolve_kept<E>(
+        &self,
+        id: &str,
+        unconfigured: impl FnOnce() -> ChannelConfig,
+        resolve: impl FnOnce(&ChannelConfig, &str) -> Result<Account, E>,
+    ) -> Result<Arc<Account>, E> {
+        if let Some(current) = &*self.configured.read().unwrap_or_else(|p| p.into_inner())
             && let Some(account) = current.kept(id)
         {
             return Ok(account);
@@ -103,10 +192,10 @@ impl Current {
 
     /// The current config; before any `configure`, `unconfigured()`'s (kept until one).
     pub(crate) fn get(&self, unconfigured: impl FnOnce() -> ChannelConfig) -> Arc<Configured> {
-        if let Some(current) = &*self.0.read().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(current) = &*self.configured.read().unwrap_or_else(|p| p.into_inner()) {
             return current.clone();
         }
-        self.0
+        self.configured
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| Arc::new(Configured::new(unconfigured())))
@@ -143,7 +232,7 @@ mod tests {
 
     #[test]
     fn an_account_is_resolved_once_per_config_and_anew_after_a_reconfigure() {
-        let current = Current(RwLock::new(None));
+        let current = Current::new();
         let calls = AtomicUsize::new(0);
         current.install(config("one"));
         let first = current.resolve("a", ChannelConfig::default, counting(&calls));
@@ -163,6 +252,50 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 
+    /// A thread finds the accounts it resolved last without the kept ones (here forgotten
+    /// behind its back); another thread does not, and neither does this one for an account it
+    /// has not resolved lately.
+    #[test]
+    fn a_thread_finds_the_accounts_it_resolved_last_by_itself() {
+        let current = Current::new();
+        current.install(config("one"));
+        let calls = AtomicUsize::new(0);
+        let first = current
+            .resolve("a", ChannelConfig::default, counting(&calls))
+            .unwrap();
+        let forget = || {
+            let configured = current.get(|| unreachable!());
+            for shard in &configured.resolved {
+                shard.lock().unwrap().clear();
+            }
+        };
+        forget();
+        let again = current
+            .resolve("a", ChannelConfig::default, counting(&calls))
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                current
+                    .resolve("a", ChannelConfig::default, counting(&calls))
+                    .unwrap();
+            });
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        // Four other accounts push it out of this thread's recent ones.
+        for id in ["b", "c", "d", "e"] {
+            current
+                .resolve(id, ChannelConfig::default, counting(&calls))
+                .unwrap();
+        }
+        forget();
+        current
+            .resolve("a", ChannelConfig::default, counting(&calls))
+            .unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 7);
+    }
+
     #[test]
     fn a_failed_resolve_is_not_kept() {
         let configured = Configured::new(config("one"));
@@ -178,7 +311,7 @@ mod tests {
 
     #[test]
     fn before_any_configure_the_unconfigured_table_is_kept_until_one() {
-        let current = Current(RwLock::new(None));
+        let current = Current::new();
         let empty = current.get(ChannelConfig::default);
         assert!(Arc::ptr_eq(&empty, &current.get(|| unreachable!())));
         current.install(config("one"));
