@@ -471,7 +471,6 @@ struct View {
 }
 
 /// One account of a view: its entry's slot, or the snapshot shown before it has an entry.
-#[derive(Debug)]
 enum Item {
     Slot(u32),
     Unwritten(Arc<AccountSnapshot>),
