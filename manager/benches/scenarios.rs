@@ -456,6 +456,11 @@ fn ms(elapsed: Duration) -> f64 {
     (elapsed.as_secs_f64() * 1e6).round() / 1e3
 }
 
+/// [`ms`] to a tenth of a microsecond, for a figure of a few microseconds (a snapshot).
+fn ms_fine(elapsed: Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1e7).round() / 1e4
+}
+
 /// Writes `count` copies of `built` into a new private (0700) directory `dir`, each 0644 with a
 /// few distinct bytes appended after the ELF's last table (which loading ignores), so every copy
 /// has its own content hash: the staging directory keys copies by hash, and two files with the
@@ -1360,7 +1365,10 @@ fn s1_figures(bench: &Bench, child: Option<PathBuf>) -> anyhow::Result<S1Report>
          KiB\nbench: {label}: start-all {start_cpu}\nbench: {label}: stop-all {stop_cpu}",
         ms(returned),
         ms(start_all),
-        snapshot_times.iter().map(|t| ms(*t)).collect::<Vec<_>>(),
+        snapshot_times
+            .iter()
+            .map(|t| ms_fine(*t))
+            .collect::<Vec<_>>(),
         ms(stop_returned),
         ms(stop_all),
         rss_before / 1024,
@@ -1372,7 +1380,7 @@ fn s1_figures(bench: &Bench, child: Option<PathBuf>) -> anyhow::Result<S1Report>
         accounts: n,
         running,
         start_all_ms: ms(start_all),
-        snapshot_ms: ms(snapshot_median),
+        snapshot_ms: ms_fine(snapshot_median),
         stop_all_ms: ms(stop_all),
         bytes_per_account: rss_running.saturating_sub(rss_before) / n,
     })
