@@ -228,6 +228,16 @@ fn resolve(account: &str) -> Result<Arc<Account>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// [`resolve`] for a boot's questions (`is_enabled`, `is_configured`, the start), which come one
+/// after the other on one thread (see [`super::resolved`]).
+fn resolve_for_boot(account: &str) -> Result<Arc<Account>, String> {
+    CURRENT
+        .resolve_for_boot(account, unconfigured, |config, id| {
+            plugin().resolve_account(config, id)
+        })
+        .map_err(|e| e.to_string())
+}
+
 /// The account as the author's hooks that take it by value want it.
 fn resolve_owned(account: &str) -> Result<Account, String> {
     resolve(account).map(Arc::unwrap_or_clone)
@@ -351,7 +361,7 @@ extern "C" fn resolve_account(account: RStr<'_>) -> RResult<RString, RString> {
 extern "C" fn is_enabled(account: RStr<'_>) -> RResult<RVerdict, RString> {
     fenced("is_enabled", || {
         Ok(to_rverdict(
-            plugin().is_enabled(&*resolve(account.as_str())?),
+            plugin().is_enabled(&*resolve_for_boot(account.as_str())?),
         ))
     })
 }
@@ -359,7 +369,7 @@ extern "C" fn is_enabled(account: RStr<'_>) -> RResult<RVerdict, RString> {
 extern "C" fn is_configured(account: RStr<'_>) -> RResult<RVerdict, RString> {
     fenced("is_configured", || {
         Ok(to_rverdict(
-            plugin().is_configured(&*resolve(account.as_str())?),
+            plugin().is_configured(&*resolve_for_boot(account.as_str())?),
         ))
     })
 }
@@ -430,7 +440,7 @@ fn start_one<P: ChannelPlugin>(
     account: &str,
     host: HostHandle,
 ) -> Result<StartedTask, String> {
-    let account = resolve(account)?;
+    let account = resolve_for_boot(account)?;
     let handle = rt()?;
     let state = Arc::new(TaskState::default());
     let id = tasks::next_id();

@@ -9,9 +9,10 @@
 //! not kept: the next call runs the author's hook again.
 //!
 //! The questions of one boot come one after the other on one thread, so each thread also keeps
-//! the few accounts it resolved last ([`RECENT`]): a boot's later questions find their account
-//! there by comparing its id, without hashing it or taking a lock. What a thread keeps is
-//! dropped at its next resolve once a new config is installed.
+//! the few accounts it resolved last for a boot ([`RECENT`]): a boot's later questions find their
+//! account there by comparing its id, without hashing it or taking a lock. What a thread keeps is
+//! dropped at its next such resolve once a new config is installed. Other questions (a stop, a
+//! description) come once per account and go to the kept accounts directly.
 
 use std::{
     cell::RefCell,
@@ -150,10 +151,10 @@ impl Current {
         self.installs.fetch_add(1, Ordering::Release);
     }
 
-    /// The account `id` resolved from the current config (see [`Configured::resolve`]): one this
-    /// thread resolved last, else one kept already (found under the read lock, without taking a
-    /// count on the config), else the author's.
-    pub(crate) fn resolve<E>(
+    /// [`resolve`](Self::resolve) for a boot's questions, which come one after the other on one
+    /// thread: one of the accounts this thread resolved last for a boot, else `resolve`'s (then
+    /// kept among those).
+    pub(crate) fn resolve_for_boot<E>(
         &self,
         id: &str,
         unconfigured: impl FnOnce() -> ChannelConfig,
@@ -167,7 +168,7 @@ impl Current {
         if let Some(account) = recent {
             return Ok(account);
         }
-        let account = self.resolve_kept(id, unconfigured, resolve)?;
+        let account = self.resolve(id, unconfigured, resolve)?;
         // Kept only under the id it was asked by (an author's resolve may name it otherwise).
         if account.id == id {
             RECENT_ACCOUNTS.with_borrow_mut(|recent| recent.keep(of, &account));
@@ -175,8 +176,10 @@ impl Current {
         Ok(account)
     }
 
-    /// [`resolve`](Self::resolve) without the thread's recent accounts.
-    fn resolve_kept<E>(
+    /// The account `id` resolved from the current config (see [`Configured::resolve`]): one kept
+    /// already (found under the read lock, without taking a count on the config), else the
+    /// author's.
+    pub(crate) fn resolve<E>(
         &self,
         id: &str,
         unconfigured: impl FnOnce() -> ChannelConfig,
@@ -252,16 +255,16 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 
-    /// A thread finds the accounts it resolved last without the kept ones (here forgotten
-    /// behind its back); another thread does not, and neither does this one for an account it
-    /// has not resolved lately.
+    /// A thread finds the accounts it resolved last for a boot without the kept ones (here
+    /// forgotten behind its back); another thread does not, and neither does this one for an
+    /// account it has not resolved lately, nor a resolve that is not for a boot.
     #[test]
     fn a_thread_finds_the_accounts_it_resolved_last_by_itself() {
         let current = Current::new();
         current.install(config("one"));
         let calls = AtomicUsize::new(0);
         let first = current
-            .resolve("a", ChannelConfig::default, counting(&calls))
+            .resolve_for_boot("a", ChannelConfig::default, counting(&calls))
             .unwrap();
         let forget = || {
             let configured = current.get(|| unreachable!());
@@ -271,14 +274,14 @@ mod tests {
         };
         forget();
         let again = current
-            .resolve("a", ChannelConfig::default, counting(&calls))
+            .resolve_for_boot("a", ChannelConfig::default, counting(&calls))
             .unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         std::thread::scope(|s| {
             s.spawn(|| {
                 current
-                    .resolve("a", ChannelConfig::default, counting(&calls))
+                    .resolve_for_boot("a", ChannelConfig::default, counting(&calls))
                     .unwrap();
             });
         });
@@ -286,14 +289,25 @@ mod tests {
         // Four other accounts push it out of this thread's recent ones.
         for id in ["b", "c", "d", "e"] {
             current
-                .resolve(id, ChannelConfig::default, counting(&calls))
+                .resolve_for_boot(id, ChannelConfig::default, counting(&calls))
                 .unwrap();
         }
         forget();
         current
-            .resolve("a", ChannelConfig::default, counting(&calls))
+            .resolve_for_boot("a", ChannelConfig::default, counting(&calls))
             .unwrap();
         assert_eq!(calls.load(Ordering::Relaxed), 7);
+        // A resolve that is not for a boot goes to the kept accounts (forgotten here).
+        forget();
+        current
+            .resolve("a", ChannelConfig::default, counting(&calls))
+            .unwrap();
+        assert_eq!(calls.load(Ordering::Relaxed), 8);
+        // A new config: what this thread resolved from the old one is not handed out.
+        current.install(config("two"));
+        let after = current.resolve_for_boot("a", ChannelConfig::default, counting(&calls));
+        assert_eq!(token(&after.unwrap()), "two");
+        assert_eq!(calls.load(Ordering::Relaxed), 9);
     }
 
     #[test]
