@@ -443,7 +443,6 @@ fn start_one<P: ChannelPlugin>(
     let account = resolve_for_boot(account)?;
     let handle = rt()?;
     let state = Arc::new(TaskState::default());
-    let id = tasks::next_id();
     let polled = host.clone();
     let ctx = AccountContext {
         account: account.clone(),
@@ -452,9 +451,8 @@ fn start_one<P: ChannelPlugin>(
         harnessed: None,
     };
     let task = ChannelPlugin::start(plugin, ctx);
-    let task = tasks::AccountTask::new(id, task, polled, state.clone(), account);
-    let join = tasks::register(id, state, || {
-        let join = handle.spawn(task);
+    let (id, join) = tasks::register(state.clone(), |id| {
+        let join = handle.spawn(tasks::AccountTask::new(id, task, polled, state, account));
         (join.abort_handle(), join)
     });
     Ok(StartedTask {
