@@ -83,29 +83,64 @@ impl Drivers {
         Self::new(super::cores().map_or(2, |n| n.min(16)))
     }
 
-    /// Runs `lifecycle` on its driver (by its id), spawning the driver's task (tracked by
-    /// `tracker`) if it is idle. Must be called inside the runtime, as `tokio::spawn` is.
-    pub(super) fn submit(&self, lifecycle: Lifecycle, tracker: &TaskTracker) {
-        let shard = &self.shards[(lifecycle.id % self.shards.len() as u64) as usize];
-        let spawn = {
-            let mut inbox = shard.lock();
-            inbox.waiting.push(lifecycle);
-            shard.posted.store(true, Ordering::Release);
-            !std::mem::replace(&mut inbox.running, true)
-        };
-        if spawn {
-            // Unconstrained: see the module's docs.
-            tracker.spawn(tokio::task::unconstrained(drive(shard.clone())));
-        } else {
-            shard.waker.wake();
+    /// Runs each of `lifecycles` (which it empties) on its driver (by its id), spawning the
+    /// driver's task (tracked by `tracker`) if it is idle: one lock of each driver's inbox and
+    /// one wake-up of each driver for all of them. Must be called inside the runtime, as
+    /// `tokio::spawn` is.
+    pub(super) fn submit_all(&self, lifecycles: &mut Vec<Lifecycle>, tracker: &TaskTracker) {
+        for (index, shard) in self.shards.iter().enumerate() {
+            let wake = {
+                let mut inbox = shard.lock();
+                let before = inbox.waiting.len();
+                inbox
+                    .waiting
+                    .extend(lifecycles.extract_if(.., |lc| self.shard_of(lc) == index));
+                (inbox.waiting.len() > before).then(|| shard.posted(&mut inbox))
+            };
+            if let Some(wake) = wake {
+                shard.wake(wake, tracker);
+            }
         }
     }
+
+    fn shard_of(&self, lifecycle: &Lifecycle) -> usize {
+        (lifecycle.id % self.shards.len() as u64) as usize
+    }
+}
+
+/// How a driver learns of lifecycles posted to its inbox.
+enum Wake {
+    /// Its task is alive: a wake-up.
+    Running,
+    /// It is idle: its task is spawned.
+    Spawn,
 }
 
 impl Shard {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
         // Plain fields: a poisoned lock only means a panic between two plain updates.
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the inbox posted (under its lock); says how to tell the driver.
+    fn posted(&self, inbox: &mut Inbox) -> Wake {
+        self.posted.store(true, Ordering::Release);
+        if std::mem::replace(&mut inbox.running, true) {
+            Wake::Running
+        } else {
+            Wake::Spawn
+        }
+    }
+
+    /// Tells the driver (after the inbox's lock is released).
+    fn wake(self: &Arc<Self>, wake: Wake, tracker: &TaskTracker) {
+        match wake {
+            // Unconstrained: see the module's docs.
+            Wake::Spawn => {
+                tracker.spawn(tokio::task::unconstrained(drive(self.clone())));
+            }
+            Wake::Running => self.waker.wake(),
+        }
     }
 }
 

@@ -667,6 +667,9 @@ pub struct Channel {
     blocking_permits: Arc<Semaphore>,
 }
 
+/// How many lifecycles a start of many accounts spawns before it hands them to their drivers.
+const SPAWN_BUNCH: usize = 64;
+
 /// The most blocking calls (1.0 stop and logout hooks) one plugin may have in flight.
 pub const BLOCKING_CALLS_PER_PLUGIN: usize = 8;
 
@@ -1067,9 +1070,20 @@ impl Supervisor {
             if known < ids.len() {
                 state.accounts.reserve(ids.len() - known);
             }
-            ids.iter()
-                .map(|id| self.start_step(&mut state, ch, id.as_ref(), mode))
-                .collect()
+            let mut spawned = Vec::with_capacity(SPAWN_BUNCH.min(ids.len()));
+            let steps = ids
+                .iter()
+                .map(|id| {
+                    let step = self.start_step(&mut state, ch, id.as_ref(), mode, &mut spawned);
+                    if spawned.len() == SPAWN_BUNCH {
+                        // The first bunch boots while the next ones are stepped.
+                        self.submit_spawned(&mut spawned);
+                    }
+                    step
+                })
+                .collect();
+            self.submit_spawned(&mut spawned);
+            steps
         };
         // One wait for the starts that join a lifecycle's boot; a start that must first wait for
         // a stop in progress (rare) waits by itself.
@@ -1158,7 +1172,9 @@ impl Supervisor {
             batch.join(&shared, 0, (!stopping).then_some(seen));
             batch.arrived().await;
             if stopping {
-                step = self.start_step(&mut self.lock(), ch, account, mode);
+                let mut spawned = Vec::new();
+                step = self.start_step(&mut self.lock(), ch, account, mode, &mut spawned);
+                self.submit_spawned(&mut spawned);
                 continue;
             }
             return batch
@@ -1171,13 +1187,15 @@ impl Supervisor {
 
     /// A start's step under the state lock: refuse it, find the account running, join the
     /// lifecycle's boot in flight (waking a backoff), wait for a stop in progress, or reserve the
-    /// account's slot by spawning its lifecycle.
+    /// account's slot by spawning its lifecycle (added to `spawned`, which the caller hands to
+    /// the drivers with [`submit_spawned`](Self::submit_spawned)).
     fn start_step(
         &self,
         state: &mut State,
         ch: &Arc<Channel>,
         account: &str,
         mode: StartMode,
+        spawned: &mut Vec<lifecycle::Lifecycle>,
     ) -> StartStep {
         let next_id = state.next_lifecycle + 1;
         let (shared_key, entry) = state.account_with_key(KeyRef {
@@ -1216,7 +1234,9 @@ impl Supervisor {
             }
             None => {
                 // The slot is reserved here, before any await.
-                let handle = self.spawn_lifecycle(next_id, ch.clone(), shared_key, entry.attempts);
+                let (handle, run) =
+                    self.new_lifecycle(next_id, ch.clone(), shared_key, entry.attempts);
+                spawned.push(run);
                 let shared = handle.shared.clone();
                 entry.lifecycle = Some(handle);
                 state.next_lifecycle = next_id;
@@ -1230,13 +1250,15 @@ impl Supervisor {
         }
     }
 
-    fn spawn_lifecycle(
+    /// A new lifecycle for `key` (run by a driver once handed over with
+    /// [`submit_spawned`](Self::submit_spawned)), and the handle the account's entry keeps.
+    fn new_lifecycle(
         &self,
         id: u64,
         ch: Arc<Channel>,
         key: Arc<AccountKey>,
         attempts: u32,
-    ) -> LifecycleHandle {
+    ) -> (LifecycleHandle, lifecycle::Lifecycle) {
         let shared = Arc::new(Shared::new(attempts));
         if self.inner.closing.is_cancelled() {
             // Shutting down: this one stops before it boots (shutdown stops the ones it finds).
@@ -1251,10 +1273,18 @@ impl Supervisor {
             id,
             shared: shared.clone(),
         };
-        self.inner.drivers.submit(run, &self.inner.tracker);
-        LifecycleHandle {
+        let handle = LifecycleHandle {
             shared,
             channel: ch,
+        };
+        (handle, run)
+    }
+
+    /// Hands lifecycles [`start_step`](Self::start_step) spawned to their drivers (emptying
+    /// `spawned`): one lock of each driver's inbox and one wake-up per bunch, not per account.
+    fn submit_spawned(&self, spawned: &mut Vec<lifecycle::Lifecycle>) {
+        if !spawned.is_empty() {
+            self.inner.drivers.submit_all(spawned, &self.inner.tracker);
         }
     }
 
