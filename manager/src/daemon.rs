@@ -195,25 +195,8 @@ impl Daemon {
                 gateways: gateways.clone(),
             });
         let board = Arc::new(StatusBoard::with_message_sink(clock.clone(), sink));
-        let mut loader = Loader::new(staging, board.clone(), clock.clone());
-        loader.worker_threads = config.host.plugin_worker_threads;
-        loader.runtime_settings = Some(crate::runtime_settings::RuntimeSettings::of(&config));
-        loader.max_log_level = max_log_level();
-        loader.isolation = crate::isolate::Settings::of(&config);
-        loader.handshake_timeout = config.host.isolation_handshake_timeout;
-        let supervisor = Supervisor::new(
-            config.supervisor.clone(),
-            config.host.plugin_call_timeout,
-            board.clone(),
-            clock.clone(),
-            Arc::new(RandomJitter),
-        );
-        let catalog = Catalog::open(
-            Arc::new(config.clone()),
-            Arc::new(loader),
-            supervisor.clone(),
-            clock,
-        )?;
+        let (supervisor, catalog) =
+            open_catalog(Arc::new(config.clone()), staging, board.clone(), clock)?;
         let reloader = Reloader::new(current, catalog.clone(), supervisor.clone());
         Ok(Self {
             config,
@@ -283,6 +266,33 @@ impl Daemon {
         self.catalog.follow(self.changes.clone());
         watching.events
     }
+}
+
+/// The supervisor and the catalog for `config`, over `board`, as the daemon wires them: the
+/// loader stages plugins in `staging` and builds their runtimes with the config's settings
+/// (worker threads, per-channel runtime keys, isolation, the process's log level). Nothing is
+/// loaded yet ([`Catalog::load_initial`] does).
+pub fn open_catalog(
+    config: Arc<Config>,
+    staging: StagingDir,
+    board: Arc<StatusBoard>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Supervisor, Arc<Catalog>), crate::discover::DirError> {
+    let mut loader = Loader::new(staging, board.clone(), clock.clone());
+    loader.worker_threads = config.host.plugin_worker_threads;
+    loader.runtime_settings = Some(crate::runtime_settings::RuntimeSettings::of(&config));
+    loader.max_log_level = max_log_level();
+    loader.isolation = crate::isolate::Settings::of(&config);
+    loader.handshake_timeout = config.host.isolation_handshake_timeout;
+    let supervisor = Supervisor::new(
+        config.supervisor.clone(),
+        config.host.plugin_call_timeout,
+        board,
+        clock.clone(),
+        Arc::new(RandomJitter),
+    );
+    let catalog = Catalog::open(config, Arc::new(loader), supervisor.clone(), clock)?;
+    Ok((supervisor, catalog))
 }
 
 fn max_log_level() -> LogLevel {

@@ -5,17 +5,14 @@ use std::{path::Path, process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use channeld::{
     api_types::{self, OpAnswer, RescanAnswer},
-    catalog::Catalog,
     cli::{Cli, Command, ConfigArgs, LogFormat, OpArgs},
     client::Client,
     clock::{Clock, SystemClock},
     config::Config,
     daemon,
-    registry::Loader,
     stage::StagingDir,
     status::StatusBoard,
     status_table,
-    supervise::{Supervisor, policy::RandomJitter},
 };
 use clap::Parser as _;
 
@@ -347,19 +344,8 @@ async fn check(config: Config, state_dir: Option<std::path::PathBuf>) -> anyhow:
         .with_context(|| format!("staging directory in {}", state_dir.display()))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let board = Arc::new(StatusBoard::new(clock.clone()));
-    let mut loader = Loader::new(staging, board.clone(), clock.clone());
-    loader.worker_threads = config.host.plugin_worker_threads;
-    loader.isolation = channeld::isolate::Settings::of(&config);
-    loader.handshake_timeout = config.host.isolation_handshake_timeout;
-    let supervisor = Supervisor::new(
-        config.supervisor.clone(),
-        config.host.plugin_call_timeout,
-        board,
-        clock.clone(),
-        Arc::new(RandomJitter),
-    );
     let config = Arc::new(config);
-    let catalog = Catalog::open(config.clone(), Arc::new(loader), supervisor.clone(), clock)?;
+    let (supervisor, catalog) = daemon::open_catalog(config.clone(), staging, board, clock)?;
     catalog.load_initial().await?;
     catalog.close().await;
     let listing = catalog.listing();

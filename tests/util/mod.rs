@@ -14,16 +14,8 @@ use std::{
 };
 
 use channeld::{
-    catalog::Catalog,
-    clock::SystemClock,
-    config::Config,
-    ffi::FfiPlugin,
-    host::HostSink,
-    load::load_root_module,
-    registry::Loader,
-    stage::StagingDir,
-    status::StatusBoard,
-    supervise::{Supervisor, policy::RandomJitter},
+    catalog::Catalog, clock::SystemClock, config::Config, ffi::FfiPlugin, host::HostSink,
+    load::load_root_module, stage::StagingDir, status::StatusBoard, supervise::Supervisor,
 };
 use channeld_plugin_abi::abi::LogLevel;
 
@@ -53,19 +45,9 @@ pub fn private_dir() -> tempfile::TempDir {
 pub fn open_catalog(config: Arc<Config>, state: &Path) -> (Arc<Catalog>, Supervisor) {
     let clock = Arc::new(SystemClock);
     let board = Arc::new(StatusBoard::new(clock.clone()));
-    let loader = Loader::new(
-        StagingDir::open(&state.join("staging")).unwrap(),
-        board.clone(),
-        clock.clone(),
-    );
-    let supervisor = Supervisor::new(
-        config.supervisor.clone(),
-        config.host.plugin_call_timeout,
-        board,
-        clock.clone(),
-        Arc::new(RandomJitter),
-    );
-    let catalog = Catalog::open(config, Arc::new(loader), supervisor.clone(), clock).unwrap();
+    let staging = StagingDir::open(&state.join("staging")).unwrap();
+    let (supervisor, catalog) =
+        channeld::daemon::open_catalog(config, staging, board, clock).unwrap();
     (catalog, supervisor)
 }
 
