@@ -931,7 +931,8 @@ impl StatusBoard {
     }
 
     /// `key`'s snapshot, shared with the board (no copy; later changes do not reach it).
-    pub fn get_shared(&self, key: &AccountKey) -> Option<Arc<AccountSnapshot>> {
+    #[cfg(test)]
+    fn get_shared(&self, key: &AccountKey) -> Option<Arc<AccountSnapshot>> {
         self.lock().get(key).map(|e| e.snapshot.clone())
     }
 

@@ -113,14 +113,18 @@ impl<J: Claim + Send + 'static> BootPool<J> {
             spawn
         };
         if spawn {
-            self.spawn_thread();
+            spawn_drain(self.queue.clone(), self.limits, self.run.clone());
         }
     }
+}
 
-    fn spawn_thread(&self) {
-        let (queue, limits, run) = (self.queue.clone(), self.limits, self.run.clone());
-        tokio::task::spawn_blocking(move || drain(&queue, limits, run));
-    }
+/// Starts a thread of the pool (counted in `threads` already by the caller, under the lock).
+fn spawn_drain<J: Claim + Send + 'static>(
+    queue: Arc<Mutex<Queue<J>>>,
+    limits: Limits,
+    run: Runner<J>,
+) {
+    tokio::task::spawn_blocking(move || drain(&queue, limits, run));
 }
 
 fn lock<J>(queue: &Mutex<Queue<J>>) -> std::sync::MutexGuard<'_, Queue<J>> {
@@ -170,8 +174,7 @@ fn drain<J: Claim + Send + 'static>(queue: &Arc<Mutex<Queue<J>>>, limits: Limits
             (batch, spawn)
         };
         if spawn {
-            let (queue, run) = (queue.clone(), run.clone());
-            tokio::task::spawn_blocking(move || drain(&queue, limits, run));
+            spawn_drain(queue.clone(), limits, run.clone());
         }
         let size = batch.len();
         let began = std::time::Instant::now();

@@ -219,12 +219,15 @@ fn config() -> Arc<ChannelConfig> {
     configured().config().clone()
 }
 
+/// The author's hook that resolves account `id` of `config`.
+fn resolve_hook(config: &ChannelConfig, id: &str) -> Result<Account, PluginError> {
+    plugin().resolve_account(config, id)
+}
+
 /// The account, resolved once per installed config (see [`super::resolved`]).
 fn resolve(account: &str) -> Result<Arc<Account>, String> {
     CURRENT
-        .resolve(account, unconfigured, |config, id| {
-            plugin().resolve_account(config, id)
-        })
+        .resolve(account, unconfigured, resolve_hook)
         .map_err(|e| e.to_string())
 }
 
@@ -232,9 +235,7 @@ fn resolve(account: &str) -> Result<Arc<Account>, String> {
 /// after the other on one thread (see [`super::resolved`]).
 fn resolve_for_boot(account: &str) -> Result<Arc<Account>, String> {
     CURRENT
-        .resolve_for_boot(account, unconfigured, |config, id| {
-            plugin().resolve_account(config, id)
-        })
+        .resolve_for_boot(account, unconfigured, resolve_hook)
         .map_err(|e| e.to_string())
 }
 
