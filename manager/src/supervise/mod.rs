@@ -545,9 +545,6 @@ impl Batch {
     }
 }
 
-/// A running task's id and the lifecycle that runs it (a stop's batched abort marks it).
-type TaskOf = (u64, Arc<Shared>);
-
 /// Where a start stands after a step under the state lock.
 enum StartStep {
     /// It has its outcome.
@@ -1329,10 +1326,11 @@ impl Supervisor {
     /// account under (shared: the answer copies no key).
     async fn stop_accounts(&self, asked: &[KeyRef<'_>]) -> Vec<(Arc<AccountKey>, StopOutcome)> {
         let mut outcomes: Vec<Option<StopOutcome>> = vec![None; asked.len()];
-        let mut stopping: Vec<(usize, Arc<Shared>)> = Vec::new();
+        // Each lifecycle to stop, with its running task's id (0: none).
+        let mut stopping: Vec<(usize, Arc<Shared>, u64)> = Vec::new();
         let mut idle = Vec::new();
-        // The running tasks to abort, by the plugin version each runs on.
-        let mut aborts: Vec<(Arc<Channel>, Vec<TaskOf>)> = Vec::new();
+        // The ids of the running tasks to abort, by the plugin version each runs on.
+        let mut aborts: Vec<(Arc<Channel>, Vec<u64>)> = Vec::new();
         // The keys the state keeps its accounts under (shared, not built per stop).
         let mut keys: Vec<Arc<AccountKey>> = Vec::with_capacity(asked.len());
         {
@@ -1369,28 +1367,30 @@ impl Supervisor {
                 shared.mark_stop();
                 let task = shared.task();
                 if task != 0 {
-                    let entry = (task, shared.clone());
                     match aborts.iter_mut().find(|(ch, _)| Arc::ptr_eq(ch, &channel)) {
-                        Some((_, tasks)) => tasks.push(entry),
-                        None => aborts.push((channel, vec![entry])),
+                        Some((_, ids)) => ids.push(task),
+                        None => aborts.push((channel, vec![task])),
                     }
                 }
-                stopping.push((i, shared));
+                stopping.push((i, shared, task));
             }
         }
         // Every stop signal is set before any abort fires, so a lifecycle woken by its task's end
         // sees a stop, never a task that ended by itself. A stop sequence that begins before its
         // task's batched abort is marked fired aborts the task itself (twice is harmless), so the
         // order stays abort, then stop hook.
-        for (ch, tasks) in &aborts {
-            let ids: Vec<u64> = tasks.iter().map(|(task, _)| *task).collect();
-            ch.plugin.abort_tasks(&ids);
-            for (task, shared) in tasks {
+        for (ch, ids) in &aborts {
+            ch.plugin.abort_tasks(ids);
+        }
+        // One pass over the lifecycles (each cell is read once more, not once per step): its
+        // task's abort marked fired, its stop signalled, and one wait for its end.
+        let batch = Batch::new(0);
+        for (i, shared, task) in &stopping {
+            if *task != 0 {
                 shared.mark_aborted(*task);
             }
-        }
-        for (_, shared) in &stopping {
             shared.request_stop();
+            batch.join(shared, *i, None);
         }
         if !idle.is_empty() {
             let now = self.inner.clock.wall_ms();
@@ -1412,15 +1412,10 @@ impl Supervisor {
                 outcomes[i] = Some(StopOutcome::Stopped);
             }
         }
-        // One wait for every lifecycle's end.
-        let batch = Batch::new(0);
-        for (i, shared) in &stopping {
-            batch.join(shared, *i, None);
-        }
         batch.arrived().await;
         {
             let state = self.lock();
-            for (i, _) in &stopping {
+            for (i, ..) in &stopping {
                 let entry = state.accounts.get(&*keys[*i]);
                 outcomes[*i] = Some(
                     match entry.map(|e| (e.stuck(), e.last_stop_hook_failure())) {
