@@ -1059,7 +1059,12 @@ impl Supervisor {
         mode: StartMode,
     ) -> Vec<StartOutcome> {
         let deadline = self.inner.clock.now() + self.inner.policy().start_timeout;
-        let steps: Vec<StartStep> = {
+        // One wait for the starts that join a lifecycle's boot; a start that must first wait for
+        // a stop in progress (rare) waits by itself.
+        let batch = Batch::new(ids.len());
+        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; ids.len()];
+        let mut after_stops = Vec::new();
+        {
             let mut state = self.lock();
             // A channel's first start-all adds all its accounts at once: the map is sized once
             // (not doubled, and its old tables freed, a dozen times on the way).
@@ -1068,35 +1073,23 @@ impl Supervisor {
                 state.accounts.reserve(ids.len() - known);
             }
             let mut spawned = Vec::with_capacity(SPAWN_BUNCH.min(ids.len()));
-            let steps = ids
-                .iter()
-                .map(|id| {
-                    let step = self.start_step(&mut state, ch, id.as_ref(), mode, &mut spawned);
-                    if spawned.len() == SPAWN_BUNCH {
-                        // The first bunch boots while the next ones are stepped.
-                        self.submit_spawned(&mut spawned);
-                    }
-                    step
-                })
-                .collect();
-            self.submit_spawned(&mut spawned);
-            steps
-        };
-        // One wait for the starts that join a lifecycle's boot; a start that must first wait for
-        // a stop in progress (rare) waits by itself.
-        let batch = Batch::new(ids.len());
-        let mut outcomes: Vec<Option<StartOutcome>> = vec![None; ids.len()];
-        let mut after_stops = Vec::new();
-        for (i, step) in steps.into_iter().enumerate() {
-            match step {
-                StartStep::Done(outcome) => outcomes[i] = Some(outcome),
-                StartStep::Wait {
-                    shared,
-                    seen,
-                    stopping: false,
-                } => batch.join(&shared, i, Some(seen)),
-                step => after_stops.push((i, step)),
+            for (i, id) in ids.iter().enumerate() {
+                // Each step's wait is joined at once, while its lifecycle's cell is at hand.
+                match self.start_step(&mut state, ch, id.as_ref(), mode, &mut spawned) {
+                    StartStep::Done(outcome) => outcomes[i] = Some(outcome),
+                    StartStep::Wait {
+                        shared,
+                        seen,
+                        stopping: false,
+                    } => batch.join(&shared, i, Some(seen)),
+                    step => after_stops.push((i, step)),
+                }
+                if spawned.len() == SPAWN_BUNCH {
+                    // The first bunch boots while the next ones are stepped.
+                    self.submit_spawned(&mut spawned);
+                }
             }
+            self.submit_spawned(&mut spawned);
         }
         let finished: Vec<(usize, std::sync::OnceLock<StartOutcome>)> = after_stops
             .iter()
