@@ -14,7 +14,7 @@ use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
-    status::{AccountBoard, AccountSnapshot, AccountState},
+    status::{AccountSnapshot, AccountState},
 };
 
 /// What a lifecycle needs to talk to its account; cloneable so a detached watcher can finish a
@@ -262,7 +262,7 @@ impl Lifecycle {
                     if self.shared.stop_requested() {
                         // The start returned its task after a stop arrived: the stop wins, and
                         // the task gets the whole stop sequence (it never counts as running).
-                        Box::pin(ctx.stop_task(task, false, self.shared.link_board())).await;
+                        Box::pin(ctx.stop_task(task, false, &self.shared)).await;
                         self.publish(StartOutcome::Stopped);
                         break 'life;
                     }
@@ -350,7 +350,7 @@ impl Lifecycle {
                 match Box::pin(timeout(limit, &mut call)).await {
                     Ok(joined) => joined,
                     Err(_) => {
-                        ctx.detach_stuck_start(call);
+                        ctx.detach_stuck_start(call, &self.shared);
                         return Boot::Stuck;
                     }
                 }
@@ -400,7 +400,7 @@ impl Lifecycle {
                     }
                 };
                 if stopped {
-                    Box::pin(ctx.stop_task(task, shared.aborted(id), shared.link_board())).await;
+                    Box::pin(ctx.stop_task(task, shared.aborted(id), shared)).await;
                     return RunEnd::Stopped;
                 }
             }
@@ -431,7 +431,7 @@ impl Lifecycle {
                             // Boxed, here and at every stop: a running account's future does not
                             // carry the stop sequence's state.
                             let aborted = self.shared.aborted(id);
-                            Box::pin(ctx.stop_task(task, aborted, self.shared.link_board())).await;
+                            Box::pin(ctx.stop_task(task, aborted, &self.shared)).await;
                             return RunEnd::Stopped;
                         }
                     }
@@ -604,8 +604,10 @@ impl AccountCtx {
     /// up to the stop timeout, then cancel it on the plugin's runtime; a task that still does not
     /// end is reported stuck, and its slot frees itself when it finally ends.
     /// `aborted`: a stop has fired the task's abort already (in a batch with other accounts').
-    async fn stop_task(&self, task: RunningTask, aborted: bool, board: &AccountBoard) {
-        self.stop_task_at(task, aborted, Some(board)).await;
+    /// `shared` is the lifecycle's cell (the account's place on the board, and where the stop
+    /// says it left news in the account's bookkeeping).
+    async fn stop_task(&self, task: RunningTask, aborted: bool, shared: &Shared) {
+        self.stop_task_at(task, aborted, Some(shared)).await;
     }
 
     /// [`stop_task`](Self::stop_task) for a task whose lifecycle has gone (a start that returned
@@ -615,13 +617,8 @@ impl AccountCtx {
     }
 
     /// [`stop_task`](Self::stop_task), writing the end to the account's entry at its place on the
-    /// board when `board` is known, else by key.
-    async fn stop_task_at(
-        &self,
-        mut task: RunningTask,
-        aborted: bool,
-        board: Option<&AccountBoard>,
-    ) {
+    /// board when the lifecycle's cell is known, else by key.
+    async fn stop_task_at(&self, mut task: RunningTask, aborted: bool, shared: Option<&Shared>) {
         let plugin = &self.channel.plugin;
         let (stop_timeout, cancel_grace) = {
             let policy = self.inner.policy();
@@ -751,6 +748,9 @@ impl AccountCtx {
                 entry.set_stuck(Some(reason.clone()));
                 entry.last_stop_cancelled = true;
             }
+            if let Some(shared) = shared {
+                shared.mark_stop_news();
+            }
             let ctx = self.clone();
             // Not tracked: shutdown must not wait on a thread that may never return.
             tokio::spawn(async move {
@@ -784,17 +784,22 @@ impl AccountCtx {
                 s.last_error = Some(error);
             }
         };
-        match board {
-            Some(board) => board.retire_generation_and(&self.key, stopped),
+        match shared {
+            Some(shared) => shared
+                .link_board()
+                .retire_generation_and(&self.key, stopped),
             None => self.inner.board.retire_generation_and(&self.key, stopped),
         }
         // Both start out false/none at every stop (see `Supervisor::stop_accounts`): the lock is
         // taken only for news.
-        if (cancelled || hook_failure.is_some())
-            && let Some(entry) = self.inner.lock().accounts.get_mut(&self.key)
-        {
-            entry.last_stop_cancelled = cancelled;
-            entry.set_last_stop_hook_failure(hook_failure);
+        if cancelled || hook_failure.is_some() {
+            if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+                entry.last_stop_cancelled = cancelled;
+                entry.set_last_stop_hook_failure(hook_failure);
+            }
+            if let Some(shared) = shared {
+                shared.mark_stop_news();
+            }
         }
     }
 
@@ -802,7 +807,7 @@ impl AccountCtx {
     /// the stop timeout. The account is reported stuck (starts are refused, so no second start
     /// runs beside this one); a detached watcher waits for the call, stops the task it may still
     /// hand over, and then frees the account.
-    fn detach_stuck_start(&self, call: BootCall) {
+    fn detach_stuck_start(&self, call: BootCall, shared: &Shared) {
         let reason = format!(
             "stuck: the plugin's start did not return within {} of the stop (it blocks its \
              thread); starts are refused until it returns",
@@ -820,6 +825,7 @@ impl AccountCtx {
         if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
             entry.set_stuck(Some(reason.clone()));
         }
+        shared.mark_stop_news();
         // An isolated plugin kills the start's process, so the start returns now.
         self.channel.plugin.abandon_start(&self.key.account);
         let ctx = self.clone();

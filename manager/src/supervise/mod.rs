@@ -243,6 +243,11 @@ impl Shared {
         self.event.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Says the stop left news in the account's bookkeeping (see [`BootEvent::stop_news`]).
+    fn mark_stop_news(&self) {
+        self.event().stop_news = true;
+    }
+
     /// Changes the published event and reports to every batch it satisfies.
     fn publish(&self, f: impl FnOnce(&mut BootEvent)) {
         let mut event = self.event();
@@ -435,6 +440,9 @@ struct BootEvent {
     outcome: Option<StartOutcome>,
     /// The lifecycle has ended (its slot is free).
     ended: bool,
+    /// Its stop left news in the account's bookkeeping (stuck, cancelled, a failed hook): the
+    /// stop's outcome is read there (otherwise it is a plain `stopped`).
+    stop_news: bool,
     /// Batches of starts or stops waiting for this lifecycle (see [`Batch`]): usually one, kept
     /// in place (no allocation per start or stop waited for).
     waiting: smallvec::SmallVec<[Waiter; 1]>,
@@ -1406,11 +1414,18 @@ impl Supervisor {
             }
         }
         batch.arrived().await;
-        {
+        // A plain stop's outcome is `stopped` (left unset here); only a stop with news looks its
+        // outcome up in the account's bookkeeping.
+        let news: Vec<usize> = stopping
+            .iter()
+            .filter(|(_, shared, _)| shared.event().stop_news)
+            .map(|(i, ..)| *i)
+            .collect();
+        if !news.is_empty() {
             let state = self.lock();
-            for (i, ..) in &stopping {
-                let entry = state.accounts.get(&*keys[*i]);
-                outcomes[*i] = Some(
+            for i in news {
+                let entry = state.accounts.get(&*keys[i]);
+                outcomes[i] = Some(
                     match entry.map(|e| (e.stuck(), e.last_stop_hook_failure())) {
                         Some((Some(reason), _)) => StopOutcome::Stuck(reason.to_owned()),
                         Some((None, Some(failure))) => StopOutcome::HookFailed(failure.to_owned()),
