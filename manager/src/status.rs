@@ -343,7 +343,15 @@ impl EntryMut<'_> {
     /// The snapshot to write to (its chunk, then itself, copied first if a snapshot still shares
     /// them).
     fn snapshot_mut(&mut self) -> &mut AccountSnapshot {
-        Arc::make_mut(&mut Arc::make_mut(self.chunk)[self.i])
+        self.parts_mut().0
+    }
+
+    /// [`snapshot_mut`](Self::snapshot_mut) and the entry's liveness, together.
+    fn parts_mut(&mut self) -> (&mut AccountSnapshot, &mut Liveness) {
+        (
+            Arc::make_mut(&mut Arc::make_mut(self.chunk)[self.i]),
+            self.liveness,
+        )
     }
 }
 
@@ -997,15 +1005,9 @@ impl StatusBoard {
             None => entries.get_mut(key),
         };
         match entry {
-            Some(entry) if *entry.generation == generation => {
-                let EntryMut {
-                    liveness, chunk, i, ..
-                } = entry;
-                f(
-                    Arc::make_mut(&mut Arc::make_mut(chunk)[i]),
-                    liveness,
-                    &*self.clock,
-                )
+            Some(mut entry) if *entry.generation == generation => {
+                let (snapshot, liveness) = entry.parts_mut();
+                f(snapshot, liveness, &*self.clock)
             }
             _ => {
                 drop(entries);

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{FutureExt as _, future::Either};
 use tokio::{sync::oneshot, time::timeout};
 
-use super::{Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
+use super::{AccountEntry, Channel, Inner, Phase, Shared, StartOutcome, policy::backoff_delay};
 use crate::{
     host::{AccountKey, AccountLink, HostSink},
     plugin::{BootStep, Plugin, RunningTask},
@@ -744,13 +744,10 @@ impl AccountCtx {
             self.set_state(AccountState::Stuck, |s| {
                 s.last_error = Some(reason.clone());
             });
-            if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+            self.record_stop_news(shared, |entry| {
                 entry.set_stuck(Some(reason.clone()));
                 entry.last_stop_cancelled = true;
-            }
-            if let Some(shared) = shared {
-                shared.mark_stop_news();
-            }
+            });
             let ctx = self.clone();
             // Not tracked: shutdown must not wait on a thread that may never return.
             tokio::spawn(async move {
@@ -793,13 +790,22 @@ impl AccountCtx {
         // Both start out false/none at every stop (see `Supervisor::stop_accounts`): the lock is
         // taken only for news.
         if cancelled || hook_failure.is_some() {
-            if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+            self.record_stop_news(shared, |entry| {
                 entry.last_stop_cancelled = cancelled;
                 entry.set_last_stop_hook_failure(hook_failure);
-            }
-            if let Some(shared) = shared {
-                shared.mark_stop_news();
-            }
+            });
+        }
+    }
+
+    /// Writes what a stop learnt (stuck, cancelled, a failed hook) to the account's bookkeeping,
+    /// and says so in the lifecycle's cell, when known: a stop of many accounts reads the
+    /// outcome of those (and only those) there.
+    fn record_stop_news(&self, shared: Option<&Shared>, write: impl FnOnce(&mut AccountEntry)) {
+        if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
+            write(entry);
+        }
+        if let Some(shared) = shared {
+            shared.mark_stop_news();
         }
     }
 
@@ -822,10 +828,7 @@ impl AccountCtx {
             s.last_stop_at = Some(now);
             s.last_error = Some(reason.clone());
         });
-        if let Some(entry) = self.inner.lock().accounts.get_mut(&self.key) {
-            entry.set_stuck(Some(reason.clone()));
-        }
-        shared.mark_stop_news();
+        self.record_stop_news(Some(shared), |entry| entry.set_stuck(Some(reason.clone())));
         // An isolated plugin kills the start's process, so the start returns now.
         self.channel.plugin.abandon_start(&self.key.account);
         let ctx = self.clone();
