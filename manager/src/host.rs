@@ -20,7 +20,6 @@ use channeld_plugin_abi::abi::{
 };
 use futures_util::FutureExt as _;
 use serde_json::Value;
-use tokio::sync::watch;
 
 use crate::{plugin::BoxFuture, status_patch::StatusPatch};
 
@@ -86,9 +85,10 @@ pub trait HostSink: Send + Sync + 'static {
     }
 }
 
-/// What the supervisor gives one account's links, shared by all of them for the life of the
-/// account's lifecycle (one object per account instead of a flag and a token per boot): where a
-/// link reports the first poll of its task, and where a boot reads whether a stop has landed.
+/// Where a link reports the first poll of its task, and where a boot reads whether a stop has
+/// landed: the supervisor gives one account's links its lifecycle's cell, shared by all of them
+/// for the life of the lifecycle (one object per account instead of a flag and a token per
+/// boot); an isolated child gives each link one that forwards the report to the host.
 pub trait TaskSignals: Send + Sync + 'static {
     /// The plugin's runtime has polled the task of `generation` for the first time.
     fn task_polled(&self, generation: u64);
@@ -105,9 +105,6 @@ pub struct AccountLink {
     key: Option<Arc<AccountKey>>,
     generation: u64,
     sink: Arc<dyn HostSink>,
-    /// Told when the plugin reports its runtime's first poll of the task (the isolated child's
-    /// form of [`TaskSignals::task_polled`]).
-    polled: Option<Arc<watch::Sender<bool>>>,
     /// The supervisor's signals for the account (see [`with_signals`](Self::with_signals)).
     signals: Option<Arc<dyn TaskSignals>>,
 }
@@ -129,7 +126,6 @@ impl AccountLink {
             key: Some(key),
             generation,
             sink,
-            polled: None,
             signals: None,
         }
     }
@@ -150,13 +146,6 @@ impl AccountLink {
         self.signals.as_ref().is_some_and(|s| s.stop_requested())
     }
 
-    /// This handle, telling `polled` when the plugin reports that its runtime polled the task
-    /// (the 1.1 `task_polled` service): the supervisor waits for it before showing `running`.
-    pub fn with_polled_signal(mut self, polled: watch::Sender<bool>) -> Self {
-        self.polled = Some(Arc::new(polled));
-        self
-    }
-
     /// The plugin-wide handle given at `init` (log only; account calls are refused).
     pub fn for_plugin(channel: &str, sink: Arc<dyn HostSink>) -> Self {
         Self {
@@ -164,7 +153,6 @@ impl AccountLink {
             key: None,
             generation: 0,
             sink,
-            polled: None,
             signals: None,
         }
     }
@@ -292,9 +280,6 @@ impl AccountLink {
 
     /// The plugin's runtime has polled this handle's task for the first time.
     pub fn task_polled(&self) {
-        if let Some(polled) = &self.polled {
-            polled.send_replace(true);
-        }
         if let Some(signals) = &self.signals {
             signals.task_polled(self.generation);
         }

@@ -8,14 +8,14 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
 use channeld_plugin_abi::abi::{EventKind, InboundMessage, LogLevel};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::wire::{
@@ -24,7 +24,7 @@ use super::wire::{
 };
 use crate::{
     ffi::FfiPlugin,
-    host::{AccountKey, AccountLink, HostSink},
+    host::{AccountKey, AccountLink, HostSink, TaskSignals},
     load::{isolation_sys, load_root_module_named},
     plugin::{BootStep, BoxFuture, Check, Outbound, Plugin, RunningTask},
     status,
@@ -223,21 +223,40 @@ fn link_for(
     if !plugin.reports_task_polled() {
         return link;
     }
-    let (polled, mut seen) = watch::channel(false);
-    let out = out.clone();
-    let account = account.to_owned();
-    // Ends without a word when the link is dropped unpolled (a start that failed or was not
-    // made).
-    tokio::spawn(async move {
-        if seen.wait_for(|polled| *polled).await.is_ok() {
-            let _ = out.send(FromChild::Service {
-                account,
+    link.with_signals(Arc::new(PolledReport {
+        out: out.clone(),
+        account: account.to_owned(),
+        sent: AtomicBool::new(false),
+    }))
+}
+
+/// Forwards the first poll of one account's task to the host, from the plugin's thread that
+/// reports it: no task of the child's runtime waits for it, and the report goes out ahead of
+/// anything the task sends after its first poll. A link dropped unpolled (a start that failed or
+/// was not made) sends nothing.
+struct PolledReport {
+    out: mpsc::UnboundedSender<FromChild>,
+    account: String,
+    /// Set by the first report (a plugin reports each task's first poll once; a second report
+    /// is not forwarded).
+    sent: AtomicBool,
+}
+
+impl TaskSignals for PolledReport {
+    fn task_polled(&self, generation: u64) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            let _ = self.out.send(FromChild::Service {
+                account: self.account.clone(),
                 generation,
                 service: Service::TaskPolled,
             });
         }
-    });
-    link.with_polled_signal(polled)
+    }
+
+    /// The host decides about stops; a boot in the child never skips a start by itself.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// Reports a started task's end to the host; its id. The end is noted first, so a status patch
