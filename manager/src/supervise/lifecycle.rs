@@ -459,17 +459,8 @@ impl Lifecycle {
         let ctx = &self.ctx;
         let policy = ctx.inner.policy();
         crate::metrics::record_crash();
-        let attempt = {
-            let mut state = ctx.inner.lock();
-            let entry = state.account(&ctx.key);
-            let attempt = if ran_for >= policy.stable_run {
-                1
-            } else {
-                entry.attempts + 1
-            };
-            entry.set_attempts(attempt);
-            attempt
-        };
+        // The lifecycle's cell has the count while it runs: no state lock per crash.
+        let attempt = self.shared.count_crash(ran_for >= policy.stable_run);
         let now = ctx.inner.clock.now();
         // Why the run ended, with the state that follows, in one write.
         let ended = |s: &mut AccountSnapshot, state: AccountState, error: String| {
@@ -539,13 +530,8 @@ impl Lifecycle {
     fn finish(&self) {
         {
             let mut state = self.ctx.inner.lock();
-            if let Some(entry) = state.accounts.get_mut(&self.ctx.key)
-                && entry
-                    .lifecycle
-                    .as_ref()
-                    .is_some_and(|lc| Arc::ptr_eq(&lc.shared, &self.shared))
-            {
-                entry.lifecycle = None;
+            if let Some(entry) = state.accounts.get_mut(&self.ctx.key) {
+                entry.end_lifecycle(&self.shared);
             }
         }
         self.shared.publish(|event| event.ended = true);

@@ -192,9 +192,9 @@ struct Shared {
     /// there): set by the pool's thread that takes it, or by the lifecycle withdrawing it
     /// (`boot::Claim`); cleared before each boot is queued.
     boot_claimed: std::sync::atomic::AtomicBool,
-    /// The account's restart count as its bookkeeping has it (`AccountEntry::attempts`, the
-    /// owner, writes it here whenever it changes; see `AccountEntry::set_attempts`), for the
-    /// lifecycle to read without the state's lock each time its task runs.
+    /// The account's restart count while this lifecycle lives (its one owner then: the account's
+    /// bookkeeping reads and writes it here, see `AccountEntry::attempts`, and takes it back when
+    /// the lifecycle ends). The lifecycle counts a crash here without the state's lock.
     attempts: std::sync::atomic::AtomicU32,
     /// The account's part of the status board, from the lifecycle's first boot on (the account's
     /// entry may not exist before: an account never written shows as unwritten). Its task's links
@@ -232,10 +232,25 @@ impl Shared {
         self.attempts.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Hands the lifecycle a new restart count (only `AccountEntry::set_attempts` does).
+    /// Sets the restart count (a user's start or reset, through `AccountEntry::set_attempts`).
     fn set_attempts(&self, attempts: u32) {
         self.attempts
             .store(attempts, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Counts a crash: the restart count after it, 1 if the run that ended had been stable
+    /// (`reset`), else one more. One atomic step: a reset by a user's start at the same moment
+    /// lands either before it (the count is then 1) or after it (0), as under a lock.
+    fn count_crash(&self, reset: bool) -> u32 {
+        use std::sync::atomic::Ordering;
+        let next = |attempts: u32| if reset { 1 } else { attempts.saturating_add(1) };
+        let previous = self
+            .attempts
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |attempts| {
+                Some(next(attempts))
+            })
+            .unwrap_or_else(|attempts| attempts);
+        next(previous)
     }
 
     fn event(&self) -> MutexGuard<'_, BootEvent> {
@@ -580,7 +595,9 @@ struct AccountEntry {
     manual_stop: bool,
     /// Whether the last stop had to cancel the task.
     last_stop_cancelled: bool,
-    /// The restart count; changed only through [`set_attempts`](Self::set_attempts).
+    /// The restart count while no lifecycle runs (its lifecycle's cell has it meanwhile); read
+    /// and changed only through [`attempts`](Self::attempts) and
+    /// [`set_attempts`](Self::set_attempts).
     attempts: u32,
     lifecycle: Option<LifecycleHandle>,
     /// What is rarely set (`None`: nothing is).
@@ -615,12 +632,33 @@ impl AccountEntry {
         self.set_rare(|rare| rare.last_stop_hook_failure = failure);
     }
 
-    /// Sets the restart count, and tells the account's lifecycle (which reads it without the
-    /// state's lock when its task runs).
+    /// The restart count: its lifecycle's while one runs (which counts crashes without the
+    /// state's lock), else the one kept here.
+    fn attempts(&self) -> u32 {
+        match &self.lifecycle {
+            Some(lc) => lc.shared.attempts(),
+            None => self.attempts,
+        }
+    }
+
+    /// Sets the restart count where it lives (see [`attempts`](Self::attempts)).
     fn set_attempts(&mut self, attempts: u32) {
-        self.attempts = attempts;
-        if let Some(lc) = &self.lifecycle {
-            lc.shared.set_attempts(attempts);
+        match &self.lifecycle {
+            Some(lc) => lc.shared.set_attempts(attempts),
+            None => self.attempts = attempts,
+        }
+    }
+
+    /// Takes the restart count back from the lifecycle of `shared` as it ends (the entry's
+    /// lifecycle goes with it); does nothing if the entry runs another lifecycle.
+    fn end_lifecycle(&mut self, shared: &Arc<Shared>) {
+        if self
+            .lifecycle
+            .as_ref()
+            .is_some_and(|lc| Arc::ptr_eq(&lc.shared, shared))
+        {
+            self.attempts = shared.attempts();
+            self.lifecycle = None;
         }
     }
 
@@ -687,12 +725,8 @@ struct State {
 }
 
 impl State {
-    /// `key`'s bookkeeping, created if needed (the key is cloned only then).
-    fn account(&mut self, key: &AccountKey) -> &mut AccountEntry {
-        self.account_with_key(KeyRef::of(key)).1
-    }
-
-    /// [`account`](Self::account), with the shared key it is kept under.
+    /// `key`'s bookkeeping, created if needed (the key is cloned only then), with the shared key
+    /// it is kept under.
     fn account_with_key(&mut self, key: KeyRef<'_>) -> (Arc<AccountKey>, &mut AccountEntry) {
         // One lookup, found or inserted.
         match self.accounts.entry_ref(&key) {
@@ -1233,7 +1267,7 @@ impl Supervisor {
             None => {
                 // The slot is reserved here, before any await.
                 let (handle, run) =
-                    self.new_lifecycle(next_id, ch.clone(), shared_key, entry.attempts);
+                    self.new_lifecycle(next_id, ch.clone(), shared_key, entry.attempts());
                 spawned.push(run);
                 let shared = handle.shared.clone();
                 entry.lifecycle = Some(handle);
@@ -1540,7 +1574,10 @@ impl Supervisor {
 
     /// The account's restart counter.
     pub fn restart_attempts(&self, key: &AccountKey) -> u32 {
-        self.lock().accounts.get(key).map_or(0, |e| e.attempts)
+        self.lock()
+            .accounts
+            .get(key)
+            .map_or(0, AccountEntry::attempts)
     }
 
     /// Whether the health monitor may act on the account: its `health_monitor.enabled`, else the

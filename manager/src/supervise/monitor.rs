@@ -29,7 +29,7 @@ impl MonitorTarget for Supervisor {
                     let (manual, attempts) = state
                         .accounts
                         .get(&key)
-                        .map_or((false, 0), |e| (e.manual_stop, e.attempts));
+                        .map_or((false, 0), |e| (e.manual_stop, e.attempts()));
                     (key, manual, attempts)
                 })
                 .collect()
