@@ -32,14 +32,16 @@ struct Control {
     /// The id the task was registered under (its slot's later tasks have other ids).
     id: u64,
     abort: Arc<TaskState>,
-    cancel: AbortHandle,
+    /// The runtime's handle of the task; `None` only while [`Registry::register`] spawns it (the
+    /// host learns the id once the spawn has returned, so no cancel can come before it is set).
+    cancel: Option<AbortHandle>,
 }
 
 /// Shards of the registry (tasks take turns by their sequence number).
 const SHARDS: usize = 16;
 
 /// An id's layout: the shard in its lowest bits, then the slot, then the sequence number; the
-/// top bit stays clear (see [`ARMED`]).
+/// top bit stays clear (an id fits an `i64`).
 const SHARD_BITS: u32 = SHARDS.trailing_zeros();
 const SLOT_BITS: u32 = 28;
 const SEQ_SHIFT: u32 = SHARD_BITS + SLOT_BITS;
@@ -92,13 +94,27 @@ impl Registry {
     ) -> (u64, T) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) % SEQ_MAX + 1;
         let index = (seq % SHARDS as u64) as usize;
-        let mut tasks = self.shard(index);
-        let entry = tasks.vacant_entry();
-        let slot = entry.key() as u64;
-        assert!(slot < 1 << SLOT_BITS, "2^28 account tasks in one shard");
-        let id = seq << SEQ_SHIFT | slot << SHARD_BITS | index as u64;
+        // The entry first (the task's id says where it is), then the spawn, outside the shard's
+        // lock: the runtime's spawn allocates and may wake a worker, and the threads ending the
+        // shard's tasks would wait for it.
+        let (id, slot) = {
+            let mut tasks = self.shard(index);
+            let entry = tasks.vacant_entry();
+            let slot = entry.key();
+            assert!(slot < 1 << SLOT_BITS, "2^28 account tasks in one shard");
+            let id = seq << SEQ_SHIFT | (slot as u64) << SHARD_BITS | index as u64;
+            entry.insert(Control {
+                id,
+                abort,
+                cancel: None,
+            });
+            (id, slot)
+        };
         let (cancel, out) = spawn(id);
-        entry.insert(Control { id, abort, cancel });
+        // A task that has ended already (or was dropped unpolled) removed its entry itself.
+        if let Some(control) = self.shard(index).get_mut(slot).filter(|c| c.id == id) {
+            control.cancel = Some(cancel);
+        }
         (id, out)
     }
 
@@ -121,14 +137,16 @@ impl Registry {
     fn cancel(&self, id: u64) -> bool {
         self.with_task(id, |c| {
             c.abort.abort();
-            c.cancel.abort();
+            if let Some(cancel) = &c.cancel {
+                cancel.abort();
+            }
         })
         .is_some()
     }
 }
 
-/// Registers a task: `spawn` gets the task's fresh id and runs under the registry's (shard's)
-/// lock, so that a task which ends at once cannot unregister itself before it was registered.
+/// Registers a task: `spawn` gets the task's fresh id, whose entry is in the registry already
+/// (a task that ends at once unregisters it), and runs without the registry's lock.
 ///
 /// # Panics
 ///
@@ -155,19 +173,13 @@ pub(crate) fn cancel(id: u64) -> bool {
     TASKS.cancel(id)
 }
 
-/// Set in an [`Unregister`] once its task has been polled (ids stay far below it).
-const ARMED: u64 = 1 << 63;
-
 /// Removes its task from the registry when the task's future is dropped, however it ended
-/// (returned, panicked, cancelled), if the task was polled: only from then on is it armed (a
-/// future dropped inside the spawn, which holds the registry's lock, must not take it again).
+/// (returned, panicked, cancelled, or dropped before its first poll by a runtime shutting down).
 struct Unregister(u64);
 
 impl Drop for Unregister {
     fn drop(&mut self) {
-        if self.0 & ARMED != 0 {
-            unregister(self.0 & !ARMED);
-        }
+        unregister(self.0);
     }
 }
 
@@ -176,7 +188,7 @@ pin_project! {
     /// second copy of it, as an `async` block that awaits a captured future would hold), with the
     /// SDK's part around it, all in one future so the runtime's task for it stays small: each poll
     /// runs in the account's log scope and is seen by the watchdog. At the first poll it tells the
-    /// host the task is polled and arms its [`Unregister`]; once the author's future has ended
+    /// host the task is polled; once the author's future has ended
     /// (and been dropped), it fires the abort for the tasks the account spawned and ends when they
     /// have.
     pub(crate) struct AccountTask<F, T> {
@@ -243,7 +255,6 @@ impl<F: Future<Output = T>, T> Future for AccountTask<F, T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         let this = self.project();
         if let Some(polled) = this.polled.take() {
-            this.unregister.0 |= ARMED;
             // The runtime is polling the task: only now is the account running.
             polled.task_polled();
         }
@@ -348,10 +359,80 @@ mod tests {
         assert!(registry.cancel(reused.0));
         assert!(reused.1.is_aborted());
         for id in later {
-            assert!(id != 0 && id & ARMED == 0, "{id:#x}");
+            assert!(id != 0 && id >> 63 == 0, "{id:#x}");
             registry.unregister(id);
         }
         assert!(!registry.abort(0), "no task has id 0");
+    }
+
+    /// A task's spawn runs without the registry's lock: a task that ends inside it (or is
+    /// dropped there, unpolled) unregisters itself, and leaves no entry behind; a task still
+    /// running afterwards has its entry, with the runtime's handle that cancels it.
+    #[test]
+    fn a_task_that_ends_while_it_is_spawned_leaves_no_entry() {
+        let registry = Arc::new(Registry::new());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        // Run where a deadlock (the spawn under the shard's lock) fails the test instead of
+        // hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        let ended = {
+            let registry = registry.clone();
+            std::thread::spawn(move || {
+                let (id, ()) = registry.register(Arc::new(TaskState::default()), |id| {
+                    // What the task's `Unregister` does when it ends at once.
+                    registry.unregister(id);
+                    (runtime.spawn(async {}).abort_handle(), ())
+                });
+                let _ = done.send(());
+                id
+            })
+        };
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the spawn ran under the registry's lock");
+        let ended = ended.join().expect("the register thread");
+        assert!(!registry.abort(ended), "an ended task kept its entry");
+        let (index, _) = place(ended);
+        assert!(registry.shard(index).is_empty(), "a stale entry was left");
+        // A task still running has its entry and its cancel handle.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let state = Arc::new(TaskState::default());
+        let (running, join) = registry.register(state.clone(), |_| {
+            let join = runtime.spawn(std::future::pending::<()>());
+            (join.abort_handle(), join)
+        });
+        assert!(registry.cancel(running));
+        assert!(state.is_aborted());
+        let cancelled = runtime.block_on(join).expect_err("the task was cancelled");
+        assert!(cancelled.is_cancelled());
+        registry.unregister(running);
+    }
+
+    /// A task cancelled before its runtime first polled it (its future dropped unpolled) leaves
+    /// no entry behind: its `Unregister` goes with the future, polled or not.
+    #[test]
+    fn a_task_cancelled_before_its_first_poll_leaves_no_entry() {
+        // Not driven until the cancel: the task is never polled.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let (id, join) = register(Arc::new(TaskState::default()), |id| {
+            // Held by the future from its creation, as an account task holds it.
+            let unregister = Unregister(id);
+            let join = runtime.spawn(async move {
+                let _unregister = unregister;
+                std::future::pending::<()>().await;
+            });
+            (join.abort_handle(), join)
+        });
+        assert!(cancel(id), "the registered task was not found");
+        let cancelled = runtime.block_on(join).expect_err("the task was cancelled");
+        assert!(cancelled.is_cancelled());
+        assert!(!abort(id), "the cancelled task kept its entry");
     }
 
     /// An author's future of a given size (the fixture's `run` task is about this big).
