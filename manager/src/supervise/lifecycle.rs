@@ -525,8 +525,9 @@ impl Lifecycle {
         });
     }
 
-    /// Frees the slot (if it is still this lifecycle's) and wakes whoever waits for the end. Runs
-    /// from `Drop`, so a lifecycle that panics (or whose task is dropped) still frees its account.
+    /// Frees the slot (if it is still this lifecycle's: the account's bookkeeping takes its
+    /// restart count back) and wakes whoever waits for the end. Runs from `Drop`, so a lifecycle
+    /// that panics (or whose task is dropped) still frees its account.
     fn finish(&self) {
         {
             let mut state = self.ctx.inner.lock();

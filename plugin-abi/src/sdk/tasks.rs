@@ -188,9 +188,8 @@ pin_project! {
     /// second copy of it, as an `async` block that awaits a captured future would hold), with the
     /// SDK's part around it, all in one future so the runtime's task for it stays small: each poll
     /// runs in the account's log scope and is seen by the watchdog. At the first poll it tells the
-    /// host the task is polled; once the author's future has ended
-    /// (and been dropped), it fires the abort for the tasks the account spawned and ends when they
-    /// have.
+    /// host the task is polled; once the author's future has ended (and been dropped), it fires
+    /// the abort for the tasks the account spawned and ends when they have.
     pub(crate) struct AccountTask<F, T> {
         #[pin]
         stage: Stage<F, T>,
