@@ -115,11 +115,16 @@ thread_local! {
 }
 
 impl Recent {
+    /// The account `id`, looked for from the one kept last (a boot's later questions are about
+    /// it: one comparison, not one per slot).
     fn get(&self, of: (usize, u64), id: &str) -> Option<Arc<Account>> {
         if self.of != of {
             return None;
         }
-        self.accounts.iter().flatten().find(|a| a.id == id).cloned()
+        (1..=RECENT)
+            .filter_map(|back| self.accounts[(self.next + RECENT - back) % RECENT].as_ref())
+            .find(|a| a.id == id)
+            .cloned()
     }
 
     fn keep(&mut self, of: (usize, u64), account: &Arc<Account>) {
@@ -293,6 +298,14 @@ mod tests {
                 .unwrap();
         }
         forget();
+        // Each of the four is found, whichever slot it is in.
+        for id in ["e", "b", "d", "c"] {
+            let found = current
+                .resolve_for_boot(id, ChannelConfig::default, counting(&calls))
+                .unwrap();
+            assert_eq!(found.id, id);
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 6);
         current
             .resolve_for_boot("a", ChannelConfig::default, counting(&calls))
             .unwrap();
