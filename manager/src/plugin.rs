@@ -202,7 +202,8 @@ pub trait Plugin: Send + Sync + 'static {
     /// Boots several accounts in one call: for each, in order, whether it is enabled, whether it
     /// is configured and, when both say yes, its start; one result per account, in order. The
     /// default asks account by account and starts the accounts that passed with one
-    /// [`start_accounts`](Self::start_accounts) call; an isolated plugin answers the whole batch in
+    /// [`start_accounts`](Self::start_accounts) call (a batch of one: one
+    /// [`start_account`](Self::start_account) call); an isolated plugin answers the whole batch in
     /// one round trip. Callers pass at most the channel's startup fan-out at once (a batch of k
     /// counts as k booting accounts).
     fn boot_accounts(
@@ -271,27 +272,29 @@ pub trait Plugin: Send + Sync + 'static {
 
 /// [`Plugin::boot_accounts`]' default, for an implementation that wraps it: for each account in
 /// order, enabled? configured?; then one [`Plugin::start_accounts`] call for the accounts that
-/// passed, leaving out any whose stop arrived meanwhile (its link's
-/// [`AccountLink::stop_requested`]; its result is [`STOPPED_BEFORE_START`]).
+/// passed (for a batch of one, [`Plugin::start_account`]), leaving out any whose stop arrived
+/// meanwhile (its link's [`AccountLink::stop_requested`]; its result is
+/// [`STOPPED_BEFORE_START`]).
 pub fn boot_each<P: Plugin + ?Sized>(
     plugin: &P,
     batch: Vec<(String, AccountLink)>,
 ) -> Vec<Result<BootStep, PluginCallError>> {
-    let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::new();
-    let mut starts = Vec::new();
+    if batch.len() == 1 {
+        // One account (a restart's boot, most of the time): its start goes through the plugin's
+        // single entry, without the batch's vectors.
+        return batch
+            .into_iter()
+            .map(|(account, link)| match boot_check(plugin, &account)? {
+                Some(step) => Ok(step),
+                None if link.stop_requested() => Err(stopped_before_start(plugin)),
+                None => plugin.start_account(&account, link).map(BootStep::Started),
+            })
+            .collect();
+    }
+    let mut steps: Vec<Option<Result<BootStep, PluginCallError>>> = Vec::with_capacity(batch.len());
+    let mut starts = Vec::with_capacity(batch.len());
     for (account, link) in batch {
-        let checked = plugin
-            .is_enabled(&account)
-            .and_then(|enabled| match enabled {
-                Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
-                Check::Yes => plugin
-                    .is_configured(&account)
-                    .map(|configured| match configured {
-                        Check::No(reason) => Some(BootStep::NotConfigured(reason)),
-                        Check::Yes => None,
-                    }),
-            });
-        match checked {
+        match boot_check(plugin, &account) {
             Ok(None) => {
                 starts.push((steps.len(), (account, link)));
                 steps.push(None);
@@ -304,11 +307,7 @@ pub fn boot_each<P: Plugin + ?Sized>(
     starts.retain(|(slot, (_, link))| {
         let stopped = link.stop_requested();
         if stopped {
-            steps[*slot] = Some(Err(PluginCallError {
-                channel: plugin.info().channel_id.clone(),
-                entry: "start_accounts",
-                message: STOPPED_BEFORE_START.into(),
-            }));
+            steps[*slot] = Some(Err(stopped_before_start(plugin)));
         }
         !stopped
     });
@@ -328,4 +327,28 @@ pub fn boot_each<P: Plugin + ?Sized>(
             })
         })
         .collect()
+}
+
+/// Whether the account may start: `Some` with what it is instead (disabled, not configured),
+/// `None` when both checks say yes.
+fn boot_check<P: Plugin + ?Sized>(
+    plugin: &P,
+    account: &str,
+) -> Result<Option<BootStep>, PluginCallError> {
+    match plugin.is_enabled(account)? {
+        Check::No(reason) => Ok(Some(BootStep::Disabled(reason))),
+        Check::Yes => Ok(match plugin.is_configured(account)? {
+            Check::No(reason) => Some(BootStep::NotConfigured(reason)),
+            Check::Yes => None,
+        }),
+    }
+}
+
+/// The result of an account whose stop landed while its boot was checked: not started.
+fn stopped_before_start<P: Plugin + ?Sized>(plugin: &P) -> PluginCallError {
+    PluginCallError {
+        channel: plugin.info().channel_id.clone(),
+        entry: "start_accounts",
+        message: STOPPED_BEFORE_START.into(),
+    }
 }
