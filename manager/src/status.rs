@@ -320,11 +320,16 @@ struct Entry {
 const CHUNK: usize = 64;
 
 /// The snapshots of [`CHUNK`] consecutive slots of a channel. A chunk is shared with the
-/// snapshots taken while it was unchanged, and so is each account's snapshot in it: taking a
-/// channel's snapshot clones one reference per chunk, not one per account. A write copies the
-/// chunk (its references, not the accounts) only while a snapshot still holds it, and then the
-/// account's snapshot only while a snapshot still holds that.
+/// snapshots taken while it was unchanged, and so is each account's snapshot in it. A write
+/// copies the chunk (its references, not the accounts) only while a snapshot still holds it, and
+/// then the account's snapshot only while a snapshot still holds that.
 type Chunk = Vec<Arc<AccountSnapshot>>;
+
+/// A channel's chunks, in slot order. The list itself is shared too: taking a channel's snapshot
+/// clones one reference (the board's lock is held that long, whatever the channel's size), and the
+/// first write after it copies the list (one reference per chunk) only while that snapshot still
+/// holds it.
+type Chunks = Arc<Vec<Arc<Chunk>>>;
 
 /// An entry being written: its fields, and its snapshot in its chunk.
 struct EntryMut<'a> {
@@ -387,7 +392,7 @@ struct Place {
 #[derive(Default)]
 struct ChannelEntries {
     slots: Vec<Entry>,
-    chunks: Vec<Arc<Chunk>>,
+    chunks: Chunks,
     index: hashbrown::HashMap<String, u32>,
     view: Option<View>,
 }
@@ -407,7 +412,7 @@ impl ChannelEntries {
         EntryMut {
             generation: &mut entry.generation,
             liveness: &mut entry.liveness,
-            chunk: &mut self.chunks[slot / CHUNK],
+            chunk: &mut Arc::make_mut(&mut self.chunks)[slot / CHUNK],
             i: slot % CHUNK,
         }
     }
@@ -425,10 +430,11 @@ impl ChannelEntries {
     fn push(&mut self, account: &str, snapshot: AccountSnapshot) -> u32 {
         let slot = self.slots.len();
         let id = u32::try_from(slot).expect("fewer than 2^32 accounts in a channel");
+        let chunks = Arc::make_mut(&mut self.chunks);
         if slot.is_multiple_of(CHUNK) {
-            self.chunks.push(Arc::new(Vec::with_capacity(CHUNK)));
+            chunks.push(Arc::new(Vec::with_capacity(CHUNK)));
         }
-        let chunk = self.chunks.last_mut().expect("a chunk has room");
+        let chunk = chunks.last_mut().expect("a chunk has room");
         Arc::make_mut(chunk).push(Arc::new(snapshot));
         self.slots.push(Entry {
             generation: 0,
@@ -461,7 +467,7 @@ impl ChannelEntries {
         items.into_iter().map(|(_, item)| item).collect()
     }
 
-    /// The snapshot of `items` (in their order): a reference to each chunk and to the items.
+    /// The snapshot of `items` (in their order): a reference to the chunks and to the items.
     fn materialise(&self, items: &Arc<[Item]>) -> ChannelSnapshot {
         ChannelSnapshot {
             chunks: self.chunks.clone(),
@@ -534,13 +540,13 @@ impl Entries {
 }
 
 /// One channel's accounts in a snapshot, in account-id order, keyed by their `accountId`. It
-/// shares the status board's chunks of account snapshots (taking one copies no account, and
-/// clones one reference per chunk of 64 accounts); a later change on the board does not change a
-/// snapshot already taken. Serialises as a JSON object `{account: snapshot, …}`.
+/// shares the status board's chunks of account snapshots (taking one copies no account and no
+/// chunk: it clones one reference to the channel's list of chunks); a later change on the board
+/// does not change a snapshot already taken. Serialises as a JSON object `{account: snapshot, …}`.
 #[derive(Clone, Default)]
 pub struct ChannelSnapshot {
     /// The channel's chunks as they were when it was taken.
-    chunks: Vec<Arc<Chunk>>,
+    chunks: Chunks,
     /// Its accounts, in order: slots of `chunks`, or a snapshot of their own.
     items: Arc<[Item]>,
 }
@@ -1624,7 +1630,8 @@ mod tests {
         let shared = |a: &ChannelSnapshot, b: &ChannelSnapshot, chunk: usize| {
             Arc::ptr_eq(&a.chunks[chunk], &b.chunks[chunk])
         };
-        assert!((0..4).all(|chunk| shared(&first, &again, chunk)));
+        // Without a write between them, two snapshots share the list of chunks itself.
+        assert!(Arc::ptr_eq(&first.chunks, &again.chunks));
         drop(again);
 
         // A write to an account of the second chunk, and a new account in the last.
@@ -1654,14 +1661,16 @@ mod tests {
         assert_eq!(second["b"].reconnect_attempts, 3);
         assert!(first.values().all(|s| s.reconnect_attempts == 1));
 
-        // With no snapshot left, a write copies nothing.
+        // With no snapshot left, a write copies nothing (neither the list nor the chunk).
         drop((first, second));
-        let chunk = Arc::as_ptr(&board.lock().channel("c").unwrap().chunks[1]);
+        let list_and_chunk = || {
+            let entries = board.lock();
+            let chunks = &entries.channel("c").unwrap().chunks;
+            (Arc::as_ptr(chunks), Arc::as_ptr(&chunks[1]))
+        };
+        let before = list_and_chunk();
         board.update(&AccountKey::new("c", written), |s| s.reconnect_attempts = 4);
-        assert_eq!(
-            Arc::as_ptr(&board.lock().channel("c").unwrap().chunks[1]),
-            chunk
-        );
+        assert_eq!(list_and_chunk(), before);
     }
 
     /// A channel's snapshot serialises exactly as the map of account id to snapshot it replaces.
