@@ -597,7 +597,8 @@ struct AccountEntry {
     last_stop_cancelled: bool,
     /// The restart count while no lifecycle runs (its lifecycle's cell has it meanwhile); read
     /// and changed only through [`attempts`](Self::attempts) and
-    /// [`set_attempts`](Self::set_attempts).
+    /// [`set_attempts`](Self::set_attempts), and taken back from the cell by
+    /// [`end_lifecycle`](Self::end_lifecycle).
     attempts: u32,
     lifecycle: Option<LifecycleHandle>,
     /// What is rarely set (`None`: nothing is).
