@@ -168,8 +168,8 @@ pub fn isolation(bench: &Bench) -> anyhow::Result<String> {
     in_process.shutdown()?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
 
-    let s1_inprocess = s1_times(&s1_figures(bench, None)?);
-    let s1_isolated = s1_times(&s1_figures(bench, Some(exe))?);
+    let s1_inprocess = s1_times(&s1_figures(bench, "S1", None)?);
+    let s1_isolated = s1_times(&s1_figures(bench, "S1 isolated", Some(exe))?);
     Ok(serde_json::to_string(&IsolationReport {
         scenario: "isolation",
         rtt_p50_us: percentile(&rtt, 0.5),

@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 
-use super::{Bench, s1};
+use super::{Bench, fleet_line};
 
 /// How many times `S1`'s accounts.
 const SCALE: u64 = 10;
@@ -19,9 +19,5 @@ pub(super) fn s3(bench: &Bench) -> anyhow::Result<String> {
         rounds: bench.rounds,
         accounts: bench.accounts * SCALE,
     };
-    let line = s1(&bigger)?;
-    let rest = line
-        .strip_prefix(r#"{"scenario":"S1","#)
-        .with_context(|| format!("S1's line does not begin with its scenario: {line}"))?;
-    Ok(format!(r#"{{"scenario":"S3",{rest}"#))
+    fleet_line(&bigger, "S3")
 }
