@@ -7,9 +7,11 @@
 //! connection, spreading the asked accounts over the fleet, from the first answer that knows the
 //! channel until every account has been given up on (at least [`MIN_SAMPLES`] samples). Each
 //! sample is one request, from its send until its body is read. The end is found by the samples
-//! themselves: once [`QUIET_SAMPLES`] asked accounts in a row have been given up on, the whole
-//! channel's status is read (not counted as a sample) and the storm is over when every account's
-//! state is `gave-up`.
+//! themselves: once [`QUIET_SAMPLES`] asked accounts in a row have been given up on, the daemon's
+//! own count of accounts in each state is read from `GET /metrics` (not counted as a sample), and
+//! the storm is over when it counts every account `gave-up`. The whole channel's status is read
+//! once then, to check each account (reading it instead of the count, every few samples near the
+//! end, loaded the API's thread with 10,000 accounts' JSON between the samples it times).
 
 use std::{
     thread,
@@ -34,6 +36,8 @@ const MIN_SAMPLES: usize = 200;
 const QUIET_SAMPLES: usize = 16;
 /// Steps between two asked accounts (prime, so the samples visit every account of the fleet).
 const STRIDE: u64 = 7919;
+/// The longest a request's connect, send, answer or body may take before the scenario fails.
+const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 /// Restarts before an account is given up on (as in `S2`).
 const MAX_RESTARTS: u32 = 10;
 
@@ -83,7 +87,13 @@ impl Api {
                 .http_status_as_error(false)
                 .max_idle_connections(1)
                 .max_idle_connections_per_host(1)
-                .timeout_global(Some(Duration::from_secs(30)))
+                // Per phase, not global: with a global (or resolve) timeout, ureq resolves the
+                // address on a thread of its own, spawned for every request (even one that then
+                // takes the pooled connection), and a sample would time that thread's start.
+                .timeout_connect(Some(REQUEST_LIMIT))
+                .timeout_send_request(Some(REQUEST_LIMIT))
+                .timeout_recv_response(Some(REQUEST_LIMIT))
+                .timeout_recv_body(Some(REQUEST_LIMIT))
                 .build()
                 .into(),
             base: format!("http://{}", address.trim()),
@@ -116,6 +126,53 @@ fn state_of<'a>(answer: &'a Value, account: &str) -> Option<&'a str> {
 struct Samples {
     times: Vec<Duration>,
     storm: Duration,
+}
+
+/// Reads the whole channel's status once the storm is over: every account was given up on after
+/// its restarts, and the fixture's own count of its starts (a status patch) says they all ran
+/// (11 × 10,000 starts).
+fn check_gave_up(api: &Api, accounts: u64) -> anyhow::Result<()> {
+    let (code, body) = api.get(&format!("/v1/status/{FLEET_CHANNEL}"))?;
+    ensure!(code == 200, "GET the channel's status: HTTP {code} {body}");
+    let all: Value = serde_json::from_str(&body).context("an unreadable status answer")?;
+    let fleet = all["channels"][FLEET_CHANNEL]
+        .as_object()
+        .context("the channel's status has no fixture channel")?;
+    ensure!(
+        fleet.len() as u64 == accounts,
+        "the channel's status lists {} of {accounts} accounts",
+        fleet.len()
+    );
+    let expected = format!("giving up after {MAX_RESTARTS} restart attempts");
+    let other = fleet.iter().find(|(_, s)| {
+        s["state"].as_str() != Some("gave-up")
+            || !s["lastError"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(&expected))
+            || s["fixtureStarts"].as_u64() != Some(u64::from(MAX_RESTARTS) + 1)
+    });
+    ensure!(
+        other.is_none(),
+        "an account did not give up after {MAX_RESTARTS} restarts: {other:?}"
+    );
+    Ok(())
+}
+
+/// How many accounts the daemon counts given up on (`channeld_accounts{state="gave-up"}` in
+/// `GET /metrics`; none when the line is missing).
+fn gave_up(api: &Api) -> anyhow::Result<u64> {
+    let (code, body) = api.get("/metrics")?;
+    ensure!(code == 200, "GET /metrics: HTTP {code} {body}");
+    let line = body
+        .lines()
+        .find(|line| line.starts_with("channeld_accounts{") && line.contains(r#"state="gave-up""#));
+    match line.and_then(|line| line.split_whitespace().last()) {
+        None => Ok(0),
+        Some(count) => count
+            .parse::<f64>()
+            .map(|count| count as u64)
+            .with_context(|| format!("an unreadable count in /metrics: {count}")),
+    }
 }
 
 /// The sampling thread's work: waits until the channel is known, then samples until every
@@ -158,36 +215,9 @@ fn sample(api: &Api, accounts: u64) -> anyhow::Result<Samples> {
         }
         if quiet >= QUIET_SAMPLES {
             quiet = 0;
-            let (code, body) = api.get(&format!("/v1/status/{FLEET_CHANNEL}"))?;
-            ensure!(code == 200, "GET the channel's status: HTTP {code} {body}");
-            let all: Value = serde_json::from_str(&body).context("an unreadable status answer")?;
-            let fleet = all["channels"][FLEET_CHANNEL]
-                .as_object()
-                .context("the channel's status has no fixture channel")?;
-            ensure!(
-                fleet.len() as u64 == accounts,
-                "the channel's status lists {} of {accounts} accounts",
-                fleet.len()
-            );
-            let going = fleet
-                .values()
-                .filter(|s| s["state"].as_str() != Some("gave-up"))
-                .count();
-            if going == 0 {
+            if gave_up(api)? >= accounts {
                 let storm = start.elapsed();
-                // Each account was given up on after its restarts, and the fixture's own count
-                // of its starts (a status patch) says they all ran: 11 × 10,000 starts.
-                let expected = format!("giving up after {MAX_RESTARTS} restart attempts");
-                let other = fleet.iter().find(|(_, s)| {
-                    !s["lastError"]
-                        .as_str()
-                        .is_some_and(|e| e.ends_with(&expected))
-                        || s["fixtureStarts"].as_u64() != Some(u64::from(MAX_RESTARTS) + 1)
-                });
-                ensure!(
-                    other.is_none(),
-                    "an account did not give up after {MAX_RESTARTS} restarts: {other:?}"
-                );
+                check_gave_up(api, accounts)?;
                 return Ok(Samples { times, storm });
             }
         }
