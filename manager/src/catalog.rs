@@ -809,7 +809,7 @@ impl Catalog {
                     version: old.info.plugin_version.clone(),
                     accounts: current
                         .as_ref()
-                        .map(|c| c.channel.accounts.clone())
+                        .map(|c| c.channel.accounts.to_vec())
                         .unwrap_or_default(),
                 },
             );

@@ -588,7 +588,7 @@ impl Node {
                 }
                 vec![id]
             }
-            None => ch.accounts.clone(),
+            None => ch.accounts.to_vec(),
         };
         let ops = accounts.iter().map(|id| self.account_op(channel, id, op));
         let mut results = serde_json::Map::new();

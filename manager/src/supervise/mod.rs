@@ -28,6 +28,7 @@
 //! the fixes for the known failures 1 (zombie after a stop timeout), 3 (dead forever after the 10th
 //! crash), 4 (restart lost when an abort races the backoff) and 5 (duplicate tasks).
 
+mod account_ids;
 mod boot;
 pub mod calls;
 mod driver;
@@ -54,6 +55,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use self::account_ids::AccountIds;
 pub use self::reconfigure::ChannelReload;
 pub use self::serving::Serving;
 use self::{
@@ -699,7 +701,7 @@ pub struct Channel {
     /// Its config table.
     pub section: ChannelSection,
     /// Its accounts (normalised ids), as the plugin listed them at registration.
-    pub accounts: Vec<String>,
+    pub accounts: AccountIds,
     /// The plugin's default account, if it named one.
     pub default_account: Option<String>,
     /// Runs the plugin calls of the channel's boots, at most the startup fan-out at once.
@@ -980,7 +982,7 @@ impl Supervisor {
             id: id.clone(),
             plugin,
             section,
-            accounts,
+            accounts: AccountIds::new(accounts),
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boots: lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,

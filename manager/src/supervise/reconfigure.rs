@@ -13,7 +13,10 @@ use channeld_plugin_abi::normalize_account_id;
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use super::{Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded, seeds};
+use super::{
+    AccountIds, Channel, StartMode, StartOutcome, Supervisor, SupervisorError, calls::bounded,
+    seeds,
+};
 use crate::{config::ChannelSection, host::AccountKey};
 
 /// What a reload did to one channel's accounts (account ids).
@@ -73,7 +76,7 @@ impl Supervisor {
         let old = self.channel(id)?;
         if old.section.table == section.table {
             return Ok(ChannelReload {
-                unchanged: old.accounts.clone(),
+                unchanged: old.accounts.to_vec(),
                 ..ChannelReload::default()
             });
         }
@@ -101,18 +104,13 @@ impl Supervisor {
         .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure {e}")))?
         .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure: {e}")))?;
         let (raw_ids, default_account) = listed;
-        let mut accounts: Vec<String> = Vec::with_capacity(raw_ids.len());
-        for raw in raw_ids {
-            let normalised = normalize_account_id(&raw);
-            if !accounts.contains(&normalised) {
-                accounts.push(normalised);
-            }
-        }
+        let listed = AccountIds::new(raw_ids.iter().map(|raw| normalize_account_id(raw)));
+        let accounts = listed.to_vec();
         let new = std::sync::Arc::new(Channel {
             id: id.to_owned(),
             plugin: old.plugin.clone(),
             section,
-            accounts: accounts.clone(),
+            accounts: listed,
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boots: super::lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,

@@ -79,7 +79,7 @@ impl Table {
         if let Some(channel) = state.channels.remove(id) {
             state
                 .removed
-                .insert(id.to_owned(), channel.accounts.clone());
+                .insert(id.to_owned(), channel.accounts.to_vec());
         }
     }
 }
