@@ -32,21 +32,24 @@ impl AccountIds {
             hasher: DefaultHashBuilder::default(),
         };
         for id in listed {
-            ids.push(id);
+            // A repeat is left out.
+            let _ = ids.push(id);
         }
         ids
     }
 
-    /// Appends `id` unless the list has it already.
-    fn push(&mut self, id: String) {
+    /// Appends `id`; if the list has it already, leaves the list as it is and says where the
+    /// earlier one is.
+    pub(super) fn push(&mut self, id: String) -> Result<(), usize> {
         let Self { ids, index, hasher } = self;
         let hash = hasher.hash_one(id.as_str());
-        if index.find(hash, |&at| ids[at as usize] == id).is_some() {
-            return;
+        if let Some(&at) = index.find(hash, |&at| ids[at as usize] == id) {
+            return Err(at as usize);
         }
         let at = u32::try_from(ids.len()).expect("fewer than 2^32 accounts in a channel");
         index.insert_unique(hash, at, |&at| hasher.hash_one(ids[at as usize].as_str()));
         ids.push(id);
+        Ok(())
     }
 
     /// Whether `id` (normalised) is one of the channel's accounts.
@@ -102,6 +105,13 @@ mod tests {
             assert!(!listed.contains(id), "{id:?} is not listed");
         }
         assert!(!ids(&[]).contains("a"));
+        // Pushed one by one, a repeat names where the earlier one is.
+        let mut pushed = AccountIds::default();
+        assert_eq!(pushed.push("x".into()), Ok(()));
+        assert_eq!(pushed.push("y".into()), Ok(()));
+        assert_eq!(pushed.push("y".into()), Err(1));
+        assert_eq!(pushed.push("x".into()), Err(0));
+        assert_eq!(&*pushed, ["x", "y"]);
     }
 
     /// Many ids (enough for the index to grow several times) are all found, in order.

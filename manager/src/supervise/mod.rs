@@ -44,7 +44,7 @@ mod tests;
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -951,20 +951,19 @@ impl Supervisor {
         .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure: {e}")))?
         .map_err(|e| SupervisorError::Plugin(e.to_string()))?;
         let (raw_ids, default_account) = listed;
-        let mut accounts: Vec<String> = Vec::with_capacity(raw_ids.len());
-        let mut seen: HashMap<String, String> = HashMap::new();
-        for raw in raw_ids {
-            let normalised = normalize_account_id(&raw);
-            if let Some(first) = seen.insert(normalised.clone(), raw.clone()) {
+        let mut accounts = AccountIds::default();
+        for raw in &raw_ids {
+            // Positions match `raw_ids` up to the first repeat, which ends the registration.
+            if let Err(at) = accounts.push(normalize_account_id(raw)) {
+                let (first, normalised) = (&raw_ids[at], &accounts[at]);
                 return Err(SupervisorError::Plugin(format!(
                     "channel {id}: accounts {first:?} and {raw:?} both normalise to {normalised:?}"
                 )));
             }
-            accounts.push(normalised);
         }
         // The snapshot's view of each account; a plugin too slow for it only loses that.
         let call_plugin = plugin.clone();
-        let ids = accounts.clone();
+        let ids = accounts.to_vec();
         let seed_disabled = disabled.clone();
         let seeds = bounded(self.inner.call_timeout, move || {
             seeds(&*call_plugin, &ids, &seed_disabled)
@@ -982,7 +981,7 @@ impl Supervisor {
             id: id.clone(),
             plugin,
             section,
-            accounts: AccountIds::new(accounts),
+            accounts,
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boots: lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,

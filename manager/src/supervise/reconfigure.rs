@@ -104,19 +104,17 @@ impl Supervisor {
         .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure {e}")))?
         .map_err(|e| SupervisorError::Plugin(format!("channel {id}: configure: {e}")))?;
         let (raw_ids, default_account) = listed;
-        let listed = AccountIds::new(raw_ids.iter().map(|raw| normalize_account_id(raw)));
-        let accounts = listed.to_vec();
         let new = std::sync::Arc::new(Channel {
             id: id.to_owned(),
             plugin: old.plugin.clone(),
             section,
-            accounts: listed,
+            accounts: AccountIds::new(raw_ids.iter().map(|raw| normalize_account_id(raw))),
             default_account: default_account.map(|a| normalize_account_id(&a)),
             boots: super::lifecycle::boot_pool(self.inner.policy().startup_accounts_per_channel),
             disabled,
             blocking_permits: old.blocking_permits.clone(),
         });
-        let after = self.resolve_all(&new, &accounts).await?;
+        let after = self.resolve_all(&new, &new.accounts).await?;
         // From here on, starts (a user's, the health monitor's) use the new table.
         // The owner records it only if `old`'s version still serves (see [`super::serving`]).
         self.serving().reconfigured(new.clone());
@@ -128,7 +126,7 @@ impl Supervisor {
             }
         }
         let mut changed = Vec::new();
-        for account in &accounts {
+        for account in &new.accounts {
             match before.get(account) {
                 None => report.added.push(account.clone()),
                 Some(was) if Some(was) == after.get(account) => {
