@@ -202,20 +202,7 @@ fn a_secret_from_the_environment_is_used_and_never_shown() {
 fn sigterm_stops_every_account_and_the_plugin_threads_then_exits_0() {
     let mut daemon = webhook_daemon("s3cret-value-3");
     daemon.wait_for_account("webhook", "main", running);
-    // A worker thread names itself once it first runs, which a loaded machine can delay: poll
-    // with a deadline rather than read once.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let plugin_threads = loop {
-        let count = daemon
-            .thread_names()
-            .iter()
-            .filter(|n| *n == "chd-webhook")
-            .count();
-        if count == 2 || std::time::Instant::now() > deadline {
-            break count;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let plugin_threads = daemon.threads_named("chd-webhook", 2);
     assert_eq!(
         plugin_threads, 2,
         "the plugin's runtime runs before SIGTERM"

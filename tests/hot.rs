@@ -122,13 +122,7 @@ fn a_replaced_plugin_moves_every_account_to_the_new_version_one_task_at_a_time()
     }
     let stopped = daemon.cli(&["stop", "fixture:parked"]);
     assert!(stopped.status.success());
-    let threads = |d: &Daemon| {
-        d.thread_names()
-            .iter()
-            .filter(|n| *n == "chd-fixture")
-            .count()
-    };
-    assert_eq!(threads(&daemon), 2);
+    assert_eq!(daemon.threads_named("chd-fixture", 2), 2);
     let before = daemon.account("fixture", "a")["lastStartAt"]
         .as_i64()
         .unwrap();
@@ -158,7 +152,7 @@ fn a_replaced_plugin_moves_every_account_to_the_new_version_one_task_at_a_time()
     daemon.wait_for_log("plugin replaced");
     no_violations(locks.path());
     assert_eq!(
-        threads(&daemon),
+        daemon.threads_named("chd-fixture", 2),
         2,
         "the old version's runtime threads are gone"
     );
@@ -532,11 +526,7 @@ fn a_replace_whose_new_version_fails_configure_keeps_the_old_one_serving() {
     assert_eq!(after["running"], true);
     assert_eq!(after["lastStartAt"], before["lastStartAt"], "untouched");
     assert_eq!(
-        daemon
-            .thread_names()
-            .iter()
-            .filter(|n| *n == "chd-fixture")
-            .count(),
+        daemon.threads_named("chd-fixture", 2),
         2,
         "the refused version's runtime is shut down"
     );

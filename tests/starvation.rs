@@ -140,10 +140,11 @@ fn worker_threads_per_channel_sets_the_runtime_thread_count() {
         &[],
     );
     daemon.wait_for_account("fixture", "main", |s| s["state"] == "running");
-    let workers = |names: &[String]| names.iter().filter(|n| *n == "chd-fixture").count();
+    let workers = daemon.threads_named("chd-fixture", 3);
+    let watchdogs = daemon.threads_named("chd-fixture-wd", 1);
     let names = daemon.thread_names();
-    assert_eq!(workers(&names), 3, "{names:?}");
-    assert!(names.iter().any(|n| n == "chd-fixture-wd"), "{names:?}");
+    assert_eq!(workers, 3, "{names:?}");
+    assert_eq!(watchdogs, 1, "{names:?}");
 }
 
 /// A bad value is one line naming the channel and the key; the plugin is refused, the daemon

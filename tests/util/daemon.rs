@@ -315,6 +315,21 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// How many of the daemon's threads are named `name`, once that count is `want` or
+    /// [`PATIENCE`] has passed (the caller asserts). Polled, never read once: a new thread takes
+    /// its name only once it first runs, and a joined one stays listed until the kernel has
+    /// reaped it, which can be after its join returned.
+    pub fn threads_named(&self, name: &str, want: usize) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let count = self.thread_names().iter().filter(|n| *n == name).count();
+            if count == want || Instant::now() > deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status.
     pub fn wait_for_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
