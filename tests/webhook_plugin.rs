@@ -397,10 +397,23 @@ async fn a_stalled_upload_delays_the_stop_only_for_the_drain_timeout() {
         .unwrap();
     let (task, addr) = start(&loaded, "main").await;
 
-    // Promises 100 bytes of body, sends 10, and stalls: a request in flight.
+    // Promises 100 bytes of body, sends 10, and stalls: a request in flight. It asks for a
+    // `100 Continue` first, which the server sends once the plugin reads the body: the request
+    // is then in flight for certain (a sleep could abort before the server had accepted it).
     let mut stalled = TcpStream::connect(&addr).await.unwrap();
-    raw_post(&mut stalled, "0123456789", 100).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let head = format!(
+        "POST /messages HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SECRET}\r\n\
+         Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let expected = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut interim = [0u8; 25];
+    timeout(PROMPT, stalled.read_exact(&mut interim))
+        .await
+        .expect("the server asks for the body")
+        .unwrap();
+    assert_eq!(&interim, expected, "{}", String::from_utf8_lossy(&interim));
+    stalled.write_all(b"0123456789").await.unwrap();
 
     let asked = Instant::now();
     assert!(loaded.plugin.abort_task(task.id));
