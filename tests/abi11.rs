@@ -196,8 +196,12 @@ async fn a_frozen_1_0_plugin_runs_100_accounts_and_is_replaced_by_a_1_1_build() 
         (&described["starts"], &described["ends"]),
         (&json!(1), &json!(1))
     );
-    let described = new.describe_account("a050").unwrap().unwrap();
-    assert_eq!(described["running"], 1, "{described}");
+    // Counted in the task's first poll, a moment after the start's answer: awaited.
+    eventually("a050 running on the new build", || {
+        let described = new.describe_account("a050").unwrap().unwrap();
+        (described["running"] == 1, described)
+    })
+    .await;
     assert!(status(&board, "a050").running);
     sup.shutdown().await;
     for plugin in [&old, &new] {

@@ -27,7 +27,10 @@ fn webhook_daemon(secret: &str) -> Daemon {
 }
 
 fn running(snapshot: &Value) -> bool {
-    snapshot["running"] == true && snapshot["listen_addr"].is_string()
+    // The webhook patches its address, then says it is connected: both are awaited.
+    snapshot["running"] == true
+        && snapshot["listen_addr"].is_string()
+        && snapshot["connected"] == true
 }
 
 /// Posts `body` to the webhook with `token` (if any); returns the HTTP status.

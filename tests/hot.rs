@@ -247,8 +247,10 @@ fn a_bad_file_added_while_others_run_is_reported_and_changes_nothing_else() {
         &accounts_config(locks.path(), &["a"]),
         &[],
     );
-    daemon.wait_for_account("fixture", "a", |s| s["running"] == true);
-    let before = daemon.account("fixture", "a");
+    // The task's own status (its counters, then `connected`) follows `running` by a moment.
+    let before = daemon.wait_for_account("fixture", "a", |s| {
+        s["running"] == true && s["fixtureStarts"].is_u64() && s["connected"] == true
+    });
     fs::write(daemon.plugins_dir().join(".junk.tmp"), b"not a library").unwrap();
     fs::rename(
         daemon.plugins_dir().join(".junk.tmp"),

@@ -107,8 +107,11 @@ fn assert_no_zombie(daemon: &Daemon) {
 
 /// The steady account of the other channel still runs its first task.
 fn assert_steady(daemon: &Daemon) {
-    let steady = daemon.account("fixture", "steady");
-    assert_eq!(steady["running"], true, "{steady}");
+    // Awaited, not read once: a daemon that has just loaded its plugins may not have started
+    // (or heard the first status of) the account yet.
+    let steady = daemon.wait_for_account("fixture", "steady", |s| {
+        s["running"] == true && s["fixtureStarts"].is_u64()
+    });
     assert_eq!(
         steady["fixtureStarts"], 1,
         "the other channel's task never restarted: {steady}"
@@ -885,7 +888,9 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
         &[],
     );
     // Both batches are under way in the child (the first start of each has begun; the second
-    // of each waits for the first's delay): kill it.
+    // of each waits for the first's delay): kill it. Its pid is read first, so nothing slow
+    // (a CLI call) stands between the second mark and the kill.
+    let pid = child_pid(&daemon, "fixture");
     let deadline = Instant::now() + PATIENCE;
     while std::fs::read_to_string(&mark)
         .unwrap_or_default()
@@ -896,7 +901,6 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
         assert!(Instant::now() < deadline, "two starts did not begin");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let pid = child_pid(&daemon, "fixture");
     util::servers::signal_pid(pid as u32, libc::SIGKILL);
     // Every account runs again, in the new child.
     let mut failed = Vec::new();

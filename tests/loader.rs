@@ -350,7 +350,7 @@ fn check_reports_a_constructor_that_never_returns_by_its_file_within_the_load_ti
     fs::write(
         &config,
         format!(
-            "[host]\nplugins_dir = \"{}\"\nload_timeout = \"1s\"\n\
+            "[host]\nplugins_dir = \"{}\"\nload_timeout = \"3s\"\n\
              [channels.fixture.accounts.x]\n",
             dir.path().display()
         ),
@@ -386,7 +386,7 @@ fn check_reports_a_constructor_that_never_returns_by_its_file_within_the_load_ti
     let blocks = dir.path().join("blocks.so");
     assert!(
         stdout.contains(&format!(
-            "refused {}: loading did not return within 1s",
+            "refused {}: loading did not return within 3s",
             blocks.display()
         )),
         "{stdout}\n{stderr}"

@@ -12,8 +12,10 @@ use crate::util::{
     daemon::{Daemon, PATIENCE},
 };
 
-/// The stop timeout these tests configure.
-const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How soon SIGTERM must end a daemon whose plugin threads are blocked for good: its shutdown's
+/// bound (the 1 s stop timeout, the 200 ms cancel grace and 1 s) with room for a loaded machine to
+/// deliver the signal and reap the process, far below the blockers' 600 s.
+const SIGTERM_WITHIN: Duration = Duration::from_secs(5);
 
 fn runtimes(daemon: &Daemon) -> Value {
     let (addr, token) = daemon.api();
@@ -99,15 +101,12 @@ fn two_blocking_accounts_starve_the_runtime_the_healthy_one_is_not_running_and_s
     let log = daemon.wait_for_log("plugin runtime starved");
     assert!(log.contains("fixture:a (task), fixture:b (task)"), "{log}");
 
-    // SIGTERM ends the daemon within the stop timeout plus 2 s, with status 4, naming every
+    // SIGTERM ends the daemon within its shutdown's bound, with status 4, naming every
     // account that did not stop and what it is blocked in.
     let sent = Instant::now();
     let (status, log) = daemon.terminate();
     let took = sent.elapsed();
-    assert!(
-        took <= STOP_TIMEOUT + Duration::from_secs(2),
-        "took {took:?}\n{log}"
-    );
+    assert!(took <= SIGTERM_WITHIN, "took {took:?}\n{log}");
     assert_eq!(status.code(), Some(4), "{log}");
     for blocker in ["fixture:a", "fixture:b"] {
         assert!(
@@ -222,10 +221,7 @@ fn stop_hooks_blocking_their_threads_are_named_and_sigterm_still_ends() {
     let sent = Instant::now();
     let (status, log) = daemon.terminate();
     let took = sent.elapsed();
-    assert!(
-        took <= STOP_TIMEOUT + Duration::from_secs(2),
-        "took {took:?}\n{log}"
-    );
+    assert!(took <= SIGTERM_WITHIN, "took {took:?}\n{log}");
     assert!(matches!(status.code(), Some(0 | 4)), "{status:?}\n{log}");
     assert!(log.contains("without running exit handlers"), "{log}");
 }

@@ -114,7 +114,7 @@ fn failure_1_a_task_ignoring_its_abort_is_cancelled_and_the_next_start_works() {
 #[test]
 fn a_task_blocking_its_thread_is_reported_stuck_and_frees_its_slot_when_it_ends() {
     let daemon = fixture_daemon(
-        "[channels.fixture.accounts.blocker]\nmode = \"block_thread\"\nblock_ms = 2500\n",
+        "[channels.fixture.accounts.blocker]\nmode = \"block_thread\"\nblock_ms = 8000\n",
     );
     daemon.wait_for_account("fixture", "blocker", |s| s["running"] == true);
     let stop = daemon.cli(&["stop", "fixture:blocker"]);
@@ -180,7 +180,11 @@ fn failure_7_per_channel_and_per_account_operations_and_refusals_change_nothing(
         .collect();
     assert_eq!(running, ["b"]);
     ok(&daemon.cli(&["restart", "fixture:b"]));
-    assert_eq!(daemon.account("fixture", "b")["fixtureStarts"], 3);
+    // The counter is the new task's first status patch, a moment after the restart's answer.
+    let b = daemon.wait_for_account("fixture", "b", |s| {
+        s["fixtureStarts"].as_u64() >= Some(3) && s["connected"] == true
+    });
+    assert_eq!(b["fixtureStarts"], 3);
 
     // Refused requests: the snapshot, and the plugin's own counters in it, do not move.
     let before = daemon.status(None);

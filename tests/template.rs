@@ -101,8 +101,12 @@ fn the_template_renders_builds_passes_its_harness_tests_and_hot_adds_into_channe
     let tmp = daemon.plugins_dir().join(format!(".{CHANNEL}.so.tmp"));
     fs::copy(&file, &tmp).unwrap();
     fs::rename(&tmp, daemon.plugins_dir().join(format!("{CHANNEL}.so"))).unwrap();
+    // The greeting is counted once delivered, after the room is patched: both are awaited.
     let account = daemon.wait_for_account(CHANNEL, "main", |a| {
-        a["running"] == true && a["connected"] == true && a["room"] == "lobby"
+        a["running"] == true
+            && a["connected"] == true
+            && a["room"] == "lobby"
+            && a["inboundMessages"].as_u64() >= Some(1)
     });
     assert_eq!(account["inboundMessages"], 1, "{account}");
 }

@@ -54,13 +54,15 @@ async fn start(loaded: &Loaded, account: &str) -> (RunningTask, String) {
     let sink: Arc<dyn HostSink> = loaded.board.clone();
     let link = AccountLink::for_account(key, generation, sink);
     let task = loaded.plugin.start_account(account, link).unwrap();
+    // The webhook patches its address, then says it is connected: both are awaited.
     let addr = timeout(PROMPT, async {
         loop {
-            let listen_addr = loaded
+            let listening = loaded
                 .board
                 .get(&self::key(loaded, account))
+                .filter(|s| s.connected == Some(true))
                 .and_then(|s| s.extra.get("listen_addr").cloned());
-            if let Some(Value::String(addr)) = listen_addr {
+            if let Some(Value::String(addr)) = listening {
                 break addr;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -330,10 +330,26 @@ impl Daemon {
         }
     }
 
-    /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status.
+    /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status. Its log is
+    /// complete afterwards.
     pub fn wait_for_exit(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        self.reap(&mut child, "by itself")
+        let status = self.reap(&mut child, "by itself");
+        self.drain_log();
+        status
+    }
+
+    /// Waits (up to [`PATIENCE`]) for the reader thread to reach the end of the exited
+    /// daemon's stderr: its last lines may still be in the pipe when the exit is seen.
+    fn drain_log(&self) {
+        let (lock, cv) = &*self.log;
+        let deadline = Instant::now() + PATIENCE;
+        let mut log = lock.lock().unwrap();
+        while !log.closed {
+            let now = Instant::now();
+            assert!(now < deadline, "channeld's stderr never closed");
+            log = cv.wait_timeout(log, deadline - now).unwrap().0;
+        }
     }
 
     /// Waits (up to [`PATIENCE`]) for `child` to exit; fails naming `how` it should have.
@@ -359,13 +375,8 @@ impl Daemon {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let status = self.reap(&mut child, "after SIGTERM");
-        // Let the reader thread drain the pipe.
-        let (lock, cv) = &*self.log;
-        let mut log = lock.lock().unwrap();
-        while !log.closed {
-            log = cv.wait_timeout(log, Duration::from_secs(5)).unwrap().0;
-        }
-        (status, log.lines.join("\n"))
+        self.drain_log();
+        (status, self.log())
     }
 
     /// The plugins directory.

@@ -391,18 +391,13 @@ impl Mosquitto {
             }
         });
         let subscriber = Subscriber { child, lines };
-        // The subscription is in place once a probe comes through.
+        // The subscription is in place once a probe comes through. Later probes may still be on
+        // their way, however late: the subscriber skips them.
         let deadline = Instant::now() + PATIENCE;
         loop {
-            self.publish(&["-t", topic, "-m", "probe"], None);
+            self.publish(&["-t", topic, "-m", PROBE], None);
             if let Ok(line) = subscriber.lines.recv_timeout(Duration::from_millis(200)) {
-                assert_eq!(line, format!("{topic} probe"));
-                // Later probes may still be on their way.
-                while subscriber
-                    .lines
-                    .recv_timeout(Duration::from_millis(200))
-                    .is_ok()
-                {}
+                assert_eq!(line, format!("{topic} {PROBE}"));
                 return subscriber;
             }
             assert!(Instant::now() < deadline, "mosquitto_sub never subscribed");
@@ -429,31 +424,39 @@ impl Drop for Mosquitto {
     }
 }
 
+/// The payload [`Mosquitto::subscribe`] probes its subscription with.
+const PROBE: &str = "probe-of-the-test-harness";
+
 /// A running `mosquitto_sub`: its lines are `topic payload`.
 pub struct Subscriber {
     child: Child,
-    pub lines: std::sync::mpsc::Receiver<String>,
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Subscriber {
-    /// The next message line (`topic payload`).
+    /// The next message line (`topic payload`), skipping the subscription's probes.
     pub fn next(&self) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
+        self.next_before(Instant::now() + PATIENCE)
             .expect("no message in time")
     }
 
-    /// Message lines arriving within `wait`.
+    /// Message lines arriving within `wait`, without the subscription's probes.
     pub fn drain(&self, wait: Duration) -> Vec<String> {
         let deadline = Instant::now() + wait;
-        let mut got = Vec::new();
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            got.push(line);
+        std::iter::from_fn(|| self.next_before(deadline)).collect()
+    }
+
+    /// The next line that is not a probe, if one arrives before `deadline`.
+    fn next_before(&self, deadline: Instant) -> Option<String> {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .ok()?;
+            if !line.ends_with(&format!(" {PROBE}")) {
+                return Some(line);
+            }
         }
-        got
     }
 }
 
