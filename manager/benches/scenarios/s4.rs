@@ -159,19 +159,22 @@ fn check_gave_up(api: &Api, accounts: u64) -> anyhow::Result<()> {
 }
 
 /// How many accounts the daemon counts given up on (`channeld_accounts{state="gave-up"}` in
-/// `GET /metrics`; none when the line is missing).
+/// `GET /metrics`, parsed by `prometheus-parse`; none when the sample is missing).
 fn gave_up(api: &Api) -> anyhow::Result<u64> {
     let (code, body) = api.get("/metrics")?;
     ensure!(code == 200, "GET /metrics: HTTP {code} {body}");
-    let line = body
-        .lines()
-        .find(|line| line.starts_with("channeld_accounts{") && line.contains(r#"state="gave-up""#));
-    match line.and_then(|line| line.split_whitespace().last()) {
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .context("an unreadable /metrics")?;
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "channeld_accounts" && s.labels.get("state") == Some("gave-up"));
+    match sample.map(|s| &s.value) {
         None => Ok(0),
-        Some(count) => count
-            .parse::<f64>()
-            .map(|count| count as u64)
-            .with_context(|| format!("an unreadable count in /metrics: {count}")),
+        Some(prometheus_parse::Value::Gauge(count) | prometheus_parse::Value::Untyped(count)) => {
+            Ok(*count as u64)
+        }
+        Some(other) => anyhow::bail!("channeld_accounts is not a gauge: {other:?}"),
     }
 }
 
