@@ -313,15 +313,23 @@ async fn an_account_without_listen_or_secret_is_not_configured_and_says_why() {
     );
 }
 
-/// Writes a POST of `body` with the right token over a raw connection and reads the answer's
-/// head (and, when `content_length` covers it, its body).
+/// Writes a POST of `body` with the right token over a raw connection, its head promising
+/// `content_length` bytes (more than `body` leaves the upload unfinished).
 async fn raw_post(stream: &mut TcpStream, body: &str, content_length: usize) {
-    let head = format!(
-        "POST /messages HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SECRET}\r\n\
-         Content-Length: {content_length}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+        .write_all(post_head(content_length, "").as_bytes())
+        .await
+        .unwrap();
     stream.write_all(body.as_bytes()).await.unwrap();
+}
+
+/// The head of an authorised `POST /messages` promising `content_length` bytes, with `extra`
+/// header lines (each ending in `\r\n`).
+fn post_head(content_length: usize, extra: &str) -> String {
+    format!(
+        "POST /messages HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SECRET}\r\n\
+         Content-Length: {content_length}\r\n{extra}\r\n"
+    )
 }
 
 #[tokio::test]
@@ -403,10 +411,7 @@ async fn a_stalled_upload_delays_the_stop_only_for_the_drain_timeout() {
     // `100 Continue` first, which the server sends once the plugin reads the body: the request
     // is then in flight for certain (a sleep could abort before the server had accepted it).
     let mut stalled = TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "POST /messages HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {SECRET}\r\n\
-         Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-    );
+    let head = post_head(100, "Expect: 100-continue\r\n");
     stalled.write_all(head.as_bytes()).await.unwrap();
     let expected = b"HTTP/1.1 100 Continue\r\n\r\n";
     let mut interim = [0u8; 25];
