@@ -433,13 +433,11 @@ async fn echo_example_serves_tcp_drops_stale_calls_and_shuts_down_its_threads() 
     let file = util::copy_plugin(&util::echo_example_file(), dir.path(), "echo.so");
     let loaded = util::load(&file);
     assert_eq!(loaded.plugin.info().channel_id, "echo");
-    let threads = || {
-        util::thread_names()
-            .iter()
-            .filter(|n| *n == "chd-echo")
-            .count()
-    };
-    assert_eq!(threads(), 0, "no runtime before the first start");
+    // This process's threads named like the echo runtime's, once there are `want` (or the
+    // deadline has passed): a worker is named once it runs, and a joined one stays listed until
+    // the kernel has reaped it.
+    let threads = |want| util::daemon::threads_named(std::process::id(), "chd-echo", want);
+    assert_eq!(threads(0), 0, "no runtime before the first start");
 
     loaded
         .plugin
@@ -450,14 +448,11 @@ async fn echo_example_serves_tcp_drops_stale_calls_and_shuts_down_its_threads() 
     let account = link(&loaded, "main");
     let key = account.key().unwrap().clone();
     let task = loaded.plugin.start_account("main", account).unwrap();
-    // A worker names itself once it runs, so the count is awaited, not read at once.
-    timeout(PROMPT, async {
-        while threads() != 2 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the runtime has the 2 workers init asked for");
+    assert_eq!(
+        threads(2),
+        2,
+        "the runtime has the 2 workers init asked for"
+    );
 
     // The plugin reports its address through a status patch once it listens.
     let addr = timeout(PROMPT, async {
@@ -497,19 +492,16 @@ async fn echo_example_serves_tcp_drops_stale_calls_and_shuts_down_its_threads() 
     );
     assert_eq!(loaded.board.stale_calls(), 1);
 
-    // shutdown drops the plugin's runtime: the task ends and its threads are gone. A joined
-    // thread stays listed until the kernel has reaped it, which can be after its join returned,
-    // so the count is awaited too.
+    // shutdown drops the plugin's runtime: the task ends and its threads are gone.
     loaded.plugin.shutdown().unwrap();
     assert_eq!(
         timeout(PROMPT, task.done).await.unwrap(),
         Err("cancelled".to_owned())
     );
-    timeout(PROMPT, async {
-        while threads() != 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("runtime threads left: {:?}", util::thread_names()));
+    assert_eq!(
+        threads(0),
+        0,
+        "runtime threads left: {:?}",
+        util::thread_names()
+    );
 }

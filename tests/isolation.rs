@@ -936,19 +936,6 @@ fn a_child_killed_during_boots_fails_them_with_the_cause_and_restarts_them_in_a_
     assert_no_zombie(&daemon);
 }
 
-/// The thread names of process `pid`.
-fn thread_names_of(pid: u64) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .map(|name| name.trim_end().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The channel's `worker_threads` sizes the plugin runtime in its child, as it does in-process.
 #[test]
 fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
@@ -961,18 +948,9 @@ fn worker_threads_per_channel_sizes_the_runtime_in_the_child() {
         &[],
     );
     daemon.wait_for_account("fixture", "main", |s| s["running"] == true);
-    let pid = child_pid(&daemon, "fixture");
-    // A worker names itself when it first runs: poll with a deadline.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let names = thread_names_of(pid);
-        let workers = names.iter().filter(|n| *n == "chd-fixture").count();
-        if workers == 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{workers} workers: {names:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pid = u32::try_from(child_pid(&daemon, "fixture")).unwrap();
+    let workers = util::daemon::threads_named(pid, "chd-fixture", 3);
+    assert_eq!(workers, 3, "{:?}", util::daemon::thread_names_of(pid));
 }
 
 /// A start that blocks its thread in the child after its account was stopped: at the stop

@@ -51,6 +51,32 @@ impl Default for Start {
     }
 }
 
+/// The names of process `pid`'s threads (none once it is gone).
+pub fn thread_names_of(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                .map(|s| s.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How many of process `pid`'s threads are named `name`, once that count is `want` or
+/// [`PATIENCE`] has passed (the caller asserts). Polled, never read once: a new thread takes its
+/// name only once it first runs, and a joined one stays listed until the kernel has reaped it,
+/// which can be after its join returned.
+pub fn threads_named(pid: u32, name: &str, want: usize) -> usize {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let count = thread_names_of(pid).iter().filter(|n| *n == name).count();
+        if count == want || Instant::now() > deadline {
+            return count;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The `channeld` binary under test.
 pub fn channeld() -> &'static str {
     env!("CARGO_BIN_EXE_channeld")
@@ -305,29 +331,12 @@ impl Daemon {
 
     /// The names of the daemon's threads.
     pub fn thread_names(&self) -> Vec<String> {
-        let tasks = format!("/proc/{}/task", self.pid());
-        fs::read_dir(tasks)
-            .map(|d| {
-                d.filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
-                    .map(|s| s.trim().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        thread_names_of(self.pid())
     }
 
-    /// How many of the daemon's threads are named `name`, once that count is `want` or
-    /// [`PATIENCE`] has passed (the caller asserts). Polled, never read once: a new thread takes
-    /// its name only once it first runs, and a joined one stays listed until the kernel has
-    /// reaped it, which can be after its join returned.
+    /// [`threads_named`] of the daemon.
     pub fn threads_named(&self, name: &str, want: usize) -> usize {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let count = self.thread_names().iter().filter(|n| *n == name).count();
-            if count == want || Instant::now() > deadline {
-                return count;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        threads_named(self.pid(), name, want)
     }
 
     /// Waits for the daemon to exit by itself (up to [`PATIENCE`]); its status. Its log is

@@ -149,13 +149,9 @@ pub fn load(path: &Path) -> Loaded {
     Loaded { plugin, board }
 }
 
-/// Names of this process's threads (from /proc/self/task/*/comm).
+/// Names of this process's threads.
 pub fn thread_names() -> Vec<String> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
-        .map(|s| s.trim().to_owned())
-        .collect()
+    daemon::thread_names_of(std::process::id())
 }
 
 /// A file built from one of the look-alike interface workspaces under
