@@ -61,7 +61,7 @@ pub fn blocked_in(
     reason: &str,
     starved: &std::collections::BTreeMap<String, RuntimeReport>,
 ) -> String {
-    let Some(report) = starved.get(&key.channel) else {
+    let Some(report) = starved.get(key.channel.as_str()) else {
         return reason.to_owned();
     };
     match report.holders.iter().find(|h| h.account == key.account) {

@@ -18,23 +18,28 @@ use async_ffi::{FfiFuture, FutureExt as _};
 use channeld_plugin_abi::abi::{
     EventKind, HostServices, InboundMessage, LogLevel, LogRecord, v1_0,
 };
+use compact_str::CompactString;
 use futures_util::FutureExt as _;
 use serde_json::Value;
 
 use crate::{plugin::BoxFuture, status_patch::StatusPatch};
 
 /// `channel:account`.
+///
+/// Both ids are kept in place when they fit 24 bytes (as nearly all do): a key is one allocation
+/// with its ids inside, and a lookup of the supervisor's state compares them without reading
+/// other memory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct AccountKey {
     /// The channel id.
-    pub channel: String,
+    pub channel: CompactString,
     /// The normalised account id.
-    pub account: String,
+    pub account: CompactString,
 }
 
 impl AccountKey {
     /// A key from its parts.
-    pub fn new(channel: impl Into<String>, account: impl Into<String>) -> Self {
+    pub fn new(channel: impl Into<CompactString>, account: impl Into<CompactString>) -> Self {
         Self {
             channel: channel.into(),
             account: account.into(),

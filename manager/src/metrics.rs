@@ -345,7 +345,10 @@ fn accounts(registry: &mut Registry, sources: &Sources) {
             if !detailed {
                 continue;
             }
-            let who = vec![("channel", channel.clone()), ("account", account.clone())];
+            let who = vec![
+                ("channel", channel.clone()),
+                ("account", account.to_owned()),
+            ];
             let mut with_state = who.clone();
             with_state.push(("state", state.to_owned()));
             states.get_or_create(&with_state).set(1);

@@ -63,8 +63,8 @@ pub(super) fn outbox_sends() -> anyhow::Result<(f64, f64, u64)> {
     for i in 0..total {
         let key = &keys[(i % ACCOUNTS) as usize];
         outbox.submit(NewMessage {
-            channel: key.channel.clone(),
-            account: key.account.clone(),
+            channel: key.channel.to_string(),
+            account: key.account.to_string(),
             conversation: format!("room{}", (i / ACCOUNTS) % CONVERSATIONS),
             text: format!("message {i} {}", "x".repeat(80)),
             ..NewMessage::default()

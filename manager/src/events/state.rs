@@ -136,8 +136,8 @@ impl StatePublisher {
         }
         // Err only when the last receiver went away meanwhile: nobody to tell.
         let _ = self.sender.send(StateChange {
-            channel: key.channel.clone(),
-            account: key.account.clone(),
+            channel: key.channel.to_string(),
+            account: key.account.to_string(),
             from: before.map(|(state, _)| state),
             to: now.0,
             connected: now.1,
@@ -163,8 +163,8 @@ impl CurrentState {
     pub fn of(key: &AccountKey, snapshot: &AccountSnapshot) -> Self {
         let (state, connected) = derive(snapshot);
         Self {
-            channel: key.channel.clone(),
-            account: key.account.clone(),
+            channel: key.channel.to_string(),
+            account: key.account.to_string(),
             state,
             connected,
         }

@@ -591,7 +591,7 @@ impl ChildSink {
 
     fn service(&self, key: &AccountKey, generation: u64, service: Service) {
         let _ = self.out.send(FromChild::Service {
-            account: key.account.clone(),
+            account: key.account.to_string(),
             generation,
             service,
         });
@@ -611,7 +611,7 @@ impl ChildSink {
             .insert(id, tx);
         let _ = self.out.send(FromChild::Query {
             id,
-            account: key.account.clone(),
+            account: key.account.to_string(),
             generation,
             query,
         });

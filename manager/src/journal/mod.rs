@@ -171,8 +171,8 @@ impl Record {
         let received_ms = now_ms();
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
         Self {
-            channel: key.channel.clone(),
-            account: key.account.clone(),
+            channel: key.channel.to_string(),
+            account: key.account.to_string(),
             conversation: message.conversation.into_string(),
             sender: message.sender.into_string(),
             text: message.text.into_string(),

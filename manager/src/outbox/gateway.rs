@@ -515,8 +515,8 @@ impl Gateways {
                 }
                 let template = to.template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
                 let message = NewMessage {
-                    channel: to.account.0.channel.clone(),
-                    account: to.account.0.account.clone(),
+                    channel: to.account.0.channel.to_string(),
+                    account: to.account.0.account.to_string(),
                     conversation: to.conversation.clone(),
                     text: render(template, key, conversation, sender, text),
                     extra: Some(json!({ "gateway": {
@@ -568,7 +568,9 @@ impl Gateways {
             OutboxError::Unknown(_) => match outbox.supervisor.channel(&to.channel) {
                 // Configured, its plugin not loaded (yet, or being replaced, or its file bad):
                 // the catalog can load it at any time.
-                Err(_) if self.in_force().channels.contains_key(&to.channel) => Refusal::Transient,
+                Err(_) if self.in_force().channels.contains_key(to.channel.as_str()) => {
+                    Refusal::Transient
+                }
                 // No plugin and no `[channels.<channel>]`: not configured at all.
                 Err(_) => Refusal::Permanent,
                 // Its plugin does not list the account: a grace for a reload in progress.

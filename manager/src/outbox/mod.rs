@@ -991,7 +991,7 @@ impl Outbox {
         in_flight.insert(id);
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
         let send = channel.plugin.send(Outbound {
-            account: key.account,
+            account: key.account.into_string(),
             conversation,
             text,
             reply_to,

@@ -1734,7 +1734,7 @@ fn target_ids<'a>(
 /// What the snapshot shows for a listed account the board has no entry for yet.
 fn unwritten(id: &str) -> AccountSnapshot {
     AccountSnapshot {
-        account_id: id.to_owned(),
+        account_id: id.into(),
         enabled: true,
         configured: true,
         ..AccountSnapshot::default()

@@ -7,6 +7,7 @@
 //! restart counter, unchanged ones keep their task and counter. A user's stop always wins: a
 //! manually stopped account is never started by a reload.
 
+use compact_str::CompactString;
 use std::collections::{BTreeMap, HashMap};
 
 use channeld_plugin_abi::normalize_account_id;
@@ -190,7 +191,8 @@ impl Supervisor {
                     (k.account, outcome)
                 }
             });
-        let outcomes: HashMap<String, StartOutcome> = join_all(starts).await.into_iter().collect();
+        let outcomes: HashMap<CompactString, StartOutcome> =
+            join_all(starts).await.into_iter().collect();
         for (account, manual) in changed.iter().zip(user_stopped) {
             if manual {
                 // Still the user's stop.
@@ -200,7 +202,7 @@ impl Supervisor {
                 report.stopped.push(account.clone());
                 continue;
             }
-            match outcomes.get(account) {
+            match outcomes.get(account.as_str()) {
                 Some(StartOutcome::Disabled(_)) => report.stopped.push(account.clone()),
                 _ => report.restarted.push(account.clone()),
             }

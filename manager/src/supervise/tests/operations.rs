@@ -203,7 +203,7 @@ async fn the_snapshot_has_every_listed_account_and_the_default_with_their_reason
     let all = sup.snapshot();
     let c = &all["c"];
     assert_eq!(
-        c.keys().map(String::as_str).collect::<Vec<_>>(),
+        c.keys().collect::<Vec<_>>(),
         ["bare", "bare-why", "main", "mixed", "off", "off-why", "on"]
     );
     for (account, enabled, configured, error) in [
@@ -225,10 +225,7 @@ async fn the_snapshot_has_every_listed_account_and_the_default_with_their_reason
         assert_eq!(s.last_error.as_deref(), error, "{account}");
         assert!(!s.running && !s.restart_pending, "{account}");
     }
-    assert_eq!(
-        all["empty"].keys().map(String::as_str).collect::<Vec<_>>(),
-        ["default"]
-    );
+    assert_eq!(all["empty"].keys().collect::<Vec<_>>(), ["default"]);
     // Reading the snapshot calls no plugin entry.
     let before = plugin.calls("on");
     sup.snapshot();

@@ -96,7 +96,7 @@ async fn the_removed_marking_comes_and_goes_with_the_sources_listing() {
     owner.remove("c");
     assert!(sup.channel("c").is_err());
     let snapshot = sup.snapshot();
-    let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
+    let ids: Vec<&str> = snapshot["c"].keys().collect();
     assert_eq!(ids, ["a"], "listed while it stops");
     assert!(sup.account_snapshot("c", "a").is_ok());
     sup.stop_removed(&r1).await;
@@ -107,7 +107,7 @@ async fn the_removed_marking_comes_and_goes_with_the_sources_listing() {
     assert_eq!(s.last_error.as_deref(), Some(REMOVED));
     assert!(!s.running);
     let snapshot = sup.snapshot();
-    let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
+    let ids: Vec<&str> = snapshot["c"].keys().collect();
     assert_eq!(ids, ["a"]);
 
     // Back, listing only `b`: the removed marking goes with the owner's listing, not before.
@@ -118,7 +118,7 @@ async fn the_removed_marking_comes_and_goes_with_the_sources_listing() {
     );
     owner.insert(r2);
     let snapshot = sup.snapshot();
-    let ids: Vec<&str> = snapshot["c"].keys().map(String::as_str).collect();
+    let ids: Vec<&str> = snapshot["c"].keys().collect();
     assert_eq!(ids, ["b"], "{snapshot:?}");
     assert!(sup.account_snapshot("c", "a").is_err());
     assert_eq!(start(&sup, "c", "b").await, StartOutcome::Started);
