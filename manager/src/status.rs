@@ -375,7 +375,8 @@ struct EntryRef<'a> {
 /// board: an account's lifecycle finds it once and writes through it without a lookup.
 #[derive(Default)]
 struct Entries {
-    index: hashbrown::HashMap<String, u32>,
+    /// By channel id, kept in place as the key's (no other memory read to compare one).
+    index: hashbrown::HashMap<CompactString, u32>,
     channels: Vec<ChannelEntries>,
 }
 
@@ -527,7 +528,7 @@ impl Entries {
             None => {
                 let i = u32::try_from(self.channels.len()).expect("fewer than 2^32 channels");
                 self.channels.push(ChannelEntries::default());
-                self.index.insert(key.channel.to_string(), i);
+                self.index.insert(key.channel.clone(), i);
                 i
             }
         };

@@ -7,10 +7,10 @@
 //! restart counter, unchanged ones keep their task and counter. A user's stop always wins: a
 //! manually stopped account is never started by a reload.
 
-use compact_str::CompactString;
 use std::collections::{BTreeMap, HashMap};
 
 use channeld_plugin_abi::normalize_account_id;
+use compact_str::CompactString;
 use futures_util::future::join_all;
 use serde_json::Value;
 
