@@ -1018,6 +1018,8 @@ impl Fleet {
                 let kind = if i < HOST_WORKERS { "w" } else { "b" };
                 format!("host-{kind}{i}")
             })
+            // As the daemon's runtime does (`main.rs`).
+            .on_thread_start(channeld_plugin_abi::grow_thread_arena)
             .enable_all()
             .build()?;
         let plugin: Arc<dyn Plugin> = match child {

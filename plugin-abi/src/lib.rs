@@ -82,6 +82,7 @@
 //!    of this crate, not a minor.
 
 pub mod abi;
+mod heap;
 mod normalize;
 pub mod sdk;
 
@@ -93,4 +94,5 @@ pub use serde_json;
 /// value), so a plugin's derives match it.
 pub use serde;
 
+pub use heap::{THREAD_ARENA_GROWTH, grow_thread_arena};
 pub use normalize::{DEFAULT_ACCOUNT_ID, MAX_ACCOUNT_ID_LEN, normalize_account_id};

@@ -59,6 +59,7 @@ pub fn run(args: ChildArgs) -> i32 {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .on_thread_start(channeld_plugin_abi::grow_thread_arena)
         .enable_all()
         .build()
     {

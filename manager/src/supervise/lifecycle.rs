@@ -151,7 +151,7 @@ pub(super) fn boot_batch(jobs: Vec<BootJob>) {
             let _ = job.reply.send(Ok(Boot::Held(reason)));
             continue;
         }
-        accounts.push((job.key.account.to_string(), job.link));
+        accounts.push((job.key.account.as_str().to_owned(), job.link));
         waiting.push((job.reply, job.polled, job.shared));
     }
     if accounts.is_empty() {

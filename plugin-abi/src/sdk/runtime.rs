@@ -85,6 +85,7 @@ pub(crate) fn handle(thread_name: impl FnOnce() -> String) -> Result<Handle, Str
             let rt = Builder::new_multi_thread()
                 .worker_threads(workers as usize)
                 .thread_name(thread_name)
+                .on_thread_start(crate::grow_thread_arena)
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot build the plugin's runtime: {e}"))?;
