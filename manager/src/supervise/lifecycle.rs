@@ -385,6 +385,8 @@ impl Lifecycle {
             // A task that ends before its first poll is reported (it ended, polled or not): its end,
             // seen here, is handled below as if seen while running.
             let mut ended_early = None;
+            // The task's end is polled once, then only when it wakes (see `Shared::poll_end`).
+            let mut first_poll = true;
             if let Some(generation) = polled {
                 let shared = &self.shared;
                 shared.await_poll(generation);
@@ -394,7 +396,7 @@ impl Lifecycle {
                     () = shared.until(|s| s.stop_requested() || s.polled(generation)) => {
                         shared.stop_requested()
                     }
-                    result = &mut task.done => {
+                    result = std::future::poll_fn(|_| shared.poll_end(&mut task.done, &mut first_poll)) => {
                         ended_early = Some(result);
                         false
                     }
@@ -418,12 +420,13 @@ impl Lifecycle {
             let result = match ended_early {
                 Some(result) => result,
                 None => {
+                    let shared = &self.shared;
                     let ended = tokio::select! {
                         // A stop that coincides with the end of the task still runs the stop
                         // sequence.
                         biased;
-                        () = self.shared.stopped() => None,
-                        result = &mut task.done => Some(result),
+                        () = shared.stopped() => None,
+                        result = std::future::poll_fn(|_| shared.poll_end(&mut task.done, &mut first_poll)) => Some(result),
                     };
                     match ended {
                         Some(result) => result,

@@ -190,6 +190,9 @@ struct Shared {
     aborted: std::sync::atomic::AtomicU64,
     /// A user start asked the lifecycle to cut its backoff short (see `wake_backoff`).
     woken: std::sync::atomic::AtomicBool,
+    /// The running task's end has woken the lifecycle since its end was last polled (see
+    /// [`Shared::poll_end`]).
+    end_woken: std::sync::atomic::AtomicBool,
     /// The mark of the lifecycle's boot queued on the channel's boot pool (it has at most one
     /// there): set by the pool's thread that takes it, or by the lifecycle withdrawing it
     /// (`boot::Claim`); cleared before each boot is queued.
@@ -222,6 +225,7 @@ impl Shared {
             task: std::sync::atomic::AtomicU64::new(0),
             aborted: std::sync::atomic::AtomicU64::new(0),
             woken: std::sync::atomic::AtomicBool::new(false),
+            end_woken: std::sync::atomic::AtomicBool::new(false),
             boot_claimed: std::sync::atomic::AtomicBool::new(false),
             board: std::sync::OnceLock::new(),
             event: Mutex::new(BootEvent::default()),
@@ -384,6 +388,29 @@ impl Shared {
         self.until(Self::stop_requested)
     }
 
+    /// Polls the running task's end only when it can have moved: at its first poll (`first`,
+    /// which the caller then clears), and after the end's own wake-up since the last poll. The
+    /// end is polled with this cell as its waker, which notes the wake-up and wakes the
+    /// lifecycle: a lifecycle woken for something else (its task's first poll, a stop) does not
+    /// poll its task's end across the plugin boundary again, which would hand the plugin's
+    /// runtime a new waker to store each time.
+    ///
+    /// The lifecycle's waker must be registered in this cell before (every wait of the
+    /// lifecycle's does that first, see [`until`](Self::until)), or the wake-up is noted but
+    /// wakes nobody.
+    fn poll_end(
+        self: &Arc<Self>,
+        end: &mut crate::plugin::TaskEnd,
+        first: &mut bool,
+    ) -> std::task::Poll<Result<(), String>> {
+        use std::{future::Future, pin::Pin, sync::atomic::Ordering};
+        if !std::mem::take(first) && !self.end_woken.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(self.clone());
+        Pin::new(end).poll(&mut std::task::Context::from_waker(&waker))
+    }
+
     fn phase(&self) -> Phase {
         match self.phase.load(std::sync::atomic::Ordering::Acquire) {
             0 => Phase::Booting,
@@ -400,6 +427,20 @@ impl Shared {
             std::sync::atomic::Ordering::Acquire,
             |now| (now != Phase::Stopping as u8 || phase == Phase::Stopping).then_some(phase as u8),
         );
+    }
+}
+
+/// The waker of the running task's end (see [`Shared::poll_end`]): notes the wake-up, and wakes
+/// the lifecycle.
+impl std::task::Wake for Shared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.end_woken
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.lifecycle.wake();
     }
 }
 

@@ -257,6 +257,11 @@ pub(super) struct TestPlugin {
     max_booting: AtomicU64,
     /// How long `abort_task` keeps its caller after firing the abort (the task ends meanwhile).
     abort_linger: Mutex<Duration>,
+    /// Whether the plugin reports each task's first poll (as a 1.1 plugin does): its tasks report
+    /// it at the first poll of their end, which is where a test double's task runs.
+    reports_polled: AtomicBool,
+    /// How many times the host has polled the tasks' ends.
+    end_polls: Arc<AtomicU64>,
 }
 
 impl TestPlugin {
@@ -278,7 +283,19 @@ impl TestPlugin {
             booting: watch::channel(0).0,
             max_booting: AtomicU64::new(0),
             abort_linger: Mutex::new(Duration::ZERO),
+            reports_polled: AtomicBool::new(false),
+            end_polls: Arc::default(),
         })
+    }
+
+    /// Makes the plugin report each task's first poll (see the field).
+    pub(super) fn report_first_polls(&self) {
+        self.reports_polled.store(true, Ordering::SeqCst);
+    }
+
+    /// How many times the host has polled the tasks' ends.
+    pub(super) fn end_polls(&self) -> u64 {
+        self.end_polls.load(Ordering::SeqCst)
     }
 
     /// Makes `abort_task` keep its caller's thread for `linger` after it fires the abort (real
@@ -474,6 +491,10 @@ impl TestPlugin {
             CancellationToken::new(),
             CancellationToken::new(),
         );
+        let first_poll = self
+            .reports_polled
+            .load(Ordering::SeqCst)
+            .then(|| link.clone());
         let guard = {
             let mut shared = self.shared();
             let a = shared.accounts.entry(account.to_owned()).or_default();
@@ -529,9 +550,18 @@ impl TestPlugin {
                 result = natural => result,
             }
         };
+        let (polls, mut first_poll, mut done) =
+            (self.end_polls.clone(), first_poll, Box::pin(done));
+        let counted = std::future::poll_fn(move |cx| {
+            polls.fetch_add(1, Ordering::SeqCst);
+            if let Some(link) = first_poll.take() {
+                link.task_polled();
+            }
+            done.as_mut().poll(cx)
+        });
         RunningTask {
             id,
-            done: crate::plugin::TaskEnd::boxed(done),
+            done: crate::plugin::TaskEnd::boxed(counted),
         }
     }
 }
@@ -675,6 +705,10 @@ impl Plugin for TestPlugin {
     fn send(&self, _message: Outbound) -> BoxFuture<Result<String, PluginCallError>> {
         let error = self.error("send", "the test double does not send");
         Box::pin(async move { Err(error) })
+    }
+
+    fn reports_task_polled(&self) -> bool {
+        self.reports_polled.load(Ordering::SeqCst)
     }
 
     fn boot_accounts(

@@ -27,6 +27,35 @@ async fn a_start_runs_the_task_and_the_snapshot_says_so() {
     assert_eq!(plugin.calls("a").is_configured, 1);
 }
 
+/// A running task's end is polled across the plugin boundary once, and again only when it wakes:
+/// the wake-up of its first-poll report does not poll it again. Its end, and a stop, still reach
+/// the lifecycle.
+#[tokio::test(start_paused = true)]
+async fn a_task_end_is_polled_again_only_when_it_wakes() {
+    let plugin = TestPlugin::new("c", &["a"]);
+    let _release = plugin.release_on_drop();
+    plugin.report_first_polls();
+    plugin.script("a", [Run::Ok(Duration::from_secs(1))]);
+    let sup = supervisor();
+    add(&sup, &plugin).await;
+    assert_eq!(start(&sup, "c", "a").await, StartOutcome::Started);
+    assert!(snap(&sup, "c", "a").running);
+    assert_eq!(plugin.end_polls(), 1, "polled once, at the first poll");
+    // The task ends by itself: its end's wake-up reaches the lifecycle, which restarts it after
+    // its backoff.
+    sleep(Duration::from_secs(10)).await;
+    until(
+        "the task's end is seen and the account started again",
+        || plugin.calls("a").start == 2 && snap(&sup, "c", "a").running,
+    )
+    .await;
+    // The first run's end was polled twice (its first poll, and once it woke); the second run's once.
+    assert_eq!(plugin.end_polls(), 3);
+    assert_eq!(snap(&sup, "c", "a").reconnect_attempts, 1);
+    assert_eq!(stop(&sup, "c", "a").await, StopOutcome::Stopped);
+    assert_eq!(plugin.live("a"), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn two_concurrent_starts_make_one_is_configured_call_and_one_start() {
     let plugin = TestPlugin::new("c", &["a"]);
