@@ -342,7 +342,11 @@ fn thirty_accounts_spread_over_three_nodes_move_when_one_dies_and_move_back_when
 fn with_etcd_down_every_node_stops_its_accounts_before_its_lease_expires_and_each_runs_once_after()
 {
     let mut cluster = Cluster::start();
-    cluster.wait_until(&[0, 1, 2], "all 30 running", each_once);
+    // Settled (every account on the node it belongs to), not merely each running once: an
+    // account still being handed over when etcd goes would have stopped before `stopped_ms`.
+    cluster.wait_until(&[0, 1, 2], "all 30 running where they belong", |sets| {
+        *sets == assigned()
+    });
     let stopped_ms = unix_ms();
     cluster.etcd.stop();
     cluster.wait_until(&[0, 1, 2], "every account stopped", |sets| {
@@ -391,7 +395,10 @@ fn with_etcd_down_every_node_stops_its_accounts_before_its_lease_expires_and_eac
 #[test]
 fn a_stop_given_to_a_non_owner_stops_the_account_and_it_stays_stopped_after_it_moves() {
     let mut cluster = Cluster::start();
-    let sets = cluster.wait_until(&[0, 1, 2], "all 30 running", each_once);
+    // Settled, so a7's owner is the one it stays with until that node dies.
+    let sets = cluster.wait_until(&[0, 1, 2], "all 30 running where they belong", |sets| {
+        *sets == assigned()
+    });
     let owner = *sets.iter().find(|(_, s)| s.contains("a7")).unwrap().0;
     let other = (owner + 1) % 3;
     let out = cluster.nodes[other].cli(&["stop", "fixture:a7"]);
