@@ -14,6 +14,10 @@
 //! two-worker runtime; the fixture's process-wide `processStarts`/`processEnds` (read through its
 //! `describe_account`) prove how many tasks ran.
 //!
+//! `S1` to `S4` print the median of each figure over `CHANNELD_BENCH_RUNS` runs (default 5), each
+//! in a fresh process of this program, with `"runs"` at the end of the line; each run's own line
+//! goes to stderr (see `scenarios/repeat.rs`).
+//!
 //! Sizes can be lowered for profiling (e.g. under callgrind) with `CHANNELD_BENCH_MESSAGES`,
 //! `CHANNELD_BENCH_CALLS`, `CHANNELD_BENCH_ROUNDS` and `CHANNELD_BENCH_ACCOUNTS`.
 //!
@@ -56,6 +60,9 @@ mod outbox;
 #[path = "../../tests/util/daemon.rs"]
 #[allow(dead_code)]
 mod daemon;
+/// The supervisor's scenarios as medians of runs in fresh processes.
+#[path = "scenarios/repeat.rs"]
+mod repeat;
 /// `S3`: `S1` with ten times the accounts.
 #[path = "scenarios/s3.rs"]
 mod s3;
@@ -159,9 +166,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let runs = match repeat::runs() {
+        Ok(runs) => runs,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     for (name, run) in chosen {
         eprintln!("bench: running {name}");
-        match run(&bench) {
+        let line = if runs > 1 && repeat::REPEATED.contains(&name) {
+            repeat::median_line(name, runs)
+        } else {
+            run(&bench)
+        };
+        match line {
             Ok(line) => {
                 let mut out = std::io::stdout().lock();
                 // A closed stdout (e.g. `| head -1`) is not worth a panic.
