@@ -984,6 +984,9 @@ const FLEET_LIMIT: Duration = Duration::from_secs(120);
 /// The pause between two reads of the plugin's counters: short against the goals (tens of ms),
 /// long enough that the polling thread does not take a core from the work it measures.
 const POLL: Duration = Duration::from_micros(50);
+/// The pause between two reads of the plugin's counters while they are far from their goal (see
+/// [`Fleet::run_until_counts`]).
+const NEAR_POLL: Duration = Duration::from_millis(1);
 /// The same while a crash storm runs for seconds: each read of the counters is a few µs of the
 /// bench's own CPU, which at [`POLL`] took ~6 % of the machine from the storm.
 const STORM_POLL: Duration = Duration::from_millis(1);
@@ -1002,6 +1005,18 @@ struct Fleet {
     plugin: Arc<dyn Plugin>,
     ids: Vec<String>,
     _scratch: tempfile::TempDir,
+}
+
+/// What [`Fleet::run_until_counts`] saw.
+struct Counted<T> {
+    /// The plugin's counts (tasks started, tasks ended) once they held.
+    counts: (u64, u64),
+    /// From the operation's spawn until the counts held.
+    counted: Duration,
+    /// The operation's result.
+    result: T,
+    /// From the operation's spawn until it returned.
+    returned: Duration,
 }
 
 /// Makes each fleet's library copy distinct, so its process-wide counters start at zero.
@@ -1102,6 +1117,42 @@ impl Fleet {
     {
         let task = self.runtime.spawn(op(self.supervisor.clone()));
         Ok(self.runtime.block_on(task)?)
+    }
+
+    /// Runs `op` as a task on the runtime's workers while this thread reads the plugin's counts
+    /// until `progress` (of the counts: tasks started, tasks ended) reaches `goal` (at most
+    /// [`FLEET_LIMIT`]), then waits for `op`: the counts, the time from `op`'s spawn until they
+    /// held, `op`'s result, and the time until it returned. (The supervisor's bookkeeping of an
+    /// account goes on after its task has started or ended, so `op` returns after the counts
+    /// hold.) A read of the counts is a call into the plugin that builds its description, about
+    /// 10 µs of this thread while the operation keeps both cores busy: they are read every
+    /// [`NEAR_POLL`] until the last tenth, then every [`POLL`].
+    fn run_until_counts<T, F>(
+        &self,
+        op: impl FnOnce(Supervisor) -> F,
+        progress: impl Fn(u64, u64) -> u64,
+        goal: u64,
+    ) -> anyhow::Result<Counted<T>>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let began = Instant::now();
+        let task = self.runtime.spawn(op(self.supervisor.clone()));
+        let near = goal - goal / 10;
+        let counts = self
+            .wait_counts(NEAR_POLL, |starts, ends| progress(starts, ends) >= near)
+            .and_then(|_| self.wait_counts(POLL, |starts, ends| progress(starts, ends) >= goal));
+        let counted = began.elapsed();
+        // Waited for even when the counts never held: nothing of it outlives this call.
+        let result = self.runtime.block_on(task)?;
+        let returned = began.elapsed();
+        Ok(Counted {
+            counts: counts?,
+            counted,
+            result,
+            returned,
+        })
     }
 
     /// The plugin's own process-wide counts: (tasks started, tasks ended).
@@ -1328,12 +1379,20 @@ fn s1_figures(bench: &Bench, label: &str, child: Option<PathBuf>) -> anyhow::Res
     let n = bench.accounts;
     let rss_before = rss_bytes()?;
 
+    // Each figure runs until the plugin counts every task started (ended), as the plugin's own
+    // counters say while the operation runs; the operation returns once the supervisor has
+    // written every account's state, a little later (stderr has both).
     let cpu = CpuMeter::read();
-    let start = Instant::now();
-    let summaries = fleet.on_runtime(|s| async move { s.start_all().await })?;
-    let returned = start.elapsed();
-    let (starts, ends) = fleet.wait_counts(POLL, |starts, ends| starts - ends >= n)?;
-    let start_all = start.elapsed();
+    let Counted {
+        counts: (starts, ends),
+        counted: start_all,
+        result: summaries,
+        returned,
+    } = fleet.run_until_counts(
+        |s| async move { s.start_all().await },
+        |starts, ends| starts - ends,
+        n,
+    )?;
     let start_cpu = CpuMeter::read().since(&cpu);
     let rss_running = rss_bytes()?;
     let running = starts - ends;
@@ -1370,11 +1429,17 @@ fn s1_figures(bench: &Bench, label: &str, child: Option<PathBuf>) -> anyhow::Res
     };
 
     let cpu = CpuMeter::read();
-    let start = Instant::now();
-    let outcomes = fleet.on_runtime(|s| async move { s.stop(FLEET_CHANNEL, None).await })??;
-    let stop_returned = start.elapsed();
-    let (starts_after, ends_after) = fleet.wait_counts(POLL, |_, ends| ends >= n)?;
-    let stop_all = start.elapsed();
+    let Counted {
+        counts: (starts_after, ends_after),
+        counted: stop_all,
+        result: outcomes,
+        returned: stop_returned,
+    } = fleet.run_until_counts(
+        |s| async move { s.stop(FLEET_CHANNEL, None).await },
+        |_, ends| ends,
+        n,
+    )?;
+    let outcomes = outcomes?;
     let stop_cpu = CpuMeter::read().since(&cpu);
     ensure!(
         starts_after == n && ends_after == n,
