@@ -67,8 +67,8 @@ fn median_of(lines: &[String]) -> anyhow::Result<String> {
     let Some(first) = parsed.first() else {
         bail!("no runs");
     };
-    let mut out = serde_json::Map::new();
-    let mut keys = Vec::with_capacity(first.len() + 1);
+    // Written out field by field, in the runs' own order (a `Map` would sort the keys).
+    let mut fields = Vec::with_capacity(first.len() + 1);
     for (key, value) in first {
         let values = parsed
             .iter()
@@ -90,16 +90,9 @@ fn median_of(lines: &[String]) -> anyhow::Result<String> {
                 other.clone()
             }
         };
-        keys.push(key.clone());
-        out.insert(key.clone(), merged);
+        fields.push(format!("{}:{merged}", Value::from(key.as_str())));
     }
-    keys.push("runs".to_owned());
-    out.insert("runs".to_owned(), Value::from(lines.len()));
-    // The keys in the runs' own order (a `Map` sorts them).
-    let fields: Vec<String> = keys
-        .iter()
-        .map(|k| format!("{}:{}", Value::from(k.as_str()), out[k]))
-        .collect();
+    fields.push(format!("\"runs\":{}", lines.len()));
     Ok(format!("{{{}}}", fields.join(",")))
 }
 
@@ -108,28 +101,26 @@ fn median(values: &[&Value]) -> anyhow::Result<Value> {
     let whole: Option<Vec<u64>> = values.iter().map(|v| v.as_u64()).collect();
     if let Some(mut whole) = whole {
         whole.sort_unstable();
-        let n = whole.len();
-        let mid = if n % 2 == 1 {
-            whole[n / 2]
-        } else {
-            (whole[n / 2 - 1] + whole[n / 2]) / 2
-        };
-        return Ok(Value::from(mid));
+        return Ok(Value::from(middle(&whole, |a, b| (a + b) / 2)));
     }
     let mut real = values
         .iter()
         .map(|v| v.as_f64().context("not a number in every run"))
         .collect::<anyhow::Result<Vec<f64>>>()?;
     real.sort_by(f64::total_cmp);
-    let n = real.len();
-    let mid = if n % 2 == 1 {
-        real[n / 2]
-    } else {
-        (real[n / 2 - 1] + real[n / 2]) / 2.0
-    };
-    Number::from_f64(mid)
+    Number::from_f64(middle(&real, |a, b| (a + b) / 2.0))
         .map(Value::Number)
         .context("not a finite number")
+}
+
+/// The middle of `sorted` (not empty), or the `mean` of its middle two.
+fn middle<T: Copy>(sorted: &[T], mean: fn(T, T) -> T) -> T {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        mean(sorted[n / 2 - 1], sorted[n / 2])
+    }
 }
 
 /// Reads a JSON object's fields in their order.
