@@ -14,9 +14,12 @@
 //! two-worker runtime; the fixture's process-wide `processStarts`/`processEnds` (read through its
 //! `describe_account`) prove how many tasks ran.
 //!
-//! `S1` to `S4` print the median of each figure over `CHANNELD_BENCH_RUNS` runs (default 5), each
-//! in a fresh process of this program, with `"runs"` at the end of the line; each run's own line
-//! goes to stderr (see `scenarios/repeat.rs`).
+//! `floor` measures the machine's own cost of what `S1`'s start asks, with no channeld code (see
+//! `scenarios/floor.rs`), to read `S1` against.
+//!
+//! `S1` to `S4` and `floor` print the median of each figure over `CHANNELD_BENCH_RUNS` runs
+//! (default 5), each in a fresh process of this program, with `"runs"` at the end of the line;
+//! each run's own line goes to stderr (see `scenarios/repeat.rs`).
 //!
 //! Sizes can be lowered for profiling (e.g. under callgrind) with `CHANNELD_BENCH_MESSAGES`,
 //! `CHANNELD_BENCH_CALLS`, `CHANNELD_BENCH_ROUNDS` and `CHANNELD_BENCH_ACCOUNTS`.
@@ -60,6 +63,9 @@ mod outbox;
 #[path = "../../tests/util/daemon.rs"]
 #[allow(dead_code)]
 mod daemon;
+/// `floor`: the machine's own cost of `S1`'s start, with no channeld code.
+#[path = "scenarios/floor.rs"]
+mod floor;
 /// The supervisor's scenarios as medians of runs in fresh processes.
 #[path = "scenarios/repeat.rs"]
 mod repeat;
@@ -122,6 +128,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("S2", s2),
     ("S3", s3::s3),
     ("S4", s4::s4),
+    ("floor", floor::floor),
     ("hot_add", hot_add::hot_add),
     ("msgs", msgs::msgs),
     ("isolation", isolation::isolation),

@@ -1,5 +1,6 @@
-//! Repeated scenarios: the supervisor's figures (`S1` to `S4`) swing by up to 1.5× from one run to
-//! the next on a shared machine, so each of them runs [`runs`] times, every run in a fresh
+//! Repeated scenarios: the supervisor's figures (`S1` to `S4`), and the machine's own (`floor`),
+//! swing by up to 1.5× from one run to the next on a shared machine, so each of them runs [`runs`]
+//! times, every run in a fresh
 //! process of this program (a second fleet in one process would start on the memory the first one
 //! freed, which a daemon's first start-all does not have), and its line holds the median of each
 //! figure, with `"runs"` added at the end. Each run's own line goes to stderr.
@@ -16,7 +17,7 @@ use serde_json::{Number, Value};
 use super::env_number;
 
 /// The scenarios whose line is a median of runs.
-pub(super) const REPEATED: &[&str] = &["S1", "S2", "S3", "S4"];
+pub(super) const REPEATED: &[&str] = &["S1", "S2", "S3", "S4", "floor"];
 
 /// Runs per repeated scenario when `CHANNELD_BENCH_RUNS` is not set.
 const DEFAULT_RUNS: u64 = 5;

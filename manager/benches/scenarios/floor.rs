@@ -1,0 +1,289 @@
+//! `floor`: the least the machine takes for what `S1`'s start-all asks of it, measured with no
+//! channeld code, so the supervisor's figures can be read against the machine they ran on (the
+//! same build's `S1` differs by 2× between a quiet and a busy phase of a shared machine, and by
+//! more between machines).
+//!
+//! - `spawn_ms`: `CHANNELD_BENCH_ACCOUNTS` (10,000) empty tasks spawned from one thread onto a
+//!   runtime of the plugin's size, until each has been polled once. Any design that runs an
+//!   account as a task pays at least this.
+//! - `handoff_ms`: the same accounts through the handoffs of `S1`'s start, and nothing else: a
+//!   future per account on a runtime of the host's size (held by one driver task per worker, as
+//!   the supervisor's are) queues its boot; two plain threads (the boot pool's two lanes) take the
+//!   queue in batches of 2 (the startup fan-out of 4 over two lanes), spawn each account's task
+//!   onto the plugin-sized runtime and answer through a oneshot; the task's first poll counts it
+//!   and wakes its future, which marks the account running. Timed until the count holds, as
+//!   `S1`'s start-all is; `handoff_marked_ms` until every future has marked its account.
+//! - `handoff_memory_ms`: the same, with each account holding as much fresh memory as `S1`'s
+//!   accounts do (about 1.6 KB: [`HOST_BYTES`] allocated and written by its future on the host's
+//!   side, [`PLUGIN_BYTES`] by the boot lane for its task), until the count holds. Fresh memory's
+//!   first touch is a page fault per 4 KiB, which on a virtual machine costs several microseconds.
+
+use std::{
+    collections::VecDeque,
+    future::poll_fn,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    task::Poll,
+    time::{Duration, Instant},
+};
+
+use anyhow::ensure;
+use futures_util::{StreamExt as _, stream::FuturesUnordered, task::AtomicWaker};
+use serde::Serialize;
+use tokio::{runtime::Runtime, sync::oneshot};
+
+use super::{Bench, FLEET_LIMIT, HOST_WORKERS, PLUGIN_WORKERS, POLL, ms};
+
+/// Accounts per batch a boot lane takes (the default fan-out of 4 over two lanes).
+const BATCH: usize = 2;
+/// Boot lanes (threads taking batches), as on a two-core machine.
+const LANES: usize = 2;
+/// Bytes each account holds on the host's side in `handoff_memory_ms` (in `S1`: the status
+/// board's entry, the lifecycle's cell and future, the key, the link).
+const HOST_BYTES: usize = 1024;
+/// Bytes each account's task holds on the plugin's side (in `S1`: the task's cell, the SDK's
+/// records of the account).
+const PLUGIN_BYTES: usize = 512;
+
+#[derive(Serialize)]
+struct FloorReport {
+    scenario: &'static str,
+    accounts: u64,
+    spawn_ms: f64,
+    handoff_ms: f64,
+    handoff_marked_ms: f64,
+    handoff_memory_ms: f64,
+}
+
+pub(super) fn floor(bench: &Bench) -> anyhow::Result<String> {
+    let accounts = usize::try_from(bench.accounts)?;
+    let spawn = spawn_floor(accounts)?;
+    let (handoff, marked) = handoff_floor(accounts, Bytes::default())?;
+    let (memory, _) = handoff_floor(
+        accounts,
+        Bytes {
+            host: HOST_BYTES,
+            plugin: PLUGIN_BYTES,
+        },
+    )?;
+    eprintln!(
+        "bench: floor: {accounts} empty tasks polled after {:.3} ms; through S1's handoffs \
+         counted after {:.3} ms, all marked running after {:.3} ms; with {HOST_BYTES} + \
+         {PLUGIN_BYTES} B of fresh memory per account counted after {:.3} ms",
+        ms(spawn),
+        ms(handoff),
+        ms(marked),
+        ms(memory)
+    );
+    Ok(serde_json::to_string(&FloorReport {
+        scenario: "floor",
+        accounts: bench.accounts,
+        spawn_ms: ms(spawn),
+        handoff_ms: ms(handoff),
+        handoff_marked_ms: ms(marked),
+        handoff_memory_ms: ms(memory),
+    })?)
+}
+
+fn runtime(workers: usize) -> anyhow::Result<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
+}
+
+/// Waits (reading every [`POLL`]) until `count` reaches `goal`, at most [`FLEET_LIMIT`].
+fn wait_for(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> {
+    let limit = Instant::now() + FLEET_LIMIT;
+    while count.load(Ordering::Acquire) < goal {
+        ensure!(
+            Instant::now() < limit,
+            "{what}: {} of {goal} after {FLEET_LIMIT:?}",
+            count.load(Ordering::Acquire)
+        );
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// `spawn_ms`: the time until `accounts` empty tasks spawned from this thread have been polled.
+fn spawn_floor(accounts: usize) -> anyhow::Result<Duration> {
+    let plugin = runtime(PLUGIN_WORKERS as usize)?;
+    let polled = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    let tasks: Vec<_> = (0..accounts)
+        .map(|_| {
+            let polled = polled.clone();
+            plugin.spawn(async move {
+                polled.fetch_add(1, Ordering::Release);
+                std::future::pending::<()>().await;
+            })
+        })
+        .collect();
+    wait_for(&polled, accounts, "empty tasks polled")?;
+    let took = began.elapsed();
+    drop(tasks);
+    plugin.shutdown_background();
+    Ok(took)
+}
+
+/// One account of the handoff floor: its task's first poll sets `polled` and wakes its future.
+#[derive(Default)]
+struct Account {
+    polled: AtomicBool,
+    waker: AtomicWaker,
+    /// Its state as the host records it (1 booting, 2 running), written by its future.
+    state: Mutex<u8>,
+}
+
+/// The boot queue the lanes take batches from.
+#[derive(Default)]
+struct Queue {
+    boots: Mutex<(VecDeque<Boot>, bool)>,
+    ready: Condvar,
+}
+
+/// One queued boot: the account, and where its task's handle goes.
+struct Boot {
+    account: Arc<Account>,
+    reply: oneshot::Sender<tokio::task::JoinHandle<()>>,
+}
+
+impl Queue {
+    fn push(&self, boot: Boot) {
+        self.lock().0.push_back(boot);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().1 = true;
+        self.ready.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<Boot>, bool)> {
+        self.boots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next batch (empty once closed).
+    fn take(&self) -> Vec<Boot> {
+        let guard = self.lock();
+        let mut guard = self
+            .ready
+            .wait_while(guard, |(boots, closed)| boots.is_empty() && !*closed)
+            .unwrap_or_else(|p| p.into_inner());
+        let size = guard.0.len().min(BATCH);
+        guard.0.drain(..size).collect()
+    }
+}
+
+/// Fresh bytes each account holds on either side.
+#[derive(Clone, Copy, Default)]
+struct Bytes {
+    host: usize,
+    plugin: usize,
+}
+
+/// Memory of `len` bytes, every page of it written (as a structure's fields would be).
+fn fresh(len: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len);
+    bytes.resize(len, 1);
+    bytes
+}
+
+/// The time until the handoffs' count holds and until every account is marked running, each
+/// account holding `bytes` (see the module's docs).
+fn handoff_floor(accounts: usize, bytes: Bytes) -> anyhow::Result<(Duration, Duration)> {
+    let host = runtime(HOST_WORKERS)?;
+    let plugin = runtime(PLUGIN_WORKERS as usize)?;
+    let queue = Arc::new(Queue::default());
+    let counted = Arc::new(AtomicUsize::new(0));
+    let marked = Arc::new(AtomicUsize::new(0));
+    let lanes: Vec<_> = (0..LANES)
+        .map(|_| {
+            let (queue, plugin, counted) =
+                (queue.clone(), plugin.handle().clone(), counted.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let batch = queue.take();
+                    if batch.is_empty() {
+                        return;
+                    }
+                    for Boot { account, reply } in batch {
+                        let counted = counted.clone();
+                        let held = fresh(bytes.plugin);
+                        let task = plugin.spawn(async move {
+                            std::hint::black_box(&held);
+                            counted.fetch_add(1, Ordering::Release);
+                            account.polled.store(true, Ordering::Release);
+                            account.waker.wake();
+                            std::future::pending::<()>().await;
+                        });
+                        let _ = reply.send(task);
+                    }
+                }
+            })
+        })
+        .collect();
+    let all: Vec<Arc<Account>> = (0..accounts).map(|_| Arc::default()).collect();
+    let began = Instant::now();
+    for driver in 0..HOST_WORKERS {
+        let mine: Vec<_> = all
+            .iter()
+            .skip(driver)
+            .step_by(HOST_WORKERS)
+            .cloned()
+            .collect();
+        let (queue, marked) = (queue.clone(), marked.clone());
+        host.spawn(async move {
+            let mut futures: FuturesUnordered<_> = mine
+                .into_iter()
+                .map(|account| lifecycle(account, bytes.host, queue.clone(), marked.clone()))
+                .collect();
+            while futures.next().await.is_some() {}
+        });
+    }
+    wait_for(&counted, accounts, "tasks polled through the handoffs")?;
+    let counted_after = began.elapsed();
+    wait_for(&marked, accounts, "accounts marked running")?;
+    let marked_after = began.elapsed();
+    queue.close();
+    for lane in lanes {
+        let _ = lane.join();
+    }
+    host.shutdown_background();
+    plugin.shutdown_background();
+    Ok((counted_after, marked_after))
+}
+
+/// An account's future in the handoff floor: marks it booting, queues its boot, waits for its
+/// task's handle and first poll, marks it running, and holds its task.
+async fn lifecycle(
+    account: Arc<Account>,
+    bytes: usize,
+    queue: Arc<Queue>,
+    marked: Arc<AtomicUsize>,
+) {
+    let held = std::hint::black_box(fresh(bytes));
+    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 1;
+    let (reply, task) = oneshot::channel();
+    queue.push(Boot {
+        account: account.clone(),
+        reply,
+    });
+    let Ok(task) = task.await else { return };
+    poll_fn(|cx| {
+        account.waker.register(cx.waker());
+        if account.polled.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 2;
+    marked.fetch_add(1, Ordering::Release);
+    std::future::pending::<()>().await;
+    drop((task, held));
+}
