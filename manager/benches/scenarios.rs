@@ -1506,15 +1506,20 @@ struct S2Report {
 /// taking locks the storm needs while it runs: first the plugin's counters (every start and end
 /// counted), then each account's status on the board, resuming at the first account not yet
 /// given up; a full `Supervisor::snapshot` then confirms every account, outside the timing.
-fn s2(bench: &Bench) -> anyhow::Result<String> {
-    let policy = SupervisorConfig {
+/// `S2`'s restart policy: a backoff of 1 ms doubling to 60 ms, 10 % jitter, 10 restarts.
+fn storm_policy() -> SupervisorConfig {
+    SupervisorConfig {
         initial_backoff: Duration::from_millis(1),
         backoff_factor: 2.0,
         max_backoff: Duration::from_millis(60),
         jitter: 0.1,
         max_restarts: 10,
         ..SupervisorConfig::default()
-    };
+    }
+}
+
+fn s2(bench: &Bench) -> anyhow::Result<String> {
+    let policy = storm_policy();
     let expected_starts = bench.accounts * u64::from(policy.max_restarts + 1);
     let fleet = Fleet::new(bench, json!({ "mode": "return" }), policy)?;
     let keys: Vec<AccountKey> = fleet

@@ -1,4 +1,4 @@
-//! `floor`: the least the machine takes for what `S1`'s start-all asks of it, measured with no
+//! `floor`: the least the machine takes for what `S1`'s start-all and `S2`'s storm ask of it, measured with no
 //! channeld code, so the supervisor's figures can be read against the machine they ran on (the
 //! same build's `S1` differs by 2× between a quiet and a busy phase of a shared machine, and by
 //! more between machines).
@@ -6,6 +6,11 @@
 //! - `spawn_ms`: `CHANNELD_BENCH_ACCOUNTS` (10,000) empty tasks spawned from one thread onto a
 //!   runtime of the plugin's size, until each has been polled once. Any design that runs an
 //!   account as a task pays at least this.
+//! - `spawn_memory_ms`: the same, each task holding as much fresh memory as an account of `S1`
+//!   holds (1.5 KB: [`HOST_BYTES`] + [`PLUGIN_BYTES`], allocated and written before its spawn).
+//!   Fresh memory's first touch is a page fault per 4 KiB, which on a virtual machine costs
+//!   several microseconds: this is the least any design pays for `S1`'s start on this machine
+//!   without making each account smaller.
 //! - `handoff_ms`: the same accounts through the handoffs of `S1`'s start, and nothing else: a
 //!   future per account on a runtime of the host's size (held by one driver task per worker,
 //!   outside tokio's cooperative budget, as the supervisor's are) queues its boot; two plain
@@ -14,14 +19,17 @@
 //!   a oneshot; the task's first poll counts it and wakes its future, which marks the account
 //!   running. Timed until the count holds, as `S1`'s start-all is (the futures mark their
 //!   accounts as the count grows, as the supervisor's lifecycles do).
-//! - `handoff_memory_ms`: the same, with each account holding as much fresh memory as `S1`'s
-//!   accounts do (1.5 KB: [`HOST_BYTES`] allocated and written by its future on the host's side,
-//!   [`PLUGIN_BYTES`] by the boot lane for its task), until the count holds. Fresh memory's first
-//!   touch is a page fault per 4 KiB, which on a virtual machine costs several microseconds.
+//! - `handoff_memory_ms`: the same, each account holding the same fresh memory ([`HOST_BYTES`]
+//!   allocated and written by its future on the host's side, [`PLUGIN_BYTES`] by the boot lane
+//!   for its task), until the count holds.
+//! - `storm_ms`: `S2`'s crash storm through the same handoffs: each account's future boots a task
+//!   that ends at once, waits for its end, waits `S2`'s backoff (1 ms doubling to 60 ms, 10 %
+//!   jitter, the supervisor's own formula), and again, until it has used its 10 restarts (110,000
+//!   starts), timed until every account has. The backoff alone is 0.3 s of it.
 
 use std::{
     collections::VecDeque,
-    future::poll_fn,
+    future::{Future, poll_fn},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -35,7 +43,9 @@ use futures_util::{StreamExt as _, stream::FuturesUnordered, task::AtomicWaker};
 use serde::Serialize;
 use tokio::{runtime::Runtime, sync::oneshot};
 
-use super::{Bench, FLEET_LIMIT, HOST_WORKERS, PLUGIN_WORKERS, POLL, ms};
+use channeld::{config::SupervisorConfig, supervise::policy::backoff_delay};
+
+use super::{Bench, FLEET_LIMIT, HOST_WORKERS, PLUGIN_WORKERS, POLL, ms, storm_policy};
 
 /// Accounts per batch a boot lane takes (the default fan-out of 4 over two lanes).
 const BATCH: usize = 2;
@@ -53,35 +63,42 @@ struct FloorReport {
     scenario: &'static str,
     accounts: u64,
     spawn_ms: f64,
+    spawn_memory_ms: f64,
     handoff_ms: f64,
     handoff_memory_ms: f64,
+    storm_ms: f64,
 }
 
 pub(super) fn floor(bench: &Bench) -> anyhow::Result<String> {
     let accounts = usize::try_from(bench.accounts)?;
-    let spawn = spawn_floor(accounts)?;
+    let held = Bytes {
+        host: HOST_BYTES,
+        plugin: PLUGIN_BYTES,
+    };
+    let spawn = spawn_floor(accounts, 0)?;
+    let spawn_memory = spawn_floor(accounts, held.host + held.plugin)?;
     let handoff = handoff_floor(accounts, Bytes::default())?;
-    let memory = handoff_floor(
-        accounts,
-        Bytes {
-            host: HOST_BYTES,
-            plugin: PLUGIN_BYTES,
-        },
-    )?;
+    let memory = handoff_floor(accounts, held)?;
+    let storm = storm_floor(accounts)?;
     eprintln!(
-        "bench: floor: {accounts} empty tasks polled after {:.3} ms; through S1's handoffs \
-         counted after {:.3} ms; with {HOST_BYTES} + \
-         {PLUGIN_BYTES} B of fresh memory per account counted after {:.3} ms",
+        "bench: floor: {accounts} empty tasks polled after {:.3} ms, holding {} B each after \
+         {:.3} ms; through S1's handoffs after {:.3} ms, holding {HOST_BYTES} + {PLUGIN_BYTES} B \
+         each after {:.3} ms; S2's storm through them given up on after {:.3} ms",
         ms(spawn),
+        held.host + held.plugin,
+        ms(spawn_memory),
         ms(handoff),
-        ms(memory)
+        ms(memory),
+        ms(storm)
     );
     Ok(serde_json::to_string(&FloorReport {
         scenario: "floor",
         accounts: bench.accounts,
         spawn_ms: ms(spawn),
+        spawn_memory_ms: ms(spawn_memory),
         handoff_ms: ms(handoff),
         handoff_memory_ms: ms(memory),
+        storm_ms: ms(storm),
     })?)
 }
 
@@ -106,21 +123,24 @@ fn wait_for(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `spawn_ms`: the time until `accounts` empty tasks spawned from this thread have been polled.
-fn spawn_floor(accounts: usize) -> anyhow::Result<Duration> {
+/// The time until `accounts` tasks spawned from this thread, each holding `bytes` of fresh
+/// memory, have been polled.
+fn spawn_floor(accounts: usize, bytes: usize) -> anyhow::Result<Duration> {
     let plugin = runtime(PLUGIN_WORKERS as usize)?;
     let polled = Arc::new(AtomicUsize::new(0));
     let began = Instant::now();
     let tasks: Vec<_> = (0..accounts)
         .map(|_| {
             let polled = polled.clone();
+            let held = fresh(bytes);
             plugin.spawn(async move {
+                std::hint::black_box(&held);
                 polled.fetch_add(1, Ordering::Release);
                 std::future::pending::<()>().await;
             })
         })
         .collect();
-    wait_for(&polled, accounts, "empty tasks polled")?;
+    wait_for(&polled, accounts, "spawned tasks polled")?;
     let took = began.elapsed();
     drop(tasks);
     plugin.shutdown_background();
@@ -143,9 +163,10 @@ struct Queue {
     ready: Condvar,
 }
 
-/// One queued boot: the account, and where its task's handle goes.
+/// One queued boot: the account whose task waits once polled (`None`: a task that ends at once,
+/// as in the crash storm), and where its task's handle goes.
 struct Boot {
-    account: Arc<Account>,
+    account: Option<Arc<Account>>,
     reply: oneshot::Sender<tokio::task::JoinHandle<()>>,
 }
 
@@ -190,72 +211,179 @@ fn fresh(len: usize) -> Vec<u8> {
     bytes
 }
 
+/// The runtimes and boot lanes of a handoff floor.
+struct World {
+    host: Runtime,
+    plugin: Runtime,
+    queue: Arc<Queue>,
+    /// Tasks the plugin's runtime has polled.
+    counted: Arc<AtomicUsize>,
+    lanes: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl World {
+    /// Runtimes of the host's and the plugin's size, and the boot lanes, whose tasks hold
+    /// `plugin_bytes` each.
+    fn new(plugin_bytes: usize) -> anyhow::Result<Self> {
+        let host = runtime(HOST_WORKERS)?;
+        let plugin = runtime(PLUGIN_WORKERS as usize)?;
+        let queue = Arc::new(Queue::default());
+        let counted = Arc::new(AtomicUsize::new(0));
+        let lanes = (0..LANES)
+            .map(|_| {
+                let (queue, plugin, counted) =
+                    (queue.clone(), plugin.handle().clone(), counted.clone());
+                std::thread::spawn(move || boot_lane(&queue, &plugin, &counted, plugin_bytes))
+            })
+            .collect();
+        Ok(Self {
+            host,
+            plugin,
+            queue,
+            counted,
+            lanes,
+        })
+    }
+
+    /// Runs each of `drivers`' futures on the host's runtime, each list in one driver task
+    /// outside tokio's cooperative budget, as the supervisor's drivers are (under it, a driver of
+    /// thousands of futures hands back its worker after about a hundred waits).
+    fn drive<F: Future<Output = ()> + Send + 'static>(&self, drivers: Vec<Vec<F>>) {
+        for futures in drivers {
+            self.host.spawn(tokio::task::unconstrained(async move {
+                let mut futures: FuturesUnordered<F> = futures.into_iter().collect();
+                while futures.next().await.is_some() {}
+            }));
+        }
+    }
+
+    fn close(self) {
+        self.queue.close();
+        for lane in self.lanes {
+            let _ = lane.join();
+        }
+        self.host.shutdown_background();
+        self.plugin.shutdown_background();
+    }
+}
+
+/// A boot lane: takes batches until the queue closes, spawns each boot's task on the plugin's
+/// runtime (holding `bytes` of fresh memory) and hands back its handle.
+fn boot_lane(
+    queue: &Queue,
+    plugin: &tokio::runtime::Handle,
+    counted: &Arc<AtomicUsize>,
+    bytes: usize,
+) {
+    loop {
+        let batch = queue.take();
+        if batch.is_empty() {
+            return;
+        }
+        for Boot { account, reply } in batch {
+            let counted = counted.clone();
+            let held = fresh(bytes);
+            let task = plugin.spawn(async move {
+                std::hint::black_box(&held);
+                counted.fetch_add(1, Ordering::Release);
+                if let Some(account) = account {
+                    account.polled.store(true, Ordering::Release);
+                    account.waker.wake();
+                    std::future::pending::<()>().await;
+                }
+            });
+            let _ = reply.send(task);
+        }
+    }
+}
+
+/// The accounts `0..accounts` split over the host's drivers, as the supervisor splits them.
+fn per_driver<F>(accounts: usize, future: impl Fn(usize) -> F) -> Vec<Vec<F>> {
+    (0..HOST_WORKERS)
+        .map(|driver| {
+            (driver..accounts)
+                .step_by(HOST_WORKERS)
+                .map(&future)
+                .collect()
+        })
+        .collect()
+}
+
 /// The time until the handoffs' count holds, each account holding `bytes` (see the module's
 /// docs). It returns once every account is marked running too.
 fn handoff_floor(accounts: usize, bytes: Bytes) -> anyhow::Result<Duration> {
-    let host = runtime(HOST_WORKERS)?;
-    let plugin = runtime(PLUGIN_WORKERS as usize)?;
-    let queue = Arc::new(Queue::default());
-    let counted = Arc::new(AtomicUsize::new(0));
+    let world = World::new(bytes.plugin)?;
     let marked = Arc::new(AtomicUsize::new(0));
-    let lanes: Vec<_> = (0..LANES)
-        .map(|_| {
-            let (queue, plugin, counted) =
-                (queue.clone(), plugin.handle().clone(), counted.clone());
-            std::thread::spawn(move || {
-                loop {
-                    let batch = queue.take();
-                    if batch.is_empty() {
-                        return;
-                    }
-                    for Boot { account, reply } in batch {
-                        let counted = counted.clone();
-                        let held = fresh(bytes.plugin);
-                        let task = plugin.spawn(async move {
-                            std::hint::black_box(&held);
-                            counted.fetch_add(1, Ordering::Release);
-                            account.polled.store(true, Ordering::Release);
-                            account.waker.wake();
-                            std::future::pending::<()>().await;
-                        });
-                        let _ = reply.send(task);
-                    }
-                }
-            })
-        })
-        .collect();
     let all: Vec<Arc<Account>> = (0..accounts).map(|_| Arc::default()).collect();
     let began = Instant::now();
-    for driver in 0..HOST_WORKERS {
-        let mine: Vec<_> = all
-            .iter()
-            .skip(driver)
-            .step_by(HOST_WORKERS)
-            .cloned()
-            .collect();
-        let (queue, marked) = (queue.clone(), marked.clone());
-        // Outside tokio's cooperative budget, as the supervisor's drivers are: under it, a
-        // driver of thousands of futures hands back its worker after about a hundred waits.
-        host.spawn(tokio::task::unconstrained(async move {
-            let mut futures: FuturesUnordered<_> = mine
-                .into_iter()
-                .map(|account| lifecycle(account, bytes.host, queue.clone(), marked.clone()))
-                .collect();
-            while futures.next().await.is_some() {}
-        }));
-    }
-    wait_for(&counted, accounts, "tasks polled through the handoffs")?;
+    world.drive(per_driver(accounts, |i| {
+        lifecycle(
+            all[i].clone(),
+            bytes.host,
+            world.queue.clone(),
+            marked.clone(),
+        )
+    }));
+    wait_for(
+        &world.counted,
+        accounts,
+        "tasks polled through the handoffs",
+    )?;
     let counted_after = began.elapsed();
     wait_for(&marked, accounts, "accounts marked running")?;
-    queue.close();
-    for lane in lanes {
-        let _ = lane.join();
-    }
-    host.shutdown_background();
-    plugin.shutdown_background();
+    world.close();
     Ok(counted_after)
 }
 
+/// `storm_ms`: `S2`'s crash storm through the handoffs (see the module's docs).
+fn storm_floor(accounts: usize) -> anyhow::Result<Duration> {
+    let policy = Arc::new(storm_policy());
+    let world = World::new(0)?;
+    let gave_up = Arc::new(AtomicUsize::new(0));
+    let began = Instant::now();
+    world.drive(per_driver(accounts, |i| {
+        storm_lifecycle(i, policy.clone(), world.queue.clone(), gave_up.clone())
+    }));
+    wait_for(&gave_up, accounts, "accounts given up on in the storm")?;
+    let took = began.elapsed();
+    let starts = world.counted.load(Ordering::Acquire);
+    world.close();
+    ensure!(
+        starts == accounts * (policy.max_restarts as usize + 1),
+        "the storm started {starts} tasks"
+    );
+    Ok(took)
+}
+
+/// An account's future in the storm floor: boots, waits for its task's end, waits the backoff
+/// (`S2`'s policy, with a jitter of its own), and again, until past the restart budget.
+async fn storm_lifecycle(
+    account: usize,
+    policy: Arc<SupervisorConfig>,
+    queue: Arc<Queue>,
+    gave_up: Arc<AtomicUsize>,
+) {
+    // A different jitter per account and attempt, without a random generator's state.
+    let mut jitter = (account as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for attempt in 1..=policy.max_restarts + 1 {
+        let (reply, task) = oneshot::channel();
+        queue.push(Boot {
+            account: None,
+            reply,
+        });
+        let Ok(task) = task.await else { return };
+        let _ = task.await;
+        if attempt > policy.max_restarts {
+            break;
+        }
+        jitter ^= jitter << 13;
+        jitter ^= jitter >> 7;
+        jitter ^= jitter << 17;
+        let random = (jitter >> 11) as f64 / (1u64 << 53) as f64;
+        tokio::time::sleep(backoff_delay(&policy, attempt, random)).await;
+    }
+    gave_up.fetch_add(1, Ordering::Release);
+}
 /// An account's future in the handoff floor: marks it booting, queues its boot, waits for its
 /// task's handle and first poll, marks it running, and holds its task.
 async fn lifecycle(
@@ -268,7 +396,7 @@ async fn lifecycle(
     *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 1;
     let (reply, task) = oneshot::channel();
     queue.push(Boot {
-        account: account.clone(),
+        account: Some(account.clone()),
         reply,
     });
     let Ok(task) = task.await else { return };
