@@ -1,7 +1,7 @@
-//! `floor`: the least the machine takes for what `S1`'s start-all and `S2`'s storm ask of it, measured with no
-//! channeld code, so the supervisor's figures can be read against the machine they ran on (the
-//! same build's `S1` differs by 2× between a quiet and a busy phase of a shared machine, and by
-//! more between machines).
+//! `floor`: the least the machine takes for what `S1`'s start-all and `S2`'s crash storm ask of
+//! it, measured with no channeld code, so the supervisor's figures can be read against the
+//! machine they ran on (the same build's `S1` differs by 2× between a quiet and a busy phase of a
+//! shared machine, and by more between machines).
 //!
 //! - `spawn_ms`: `CHANNELD_BENCH_ACCOUNTS` (10,000) empty tasks spawned from one thread onto a
 //!   runtime of the plugin's size, until each has been polled once. Any design that runs an
@@ -45,7 +45,9 @@ use tokio::{runtime::Runtime, sync::oneshot};
 
 use channeld::{config::SupervisorConfig, supervise::policy::backoff_delay};
 
-use super::{Bench, FLEET_LIMIT, HOST_WORKERS, PLUGIN_WORKERS, POLL, ms, storm_policy};
+use super::{
+    Bench, FLEET_LIMIT, HOST_WORKERS, NEAR_POLL, PLUGIN_WORKERS, POLL, STORM_POLL, ms, storm_policy,
+};
 
 /// Accounts per batch a boot lane takes (the default fan-out of 4 over two lanes).
 const BATCH: usize = 2;
@@ -109,8 +111,15 @@ fn runtime(workers: usize) -> anyhow::Result<Runtime> {
         .build()?)
 }
 
-/// Waits (reading every [`POLL`]) until `count` reaches `goal`, at most [`FLEET_LIMIT`].
-fn wait_for(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> {
+/// Waits until `count` reaches `goal`, read as `S1` reads the plugin's counts: every
+/// [`NEAR_POLL`] until the last tenth, then every [`POLL`].
+fn wait_as_s1(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> {
+    wait_for(count, goal - goal / 10, NEAR_POLL, what)?;
+    wait_for(count, goal, POLL, what)
+}
+
+/// Waits (reading every `poll`) until `count` reaches `goal`, at most [`FLEET_LIMIT`].
+fn wait_for(count: &AtomicUsize, goal: usize, poll: Duration, what: &str) -> anyhow::Result<()> {
     let limit = Instant::now() + FLEET_LIMIT;
     while count.load(Ordering::Acquire) < goal {
         ensure!(
@@ -118,7 +127,7 @@ fn wait_for(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> 
             "{what}: {} of {goal} after {FLEET_LIMIT:?}",
             count.load(Ordering::Acquire)
         );
-        std::thread::sleep(POLL);
+        std::thread::sleep(poll);
     }
     Ok(())
 }
@@ -140,7 +149,7 @@ fn spawn_floor(accounts: usize, bytes: usize) -> anyhow::Result<Duration> {
             })
         })
         .collect();
-    wait_for(&polled, accounts, "spawned tasks polled")?;
+    wait_as_s1(&polled, accounts, "spawned tasks polled")?;
     let took = began.elapsed();
     drop(tasks);
     plugin.shutdown_background();
@@ -324,15 +333,46 @@ fn handoff_floor(accounts: usize, bytes: Bytes) -> anyhow::Result<Duration> {
             marked.clone(),
         )
     }));
-    wait_for(
+    wait_as_s1(
         &world.counted,
         accounts,
         "tasks polled through the handoffs",
     )?;
     let counted_after = began.elapsed();
-    wait_for(&marked, accounts, "accounts marked running")?;
+    wait_for(&marked, accounts, POLL, "accounts marked running")?;
     world.close();
     Ok(counted_after)
+}
+
+/// An account's future in the handoff floor: marks it booting, queues its boot, waits for its
+/// task's handle and first poll, marks it running, and holds its task.
+async fn lifecycle(
+    account: Arc<Account>,
+    bytes: usize,
+    queue: Arc<Queue>,
+    marked: Arc<AtomicUsize>,
+) {
+    let held = std::hint::black_box(fresh(bytes));
+    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 1;
+    let (reply, task) = oneshot::channel();
+    queue.push(Boot {
+        account: Some(account.clone()),
+        reply,
+    });
+    let Ok(task) = task.await else { return };
+    poll_fn(|cx| {
+        account.waker.register(cx.waker());
+        if account.polled.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 2;
+    marked.fetch_add(1, Ordering::Release);
+    std::future::pending::<()>().await;
+    drop((task, held));
 }
 
 /// `storm_ms`: `S2`'s crash storm through the handoffs (see the module's docs).
@@ -344,7 +384,13 @@ fn storm_floor(accounts: usize) -> anyhow::Result<Duration> {
     world.drive(per_driver(accounts, |i| {
         storm_lifecycle(i, policy.clone(), world.queue.clone(), gave_up.clone())
     }));
-    wait_for(&gave_up, accounts, "accounts given up on in the storm")?;
+    // Read as `S2` reads its counts: each read takes a little CPU from the storm.
+    wait_for(
+        &gave_up,
+        accounts,
+        STORM_POLL,
+        "accounts given up on in the storm",
+    )?;
     let took = began.elapsed();
     let starts = world.counted.load(Ordering::Acquire);
     world.close();
@@ -383,34 +429,4 @@ async fn storm_lifecycle(
         tokio::time::sleep(backoff_delay(&policy, attempt, random)).await;
     }
     gave_up.fetch_add(1, Ordering::Release);
-}
-/// An account's future in the handoff floor: marks it booting, queues its boot, waits for its
-/// task's handle and first poll, marks it running, and holds its task.
-async fn lifecycle(
-    account: Arc<Account>,
-    bytes: usize,
-    queue: Arc<Queue>,
-    marked: Arc<AtomicUsize>,
-) {
-    let held = std::hint::black_box(fresh(bytes));
-    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 1;
-    let (reply, task) = oneshot::channel();
-    queue.push(Boot {
-        account: Some(account.clone()),
-        reply,
-    });
-    let Ok(task) = task.await else { return };
-    poll_fn(|cx| {
-        account.waker.register(cx.waker());
-        if account.polled.load(Ordering::Acquire) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    *account.state.lock().unwrap_or_else(|p| p.into_inner()) = 2;
-    marked.fetch_add(1, Ordering::Release);
-    std::future::pending::<()>().await;
-    drop((task, held));
 }
