@@ -14,8 +14,8 @@
 //! two-worker runtime; the fixture's process-wide `processStarts`/`processEnds` (read through its
 //! `describe_account`) prove how many tasks ran.
 //!
-//! `floor` measures the machine's own cost of what `S1`'s start asks, with no channeld code (see
-//! `scenarios/floor.rs`), to read `S1` against.
+//! `floor` measures the machine's own cost of what `S1`'s start and `S2`'s crash storm ask, with
+//! no channeld code (see `scenarios/floor.rs`), to read `S1` and `S2` against.
 //!
 //! `S1` to `S4` and `floor` print the median of each figure over `CHANNELD_BENCH_RUNS` runs
 //! (default 5), each in a fresh process of this program, with `"runs"` at the end of the line;
@@ -63,7 +63,7 @@ mod outbox;
 #[path = "../../tests/util/daemon.rs"]
 #[allow(dead_code)]
 mod daemon;
-/// `floor`: the machine's own cost of `S1`'s start, with no channeld code.
+/// `floor`: the machine's own cost of `S1`'s start and `S2`'s storm, with no channeld code.
 #[path = "scenarios/floor.rs"]
 mod floor;
 /// The supervisor's scenarios as medians of runs in fresh processes.
@@ -1500,12 +1500,6 @@ struct S2Report {
     gave_up_all_ms: f64,
 }
 
-/// The crash storm: 10,000 accounts whose tasks end the moment they start (the fixture's
-/// `return` mode), with a 1 ms initial backoff doubling up to 60 ms, 10 % jitter and 10 restarts,
-/// timed from start-all until every account has been given up on. The end is found without
-/// taking locks the storm needs while it runs: first the plugin's counters (every start and end
-/// counted), then each account's status on the board, resuming at the first account not yet
-/// given up; a full `Supervisor::snapshot` then confirms every account, outside the timing.
 /// `S2`'s restart policy: a backoff of 1 ms doubling to 60 ms, 10 % jitter, 10 restarts.
 fn storm_policy() -> SupervisorConfig {
     SupervisorConfig {
@@ -1518,9 +1512,21 @@ fn storm_policy() -> SupervisorConfig {
     }
 }
 
+/// The starts of a crash storm of `accounts` under `policy`: each account's first and every
+/// restart.
+fn storm_starts(accounts: u64, policy: &SupervisorConfig) -> u64 {
+    accounts * u64::from(policy.max_restarts + 1)
+}
+
+/// The crash storm: 10,000 accounts whose tasks end the moment they start (the fixture's
+/// `return` mode), with a 1 ms initial backoff doubling up to 60 ms, 10 % jitter and 10 restarts,
+/// timed from start-all until every account has been given up on. The end is found without
+/// taking locks the storm needs while it runs: first the plugin's counters (every start and end
+/// counted), then each account's status on the board, resuming at the first account not yet
+/// given up; a full `Supervisor::snapshot` then confirms every account, outside the timing.
 fn s2(bench: &Bench) -> anyhow::Result<String> {
     let policy = storm_policy();
-    let expected_starts = bench.accounts * u64::from(policy.max_restarts + 1);
+    let expected_starts = storm_starts(bench.accounts, &policy);
     let fleet = Fleet::new(bench, json!({ "mode": "return" }), policy)?;
     let keys: Vec<AccountKey> = fleet
         .ids

@@ -12,13 +12,14 @@
 //!   several microseconds: this is the least any design pays for `S1`'s start on this machine
 //!   without making each account smaller.
 //! - `handoff_ms`: the same accounts through the handoffs of `S1`'s start, and nothing else: a
-//!   future per account on a runtime of the host's size (held by one driver task per worker,
-//!   outside tokio's cooperative budget, as the supervisor's are) queues its boot; two plain
-//!   threads (the boot pool's two lanes) take the queue in batches of 2 (the startup fan-out of 4
-//!   over two lanes), spawn each account's task onto the plugin-sized runtime and answer through
-//!   a oneshot; the task's first poll counts it and wakes its future, which marks the account
-//!   running. Timed until the count holds, as `S1`'s start-all is (the futures mark their
-//!   accounts as the count grows, as the supervisor's lifecycles do).
+//!   future per account on a runtime of the host's size (held by one driver task per core,
+//!   outside tokio's cooperative budget, as the supervisor's are) queues its boot; plain threads,
+//!   as many as the boot pool's lanes (one per core, at most the startup fan-out), take the queue
+//!   in batches of the fan-out split over them (2 on two cores), spawn each account's task onto
+//!   the plugin-sized runtime and answer through a oneshot; the task's first poll counts it and
+//!   wakes its future, which marks the account running. Timed until the count holds, as `S1`'s
+//!   start-all is (the futures mark their accounts as the count grows, as the supervisor's
+//!   lifecycles do).
 //! - `handoff_memory_ms`: the same, each account holding the same fresh memory ([`HOST_BYTES`]
 //!   allocated and written by its future on the host's side, [`PLUGIN_BYTES`] by the boot lane
 //!   for its task), until the count holds.
@@ -26,6 +27,10 @@
 //!   that ends at once, waits for its end, waits `S2`'s backoff (1 ms doubling to 60 ms, 10 %
 //!   jitter, the supervisor's own formula), and again, until it has used its 10 restarts (110,000
 //!   starts), timed until every account has. The backoff alone is 0.3 s of it.
+//!
+//! Each figure is measured in a fresh process of this program (`CHANNELD_BENCH_FLOOR_PART` names
+//! the one a process measures): in one process, a figure's "fresh" memory would partly be what
+//! the figure before it freed, already mapped.
 
 use std::{
     collections::VecDeque,
@@ -38,70 +43,78 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::ensure;
+use anyhow::{Context as _, bail, ensure};
 use futures_util::{StreamExt as _, stream::FuturesUnordered, task::AtomicWaker};
-use serde::Serialize;
 use tokio::{runtime::Runtime, sync::oneshot};
 
 use channeld::{config::SupervisorConfig, supervise::policy::backoff_delay};
 
 use super::{
-    Bench, FLEET_LIMIT, HOST_WORKERS, NEAR_POLL, PLUGIN_WORKERS, POLL, STORM_POLL, ms, storm_policy,
+    Bench, FLEET_LIMIT, HOST_WORKERS, NEAR_POLL, PLUGIN_WORKERS, POLL, STORM_POLL, ms,
+    repeat::run_alone, storm_policy, storm_starts,
 };
 
-/// Accounts per batch a boot lane takes (the default fan-out of 4 over two lanes).
-const BATCH: usize = 2;
-/// Boot lanes (threads taking batches), as on a two-core machine.
-const LANES: usize = 2;
-/// Bytes each account holds on the host's side in `handoff_memory_ms` (in `S1`: the status
-/// board's entry, the lifecycle's cell and future, the key, the link).
+/// Bytes each account holds on the host's side in the memory figures (in `S1`: the status
+/// board's entry, the lifecycle's cell and future, the key, the link). With [`PLUGIN_BYTES`],
+/// about what `S1` measures per account (`bytes_per_account`, 1,550–1,800 B): change them with it.
 const HOST_BYTES: usize = 1024;
 /// Bytes each account's task holds on the plugin's side (in `S1`: the task's cell, the SDK's
 /// records of the account).
 const PLUGIN_BYTES: usize = 512;
+/// The environment variable that makes a run of `floor` measure one figure (see the module's
+/// docs).
+const PART: &str = "CHANNELD_BENCH_FLOOR_PART";
+/// The figures, in the line's order.
+const FIGURES: [&str; 5] = [
+    "spawn_ms",
+    "spawn_memory_ms",
+    "handoff_ms",
+    "handoff_memory_ms",
+    "storm_ms",
+];
 
-#[derive(Serialize)]
-struct FloorReport {
-    scenario: &'static str,
-    accounts: u64,
-    spawn_ms: f64,
-    spawn_memory_ms: f64,
-    handoff_ms: f64,
-    handoff_memory_ms: f64,
-    storm_ms: f64,
+/// The machine's cores, as the supervisor counts them (its drivers and boot lanes follow them).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 pub(super) fn floor(bench: &Bench) -> anyhow::Result<String> {
-    let accounts = usize::try_from(bench.accounts)?;
+    if let Ok(part) = std::env::var(PART) {
+        let took = measure(&part, usize::try_from(bench.accounts)?)?;
+        return Ok(serde_json::to_string(
+            &serde_json::json!({ part: ms(took) }),
+        )?);
+    }
+    // Written field by field, in the figures' order.
+    let mut line = format!(r#"{{"scenario":"floor","accounts":{}"#, bench.accounts);
+    for figure in FIGURES {
+        let part: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&run_alone("floor", &[(PART, figure)])?)
+                .with_context(|| format!("floor's {figure}"))?;
+        let value = part
+            .get(figure)
+            .and_then(serde_json::Value::as_f64)
+            .with_context(|| format!("floor's {figure} printed {part:?}"))?;
+        line.push_str(&format!(r#","{figure}":{value}"#));
+    }
+    line.push('}');
+    Ok(line)
+}
+
+/// One of the [`FIGURES`], measured in this process.
+fn measure(figure: &str, accounts: usize) -> anyhow::Result<Duration> {
     let held = Bytes {
         host: HOST_BYTES,
         plugin: PLUGIN_BYTES,
     };
-    let spawn = spawn_floor(accounts, 0)?;
-    let spawn_memory = spawn_floor(accounts, held.host + held.plugin)?;
-    let handoff = handoff_floor(accounts, Bytes::default())?;
-    let memory = handoff_floor(accounts, held)?;
-    let storm = storm_floor(accounts)?;
-    eprintln!(
-        "bench: floor: {accounts} empty tasks polled after {:.3} ms, holding {} B each after \
-         {:.3} ms; through S1's handoffs after {:.3} ms, holding {HOST_BYTES} + {PLUGIN_BYTES} B \
-         each after {:.3} ms; S2's storm through them given up on after {:.3} ms",
-        ms(spawn),
-        held.host + held.plugin,
-        ms(spawn_memory),
-        ms(handoff),
-        ms(memory),
-        ms(storm)
-    );
-    Ok(serde_json::to_string(&FloorReport {
-        scenario: "floor",
-        accounts: bench.accounts,
-        spawn_ms: ms(spawn),
-        spawn_memory_ms: ms(spawn_memory),
-        handoff_ms: ms(handoff),
-        handoff_memory_ms: ms(memory),
-        storm_ms: ms(storm),
-    })?)
+    match figure {
+        "spawn_ms" => spawn_floor(accounts, 0),
+        "spawn_memory_ms" => spawn_floor(accounts, held.host + held.plugin),
+        "handoff_ms" => handoff_floor(accounts, Bytes::default()),
+        "handoff_memory_ms" => handoff_floor(accounts, held),
+        "storm_ms" => storm_floor(accounts),
+        _ => bail!("${PART} names no figure of floor: {figure:?} (one of {FIGURES:?})"),
+    }
 }
 
 fn runtime(workers: usize) -> anyhow::Result<Runtime> {
@@ -194,14 +207,14 @@ impl Queue {
         self.boots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The next batch (empty once closed).
-    fn take(&self) -> Vec<Boot> {
+    /// The next batch, of at most `size` (empty once closed).
+    fn take(&self, size: usize) -> Vec<Boot> {
         let guard = self.lock();
         let mut guard = self
             .ready
             .wait_while(guard, |(boots, closed)| boots.is_empty() && !*closed)
             .unwrap_or_else(|p| p.into_inner());
-        let size = guard.0.len().min(BATCH);
+        let size = guard.0.len().min(size);
         guard.0.drain(..size).collect()
     }
 }
@@ -238,11 +251,19 @@ impl World {
         let plugin = runtime(PLUGIN_WORKERS as usize)?;
         let queue = Arc::new(Queue::default());
         let counted = Arc::new(AtomicUsize::new(0));
-        let lanes = (0..LANES)
+        // The boot pool's lanes: one per core, at most the fan-out, each taking its share of it.
+        let fan_out = SupervisorConfig::default()
+            .startup_accounts_per_channel
+            .max(1);
+        let lanes = cores().min(fan_out);
+        let batch = fan_out.div_ceil(lanes);
+        let lanes = (0..lanes)
             .map(|_| {
                 let (queue, plugin, counted) =
                     (queue.clone(), plugin.handle().clone(), counted.clone());
-                std::thread::spawn(move || boot_lane(&queue, &plugin, &counted, plugin_bytes))
+                std::thread::spawn(move || {
+                    boot_lane(&queue, batch, &plugin, &counted, plugin_bytes)
+                })
             })
             .collect();
         Ok(Self {
@@ -276,20 +297,21 @@ impl World {
     }
 }
 
-/// A boot lane: takes batches until the queue closes, spawns each boot's task on the plugin's
+/// A boot lane: takes batches of at most `batch` until the queue closes, spawns each boot's task on the plugin's
 /// runtime (holding `bytes` of fresh memory) and hands back its handle.
 fn boot_lane(
     queue: &Queue,
+    batch: usize,
     plugin: &tokio::runtime::Handle,
     counted: &Arc<AtomicUsize>,
     bytes: usize,
 ) {
     loop {
-        let batch = queue.take();
-        if batch.is_empty() {
+        let boots = queue.take(batch);
+        if boots.is_empty() {
             return;
         }
-        for Boot { account, reply } in batch {
+        for Boot { account, reply } in boots {
             let counted = counted.clone();
             let held = fresh(bytes);
             let task = plugin.spawn(async move {
@@ -306,15 +328,12 @@ fn boot_lane(
     }
 }
 
-/// The accounts `0..accounts` split over the host's drivers, as the supervisor splits them.
+/// The accounts `0..accounts` split over one driver per core (at most 16), as the supervisor
+/// splits them.
 fn per_driver<F>(accounts: usize, future: impl Fn(usize) -> F) -> Vec<Vec<F>> {
-    (0..HOST_WORKERS)
-        .map(|driver| {
-            (driver..accounts)
-                .step_by(HOST_WORKERS)
-                .map(&future)
-                .collect()
-        })
+    let drivers = cores().min(16);
+    (0..drivers)
+        .map(|driver| (driver..accounts).step_by(drivers).map(&future).collect())
         .collect()
 }
 
@@ -395,7 +414,7 @@ fn storm_floor(accounts: usize) -> anyhow::Result<Duration> {
     let starts = world.counted.load(Ordering::Acquire);
     world.close();
     ensure!(
-        starts == accounts * (policy.max_restarts as usize + 1),
+        starts as u64 == storm_starts(accounts as u64, &policy),
         "the storm started {starts} tasks"
     );
     Ok(took)

@@ -1,9 +1,9 @@
 //! Repeated scenarios: the supervisor's figures (`S1` to `S4`), and the machine's own (`floor`),
-//! swing by up to 1.5× from one run to the next on a shared machine, so each of them runs [`runs`]
-//! times, every run in a fresh
-//! process of this program (a second fleet in one process would start on the memory the first one
-//! freed, which a daemon's first start-all does not have), and its line holds the median of each
-//! figure, with `"runs"` added at the end. Each run's own line goes to stderr.
+//! swing by up to 1.5× from one run to the next on a shared machine, so each of them runs
+//! [`runs`] times, every run in a fresh process of this program (a second fleet in one process
+//! would start on the memory the first one freed, which a daemon's first start-all does not
+//! have), and its line holds the median of each figure, with `"runs"` added at the end. Each
+//! run's own line goes to stderr.
 //!
 //! `CHANNELD_BENCH_RUNS` sets how many runs (default [`DEFAULT_RUNS`]); `1` runs the scenario once,
 //! in this process, and prints that run's line as it is.
@@ -32,24 +32,32 @@ pub(super) fn runs() -> anyhow::Result<u64> {
 /// `scenario`'s line as the median of `runs` runs, each one this program run again for that
 /// scenario alone (with `CHANNELD_BENCH_RUNS=1`); its stderr is this process's.
 pub(super) fn median_line(scenario: &str, runs: u64) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("cannot find the bench program to run it again")?;
     let mut lines = Vec::new();
     for run in 1..=runs {
-        let out = Command::new(&exe)
-            .arg(scenario)
-            .env("CHANNELD_BENCH_RUNS", "1")
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("cannot run {} {scenario}", exe.display()))?;
-        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if !out.status.success() {
-            bail!("run {run} of {runs} failed ({})", out.status);
-        }
+        let line = run_alone(scenario, &[])
+            .with_context(|| format!("run {run} of {runs} of {scenario}"))?;
         eprintln!("bench: {scenario}: run {run} of {runs}: {line}");
         lines.push(line);
     }
     median_of(&lines).with_context(|| format!("{scenario}'s runs"))
+}
+
+/// `scenario`'s line from this program run again for it alone, once (`CHANNELD_BENCH_RUNS=1`),
+/// with `env` added to this process's environment; its stderr is this process's.
+pub(super) fn run_alone(scenario: &str, env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find the bench program to run it again")?;
+    let out = Command::new(&exe)
+        .arg(scenario)
+        .env("CHANNELD_BENCH_RUNS", "1")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {} {scenario}", exe.display()))?;
+    if !out.status.success() {
+        bail!("{} {scenario} failed ({})", exe.display(), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The line whose every number is the median of that key's numbers in `lines` (JSON objects with
