@@ -1014,6 +1014,44 @@ struct Fleet {
     _scratch: tempfile::TempDir,
 }
 
+/// What the plugin's counts are, for a wait's error.
+const COUNTS: &str = "the plugin's counts (tasks started, tasks ended)";
+
+/// Reads `read` every `poll` until `done` holds for what it read (at most [`FLEET_LIMIT`]); the
+/// error names `what` and its last value.
+fn poll_until<T: std::fmt::Debug>(
+    poll: Duration,
+    mut read: impl FnMut() -> anyhow::Result<T>,
+    done: impl Fn(&T) -> bool,
+    what: &str,
+) -> anyhow::Result<T> {
+    let limit = Instant::now() + FLEET_LIMIT;
+    loop {
+        let value = read()?;
+        if done(&value) {
+            return Ok(value);
+        }
+        ensure!(
+            Instant::now() < limit,
+            "{what} still {value:?} after {FLEET_LIMIT:?}"
+        );
+        std::thread::sleep(poll);
+    }
+}
+
+/// Reads `read` while an operation runs until its `progress` reaches `goal`: every [`NEAR_POLL`]
+/// until the last tenth, then every [`POLL`] (a read takes a little CPU from the operation).
+fn poll_progress<T: std::fmt::Debug>(
+    mut read: impl FnMut() -> anyhow::Result<T>,
+    progress: impl Fn(&T) -> u64,
+    goal: u64,
+    what: &str,
+) -> anyhow::Result<T> {
+    let near = goal - goal / 10;
+    poll_until(NEAR_POLL, &mut read, |value| progress(value) >= near, what)?;
+    poll_until(POLL, read, |value| progress(value) >= goal, what)
+}
+
 /// What [`Fleet::run_until_counts`] saw.
 struct Counted<T> {
     /// The plugin's counts (tasks started, tasks ended) once they held.
@@ -1132,8 +1170,8 @@ impl Fleet {
     /// held, `op`'s result, and the time until it returned. (The supervisor's bookkeeping of an
     /// account goes on after its task has started or ended, so `op` returns after the counts
     /// hold.) A read of the counts is a call into the plugin that builds its description, about
-    /// 10 µs of this thread while the operation keeps both cores busy: they are read every
-    /// [`NEAR_POLL`] until the last tenth, then every [`POLL`].
+    /// 10 µs of this thread while the operation keeps both cores busy: they are read as
+    /// [`poll_progress`] reads.
     fn run_until_counts<T, F>(
         &self,
         op: impl FnOnce(Supervisor) -> F,
@@ -1146,10 +1184,12 @@ impl Fleet {
     {
         let began = Instant::now();
         let task = self.runtime.spawn(op(self.supervisor.clone()));
-        let near = goal - goal / 10;
-        let counts = self
-            .wait_counts(NEAR_POLL, |starts, ends| progress(starts, ends) >= near)
-            .and_then(|_| self.wait_counts(POLL, |starts, ends| progress(starts, ends) >= goal));
+        let counts = poll_progress(
+            || self.counts(),
+            |&(starts, ends)| progress(starts, ends),
+            goal,
+            COUNTS,
+        );
         let counted = began.elapsed();
         // Waited for even when the counts never held: nothing of it outlives this call.
         let result = self.runtime.block_on(task)?;
@@ -1183,18 +1223,12 @@ impl Fleet {
         poll: Duration,
         done: impl Fn(u64, u64) -> bool,
     ) -> anyhow::Result<(u64, u64)> {
-        let limit = Instant::now() + FLEET_LIMIT;
-        loop {
-            let (starts, ends) = self.counts()?;
-            if done(starts, ends) {
-                return Ok((starts, ends));
-            }
-            ensure!(
-                Instant::now() < limit,
-                "the plugin counts {starts} starts and {ends} ends after {FLEET_LIMIT:?}"
-            );
-            std::thread::sleep(poll);
-        }
+        poll_until(
+            poll,
+            || self.counts(),
+            |&(starts, ends)| done(starts, ends),
+            COUNTS,
+        )
     }
 
     /// The fleet's accounts in `Supervisor::snapshot`, checked to be exactly `ids`.

@@ -50,7 +50,7 @@ use tokio::{runtime::Runtime, sync::oneshot};
 use channeld::{config::SupervisorConfig, supervise::policy::backoff_delay};
 
 use super::{
-    Bench, FLEET_LIMIT, HOST_WORKERS, NEAR_POLL, PLUGIN_WORKERS, POLL, STORM_POLL, ms,
+    Bench, HOST_WORKERS, PLUGIN_WORKERS, POLL, STORM_POLL, ms, poll_progress, poll_until,
     repeat::run_alone, storm_policy, storm_starts,
 };
 
@@ -124,24 +124,25 @@ fn runtime(workers: usize) -> anyhow::Result<Runtime> {
         .build()?)
 }
 
-/// Waits until `count` reaches `goal`, read as `S1` reads the plugin's counts: every
-/// [`NEAR_POLL`] until the last tenth, then every [`POLL`].
+/// Waits until `count` reaches `goal`, read as `S1` reads the plugin's counts.
 fn wait_as_s1(count: &AtomicUsize, goal: usize, what: &str) -> anyhow::Result<()> {
-    wait_for(count, goal - goal / 10, NEAR_POLL, what)?;
-    wait_for(count, goal, POLL, what)
+    poll_progress(
+        || Ok(count.load(Ordering::Acquire)),
+        |&n| n as u64,
+        goal as u64,
+        what,
+    )?;
+    Ok(())
 }
 
-/// Waits (reading every `poll`) until `count` reaches `goal`, at most [`FLEET_LIMIT`].
+/// Waits, reading every `poll`, until `count` reaches `goal`.
 fn wait_for(count: &AtomicUsize, goal: usize, poll: Duration, what: &str) -> anyhow::Result<()> {
-    let limit = Instant::now() + FLEET_LIMIT;
-    while count.load(Ordering::Acquire) < goal {
-        ensure!(
-            Instant::now() < limit,
-            "{what}: {} of {goal} after {FLEET_LIMIT:?}",
-            count.load(Ordering::Acquire)
-        );
-        std::thread::sleep(poll);
-    }
+    poll_until(
+        poll,
+        || Ok(count.load(Ordering::Acquire)),
+        |&n| n >= goal,
+        what,
+    )?;
     Ok(())
 }
 
